@@ -1,0 +1,11 @@
+"""nllloss: the negative log-likelihood loss of ``torch.nn.NLLLoss``, exactly, for NumPy.
+
+>>> import numpy as np, nllloss
+>>> nllloss.nll_loss(np.array([[-0.5, -1.0]]), np.array([1]))
+array(1.)
+"""
+
+from ._loss import NLLLoss, nll_loss, nll_loss_backward
+
+__all__ = ["NLLLoss", "nll_loss", "nll_loss_backward"]
+__version__ = "0.1.0"

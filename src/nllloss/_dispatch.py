@@ -1,0 +1,68 @@
+"""Which engine serves which arrays, decided once per array type.
+
+An engine is the array namespace plus the two operations whose best form depends on
+the library: summing the per-element losses (NumPy reproduces torch's CPU summation
+order bit for bit, see ``_reduction``) and writing the one non-zero gradient entry per
+target element (NumPy scatters in place into a zero-filled array).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import array_api_compat
+import array_api_compat.numpy as numpy_namespace
+import numpy as np
+
+from ._reduction import CascadePlan
+
+
+@dataclass(frozen=True)
+class Engine:
+    xp: Any
+    # sums(valid, *values) -> one 0-d sum per values array; valid marks the non-ignored
+    # elements (values are already zero elsewhere) and fixes the summation order.
+    sums: Callable[..., tuple[Any, ...]]
+    # scatter(shape, dtype, index, values) -> zeros of `shape` with `values` written at
+    # `index` along axis 1 (index and values have `shape` with axis 1 of length 1).
+    scatter: Callable[[tuple[int, ...], Any, Any, Any], Any]
+
+
+def _cascade_sums(valid, *values):
+    plan = CascadePlan(valid)
+    return tuple(plan.sum(v) for v in values)
+
+
+def _numpy_scatter(shape, dtype, index, values):
+    out = np.zeros(shape, dtype=dtype)
+    np.put_along_axis(out, index, values, axis=1)
+    return out
+
+
+_NUMPY = Engine(numpy_namespace, _cascade_sums, _numpy_scatter)
+
+
+@functools.lru_cache(maxsize=64)
+def _engine_for_type(array_type: type) -> Engine:
+    if issubclass(array_type, np.ndarray):
+        return _NUMPY
+    raise TypeError(
+        f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported; "
+        "pass NumPy arrays (or anything numpy.asarray accepts)"
+    )
+
+
+def engine_for(array: Any) -> Engine:
+    """The engine for ``array``'s type."""
+    return _engine_for_type(type(array))
+
+
+def as_array(obj: Any) -> Any:
+    """Arrays pass through; Python scalars and sequences become NumPy arrays."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic):
+        return obj  # another library's array: its engine decides (or refuses it)
+    return np.asarray(obj)

@@ -1,0 +1,144 @@
+"""The array-API implementation of the loss and its gradient: the specification in code.
+
+Arguments arrive validated (``_validate``); ``engine`` (``_dispatch``) supplies the array
+namespace, the summation and the scatter. Shapes are handled without copying the
+input: an unbatched ``(C,)`` input is viewed as ``(1, C)``, and the target's class index
+is gathered along axis 1 with broadcasting over the batch and spatial axes.
+
+Arithmetic follows torch 2.13's CPU kernels operation for operation, so float32 and
+float64 results are bit-identical to torch's:
+
+* per element, ``loss = -(x[t] * w[t])`` (``+0.0`` where ignored);
+* 'sum' and 'mean' add the losses (and, weighted, the weights) in the engine's order;
+  unweighted, the total weight is the count of non-ignored elements;
+* gradient at ``(i, t_i)``: ``(-w) * g`` for 'none' and ``w * (-(g / total))`` for 'mean'
+  (``w * (-g)`` for 'sum'); zero elsewhere and at ignored elements.
+
+float16 and bfloat16 are computed in float32 and rounded once at the end: torch rounds
+every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _validate
+from ._validate import Layout
+
+
+@dataclass
+class _Gathered:
+    index: Any  # (B, 1, d...) class index per target element; 0 where ignored
+    valid: Any  # (M,) bool, row-major over the target
+    picked: Any  # (M,) x[t] in the compute dtype; 0 where ignored
+    weight: Any  # (M,) w[t] in the compute dtype, 0 where ignored; None when unweighted
+    dtype: Any  # compute dtype
+
+
+def _compute_dtype(xp, dtype):
+    return xp.float32 if _validate.dtype_name(dtype) in ("float16", "bfloat16") else dtype
+
+
+def _gather(engine, x, t, w, ignore_index: int, layout: Layout) -> _Gathered:
+    xp = engine.xp
+    batched_x = x if not layout.unbatched else xp.reshape(x, (1, layout.classes))
+    target = xp.reshape(t, layout.output_shape if not layout.unbatched else (1,))
+    valid = target != ignore_index
+    _check_target_range(xp, target, valid, layout, ignore_index)
+
+    index = xp.where(valid, xp.astype(target, xp.int64), 0)
+    dtype = _compute_dtype(xp, x.dtype)
+    valid_flat = xp.reshape(valid, (-1,))
+    index = xp.expand_dims(index, axis=1)
+    if layout.classes == 0 or layout.size == 0:
+        # Nothing to gather (every element is ignored, or there are none).
+        picked = xp.zeros((layout.size,), dtype=dtype)
+    else:
+        picked = xp.reshape(xp.take_along_axis(batched_x, index, axis=1), (-1,))
+        picked = xp.where(valid_flat, xp.astype(picked, dtype), xp.zeros((), dtype=dtype))
+
+    weight = None
+    if w is not None:
+        w = xp.astype(xp.astype(w, x.dtype), dtype)  # torch computes in the input's dtype
+        if layout.classes == 0 or layout.size == 0:
+            weight = xp.zeros((layout.size,), dtype=dtype)
+        else:
+            weight = xp.take(w, xp.reshape(index, (-1,)), axis=0)
+            weight = xp.where(valid_flat, weight, xp.zeros((), dtype=dtype))
+    return _Gathered(index, valid_flat, picked, weight, dtype)
+
+
+def _check_target_range(xp, target, valid, layout: Layout, ignore_index: int) -> None:
+    bad = valid & ((target < 0) | (target >= layout.classes))
+    if bool(xp.any(bad)):
+        flat = int(xp.argmax(xp.astype(xp.reshape(bad, (-1,)), xp.int8)))
+        position = np.unravel_index(flat, layout.output_shape) if layout.output_shape else ()
+        value = int(xp.reshape(target, (-1,))[flat])
+        raise _validate.out_of_bounds_error(
+            value, tuple(int(p) for p in position), layout.classes, ignore_index
+        )
+
+
+def _total_weight(engine, g: _Gathered):
+    """The 'mean' denominator: the sum of w[t], or the count, over non-ignored elements."""
+    xp = engine.xp
+    if g.weight is None:
+        return xp.asarray(int(xp.sum(xp.astype(g.valid, xp.int64))), dtype=g.dtype)
+    return engine.sums(g.valid, g.weight)[0]
+
+
+def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+    """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
+    xp = engine.xp
+    g = _gather(engine, x, t, w, ignore_index, layout)
+    losses = -g.picked if g.weight is None else -(g.picked * g.weight)
+    losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype))  # ignored: +0.0
+
+    if reduction == "none" and not layout.unbatched:
+        return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
+    if layout.size == 0:
+        value = float("nan") if reduction == "mean" else 0.0
+        return xp.asarray(value, dtype=x.dtype)
+    # An unbatched input is reduced even for 'none' (as torch): its single element is summed.
+    if reduction == "mean" and g.weight is not None:
+        loss_sum, total = engine.sums(g.valid, losses, g.weight)  # one pass, one order
+    else:
+        (loss_sum,) = engine.sums(g.valid, losses)
+        total = _total_weight(engine, g) if reduction == "mean" else None
+    if total is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loss_sum = loss_sum / total
+    return xp.astype(xp.asarray(loss_sum, dtype=g.dtype), x.dtype)
+
+
+def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+    """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``."""
+    xp = engine.xp
+    g = _gather(engine, x, t, w, ignore_index, layout)
+    upstream = xp.astype(grad_output, g.dtype)
+    zero = xp.zeros((), dtype=g.dtype)
+
+    if reduction == "none" and not layout.unbatched:
+        upstream = xp.reshape(xp.broadcast_to(upstream, layout.output_shape), (-1,))
+        values = -upstream if g.weight is None else (-g.weight) * upstream
+    else:
+        upstream = xp.reshape(upstream, ())
+        if reduction == "mean":
+            total = _total_weight(engine, g)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                step = -(upstream / total)
+        else:
+            step = -upstream
+        values = step if g.weight is None else g.weight * step
+        values = xp.broadcast_to(values, (layout.size,))
+    values = xp.where(g.valid, values, zero)
+
+    batched_shape = (1, layout.classes) if layout.unbatched else tuple(x.shape)
+    index_shape = (batched_shape[0], 1, *batched_shape[2:])
+    grad = engine.scatter(
+        batched_shape, x.dtype, g.index, xp.astype(xp.reshape(values, index_shape), x.dtype)
+    )
+    return xp.reshape(grad, tuple(x.shape))

@@ -1,0 +1,233 @@
+"""Every argument check of nllloss, and every error message, lives here.
+
+The checks follow PyTorch's (``torch.nn.functional.nll_loss`` in 2.13) in what they
+accept and reject, with three deliberate differences, listed in the README:
+
+* errors are ``ValueError`` (shapes and values), ``TypeError`` (types and dtypes) or
+  ``IndexError`` (target values), never a bare ``RuntimeError``;
+* any integer target dtype is accepted, and a weight of another float dtype is cast to the
+  input's dtype (torch accepts int64/uint8 targets only and requires equal dtypes);
+* the weight must be 1-D of length C for every input rank (torch also accepts a ``(1, C)``
+  weight for inputs of rank 3 and more).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum")
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def resolve_reduction(size_average: Any, reduce: Any, reduction: Any, *, stacklevel: int) -> str:
+    """Map the legacy ``size_average``/``reduce`` pair and ``reduction`` to one reduction name.
+
+    As ``torch.nn._reduction.legacy_get_string``: when either legacy argument is not None,
+    ``reduction`` is ignored, None counts as True, and a ``UserWarning`` names the result.
+    """
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        if not reduce:
+            reduction = "none"
+        else:
+            reduction = "mean" if size_average else "sum"
+        warnings.warn(
+            "size_average and reduce args will be deprecated, please use "
+            f"reduction='{reduction}' instead.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return reduction
+    return check_reduction(reduction, stacklevel=stacklevel + 1)
+
+
+def check_reduction(reduction: Any, *, stacklevel: int) -> str:
+    """Return ``reduction`` if valid; 'elementwise_mean' is torch's deprecated alias of 'mean'."""
+    if isinstance(reduction, str):
+        if reduction in REDUCTIONS:
+            return reduction
+        if reduction == "elementwise_mean":
+            warnings.warn(
+                "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+            return "mean"
+    raise ValueError(
+        f"{reduction} is not a valid value for reduction: "
+        "expected one of 'none', 'mean' or 'sum'"
+    )
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    """Return ``ignore_index`` as a Python int; it may be any integer that fits in int64."""
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError(f"ignore_index must be an int, not {type(ignore_index).__name__}")
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"ignore_index must be an int, not {type(ignore_index).__name__}"
+            + _dtype_suffix(ignore_index)
+        ) from None
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(
+            f"ignore_index must fit in int64 (between -2**63 and 2**63 - 1), got {value}"
+        )
+    return value
+
+
+def _dtype_suffix(obj: Any) -> str:
+    dtype = getattr(obj, "dtype", None)
+    return f" of dtype {dtype}" if dtype is not None else ""
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' for np.float32, torch.float32, jnp.float32, ... (no library imported)."""
+    return getattr(dtype, "name", str(dtype)).rsplit(".", 1)[-1]
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for the input dtypes we compute in: float16, bfloat16, float32, float64."""
+    return dtype_name(dtype) in _FLOAT_DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the classes and the target elements are in the input.
+
+    The input is viewed as ``(batch, classes, spatial)``: an unbatched ``(C,)`` input is
+    ``(1, C, 1)``, ``(N, C)`` is ``(N, C, 1)``, ``(N, C, d1, ..., dK)`` is ``(N, C, d1*...*dK)``.
+    Target element ``m`` (row-major over the target) is then ``(m // spatial, m % spatial)``,
+    which is also the order in which torch's CPU kernels sum.
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]  # shape of the 'none' output
+    batch: int
+    classes: int
+    spatial: int
+
+    @property
+    def unbatched(self) -> bool:
+        return len(self.input_shape) == 1
+
+    @property
+    def size(self) -> int:
+        """Number of target elements, M."""
+        return self.batch * self.spatial
+
+
+def check_input(input: Any) -> None:
+    """The input must be a floating array of rank 1 or more."""
+    if not is_float_dtype(input.dtype):
+        raise TypeError(
+            "input must hold log-probabilities of a floating dtype "
+            f"(float16, bfloat16, float32 or float64), got dtype {input.dtype}"
+        )
+    if input.ndim == 0:
+        raise ValueError(
+            "Expected 1 or more dimensions (got 0): input must have shape (C,), (N, C) "
+            "or (N, C, d1, ..., dK), got shape ()"
+        )
+
+
+def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
+    """Check the target's dtype and shape against the input's; return the layout."""
+    dtype = target.dtype
+    if not _is_integer_dtype(dtype):
+        raise TypeError(f"target must hold class indices of an integer dtype, got dtype {dtype}")
+    input_shape = tuple(input_shape)
+    target_shape = tuple(target.shape)
+    ndim = len(input_shape)
+    classes = input_shape[0] if ndim == 1 else input_shape[1]
+
+    if ndim == 1:
+        if target_shape not in ((), (1,)):
+            detail = (
+                f"For 1D input, 1D target must have size 1, but got target size: {target_shape[0]}"
+                if len(target_shape) == 1
+                else "0D or 1D target tensor expected"
+            )
+            raise ValueError(
+                f"{detail}: an unbatched input of shape {input_shape} needs a target of shape () "
+                f"or (1,), got {target_shape}"
+            )
+        return Layout(input_shape, (), 1, classes, 1)
+
+    batch = input_shape[0]
+    expected = (batch, *input_shape[2:])
+    target_batch = target_shape[0] if target_shape else 0
+    if target_batch != batch:
+        raise ValueError(
+            f"Expected input batch_size ({batch}) to match target batch_size ({target_batch}): "
+            f"input shape {input_shape} needs target shape {expected}, got {target_shape}"
+        )
+    if target_shape != expected:
+        detail = " (multi-target not supported)" if ndim == 2 else ""
+        raise ValueError(
+            f"Expected target shape {expected} for input shape {input_shape}, "
+            f"got {target_shape}{detail}"
+        )
+    spatial = 1
+    for d in input_shape[2:]:
+        spatial *= d
+    return Layout(input_shape, expected, batch, classes, spatial)
+
+
+def _is_integer_dtype(dtype: Any) -> bool:
+    try:
+        return np.issubdtype(np.dtype(dtype), np.integer)
+    except TypeError:
+        return False
+
+
+def check_weight(weight: Any, classes: int) -> None:
+    """The weight must be a 1-D floating array of length C."""
+    if not is_float_dtype(weight.dtype):
+        raise TypeError(
+            "weight must be a floating array (float16, bfloat16, float32 or float64), "
+            f"got dtype {weight.dtype}"
+        )
+    shape = tuple(weight.shape)
+    if shape != (classes,):
+        raise ValueError(
+            f"weight tensor should be defined either for all {classes} classes or no classes "
+            f"but got weight tensor of shape: {shape}; expected shape ({classes},)"
+        )
+
+
+def out_of_bounds_error(value: int, position: tuple[int, ...], classes: int, ignore_index: int):
+    """The IndexError for the first target that is neither a class index nor ignore_index."""
+    where = "target[" + ", ".join(map(str, position)) + "]"
+    return IndexError(
+        f"Target {value} is out of bounds: {where} = {value} is not in the class range "
+        f"[0, {classes}) and is not ignore_index ({ignore_index})"
+    )
+
+
+def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
+    """``grad_output`` has the loss's shape, or is a scalar (one value broadcast)."""
+    grad_shape = tuple(grad_shape)
+    if grad_shape == tuple(output_shape) or grad_shape == () or grad_shape == (1,) * len(grad_shape):
+        return
+    raise ValueError(
+        f"grad_output must have the loss's shape {tuple(output_shape)} or be a scalar, "
+        f"got shape {grad_shape}"
+    )
+
+
+def check_grad_output_dtype(dtype: Any) -> None:
+    """``grad_output`` must be real: floating, or integer (cast to the input's dtype)."""
+    if is_float_dtype(dtype) or _is_integer_dtype(dtype):
+        return
+    raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
