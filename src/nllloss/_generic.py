@@ -90,6 +90,12 @@ def _total_weight(engine, g: _Gathered):
     return engine.sums(g.valid, g.weight)[0]
 
 
+# NaN and inf are results here, as in torch (0/0 for an all-ignored mean, 0 * inf for a
+# zero weight on -inf): NumPy is told not to warn about them.
+_IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
+@_IEEE_RESULTS
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
     xp = engine.xp
@@ -109,11 +115,11 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         (loss_sum,) = engine.sums(g.valid, losses)
         total = _total_weight(engine, g) if reduction == "mean" else None
     if total is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            loss_sum = loss_sum / total
+        loss_sum = loss_sum / total
     return xp.astype(xp.asarray(loss_sum, dtype=g.dtype), x.dtype)
 
 
+@_IEEE_RESULTS
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``."""
     xp = engine.xp
@@ -128,8 +134,7 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         upstream = xp.reshape(upstream, ())
         if reduction == "mean":
             total = _total_weight(engine, g)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                step = -(upstream / total)
+            step = -(upstream / total)
         else:
             step = -upstream
         values = step if g.weight is None else g.weight * step
