@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import nllloss
 
-LEGACY = [(None, None)] + [(s, r) for s in (None, True, False) for r in (None, True, False)][1:]
+LEGACY = [(None, None), *[(s, r) for s in (None, True, False) for r in (None, True, False)][1:]]
 
 
 @dataclass
@@ -59,9 +59,21 @@ def resolve_legacy(size_average, reduce) -> str:
     return "none" if not reduce else ("mean" if size_average else "sum")
 
 
-def make_problem(rng: np.random.Generator, *, kind, batch, classes, spatial, dtype,
-                 weight_mode, ignore_mode, ignored_fraction, reduction, legacy=(None, None),
-                 target_dtype=np.int64) -> Problem:
+def make_problem(
+    rng: np.random.Generator,
+    *,
+    kind,
+    batch,
+    classes,
+    spatial,
+    dtype,
+    weight_mode,
+    ignore_mode,
+    ignored_fraction,
+    reduction,
+    legacy=(None, None),
+    target_dtype=np.int64,
+) -> Problem:
     if kind == "unbatched":
         input_shape, target_shape = (classes,), ()
     else:
@@ -151,8 +163,12 @@ def ours_loss_and_grad(problem: Problem, grad_output):
     else:
         loss = nllloss.nll_loss(problem.input, problem.target, **problem.kwargs())
     grad = nllloss.nll_loss_backward(
-        grad_output, problem.input, problem.target, weight=problem.weight,
-        ignore_index=problem.ignore_index, reduction=problem.reduction,
+        grad_output,
+        problem.input,
+        problem.target,
+        weight=problem.weight,
+        ignore_index=problem.ignore_index,
+        reduction=problem.reduction,
     )
     return loss, grad
 
@@ -167,7 +183,9 @@ def float64_oracle(problem: Problem, grad_output):
     safe = np.where(valid, t, 0)
     w = np.ones(classes) if problem.weight is None else problem.weight.astype(np.float64)
     w_hit = np.where(valid, w[safe] if classes else 0.0, 0.0)
-    picked = rows[np.arange(rows.shape[0]), safe] if classes and rows.shape[0] else np.zeros(t.shape)
+    picked = (
+        rows[np.arange(rows.shape[0]), safe] if classes and rows.shape[0] else np.zeros(t.shape)
+    )
     losses = np.where(valid, -picked * w_hit, 0.0)
     eps = 2.0**-24 * (t.size + 16)
     loss_sum, total = losses.sum(), w_hit.sum()
@@ -175,7 +193,9 @@ def float64_oracle(problem: Problem, grad_output):
     with np.errstate(divide="ignore", invalid="ignore"):
         if problem.reduction == "mean":
             value = loss_sum / total
-            err = eps * (np.abs(losses).sum() / abs(total) + abs(value) * np.abs(w_hit).sum() / abs(total))
+            err = eps * (
+                np.abs(losses).sum() / abs(total) + abs(value) * np.abs(w_hit).sum() / abs(total)
+            )
             grad_rows = np.where(valid, -w_hit * g / total, 0.0)
             grad_err = np.abs(grad_rows) * eps * np.abs(w_hit).sum() / abs(total)
         else:
@@ -205,7 +225,11 @@ def assert_close_low_precision(actual, expected, abs_err, dtype):
     tiny = 2.0**-24 if dtype == np.float16 else 2.0**-133
     bound = np.abs(expected) * 2.0**-mantissa + abs_err + tiny
     rounded = np.asarray(expected).astype(dtype).astype(np.float64)  # overflow to inf included
-    ok = (np.abs(actual - expected) <= bound) | (actual == rounded) | (np.isnan(actual) & np.isnan(expected))
+    ok = (
+        (np.abs(actual - expected) <= bound)
+        | (actual == rounded)
+        | (np.isnan(actual) & np.isnan(expected))
+    )
     assert np.all(ok), f"\nactual   {actual!r}\nexpected {expected!r}\nbound    {bound!r}"
 
 
@@ -218,8 +242,10 @@ def check_against_torch(problem: Problem, rng) -> None:
         assert_bitwise(loss, torch_loss)
         assert_bitwise(grad, torch_grad)
         return
-    assert loss.dtype == dtype and loss.shape == torch_loss.shape
-    assert grad.dtype == dtype and grad.shape == problem.input.shape
+    assert loss.dtype == dtype
+    assert loss.shape == torch_loss.shape
+    assert grad.dtype == dtype
+    assert grad.shape == problem.input.shape
     elementwise = problem.reduction == "none" and problem.input.ndim > 1
     if elementwise:
         assert_bitwise(loss, torch_loss)  # one rounding of an exact product, as torch
@@ -249,7 +275,12 @@ def test_bitwise_on_thousands_of_random_problems(dtype, rng):
         if kind != "2d":
             batch = min(batch, 64)
         problem = make_problem(
-            rng, kind=kind, batch=batch, classes=classes, spatial=spatial, dtype=dtype,
+            rng,
+            kind=kind,
+            batch=batch,
+            classes=classes,
+            spatial=spatial,
+            dtype=dtype,
             weight_mode=rng.choice(["none", "random", "zeros", "negative"]),
             ignore_mode=rng.choice(["default", "in_range", "above", "negative"]),
             ignored_fraction=rng.choice([0.0, 0.05, 0.25, 0.75, 1.0]),
@@ -267,9 +298,16 @@ def test_bitwise_beyond_the_first_cascade_levels(dtype, rng):
     for rows, classes, spatial in [(2**16 + 3, 3, ()), (3000, 4, (100,)), (300_000, 2, ())]:
         for ignored_fraction in (0.0, 0.3):
             problem = make_problem(
-                rng, kind="2d" if not spatial else "3d", batch=rows, classes=classes,
-                spatial=spatial, dtype=dtype, weight_mode="random", ignore_mode="default",
-                ignored_fraction=ignored_fraction, reduction="mean",
+                rng,
+                kind="2d" if not spatial else "3d",
+                batch=rows,
+                classes=classes,
+                spatial=spatial,
+                dtype=dtype,
+                weight_mode="random",
+                ignore_mode="default",
+                ignored_fraction=ignored_fraction,
+                reduction="mean",
             )
             for reduction in ("mean", "sum"):
                 problem.reduction = reduction

@@ -58,7 +58,8 @@ def test_ignoring_equals_dropping(weighted, rng):
         np.testing.assert_allclose(with_ignored, dropped, rtol=1e-13)
     none = nll_loss(x, t, weight=w, reduction="none")
     assert_bitwise(none[kept], nll_loss(x[kept], t[kept], weight=w, reduction="none"))
-    assert np.all(none[~kept] == 0) and not np.signbit(none[~kept]).any()
+    assert np.all(none[~kept] == 0)
+    assert not np.signbit(none[~kept]).any()
     grad = nll_loss_backward(1.0, x, t, weight=w, reduction="sum")
     assert not grad[~kept].any()
     assert_bitwise(grad[kept], nll_loss_backward(1.0, x[kept], t[kept], weight=w, reduction="sum"))
@@ -82,7 +83,7 @@ def test_sum_over_pieces_equals_sum_of_pieces(pieces, rng):
     total = nll_loss(x, t, weight=w, reduction="sum")
     parts = [
         nll_loss(xs, ts, weight=w, reduction="sum")
-        for xs, ts in zip(np.array_split(x, pieces), np.array_split(t, pieces))
+        for xs, ts in zip(np.array_split(x, pieces), np.array_split(t, pieces), strict=True)
     ]
     np.testing.assert_allclose(total, sum(parts), rtol=1e-12)
 
@@ -96,7 +97,9 @@ def test_permuting_the_batch_changes_only_rounding(rng):
             nll_loss(x, t, weight=w, reduction=reduction),
             rtol=1e-5,
         )
-    assert_bitwise(nll_loss(x[order], t[order], reduction="none"), nll_loss(x, t, reduction="none")[order])
+    assert_bitwise(
+        nll_loss(x[order], t[order], reduction="none"), nll_loss(x, t, reduction="none")[order]
+    )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -104,7 +107,9 @@ def test_scaling_weights_by_a_power_of_two_keeps_the_mean(dtype, rng):
     """Products and sums scale exactly by 2**k, so the weighted mean is unchanged bit for bit."""
     x, t, w = random_problem(rng, (700, 5), dtype)
     for scale in (0.25, 8.0):
-        assert_bitwise(nll_loss(x, t, weight=w), nll_loss(x, t, weight=(w * dtype.type(scale)).astype(dtype)))
+        assert_bitwise(
+            nll_loss(x, t, weight=w), nll_loss(x, t, weight=(w * dtype.type(scale)).astype(dtype))
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -122,7 +127,9 @@ def test_memory_layout_does_not_matter(reduction, rng):
     """Transposed, strided and Fortran-ordered arrays give the bits of their contiguous copies."""
     base = (-np.abs(rng.standard_normal((6, 4, 5, 8)))).astype(np.float32)
     views = {
-        "transposed": np.transpose(np.ascontiguousarray(np.transpose(base, (3, 2, 1, 0))), (3, 2, 1, 0)),
+        "transposed": np.transpose(
+            np.ascontiguousarray(np.transpose(base, (3, 2, 1, 0))), (3, 2, 1, 0)
+        ),
         "strided": np.repeat(base, 2, axis=3)[..., ::2],
         "fortran": np.asfortranarray(base),
     }
@@ -131,12 +138,16 @@ def test_memory_layout_does_not_matter(reduction, rng):
     t_view = np.asfortranarray(t)
     w = rng.uniform(0.5, 1.5, 8)[::2].astype(np.float32)
     expected = nll_loss(base, t, weight=w, reduction=reduction)
-    expected_grad = nll_loss_backward(np.ones(expected.shape, np.float32), base, t, weight=w, reduction=reduction)
+    expected_grad = nll_loss_backward(
+        np.ones(expected.shape, np.float32), base, t, weight=w, reduction=reduction
+    )
     for name, view in views.items():
         assert not view.flags.c_contiguous, name
         np.testing.assert_array_equal(view, base)
         assert_bitwise(nll_loss(view, t_view, weight=w, reduction=reduction), expected)
-        grad = nll_loss_backward(np.ones(expected.shape, np.float32), view, t_view, weight=w, reduction=reduction)
+        grad = nll_loss_backward(
+            np.ones(expected.shape, np.float32), view, t_view, weight=w, reduction=reduction
+        )
         assert_bitwise(grad, expected_grad)
 
 
@@ -149,7 +160,7 @@ def test_inputs_are_not_modified_and_outputs_are_fresh(reduction, rng):
     loss = nll_loss(x, t, weight=w, reduction=reduction)
     go = np.ones(loss.shape, np.float32)
     grad = nll_loss_backward(go, x, t, weight=w, reduction=reduction)
-    for a, c in zip((x, t, w), copies):
+    for a, c in zip((x, t, w), copies, strict=True):
         assert_bitwise(a, c)
     for out in (loss, grad):
         assert out.flags.writeable
@@ -161,7 +172,7 @@ def test_same_inputs_same_bits(rng):
     x, t, w = random_problem(rng, (5000, 11), np.float32)
     first = [nll_loss(x, t, weight=w, reduction=r) for r in REDUCTIONS]
     second = [nll_loss(x.copy(), t.copy(), weight=w.copy(), reduction=r) for r in REDUCTIONS]
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert_bitwise(a, b)
 
 
@@ -180,4 +191,7 @@ def test_backward_is_linear_in_grad_output(dtype, rng):
     x, t, w = random_problem(rng, (64, 5), dtype)
     for reduction in ("mean", "sum"):
         unit = nll_loss_backward(1.0, x, t, weight=w, reduction=reduction)
-        assert_bitwise(nll_loss_backward(4.0, x, t, weight=w, reduction=reduction), (unit * dtype.type(4)).astype(dtype))
+        assert_bitwise(
+            nll_loss_backward(4.0, x, t, weight=w, reduction=reduction),
+            (unit * dtype.type(4)).astype(dtype),
+        )

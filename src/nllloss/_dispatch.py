@@ -9,14 +9,15 @@ target element (NumPy scatters in place into a zero-filled array).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat
 import array_api_compat.numpy as numpy_namespace
 import numpy as np
 
-from ._reduction import CascadePlan
+from ._reduction import cascade_plan
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Engine:
 
 
 def _cascade_sums(valid, *values):
-    plan = CascadePlan(valid)
+    plan = cascade_plan(valid)
     return tuple(plan.sum(v) for v in values)
 
 

@@ -19,8 +19,10 @@ def _prepare(input, target, weight, ignore_index):
     layout = _validate.check_target(target, input.shape)
     if weight is not None:
         # A sequence has no dtype of its own: read it in the input's.
-        weight = as_array(weight) if hasattr(weight, "dtype") else engine.xp.asarray(
-            weight, dtype=input.dtype
+        weight = (
+            as_array(weight)
+            if hasattr(weight, "dtype")
+            else engine.xp.asarray(weight, dtype=input.dtype)
         )
         _validate.check_weight(weight, layout.classes)
     return engine, input, target, weight, _validate.check_ignore_index(ignore_index), layout

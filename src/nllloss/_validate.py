@@ -36,10 +36,7 @@ def resolve_reduction(size_average: Any, reduce: Any, reduction: Any, *, stackle
     if size_average is not None or reduce is not None:
         size_average = True if size_average is None else size_average
         reduce = True if reduce is None else reduce
-        if not reduce:
-            reduction = "none"
-        else:
-            reduction = "mean" if size_average else "sum"
+        reduction = "none" if not reduce else "mean" if size_average else "sum"
         warnings.warn(
             "size_average and reduce args will be deprecated, please use "
             f"reduction='{reduction}' instead.",
@@ -63,8 +60,7 @@ def check_reduction(reduction: Any, *, stacklevel: int) -> str:
             )
             return "mean"
     raise ValueError(
-        f"{reduction} is not a valid value for reduction: "
-        "expected one of 'none', 'mean' or 'sum'"
+        f"{reduction} is not a valid value for reduction: expected one of 'none', 'mean' or 'sum'"
     )
 
 
@@ -218,7 +214,11 @@ def out_of_bounds_error(value: int, position: tuple[int, ...], classes: int, ign
 def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
     """``grad_output`` has the loss's shape, or is a scalar (one value broadcast)."""
     grad_shape = tuple(grad_shape)
-    if grad_shape == tuple(output_shape) or grad_shape == () or grad_shape == (1,) * len(grad_shape):
+    if (
+        grad_shape == tuple(output_shape)
+        or grad_shape == ()
+        or grad_shape == (1,) * len(grad_shape)
+    ):
         return
     raise ValueError(
         f"grad_output must have the loss's shape {tuple(output_shape)} or be a scalar, "
