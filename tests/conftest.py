@@ -20,7 +20,7 @@ if not torch.__version__.startswith(ORACLE_VERSION):
 
 settings.register_profile(
     "default",
-    max_examples=int(os.environ.get("NLLLOSS_HYPOTHESIS_EXAMPLES", "250")),
+    max_examples=int(os.environ.get("NLLLOSS_HYPOTHESIS_EXAMPLES", "1000")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,

@@ -3,7 +3,8 @@
 Arguments arrive validated (``_validate``); ``engine`` (``_dispatch``) supplies the array
 namespace, the summation and the scatter. Shapes are handled without copying the
 input: an unbatched ``(C,)`` input is viewed as ``(1, C)``, and the target's class index
-is gathered along axis 1 with broadcasting over the batch and spatial axes.
+is gathered along axis 1 with broadcasting over the batch and spatial axes. The gradient
+needs the input's shape and dtype only, never its values.
 
 Arithmetic follows torch 2.13's CPU kernels operation for operation, so float32 and
 float64 results are bit-identical to torch's:
@@ -30,45 +31,50 @@ from ._validate import Layout
 
 
 @dataclass
-class _Gathered:
+class _Targets:
     index: Any  # (B, 1, d...) class index per target element; 0 where ignored
     valid: Any  # (M,) bool, row-major over the target
-    picked: Any  # (M,) x[t] in the compute dtype; 0 where ignored
     weight: Any  # (M,) w[t] in the compute dtype, 0 where ignored; None when unweighted
-    dtype: Any  # compute dtype
+    dtype: Any  # compute dtype: float32 for 16-bit inputs, else the input's
 
 
 def _compute_dtype(xp, dtype):
     return xp.float32 if _validate.dtype_name(dtype) in ("float16", "bfloat16") else dtype
 
 
-def _gather(engine, x, t, w, ignore_index: int, layout: Layout) -> _Gathered:
+def _batched(xp, x, layout: Layout):
+    """The input with a batch axis: ``(C,)`` is viewed as ``(1, C)``."""
+    return xp.reshape(x, (1, layout.classes)) if layout.unbatched else x
+
+
+def _select(engine, x_dtype, t, w, ignore_index: int, layout: Layout) -> _Targets:
+    """Check the target values; the class index and weight of each target element."""
     xp = engine.xp
-    batched_x = x if not layout.unbatched else xp.reshape(x, (1, layout.classes))
-    target = xp.reshape(t, layout.output_shape if not layout.unbatched else (1,))
+    target = xp.reshape(t, (1,) if layout.unbatched else layout.output_shape)
     valid = target != ignore_index
     _check_target_range(xp, target, valid, layout, ignore_index)
-
-    index = xp.where(valid, xp.astype(target, xp.int64), 0)
-    dtype = _compute_dtype(xp, x.dtype)
-    valid_flat = xp.reshape(valid, (-1,))
-    index = xp.expand_dims(index, axis=1)
-    if layout.classes == 0 or layout.size == 0:
-        # Nothing to gather (every element is ignored, or there are none).
-        picked = xp.zeros((layout.size,), dtype=dtype)
-    else:
-        picked = xp.reshape(xp.take_along_axis(batched_x, index, axis=1), (-1,))
-        picked = xp.where(valid_flat, xp.astype(picked, dtype), xp.zeros((), dtype=dtype))
-
+    index = xp.expand_dims(xp.where(valid, xp.astype(target, xp.int64), 0), axis=1)
+    valid = xp.reshape(valid, (-1,))
+    dtype = _compute_dtype(xp, x_dtype)
     weight = None
     if w is not None:
-        w = xp.astype(xp.astype(w, x.dtype), dtype)  # torch computes in the input's dtype
-        if layout.classes == 0 or layout.size == 0:
-            weight = xp.zeros((layout.size,), dtype=dtype)
+        w = xp.astype(xp.astype(w, x_dtype), dtype)  # torch computes in the input's dtype
+        if layout.classes == 0:
+            weight = xp.zeros((layout.size,), dtype=dtype)  # every element is ignored
         else:
             weight = xp.take(w, xp.reshape(index, (-1,)), axis=0)
-            weight = xp.where(valid_flat, weight, xp.zeros((), dtype=dtype))
-    return _Gathered(index, valid_flat, picked, weight, dtype)
+            weight = xp.where(valid, weight, xp.zeros((), dtype=dtype))
+    return _Targets(index, valid, weight, dtype)
+
+
+def _pick(engine, x, targets: _Targets, layout: Layout):
+    """x[t] per target element, flat, in the compute dtype; 0 where ignored."""
+    xp = engine.xp
+    if layout.classes == 0 or layout.size == 0:
+        return xp.zeros((layout.size,), dtype=targets.dtype)
+    picked = xp.take_along_axis(_batched(xp, x, layout), targets.index, axis=1)
+    picked = xp.astype(xp.reshape(picked, (-1,)), targets.dtype)
+    return xp.where(targets.valid, picked, xp.zeros((), dtype=targets.dtype))
 
 
 def _check_target_range(xp, target, valid, layout: Layout, ignore_index: int) -> None:
@@ -82,7 +88,7 @@ def _check_target_range(xp, target, valid, layout: Layout, ignore_index: int) ->
         )
 
 
-def _total_weight(engine, g: _Gathered):
+def _total_weight(engine, g: _Targets):
     """The 'mean' denominator: the sum of w[t], or the count, over non-ignored elements."""
     xp = engine.xp
     if g.weight is None:
@@ -99,8 +105,9 @@ _IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
     xp = engine.xp
-    g = _gather(engine, x, t, w, ignore_index, layout)
-    losses = -g.picked if g.weight is None else -(g.picked * g.weight)
+    g = _select(engine, x.dtype, t, w, ignore_index, layout)
+    picked = _pick(engine, x, g, layout)
+    losses = -picked if g.weight is None else -(picked * g.weight)
     losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype))  # ignored: +0.0
 
     if reduction == "none" and not layout.unbatched:
@@ -123,7 +130,7 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``."""
     xp = engine.xp
-    g = _gather(engine, x, t, w, ignore_index, layout)
+    g = _select(engine, x.dtype, t, w, ignore_index, layout)
     upstream = xp.astype(grad_output, g.dtype)
     zero = xp.zeros((), dtype=g.dtype)
 
@@ -141,7 +148,7 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         values = xp.broadcast_to(values, (layout.size,))
     values = xp.where(g.valid, values, zero)
 
-    batched_shape = (1, layout.classes) if layout.unbatched else tuple(x.shape)
+    batched_shape = tuple(_batched(xp, x, layout).shape)
     index_shape = (batched_shape[0], 1, *batched_shape[2:])
     grad = engine.scatter(
         batched_shape, x.dtype, g.index, xp.astype(xp.reshape(values, index_shape), x.dtype)
