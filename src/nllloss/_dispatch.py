@@ -1,13 +1,16 @@
 """Which engine serves which arrays, decided once per array type.
 
-An engine is the array namespace plus the two operations whose best form depends on
-the library: summing the per-element losses (NumPy reproduces torch's CPU summation
-order bit for bit, see ``_reduction``) and writing the one non-zero gradient entry per
-target element (NumPy scatters in place into a zero-filled array).
+An engine is the array namespace, the implementation that computes the loss and its
+gradient (``_generic``, or for NumPy the compiled kernels of ``_cpu`` when numba loads),
+and the two operations of the generic implementation whose best form depends on the
+library: summing the per-element losses (NumPy reproduces torch's CPU summation order bit
+for bit, see ``_reduction``) and writing the one non-zero gradient entry per target
+element (NumPy scatters in place into a zero-filled array).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import array_api_compat
 import array_api_compat.numpy as numpy_namespace
 import numpy as np
 
+from . import _cpu, _generic
 from ._reduction import cascade_plan
 
 
@@ -29,6 +33,8 @@ class Engine:
     # scatter(shape, dtype, index, values) -> zeros of `shape` with `values` written at
     # `index` along axis 1 (index and values have `shape` with axis 1 of length 1).
     scatter: Callable[[tuple[int, ...], Any, Any, Any], Any]
+    # forward(engine, ...) and backward(engine, ...) as in _generic
+    implementation: Any = _generic
 
 
 def _cascade_sums(valid, *values):
@@ -42,13 +48,16 @@ def _numpy_scatter(shape, dtype, index, values):
     return out
 
 
-_NUMPY = Engine(numpy_namespace, _cascade_sums, _numpy_scatter)
+GENERIC_NUMPY = Engine(numpy_namespace, _cascade_sums, _numpy_scatter)
 
 
 @functools.lru_cache(maxsize=64)
 def _engine_for_type(array_type: type) -> Engine:
     if issubclass(array_type, np.ndarray):
-        return _NUMPY
+        compiled = _cpu.load()
+        if compiled is None:
+            return GENERIC_NUMPY
+        return dataclasses.replace(GENERIC_NUMPY, implementation=compiled)
     raise TypeError(
         f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported; "
         "pass NumPy arrays (or anything numpy.asarray accepts)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _generic, _validate
+from . import _validate
 from ._dispatch import as_array, engine_for
 
 # Deprecation warnings point at the line that called the public function: one frame up.
@@ -111,7 +111,9 @@ def nll_loss(
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
-    return _generic.forward(engine, input, target, weight, ignore_index, reduction, layout)
+    return engine.implementation.forward(
+        engine, input, target, weight, ignore_index, reduction, layout
+    )
 
 
 def nll_loss_backward(
@@ -169,7 +171,7 @@ def nll_loss_backward(
     _validate.check_grad_output_dtype(grad_output.dtype)
     loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
     _validate.check_grad_output_shape(grad_output.shape, loss_shape)
-    return _generic.backward(
+    return engine.implementation.backward(
         engine, grad_output, input, target, weight, ignore_index, reduction, layout
     )
 
