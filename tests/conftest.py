@@ -22,7 +22,11 @@ settings.register_profile(
     "default",
     max_examples=int(os.environ.get("NLLLOSS_HYPOTHESIS_EXAMPLES", "1000")),
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,  # the engine fixture holds for the whole test
+    ],
     derandomize=True,
 )
 settings.load_profile("default")
@@ -59,6 +63,26 @@ def assert_bitwise(actual, expected) -> None:
     both_nan = np.isnan(a) & np.isnan(e)
     same = (a == e) & (np.signbit(a) == np.signbit(e))
     assert np.all(same | both_nan), f"\nactual   {actual!r}\nexpected {expected!r}"
+
+
+@pytest.fixture(params=["compiled", "generic"], autouse=True)
+def numpy_engine(request, monkeypatch):
+    """Every test runs on both NumPy engines: the numba kernels and the generic path."""
+    from nllloss import _dispatch, _generic
+
+    if request.param == "compiled":
+        engine = _dispatch.engine_for(np.zeros(1))
+        assert engine.implementation is not _generic, "the numba kernels did not load"
+    else:
+        original = _dispatch._engine_for_type
+
+        def generic_for_numpy(array_type):
+            if issubclass(array_type, np.ndarray):
+                return _dispatch.GENERIC_NUMPY
+            return original(array_type)
+
+        monkeypatch.setattr(_dispatch, "_engine_for_type", generic_for_numpy)
+    return request.param
 
 
 @pytest.fixture

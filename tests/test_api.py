@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import warnings
@@ -23,7 +24,7 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 
 
 def test_public_names():
-    assert nllloss.__all__ == ["NLLLoss", "nll_loss", "nll_loss_backward"]
+    assert nllloss.__all__ == ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
     public = {name for name in dir(nllloss) if not name.startswith("_")}
     assert public - {"__version__"} <= set(nllloss.__all__) | {
         name for name in public if inspect.ismodule(getattr(nllloss, name))
@@ -206,3 +207,45 @@ def test_backward_reads_only_the_shape_of_the_input():
 def test_other_libraries_arrays_are_refused_clearly():
     with pytest.raises(TypeError, match=r"torch\.Tensor arrays are not supported"):
         nll_loss(torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+THREADS_SCRIPT = """
+import hashlib, sys, numpy as np, nllloss
+nllloss.set_num_threads(int(sys.argv[1]))
+rng = np.random.default_rng(7)
+digest = hashlib.sha256()
+for shape in [(300_000, 7), (4, 5, 96, 97)]:
+    x = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
+    t[rng.random(t.shape) < 0.2] = -100
+    w = rng.uniform(0.1, 2, shape[1]).astype(np.float32)
+    for reduction in ("none", "mean", "sum"):
+        loss = nllloss.nll_loss(x, t, weight=w, reduction=reduction)
+        grad = nllloss.nll_loss_backward(np.ones(loss.shape, np.float32), x, t, weight=w,
+                                         reduction=reduction)
+        digest.update(loss.tobytes())
+        digest.update(grad.tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    digests = {
+        threads: subprocess.run(
+            [sys.executable, "-c", THREADS_SCRIPT, str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "NUMBA_NUM_THREADS": "2"},
+        ).stdout
+        for threads in (1, 2)
+    }
+    assert digests[1] == digests[2]
+    assert len(digests[1].strip()) == 64
+
+
+def test_set_num_threads_rejects_bad_counts():
+    with pytest.raises(ValueError, match="between 1 and NUMBA_NUM_THREADS"):
+        nllloss.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        nllloss.set_num_threads(1.5)

@@ -5,7 +5,8 @@
 array(1.)
 """
 
+from ._cpu import set_num_threads
 from ._loss import NLLLoss, nll_loss, nll_loss_backward
 
-__all__ = ["NLLLoss", "nll_loss", "nll_loss_backward"]
+__all__ = ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
 __version__ = "0.1.0"

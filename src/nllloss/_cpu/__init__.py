@@ -143,3 +143,18 @@ def _total_weight(kernels, index, weight, dtype):
         return dtype.type(int(np.count_nonzero(valid)))
     hit = np.where(index >= 0, weight[np.maximum(index, 0)], dtype.type(0))
     return dtype.type(kernels.cascade_sum(hit, valid))
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in the compiled kernels (at most ``NUMBA_NUM_THREADS``, the default)."""
+    import numba
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, not {type(n).__name__}")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(
+            f"n must be between 1 and NUMBA_NUM_THREADS={limit} (set that variable before "
+            f"the first import of numba to allow more), got {n}"
+        )
+    numba.set_num_threads(int(n))
