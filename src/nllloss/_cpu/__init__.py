@@ -75,12 +75,26 @@ def _weight(w, x_dtype, dtype):
     return np.ascontiguousarray(np.asarray(w).astype(x_dtype).astype(dtype))
 
 
+# Up to this many target elements, 'mean' and 'sum' run as one sequential compiled pass
+# (gather and cascade fused); beyond, the gather runs in parallel. Measured on 2 cores:
+# the fused pass wins below about 2**15 elements.
+FUSED_REDUCE_MAX = 1 << 15
+
+
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """See ``_generic.forward``."""
     kernels = load().kernels
     x3, t2, dtype, table = _views(x, t, layout)
     weight = _weight(w, x.dtype, dtype)
     size = layout.size
+    if reduction != "none" and 0 < size <= FUSED_REDUCE_MAX:
+        levels = np.zeros((2, kernels.LEVELS), dtype=dtype)
+        loss_sum, weight_sum, count, first_bad = kernels.fused_reduce(
+            x3, t2, ignore_index, weight, table, levels
+        )
+        _raise_if_bad(first_bad, t, layout, ignore_index)
+        total = dtype.type(count) if w is None else dtype.type(weight_sum)
+        return _finish(kernels, dtype.type(loss_sum), total, reduction, x.dtype)
     losses = np.empty(size, dtype=dtype)
     weights = np.empty(size if w is not None else 0, dtype=dtype)
     valid = np.empty(size, dtype=np.uint8)
@@ -93,14 +107,20 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
     # numba returns Python floats: back to the dtype, so the division rounds as torch's.
     result = dtype.type(kernels.cascade_sum(losses, valid))
+    total = None
     if reduction == "mean":
         if w is None:
             total = dtype.type(int(np.count_nonzero(valid)))
         else:
             total = dtype.type(kernels.cascade_sum(weights, valid))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            result = result / total
-    return np.asarray(result, dtype=dtype).astype(x.dtype)
+    return _finish(kernels, result, total, reduction, x.dtype)
+
+
+def _finish(kernels, loss_sum, total, reduction: str, out_dtype):
+    """The reduced loss as a 0-d array of ``out_dtype``: the sum, or divided by ``total``."""
+    if reduction == "mean":
+        loss_sum = loss_sum.dtype.type(kernels.divide(loss_sum, total))
+    return np.asarray(loss_sum).astype(out_dtype)
 
 
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):

@@ -22,8 +22,9 @@ from numba.extending import overload
 BLOCK = 16384
 LEVELS = 8
 
-_jit = numba.njit(cache=True, nogil=True)
-_pjit = numba.njit(cache=True, nogil=True, parallel=True)
+# error_model="numpy": IEEE results for x/0 (as torch), no Python exception checks in loops.
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+_pjit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 
 
 def _decode(element, table):
@@ -114,6 +115,12 @@ def target_index(t2, ignore_index, classes, index):
 
 
 @_jit
+def divide(numerator, denominator):
+    """IEEE division in the operands' dtype (0/0 is NaN, x/0 is ±inf), without NumPy's warnings."""
+    return numerator / denominator
+
+
+@_jit
 def _first(first_bad, size):
     """The smallest flagged flat index, or -1."""
     smallest = size
@@ -123,15 +130,68 @@ def _first(first_bad, size):
 
 
 @_jit
-def cascade_sum(values, valid):
-    """torch's eight-level cascade sum over the valid elements, in ``values.dtype``."""
-    size = values.shape[0]
-    power = 4
+def _level_mask(size):
+    """torch's ``(1 << power) - 1`` with ``power = max(4, CeilLog2(size) / 8)``; and power."""
     ceil_log2 = 0
     while (np.int64(1) << ceil_log2) < size:
         ceil_log2 += 1
     power = max(4, ceil_log2 // LEVELS)
-    mask = (np.int64(1) << power) - 1
+    return (np.int64(1) << power) - 1, power
+
+
+@_jit
+def fused_reduce(x3, t2, ignore_index, weight, decode, levels):
+    """Sequential gather and cascade in one pass: (loss sum, weight sum, count, first bad).
+
+    For few elements, where one compiled call beats a parallel gather plus a second pass.
+    ``levels`` is a (2, 8) array of zeros in the accumulation dtype (the partial sums of
+    the losses and of the weights); the weight sum stays 0 when unweighted.
+    """
+    batch, spatial = t2.shape
+    classes = x3.shape[1]
+    size = batch * spatial
+    mask, power = _level_mask(size)
+    weighted = weight.shape[0] > 0
+    losses = levels[0]
+    weights = levels[1]
+    dtype_zero = levels.dtype.type(0)
+    count = 0
+    m = 0
+    for b in range(batch):
+        for s in range(spatial):
+            target = np.int64(t2[b, s])
+            if target != ignore_index:
+                if target < 0 or target >= classes:
+                    return dtype_zero, dtype_zero, count, m
+                value = _decode(x3[b, target, s], decode)
+                count += 1
+                if weighted:
+                    w = weight[target]
+                    losses[0] += -(value * w)
+                    weights[0] += w
+                else:
+                    losses[0] += -value
+                for j in range(LEVELS - 1):
+                    if (m & (mask << (j * power))) != 0:
+                        break
+                    losses[j + 1] += losses[j]
+                    losses[j] = dtype_zero
+                    weights[j + 1] += weights[j]
+                    weights[j] = dtype_zero
+            m += 1
+    loss_sum = dtype_zero
+    weight_sum = dtype_zero
+    for j in range(LEVELS):
+        loss_sum += losses[j]
+        weight_sum += weights[j]
+    return loss_sum, weight_sum, count, -1
+
+
+@_jit
+def cascade_sum(values, valid):
+    """torch's eight-level cascade sum over the valid elements, in ``values.dtype``."""
+    size = values.shape[0]
+    mask, power = _level_mask(size)
     zero = values.dtype.type(0)
     levels = np.zeros(LEVELS, dtype=values.dtype)
     for m in range(size):
