@@ -2,6 +2,7 @@
 
 The documented values are those printed in the OneFlow and Paddle ``NLLLoss`` documents and
 PyTorch 2.13's results for the same inputs (``shared/research/env_check.md``, section 4).
+``python -m nllloss bench [options]`` runs the CPU benchmark instead (``nllloss._bench``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _format(value) -> str:
     return np.array2string(value, precision=7, separator=", ")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _print_examples() -> int:
     """Print each seed example: documented value, its source, and nllloss's value."""
     rows = [("example", "documented", "source", "nllloss")]
     rows += [
@@ -81,6 +82,27 @@ def main(argv: list[str] | None = None) -> int:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     return 0
+
+
+USAGE = """\
+usage: python -m nllloss [examples]        print the seed examples (the default)
+       python -m nllloss bench [options]   run the CPU benchmark (bench --help for options)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nllloss [examples]`` prints the examples; ``bench ...`` runs the benchmark."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv == ["examples"]:
+        return _print_examples()
+    if argv[0] == "bench":
+        from ._bench import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

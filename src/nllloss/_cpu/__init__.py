@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import _validate
+from .._reduction import level_power
 from .._validate import Layout
 
 
@@ -76,8 +77,8 @@ def _weight(w, x_dtype, dtype):
 
 
 # Up to this many target elements, 'mean' and 'sum' run as one sequential compiled pass
-# (gather and cascade fused); beyond, the gather runs in parallel. Measured on 2 cores:
-# the fused pass wins below about 2**15 elements.
+# (gather and cascade fused); beyond, the blocks of the cascade are summed in parallel.
+# Measured on 2 cores: the fused pass wins below about 2**15 elements.
 FUSED_REDUCE_MAX = 1 << 15
 
 
@@ -87,33 +88,31 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     x3, t2, dtype, table = _views(x, t, layout)
     weight = _weight(w, x.dtype, dtype)
     size = layout.size
-    if reduction != "none" and 0 < size <= FUSED_REDUCE_MAX:
+    if reduction == "none" and not layout.unbatched:
+        losses = np.empty(size, dtype=dtype)
+        first_bad = kernels.elementwise_losses(x3, t2, ignore_index, weight, table, losses)
+        _raise_if_bad(first_bad, t, layout, ignore_index)
+        return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
+    if size == 0:
+        return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
+    if size <= FUSED_REDUCE_MAX:
         levels = np.zeros((2, kernels.LEVELS), dtype=dtype)
         loss_sum, weight_sum, count, first_bad = kernels.fused_reduce(
             x3, t2, ignore_index, weight, table, levels
         )
         _raise_if_bad(first_bad, t, layout, ignore_index)
-        total = dtype.type(count) if w is None else dtype.type(weight_sum)
-        return _finish(kernels, dtype.type(loss_sum), total, reduction, x.dtype)
-    losses = np.empty(size, dtype=dtype)
-    weights = np.empty(size if w is not None else 0, dtype=dtype)
-    valid = np.empty(size, dtype=np.uint8)
-    first_bad = kernels.gather_losses(x3, t2, ignore_index, weight, table, losses, weights, valid)
-    _raise_if_bad(first_bad, t, layout, ignore_index)
-
-    if reduction == "none" and not layout.unbatched:
-        return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
-    if size == 0:
-        return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
-    # numba returns Python floats: back to the dtype, so the division rounds as torch's.
-    result = dtype.type(kernels.cascade_sum(losses, valid))
-    total = None
-    if reduction == "mean":
-        if w is None:
-            total = dtype.type(int(np.count_nonzero(valid)))
-        else:
-            total = dtype.type(kernels.cascade_sum(weights, valid))
-    return _finish(kernels, result, total, reduction, x.dtype)
+        total = count if w is None else weight_sum
+    else:
+        step = 1 << level_power(size)
+        sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
+        count, first_bad = kernels.block_sums(x3, t2, ignore_index, weight, table, step, sums)
+        _raise_if_bad(first_bad, t, layout, ignore_index)
+        loss_sum, weight_sum = kernels.cascade_over_blocks(
+            x3, t2, ignore_index, weight, table, step, sums
+        )
+        total = count if w is None else weight_sum
+    # numba returns Python floats and ints: back to the dtype, so the division rounds as torch's.
+    return _finish(kernels, dtype.type(loss_sum), dtype.type(total), reduction, x.dtype)
 
 
 def _finish(kernels, loss_sum, total, reduction: str, out_dtype):
@@ -126,43 +125,44 @@ def _finish(kernels, loss_sum, total, reduction: str, out_dtype):
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """See ``_generic.backward``."""
     kernels = load().kernels
-    name = _validate.dtype_name(x.dtype)
-    dtype = np.dtype(np.float32) if _decode_table(name).size else x.dtype
+    sixteen_bit = x.dtype.itemsize == 2
+    dtype = np.dtype(np.float32) if sixteen_bit else x.dtype
     t2 = t.reshape(layout.batch, layout.spatial)
-    index = np.empty(layout.size, dtype=np.int64)
-    _raise_if_bad(
-        kernels.target_index(t2, ignore_index, layout.classes, index), t, layout, ignore_index
-    )
     weight = _weight(w, x.dtype, dtype)
-    upstream = np.asarray(grad_output).astype(dtype)
+    count, first_bad = kernels.count_counted(t2, ignore_index, layout.classes)
+    _raise_if_bad(first_bad, t, layout, ignore_index)
 
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if reduction == "none" and not layout.unbatched:
-            # torch: (-w) * g, which is w * (-g) bit for bit.
-            upstream = -np.broadcast_to(upstream, layout.output_shape).reshape(-1)
-        else:
-            upstream = upstream.reshape(())
-            if reduction == "mean":
-                upstream = upstream / _total_weight(kernels, index, weight, dtype)
-            upstream = (-upstream).reshape(1)
-        values = np.empty(layout.size, dtype=dtype)
-        kernels.gradient_values(index, weight, np.ascontiguousarray(upstream), values)
+    upstream = np.asarray(grad_output).astype(dtype)
+    if reduction == "none" and not layout.unbatched:
+        # torch: (-w) * g, which is w * (-g) bit for bit.
+        upstream = -np.broadcast_to(upstream, layout.output_shape).reshape(-1)
+    else:
+        upstream = upstream.reshape(())
+        if reduction == "mean":
+            total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
+            upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
+        upstream = (-upstream).reshape(1)
 
     grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=x.dtype)
-    values = values.astype(x.dtype, copy=False)
-    if x.dtype.itemsize == 2:  # write 16-bit floats as their bit patterns
-        kernels.scatter_rows(grad.view(np.uint16), index, values.view(np.uint16))
+    if sixteen_bit:
+        # numba has no 16-bit floats: values in float32, rounded once, written as bits.
+        index = np.where(t2 != ignore_index, t2, 0).reshape(-1)
+        values = np.broadcast_to(upstream, index.shape)
+        if weight.size:
+            with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
+                values = weight[index] * values
+        bits = np.ascontiguousarray(values.astype(x.dtype)).view(np.uint16)
+        kernels.write_gradient(t2, ignore_index, np.empty(0, np.uint16), bits, grad.view(np.uint16))
     else:
-        kernels.scatter_rows(grad, index, values)
+        kernels.write_gradient(t2, ignore_index, weight, np.ascontiguousarray(upstream), grad)
     return grad.reshape(x.shape)
 
 
-def _total_weight(kernels, index, weight, dtype):
-    valid = (index >= 0).view(np.uint8)
-    if weight.size == 0:
-        return dtype.type(int(np.count_nonzero(valid)))
-    hit = np.where(index >= 0, weight[np.maximum(index, 0)], dtype.type(0))
-    return dtype.type(kernels.cascade_sum(hit, valid))
+def _weight_total(kernels, t2, ignore_index, weight):
+    """torch's 'mean' denominator: the cascade sum of w[t] over non-ignored elements."""
+    valid = t2 != ignore_index
+    hit = np.where(valid, weight[np.where(valid, t2, 0)], weight.dtype.type(0)).reshape(-1)
+    return kernels.cascade_sum(hit, valid.reshape(-1).view(np.uint8))
 
 
 def set_num_threads(n: int) -> None:

@@ -40,74 +40,27 @@ def _decode_by_type(element, table):
 
 
 @_pjit
-def gather_losses(x3, t2, ignore_index, weight, decode, losses, weights, valid):
-    """Per element: loss ``-(x[t] * w[t])`` (``-x[t]`` unweighted) and ``w[t]``; 0 where ignored.
+def elementwise_losses(x3, t2, ignore_index, weight, decode, losses):
+    """Per element: ``-(x[t] * w[t])`` (``-x[t]`` unweighted), +0.0 where ignored.
 
-    ``weight`` is empty when unweighted (then ``weights`` is not written). ``valid`` gets 1
-    for counted elements, 0 for ignored ones. Returns the flat index of the first target
-    that is neither a class index nor ``ignore_index``, or -1.
+    Returns the flat index of the first target that is neither a class index nor
+    ``ignore_index``, or -1.
     """
     batch, spatial = t2.shape
-    classes = x3.shape[1]
     size = batch * spatial
-    weighted = weight.shape[0] > 0
     n_blocks = (size + BLOCK - 1) // BLOCK
     first_bad = np.full(n_blocks, size)  # per block: a min-reduction across threads is slow
-    zero = losses.dtype.type(0)
     for block in numba.prange(n_blocks):
         start = block * BLOCK
         stop = min(start + BLOCK, size)
         b = start // spatial
         s = start - b * spatial
         for m in range(start, stop):
-            target = np.int64(t2[b, s])
-            if target == ignore_index:
-                losses[m] = zero
-                valid[m] = 0
-                if weighted:
-                    weights[m] = zero
-            elif target < 0 or target >= classes:
+            loss, _, status = _element(x3, t2, ignore_index, weight, decode, b, s)
+            losses[m] = loss
+            if status < 0:
                 first_bad[block] = min(first_bad[block], m)
-                losses[m] = zero
-                valid[m] = 0
-            else:
-                value = _decode(x3[b, target, s], decode)
-                valid[m] = 1
-                if weighted:
-                    w = weight[target]
-                    losses[m] = -(value * w)
-                    weights[m] = w
-                else:
-                    losses[m] = -value
             s += 1  # next (b, s) without a division per element
-            if s == spatial:
-                s = 0
-                b += 1
-    return _first(first_bad, size)
-
-
-@_pjit
-def target_index(t2, ignore_index, classes, index):
-    """Per element: the class index, or -1 where ignored. Returns the first bad flat index or -1."""
-    batch, spatial = t2.shape
-    size = batch * spatial
-    n_blocks = (size + BLOCK - 1) // BLOCK
-    first_bad = np.full(n_blocks, size)
-    for block in numba.prange(n_blocks):
-        start = block * BLOCK
-        stop = min(start + BLOCK, size)
-        b = start // spatial
-        s = start - b * spatial
-        for m in range(start, stop):
-            target = np.int64(t2[b, s])
-            if target == ignore_index:
-                index[m] = -1
-            elif target < 0 or target >= classes:
-                first_bad[block] = min(first_bad[block], m)
-                index[m] = -1
-            else:
-                index[m] = target
-            s += 1
             if s == spatial:
                 s = 0
                 b += 1
@@ -187,6 +140,133 @@ def fused_reduce(x3, t2, ignore_index, weight, decode, levels):
     return loss_sum, weight_sum, count, -1
 
 
+# Blocks of 16 per parallel task in block_sums (16 * 1024 elements, as BLOCK).
+TASK_BLOCKS = 1024
+
+
+@_jit
+def _element(x3, t2, ignore_index, weight, decode, b, s):
+    """(loss, weight, status) of one element: status 1 counted, 0 ignored, -1 out of range."""
+    zero = weight.dtype.type(0)  # the accumulation dtype, also when unweighted (empty)
+    target = np.int64(t2[b, s])
+    if target == ignore_index:
+        return zero, zero, 0
+    if target < 0 or target >= x3.shape[1]:
+        return zero, zero, -1
+    value = _decode(x3[b, target, s], decode)
+    if weight.shape[0] > 0:
+        w = weight[target]
+        return -(value * w), w, 1
+    return -value, zero, 1
+
+
+@_pjit
+def block_sums(x3, t2, ignore_index, weight, decode, step, sums):
+    """Parallel first pass of the cascade: the sum of each block of ``step`` elements.
+
+    Block k holds the flat elements ``k*step + 1 .. (k+1)*step`` (element 0 stands alone),
+    so that it ends at a flush point of torch's cascade. ``sums[k]`` gets the sequential
+    sums of the block's losses and weights, each started from +0.0: exactly what level 0
+    of the cascade holds at the block's end whenever the flush before the block happened.
+    Returns (number of counted elements, first out-of-range flat index or -1); element 0
+    is checked and counted here too.
+    """
+    batch, spatial = t2.shape
+    size = batch * spatial
+    n_blocks = sums.shape[0]
+    n_tasks = (n_blocks + TASK_BLOCKS - 1) // TASK_BLOCKS
+    counts = np.zeros(max(n_tasks, 1), dtype=np.int64)
+    first_bad = np.full(max(n_tasks, 1), size)
+    zero = sums.dtype.type(0)
+    if size > 0:
+        _, _, status = _element(x3, t2, ignore_index, weight, decode, 0, 0)
+        if status < 0:
+            return 0, 0
+        counts[0] = status
+    for task in numba.prange(n_tasks):
+        first_block = task * TASK_BLOCKS
+        last_block = min(first_block + TASK_BLOCKS, n_blocks)
+        m = first_block * step + 1
+        b = m // spatial
+        s = m - b * spatial
+        count = 0
+        for k in range(first_block, last_block):
+            loss_acc = zero
+            weight_acc = zero
+            stop = min((k + 1) * step, size - 1)
+            while m <= stop:
+                loss, w, status = _element(x3, t2, ignore_index, weight, decode, b, s)
+                if status > 0:
+                    loss_acc += loss
+                    weight_acc += w
+                    count += 1
+                elif status < 0 and first_bad[task] == size:
+                    first_bad[task] = m
+                m += 1
+                s += 1
+                if s == spatial:
+                    s = 0
+                    b += 1
+            sums[k, 0] = loss_acc
+            sums[k, 1] = weight_acc
+        counts[task] += count
+    return counts.sum(), _first(first_bad, size)
+
+
+@_jit
+def cascade_over_blocks(x3, t2, ignore_index, weight, decode, step, sums):
+    """Second pass: torch's cascade, fed whole blocks from ``block_sums``; (loss, weight) sums.
+
+    A block whose leading flush point was ignored continues a level-0 sum that was not
+    reset, so its elements are added one by one, as torch does; every other block enters
+    as its precomputed sum.
+    """
+    batch, spatial = t2.shape
+    size = batch * spatial
+    mask, power = _level_mask(size)
+    zero = sums.dtype.type(0)
+    losses = np.zeros(LEVELS, dtype=sums.dtype)
+    weights = np.zeros(LEVELS, dtype=sums.dtype)
+    fresh = True  # level 0 was just reset (or never written)
+    for k in range(-1, sums.shape[0]):
+        if k < 0:  # element 0, alone
+            last = 0
+            loss, w, status = _element(x3, t2, ignore_index, weight, decode, 0, 0)
+            if status > 0:
+                losses[0] += loss
+                weights[0] += w
+        else:
+            last = min((k + 1) * step, size - 1)
+            if fresh:
+                losses[0] = sums[k, 0]
+                weights[0] = sums[k, 1]
+            else:
+                for m in range(k * step + 1, last + 1):
+                    b = m // spatial
+                    s = m - b * spatial
+                    loss, w, status = _element(x3, t2, ignore_index, weight, decode, b, s)
+                    if status > 0:
+                        losses[0] += loss
+                        weights[0] += w
+        fresh = False
+        b = last // spatial
+        if (last & mask) == 0 and np.int64(t2[b, last - b * spatial]) != ignore_index:
+            for j in range(LEVELS - 1):  # the flush after element `last`
+                if (last & (mask << (j * power))) != 0:
+                    break
+                losses[j + 1] += losses[j]
+                losses[j] = zero
+                weights[j + 1] += weights[j]
+                weights[j] = zero
+            fresh = True
+    loss_sum = zero
+    weight_sum = zero
+    for j in range(LEVELS):
+        loss_sum += losses[j]
+        weight_sum += weights[j]
+    return loss_sum, weight_sum
+
+
 @_jit
 def cascade_sum(values, valid):
     """torch's eight-level cascade sum over the valid elements, in ``values.dtype``."""
@@ -210,47 +290,50 @@ def cascade_sum(values, valid):
 
 
 @_pjit
-def gradient_values(index, weight, upstream, out):
-    """Per element: ``w[t] * upstream[m]`` (``upstream[m]`` unweighted), 0 where ignored.
-
-    ``upstream`` has one value per element, or one value for all.
-    """
-    size = index.shape[0]
-    weighted = weight.shape[0] > 0
-    shared = upstream.shape[0] == 1
-    n_blocks = (size + BLOCK - 1) // BLOCK
-    for block in numba.prange(n_blocks):
-        start = block * BLOCK
-        stop = min(start + BLOCK, size)
-        for m in range(start, stop):
-            g = upstream[0] if shared else upstream[m]
-            i = index[m]
-            if i < 0:
-                out[m] = out.dtype.type(0)
-            elif weighted:
-                out[m] = weight[i] * g
-            else:
-                out[m] = g
+def count_counted(t2, ignore_index, classes):
+    """(number of non-ignored elements, first out-of-range flat index or -1)."""
+    batch, spatial = t2.shape
+    size = batch * spatial
+    first_bad = np.full(batch, size)
+    count = 0
+    for b in numba.prange(batch):
+        for s in range(spatial):
+            target = np.int64(t2[b, s])
+            if target != ignore_index:
+                if target < 0 or target >= classes:
+                    first_bad[b] = min(first_bad[b], b * spatial + s)
+                count += 1
+    return count, _first(first_bad, size)
 
 
 @_pjit
-def scatter_rows(grad3, index, values):
-    """Write every element of ``grad3`` (B, C, S) once: ``values[m]`` at its class, 0 elsewhere.
+def write_gradient(t2, ignore_index, weight, upstream, grad3):
+    """Write every element of ``grad3`` (B, C, S) once: the gradient, zero off the targets.
 
-    Works on any dtype, also on the bit patterns of 16-bit floats (zero is all-zero bits).
+    At ``(b, t, s)`` it writes ``weight[t] * g`` (``g`` alone when ``weight`` is empty),
+    where ``g`` is ``upstream[m]``, or ``upstream[0]`` when upstream has one value. Works
+    on the bit patterns of 16-bit floats too (unweighted, per-element upstream): zero is
+    all-zero bits. Targets must have been checked.
     """
     batch, classes, spatial = grad3.shape
     zero = grad3.dtype.type(0)
-    if spatial == 1:
-        for b in numba.prange(batch):
+    weighted = weight.shape[0] > 0
+    shared = upstream.shape[0] == 1
+    for b in numba.prange(batch):
+        if spatial == 1:  # (N, C): one row per element
             for c in range(classes):
                 grad3[b, c, 0] = zero
-            i = index[b]
-            if i >= 0:
-                grad3[b, i, 0] = values[b]
-        return
-    for b in numba.prange(batch):
+            target = np.int64(t2[b, 0])
+            if target != ignore_index:
+                g = upstream[0] if shared else upstream[b]
+                grad3[b, target, 0] = weight[target] * g if weighted else g
+            continue
         base = b * spatial
         for c in range(classes):
             for s in range(spatial):
-                grad3[b, c, s] = values[base + s] if index[base + s] == c else zero
+                value = zero
+                target = np.int64(t2[b, s])
+                if target == c and target != ignore_index:
+                    g = upstream[0] if shared else upstream[base + s]
+                    value = weight[c] * g if weighted else g
+                grad3[b, c, s] = value

@@ -1,0 +1,15 @@
+"""CPU benchmark of nllloss against torch (and jax, plain NumPy, a memory floor).
+
+Usage: ``python benchmarks/cpu.py [--quick] [--shapes 4096x1000 ...] [--dtype float32 ...]``;
+``--help`` lists the options, ``benchmarks/README.md`` explains the output. The harness itself
+is ``nllloss._bench`` (also reachable as ``python -m nllloss bench``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from nllloss._bench import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

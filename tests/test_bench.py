@@ -1,0 +1,85 @@
+"""The benchmark harness runs end to end on a tiny case and writes its two reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nllloss import _bench
+
+pytest.importorskip("torch")  # a test dependency: this skips only outside the test extra
+
+
+@pytest.fixture
+def numpy_engine():
+    """Overrides conftest's two-engine fixture: the harness runs once, on the default engine."""
+    return "default"
+
+
+def test_quick_run_writes_markdown_and_json(tmp_path, capsys):
+    assert _bench.main(["--quick", "--shapes", "64x10", "--out", str(tmp_path)]) == 0
+
+    report = json.loads((tmp_path / "cpu-latest.json").read_text())
+    assert {"environment", "settings", "cases", "first_call", "notes"} <= report.keys()
+    env = report["environment"]
+    assert {"date", "platform", "cpu_model", "cpu_count", "versions", "git_revision"} <= env.keys()
+    assert {"numpy", "torch", "numba", "jax", "nllloss"} <= env["versions"].keys()
+    assert "threads" in env
+
+    (case,) = report["cases"]
+    assert case["shape"] == [64, 10]
+    assert (case["dtype"], case["reduction"]) == ("float32", "mean")
+    assert "background_cpu_share" in case
+    fwd, fb = case["timings"]["forward"], case["timings"]["forward_backward"]
+    assert {"nllloss", "torch", "numpy"} <= fwd.keys()
+    assert {"nllloss", "torch", "numpy", "floor"} <= fb.keys()
+    for timing in (fwd["nllloss"], fwd["torch"], fb["nllloss"], fb["torch"], fb["floor"]):
+        assert {"median_ms", "min_ms", "max_ms", "runs", "calls_per_run"} <= timing.keys()
+        assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+    ratios = case["ratios"]
+    for key in (
+        "forward_speedup_vs_torch",
+        "forward_backward_speedup_vs_torch",
+        "forward_backward_over_floor",
+    ):
+        assert ratios[key] > 0
+    # Every competitor computed the same loss and gradient (within accumulation-order noise).
+    assert not [note for note in case["notes"] if note.startswith("check")]
+
+    assert len(report["first_call"]) == 2
+    for process in report["first_call"]:
+        assert "error" not in process, process
+        assert process["first_call_ms"] > 0
+
+    md = (tmp_path / "cpu-latest.md").read_text()
+    assert md.startswith("# nllloss CPU benchmark")
+    assert "| 64x10 | float32 | mean |" in md
+    assert "| 64x10 | float32 | mean |" in capsys.readouterr().out
+
+
+def test_shape_format():
+    assert _bench._parse_shape("8x21x256x256") == (8, 21, 256, 256)
+    with pytest.raises(Exception, match="NxC"):
+        _bench._parse_shape("64")
+
+
+def test_bench_subcommand_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "nllloss", "bench", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout
+
+
+def test_module_import_leaves_torch_and_jax_alone():
+    code = "import sys, nllloss._bench; print('torch' in sys.modules, 'jax' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "False"]
