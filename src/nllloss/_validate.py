@@ -13,6 +13,7 @@ accept and reject, with three deliberate differences, listed in the README:
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ def _dtype_suffix(obj: Any) -> str:
     return f" of dtype {dtype}" if dtype is not None else ""
 
 
+@functools.lru_cache(maxsize=256)
 def dtype_name(dtype: Any) -> str:
-    """'float32' for np.float32, torch.float32, jnp.float32, ... (no library imported)."""
+    """'float32' for np.float32, torch.float32, jnp.float32, ... (no library imported).
+
+    Cached: NumPy computes ``dtype.name`` in Python, slowly enough to show in small calls.
+    """
     return getattr(dtype, "name", str(dtype)).rsplit(".", 1)[-1]
 
 
@@ -180,6 +185,7 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
     return Layout(input_shape, expected, batch, classes, spatial)
 
 
+@functools.lru_cache(maxsize=256)
 def _is_integer_dtype(dtype: Any) -> bool:
     try:
         return np.issubdtype(np.dtype(dtype), np.integer)

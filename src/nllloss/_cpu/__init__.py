@@ -95,31 +95,23 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
     if size == 0:
         return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
+    mean = reduction == "mean"
     if size <= FUSED_REDUCE_MAX:
-        levels = np.zeros((2, kernels.LEVELS), dtype=dtype)
-        loss_sum, weight_sum, count, first_bad = kernels.fused_reduce(
-            x3, t2, ignore_index, weight, table, levels
-        )
+        value, first_bad = kernels.fused_reduce(x3, t2, ignore_index, weight, table, mean)
         _raise_if_bad(first_bad, t, layout, ignore_index)
-        total = count if w is None else weight_sum
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
         count, first_bad = kernels.block_sums(x3, t2, ignore_index, weight, table, step, sums)
         _raise_if_bad(first_bad, t, layout, ignore_index)
-        loss_sum, weight_sum = kernels.cascade_over_blocks(
+        value, weight_sum = kernels.cascade_over_blocks(
             x3, t2, ignore_index, weight, table, step, sums
         )
-        total = count if w is None else weight_sum
-    # numba returns Python floats and ints: back to the dtype, so the division rounds as torch's.
-    return _finish(kernels, dtype.type(loss_sum), dtype.type(total), reduction, x.dtype)
-
-
-def _finish(kernels, loss_sum, total, reduction: str, out_dtype):
-    """The reduced loss as a 0-d array of ``out_dtype``: the sum, or divided by ``total``."""
-    if reduction == "mean":
-        loss_sum = loss_sum.dtype.type(kernels.divide(loss_sum, total))
-    return np.asarray(loss_sum).astype(out_dtype)
+        if mean:  # numba returns Python floats: divide in the dtype, as torch
+            total = dtype.type(count if w is None else weight_sum)
+            value = kernels.divide(dtype.type(value), total)
+    # value is exact in the accumulation dtype; 16-bit outputs round it once.
+    return np.array(value, dtype=x.dtype)
 
 
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):

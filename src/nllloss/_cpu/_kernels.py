@@ -93,21 +93,20 @@ def _level_mask(size):
 
 
 @_jit
-def fused_reduce(x3, t2, ignore_index, weight, decode, levels):
-    """Sequential gather and cascade in one pass: (loss sum, weight sum, count, first bad).
+def fused_reduce(x3, t2, ignore_index, weight, decode, mean):
+    """Sequential gather and cascade in one pass: (the 'sum' or 'mean' loss, first bad or -1).
 
     For few elements, where one compiled call beats a parallel gather plus a second pass.
-    ``levels`` is a (2, 8) array of zeros in the accumulation dtype (the partial sums of
-    the losses and of the weights); the weight sum stays 0 when unweighted.
+    Accumulates in ``weight.dtype`` (``weight`` is empty when unweighted).
     """
     batch, spatial = t2.shape
     classes = x3.shape[1]
     size = batch * spatial
     mask, power = _level_mask(size)
     weighted = weight.shape[0] > 0
-    losses = levels[0]
-    weights = levels[1]
-    dtype_zero = levels.dtype.type(0)
+    losses = np.zeros(LEVELS, dtype=weight.dtype)
+    weights = np.zeros(LEVELS, dtype=weight.dtype)
+    dtype_zero = weight.dtype.type(0)
     count = 0
     m = 0
     for b in range(batch):
@@ -115,7 +114,7 @@ def fused_reduce(x3, t2, ignore_index, weight, decode, levels):
             target = np.int64(t2[b, s])
             if target != ignore_index:
                 if target < 0 or target >= classes:
-                    return dtype_zero, dtype_zero, count, m
+                    return dtype_zero, m
                 value = _decode(x3[b, target, s], decode)
                 count += 1
                 if weighted:
@@ -137,7 +136,10 @@ def fused_reduce(x3, t2, ignore_index, weight, decode, levels):
     for j in range(LEVELS):
         loss_sum += losses[j]
         weight_sum += weights[j]
-    return loss_sum, weight_sum, count, -1
+    if not mean:
+        return loss_sum, -1
+    total = weight_sum if weighted else weight.dtype.type(count)
+    return loss_sum / total, -1
 
 
 # Blocks of 16 per parallel task in block_sums (16 * 1024 elements, as BLOCK).
