@@ -185,18 +185,19 @@ def block_sums(x3, t2, ignore_index, weight, decode, step, sums):
         if status < 0:
             return 0, 0
         counts[0] = status
+    rows = spatial == 1  # (N, C): element m is row m, no (b, s) bookkeeping
     for task in numba.prange(n_tasks):
         first_block = task * TASK_BLOCKS
         last_block = min(first_block + TASK_BLOCKS, n_blocks)
-        m = first_block * step + 1
-        b = m // spatial
-        s = m - b * spatial
+        b = (first_block * step + 1) // spatial
+        s = first_block * step + 1 - b * spatial
         count = 0
         for k in range(first_block, last_block):
             loss_acc = zero
             weight_acc = zero
-            stop = min((k + 1) * step, size - 1)
-            while m <= stop:
+            for m in range(k * step + 1, min((k + 1) * step, size - 1) + 1):
+                if rows:
+                    b = m
                 loss, w, status = _element(x3, t2, ignore_index, weight, decode, b, s)
                 if status > 0:
                     loss_acc += loss
@@ -204,11 +205,11 @@ def block_sums(x3, t2, ignore_index, weight, decode, step, sums):
                     count += 1
                 elif status < 0 and first_bad[task] == size:
                     first_bad[task] = m
-                m += 1
-                s += 1
-                if s == spatial:
-                    s = 0
-                    b += 1
+                if not rows:
+                    s += 1
+                    if s == spatial:
+                        s = 0
+                        b += 1
             sums[k, 0] = loss_acc
             sums[k, 1] = weight_acc
         counts[task] += count
@@ -296,16 +297,26 @@ def count_counted(t2, ignore_index, classes):
     """(number of non-ignored elements, first out-of-range flat index or -1)."""
     batch, spatial = t2.shape
     size = batch * spatial
-    first_bad = np.full(batch, size)
-    count = 0
-    for b in numba.prange(batch):
-        for s in range(spatial):
+    n_blocks = (size + BLOCK - 1) // BLOCK
+    first_bad = np.full(max(n_blocks, 1), size)
+    counts = np.zeros(max(n_blocks, 1), dtype=np.int64)
+    for block in numba.prange(n_blocks):
+        start = block * BLOCK
+        b = start // spatial
+        s = start - b * spatial
+        count = 0
+        for m in range(start, min(start + BLOCK, size)):
             target = np.int64(t2[b, s])
             if target != ignore_index:
-                if target < 0 or target >= classes:
-                    first_bad[b] = min(first_bad[b], b * spatial + s)
+                if (target < 0 or target >= classes) and first_bad[block] == size:
+                    first_bad[block] = m
                 count += 1
-    return count, _first(first_bad, size)
+            s += 1
+            if s == spatial:
+                s = 0
+                b += 1
+        counts[block] = count
+    return counts.sum(), _first(first_bad, size)
 
 
 @_pjit
