@@ -125,28 +125,32 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     _raise_if_bad(first_bad, t, layout, ignore_index)
 
     upstream = np.asarray(grad_output).astype(dtype)
-    if reduction == "none" and not layout.unbatched:
-        # torch: (-w) * g, which is w * (-g) bit for bit.
-        upstream = -np.broadcast_to(upstream, layout.output_shape).reshape(-1)
-    else:
-        upstream = upstream.reshape(())
-        if reduction == "mean":
-            total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
-            upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
-        upstream = (-upstream).reshape(1)
-
     grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=x.dtype)
-    if sixteen_bit:
-        # numba has no 16-bit floats: values in float32, rounded once, written as bits.
-        index = np.where(t2 != ignore_index, t2, 0).reshape(-1)
-        values = np.broadcast_to(upstream, index.shape)
-        if weight.size:
+    bits = (lambda a: a.view(np.uint16)) if sixteen_bit else (lambda a: a)
+    no_values = np.empty(0, dtype=grad.dtype)
+    if reduction == "none" and not layout.unbatched:
+        # torch: (-w) * g per element.
+        upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape)).reshape(-1)
+        negated = -weight if weight.size else np.full(1, -1, dtype=dtype)
+        if sixteen_bit:  # numba has no 16-bit floats: multiply here, round once, write bits
+            values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
-                values = weight[index] * values
-        bits = np.ascontiguousarray(values.astype(x.dtype)).view(np.uint16)
-        kernels.write_gradient(t2, ignore_index, np.empty(0, np.uint16), bits, grad.view(np.uint16))
-    else:
-        kernels.write_gradient(t2, ignore_index, weight, np.ascontiguousarray(upstream), grad)
+                values = (values * upstream).astype(x.dtype)
+            kernels.write_gradient(t2, ignore_index, bits(no_values), bits(values), bits(grad))
+        else:
+            kernels.write_gradient(t2, ignore_index, negated, upstream, grad)
+        return grad.reshape(x.shape)
+
+    # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
+    # step = -(g / total) or -g, computed once per class (bit-identical to per element).
+    upstream = upstream.reshape(())
+    if reduction == "mean":
+        total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
+        upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
+    step = -upstream
+    with np.errstate(invalid="ignore", over="ignore"):
+        class_values = (weight * step if weight.size else np.full(1, step)).astype(x.dtype)
+    kernels.write_gradient(t2, ignore_index, bits(class_values), bits(no_values), bits(grad))
     return grad.reshape(x.shape)
 
 

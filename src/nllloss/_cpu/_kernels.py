@@ -320,33 +320,39 @@ def count_counted(t2, ignore_index, classes):
 
 
 @_pjit
-def write_gradient(t2, ignore_index, weight, upstream, grad3):
+def write_gradient(t2, ignore_index, class_values, upstream, grad3):
     """Write every element of ``grad3`` (B, C, S) once: the gradient, zero off the targets.
 
-    At ``(b, t, s)`` it writes ``weight[t] * g`` (``g`` alone when ``weight`` is empty),
-    where ``g`` is ``upstream[m]``, or ``upstream[0]`` when upstream has one value. Works
-    on the bit patterns of 16-bit floats too (unweighted, per-element upstream): zero is
-    all-zero bits. Targets must have been checked.
+    The value at ``(b, t, s)`` (flat element m) is ``class_values[t] * upstream[m]``; an
+    empty ``upstream`` leaves ``class_values[t]``, an empty ``class_values`` leaves
+    ``upstream[m]``, and a ``class_values`` of one entry serves every class. With one of
+    the two empty no arithmetic is done, so 16-bit floats pass as their bit patterns (zero
+    is all-zero bits). Targets must have been checked.
     """
     batch, classes, spatial = grad3.shape
     zero = grad3.dtype.type(0)
-    weighted = weight.shape[0] > 0
-    shared = upstream.shape[0] == 1
     for b in numba.prange(batch):
-        if spatial == 1:  # (N, C): one row per element
+        if spatial == 1:  # (N, C): clear the row, then write its one value (same cache line)
             for c in range(classes):
                 grad3[b, c, 0] = zero
             target = np.int64(t2[b, 0])
             if target != ignore_index:
-                g = upstream[0] if shared else upstream[b]
-                grad3[b, target, 0] = weight[target] * g if weighted else g
+                grad3[b, target, 0] = _gradient_value(class_values, upstream, target, b)
             continue
-        base = b * spatial
-        for c in range(classes):
+        for c in range(classes):  # (N, C, S): each element written once, planes in order
             for s in range(spatial):
-                value = zero
                 target = np.int64(t2[b, s])
+                value = zero
                 if target == c and target != ignore_index:
-                    g = upstream[0] if shared else upstream[base + s]
-                    value = weight[c] * g if weighted else g
+                    value = _gradient_value(class_values, upstream, target, b * spatial + s)
                 grad3[b, c, s] = value
+
+
+@_jit
+def _gradient_value(class_values, upstream, target, m):
+    if class_values.shape[0] == 0:
+        return upstream[m]
+    value = class_values[target if class_values.shape[0] > 1 else 0]
+    if upstream.shape[0] > 0:
+        value = value * upstream[m]
+    return value
