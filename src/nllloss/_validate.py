@@ -16,8 +16,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -102,8 +101,7 @@ def is_float_dtype(dtype: Any) -> bool:
     return dtype_name(dtype) in _FLOAT_DTYPE_NAMES
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """Where the classes and the target elements are in the input.
 
     The input is viewed as ``(batch, classes, spatial)``: an unbatched ``(C,)`` input is

@@ -72,7 +72,7 @@ def _raise_if_bad(first_bad: int, t, layout: Layout, ignore_index: int) -> None:
 
 def _weight(w, x_dtype, dtype):
     if w is None:
-        return np.empty(0, dtype=dtype)
+        return _no_weight(dtype)
     return np.ascontiguousarray(np.asarray(w).astype(x_dtype).astype(dtype))
 
 
@@ -80,6 +80,14 @@ def _weight(w, x_dtype, dtype):
 # (gather and cascade fused); beyond, the blocks of the cascade are summed in parallel.
 # Measured on 2 cores: the fused pass wins below about 2**15 elements.
 FUSED_REDUCE_MAX = 1 << 15
+
+
+@functools.cache
+def _no_weight(dtype):
+    """An empty, read-only weight: 'unweighted' for the kernels, and the accumulation dtype."""
+    empty = np.empty(0, dtype=dtype)
+    empty.flags.writeable = False
+    return empty
 
 
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
