@@ -90,6 +90,16 @@ def _no_weight(dtype):
     return empty
 
 
+# Below this many elements written or gathered, kernels run serially: a parallel region
+# costs ~10 us to start here (more when idle workers sleep), as much as ~10**5 elements.
+PARALLEL_MIN = 1 << 16
+
+
+def _sized(kernel, work: int):
+    """The parallel kernel for large work, its serial twin for small."""
+    return kernel if work >= PARALLEL_MIN else kernel.serial
+
+
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """See ``_generic.forward``."""
     kernels = load().kernels
@@ -98,7 +108,9 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     size = layout.size
     if reduction == "none" and not layout.unbatched:
         losses = np.empty(size, dtype=dtype)
-        first_bad = kernels.elementwise_losses(x3, t2, ignore_index, weight, table, losses)
+        first_bad = _sized(kernels.elementwise_losses, size)(
+            x3, t2, ignore_index, weight, table, losses
+        )
         _raise_if_bad(first_bad, t, layout, ignore_index)
         return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
     if size == 0:
@@ -129,7 +141,7 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     dtype = np.dtype(np.float32) if sixteen_bit else x.dtype
     t2 = t.reshape(layout.batch, layout.spatial)
     weight = _weight(w, x.dtype, dtype)
-    count, first_bad = kernels.count_counted(t2, ignore_index, layout.classes)
+    count, first_bad = _sized(kernels.count_counted, layout.size)(t2, ignore_index, layout.classes)
     _raise_if_bad(first_bad, t, layout, ignore_index)
 
     upstream = np.asarray(grad_output).astype(dtype)
@@ -144,9 +156,11 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
             values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
                 values = (values * upstream).astype(x.dtype)
-            kernels.write_gradient(t2, ignore_index, bits(no_values), bits(values), bits(grad))
+            _sized(kernels.write_gradient, grad.size)(
+                t2, ignore_index, bits(no_values), bits(values), bits(grad)
+            )
         else:
-            kernels.write_gradient(t2, ignore_index, negated, upstream, grad)
+            _sized(kernels.write_gradient, grad.size)(t2, ignore_index, negated, upstream, grad)
         return grad.reshape(x.shape)
 
     # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
@@ -158,7 +172,9 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
         class_values = (weight * step if weight.size else np.full(1, step)).astype(x.dtype)
-    kernels.write_gradient(t2, ignore_index, bits(class_values), bits(no_values), bits(grad))
+    _sized(kernels.write_gradient, grad.size)(
+        t2, ignore_index, bits(class_values), bits(no_values), bits(grad)
+    )
     return grad.reshape(x.shape)
 
 

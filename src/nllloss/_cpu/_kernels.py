@@ -12,6 +12,8 @@ float32/float64 inputs pass an empty table and are used as they are.
 
 from __future__ import annotations
 
+import types as types_module
+
 import numba
 import numpy as np
 from numba.core import types
@@ -27,6 +29,27 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 _pjit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 
 
+def _parallel_and_serial(function):
+    """The kernel with prange over threads, and its serial twin (same source) as ``.serial``.
+
+    Starting a parallel region costs microseconds with busy-waiting workers and far more
+    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``).
+    """
+    parallel = _pjit(function)
+    # numba's disk cache tells kernels apart by qualified name and line, not by `parallel`:
+    # the twin gets its own name, or one could load the other's machine code.
+    twin = types_module.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__ + "_serial",
+        function.__defaults__,
+        function.__closure__,
+    )
+    twin.__qualname__ = function.__qualname__ + "_serial"
+    parallel.serial = _jit(twin)
+    return parallel
+
+
 def _decode(element, table):
     """The float value of an input element: itself, or the table entry for its 16-bit pattern."""
 
@@ -39,7 +62,7 @@ def _decode_by_type(element, table):
     return lambda element, table: element
 
 
-@_pjit
+@_parallel_and_serial
 def elementwise_losses(x3, t2, ignore_index, weight, decode, losses):
     """Per element: ``-(x[t] * w[t])`` (``-x[t]`` unweighted), +0.0 where ignored.
 
@@ -292,7 +315,7 @@ def cascade_sum(values, valid):
     return total
 
 
-@_pjit
+@_parallel_and_serial
 def count_counted(t2, ignore_index, classes):
     """(number of non-ignored elements, first out-of-range flat index or -1)."""
     batch, spatial = t2.shape
@@ -319,7 +342,7 @@ def count_counted(t2, ignore_index, classes):
     return counts.sum(), _first(first_bad, size)
 
 
-@_pjit
+@_parallel_and_serial
 def write_gradient(t2, ignore_index, class_values, upstream, grad3):
     """Write every element of ``grad3`` (B, C, S) once: the gradient, zero off the targets.
 
