@@ -2,8 +2,10 @@
 
 Arrays arrive as ``x3 = (B, C, S)`` views (``(N, C)`` is ``(N, C, 1)``) and targets as
 ``(B, S)``; flat element ``m = b * S + s`` is torch's summation order. Elementwise work
-runs in parallel over blocks of elements; the reductions run torch's cascade loop
-sequentially, so results do not depend on the thread count.
+runs in parallel over blocks of elements. Reductions keep torch's cascade exactly: small
+ones in one sequential pass (``fused_reduce``), large ones as parallel sums of the
+cascade's 16-element blocks followed by a sequential cascade over those sums
+(``block_sums``, ``cascade_over_blocks``). Results never depend on the thread count.
 
 16-bit inputs are passed as their uint16 bit patterns together with a 65,536-entry
 float32 table that decodes them exactly (numba has no float16 or bfloat16 on the CPU);
@@ -106,6 +108,26 @@ def _first(first_bad, size):
 
 
 @_jit
+def _flush(levels, m, mask, power):
+    """torch's flush after adding element m: level j goes into j + 1 while m's j-th group
+    of ``power`` bits is zero."""
+    for j in range(LEVELS - 1):
+        if (m & (mask << (j * power))) != 0:
+            return
+        levels[j + 1] += levels[j]
+        levels[j] = 0
+
+
+@_jit
+def _total(levels):
+    """The levels added in order, starting from +0.0 (torch's std::accumulate)."""
+    total = levels.dtype.type(0)
+    for j in range(LEVELS):
+        total += levels[j]
+    return total
+
+
+@_jit
 def _level_mask(size):
     """torch's ``(1 << power) - 1`` with ``power = max(4, CeilLog2(size) / 8)``; and power."""
     ceil_log2 = 0
@@ -146,19 +168,11 @@ def fused_reduce(x3, t2, ignore_index, weight, decode, mean):
                     weights[0] += w
                 else:
                     losses[0] += -value
-                for j in range(LEVELS - 1):
-                    if (m & (mask << (j * power))) != 0:
-                        break
-                    losses[j + 1] += losses[j]
-                    losses[j] = dtype_zero
-                    weights[j + 1] += weights[j]
-                    weights[j] = dtype_zero
+                _flush(losses, m, mask, power)
+                _flush(weights, m, mask, power)
             m += 1
-    loss_sum = dtype_zero
-    weight_sum = dtype_zero
-    for j in range(LEVELS):
-        loss_sum += losses[j]
-        weight_sum += weights[j]
+    loss_sum = _total(losses)
+    weight_sum = _total(weights)
     if not mean:
         return loss_sum, -1
     total = weight_sum if weighted else weight.dtype.type(count)
@@ -250,7 +264,6 @@ def cascade_over_blocks(x3, t2, ignore_index, weight, decode, step, sums):
     batch, spatial = t2.shape
     size = batch * spatial
     mask, power = _level_mask(size)
-    zero = sums.dtype.type(0)
     losses = np.zeros(LEVELS, dtype=sums.dtype)
     weights = np.zeros(LEVELS, dtype=sums.dtype)
     fresh = True  # level 0 was just reset (or never written)
@@ -277,20 +290,10 @@ def cascade_over_blocks(x3, t2, ignore_index, weight, decode, step, sums):
         fresh = False
         b = last // spatial
         if (last & mask) == 0 and np.int64(t2[b, last - b * spatial]) != ignore_index:
-            for j in range(LEVELS - 1):  # the flush after element `last`
-                if (last & (mask << (j * power))) != 0:
-                    break
-                losses[j + 1] += losses[j]
-                losses[j] = zero
-                weights[j + 1] += weights[j]
-                weights[j] = zero
+            _flush(losses, last, mask, power)
+            _flush(weights, last, mask, power)
             fresh = True
-    loss_sum = zero
-    weight_sum = zero
-    for j in range(LEVELS):
-        loss_sum += losses[j]
-        weight_sum += weights[j]
-    return loss_sum, weight_sum
+    return _total(losses), _total(weights)
 
 
 @_jit
@@ -298,21 +301,13 @@ def cascade_sum(values, valid):
     """torch's eight-level cascade sum over the valid elements, in ``values.dtype``."""
     size = values.shape[0]
     mask, power = _level_mask(size)
-    zero = values.dtype.type(0)
     levels = np.zeros(LEVELS, dtype=values.dtype)
     for m in range(size):
         if valid[m] == 0:
             continue
         levels[0] += values[m]
-        for j in range(LEVELS - 1):
-            if (m & (mask << (j * power))) != 0:
-                break
-            levels[j + 1] += levels[j]
-            levels[j] = zero
-    total = zero
-    for j in range(LEVELS):
-        total += levels[j]
-    return total
+        _flush(levels, m, mask, power)
+    return _total(levels)
 
 
 @_parallel_and_serial
