@@ -249,3 +249,28 @@ def test_set_num_threads_rejects_bad_counts():
         nllloss.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be an int"):
         nllloss.set_num_threads(1.5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_non_native_byte_order_gives_the_native_result(reduction):
+    big_x, big_t, big_w = X.astype(">f4"), T.astype(">i8"), W.astype(">f8")
+    loss = nll_loss(big_x, big_t, weight=big_w, reduction=reduction)
+    assert loss.dtype == big_x.dtype
+    assert_bitwise(loss.astype(np.float32), nll_loss(X, T, weight=W, reduction=reduction))
+    go = np.ones(loss.shape, np.float32)
+    grad = nll_loss_backward(go, big_x, big_t, weight=big_w, reduction=reduction)
+    assert grad.dtype == big_x.dtype
+    assert_bitwise(
+        grad.astype(np.float32), nll_loss_backward(go, X, T, weight=W, reduction=reduction)
+    )
+
+
+def test_huge_uint64_targets_never_match_a_negative_ignore_index():
+    """2**64 - 1 is not -1: it is out of bounds, whatever an int64 cast would make of it."""
+    t = np.array([1, 2**64 - 1, 0], np.uint64)
+    for call in (
+        lambda: nll_loss(X[[0, 1, 0]], t, ignore_index=-1),
+        lambda: nll_loss_backward(1.0, X[[0, 1, 0]], t, ignore_index=-1),
+    ):
+        with pytest.raises(IndexError, match=f"Target {2**64 - 1} is out of bounds.*target\\[1\\]"):
+            call()

@@ -46,17 +46,35 @@ def _decode_table(dtype_name: str) -> np.ndarray:
     return np.empty(0, dtype=np.float32)
 
 
-def _views(x, t, layout: Layout):
+def _views(x, t, layout: Layout, ignore_index: int):
     """x as (B, C, S) (16-bit as uint16 bits), t as (B, S), the compute dtype and decode table."""
     name = _validate.dtype_name(x.dtype)
-    x3 = x.reshape(layout.batch, layout.classes, layout.spatial)
+    x3 = _native(x).reshape(layout.batch, layout.classes, layout.spatial)
     table = _decode_table(name)
     if table.size:
         x3 = x3.view(np.uint16)
         dtype = np.dtype(np.float32)
     else:
-        dtype = x.dtype
-    return x3, t.reshape(layout.batch, layout.spatial), dtype, table
+        dtype = x3.dtype
+    return x3, _kernel_target(t, layout, ignore_index), dtype, table
+
+
+def _native(a):
+    """``a`` in native byte order (numba reads no other)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def _kernel_target(t, layout: Layout, ignore_index: int):
+    """The target as (B, S) for the kernels, which read it as int64.
+
+    uint64 values above the int64 range are no class index and never ``ignore_index``; they
+    become an int64 value that is neither, so the kernels report them where they are.
+    """
+    t2 = _native(t).reshape(layout.batch, layout.spatial)
+    if t2.dtype == np.uint64 and t2.size and t2.max() > np.iinfo(np.int64).max:
+        out_of_range = np.iinfo(np.int64).min + (ignore_index == np.iinfo(np.int64).min)
+        t2 = np.where(t2 > np.iinfo(np.int64).max, out_of_range, t2.astype(np.int64))
+    return t2
 
 
 def _raise_if_bad(first_bad: int, t, layout: Layout, ignore_index: int) -> None:
@@ -103,7 +121,7 @@ def _sized(kernel, work: int):
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """See ``_generic.forward``."""
     kernels = load().kernels
-    x3, t2, dtype, table = _views(x, t, layout)
+    x3, t2, dtype, table = _views(x, t, layout, ignore_index)
     weight = _weight(w, x.dtype, dtype)
     size = layout.size
     if reduction == "none" and not layout.unbatched:
@@ -138,14 +156,15 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     """See ``_generic.backward``."""
     kernels = load().kernels
     sixteen_bit = x.dtype.itemsize == 2
-    dtype = np.dtype(np.float32) if sixteen_bit else x.dtype
-    t2 = t.reshape(layout.batch, layout.spatial)
+    native = x.dtype.newbyteorder("=")
+    dtype = np.dtype(np.float32) if sixteen_bit else native
+    t2 = _kernel_target(t, layout, ignore_index)
     weight = _weight(w, x.dtype, dtype)
     count, first_bad = _sized(kernels.count_counted, layout.size)(t2, ignore_index, layout.classes)
     _raise_if_bad(first_bad, t, layout, ignore_index)
 
     upstream = np.asarray(grad_output).astype(dtype)
-    grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=x.dtype)
+    grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=native)
     bits = (lambda a: a.view(np.uint16)) if sixteen_bit else (lambda a: a)
     no_values = np.empty(0, dtype=grad.dtype)
     if reduction == "none" and not layout.unbatched:
@@ -155,13 +174,13 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         if sixteen_bit:  # numba has no 16-bit floats: multiply here, round once, write bits
             values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
-                values = (values * upstream).astype(x.dtype)
+                values = (values * upstream).astype(native)
             _sized(kernels.write_gradient, grad.size)(
                 t2, ignore_index, bits(no_values), bits(values), bits(grad)
             )
         else:
             _sized(kernels.write_gradient, grad.size)(t2, ignore_index, negated, upstream, grad)
-        return grad.reshape(x.shape)
+        return _as_input_dtype(grad.reshape(x.shape), x.dtype)
 
     # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
     # step = -(g / total) or -g, computed once per class (bit-identical to per element).
@@ -171,11 +190,16 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
-        class_values = (weight * step if weight.size else np.full(1, step)).astype(x.dtype)
+        class_values = (weight * step if weight.size else np.full(1, step)).astype(native)
     _sized(kernels.write_gradient, grad.size)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad)
     )
-    return grad.reshape(x.shape)
+    return _as_input_dtype(grad.reshape(x.shape), x.dtype)
+
+
+def _as_input_dtype(grad, dtype):
+    """The gradient in the input's dtype: a copy only for non-native byte order."""
+    return grad if grad.dtype == dtype else grad.astype(dtype)
 
 
 def _weight_total(kernels, t2, ignore_index, weight):
