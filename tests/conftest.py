@@ -76,10 +76,10 @@ def numpy_engine(request, monkeypatch):
     else:
         original = _dispatch._engine_for_type
 
-        def generic_for_numpy(array_type):
+        def generic_for_numpy(array_type, array):
             if issubclass(array_type, np.ndarray):
                 return _dispatch.GENERIC_NUMPY
-            return original(array_type)
+            return original(array_type, array)
 
         monkeypatch.setattr(_dispatch, "_engine_for_type", generic_for_numpy)
     return request.param

@@ -204,9 +204,11 @@ def test_backward_reads_only_the_shape_of_the_input():
     )
 
 
-def test_other_libraries_arrays_are_refused_clearly():
-    with pytest.raises(TypeError, match=r"torch\.Tensor arrays are not supported"):
-        nll_loss(torch.zeros(2, 3), torch.tensor([0, 1]))
+def test_arrays_of_two_libraries_are_refused_clearly():
+    with pytest.raises(TypeError, match=r"target is a torch\.Tensor but input is a numpy\.ndarray"):
+        nll_loss(X, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match=r"weight is a numpy\.ndarray|weight is a torch"):
+        nll_loss(X, T, weight=torch.ones(3))
 
 
 THREADS_SCRIPT = """

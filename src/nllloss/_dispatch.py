@@ -11,7 +11,6 @@ element (NumPy scatters in place into a zero-filled array).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,23 +49,56 @@ def _numpy_scatter(shape, dtype, index, values):
 
 GENERIC_NUMPY = Engine(numpy_namespace, _cascade_sums, _numpy_scatter)
 
+_ENGINES: dict[type, Engine] = {}
 
-@functools.lru_cache(maxsize=64)
-def _engine_for_type(array_type: type) -> Engine:
+
+def _engine_for_type(array_type: type, array: Any) -> Engine:
+    """The engine of an array type, built from its first array and kept."""
+    engine = _ENGINES.get(array_type)
+    if engine is None:
+        engine = _ENGINES[array_type] = _new_engine(array_type, array)
+    return engine
+
+
+def _new_engine(array_type: type, array: Any) -> Engine:
     if issubclass(array_type, np.ndarray):
         compiled = _cpu.load()
         if compiled is None:
             return GENERIC_NUMPY
         return dataclasses.replace(GENERIC_NUMPY, implementation=compiled)
-    raise TypeError(
-        f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported; "
-        "pass NumPy arrays (or anything numpy.asarray accepts)"
-    )
+    try:
+        xp = array_api_compat.array_namespace(array)
+    except TypeError:
+        raise TypeError(
+            f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported: "
+            "pass NumPy arrays or arrays of a library that follows the array API standard "
+            "(torch, JAX, CuPy, array-api-strict, ...)"
+        ) from None
+    return Engine(xp, _summing(xp), _one_hot_scatter(xp))
+
+
+def _summing(xp):
+    def sums(valid, *values):
+        return tuple(xp.sum(v) for v in values)
+
+    return sums
+
+
+def _one_hot_scatter(xp):
+    """Scatter without in-place writes (lazy and traced arrays have none): compare and select."""
+
+    def scatter(shape, dtype, index, values):
+        classes = xp.arange(shape[1], device=array_api_compat.device(index))
+        classes = xp.reshape(classes, (1, shape[1]) + (1,) * (len(shape) - 2))
+        zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(index))
+        return xp.where(index == classes, values, zero)
+
+    return scatter
 
 
 def engine_for(array: Any) -> Engine:
     """The engine for ``array``'s type."""
-    return _engine_for_type(type(array))
+    return _engine_for_type(type(array), array)
 
 
 def as_array(obj: Any) -> Any:
@@ -76,3 +108,45 @@ def as_array(obj: Any) -> Any:
     if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic):
         return obj  # another library's array: its engine decides (or refuses it)
     return np.asarray(obj)
+
+
+def like_input(engine: Engine, obj: Any, input: Any, name: str, sequence_dtype: Any = None):
+    """``obj`` as an array of the input's library and device.
+
+    Python scalars and sequences, and NumPy arrays, are converted (sequences in
+    ``sequence_dtype`` when given); an array of another library is refused.
+    """
+    if isinstance(input, np.ndarray):
+        if sequence_dtype is not None and not hasattr(obj, "dtype"):
+            return np.asarray(obj, dtype=sequence_dtype)
+        obj = as_array(obj)
+        if not isinstance(obj, np.ndarray):
+            raise _mixed_error(name, obj, input)
+        return obj
+    xp = engine.xp
+    if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, (np.ndarray, np.generic)):
+        try:
+            array_api_compat.array_namespace(obj, input)  # one library (jax: tracers too)
+        except TypeError:
+            raise _mixed_error(name, obj, input) from None
+        lazy = array_api_compat.is_lazy_array(obj) or array_api_compat.is_lazy_array(input)
+        if not lazy and array_api_compat.device(obj) != array_api_compat.device(input):
+            raise ValueError(
+                f"{name} is on device {array_api_compat.device(obj)} but input is on "
+                f"{array_api_compat.device(input)}: move them to the same device"
+            )
+        return obj
+    kwargs = {"device": array_api_compat.device(input)}
+    if sequence_dtype is not None and not hasattr(obj, "dtype"):
+        kwargs["dtype"] = sequence_dtype
+    return xp.asarray(np.asarray(obj) if "dtype" not in kwargs else obj, **kwargs)
+
+
+def _mixed_error(name: str, obj: Any, input: Any) -> TypeError:
+    def kind(a):
+        return f"{type(a).__module__}.{type(a).__qualname__}"
+
+    return TypeError(
+        f"{name} is a {kind(obj)} but input is a {kind(input)}: pass arrays of one library "
+        "(NumPy arrays and Python sequences are converted to the input's library)"
+    )

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from . import _validate
@@ -36,6 +37,16 @@ class _Targets:
     valid: Any  # (M,) bool, row-major over the target
     weight: Any  # (M,) w[t] in the compute dtype, 0 where ignored; None when unweighted
     dtype: Any  # compute dtype: float32 for 16-bit inputs, else the input's
+    device: Any
+    bad: Any  # (M,) bool where a target is out of range (traced or lazy arrays only), or None
+
+
+def _index_dtype(xp):
+    """The namespace's indexing dtype: int64 usually, int32 for JAX without x64."""
+    try:
+        return xp.__array_namespace_info__().default_dtypes()["indexing"]
+    except AttributeError:  # namespaces older than the 2023.12 standard
+        return xp.int64
 
 
 def _compute_dtype(xp, dtype):
@@ -47,38 +58,61 @@ def _batched(xp, x, layout: Layout):
     return xp.reshape(x, (1, layout.classes)) if layout.unbatched else x
 
 
-def _select(engine, x_dtype, t, w, ignore_index: int, layout: Layout) -> _Targets:
+def _compare(xp, target, op: str, value: int):
+    """``target <op> value`` for a Python int that the target's dtype may not hold."""
+    info = xp.iinfo(target.dtype)
+    if value < info.min or value > info.max:
+        # every element compares the same way: below the range all are greater, above all less
+        result = {"==": False, "!=": True, "<": value > info.max, ">=": value < info.min}[op]
+        return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
+    return {
+        "==": target == value,
+        "!=": target != value,
+        "<": target < value,
+        ">=": target >= value,
+    }[op]
+
+
+def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
     """Check the target values; the class index and weight of each target element."""
     xp = engine.xp
+    device = array_api_compat.device(x)
     target = xp.reshape(t, (1,) if layout.unbatched else layout.output_shape)
-    valid = target != ignore_index
-    _check_target_range(xp, target, valid, layout, ignore_index)
-    index = xp.expand_dims(xp.where(valid, xp.astype(target, xp.int64), 0), axis=1)
+    valid = _compare(xp, target, "!=", ignore_index)
+    bad = valid & (_compare(xp, target, "<", 0) | _compare(xp, target, ">=", layout.classes))
+    if array_api_compat.is_lazy_array(target):
+        # No value is known yet (jax.jit, dask): a bad target cannot raise; its loss is NaN.
+        bad = xp.reshape(bad, (-1,))
+        valid = valid & ~xp.reshape(bad, target.shape)
+    else:
+        _raise_first_bad(xp, target, bad, layout, ignore_index)
+        bad = None
+    index = xp.expand_dims(xp.where(valid, xp.astype(target, _index_dtype(xp)), 0), axis=1)
     valid = xp.reshape(valid, (-1,))
-    dtype = _compute_dtype(xp, x_dtype)
+    dtype = _compute_dtype(xp, x.dtype)
     weight = None
     if w is not None:
-        w = xp.astype(xp.astype(w, x_dtype), dtype)  # torch computes in the input's dtype
+        w = xp.astype(xp.astype(w, x.dtype), dtype)  # torch computes in the input's dtype
         if layout.classes == 0:
-            weight = xp.zeros((layout.size,), dtype=dtype)  # every element is ignored
+            weight = xp.zeros((layout.size,), dtype=dtype, device=device)  # all ignored
         else:
             weight = xp.take(w, xp.reshape(index, (-1,)), axis=0)
-            weight = xp.where(valid, weight, xp.zeros((), dtype=dtype))
-    return _Targets(index, valid, weight, dtype)
+            weight = xp.where(valid, weight, xp.zeros((), dtype=dtype, device=device))
+    return _Targets(index, valid, weight, dtype, device, bad)
 
 
 def _pick(engine, x, targets: _Targets, layout: Layout):
     """x[t] per target element, flat, in the compute dtype; 0 where ignored."""
     xp = engine.xp
+    zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
-        return xp.zeros((layout.size,), dtype=targets.dtype)
+        return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device)
     picked = xp.take_along_axis(_batched(xp, x, layout), targets.index, axis=1)
     picked = xp.astype(xp.reshape(picked, (-1,)), targets.dtype)
-    return xp.where(targets.valid, picked, xp.zeros((), dtype=targets.dtype))
+    return xp.where(targets.valid, picked, zero)
 
 
-def _check_target_range(xp, target, valid, layout: Layout, ignore_index: int) -> None:
-    bad = valid & ((target < 0) | (target >= layout.classes))
+def _raise_first_bad(xp, target, bad, layout: Layout, ignore_index: int) -> None:
     if bool(xp.any(bad)):
         flat = int(xp.argmax(xp.astype(xp.reshape(bad, (-1,)), xp.int8)))
         position = np.unravel_index(flat, layout.output_shape) if layout.output_shape else ()
@@ -92,7 +126,7 @@ def _total_weight(engine, g: _Targets):
     """The 'mean' denominator: the sum of w[t], or the count, over non-ignored elements."""
     xp = engine.xp
     if g.weight is None:
-        return xp.asarray(int(xp.sum(xp.astype(g.valid, xp.int64))), dtype=g.dtype)
+        return xp.astype(xp.sum(xp.astype(g.valid, _index_dtype(xp))), g.dtype)
     return engine.sums(g.valid, g.weight)[0]
 
 
@@ -105,16 +139,18 @@ _IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
     xp = engine.xp
-    g = _select(engine, x.dtype, t, w, ignore_index, layout)
+    g = _select(engine, x, t, w, ignore_index, layout)
     picked = _pick(engine, x, g, layout)
     losses = -picked if g.weight is None else -(picked * g.weight)
-    losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype))  # ignored: +0.0
+    losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
+    if g.bad is not None:  # traced or lazy: an out-of-range target makes its loss NaN
+        losses = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), losses)
 
     if reduction == "none" and not layout.unbatched:
         return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
     if layout.size == 0:
         value = float("nan") if reduction == "mean" else 0.0
-        return xp.asarray(value, dtype=x.dtype)
+        return xp.asarray(value, dtype=x.dtype, device=g.device)
     # An unbatched input is reduced even for 'none' (as torch): its single element is summed.
     if reduction == "mean" and g.weight is not None:
         loss_sum, total = engine.sums(g.valid, losses, g.weight)  # one pass, one order
@@ -130,9 +166,9 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
 def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``."""
     xp = engine.xp
-    g = _select(engine, x.dtype, t, w, ignore_index, layout)
+    g = _select(engine, x, t, w, ignore_index, layout)
     upstream = xp.astype(grad_output, g.dtype)
-    zero = xp.zeros((), dtype=g.dtype)
+    zero = xp.zeros((), dtype=g.dtype, device=g.device)
 
     if reduction == "none" and not layout.unbatched:
         upstream = xp.reshape(xp.broadcast_to(upstream, layout.output_shape), (-1,))
@@ -147,6 +183,8 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         values = step if g.weight is None else g.weight * step
         values = xp.broadcast_to(values, (layout.size,))
     values = xp.where(g.valid, values, zero)
+    if g.bad is not None:  # traced or lazy: NaN gradient where a target is out of range
+        values = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), values)
 
     batched_shape = tuple(_batched(xp, x, layout).shape)
     index_shape = (batched_shape[0], 1, *batched_shape[2:])

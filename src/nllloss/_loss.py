@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _validate
-from ._dispatch import as_array, engine_for
+from ._dispatch import as_array, engine_for, like_input
 
 # Deprecation warnings point at the line that called the public function: one frame up.
 _CALLER = 2
@@ -13,17 +13,13 @@ _CALLER = 2
 
 def _prepare(input, target, weight, ignore_index):
     input = as_array(input)
-    target = as_array(target)
     engine = engine_for(input)
+    target = like_input(engine, target, input, "target")
     _validate.check_input(input)
     layout = _validate.check_target(target, input.shape)
     if weight is not None:
         # A sequence has no dtype of its own: read it in the input's.
-        weight = (
-            as_array(weight)
-            if hasattr(weight, "dtype")
-            else engine.xp.asarray(weight, dtype=input.dtype)
-        )
+        weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
         _validate.check_weight(weight, layout.classes)
     return engine, input, target, weight, _validate.check_ignore_index(ignore_index), layout
 
@@ -167,7 +163,7 @@ def nll_loss_backward(
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
-    grad_output = as_array(grad_output)
+    grad_output = like_input(engine, grad_output, input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
     _validate.check_grad_output_shape(grad_output.shape, loss_shape)

@@ -93,7 +93,10 @@ def dtype_name(dtype: Any) -> str:
 
     Cached: NumPy computes ``dtype.name`` in Python, slowly enough to show in small calls.
     """
-    return getattr(dtype, "name", str(dtype)).rsplit(".", 1)[-1]
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):  # a scalar type such as np.float32, or torch.float32
+        name = getattr(dtype, "__name__", None) or str(dtype)
+    return name.rsplit(".", 1)[-1]
 
 
 def is_float_dtype(dtype: Any) -> bool:
@@ -183,12 +186,14 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
     return Layout(input_shape, expected, batch, classes, spatial)
 
 
-@functools.lru_cache(maxsize=256)
+_INTEGER_DTYPE_NAMES = frozenset(
+    f"{kind}int{bits}" for kind in ("", "u") for bits in (8, 16, 32, 64)
+)
+
+
 def _is_integer_dtype(dtype: Any) -> bool:
-    try:
-        return np.issubdtype(np.dtype(dtype), np.integer)
-    except TypeError:
-        return False
+    """Signed or unsigned integer, from NumPy, torch, JAX, ... (bool is not)."""
+    return dtype_name(dtype) in _INTEGER_DTYPE_NAMES
 
 
 def check_weight(weight: Any, classes: int) -> None:
