@@ -20,6 +20,8 @@ def test_readme_python_example_runs():
     # The example's weighted mean: one non-ignored row, so the loss is -log(0.7).
     np.testing.assert_allclose(namespace["loss"], -np.log(np.float32(0.7)), rtol=1e-6)
     assert namespace["grad"].shape == (2, 3)
+    for block in blocks[1:]:  # the other libraries' examples run as written
+        exec(block, {})
 
 
 def test_worked_example_runs_and_matches_its_documented_values():

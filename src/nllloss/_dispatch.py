@@ -129,8 +129,9 @@ def like_input(engine: Engine, obj: Any, input: Any, name: str, sequence_dtype: 
             array_api_compat.array_namespace(obj, input)  # one library (jax: tracers too)
         except TypeError:
             raise _mixed_error(name, obj, input) from None
-        lazy = array_api_compat.is_lazy_array(obj) or array_api_compat.is_lazy_array(input)
-        if not lazy and array_api_compat.device(obj) != array_api_compat.device(input):
+        if not (_generic.traced(obj) or _generic.traced(input)) and (
+            array_api_compat.device(obj) != array_api_compat.device(input)
+        ):
             raise ValueError(
                 f"{name} is on device {array_api_compat.device(obj)} but input is on "
                 f"{array_api_compat.device(input)}: move them to the same device"

@@ -73,6 +73,15 @@ def _compare(xp, target, op: str, value: int):
     }[op]
 
 
+def traced(array: Any) -> bool:
+    """Values unknown until later: JAX inside jit/grad/vmap, Dask before compute."""
+    if array_api_compat.is_jax_array(array):
+        import jax  # already imported: the caller handed us a JAX array
+
+        return isinstance(array, jax.core.Tracer)
+    return array_api_compat.is_dask_array(array)
+
+
 def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
     """Check the target values; the class index and weight of each target element."""
     xp = engine.xp
@@ -80,7 +89,7 @@ def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
     target = xp.reshape(t, (1,) if layout.unbatched else layout.output_shape)
     valid = _compare(xp, target, "!=", ignore_index)
     bad = valid & (_compare(xp, target, "<", 0) | _compare(xp, target, ">=", layout.classes))
-    if array_api_compat.is_lazy_array(target):
+    if traced(target):
         # No value is known yet (jax.jit, dask): a bad target cannot raise; its loss is NaN.
         bad = xp.reshape(bad, (-1,))
         valid = valid & ~xp.reshape(bad, target.shape)
@@ -143,8 +152,15 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     picked = _pick(engine, x, g, layout)
     losses = -picked if g.weight is None else -(picked * g.weight)
     losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
-    if g.bad is not None:  # traced or lazy: an out-of-range target makes its loss NaN
-        losses = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), losses)
+    if g.bad is not None and layout.classes and layout.size:
+        # Traced or lazy: an out-of-range target makes its loss NaN, and (through x[n, 0],
+        # where its gather index points) its row's gradient NaN too.
+        # The factor is NaN on bad rows only: a NaN multiplier everywhere would leak NaN
+        # into every row's gradient through where's unselected branch (0 * NaN).
+        zero = xp.zeros((), dtype=g.dtype, device=g.device)
+        factor = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), zero)
+        unmasked = xp.take_along_axis(_batched(xp, x, layout), g.index, axis=1)
+        losses = xp.where(g.bad, xp.astype(xp.reshape(unmasked, (-1,)), g.dtype) * factor, losses)
 
     if reduction == "none" and not layout.unbatched:
         return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
@@ -159,7 +175,9 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         total = _total_weight(engine, g) if reduction == "mean" else None
     if total is not None:
         loss_sum = loss_sum / total
-    return xp.astype(xp.asarray(loss_sum, dtype=g.dtype), x.dtype)
+    if isinstance(loss_sum, np.generic):  # NumPy arithmetic on 0-d arrays gives scalars
+        loss_sum = np.asarray(loss_sum)
+    return xp.astype(loss_sum, x.dtype)
 
 
 @_IEEE_RESULTS

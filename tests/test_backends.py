@@ -1,0 +1,247 @@
+"""nllloss on other array libraries: results and gradients in the caller's own framework.
+
+The backends under test come from ``NLLLOSS_TEST_BACKENDS`` (default: torch, jax and
+array_api_strict, all in the test extra); a requested backend that does not import fails the
+run instead of being skipped. Every backend is compared with torch 2.13 (the oracle): the
+element-wise results and the 'none'/'sum' gradients bit for bit, the sums to rounding (the
+generic path sums with the library's own ``sum``, not torch's cascade).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_bitwise
+from test_differential import make_problem
+
+import nllloss
+
+REQUESTED = os.environ.get("NLLLOSS_TEST_BACKENDS", "torch,jax,array_api_strict").split(",")
+
+
+def _load(name: str):
+    module = importlib.import_module(name)  # ImportError fails the run: requested means tested
+    if name == "jax":
+        module.config.update("jax_enable_x64", True)
+        importlib.import_module("jax.numpy")
+    return module
+
+
+BACKENDS = {name: _load(name) for name in REQUESTED if name}
+
+
+def to_backend(name: str, array):
+    if array is None:
+        return None
+    if name == "torch":
+        return torch.from_numpy(np.array(array, copy=True))
+    if name == "jax":
+        return BACKENDS["jax"].numpy.asarray(array)
+    return BACKENDS[name].asarray(np.asarray(array))
+
+
+def to_numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach()
+        return (array.float() if array.dtype == torch.bfloat16 else array).numpy()
+    return np.asarray(array)
+
+
+def array_type(name: str) -> type:
+    return type(to_backend(name, np.zeros(1)))
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request) -> str:
+    return request.param
+
+
+def torch_reference(problem, grad_output):
+    x = torch.from_numpy(problem.input.copy()).requires_grad_(True)
+    w = None if problem.weight is None else torch.from_numpy(problem.weight)
+    t = torch.from_numpy(problem.target.astype(np.int64))
+    loss = F.nll_loss(
+        x, t, weight=w, ignore_index=problem.ignore_index, reduction=problem.reduction
+    )
+    loss.backward(torch.as_tensor(np.asarray(grad_output, dtype=problem.input.dtype)))
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["unbatched", "2d", "3d", "4d"])
+def test_matches_torch(backend, dtype, reduction, kind, rng):
+    spatial = {"unbatched": (), "2d": (), "3d": (5,), "4d": (3, 4)}[kind]
+    for weight_mode, ignore_mode in [
+        ("none", "default"),
+        ("random", "in_range"),
+        ("zeros", "above"),
+    ]:
+        problem = make_problem(
+            rng,
+            kind=kind,
+            batch=7,
+            classes=6,
+            spatial=spatial,
+            dtype=np.dtype(dtype),
+            weight_mode=weight_mode,
+            ignore_mode=ignore_mode,
+            ignored_fraction=0.3,
+            reduction=reduction,
+        )
+        shape = problem.target.shape if reduction == "none" and kind != "unbatched" else ()
+        grad_output = rng.standard_normal(shape).astype(dtype)
+        expected_loss, expected_grad = torch_reference(problem, grad_output)
+
+        x, t, w = (to_backend(backend, a) for a in (problem.input, problem.target, problem.weight))
+        kwargs = {"weight": w, "ignore_index": problem.ignore_index, "reduction": reduction}
+        loss = nllloss.nll_loss(x, t, **kwargs)
+        grad = nllloss.nll_loss_backward(to_backend(backend, grad_output), x, t, **kwargs)
+        assert isinstance(loss, array_type(backend))
+        assert isinstance(grad, array_type(backend))
+        loss, grad = to_numpy(loss), to_numpy(grad)
+        if reduction == "none" or kind == "unbatched":
+            assert_bitwise(loss, expected_loss)
+        else:
+            assert loss.dtype == expected_loss.dtype
+            np.testing.assert_allclose(
+                loss, expected_loss, rtol=1e-5 if dtype == np.float32 else 1e-12
+            )
+        if reduction == "mean":
+            np.testing.assert_allclose(
+                grad, expected_grad, rtol=1e-5 if dtype == np.float32 else 1e-12
+            )
+        else:
+            assert_bitwise(grad, expected_grad)
+
+
+def test_the_input_dtype_is_kept(backend):
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        if backend == "torch":
+            x = torch.zeros((4, 3), dtype=getattr(torch, dtype)) - 1
+        elif backend == "jax":
+            x = BACKENDS["jax"].numpy.zeros((4, 3), dtype=dtype) - 1
+        elif hasattr(BACKENDS[backend], dtype):
+            x = BACKENDS[backend].zeros((4, 3), dtype=getattr(BACKENDS[backend], dtype)) - 1
+        else:
+            continue  # the library has no such dtype (array-api-strict: no 16-bit floats)
+        t = to_backend(backend, np.array([0, 1, 2, -100]))
+        for reduction in ("none", "mean", "sum"):
+            assert nllloss.nll_loss(x, t, reduction=reduction).dtype == x.dtype
+            assert nllloss.nll_loss_backward(1.0, x, t, reduction=reduction).dtype == x.dtype
+        assert float(to_numpy(nllloss.nll_loss(x, t)).astype(np.float64)) == 1.0
+
+
+def test_out_of_range_targets_raise_the_core_error(backend):
+    x = to_backend(backend, np.zeros((2, 3), np.float32))
+    t = to_backend(backend, np.array([0, 5]))
+    with pytest.raises(IndexError, match=r"Target 5 is out of bounds: target\[1\]"):
+        nllloss.nll_loss(x, t)
+    with pytest.raises(IndexError, match="Target 5"):
+        nllloss.nll_loss_backward(1.0, x, t)
+
+
+def test_numpy_weight_and_lists_join_the_input_library(backend):
+    x = to_backend(backend, np.log(np.full((3, 4), 0.25, np.float32)))
+    t = to_backend(backend, np.array([0, 1, 3]))
+    expected = to_numpy(
+        nllloss.nll_loss(x, t, weight=to_backend(backend, np.arange(1, 5, dtype=np.float32)))
+    )
+    for weight in (np.arange(1, 5, dtype=np.float32), [1.0, 2.0, 3.0, 4.0]):
+        assert_bitwise(to_numpy(nllloss.nll_loss(x, t, weight=weight)), expected)
+    assert_bitwise(to_numpy(nllloss.nll_loss(x, [0, 1, 3])), to_numpy(nllloss.nll_loss(x, t)))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [(a, b) for a in sorted(BACKENDS) for b in sorted(BACKENDS) if a != b]
+)
+def test_arrays_of_two_libraries_are_refused(first, second):
+    x = to_backend(first, np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match=r"target is a .* but input is a"):
+        nllloss.nll_loss(x, to_backend(second, np.array([0, 1])))
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch not requested")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_torch_autograd_gives_torchs_gradient(reduction, rng):
+    x = torch.from_numpy(np.log(rng.dirichlet(np.ones(5), 40)).astype(np.float32))
+    t = torch.from_numpy(rng.integers(0, 5, 40))
+    t[::7] = -100
+    w = torch.from_numpy(rng.uniform(0.2, 2, 5).astype(np.float32))
+    ours = x.clone().requires_grad_()
+    theirs = x.clone().requires_grad_()
+    nllloss.nll_loss(ours, t, weight=w, reduction=reduction).sum().backward()
+    F.nll_loss(theirs, t, weight=w, reduction=reduction).sum().backward()
+    assert_bitwise(ours.grad.numpy(), theirs.grad.numpy())
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax not requested")
+def test_jax_jit_grad_and_vmap(rng):
+    jax = BACKENDS["jax"]
+    jnp = jax.numpy
+    x = np.log(rng.dirichlet(np.ones(4), (3, 10))).astype(np.float32)  # 3 problems of (10, 4)
+    t = rng.integers(0, 4, (3, 10))
+    t[:, ::4] = -100
+
+    def loss(a, b):
+        return nllloss.nll_loss(a, b, weight=np.array([1.0, 2.0, 0.5, 1.0], np.float32))
+
+    for i in range(3):
+        value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(x[i]), jnp.asarray(t[i]))
+        np.testing.assert_allclose(
+            value, nllloss.nll_loss(x[i], t[i], weight=[1.0, 2.0, 0.5, 1.0]), rtol=1e-6
+        )
+        expected = nllloss.nll_loss_backward(1.0, x[i], t[i], weight=[1.0, 2.0, 0.5, 1.0])
+        np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-6)
+    batched = jax.vmap(loss)(jnp.asarray(x), jnp.asarray(t))
+    np.testing.assert_allclose(
+        batched, [loss(jnp.asarray(x[i]), jnp.asarray(t[i])) for i in range(3)], rtol=1e-6
+    )
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax not requested")
+def test_jax_bad_targets_under_jit_give_nan_not_a_wrong_number():
+    """No exception can be raised inside jax.jit: an out-of-range target makes the loss NaN."""
+    jax = BACKENDS["jax"]
+    x = jax.numpy.log(jax.numpy.full((3, 4), 0.25))
+    for bad in (4, -1, 2**31 - 1):
+        t = jax.numpy.asarray([0, bad, 1])
+        for reduction in ("mean", "sum"):
+            reduced = jax.jit(nllloss.nll_loss, static_argnames="reduction")
+            assert np.isnan(reduced(x, t, reduction=reduction))
+        none = jax.jit(lambda a, b: nllloss.nll_loss(a, b, reduction="none"))(x, t)
+        none = np.asarray(none)
+        assert np.isnan(none[1])
+        assert np.isfinite(none[[0, 2]]).all()
+        grad = jax.jit(jax.grad(lambda a, b: nllloss.nll_loss(a, b, reduction="sum")))(x, t)
+        assert np.isnan(grad[1]).any()
+
+
+@pytest.mark.skipif("array_api_strict" not in BACKENDS, reason="array_api_strict not requested")
+def test_strictest_array_api(rng):
+    """No boolean indexing and no data-dependent shapes: the generic path needs neither."""
+    xs = BACKENDS["array_api_strict"]
+    problem = make_problem(
+        rng,
+        kind="4d",
+        batch=3,
+        classes=5,
+        spatial=(2, 3),
+        dtype=np.dtype(np.float64),
+        weight_mode="random",
+        ignore_mode="default",
+        ignored_fraction=0.3,
+        reduction="mean",
+    )
+    expected = nllloss.nll_loss(problem.input, problem.target, weight=problem.weight)
+    with xs.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
+        x, t, w = (xs.asarray(a) for a in (problem.input, problem.target, problem.weight))
+        loss = nllloss.nll_loss(x, t, weight=w)
+        grad = nllloss.nll_loss_backward(1.0, x, t, weight=w)
+    np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-12)
+    assert grad.shape == problem.input.shape
