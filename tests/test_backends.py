@@ -245,3 +245,48 @@ def test_strictest_array_api(rng):
         grad = nllloss.nll_loss_backward(1.0, x, t, weight=w)
     np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-12)
     assert grad.shape == problem.input.shape
+
+
+class TestTorchModule:
+    """nllloss.torch.NLLLoss: a drop-in torch.nn.Module."""
+
+    def test_reachable_as_an_attribute_and_is_a_torch_nllloss(self):
+        module = nllloss.torch.NLLLoss()
+        assert isinstance(module, torch.nn.NLLLoss)
+        assert isinstance(module, torch.nn.Module)
+
+    @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+    def test_forward_equals_the_function_and_torch(self, reduction, rng):
+        x = torch.from_numpy(np.log(rng.dirichlet(np.ones(4), (6, 3))).astype(np.float32))
+        x = x.permute(0, 2, 1).contiguous()  # (N, C, d)
+        t = torch.from_numpy(rng.integers(0, 4, (6, 3)))
+        t[0, 0] = 2
+        w = torch.tensor([0.5, 1.0, 2.0, 1.5])
+        ours = nllloss.torch.NLLLoss(weight=w, ignore_index=2, reduction=reduction)
+        theirs = torch.nn.NLLLoss(weight=w, ignore_index=2, reduction=reduction)
+        assert_bitwise(
+            ours(x, t).numpy(),
+            nllloss.nll_loss(x, t, weight=w, ignore_index=2, reduction=reduction).numpy(),
+        )
+        np.testing.assert_allclose(ours(x, t).numpy(), theirs(x, t).numpy(), rtol=1e-6)
+
+    def test_state_dict_moves_both_ways(self):
+        w = torch.tensor([0.2, 1.5, 0.7])
+        ours = nllloss.torch.NLLLoss(weight=w)
+        theirs = torch.nn.NLLLoss(weight=torch.ones(3))
+        theirs.load_state_dict(ours.state_dict())
+        assert torch.equal(theirs.weight, w)
+        fresh = nllloss.torch.NLLLoss(weight=torch.zeros(3))
+        fresh.load_state_dict(torch.nn.NLLLoss(weight=w).state_dict())
+        assert torch.equal(fresh.weight, w)
+        assert list(nllloss.torch.NLLLoss().state_dict()) == []  # no weight, no buffer
+
+    def test_weight_follows_the_module_to_a_dtype(self):
+        module = nllloss.torch.NLLLoss(weight=torch.tensor([1.0, 2.0])).double()
+        x = torch.tensor([[-0.5, -1.0]], dtype=torch.float64)
+        assert module(x, torch.tensor([1])).dtype == torch.float64
+
+    def test_legacy_arguments_warn_at_construction_as_torch(self):
+        with pytest.warns(UserWarning, match="reduction='sum'"):
+            module = nllloss.torch.NLLLoss(size_average=False)
+        assert module.reduction == "sum"

@@ -10,3 +10,14 @@ from ._loss import NLLLoss, nll_loss, nll_loss_backward
 
 __all__ = ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
 __version__ = "0.1.0"
+
+# Framework submodules load on first attribute access, so `import nllloss` imports none.
+_FRAMEWORK_MODULES = ("torch",)
+
+
+def __getattr__(name: str):
+    if name in _FRAMEWORK_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,40 @@
+"""PyTorch glue: ``nllloss.torch.NLLLoss``, a drop-in ``torch.nn.Module``.
+
+Importing this module imports torch; ``import nllloss`` alone does not (the attribute
+``nllloss.torch`` loads it on first use).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._loss import nll_loss
+
+__all__ = ["NLLLoss"]
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """``torch.nn.NLLLoss`` computed by :func:`nllloss.nll_loss`.
+
+    A subclass of ``torch.nn.NLLLoss`` with the same constructor (legacy arguments and
+    their warning included) and the class weight registered as the buffer ``weight``, so
+    ``state_dict()`` moves between the two in both directions.
+
+    Examples
+    --------
+    >>> import torch, nllloss.torch
+    >>> loss = nllloss.torch.NLLLoss(weight=torch.tensor([1.0, 2.0]))
+    >>> loss(torch.tensor([[-0.5, -1.0], [-2.0, -0.1]]), torch.tensor([0, 1]))
+    tensor(0.2333)
+    >>> sorted(loss.state_dict())
+    ['weight']
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
