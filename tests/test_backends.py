@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_bitwise
+from conftest import FLOAT_DTYPES, assert_bitwise
 from test_differential import make_problem
 
 import nllloss
 
-REQUESTED = os.environ.get("NLLLOSS_TEST_BACKENDS", "torch,jax,array_api_strict").split(",")
+REQUESTED = os.environ.get("NLLLOSS_TEST_BACKENDS", "torch,jax,array_api_strict,dask").split(",")
+MODULES = {"dask": "dask.array"}
 
 
 def _load(name: str):
-    module = importlib.import_module(name)  # ImportError fails the run: requested means tested
+    # ImportError fails the run: requested means tested
+    module = importlib.import_module(MODULES.get(name, name))
     if name == "jax":
         module.config.update("jax_enable_x64", True)
         importlib.import_module("jax.numpy")
@@ -33,6 +35,7 @@ def _load(name: str):
 
 
 BACKENDS = {name: _load(name) for name in REQUESTED if name}
+FLOAT_DTYPES_BY_NAME = {dtype.name: dtype for dtype in FLOAT_DTYPES}
 
 
 def to_backend(name: str, array):
@@ -42,6 +45,9 @@ def to_backend(name: str, array):
         return torch.from_numpy(np.array(array, copy=True))
     if name == "jax":
         return BACKENDS["jax"].numpy.asarray(array)
+    if name == "dask":  # small chunks along every axis: batch, classes and spatial
+        array = np.asarray(array)
+        return BACKENDS["dask"].from_array(array, chunks=(3,) * array.ndim)
     return BACKENDS[name].asarray(np.asarray(array))
 
 
@@ -126,6 +132,8 @@ def test_the_input_dtype_is_kept(backend):
             x = torch.zeros((4, 3), dtype=getattr(torch, dtype)) - 1
         elif backend == "jax":
             x = BACKENDS["jax"].numpy.zeros((4, 3), dtype=dtype) - 1
+        elif backend == "dask":
+            x = to_backend("dask", np.zeros((4, 3), dtype=FLOAT_DTYPES_BY_NAME[dtype]) - 1)
         elif hasattr(BACKENDS[backend], dtype):
             x = BACKENDS[backend].zeros((4, 3), dtype=getattr(BACKENDS[backend], dtype)) - 1
         else:
@@ -138,12 +146,13 @@ def test_the_input_dtype_is_kept(backend):
 
 
 def test_out_of_range_targets_raise_the_core_error(backend):
+    """Eager libraries raise in the call; Dask when the result is computed."""
     x = to_backend(backend, np.zeros((2, 3), np.float32))
     t = to_backend(backend, np.array([0, 5]))
     with pytest.raises(IndexError, match=r"Target 5 is out of bounds: target\[1\]"):
-        nllloss.nll_loss(x, t)
+        to_numpy(nllloss.nll_loss(x, t))
     with pytest.raises(IndexError, match="Target 5"):
-        nllloss.nll_loss_backward(1.0, x, t)
+        to_numpy(nllloss.nll_loss_backward(1.0, x, t))
 
 
 def test_numpy_weight_and_lists_join_the_input_library(backend):
@@ -290,3 +299,30 @@ class TestTorchModule:
         with pytest.warns(UserWarning, match="reduction='sum'"):
             module = nllloss.torch.NLLLoss(size_average=False)
         assert module.reduction == "sum"
+
+
+@pytest.mark.skipif("dask" not in BACKENDS, reason="dask not requested")
+def test_dask_stays_lazy(rng):
+    """Nothing is computed inside nll_loss or nll_loss_backward: a scheduler that refuses to run."""
+    import dask
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nllloss computed a Dask graph")
+
+    x_np = np.log(rng.dirichlet(np.ones(5), (12, 4))).astype(np.float32).transpose(0, 2, 1).copy()
+    t_np = rng.integers(0, 5, (12, 4))
+    t_np[3, 1] = -100
+    x, t = to_backend("dask", x_np), to_backend("dask", t_np)
+    with dask.config.set(scheduler=refuse):
+        losses = {
+            r: nllloss.nll_loss(x, t, weight=[1, 2, 3, 4, 5], reduction=r) for r in ("none", "mean")
+        }
+        grad = nllloss.nll_loss_backward(1.0, x, t, weight=[1, 2, 3, 4, 5])
+    for reduction, loss in losses.items():
+        expected = nllloss.nll_loss(x_np, t_np, weight=[1, 2, 3, 4, 5], reduction=reduction)
+        np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(grad),
+        nllloss.nll_loss_backward(1.0, x_np, t_np, weight=[1, 2, 3, 4, 5]),
+        rtol=1e-6,
+    )

@@ -21,6 +21,7 @@ every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +88,20 @@ def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
     xp = engine.xp
     device = array_api_compat.device(x)
     target = xp.reshape(t, (1,) if layout.unbatched else layout.output_shape)
+    if array_api_compat.is_dask_array(target):
+        # Lazy: the check runs, and raises the same IndexError, when the result is computed.
+        target = target.map_blocks(
+            _checked_block,
+            classes=layout.classes,
+            ignore_index=ignore_index,
+            output_shape=layout.output_shape,
+            dtype=target.dtype,
+        )
     valid = _compare(xp, target, "!=", ignore_index)
     bad = valid & (_compare(xp, target, "<", 0) | _compare(xp, target, ">=", layout.classes))
-    if traced(target):
+    if array_api_compat.is_dask_array(target):
+        bad = None
+    elif traced(target):
         # No value is known yet (jax.jit, dask): a bad target cannot raise; its loss is NaN.
         bad = xp.reshape(bad, (-1,))
         valid = valid & ~xp.reshape(bad, target.shape)
@@ -116,9 +128,51 @@ def _pick(engine, x, targets: _Targets, layout: Layout):
     zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
         return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device)
-    picked = xp.take_along_axis(_batched(xp, x, layout), targets.index, axis=1)
+    picked = _take_classes(xp, _batched(xp, x, layout), targets.index)
     picked = xp.astype(xp.reshape(picked, (-1,)), targets.dtype)
     return xp.where(targets.valid, picked, zero)
+
+
+def _checked_block(block, classes, ignore_index, output_shape, block_info=None):
+    """A block of a lazy target, after raising the core's IndexError for a bad value in it."""
+    values = np.asarray(block)
+    bad = (values != ignore_index) & ((values < 0) | (values >= classes))
+    if bad.any():
+        local = np.unravel_index(int(np.argmax(bad)), values.shape)
+        start = [begin for begin, _ in block_info[0]["array-location"]] if block_info else []
+        position = tuple(
+            int(i) + int(b) for i, b in zip(local, start or [0] * len(local), strict=True)
+        )
+        position = position if output_shape else ()
+        raise _validate.out_of_bounds_error(int(values[local]), position, classes, ignore_index)
+    return block
+
+
+def _take_classes(xp, x, index):
+    """``take_along_axis(x, index, axis=1)``, also for namespaces without it (Dask)."""
+    if hasattr(xp, "take_along_axis"):
+        return xp.take_along_axis(x, index, axis=1)
+    batch, classes = x.shape[0], x.shape[1]
+    spatial = 1
+    for d in x.shape[2:]:
+        spatial *= d
+    device = array_api_compat.device(x)
+    rows = xp.reshape(xp.arange(batch, dtype=index.dtype, device=device), (batch, 1))
+    cells = xp.reshape(xp.arange(spatial, dtype=index.dtype, device=device), (1, spatial))
+    flat = (rows * classes + xp.reshape(index, (batch, spatial))) * spatial + cells
+    picked = xp.take(xp.reshape(x, (-1,)), xp.reshape(flat, (-1,)), axis=0)
+    return xp.reshape(picked, tuple(index.shape))
+
+
+def _ieee(operation, a, b):
+    """``operation(a, b)`` with IEEE results (0/0 and 0*inf are NaN, x/0 is ±inf, as torch's),
+    and no NumPy warning, also for Dask, which computes after our ``errstate`` has ended:
+    there the operation runs as a task that carries its own."""
+    if array_api_compat.is_dask_array(a) or array_api_compat.is_dask_array(b):
+        import dask.array  # already imported: the caller handed us Dask arrays
+
+        return dask.array.map_blocks(_IEEE_RESULTS(operation), a, b)
+    return operation(a, b)
 
 
 def _raise_first_bad(xp, target, bad, layout: Layout, ignore_index: int) -> None:
@@ -159,7 +213,7 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         # into every row's gradient through where's unselected branch (0 * NaN).
         zero = xp.zeros((), dtype=g.dtype, device=g.device)
         factor = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), zero)
-        unmasked = xp.take_along_axis(_batched(xp, x, layout), g.index, axis=1)
+        unmasked = _take_classes(xp, _batched(xp, x, layout), g.index)
         losses = xp.where(g.bad, xp.astype(xp.reshape(unmasked, (-1,)), g.dtype) * factor, losses)
 
     if reduction == "none" and not layout.unbatched:
@@ -174,7 +228,7 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         (loss_sum,) = engine.sums(g.valid, losses)
         total = _total_weight(engine, g) if reduction == "mean" else None
     if total is not None:
-        loss_sum = loss_sum / total
+        loss_sum = _ieee(operator.truediv, loss_sum, total)
     if isinstance(loss_sum, np.generic):  # NumPy arithmetic on 0-d arrays gives scalars
         loss_sum = np.asarray(loss_sum)
     return xp.astype(loss_sum, x.dtype)
@@ -195,10 +249,10 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
         upstream = xp.reshape(upstream, ())
         if reduction == "mean":
             total = _total_weight(engine, g)
-            step = -(upstream / total)
+            step = -_ieee(operator.truediv, upstream, total)
         else:
             step = -upstream
-        values = step if g.weight is None else g.weight * step
+        values = step if g.weight is None else _ieee(operator.mul, g.weight, step)
         values = xp.broadcast_to(values, (layout.size,))
     values = xp.where(g.valid, values, zero)
     if g.bad is not None:  # traced or lazy: NaN gradient where a target is out of range
