@@ -64,7 +64,8 @@ def main(out: str | None = None) -> int:
 
     report = [
         f"# GPU check of nllloss's generic path\n\n- device: {torch.cuda.get_device_name()}",
-        f"- python {platform.python_version()}, torch {torch.__version__}, nllloss {nllloss.__version__}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"nllloss {nllloss.__version__}",
         "\n| library | shape | reduction | result device | vs torch CUDA (loss and grad) |",
         "|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in rows),
@@ -86,7 +87,8 @@ def _libraries():
         weight = None if w is None else w  # a NumPy weight joins the input's device
         loss = nllloss.nll_loss(xt, torch.from_numpy(t).cuda(), weight=weight, reduction=reduction)
         loss.sum().backward()
-        assert loss.is_cuda and xt.grad.is_cuda
+        assert loss.is_cuda
+        assert xt.grad.is_cuda
         return loss.detach().cpu().numpy(), xt.grad.cpu().numpy(), str(loss.device)
 
     def cupy(x, t, w, reduction):
@@ -96,7 +98,8 @@ def _libraries():
         loss = nllloss.nll_loss(xc, tc, weight=w, reduction=reduction)
         go = cupy.ones(loss.shape, dtype=loss.dtype)
         grad = nllloss.nll_loss_backward(go, xc, tc, weight=w, reduction=reduction)
-        assert isinstance(loss, cupy.ndarray) and isinstance(grad, cupy.ndarray)
+        assert isinstance(loss, cupy.ndarray)
+        assert isinstance(grad, cupy.ndarray)
         return cupy.asnumpy(loss), cupy.asnumpy(grad), f"cupy:{loss.device.id}"
 
     def jax_gpu(x, t, w, reduction):
