@@ -74,7 +74,12 @@ def _new_engine(array_type: type, array: Any) -> Engine:
             "pass NumPy arrays or arrays of a library that follows the array API standard "
             "(torch, JAX, CuPy, array-api-strict, ...)"
         ) from None
-    return Engine(xp, _summing(xp), _one_hot_scatter(xp))
+    engine = Engine(xp, _summing(xp), _one_hot_scatter(xp))
+    if array_api_compat.is_torch_namespace(xp):
+        from . import _torch_ops  # imports torch: the caller handed us a torch tensor
+
+        engine = dataclasses.replace(engine, implementation=_torch_ops)
+    return engine
 
 
 def _summing(xp):

@@ -13,6 +13,7 @@ accept and reject, with three deliberate differences, listed in the README:
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from typing import Any, NamedTuple
@@ -86,25 +87,20 @@ def _dtype_suffix(obj: Any) -> str:
     return f" of dtype {dtype}" if dtype is not None else ""
 
 
-_DTYPE_NAMES: dict[int, tuple[Any, str]] = {}
-
-
 def dtype_name(dtype: Any) -> str:
-    """'float32' for np.float32, torch.float32, jnp.float32, ... (no library imported).
-
-    Remembered by identity (NumPy computes ``dtype.name`` in Python, slowly enough to show
-    in small calls; and dtypes of different libraries must not be compared with each other).
-    """
-    known = _DTYPE_NAMES.get(id(dtype))
-    if known is not None and known[0] is dtype:
-        return known[1]
+    """'float32' for np.float32, torch.float32, jnp.float32, ... (no library imported)."""
+    if isinstance(dtype, np.dtype):
+        return _numpy_dtype_name(dtype)
     name = getattr(dtype, "name", None)
     if not isinstance(name, str):  # a scalar type such as np.float32, or torch.float32
         name = getattr(dtype, "__name__", None) or str(dtype)
-    name = name.rsplit(".", 1)[-1]
-    if len(_DTYPE_NAMES) < 4096:
-        _DTYPE_NAMES[id(dtype)] = (dtype, name)  # holding dtype keeps its id unique
-    return name
+    return name.rsplit(".", 1)[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def _numpy_dtype_name(dtype: np.dtype) -> str:
+    # Cached: NumPy computes dtype.name in Python, slowly enough to show in small calls.
+    return dtype.name
 
 
 def is_float_dtype(dtype: Any) -> bool:
