@@ -123,14 +123,15 @@ def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
 
 
 def _pick(engine, x, targets: _Targets, layout: Layout):
-    """x[t] per target element, flat, in the compute dtype; 0 where ignored."""
+    """(x[t] per target element, flat, in the compute dtype and 0 where ignored; the same
+    gather unmasked, or None when there is nothing to gather)."""
     xp = engine.xp
     zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
-        return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device)
-    picked = _take_classes(xp, _batched(xp, x, layout), targets.index)
-    picked = xp.astype(xp.reshape(picked, (-1,)), targets.dtype)
-    return xp.where(targets.valid, picked, zero)
+        return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device), None
+    raw = _take_classes(xp, _batched(xp, x, layout), targets.index)
+    raw = xp.astype(xp.reshape(raw, (-1,)), targets.dtype)
+    return xp.where(targets.valid, raw, zero), raw
 
 
 def _checked_block(block, classes, ignore_index, output_shape, block_info=None):
@@ -203,18 +204,17 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
     """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
     xp = engine.xp
     g = _select(engine, x, t, w, ignore_index, layout)
-    picked = _pick(engine, x, g, layout)
+    picked, unmasked = _pick(engine, x, g, layout)
     losses = -picked if g.weight is None else -(picked * g.weight)
     losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
-    if g.bad is not None and layout.classes and layout.size:
+    if g.bad is not None and unmasked is not None:
         # Traced or lazy: an out-of-range target makes its loss NaN, and (through x[n, 0],
         # where its gather index points) its row's gradient NaN too.
         # The factor is NaN on bad rows only: a NaN multiplier everywhere would leak NaN
         # into every row's gradient through where's unselected branch (0 * NaN).
         zero = xp.zeros((), dtype=g.dtype, device=g.device)
         factor = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), zero)
-        unmasked = _take_classes(xp, _batched(xp, x, layout), g.index)
-        losses = xp.where(g.bad, xp.astype(xp.reshape(unmasked, (-1,)), g.dtype) * factor, losses)
+        losses = xp.where(g.bad, unmasked * factor, losses)
 
     if reduction == "none" and not layout.unbatched:
         return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
