@@ -62,6 +62,14 @@ def main(out: str | None = None) -> int:
         failures += not status.startswith("ok")
         rows.append((library, "2x3", "bad target", "-", status))
 
+    try:
+        nllloss.nll_loss(torch.zeros(2, 3, device="cuda"), torch.tensor([0, 1]))
+        status = "MISSING ValueError"
+    except ValueError as error:
+        status = f"ok: {error}"
+    failures += not status.startswith("ok")
+    rows.append(("torch (cuda)", "2x3", "target on cpu", "-", status))
+
     report = [
         f"# GPU check of nllloss's generic path\n\n- device: {torch.cuda.get_device_name()}",
         f"- python {platform.python_version()}, torch {torch.__version__}, "
