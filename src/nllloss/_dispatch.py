@@ -129,6 +129,8 @@ def like_input(engine: Engine, obj: Any, input: Any, name: str, sequence_dtype: 
             raise _mixed_error(name, obj, input)
         return obj
     xp = engine.xp
+    if type(obj) is type(input) and _same_device(obj, input):
+        return obj  # the common case, decided without asking array-api-compat
     if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, (np.ndarray, np.generic)):
         try:
             array_api_compat.array_namespace(obj, input)  # one library (jax: tracers too)
@@ -146,6 +148,14 @@ def like_input(engine: Engine, obj: Any, input: Any, name: str, sequence_dtype: 
     if sequence_dtype is not None and not hasattr(obj, "dtype"):
         kwargs["dtype"] = sequence_dtype
     return xp.asarray(np.asarray(obj) if "dtype" not in kwargs else obj, **kwargs)
+
+
+def _same_device(a: Any, b: Any) -> bool:
+    """True when both arrays report the same ``.device`` (False when unsure: the slow path)."""
+    try:
+        return a.device == b.device
+    except Exception:  # no .device (Dask), or a JAX tracer without one
+        return False
 
 
 def _mixed_error(name: str, obj: Any, input: Any) -> TypeError:
