@@ -50,6 +50,12 @@ def _numpy_scatter(shape, dtype, index, values):
 GENERIC_NUMPY = Engine(numpy_namespace, _cascade_sums, _numpy_scatter)
 
 _ENGINES: dict[type, Engine] = {}
+_FAST_PATHS: dict[type, Callable[..., Any]] = {}
+
+
+def fast_paths() -> dict[type, Callable[..., Any]]:
+    """The registry of per-type shortcuts that ``nll_loss`` consults before validating."""
+    return _FAST_PATHS
 
 
 def _engine_for_type(array_type: type, array: Any) -> Engine:
@@ -79,6 +85,7 @@ def _new_engine(array_type: type, array: Any) -> Engine:
         from . import _torch_ops  # imports torch: the caller handed us a torch tensor
 
         engine = dataclasses.replace(engine, implementation=_torch_ops)
+        _FAST_PATHS[array_type] = _torch_ops.fast_forward
     return engine
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _validate
 from ._dispatch import as_array, engine_for, like_input
+from ._dispatch import fast_paths as _dispatch_fast_paths
 
 # Deprecation warnings point at the line that called the public function: one frame up.
 _CALLER = 2
@@ -104,12 +105,22 @@ def nll_loss(
     array(1.3862944, dtype=float32)
     """
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
+    fast = _FAST_PATHS.get(type(input))
+    if fast is not None:
+        result = fast(input, target, weight, ignore_index, reduction)
+        if result is not None:
+            return result
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
     return engine.implementation.forward(
         engine, input, target, weight, ignore_index, reduction, layout
     )
+
+
+# Per array type, an optional shortcut for the commonest calls: it returns the result, or
+# None to take the full path (which raises nllloss's errors). Registered by engines.
+_FAST_PATHS = _dispatch_fast_paths()
 
 
 def nll_loss_backward(

@@ -170,3 +170,40 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     grad_output = grad_output.to(x.dtype)
     grad_output = grad_output.broadcast_to(shape) if shape else grad_output.reshape(())
     return nll_loss_backward_op(grad_output.contiguous(), x, t, w, ignore_index, reduction)
+
+
+def fast_forward(input, target, weight, ignore_index, reduction):
+    """The commonest torch call straight to torch's kernel, whose bits our engine reproduces.
+
+    Float32/float64 CPU input below ``TORCH_KERNEL_MAX`` elements, an int64 (or uint8 for
+    2-D) target tensor, no weight or a 1-D weight of the input's dtype, an int
+    ``ignore_index``. Anything else, and any error torch raises, returns None: the full
+    path then validates and raises nllloss's error.
+    """
+    if not (
+        input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.float64)
+        and input.dim() >= 2
+        and input.numel() < TORCH_KERNEL_MAX
+        and type(target) is torch.Tensor
+        and (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
+        and target.device.type == "cpu"
+        and type(ignore_index) is int
+        and (
+            weight is None
+            or (
+                type(weight) is torch.Tensor
+                and weight.dim() == 1
+                and weight.dtype == input.dtype
+                and weight.device.type == "cpu"
+            )
+        )
+        and not _functorch_active()
+    ):
+        return None
+    try:
+        return torch.nn.functional.nll_loss(
+            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction
+        )
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
