@@ -59,6 +59,9 @@ def _batched(xp, x, layout: Layout):
     return xp.reshape(x, (1, layout.classes)) if layout.unbatched else x
 
 
+_COMPARISONS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, ">=": operator.ge}
+
+
 def _compare(xp, target, op: str, value: int):
     """``target <op> value`` for a Python int that the target's dtype may not hold."""
     info = xp.iinfo(target.dtype)
@@ -66,12 +69,7 @@ def _compare(xp, target, op: str, value: int):
         # every element compares the same way: below the range all are greater, above all less
         result = {"==": False, "!=": True, "<": value > info.max, ">=": value < info.min}[op]
         return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
-    return {
-        "==": target == value,
-        "!=": target != value,
-        "<": target < value,
-        ">=": target >= value,
-    }[op]
+    return _COMPARISONS[op](target, value)
 
 
 def traced(array: Any) -> bool:
