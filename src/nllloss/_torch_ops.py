@@ -84,7 +84,8 @@ def _(grad_output, input, target, weight, ignore_index, reduction):
 
 
 def _save(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction = inputs
+    # Both operators end with (input, target, weight, ignore_index, reduction).
+    input, target, weight, ignore_index, reduction = inputs[-5:]
     ctx.save_for_backward(input, target, weight)
     ctx.ignore_index, ctx.reduction = ignore_index, reduction
 
@@ -93,12 +94,6 @@ def _loss_backward(ctx, grad):
     input, target, weight = ctx.saved_tensors
     grad_input = nll_loss_backward_op(grad, input, target, weight, ctx.ignore_index, ctx.reduction)
     return grad_input, None, None, None, None
-
-
-def _save_backward(ctx, inputs, output):
-    _, input, target, weight, ignore_index, reduction = inputs
-    ctx.save_for_backward(input, target, weight)
-    ctx.ignore_index, ctx.reduction = ignore_index, reduction
 
 
 def _backward_backward(ctx, grad):
@@ -110,7 +105,7 @@ def _backward_backward(ctx, grad):
 
 
 nll_loss_op.register_autograd(_loss_backward, setup_context=_save)
-nll_loss_backward_op.register_autograd(_backward_backward, setup_context=_save_backward)
+nll_loss_backward_op.register_autograd(_backward_backward, setup_context=_save)
 
 
 def _functorch_active() -> bool:
