@@ -12,7 +12,7 @@ __all__ = ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
 __version__ = "0.1.0"
 
 # Framework submodules load on first attribute access, so `import nllloss` imports none.
-_FRAMEWORK_MODULES = ("torch", "paddle")
+_FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
 
 
 def __getattr__(name: str):

@@ -244,3 +244,65 @@ def check_grad_output_dtype(dtype: Any) -> None:
     if is_float_dtype(dtype) or _is_integer_dtype(dtype):
         return
     raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
+
+
+# nllloss.distributed: a class-parallel group must agree on everything but the class shards.
+
+
+def check_torch_tensor(obj: Any, name: str) -> None:
+    """``nllloss.distributed`` communicates torch tensors: its inputs must be torch tensors."""
+    if not (type(obj).__module__.startswith("torch") and hasattr(obj, "is_floating_point")):
+        raise TypeError(
+            f"{name} must be a torch.Tensor (nllloss.distributed communicates through "
+            f"torch.distributed), got {type(obj).__module__}.{type(obj).__qualname__}"
+        )
+
+
+def check_class_start(class_start: Any) -> int:
+    """The first class of a rank's shard: a non-negative int."""
+    if isinstance(class_start, (bool, np.bool_)):
+        raise TypeError(f"class_start must be an int, not {type(class_start).__name__}")
+    try:
+        value = operator.index(class_start)
+    except TypeError:
+        raise TypeError(
+            f"class_start must be an int, not {type(class_start).__name__}"
+            + _dtype_suffix(class_start)
+        ) from None
+    if not 0 <= value <= _INT64_MAX:
+        raise ValueError(f"class_start must be a class index (0 or more), got {value}")
+    return value
+
+
+def check_shards(starts: list[int], sizes: list[int]) -> int:
+    """The ranks' shards ``[start, start + size)`` must tile ``[0, C)``; return C.
+
+    Ranks may hold their shards in any order; an empty shard may start anywhere.
+    """
+    classes = sum(sizes)
+    shards = list(zip(starts, sizes, strict=True))
+    covered = sorted((start, start + size) for start, size in shards if size)
+    previous_ends = [0] + [end for _, end in covered[:-1]]
+    if any(start != end for (start, _), end in zip(covered, previous_ends, strict=True)):
+        listing = ", ".join(
+            f"rank {rank}: [{start}, {start + size})" for rank, (start, size) in enumerate(shards)
+        )
+        raise ValueError(
+            f"the class shards of the group must cover the classes [0, {classes}) once each "
+            f"(class_start and the input's class axis on each rank), got {listing}"
+        )
+    return classes
+
+
+def ranks_disagree_error(name: str, rank: int, other_rank: int) -> ValueError:
+    """The error for an argument that must be the same on every rank of a group but is not."""
+    return ValueError(
+        f"{name} must be the same on every rank of the group (only the input's classes are "
+        f"sharded), but rank {rank} and rank {other_rank} passed different values"
+    )
+
+
+def raised_on_rank_error(rank: int, kind: str, message: str) -> Exception:
+    """What the other ranks raise when a check failed on ``rank``: its type and message."""
+    kinds = {"ValueError": ValueError, "TypeError": TypeError, "IndexError": IndexError}
+    return kinds.get(kind, RuntimeError)(f"on rank {rank} of the group: {kind}: {message}")

@@ -1,0 +1,577 @@
+r"""Training at scale on ``torch.distributed``: a global mean, and a class-parallel loss.
+
+``total_weight`` all-reduces the 'mean' denominator :math:`\sum_n w_{y_n}` of a batch spread
+over ranks (and micro-batches): passed as ``total_weight=`` to every piece's loss, it makes the
+pieces' losses and gradients add up to those of the whole batch, whatever each piece ignores or
+weighs.
+
+``nll_loss`` computes the loss of an input whose class axis is sharded over the ranks of a
+group (a vocabulary-parallel language-model head): rank :math:`r` holds the classes
+:math:`[s_r, s_r + C_r)` of every row, and every rank the whole target. Per step::
+
+    1. all_gather  (s_r, C_r, fingerprints of the other arguments)       O(ranks) values
+       -> C = sum C_r; the shards tile [0, C); the arguments agree across ranks;
+          the weight (length C) and the target values are checked against C
+    from log-probabilities x:
+    2. all_reduce SUM  [ x[n, y_n] on the rank owning y_n, 0 elsewhere ;
+                         sum_{c in shard} w_c x[n, c]  (label smoothing only) ]        O(N)
+    from logits x (Megatron-LM's vocabulary-parallel cross-entropy, with weights):
+    2. all_reduce MAX  m_n = max_c x[n, c]                                             O(N)
+    3. all_reduce SUM  [ sum_{c in shard} exp(x[n, c] - m_n) ;  x[n, y_n] - m_n  (owner) ;
+                         sum_{c in shard} w_c (x[n, c] - m_n)  (label smoothing only) ]  O(N)
+       -> log p[n, y_n] = (x[n, y_n] - m_n) - log Z_n
+          sum_c w_c log p[n, c] = sum_c w_c (x[n, c] - m_n) - (sum_c w_c) log Z_n
+    4. each rank reduces the same N values: the same loss, bit for bit, on every rank.
+
+N counts target elements (rows times spatial positions). Nothing of size N x C crosses the
+network. The backward pass communicates nothing: the gradient of the shard is written from
+the shard, the saved :math:`m_n + \log Z_n` and the target (a torch.autograd.Function with an
+explicit backward; differentiable collectives would all-reduce again in the backward and, as
+every rank calls ``backward()`` on the same replicated loss, sum the gradient over the ranks).
+
+A check that fails on one rank raises on every rank (with that rank's error), instead of
+leaving the others waiting in a collective. Imported on first use of
+``nllloss.distributed``; it imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import _generic, _validate
+from ._dispatch import engine_for, like_input
+from ._loss import total_weight as _local_total_weight
+
+__all__ = ["nll_loss", "total_weight"]
+
+
+def total_weight(
+    target: torch.Tensor, weight: Any = None, ignore_index: int = -100, *, group: Any = None
+) -> torch.Tensor:
+    r"""The 'mean' denominator of a batch spread over the ranks of ``group``.
+
+    .. math:: W = \sum_{\text{ranks}} \sum_{n:\, y_n \ne ii} w_{y_n}
+
+    (without ``weight``, the count of non-ignored target elements): :func:`nllloss.total_weight`
+    of each rank's target, all-reduced. Passing ``total_weight=W`` to each rank's (and each
+    micro-batch's) 'mean' loss makes their sum the loss of the whole batch, and their
+    gradients its gradient.
+
+    Parameters
+    ----------
+    target : torch.Tensor
+        This rank's class indices, any shape and integer dtype; all of a rank's
+        micro-batches may be concatenated into one.
+    weight : torch.Tensor or sequence, optional
+        The class weights (1-D), the same on every rank.
+    ignore_index : int, default -100
+    group : torch.distributed.ProcessGroup, optional
+        The ranks sharing the batch (data-parallel ranks); default: the whole world.
+
+    Returns
+    -------
+    torch.Tensor
+        0-d, on the target's device, the same on every rank: in the weight's dtype (the
+        ranks' sums are added in float64 and rounded once), or int64 without weight.
+
+    Raises
+    ------
+    IndexError, ValueError, TypeError
+        As :func:`nllloss.total_weight`, on every rank when any rank's arguments fail (the
+        others name that rank).
+
+    Notes
+    -----
+    One all-reduce of two values. The result is the same on every rank, and an all-ignored
+    rank contributes 0.
+
+    Examples
+    --------
+    >>> import torch, torch.distributed as dist
+    >>> from nllloss import distributed
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> distributed.total_weight(torch.tensor([0, 2, -100, 2]))
+    tensor(3)
+    >>> distributed.total_weight(torch.tensor([0, 2, -100]), weight=torch.tensor([0.5, 1.0, 2.0]))
+    tensor(2.5000)
+    >>> dist.destroy_process_group()
+    """
+    local, error = None, None
+    try:
+        _validate.check_torch_tensor(target, "target")
+        local = _local_total_weight(target, weight, ignore_index)
+    except Exception as exc:  # raised below, once the other ranks know
+        error = exc
+    exact = torch.int64 if local is None or not local.dtype.is_floating_point else torch.float64
+    payload = torch.zeros(2, dtype=exact, device=_device(target))
+    if local is not None:
+        payload[0] = local.to(exact)
+    payload[1] = error is not None
+    dist.all_reduce(payload, group=group)
+    _raise_if_any_failed(bool(payload[1]), error, group)
+    return payload[0].to(local.dtype)
+
+
+def nll_loss(
+    input_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    group: Any = None,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+) -> torch.Tensor:
+    r"""The loss of an input whose classes are sharded over the ranks of ``group``.
+
+    Rank :math:`r` holds the classes :math:`[s_r, s_r + C_r)` of the input (axis 1, or axis 0
+    unbatched), with :math:`s_r` = ``class_start``; together the shards cover the
+    :math:`C = \sum_r C_r` classes once each, in any rank order. The result, on every rank,
+    is that of the unsharded input: :func:`nllloss.nll_loss` of the gathered input with the
+    same options, i.e. ``torch.nn.functional.nll_loss``, and with ``from_logits=True``
+    ``torch.nn.functional.cross_entropy``. With :math:`\log p` the input (log-probabilities)
+    or its log-softmax over all C classes (logits) and :math:`\varepsilon` =
+    ``label_smoothing``, each non-ignored target element :math:`n` has
+
+    .. math:: \ell_n = -(1 - \varepsilon)\, w_{y_n} \log p_{n, y_n}
+              - \frac{\varepsilon}{C} \sum_{c=0}^{C-1} w_c \log p_{n, c},
+
+    (:math:`w = 1` without weight; ignored elements have :math:`\ell_n = 0`), and
+    ``'none'`` returns :math:`\ell`, ``'sum'`` :math:`\sum_n \ell_n` and ``'mean'``
+    :math:`\sum_n \ell_n / W` with :math:`W` = ``total_weight``, by default
+    :math:`\sum_{n:\, y_n \ne ii} w_{y_n}`. The gradient reaches ``input_shard`` only, for
+    its own classes, through ``backward()`` on any rank's loss.
+
+    Parameters
+    ----------
+    input_shard : torch.Tensor
+        This rank's classes of the input: ``(C_r,)`` (unbatched), ``(N, C_r)`` or
+        ``(N, C_r, d1, ..., dK)``; float16, bfloat16, float32 or float64.
+    target : torch.Tensor
+        Global class indices in ``[0, C)`` (or ``ignore_index``), shaped as for
+        :func:`nllloss.nll_loss`; the same on every rank.
+    class_start : int
+        The first class of this rank's shard.
+    group : torch.distributed.ProcessGroup, optional
+        The ranks sharing the classes; default: the whole world.
+    weight : torch.Tensor or sequence, optional
+        All C class weights (not this rank's slice), the same on every rank.
+    ignore_index : int, default -100
+    reduction : {'mean', 'sum', 'none'}, default 'mean'
+    from_logits : bool, default False
+        The input holds unnormalised logits: the loss is the cross-entropy.
+    label_smoothing : float, default 0.0
+        :math:`\varepsilon` in [0, 1], over all C classes (torch's ``cross_entropy``
+        formula, also for log-probabilities).
+    total_weight : float or 0-d torch.Tensor, optional
+        The 'mean' denominator, e.g. :func:`total_weight` over the data-parallel ranks when
+        the batch is split there too.
+
+    Returns
+    -------
+    torch.Tensor
+        The same on every rank, in the input's dtype: the target's shape for ``'none'``,
+        0-d otherwise (also for an unbatched input).
+
+    Raises
+    ------
+    IndexError
+        A target value is neither in ``[0, C)`` nor ``ignore_index`` (the core's error).
+    ValueError
+        The shards do not tile ``[0, C)``; the weight's length is not C (the core's error);
+        an argument other than the input differs between ranks; shapes or options as in
+        :func:`nllloss.nll_loss`.
+    TypeError
+        Not torch tensors, or dtypes as in :func:`nllloss.nll_loss`.
+
+    Every rank raises when any rank's check fails: the failing rank its own error, the
+    others an error of the same type naming that rank.
+
+    Notes
+    -----
+    Per call: one all-gather of 13 int64 per rank, then one all-reduce of N (log-
+    probabilities) or 2N (with label smoothing) values, or from logits one of N and one of
+    2N or 3N, plus one flag value; the backward communicates nothing. Edge cases follow
+    torch: 'mean' over a zero total weight is NaN. float16 and bfloat16 are computed and
+    communicated in float32, and rounded once. A rank may hold no class (``C_r = 0``).
+
+    Examples
+    --------
+    One rank holds every class here; with more ranks each passes its slice and its
+    ``class_start``:
+
+    >>> import torch, torch.distributed as dist
+    >>> from nllloss import distributed
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    >>> target = torch.tensor([0, 2])
+    >>> loss = distributed.nll_loss(logits, target, class_start=0, from_logits=True)
+    >>> loss
+    tensor(0.2159, grad_fn=<_ClassParallelLossBackward>)
+    >>> torch.nn.functional.cross_entropy(logits, target)
+    tensor(0.2159, grad_fn=<NllLossBackward0>)
+    >>> dist.destroy_process_group()
+    """
+    error, args = None, None
+    try:
+        args = _check_locally(
+            input_shard, target, weight, class_start, ignore_index, reduction,
+            from_logits, label_smoothing, total_weight,
+        )  # fmt: skip
+    except Exception as exc:  # raised after the all-gather, once the other ranks know
+        error = exc
+    rows = _all_gather_rows(_row(args, class_start, input_shard), group)
+    _raise_if_any_failed(any(row[_FAILED] for row in rows), error, group)
+    classes = _validate.check_shards([row[_START] for row in rows], [row[_SIZE] for row in rows])
+    _check_agreement(rows, classes)
+    plan = dataclasses.replace(args.plan, classes=classes)
+    targets = None
+    try:
+        if args.weight is not None:
+            _validate.check_weight(args.weight, classes)
+        _check_target_values(args.engine, args.target, plan)
+        targets = _Targets.of(args.target, args.weight, plan)
+    except Exception as exc:  # raised after the first all-reduce, which carries a flag
+        error = exc
+    stats = _exchange(input_shard.detach(), targets, plan, error, group)
+    return _ClassParallelLoss.apply(input_shard, stats, args.total_weight, targets, plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The non-tensor arguments, validated; ``classes`` is C over the group."""
+
+    layout: _validate.Layout  # of the shard: classes is C_r
+    class_start: int
+    ignore_index: int
+    reduction: str
+    from_logits: bool
+    smoothing: float
+    dtype: torch.dtype  # the input's
+    compute_dtype: torch.dtype  # float32 for 16-bit input
+    classes: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arguments:
+    engine: Any
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    total_weight: torch.Tensor | None
+    plan: _Plan
+
+
+# nll_loss is two frames above the checks: warnings point at its caller.
+_CALLER = 3
+
+
+def _check_locally(
+    input, target, weight, class_start, ignore_index, reduction, from_logits, smoothing, total
+) -> _Arguments:
+    """Every check that needs no other rank (those against C follow the all-gather)."""
+    _validate.check_torch_tensor(input, "input_shard")
+    engine = engine_for(input)
+    target = like_input(engine, target, input, "target")
+    _validate.check_input(input)
+    layout = _validate.check_target(target, tuple(input.shape))
+    if weight is not None:
+        weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
+    reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
+    if total is not None:
+        total = like_input(engine, total, input, "total_weight")
+        _validate.check_total_weight(total, reduction)
+    dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    plan = _Plan(
+        layout=layout,
+        class_start=_validate.check_class_start(class_start),
+        ignore_index=_validate.check_ignore_index(ignore_index),
+        reduction=reduction,
+        from_logits=_validate.check_from_logits(from_logits),
+        smoothing=_validate.check_label_smoothing(smoothing),
+        dtype=input.dtype,
+        compute_dtype=dtype,
+    )
+    return _Arguments(engine, target, weight, total, plan)
+
+
+# One row per rank in the all-gather: the shard, a failure flag, then the fingerprints of
+# the arguments that every rank must pass alike (a mismatch would give each rank a
+# different loss, or collectives of different sizes).
+_START, _SIZE, _FAILED = 0, 1, 2
+_AGREED = (
+    ("target", 3, 4),  # element count, position-sensitive sum of the values
+    ("weight", 5, 6),  # length (-1: none), position-sensitive sum of the values
+    ("ignore_index", 7),
+    ("reduction", 8),
+    ("from_logits", 9),
+    ("label_smoothing", 10),
+    ("total_weight", 11, 12),  # given, value
+)
+_ROW_LENGTH = 13
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _row(args: _Arguments | None, class_start: Any, input: Any) -> torch.Tensor:
+    device = _device(input)
+    if args is None:
+        row = torch.zeros(_ROW_LENGTH, dtype=torch.int64, device=device)
+        row[_FAILED] = 1
+        return row
+    plan = args.plan
+    small = [
+        plan.class_start,
+        plan.layout.classes,
+        0,
+        plan.layout.size,
+        0,
+        -1 if args.weight is None else args.weight.numel(),
+        0,
+        plan.ignore_index,
+        _REDUCTION_CODES[plan.reduction],
+        int(plan.from_logits),
+        _float_bits(plan.smoothing),
+        int(args.total_weight is not None),
+        0,
+    ]
+    row = torch.tensor(small, dtype=torch.int64, device=device)
+    row[4] = _checksum(args.target.reshape(-1).to(torch.int64) + 1)
+    if args.weight is not None:
+        row[6] = _checksum(args.weight.reshape(-1).to(torch.float64)).view(torch.int64)
+    if args.total_weight is not None:
+        row[12] = args.total_weight.reshape(()).to(torch.float64).view(torch.int64)
+    return row
+
+
+def _checksum(values: torch.Tensor) -> torch.Tensor:
+    """A sum that changes when values move: sum of values[i] * (2i + 1) (int64 wraps)."""
+    factors = torch.arange(1, 2 * values.numel(), 2, device=values.device, dtype=values.dtype)
+    return (values * factors).sum()
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _all_gather_rows(row: torch.Tensor, group: Any) -> list[list[int]]:
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    return torch.stack(rows).tolist()
+
+
+def _check_agreement(rows: list[list[int]], classes: int) -> None:
+    """Raise (on every rank alike) for the first argument that differs between ranks."""
+    for name, *columns in _AGREED:
+        if name == "weight" and any(row[5] not in (-1, classes) for row in rows):
+            if any(row[5] == -1 for row in rows):
+                columns = columns[:1]  # given on some ranks only
+            else:
+                continue  # a wrong length: the core's error follows, on the ranks concerned
+        values = [tuple(row[c] for c in columns) for row in rows]
+        for rank, value in enumerate(values):
+            if value != values[0]:
+                raise _validate.ranks_disagree_error(name, 0, rank)
+
+
+def _check_target_values(engine, target: torch.Tensor, plan: _Plan) -> None:
+    """The core's IndexError for the first target neither in [0, C) nor ignore_index."""
+    xp, layout = engine.xp, plan.layout._replace(classes=plan.classes)
+    flat = target.reshape(layout.output_shape or (1,))
+    valid = _generic._compare(xp, flat, "!=", plan.ignore_index)
+    bad = valid & (
+        _generic._compare(xp, flat, "<", 0) | _generic._compare(xp, flat, ">=", plan.classes)
+    )
+    _generic._raise_first_bad(xp, flat, bad, layout, plan.ignore_index)
+
+
+def _raise_if_any_failed(any_failed: bool, error: Exception | None, group: Any) -> None:
+    """Raise on every rank when a check failed on any: the failing ranks their own error,
+    the others the first failing rank's type and message (exchanged on this path only)."""
+    if not any_failed:
+        return
+    report = None if error is None else (type(error).__name__, str(error))
+    reports: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, report, group=group)
+    if error is not None:
+        raise error
+    rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+    raise _validate.raised_on_rank_error(rank, kind, message) from None
+
+
+def _device(obj: Any) -> torch.device:
+    return obj.device if isinstance(obj, torch.Tensor) else torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Targets:
+    """What the loss needs of the target, per target element as (B, S) (see ``Layout``)."""
+
+    valid: torch.Tensor  # not ignored
+    weight: torch.Tensor  # w[y] (1 without weight), 0 where ignored; in the compute dtype
+    owned: torch.Tensor  # valid, and y is in this rank's shard
+    index: torch.Tensor  # (B, 1, S): y - class_start where owned, else 0
+    shard_weight: torch.Tensor | None  # w of this rank's classes; None without weight
+    weight_sum: Any  # sum of all C weights (C without weight)
+
+    @classmethod
+    def of(cls, target: torch.Tensor, weight: torch.Tensor | None, plan: _Plan) -> _Targets:
+        layout, dtype = plan.layout, plan.compute_dtype
+        t = target.reshape(layout.batch, layout.spatial).to(torch.int64)
+        valid = t != plan.ignore_index
+        local = t - plan.class_start
+        owned = valid & (local >= 0) & (local < layout.classes)
+        index = torch.where(owned, local, 0).unsqueeze(1)
+        if weight is None:
+            return cls(valid, valid.to(dtype), owned, index, None, plan.classes)
+        weight = weight.to(plan.dtype).to(dtype)  # torch computes in the input's dtype
+        picked = (
+            weight[torch.where(valid, t, 0)] if plan.classes else torch.zeros_like(t, dtype=dtype)
+        )
+        shard = weight[plan.class_start : plan.class_start + layout.classes]
+        return cls(valid, torch.where(valid, picked, 0), owned, index, shard, weight.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stats:
+    """Per target element (B, S), the same on every rank after the all-reduces."""
+
+    target_log_prob: torch.Tensor  # log p[n, y_n]
+    smooth: torch.Tensor | None  # sum_c w_c log p[n, c], with label smoothing
+    log_norm: torch.Tensor | None  # m_n + log Z_n, from logits: log p = x - log_norm
+
+
+def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
+    """Steps 2 and 3 of the module's docstring. ``targets`` is None on a rank whose checks
+    against C failed (``error``): it sends zeros and a flag, and every rank raises."""
+    layout = plan.layout
+    x = x.reshape(layout.batch, layout.classes, layout.spatial).to(plan.compute_dtype)
+    zeros = x.new_zeros((layout.batch, layout.spatial))
+    shift = None
+    if plan.from_logits:
+        local_max = x.amax(1) if layout.classes else torch.full_like(zeros, -torch.inf)
+        (shift,) = _all_reduce([local_max], dist.ReduceOp.MAX, group, error)
+        x = x - shift.unsqueeze(1)
+        error = None  # reported
+    if targets is None:
+        parts = [zeros] * (1 + plan.from_logits + (plan.smoothing > 0))
+    else:
+        parts = _shard_sums(x, targets, plan)
+    sums = _all_reduce(parts, dist.ReduceOp.SUM, group, error, flagged=not plan.from_logits)
+    if not plan.from_logits:
+        return _Stats(sums[0], sums[1] if plan.smoothing else None, None)
+    log_z = sums[0].log()
+    smooth = sums[2] - targets.weight_sum * log_z if plan.smoothing else None
+    return _Stats(sums[1] - log_z, smooth, shift + log_z)
+
+
+def _shard_sums(x: torch.Tensor, targets: _Targets, plan: _Plan) -> list[torch.Tensor]:
+    """This rank's share of each per-element sum over the classes (x shifted from logits)."""
+    parts = [x.exp().sum(1)] if plan.from_logits else []
+    if plan.layout.classes:
+        picked = x.gather(1, targets.index).squeeze(1)
+        parts.append(torch.where(targets.owned, picked, 0))
+    else:
+        parts.append(x.new_zeros(targets.valid.shape))
+    if plan.smoothing:
+        weighted = x if targets.shard_weight is None else x * targets.shard_weight.view(1, -1, 1)
+        parts.append(weighted.sum(1))
+    return parts
+
+
+def _all_reduce(parts, op, group, error, flagged: bool = True) -> list[torch.Tensor]:
+    """One all-reduce of the (B, S) ``parts``; when ``flagged``, with a failure flag (max or
+    sum: non-zero when any rank failed), and a raise on every rank if it is set."""
+    shape = parts[0].shape
+    payload = [part.reshape(-1) for part in parts]
+    if flagged:
+        payload.append(parts[0].new_full((1,), float(error is not None)))
+    payload = torch.cat(payload)
+    dist.all_reduce(payload, op=op, group=group)
+    if flagged:
+        _raise_if_any_failed(bool(payload[-1]), error, group)
+    count = len(parts) * shape.numel()
+    return list(payload[:count].reshape(len(parts), *shape))
+
+
+class _ClassParallelLoss(torch.autograd.Function):
+    """The loss from the exchanged per-element values; its backward communicates nothing."""
+
+    @staticmethod
+    def forward(ctx, input_shard, stats: _Stats, total_weight, targets: _Targets, plan: _Plan):
+        valid, eps = targets.valid, plan.smoothing
+        nll = torch.where(valid, -(targets.weight * stats.target_log_prob), 0)
+        smooth = torch.where(valid, -stats.smooth, 0) if eps else None
+        denominator = None
+        if plan.reduction == "none":
+            loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
+        else:  # as torch: each term reduced, divided, then mixed
+            nll = nll.sum()
+            smooth = smooth.sum() if eps else None
+            if plan.reduction == "mean":
+                denominator = _denominator(total_weight, targets, plan)
+                nll = nll / denominator
+                smooth = smooth / denominator if eps else None
+            loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
+        layout = plan.layout
+        loss = loss.reshape(() if layout.unbatched else layout.output_shape if loss.dim() else ())
+        ctx.save_for_backward(input_shard)
+        ctx.stats, ctx.targets, ctx.plan, ctx.denominator = stats, targets, plan, denominator
+        return loss.to(plan.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (input_shard,) = ctx.saved_tensors
+        stats, targets, plan = ctx.stats, ctx.targets, ctx.plan
+        layout, eps, valid = plan.layout, plan.smoothing, targets.valid
+        upstream = grad.to(plan.compute_dtype)
+        if plan.reduction == "none" and not layout.unbatched:
+            upstream = upstream.reshape(layout.batch, layout.spatial)
+        else:
+            upstream = upstream.reshape(())
+        # As torch's autograd of (1 - eps) * nll + smooth * (eps / C): scale, then divide.
+        nll_scale = upstream * (1 - eps) if eps else upstream
+        smooth_scale = upstream * (eps / plan.classes) if eps else None
+        if ctx.denominator is not None:
+            nll_scale = nll_scale / ctx.denominator
+            smooth_scale = smooth_scale / ctx.denominator if eps else None
+        nll_scale = torch.where(valid, nll_scale, 0)
+        shape3 = (layout.batch, layout.classes, layout.spatial)
+        if plan.from_logits:
+            # d/dx of log p: the log-prob gradient minus p times its sum over the classes
+            mass = targets.weight * nll_scale
+            if eps:
+                smooth_scale = torch.where(valid, smooth_scale, 0)
+                mass = mass + smooth_scale * targets.weight_sum
+            x = input_shard.reshape(shape3).to(plan.compute_dtype)
+            probs = torch.exp(x - stats.log_norm.unsqueeze(1))
+            grad_input = torch.where(valid.unsqueeze(1), probs * mass.unsqueeze(1), 0)
+        else:
+            grad_input = nll_scale.new_zeros(shape3)
+            if eps:
+                smooth_scale = torch.where(valid, smooth_scale, 0)
+        if eps:
+            class_weight = (
+                1 if targets.shard_weight is None else targets.shard_weight.view(1, -1, 1)
+            )
+            grad_input = grad_input - smooth_scale.unsqueeze(1) * class_weight
+        if layout.classes:
+            at_target = torch.where(targets.owned, -(targets.weight * nll_scale), 0)
+            grad_input = grad_input.scatter_add(1, targets.index, at_target.unsqueeze(1))
+        return grad_input.reshape(input_shard.shape).to(plan.dtype), None, None, None, None
+
+
+def _denominator(total_weight, targets: _Targets, plan: _Plan) -> torch.Tensor:
+    """The 'mean' denominator: ``total_weight``, or the count or weight sum of the target."""
+    if total_weight is not None:
+        return total_weight.reshape(()).to(plan.compute_dtype)
+    if targets.shard_weight is None:
+        return targets.valid.sum().to(plan.compute_dtype)
+    return targets.weight.sum()
