@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import pathlib
 import pickle
 import re
 import socket
@@ -31,7 +32,7 @@ import nllloss.distributed
 WORLD_SIZES = (2, 4)
 # Seconds for a whole group: start, every case, exit (about 10 s on 2 busy cores).
 GROUP_TIMEOUT = 240
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+README = pathlib.Path(__file__).parents[1] / "README.md"
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,8 +268,8 @@ def _one_long_weight_args(rank, world):
 
 
 def _overlap_args(rank, world):
-    shard, t, kwargs = _good_args(rank, world)
-    return (BAD.tensors()[0][:, :2], t), {"class_start": 0}
+    x, t, _, _ = BAD.tensors()
+    return (x[:, :2], t), {"class_start": 0}
 
 
 def _other_target_args(rank, world):
@@ -299,8 +300,9 @@ BAD_CALLS = {
 
 
 def _bad_total_weight(rank, world):
+    """A target, of a float dtype on the last rank."""
     t = torch.tensor([0, 1, -100])
-    return (t.double() if rank == world - 1 else t,), {}
+    return t.double() if rank == world - 1 else t
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,6 +311,9 @@ def _bad_total_weight(rank, world):
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
+    # Loopback only: gloo would otherwise use the interface of the host's name.
+    loopback = next(name for _, name in socket.if_nameindex() if name.startswith("lo"))
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -323,21 +328,20 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         groups = {"data": data[rank % 2], "classes": classes[rank // 2]}
     outcomes = {}
 
-    def attempt(key, call):
+    def attempt(key, function, *args, **kwargs):
         try:
-            outcomes[key] = call()
+            outcomes[key] = function(*args, **kwargs)
         except Exception as exc:
             outcomes[key] = (type(exc).__name__, str(exc))
 
     for name, make in BAD_CALLS.items():
         args, kwargs = make(rank, world)
-        attempt(name, lambda: nllloss.distributed.nll_loss(*args, **kwargs))
-    args, _ = _bad_total_weight(rank, world)
-    attempt("total_weight", lambda: nllloss.distributed.total_weight(*args))
+        attempt(name, nllloss.distributed.nll_loss, *args, **kwargs)
+    attempt("total_weight", nllloss.distributed.total_weight, _bad_total_weight(rank, world))
     for case in CLASS_PARALLEL + DATA_PARALLEL:
         if case not in DATA_PARALLEL or world in case.rows:
-            attempt(case.name, lambda: case.run(rank, world, groups))  # noqa: B023
-    attempt("readme", lambda: _readme_train_step(rank, world))
+            attempt(case.name, case.run, rank, world, groups)
+    attempt("readme", _readme_train_step, rank, world)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(outcomes, f)
     dist.destroy_process_group()
@@ -349,12 +353,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"{w} ranks")
-def ranks(request, tmp_path_factory):
-    """(world size, one dict of outcomes per rank): every case run once in one group."""
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"world{world}")
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only (inherited by the ranks)
+def _run_group(world: int, out_dir) -> list[dict]:
+    """Spawn ``world`` ranks that run every case; one dict of outcomes per rank."""
     context = torch.multiprocessing.start_processes(
         _rank_main,
         args=(world, _free_port(), str(out_dir)),
@@ -366,7 +366,7 @@ def ranks(request, tmp_path_factory):
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"the {world} ranks did not finish within {GROUP_TIMEOUT} s")
+                raise TimeoutError(f"the {world} ranks did not finish within {GROUP_TIMEOUT} s")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -375,15 +375,38 @@ def ranks(request, tmp_path_factory):
     for rank in range(world):
         with open(out_dir / f"rank{rank}.pkl", "rb") as f:
             outcomes.append(pickle.load(f))
-    return world, outcomes
+    return outcomes
 
 
-def _outcomes(ranks, key):
-    world, outcomes = ranks
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """``group(world)[rank][case name]``: each world size's group is run once, when first asked."""
+    runs = {}
+
+    def outcomes(world: int) -> list[dict]:
+        if world not in runs:
+            try:
+                runs[world] = _run_group(world, tmp_path_factory.mktemp(f"world{world}"))
+            except Exception as exc:  # every test of this world size reports it, once run
+                runs[world] = exc
+        if isinstance(runs[world], Exception):
+            raise runs[world]
+        return runs[world]
+
+    return outcomes
+
+
+def _results(outcomes: list[dict], key: str) -> list:
+    """Each rank's result of the case ``key``; fails if a rank raised."""
     for rank, outcome in enumerate(outcomes):
         if isinstance(outcome[key], tuple):
             pytest.fail(f"rank {rank} raised {outcome[key][0]}: {outcome[key][1]}")
-    return world, [outcome[key] for outcome in outcomes]
+    return [outcome[key] for outcome in outcomes]
+
+
+def _raised(outcomes: list[dict], key: str) -> list[tuple[str, str]]:
+    """Each rank's (exception type, message) for the bad call ``key``."""
+    return [outcome[key] for outcome in outcomes]
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,18 +468,17 @@ def numpy_engine():
     return "default"
 
 
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
 @pytest.mark.parametrize("case", CLASS_PARALLEL, ids=lambda c: c.name)
-def test_class_parallel_loss_and_gradient_equal_torch_unsharded(ranks, case):
-    world, results = _outcomes(ranks, case.name)
+def test_class_parallel_loss_and_gradient_equal_torch_unsharded(group, world, case):
+    results = _results(group(world), case.name)
     x, t, w, upstream = case.tensors()
     expected_loss, expected_grad = _oracle(case, x, t, w, upstream)
-    for rank, result in enumerate(results):  # one value, bit for bit, on every rank
-        assert torch.equal(result["loss"], results[0]["loss"]) or (
-            result["loss"].isnan().all() and results[0]["loss"].isnan().all()
-        ), rank
-        assert result["grad"].dtype == case.dtype
     loss, grad = results[0]["loss"], _gathered_grad(case, results)
-    assert loss.dtype == case.dtype and loss.shape == expected_loss.shape
+    for result in results:  # one value, bit for bit, on every rank
+        torch.testing.assert_close(result["loss"], loss, rtol=0, atol=0, equal_nan=True)
+    assert grad.dtype == loss.dtype == case.dtype
+    assert loss.shape == expected_loss.shape
     torch.testing.assert_close(loss, expected_loss, equal_nan=True, **_tolerance(case.dtype))
     torch.testing.assert_close(grad, expected_grad, **_tolerance(case.dtype))
     if case.bitwise:  # x[n, y] crosses the network unchanged: torch's elementwise bits
@@ -472,17 +494,19 @@ def test_class_parallel_cases_cover_what_they_claim():
     for world in WORLD_SIZES:
         sizes = {name: [s for _, s in case.shards(world)] for name, case in cases.items()}
         assert len(set(sizes["log-probs mean"])) > 1
-        assert 1 in sizes["log-probs mean"] and 0 in sizes["an empty shard"]
+        assert 1 in sizes["log-probs mean"]
+        assert 0 in sizes["an empty shard"]
         shards = cases["targets on the first ranks only"].shards(world)
         assert any(not ((start <= t) & (t < start + size)).any() for start, size in shards if size)
 
 
-@pytest.mark.parametrize("case", DATA_PARALLEL, ids=lambda c: c.name)
-def test_pieces_with_the_global_total_weight_add_up_to_the_whole_batch(ranks, case):
-    world, results = _outcomes(ranks, case.name) if case.name in ranks[1][0] else (None, None)
-    if world is None:
-        assert case.class_parallel and ranks[0] == 2  # the 2 x 2 grid needs 4 ranks
-        return
+@pytest.mark.parametrize(
+    ("world", "case"),
+    [(world, case) for case in DATA_PARALLEL for world in case.rows],
+    ids=lambda p: f"{p} ranks" if isinstance(p, int) else p.name,
+)
+def test_pieces_with_the_global_total_weight_add_up_to_the_whole_batch(group, world, case):
+    results = _results(group(world), case.name)
     x, t, w = case.tensors(world)
     whole = ClassParallel(
         case.name, shape=x.shape, weighted=case.weighted, from_logits=case.from_logits,
@@ -506,50 +530,52 @@ def test_pieces_with_the_global_total_weight_add_up_to_the_whole_batch(ranks, ca
     assert not torch.allclose(naive_mean, expected_loss, rtol=1e-3)
 
 
-def _raised(ranks, key):
-    world, outcomes = ranks
-    return world, [outcome[key] for outcome in outcomes]
-
-
 def _core_error(call):
-    with pytest.raises(Exception) as info:
+    """(type, message) of the error that nllloss raises for the unsharded call."""
+    try:
         call()
-    return type(info.value).__name__, str(info.value)
+    except (ValueError, TypeError, IndexError) as exc:
+        return type(exc).__name__, str(exc)
+    pytest.fail("the unsharded call raised nothing")
 
 
-def test_out_of_range_target_raises_the_core_index_error_on_every_rank(ranks):
-    world, raised = _raised(ranks, "target out of range")
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_out_of_range_target_raises_the_core_index_error_on_every_rank(group, world):
+    raised = _raised(group(world), "target out of range")
     x, t, w, _ = BAD.tensors()
     t[3] = 7
     expected = _core_error(lambda: nllloss.nll_loss(x, t, w))
-    assert expected[0] == "IndexError" and "target[3] = 7" in expected[1]
+    assert expected[0] == "IndexError"
+    assert "target[3] = 7" in expected[1]
     assert raised == [expected] * world
 
 
-def test_a_weight_of_the_wrong_length_raises_the_core_error_on_every_rank(ranks):
-    world, raised = _raised(ranks, "weight sliced")
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_a_weight_of_the_wrong_length_raises_the_core_error_on_every_rank(group, world):
+    raised = _raised(group(world), "weight sliced")
     x, t, w, _ = BAD.tensors()
     for rank, (start, size) in enumerate(BAD.shards(world)):
         sliced = w[start : start + size]
         assert raised[rank] == _core_error(lambda: nllloss.nll_loss(x, t, sliced))  # noqa: B023
 
 
-def test_a_check_failing_on_one_rank_raises_on_every_rank(ranks):
-    world, raised = _raised(ranks, "weight too long on rank 1")
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_a_check_failing_on_one_rank_raises_on_every_rank(group, world):
+    raised = _raised(group(world), "weight too long on rank 1")
     x, t, _, _ = BAD.tensors()
     kind, message = _core_error(lambda: nllloss.nll_loss(x, t, torch.ones(8, dtype=x.dtype)))
     assert raised[1] == (kind, message)
     others = (kind, f"on rank 1 of the group: {kind}: {message}")
     assert [r for rank, r in enumerate(raised) if rank != 1] == [others] * (world - 1)
 
-    world, raised = _raised(ranks, "integer input on rank 0")
+    raised = _raised(group(world), "integer input on rank 0")
     kind, message = _core_error(lambda: nllloss.nll_loss(x.long(), t))
     assert kind == "TypeError"
     assert raised == [(kind, message)] + [(kind, f"on rank 0 of the group: {kind}: {message}")] * (
         world - 1
     )
 
-    world, raised = _raised(ranks, "total_weight")
+    raised = _raised(group(world), "total_weight")
     kind, message = _core_error(
         lambda: nllloss.total_weight(torch.tensor([0.0, 1.0, -100.0], dtype=torch.float64))
     )
@@ -560,8 +586,9 @@ def test_a_check_failing_on_one_rank_raises_on_every_rank(ranks):
     )
 
 
-def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(ranks):
-    world, raised = _raised(ranks, "overlapping shards")
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(group, world):
+    raised = _raised(group(world), "overlapping shards")
     shards = ", ".join(f"rank {rank}: [0, 2)" for rank in range(world))
     expected = (
         "ValueError",
@@ -573,8 +600,9 @@ def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(ranks):
 
 @pytest.mark.parametrize(("key", "name"), [("targets differ", "target"),
                                            ("reduction differs", "reduction")])  # fmt: skip
-def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(ranks, key, name):
-    world, raised = _raised(ranks, key)
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, world, key, name):
+    raised = _raised(group(world), key)
     assert len(set(raised)) == 1
     kind, message = raised[0]
     assert kind == "ValueError"
@@ -589,9 +617,12 @@ def test_total_weight_sums_over_the_ranks():
         t = torch.tensor([[0, 2], [-100, 2]])
         w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float32)
         total = nllloss.distributed.total_weight(t, w)
-        assert total.dtype == torch.float32 and total.shape == () and total.item() == 4.5
+        assert total.dtype == torch.float32
+        assert total.shape == ()
+        assert total.item() == 4.5
         count = nllloss.distributed.total_weight(t, ignore_index=2)
-        assert count.dtype == torch.int64 and count.item() == 2
+        assert count.dtype == torch.int64
+        assert count.item() == 2
     finally:
         dist.destroy_process_group()
 
@@ -614,7 +645,7 @@ def _readme_problem():
 
 def _readme_train_step(rank: int, world: int) -> dict:
     """The README's ``train_step`` on this rank's rows, in micro-batches of up to 2 rows."""
-    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     (block,) = [b for b in blocks if "def train_step" in b]
     namespace: dict = {}
     exec(block, namespace)
@@ -627,8 +658,9 @@ def _readme_train_step(rank: int, world: int) -> dict:
     return {"loss": loss, "grads": [p.grad for p in model.parameters()]}
 
 
-def test_readme_train_step_gives_the_full_batch_loss_and_gradient(ranks):
-    world, results = _outcomes(ranks, "readme")
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
+def test_readme_train_step_gives_the_full_batch_loss_and_gradient(group, world):
+    results = _results(group(world), "readme")
     model, x, t, weight = _readme_problem()
     loss = F.cross_entropy(model(x), t, weight=weight)
     loss.backward()
