@@ -16,6 +16,8 @@ import pathlib
 import pickle
 import re
 import socket
+import subprocess
+import sys
 import time
 import zlib
 
@@ -610,21 +612,79 @@ def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, wo
     assert re.search(r"rank 0 and rank \d passed different values", message)
 
 
-def test_total_weight_sums_over_the_ranks():
-    """Single-process: the all-reduce of nllloss.total_weight over a group of one."""
+@pytest.fixture
+def one_rank():
+    """A group of one process (this one), for what needs no other rank."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        t = torch.tensor([[0, 2], [-100, 2]])
-        w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float32)
-        total = nllloss.distributed.total_weight(t, w)
-        assert total.dtype == torch.float32
-        assert total.shape == ()
-        assert total.item() == 4.5
-        count = nllloss.distributed.total_weight(t, ignore_index=2)
-        assert count.dtype == torch.int64
-        assert count.item() == 2
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_total_weight_of_one_rank_is_the_local_total_weight(one_rank):
+    t = torch.tensor([[0, 2], [-100, 2]])
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float32)
+    total = nllloss.distributed.total_weight(t, w)
+    assert total.dtype == torch.float32
+    assert total.shape == ()
+    assert total.item() == 4.5
+    count = nllloss.distributed.total_weight(t, ignore_index=2)
+    assert count.dtype == torch.int64
+    assert count.item() == 2
+
+
+X = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.5, -2.5]], dtype=torch.float64)
+T = torch.tensor([0, 2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"input_shard": X.numpy()}, TypeError, "input_shard must be a torch.Tensor .* numpy"),
+        ({"class_start": 0.0}, TypeError, "class_start must be an int, not float"),
+        ({"class_start": True}, TypeError, "class_start must be an int, not bool"),
+        ({"class_start": -1}, ValueError, r"class_start must be a class index \(0 or more\)"),
+        ({"class_start": 1}, ValueError, r"cover the classes \[0, 3\) .* rank 0: \[1, 4\)"),
+        ({"reduction": "avg"}, ValueError, "avg is not a valid value for reduction"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing must be between 0.0 and 1.0"),
+        ({"from_logits": 1}, TypeError, "from_logits must be True or False"),
+        ({"total_weight": 2.0, "reduction": "sum"}, ValueError, "total_weight is the denom"),
+        ({"target": T.double()}, TypeError, "target must hold class indices of an integer"),
+        ({"target": T[:1]}, ValueError, r"Expected input batch_size \(2\) to match"),
+        ({"weight": [1.0, 2.0]}, ValueError, "weight tensor should be defined either for all 3"),
+    ],
+    ids=lambda p: p if isinstance(p, str) else None,
+)
+def test_bad_arguments_raise_the_core_errors(one_rank, kwargs, error, match):
+    arguments = {"input_shard": X, "target": T, "class_start": 0, **kwargs}
+    with pytest.raises(error, match=match):
+        nllloss.distributed.nll_loss(
+            arguments.pop("input_shard"), arguments.pop("target"), **arguments
+        )
+
+
+def test_deprecated_elementwise_mean_warns_at_the_callers_line(one_rank):
+    with pytest.warns(UserWarning, match="elementwise_mean' is deprecated") as record:
+        loss = nllloss.distributed.nll_loss(X, T, class_start=0, reduction="elementwise_mean")
+    assert record[0].filename == __file__
+    torch.testing.assert_close(loss, F.nll_loss(X, T), rtol=0, atol=0)
+
+
+def test_inputs_are_not_modified_and_sequences_are_accepted(one_rank):
+    x, t, w = X.clone().requires_grad_(), T.clone(), [1.0, 2.0, 0.5]
+    loss = nllloss.distributed.nll_loss(x, t.numpy(), class_start=0, weight=w, from_logits=True)
+    loss.backward()
+    assert torch.equal(x.detach(), X)
+    assert torch.equal(t, T)
+    expected = F.cross_entropy(X, T, weight=torch.tensor(w, dtype=X.dtype))
+    torch.testing.assert_close(loss, expected, **_tolerance(torch.float64))
+
+
+def test_attribute_of_nllloss_that_imports_torch_when_first_touched():
+    code = (
+        "import sys, nllloss; assert 'torch' not in sys.modules;"
+        "nllloss.distributed.nll_loss; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def nll_loss(
         )  # fmt: skip
     except Exception as exc:  # raised after the all-gather, once the other ranks know
         error = exc
-    rows = _all_gather_rows(_row(args, class_start, input_shard), group)
+    rows = _all_gather_rows(_row(args, input_shard), group)
     _raise_if_any_failed(any(row[_FAILED] for row in rows), error, group)
     classes = _validate.check_shards([row[_START] for row in rows], [row[_SIZE] for row in rows])
     _check_agreement(rows, classes)
@@ -319,7 +319,8 @@ _ROW_LENGTH = 13
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
-def _row(args: _Arguments | None, class_start: Any, input: Any) -> torch.Tensor:
+def _row(args: _Arguments | None, input: Any) -> torch.Tensor:
+    """This rank's row of the all-gather: all zeros but the flag when its checks failed."""
     device = _device(input)
     if args is None:
         row = torch.zeros(_ROW_LENGTH, dtype=torch.int64, device=device)
