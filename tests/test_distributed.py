@@ -679,6 +679,24 @@ def test_inputs_are_not_modified_and_sequences_are_accepted(one_rank):
     torch.testing.assert_close(loss, expected, **_tolerance(torch.float64))
 
 
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_ignored_rows_of_nan_reach_neither_loss_nor_gradient(one_rank, from_logits):
+    x = torch.cat([X, torch.full((1, 3), torch.nan, dtype=X.dtype)]).requires_grad_()
+    t = torch.tensor([0, 2, -100])
+    loss = nllloss.distributed.nll_loss(
+        x, t, class_start=0, from_logits=from_logits, label_smoothing=0.1
+    )
+    loss.backward()
+    expected = X.clone().requires_grad_()  # an ignored row is a dropped row
+    reference = nllloss.distributed.nll_loss(
+        expected, T, class_start=0, from_logits=from_logits, label_smoothing=0.1
+    )
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+    assert torch.equal(x.grad[:2], expected.grad)
+    assert torch.equal(x.grad[2], torch.zeros(3, dtype=X.dtype))
+
+
 def test_attribute_of_nllloss_that_imports_torch_when_first_touched():
     code = (
         "import sys, nllloss; assert 'torch' not in sys.modules;"

@@ -197,11 +197,15 @@ def nll_loss(
 
     Notes
     -----
-    Per call: one all-gather of 13 int64 per rank, then one all-reduce of N (log-
-    probabilities) or 2N (with label smoothing) values, or from logits one of N and one of
-    2N or 3N, plus one flag value; the backward communicates nothing. Edge cases follow
-    torch: 'mean' over a zero total weight is NaN. float16 and bfloat16 are computed and
-    communicated in float32, and rounded once. A rank may hold no class (``C_r = 0``).
+    Per call, with N target elements: one all-gather of 13 int64 per rank, then from
+    log-probabilities one all-reduce of N + 1 values (2N + 1 with label smoothing; the extra
+    value flags a failed check), from logits one of N + 1 (the maxima) and one of 2N (3N with
+    label smoothing); the backward communicates nothing. Two host synchronisations read the
+    all-gather and the flag. Edge cases follow torch: 'mean' over a zero total weight is NaN.
+    Ignored elements contribute neither loss nor gradient, even from a row of NaN logits.
+    float16 and bfloat16 are computed and communicated in float32, and rounded once. A rank
+    may hold no class (``C_r = 0``). The target and weight must be the same on every rank
+    (checked through position-sensitive sums, not element by element).
 
     Examples
     --------
