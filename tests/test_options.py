@@ -7,6 +7,8 @@ input, and a float64 NumPy reference written here from the formula alone.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,6 @@ from conftest import BFLOAT16, EXACT_DTYPES, FLOAT_DTYPES, assert_bitwise, to_to
 from hypothesis import given
 from hypothesis import strategies as st
 
-import nllloss
 from nllloss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 
 
@@ -138,7 +139,8 @@ def test_forward_and_gradient_match_torch(shape, reduction, smoothing, from_logi
             g = np.asarray(np.random.default_rng(1).uniform(0.5, 1.5, expected.shape), dtype)
             expected.backward(torch.from_numpy(g))
             grad = nll_loss_backward(g, x, t, weight=w, reduction=reduction, **options)
-            assert grad.dtype == x.dtype and grad.shape == x.shape
+            assert grad.dtype == x.dtype
+            assert grad.shape == x.shape
             assert_close(grad, xt.grad.numpy(), dtype, scale=1)
 
 
@@ -242,7 +244,8 @@ def test_extreme_logits(rng):
     assert np.isinf(nll_loss(x, t, from_logits=True, label_smoothing=0.2))
     assert np.isfinite(nll_loss(x, t, from_logits=True))
     grad = nll_loss_backward(1.0, x, t, from_logits=True)
-    assert np.all(np.isfinite(grad)) and grad[2, 1] == 0
+    assert np.all(np.isfinite(grad))
+    assert grad[2, 1] == 0
 
 
 def test_nothing_from_ignored_rows(rng):
@@ -257,7 +260,8 @@ def test_nothing_from_ignored_rows(rng):
         loss = nll_loss(x, t, weight=w, **options)
         assert np.isfinite(loss)
         grad = nll_loss_backward(1.0, x, t, weight=w, **options)
-        assert np.all(grad[3] == 0) and np.all(np.isfinite(grad))
+        assert np.all(grad[3] == 0)
+        assert np.all(np.isfinite(grad))
 
 
 # total_weight ----------------------------------------------------------------------------
@@ -305,11 +309,12 @@ def test_pieces_with_the_global_total_weight_add_up_to_the_batch(pieces, options
     cuts = np.linspace(0, 60, pieces + 1).astype(int)
     cuts[1] = 10
     losses, grads = [], []
-    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+    for lo, hi in itertools.pairwise(cuts):
         loss, grad = nll_loss_and_grad(x[lo:hi], t[lo:hi], w, total_weight=total, **options)
         losses.append(loss)
         grads.append(grad)
-    assert losses[0] == 0 and np.all(grads[0] == 0)
+    assert losses[0] == 0
+    assert np.all(grads[0] == 0)
     np.testing.assert_allclose(sum(losses), whole, rtol=1e-14)
     np.testing.assert_allclose(np.concatenate(grads), whole_grad, rtol=1e-14, atol=1e-17)
     if not options:  # the gradient depends on each element alone: the same bits
@@ -337,7 +342,7 @@ def test_total_weight_forms_and_errors(rng):
 def test_option_errors(rng):
     x, t, _ = problem(rng, (3, 4))
     for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+        with pytest.raises(ValueError, match=r"label_smoothing must be between 0\.0 and 1\.0"):
             nll_loss(x, t, label_smoothing=bad)
     for bad in ("0.1", None, True):
         with pytest.raises(TypeError, match="label_smoothing must be a real number"):
