@@ -285,6 +285,11 @@ def _integer_input_args(rank, world):
     return (shard.long() if rank == 0 else shard, t), kwargs
 
 
+def _other_dtype_args(rank, world):
+    shard, t, kwargs = _good_args(rank, world)
+    return (shard.float() if rank == world - 1 else shard, t), kwargs
+
+
 def _other_reduction_args(rank, world):
     shard, t, kwargs = _good_args(rank, world)
     return (shard, t), {**kwargs, "reduction": "sum" if rank == 0 else "mean"}
@@ -298,13 +303,14 @@ BAD_CALLS = {
     "targets differ": _other_target_args,
     "integer input on rank 0": _integer_input_args,
     "reduction differs": _other_reduction_args,
+    "dtypes differ": _other_dtype_args,
 }
 
 
 def _bad_total_weight(rank, world):
-    """A target, of a float dtype on the last rank."""
+    """A target (of a float dtype on the last rank) and a weight."""
     t = torch.tensor([0, 1, -100])
-    return t.double() if rank == world - 1 else t
+    return t.double() if rank == world - 1 else t, torch.ones(3, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,7 +345,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     for name, make in BAD_CALLS.items():
         args, kwargs = make(rank, world)
         attempt(name, nllloss.distributed.nll_loss, *args, **kwargs)
-    attempt("total_weight", nllloss.distributed.total_weight, _bad_total_weight(rank, world))
+    attempt("total_weight", nllloss.distributed.total_weight, *_bad_total_weight(rank, world))
     for case in CLASS_PARALLEL + DATA_PARALLEL:
         if case not in DATA_PARALLEL or world in case.rows:
             attempt(case.name, case.run, rank, world, groups)
@@ -578,9 +584,7 @@ def test_a_check_failing_on_one_rank_raises_on_every_rank(group, world):
     )
 
     raised = _raised(group(world), "total_weight")
-    kind, message = _core_error(
-        lambda: nllloss.total_weight(torch.tensor([0.0, 1.0, -100.0], dtype=torch.float64))
-    )
+    kind, message = _core_error(lambda: nllloss.total_weight(*_bad_total_weight(0, 1)))
     assert kind == "TypeError"
     assert raised[-1] == (kind, message)
     assert raised[:-1] == [(kind, f"on rank {world - 1} of the group: {kind}: {message}")] * (
@@ -601,7 +605,8 @@ def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(group, wo
 
 
 @pytest.mark.parametrize(("key", "name"), [("targets differ", "target"),
-                                           ("reduction differs", "reduction")])  # fmt: skip
+                                           ("reduction differs", "reduction"),
+                                           ("dtypes differ", "the input's dtype")])  # fmt: skip
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
 def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, world, key, name):
     raised = _raised(group(world), key)

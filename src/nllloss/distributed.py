@@ -107,7 +107,8 @@ def total_weight(
         local = _local_total_weight(target, weight, ignore_index)
     except Exception as exc:  # raised below, once the other ranks know
         error = exc
-    exact = torch.int64 if local is None or not local.dtype.is_floating_point else torch.float64
+    # Decided from the arguments alone, so that a failed rank sends the same dtype.
+    exact = torch.int64 if weight is None else torch.float64
     payload = torch.zeros(2, dtype=exact, device=_device(target))
     if local is not None:
         payload[0] = local.to(exact)
@@ -197,7 +198,7 @@ def nll_loss(
 
     Notes
     -----
-    Per call, with N target elements: one all-gather of 13 int64 per rank, then from
+    Per call, with N target elements: one all-gather of 14 int64 per rank, then from
     log-probabilities one all-reduce of N + 1 values (2N + 1 with label smoothing; the extra
     value flags a failed check), from logits one of N + 1 (the maxima) and one of 2N (3N with
     label smoothing); the backward communicates nothing. Two host synchronisations read the
@@ -318,8 +319,10 @@ _AGREED = (
     ("from_logits", 9),
     ("label_smoothing", 10),
     ("total_weight", 11, 12),  # given, value
+    ("the input's dtype", 13),  # the all-reduces are in its compute dtype
 )
-_ROW_LENGTH = 13
+_ROW_LENGTH = 14
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -345,6 +348,7 @@ def _row(args: _Arguments | None, input: Any) -> torch.Tensor:
         _float_bits(plan.smoothing),
         int(args.total_weight is not None),
         0,
+        _DTYPE_CODES[plan.dtype],
     ]
     row = torch.tensor(small, dtype=torch.int64, device=device)
     row[4] = _checksum(args.target.reshape(-1).to(torch.int64) + 1)
