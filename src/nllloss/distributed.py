@@ -481,16 +481,20 @@ def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
 
 
 def _shard_sums(x: torch.Tensor, targets: _Targets, plan: _Plan) -> list[torch.Tensor]:
-    """This rank's share of each per-element sum over the classes (x shifted from logits)."""
-    parts = [x.exp().sum(1)] if plan.from_logits else []
+    """This rank's share of each per-element sum over the classes. From logits, ``x`` is the
+    shifted copy, which this exponentiates in place (one (B, C_r, S) buffer, not two)."""
     if plan.layout.classes:
         picked = x.gather(1, targets.index).squeeze(1)
-        parts.append(torch.where(targets.owned, picked, 0))
+        parts = [torch.where(targets.owned, picked, 0)]
     else:
-        parts.append(x.new_zeros(targets.valid.shape))
+        parts = [x.new_zeros(targets.valid.shape)]
     if plan.smoothing:
-        weighted = x if targets.shard_weight is None else x * targets.shard_weight.view(1, -1, 1)
-        parts.append(weighted.sum(1))
+        if targets.shard_weight is None:
+            parts.append(x.sum(1))
+        else:
+            parts.append(torch.einsum("bcs,c->bs", x, targets.shard_weight))
+    if plan.from_logits:
+        parts.insert(0, x.exp_().sum(1))
     return parts
 
 
@@ -529,7 +533,8 @@ class _ClassParallelLoss(torch.autograd.Function):
                 smooth = smooth / denominator if eps else None
             loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
         layout = plan.layout
-        loss = loss.reshape(() if layout.unbatched else layout.output_shape if loss.dim() else ())
+        none = plan.reduction == "none" and not layout.unbatched
+        loss = loss.reshape(layout.output_shape if none else ())
         ctx.save_for_backward(input_shard)
         ctx.stats, ctx.targets, ctx.plan, ctx.denominator = stats, targets, plan, denominator
         return loss.to(plan.dtype)
@@ -552,28 +557,27 @@ class _ClassParallelLoss(torch.autograd.Function):
             nll_scale = nll_scale / ctx.denominator
             smooth_scale = smooth_scale / ctx.denominator if eps else None
         nll_scale = torch.where(valid, nll_scale, 0)
+        smooth_scale = torch.where(valid, smooth_scale, 0) if eps else None
         shape3 = (layout.batch, layout.classes, layout.spatial)
+        # One (B, C_r, S) buffer, updated in place.
         if plan.from_logits:
             # d/dx of log p: the log-prob gradient minus p times its sum over the classes
             mass = targets.weight * nll_scale
             if eps:
-                smooth_scale = torch.where(valid, smooth_scale, 0)
                 mass = mass + smooth_scale * targets.weight_sum
             x = input_shard.reshape(shape3).to(plan.compute_dtype)
-            probs = torch.exp(x - stats.log_norm.unsqueeze(1))
-            grad_input = torch.where(valid.unsqueeze(1), probs * mass.unsqueeze(1), 0)
+            grad_input = (x - stats.log_norm.unsqueeze(1)).exp_().mul_(mass.unsqueeze(1))
+            grad_input.masked_fill_(~valid.unsqueeze(1), 0)  # also where a row is NaN
         else:
             grad_input = nll_scale.new_zeros(shape3)
-            if eps:
-                smooth_scale = torch.where(valid, smooth_scale, 0)
-        if eps:
-            class_weight = (
-                1 if targets.shard_weight is None else targets.shard_weight.view(1, -1, 1)
-            )
-            grad_input = grad_input - smooth_scale.unsqueeze(1) * class_weight
+        if eps and targets.shard_weight is None:
+            grad_input.sub_(smooth_scale.unsqueeze(1))
+        elif eps:
+            class_weight = targets.shard_weight.view(1, -1, 1)
+            grad_input.addcmul_(smooth_scale.unsqueeze(1), class_weight, value=-1)
         if layout.classes:
             at_target = torch.where(targets.owned, -(targets.weight * nll_scale), 0)
-            grad_input = grad_input.scatter_add(1, targets.index, at_target.unsqueeze(1))
+            grad_input.scatter_add_(1, targets.index, at_target.unsqueeze(1))
         return grad_input.reshape(input_shard.shape).to(plan.dtype), None, None, None, None
 
 
