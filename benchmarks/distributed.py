@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument(
-        "--shapes", nargs="+", default=["4096x8192", "1024x65536"], help="NxC, float32"
+        "--shapes", nargs="+", default=["2048x8192", "512x65536"], help="NxC, float32"
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
