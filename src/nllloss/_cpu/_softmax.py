@@ -193,21 +193,21 @@ def softmax_tiles(
         b = job // tiles
         start = (job % tiles) * TILE
         width = min(TILE, spatial - start)
+        # x3[b, j, start + k] with k innermost: unit stride, so the class loops vectorise
         top = _compute_buffer(width, x3)
         total = np.zeros(width, dtype=np.float64)
         weighted = np.zeros(width, dtype=np.float64)
-        slab = x3[b, :, start : start + width]
         if from_logits:
             for k in range(width):
-                top[k] = _decode(slab[0, k], decode)
+                top[k] = _decode(x3[b, 0, start + k], decode)
             for j in range(classes):
                 for k in range(width):
-                    value = _decode(slab[j, k], decode)
+                    value = _decode(x3[b, j, start + k], decode)
                     top[k] = value if value > top[k] else top[k]
             for j in range(classes):
                 w = np.float64(weight[j])
                 for k in range(width):
-                    value = _decode(slab[j, k], decode) - top[k]
+                    value = _decode(x3[b, j, start + k], decode) - top[k]
                     total[k] += np.float64(_exp(value))
                     if smoothing:
                         weighted[k] += w * np.float64(value)
@@ -215,7 +215,7 @@ def softmax_tiles(
             for j in range(classes):
                 w = np.float64(weight[j])
                 for k in range(width):
-                    weighted[k] += w * np.float64(_decode(slab[j, k], decode))
+                    weighted[k] += w * np.float64(_decode(x3[b, j, start + k], decode))
         # per element: statistics, and the gradient's coefficients (0 where ignored)
         shift = _compute_buffer(width, x3)
         a = np.zeros(width, dtype=grad3.dtype)
@@ -230,7 +230,7 @@ def softmax_tiles(
                 smooth[m] = 0.0
                 any_ignored = True
                 continue
-            log_p_target = np.float64(_decode(slab[target, k], decode))
+            log_p_target = np.float64(_decode(x3[b, target, start + k], decode))
             if from_logits:
                 log_norm = math.log(total[k])
                 row_shift = np.float64(top[k]) + log_norm
@@ -248,23 +248,21 @@ def softmax_tiles(
                 a[k] = at_target[k] + s * smooth_scale * weight_sum
         if not want_grad:
             continue
-        out = grad3[b, :, start : start + width]
         for j in range(classes):
             w = weight[j]
             if from_logits:
                 for k in range(width):
-                    out[j, k] = a[k] * _exp(_decode(slab[j, k], decode) - shift[k]) - (
-                        per_weight[k] * w
-                    )
+                    p = _exp(_decode(x3[b, j, start + k], decode) - shift[k])
+                    grad3[b, j, start + k] = a[k] * p - per_weight[k] * w
             else:
                 for k in range(width):
-                    out[j, k] = -(per_weight[k] * w)
+                    grad3[b, j, start + k] = -(per_weight[k] * w)
         for k in range(width):
             target = t2[b, start + k]
             if target != ignore_index:
-                out[target, k] -= _in_compute_type(at_target[k], grad3)
+                grad3[b, target, start + k] -= _in_compute_type(at_target[k], grad3)
         if any_ignored:  # nothing from an ignored element, not even its NaN or inf
             for k in range(width):
                 if t2[b, start + k] == ignore_index:
                     for j in range(classes):
-                        out[j, k] = 0.0
+                        grad3[b, j, start + k] = 0.0
