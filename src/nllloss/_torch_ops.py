@@ -300,38 +300,42 @@ def forward_backward(
 total_weight = _generic.total_weight
 
 
+_REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
+_FAST_DTYPES = (torch.float32, torch.float64)
+_nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
+
+
 def fast_forward(input, target, weight, ignore_index, reduction):
     """The commonest torch call straight to torch's kernel, whose bits our engine reproduces.
 
-    Float32/float64 CPU input below ``TORCH_KERNEL_MAX`` elements, an int64 (or uint8 for
-    2-D) target tensor, no weight or a 1-D weight of the input's dtype, an int
-    ``ignore_index``. Anything else, and any error torch raises, returns None: the full
-    path then validates and raises nllloss's error.
+    Float32/float64 CPU input of rank 2 or more below ``TORCH_KERNEL_MAX`` elements, an
+    int64 (or uint8 for 2-D) CPU target tensor, no weight or a 1-D CPU weight of the
+    input's dtype, an int ``ignore_index``, a reduction by its name. Anything else, and any
+    error torch raises, returns None: the full path then validates and raises nllloss's error.
     """
-    if not (
-        input.device.type == "cpu"
-        and input.dtype in (torch.float32, torch.float64)
-        and input.dim() >= 2
-        and input.numel() < TORCH_KERNEL_MAX
-        and type(target) is torch.Tensor
-        and (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
-        and target.device.type == "cpu"
-        and type(ignore_index) is int
-        and (
-            weight is None
-            or (
-                type(weight) is torch.Tensor
-                and weight.dim() == 1
-                and weight.dtype == input.dtype
-                and weight.device.type == "cpu"
+    enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
+    if (
+        enum is None
+        or type(target) is not torch.Tensor
+        or type(ignore_index) is not int
+        or input.dtype not in _FAST_DTYPES
+        or not (input.is_cpu and target.is_cpu)
+        or not (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
+        or input.dim() < 2
+        or input.numel() >= TORCH_KERNEL_MAX
+        or (
+            weight is not None
+            and (
+                type(weight) is not torch.Tensor
+                or weight.dim() != 1
+                or weight.dtype != input.dtype
+                or not weight.is_cpu
             )
         )
-        and not _functorch_active()
+        or _functorch_active()
     ):
         return None
     try:
-        return torch.nn.functional.nll_loss(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction
-        )
+        return _nll_loss_nd(input, target, weight, enum, ignore_index)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
