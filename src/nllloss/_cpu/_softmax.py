@@ -134,9 +134,9 @@ def softmax_rows(
                     grad2[i, j] = 0.0
             continue
         row = x2[i]
-        shift = 0.0
+        top = _decode(row[0], decode)
+        log_norm = 0.0
         if from_logits:
-            top = _decode(row[0], decode)
             for j in range(classes):
                 value = _decode(row[j], decode)
                 top = value if value > top else top
@@ -148,8 +148,7 @@ def softmax_rows(
                 if smoothing:
                     weighted += np.float64(weight[j]) * np.float64(value)
             log_norm = math.log(total)
-            shift = np.float64(top) + log_norm
-            log_p_target = np.float64(_decode(row[target], decode)) - shift
+            log_p_target = np.float64(_decode(row[target], decode)) - (np.float64(top) + log_norm)
             smooth[i] = -(weighted - log_norm * weight_sum) if smoothing else 0.0
         else:
             log_p_target = np.float64(_decode(row[target], decode))
@@ -168,9 +167,11 @@ def softmax_rows(
             per_weight = _in_compute_type(s * smooth_scale, grad2)
             if from_logits:
                 a = _in_compute_type(at_target + s * smooth_scale * weight_sum, grad2)
-                row_shift = _in_compute_type(shift, x2)
+                # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to
+                # float32 would be off by its ulp (0.001 at 1e4)
+                row_log_norm = _in_compute_type(log_norm, x2)
                 for j in range(classes):
-                    p = _exp(_decode(row[j], decode) - row_shift)
+                    p = _exp((_decode(row[j], decode) - top) - row_log_norm)
                     grad2[i, j] = a * p - per_weight * weight[j]
             else:
                 for j in range(classes):
@@ -217,7 +218,7 @@ def softmax_tiles(
                 for k in range(width):
                     weighted[k] += w * np.float64(_decode(x3[b, j, start + k], decode))
         # per element: statistics, and the gradient's coefficients (0 where ignored)
-        shift = _compute_buffer(width, x3)
+        log_norms = _compute_buffer(width, x3)
         a = np.zeros(width, dtype=grad3.dtype)
         per_weight = np.zeros(width, dtype=grad3.dtype)
         at_target = np.zeros(width, dtype=np.float64)
@@ -233,9 +234,8 @@ def softmax_tiles(
             log_p_target = np.float64(_decode(x3[b, target, start + k], decode))
             if from_logits:
                 log_norm = math.log(total[k])
-                row_shift = np.float64(top[k]) + log_norm
-                shift[k] = row_shift
-                log_p_target -= row_shift
+                log_norms[k] = log_norm  # subtracted after top, as in softmax_rows
+                log_p_target -= np.float64(top[k]) + log_norm
                 smooth[m] = -(weighted[k] - log_norm * weight_sum) if smoothing else 0.0
             else:
                 smooth[m] = -weighted[k] if smoothing else 0.0
@@ -252,7 +252,7 @@ def softmax_tiles(
             w = weight[j]
             if from_logits:
                 for k in range(width):
-                    p = _exp(_decode(x3[b, j, start + k], decode) - shift[k])
+                    p = _exp((_decode(x3[b, j, start + k], decode) - top[k]) - log_norms[k])
                     grad3[b, j, start + k] = a[k] * p - per_weight[k] * w
             else:
                 for k in range(width):
