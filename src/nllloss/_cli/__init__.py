@@ -361,6 +361,8 @@ def _eval(args: argparse.Namespace) -> int:
                 )
         else:
             totals = evaluate_here(predictions, targets, options, chunk_rows, on_block=on_block)
+    except IndexError as error:  # the core's message for an out-of-range target
+        raise UserError(f"{targets.label}: {error}") from None
     finally:
         progress.close()
         if loss_file is not None:

@@ -19,6 +19,7 @@ anyway: a 16-bit partial sum would round at every block, and overflow past 65504
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -219,6 +220,8 @@ def dask_client(scheduler: str | None) -> Iterator:
                 threads_per_worker=1,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # a failed block's error reaches the client, which reports it in one line
+                silence_logs=logging.CRITICAL,
             ) as cluster,
             Client(cluster) as client,
         ):
