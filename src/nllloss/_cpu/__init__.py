@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import _validate
+from .. import _generic, _validate
 from .._reduction import level_power
-from .._validate import Layout
+from .._validate import PLAIN, Layout
 
 
 @functools.cache
@@ -28,7 +28,13 @@ def load():
         from . import _kernels
     except ImportError:
         return None
-    return SimpleNamespace(forward=forward, backward=backward, kernels=_kernels)
+    return SimpleNamespace(
+        forward=forward,
+        backward=backward,
+        forward_backward=forward_backward,
+        total_weight=_generic.total_weight,
+        kernels=_kernels,
+    )
 
 
 @functools.cache
@@ -118,8 +124,11 @@ def _sized(kernel, work: int):
     return kernel if work >= PARALLEL_MIN else kernel.serial
 
 
-def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout, options=PLAIN):
     """See ``_generic.forward``."""
+    if options.from_logits or options.label_smoothing:
+        return _generic.forward(engine, x, t, w, ignore_index, reduction, layout, options)
+    given = options.total_weight
     kernels = load().kernels
     x3, t2, dtype, table = _views(x, t, layout, ignore_index)
     weight = _weight(w, x.dtype, dtype)
@@ -131,12 +140,16 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         )
         _raise_if_bad(first_bad, t, layout, ignore_index)
         return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
-    if size == 0:
+    if size == 0 and given is None:
         return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
     mean = reduction == "mean"
     if size <= FUSED_REDUCE_MAX:
-        value, first_bad = kernels.fused_reduce(x3, t2, ignore_index, weight, table, mean)
+        value, first_bad = kernels.fused_reduce(
+            x3, t2, ignore_index, weight, table, mean and given is None
+        )
         _raise_if_bad(first_bad, t, layout, ignore_index)
+        if mean and given is not None:
+            value = kernels.divide(dtype.type(value), _given_total(given, dtype))
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
@@ -147,13 +160,34 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         )
         if mean:  # numba returns Python floats: divide in the dtype, as torch
             total = dtype.type(count if w is None else weight_sum)
+            if given is not None:
+                total = _given_total(given, dtype)
             value = kernels.divide(dtype.type(value), total)
     # value is exact in the accumulation dtype; 16-bit outputs round it once.
     return np.array(value, dtype=x.dtype)
 
 
-def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+def _given_total(total_weight, dtype):
+    return dtype.type(np.asarray(total_weight).reshape(()).astype(dtype))
+
+
+def backward(
+    engine,
+    grad_output,
+    x,
+    t,
+    w,
+    ignore_index: int,
+    reduction: str,
+    layout: Layout,
+    options=PLAIN,
+    out=None,
+):
     """See ``_generic.backward``."""
+    if options.from_logits or options.label_smoothing:
+        return _generic.backward(
+            engine, grad_output, x, t, w, ignore_index, reduction, layout, options, out
+        )
     kernels = load().kernels
     sixteen_bit = x.dtype.itemsize == 2
     native = x.dtype.newbyteorder("=")
@@ -164,7 +198,11 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     _raise_if_bad(first_bad, t, layout, ignore_index)
 
     upstream = np.asarray(grad_output).astype(dtype)
-    grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=native)
+    grad_shape = (layout.batch, layout.classes, layout.spatial)
+    if out is not None and out.dtype == native:
+        grad = out.reshape(grad_shape)  # C-contiguous: a view, written in place
+    else:
+        grad = np.empty(grad_shape, dtype=native)
     bits = (lambda a: a.view(np.uint16)) if sixteen_bit else (lambda a: a)
     no_values = np.empty(0, dtype=grad.dtype)
     if reduction == "none" and not layout.unbatched:
@@ -180,13 +218,16 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
             )
         else:
             _sized(kernels.write_gradient, grad.size)(t2, ignore_index, negated, upstream, grad)
-        return _as_input_dtype(grad.reshape(x.shape), x.dtype)
+        return _result(grad, x, out)
 
     # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
     # step = -(g / total) or -g, computed once per class (bit-identical to per element).
     upstream = upstream.reshape(())
     if reduction == "mean":
-        total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
+        if options.total_weight is not None:
+            total = _given_total(options.total_weight, dtype)
+        else:
+            total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
         upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
@@ -194,12 +235,27 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     _sized(kernels.write_gradient, grad.size)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad)
     )
-    return _as_input_dtype(grad.reshape(x.shape), x.dtype)
+    return _result(grad, x, out)
 
 
-def _as_input_dtype(grad, dtype):
-    """The gradient in the input's dtype: a copy only for non-native byte order."""
-    return grad if grad.dtype == dtype else grad.astype(dtype)
+def _result(grad, x, out):
+    """The gradient in the input's shape and dtype (a copy only for non-native byte
+    order), in ``out`` when given (where it was written in place unless byte orders differ)."""
+    grad = grad.reshape(x.shape)
+    if out is None:
+        return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
+    if not np.may_share_memory(grad, out):
+        out[...] = grad
+    return out
+
+
+def forward_backward(
+    engine, grad_output, x, t, w, ignore_index, reduction, layout, options=PLAIN, out=None
+):
+    """See ``_generic.forward_backward``."""
+    loss = forward(engine, x, t, w, ignore_index, reduction, layout, options)
+    grad = backward(engine, grad_output, x, t, w, ignore_index, reduction, layout, options, out)
+    return loss, grad
 
 
 def _weight_total(kernels, t2, ignore_index, weight):
