@@ -20,6 +20,7 @@ from .. import _validate
 from ._evaluate import (
     Options,
     Totals,
+    compute_dtype,
     dask_client,
     default_chunk_rows,
     evaluate_here,
@@ -237,30 +238,22 @@ def _check_inputs(predictions: Source, targets: Source) -> _validate.Layout:
 
 
 class Progress:
-    """A one-line progress report on stderr, drawn once the work has taken ``delay`` seconds
-    and only when the stream is a terminal; redrawn at most ``1 / interval`` times a second.
+    """A one-line progress report on ``stream``, drawn only when it is a terminal and the
+    work has taken ``DELAY`` seconds; redrawn at most every ``INTERVAL`` seconds.
 
     Our own few lines rather than tqdm or rich: one line of text is all the CLI draws, and so
     it needs no dependency beyond the core's.
     """
 
-    def __init__(
-        self,
-        total: int,
-        stream: TextIO,
-        *,
-        enabled: bool = True,
-        delay: float = 1.0,
-        interval: float = 0.1,
-        clock=time.monotonic,
-    ) -> None:
+    DELAY = 1.0
+    INTERVAL = 0.1
+
+    def __init__(self, total: int, stream: TextIO, *, enabled: bool = True, clock=None) -> None:
         self.total = total
         self.stream = stream
         self.enabled = enabled and stream.isatty()
-        self.delay = delay
-        self.interval = interval
-        self.clock = clock
-        self.start = clock()
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
         self.drawn_at: float | None = None
         self.done = 0
 
@@ -270,16 +263,16 @@ class Progress:
             return
         now = self.clock()
         elapsed = now - self.start
-        if elapsed < self.delay or (
-            self.drawn_at is not None and now - self.drawn_at < self.interval
+        if elapsed < self.DELAY or (
+            self.drawn_at is not None and now - self.drawn_at < self.INTERVAL
         ):
             return
         self.drawn_at = now
         fraction = self.done / self.total if self.total else 1.0
-        left = elapsed * (1 - fraction) / fraction if fraction else float("nan")
+        left = f", about {elapsed * (1 - fraction) / fraction:.0f} s left" if fraction else ""
         self.stream.write(
             f"\r{PROG} eval: {100 * fraction:5.1f}%  {self.done}/{self.total} rows  "
-            f"{elapsed:.0f} s, about {left:.0f} s left "
+            f"{elapsed:.0f} s{left} "
         )
         self.stream.flush()
 
@@ -318,19 +311,25 @@ def _eval(args: argparse.Namespace) -> int:
         )
     suffix = Path(report_path).suffix.lower() if report_path else ""
     format = args.format or {".json": "json", ".csv": "csv"}.get(suffix, "table")
-    if not 0.0 <= args.label_smoothing <= 1.0:
-        _usage_error(f"--label-smoothing must be between 0 and 1, got {args.label_smoothing}")
+    try:
+        label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
+    except ValueError as error:
+        _usage_error(f"--label-smoothing: {error}")
 
     predictions = open_array(args.predictions, "predictions")
     targets = open_array(args.targets, "targets", text_dtype=np.int64)
     layout = _check_inputs(predictions, targets)
+    work_dtype = compute_dtype(predictions.dtype)
+    weight = _read_weight(args.weight, layout.classes)
+    if weight is not None:  # as the core casts it: to the predictions' dtype
+        weight = weight.astype(predictions.dtype).astype(work_dtype)
     options = Options(
         classes=layout.classes,
-        weight=_read_weight(args.weight, layout.classes),
+        weight=weight,
         ignore_index=_validate.check_ignore_index(args.ignore_index),
         reduction=args.reduction,
         from_logits=args.from_logits,
-        label_smoothing=args.label_smoothing,
+        label_smoothing=label_smoothing,
         per_class=args.per_class or args.plot is not None,
     )
     if not args.from_logits:
@@ -341,12 +340,11 @@ def _eval(args: argparse.Namespace) -> int:
                 f"{excess:.3g} from 0); if it holds logits, pass --from-logits"
             )
     chunk_rows = args.chunk_rows or default_chunk_rows(predictions)
-    compute_dtype = np.dtype(np.float32) if predictions.dtype.itemsize == 2 else predictions.dtype
 
     progress = Progress(layout.batch, sys.stderr, enabled=not args.quiet)
     loss_file = None
     if args.reduction == "none":
-        loss_file = _LossFile(loss_path, layout.output_shape, compute_dtype)
+        loss_file = _LossFile(loss_path, layout.output_shape, work_dtype)
 
     def on_block(block: Totals, start: int, stop: int) -> None:
         if loss_file is not None:
@@ -372,11 +370,11 @@ def _eval(args: argparse.Namespace) -> int:
     if result.nan_count:
         _warn(f"{predictions.label} holds {result.nan_count} NaN values")
     if loss_path is not None and args.reduction != "none":
-        np.save(loss_path, np.asarray(result.loss, dtype=compute_dtype))
+        np.save(loss_path, np.asarray(result.loss, dtype=work_dtype))
     context = Context(
         reduction=args.reduction,
         from_logits=args.from_logits,
-        label_smoothing=args.label_smoothing,
+        label_smoothing=label_smoothing,
         weighted=options.weight is not None,
         loss_file=loss_path,
     )
