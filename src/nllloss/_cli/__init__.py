@@ -117,13 +117,13 @@ def _parser() -> _Parser:
     scale.add_argument(
         "--scheduler", metavar="ADDRESS", help="evaluate on the Dask scheduler at ADDRESS"
     )
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=_run_eval)
 
     info = commands.add_parser(
         "info", help="versions, threads and GPUs", description="Versions, threads and GPUs."
     )
     info.add_argument("--format", choices=("table", "json"), default="table")
-    info.set_defaults(run=_info)
+    info.set_defaults(run=_run_info)
 
     commands.add_parser(
         "bench",
@@ -133,7 +133,7 @@ def _parser() -> _Parser:
     examples = commands.add_parser(
         "examples", help="the seed documents' examples beside nllloss's values"
     )
-    examples.set_defaults(run=lambda args: _examples())
+    examples.set_defaults(run=lambda args: _run_examples())
     return parser
 
 
@@ -302,7 +302,7 @@ class _LossFile:
         self.file.close()
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _run_eval(args: argparse.Namespace) -> int:
     report_path = args.out if args.out and not args.out.lower().endswith(".npy") else None
     loss_path = args.out if args.out and report_path is None else None
     if args.reduction == "none" and loss_path is None:
@@ -388,14 +388,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
+def _run_info(args: argparse.Namespace) -> int:
     from ._info import render_info
 
     sys.stdout.write(render_info(args.format))
     return 0
 
 
-def _examples() -> int:
+def _run_examples() -> int:
     from ._examples import print_examples
 
     return print_examples()

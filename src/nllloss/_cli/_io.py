@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-CONTAINER_SUFFIXES = (".npz", ".safetensors", ".zarr")
+SUFFIXES = (".npy", ".npz", ".safetensors", ".zarr", ".txt")
 
 
 class UserError(Exception):
@@ -137,9 +137,9 @@ Source = MappedRows | InMemory | ZarrRows
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
-    """``'a.npz:x'`` -> (a.npz, 'x'); a colon counts only after a container's suffix."""
+    """``'a.npz:x'`` -> (a.npz, 'x'); a colon counts only after a suffix we read."""
     head, colon, key = spec.rpartition(":")
-    if colon and head.lower().endswith(CONTAINER_SUFFIXES):
+    if colon and head.lower().endswith(SUFFIXES):
         return Path(head), key
     return Path(spec), None
 
@@ -159,10 +159,10 @@ def open_array(spec: str, role: str, *, text_dtype: Any = None) -> Source:
         return _zarr_source(path, key, label)
     if path.is_dir():
         raise UserError(f"{label}: is a directory, not a Zarr store")
+    if key is not None and suffix in (".npy", ".txt"):
+        raise UserError(f"{label}: a {suffix} file holds one array; drop ':{key}'")
     try:
         if suffix == ".npy":
-            if key is not None:
-                raise UserError(f"{label}: a .npy file holds one array; drop ':{key}'")
             return _npy_source(path, label)
         if suffix == ".npz":
             return _npz_source(path, key, label)
