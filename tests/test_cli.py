@@ -339,7 +339,7 @@ def test_table_csv_and_json_report_the_same_numbers(data, tmp_path, capsys):
         "0",
         str(expected["per_class"][0]["count"]),
         "1",
-        f"{expected['per_class'][0]['mean_nll']:.6g}",
+        f"{expected['per_class'][0]['mean_nll']:.4f}",
     ]
 
     assert run([*argv, "--out", tmp_path / "report.csv"], capsys)[:2] == (0, "")

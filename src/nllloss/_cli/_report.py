@@ -108,7 +108,7 @@ def _class_table(rows: list[dict]) -> list[str]:
             str(row["class"]),
             str(row["count"]),
             f"{row['weight']:g}",
-            _number(row["mean_nll"]),
+            f"{row['mean_nll']:.4f}",
             "-" if math.isnan(row["share"]) else f"{100 * row['share']:.1f}%",
         )
         for row in rows
