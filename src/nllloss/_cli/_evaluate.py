@@ -33,10 +33,11 @@ from .. import _validate
 from ._io import Source, UserError
 
 # Where --chunk-rows is not given, blocks hold about this many bytes of predictions.
-# On the 2-core dev machine, (N, 1000) float32 logits ran at 0.9-1.0 GB/s from 16 MiB blocks
-# up; 64 MiB keeps the peak memory (the block, its log-softmax and a few per-element
-# arrays: about 4x the block) near 300 MB.
-DEFAULT_BLOCK_BYTES = 64 << 20
+# Measured on the 2-core dev machine (shared, so +-30%) with a 1 GB (262144, 1000) float32
+# file: log-probabilities ran at about 1 GB/s and logits (--from-logits) at 0.25-0.4 GB/s for
+# blocks of 8 to 64 MiB, no faster at 256 MiB; the peak memory grows with the block (logits:
+# 180 MB at 16 MiB, 370 MB at 64 MiB, 1.1 GB at 256 MiB).
+DEFAULT_BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
