@@ -865,6 +865,16 @@ ERRORS = {
         1,
         "expected numbers separated by commas",
     ),
+    "weight-missing": (
+        ["{log_probs}", "{target}", "--weight", "{folder}/w.npy"],
+        1,
+        "weight {folder}/w.npy: no such file or directory",
+    ),
+    "out-folder-missing": (
+        ["{log_probs}", "{target}", "--out", "{folder}/nope/r.json"],
+        1,
+        "{folder}/nope/r.json: its folder does not exist",
+    ),
     # usage errors
     "no-targets": (["{log_probs}"], 2, "the following arguments are required: TARGET"),
     "bad-reduction": (

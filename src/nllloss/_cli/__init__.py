@@ -11,6 +11,7 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -29,7 +30,7 @@ from ._evaluate import (
     log_prob_excess,
 )
 from ._io import Source, UserError, open_array
-from ._report import Context, per_class_figure, render
+from ._report import Context, per_class_figure, render, require_matplotlib
 
 PROG = "nllloss"
 EXIT_ERROR = 1
@@ -303,15 +304,37 @@ class _LossFile:
         self.file.close()
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    report_path = args.out if args.out and not args.out.lower().endswith(".npy") else None
-    loss_path = args.out if args.out and report_path is None else None
-    if args.reduction == "none" and loss_path is None:
+@dataclass(frozen=True)
+class _Outputs:
+    """Where ``eval`` writes: the report (None: stdout) in ``format``, the loss array, the plot."""
+
+    report: str | None
+    format: str
+    losses: str | None
+    plot: str | None
+
+
+def _outputs(args: argparse.Namespace) -> _Outputs:
+    """Checked before anything is read, so a bad output fails fast."""
+    out = args.out
+    losses = out if out is not None and out.lower().endswith(".npy") else None
+    report = out if losses is None else None
+    if args.reduction == "none" and losses is None:
         _usage_error(
             "--reduction none gives one loss per target element: save them with --out FILE.npy"
         )
-    suffix = Path(report_path).suffix.lower() if report_path else ""
+    suffix = Path(report).suffix.lower() if report else ""
     format = args.format or {".json": "json", ".csv": "csv"}.get(suffix, "table")
+    for path in (out, args.plot):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{path}: its folder does not exist")
+    if args.plot is not None:
+        require_matplotlib()
+    return _Outputs(report, format, losses, args.plot)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    outputs = _outputs(args)
     try:
         label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
     except ValueError as error:
@@ -334,18 +357,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         per_class=args.per_class or args.plot is not None,
     )
     if not args.from_logits:
-        excess = log_prob_excess(predictions.rows(0, LOG_PROB_SAMPLE_ROWS))
-        if excess > LOG_PROB_TOLERANCE:
-            _warn(
-                f"{predictions.label} does not hold log-probabilities (a row's log-sum-exp is "
-                f"{excess:.3g} from 0); if it holds logits, pass --from-logits"
-            )
+        _warn_if_not_log_probabilities(predictions)
     chunk_rows = args.chunk_rows or default_chunk_rows(predictions)
 
     progress = Progress(layout.batch, sys.stderr, enabled=not args.quiet)
     loss_file = None
     if args.reduction == "none":
-        loss_file = _LossFile(loss_path, layout.output_shape, work_dtype)
+        loss_file = _LossFile(outputs.losses, layout.output_shape, work_dtype)
 
     def on_block(block: Totals, start: int, stop: int) -> None:
         if loss_file is not None:
@@ -370,23 +388,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = finish(totals, options, predictions.dtype)
     if result.nan_count:
         _warn(f"{predictions.label} holds {result.nan_count} NaN values")
-    if loss_path is not None and args.reduction != "none":
-        np.save(loss_path, np.asarray(result.loss, dtype=work_dtype))
+    if outputs.losses is not None and args.reduction != "none":
+        np.save(outputs.losses, np.asarray(result.loss, dtype=work_dtype))
     context = Context(
         reduction=args.reduction,
         from_logits=args.from_logits,
         label_smoothing=label_smoothing,
         weighted=options.weight is not None,
-        loss_file=loss_path,
+        loss_file=outputs.losses,
     )
-    text = render(result, context, format)
-    if report_path is None:
+    text = render(result, context, outputs.format)
+    if outputs.report is None:
         sys.stdout.write(text)
     else:
-        Path(report_path).write_text(text)
-    if args.plot is not None:
-        per_class_figure(result.per_class).savefig(args.plot)
+        Path(outputs.report).write_text(text)
+    if outputs.plot is not None:
+        per_class_figure(result.per_class).savefig(outputs.plot)
     return 0
+
+
+def _warn_if_not_log_probabilities(predictions: Source) -> None:
+    excess = log_prob_excess(predictions.rows(0, LOG_PROB_SAMPLE_ROWS))
+    if excess > LOG_PROB_TOLERANCE:
+        _warn(
+            f"{predictions.label} does not hold log-probabilities (a row's log-sum-exp is "
+            f"{excess:.3g} from 0); if it holds logits, pass --from-logits"
+        )
 
 
 def _run_info(args: argparse.Namespace) -> int:

@@ -123,15 +123,21 @@ def _class_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install 'nllloss[plot]')") from None
+
+
 def per_class_figure(rows: list[dict]):
     """Two bar charts over the classes: the mean NLL, and the share of the total loss.
 
-    Uses matplotlib's Agg backend (no display needed); returns the Figure.
+    A bare Figure, drawn by matplotlib's Agg canvas: no display, no pyplot state.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib (pip install 'nllloss[plot]')") from None
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
     labels = [str(row["class"]) for row in rows]
     figure = Figure(figsize=(max(6.0, 0.35 * len(rows) + 2), 5.5), layout="constrained")
     mean_axes, share_axes = figure.subplots(2, 1, sharex=True)
