@@ -801,7 +801,7 @@ def bad(data):
     nan_x = data["arrays"]["log_probs"].copy()
     nan_x[[3, 8, 8], [0, 1, 2]] = np.nan
     np.savez(folder / "two.npz", a=data["arrays"]["logits"], b=data["arrays"]["target"])
-    return dict(
+    bad = dict(
         short_t=_write(folder, "short_t.npy", data["arrays"]["target"][:-1]),
         float_t=_write(folder, "float_t.npy", data["arrays"]["target"].astype(np.float32)),
         text_t=_write(folder, "text_t.txt", "1\n2\n1.5\n"),
@@ -811,8 +811,12 @@ def bad(data):
         nan_x=_write(folder, "nan_x.npy", nan_x),
         garbage=_write(folder, "garbage.safetensors", b"\xff" * 16),
         csv=_write(folder, "x.csv", "1,2"),
+        cut=_write(folder, "cut.npy", data["arrays"]["log_probs"]),
         two=folder / "two.npz",
     )
+    with bad["cut"].open("r+b") as file:  # the last row's bytes are lost
+        file.truncate(bad["cut"].stat().st_size - 4 * C)
+    return bad
 
 
 ERRORS = {
@@ -831,6 +835,12 @@ ERRORS = {
         ["{csv}", "{target}"],
         1,
         "unknown format '.csv': expected .npy, .npz[:KEY]",
+    ),
+    "truncated-npy": (
+        ["{cut}", "{target}"],
+        1,
+        f"predictions {{cut}}: the file is cut short ({128 + 4 * C * (N - 1)} bytes; float32 "
+        f"({N}, {C}) needs {128 + 4 * C * N})",
     ),
     "npz-unknown-key": (["{two}:c", "{target}"], 1, "no array 'c' (it holds a, b)"),
     "npz-no-key": (["{two}", "{target}"], 1, "holds a, b; name one as {two}:KEY"),

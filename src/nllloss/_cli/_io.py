@@ -9,8 +9,8 @@ descriptions (path and offset), never as data.
 Files whose bytes lie in C order in one piece (``.npy``, uncompressed ``.npz`` members,
 ``.safetensors`` tensors) are memory-mapped one row range at a time: the mapping is dropped
 with the rows, so the pages it touched leave the process's resident memory too (a mapping of
-the whole file would keep every page read so far resident). Compressed ``.npz`` members,
-Fortran-ordered ``.npy`` files and text files are read whole.
+the whole file would keep every page read so far resident). Compressed ``.npz`` members and
+text files are read whole, Fortran-ordered arrays mapped whole.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class MappedRows(_Rows):
 
 @dataclass(frozen=True, eq=False)
 class InMemory(_Rows):
-    """An array that is read whole (text, compressed ``.npz`` members, Fortran order)."""
+    """An array read (or mapped) whole: text, compressed ``.npz`` members, Fortran order."""
 
     array: np.ndarray
     label: str
@@ -195,6 +195,17 @@ def _checked_dtype(dtype: np.dtype, label: str) -> np.dtype:
     return dtype
 
 
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, label: str):
+    """A MappedRows, once the file is known to hold all of its bytes."""
+    needed = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    size = path.stat().st_size
+    if size < needed:
+        raise UserError(
+            f"{label}: the file is cut short ({size} bytes; {dtype} {shape} needs {needed})"
+        )
+    return MappedRows(str(path), offset, shape, dtype, label)
+
+
 def _npy_source(path: Path, label: str) -> Source:
     with path.open("rb") as file:
         shape, fortran, dtype = _npy_header(file, label)
@@ -202,7 +213,7 @@ def _npy_source(path: Path, label: str) -> Source:
     dtype = _checked_dtype(dtype, label)
     if fortran and len(shape) > 1:  # rows are not contiguous: map the file whole
         return InMemory(np.load(path, mmap_mode="r"), label)
-    return MappedRows(str(path), offset, shape, dtype, label)
+    return _mapped(path, offset, shape, dtype, label)
 
 
 def _pick_key(names: list[str], key: str | None, label: str, path: Path) -> str:
@@ -224,8 +235,11 @@ _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
 def _npz_source(path: Path, key: str | None, label: str) -> Source:
     try:
         with zipfile.ZipFile(path) as archive:
-            members = {info.filename[:-4]: info for info in archive.infolist()}
-            members = {k: v for k, v in members.items() if v.filename.endswith(".npy")}
+            members = {
+                info.filename[:-4]: info
+                for info in archive.infolist()
+                if info.filename.endswith(".npy")
+            }
             info = members[_pick_key(list(members), key, label, path)]
             if info.compress_type != zipfile.ZIP_STORED:
                 with archive.open(info) as member:
@@ -245,7 +259,7 @@ def _npz_source(path: Path, key: str | None, label: str) -> Source:
     dtype = _checked_dtype(dtype, label)
     if fortran and len(shape) > 1:
         return InMemory(np.load(path)[info.filename[:-4]], label)
-    return MappedRows(str(path), offset, shape, dtype, label)
+    return _mapped(path, offset, shape, dtype, label)
 
 
 def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
