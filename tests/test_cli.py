@@ -592,6 +592,13 @@ def test_scheduler_with_zarr_and_none(data, cluster, tmp_path, capsys):
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_scheduler_with_no_rows(cluster, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((0, 3), np.float32))
+    np.save(tmp_path / "t.npy", np.zeros(0, np.int64))
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--per-class"]
+    assert report([*argv, "--scheduler", cluster.scheduler_address], capsys) == report(argv, capsys)
+
+
 def test_scheduler_reports_an_out_of_range_target_in_one_line(data, cluster, tmp_path, capsys):
     t = data["arrays"]["target"].copy()
     t[251] = C + 2

@@ -261,6 +261,8 @@ def evaluate_on_dask(
         return da.from_array(source, chunks=chunks, lock=False, asarray=True, meta=meta)
 
     ranges = row_ranges(predictions.shape[0], chunk_rows)
+    if not ranges:  # no rows: dask.array would still make one empty block
+        return Totals()
     x_blocks = rows_of(predictions).to_delayed().ravel()
     t_blocks = rows_of(targets).to_delayed().ravel()
     shared = dask.delayed(options)
