@@ -404,7 +404,8 @@ def total_weight(engine, t, w, ignore_index: int):
         valid = _compare(xp, flat, "!=", ignore_index)
         count = xp.sum(xp.astype(valid, _index_dtype(xp)))
         return np.asarray(count) if isinstance(count, np.generic) else count
-    valid, bad = _checked_valid(xp, xp.reshape(t, shape), layout, ignore_index)
+    valid, bad = _checked_valid(xp, t, layout, ignore_index)
+    valid = xp.reshape(valid, (-1,))
     dtype = _compute_dtype(xp, w.dtype)
     device = array_api_compat.device(t)
     if classes == 0 or size == 0:

@@ -145,7 +145,11 @@ def _backward_backward(ctx, grad):
             options,
         )
         grad_upstream, grad_input = torch.autograd.grad(
-            first, (upstream, logits), grad, create_graph=torch.is_grad_enabled()
+            first,
+            (upstream, logits),
+            grad,
+            create_graph=torch.is_grad_enabled(),
+            materialize_grads=True,  # log-probability input: the gradient ignores its values
         )
     return grad_upstream, grad_input, None, None, None, None, None, None, None
 

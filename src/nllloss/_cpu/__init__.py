@@ -124,6 +124,7 @@ def _sized(kernel, work: int):
     return kernel if work >= PARALLEL_MIN else kernel.serial
 
 
+@_generic._IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
 def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout, options=PLAIN):
     """See ``_generic.forward``."""
     if options.from_logits or options.label_smoothing:
