@@ -83,12 +83,21 @@ def _parser() -> _Parser:
     evaluate.add_argument(
         "--weight", metavar="W", help="class weights: an array as above, or numbers as 1,2,0.5"
     )
-    evaluate.add_argument("--ignore-index", type=int, default=-100, metavar="I")
-    evaluate.add_argument("--reduction", choices=("mean", "sum", "none"), default="mean")
+    evaluate.add_argument(
+        "--ignore-index", type=int, default=-100, metavar="I", help="target to skip (-100)"
+    )
+    evaluate.add_argument(
+        "--reduction",
+        choices=("mean", "sum", "none"),
+        default="mean",
+        help="default mean; none writes one loss per target to --out FILE.npy",
+    )
     evaluate.add_argument(
         "--from-logits", action="store_true", help="PRED holds logits (cross-entropy)"
     )
-    evaluate.add_argument("--label-smoothing", type=float, default=0.0, metavar="E")
+    evaluate.add_argument(
+        "--label-smoothing", type=float, default=0.0, metavar="E", help="0 <= E <= 1 (0)"
+    )
     evaluate.add_argument(
         "--per-class", action="store_true", help="count, weight, mean NLL and share per class"
     )
