@@ -33,10 +33,10 @@ from .. import _validate
 from ._io import Source, UserError
 
 # Where --chunk-rows is not given, blocks hold about this many bytes of predictions.
-# Measured on the 2-core dev machine (shared, so +-30%) with a 1 GB (262144, 1000) float32
-# file: log-probabilities ran at about 1 GB/s and logits (--from-logits) at 0.25-0.4 GB/s for
-# blocks of 8 to 64 MiB, no faster at 256 MiB; the peak memory grows with the block (logits:
-# 180 MB at 16 MiB, 370 MB at 64 MiB, 1.1 GB at 256 MiB).
+# benchmarks/cli_eval.py on the 2-core dev machine, a 1 GB (262144, 1000) float32 file:
+# log-probabilities ran at 1.7-2.1 GB/s and logits (--from-logits) at 0.3-0.4 GB/s with
+# blocks of 4 to 64 MiB, slower at 256 MiB; the peak memory grows with the block (logits:
+# 173 MB at 16 MiB, 391 MB at 64 MiB, 1.2 GB at 256 MiB; 4.3 GB for np.load of the file).
 DEFAULT_BLOCK_BYTES = 16 << 20
 
 
