@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,17 @@ def main() -> None:
     args = parser.parse_args()
     row_bytes = 4 * args.classes
     block_mib = (4, 16, 64, 256)
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     lines = [
         "# nllloss eval: block size, throughput, peak memory",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, git {revision or '?'}, numpy {np.__version__}, "
+        f"Python {platform.python_version()}.",
         "",
         f"{args.rows} x {args.classes} float32 ({args.rows * row_bytes / 1e9:.2f} GB per file); "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "

@@ -33,10 +33,11 @@ from .. import _validate
 from ._io import Source, UserError
 
 # Where --chunk-rows is not given, blocks hold about this many bytes of predictions.
-# benchmarks/cli_eval.py on the 2-core dev machine, a 1 GB (262144, 1000) float32 file:
-# log-probabilities ran at 1.7-2.1 GB/s and logits (--from-logits) at 0.3-0.4 GB/s with
-# blocks of 4 to 64 MiB, slower at 256 MiB; the peak memory grows with the block (logits:
-# 173 MB at 16 MiB, 391 MB at 64 MiB, 1.2 GB at 256 MiB; 4.3 GB for np.load of the file).
+# benchmarks/cli_eval.py (results/cli-eval-latest.md), 2-core shared machine, a 1 GB
+# (262144, 1000) float32 file: log-probabilities ran at 1.1-2.1 GB/s and logits
+# (--from-logits) at 0.3-0.4 GB/s with blocks of 4 to 64 MiB (16 MiB at least as fast as
+# any), slower at 256 MiB; the peak memory grows with the block (logits: 173 MB at 16 MiB,
+# 391 MB at 64 MiB, 1.2 GB at 256 MiB; 4.3 GB for np.load of the file).
 DEFAULT_BLOCK_BYTES = 16 << 20
 
 
