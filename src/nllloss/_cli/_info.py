@@ -127,16 +127,15 @@ def render_info(format: str) -> str:
     info = collect()
     if format == "json":
         return json.dumps(info) + "\n"
-    lines = [f"python       {info['python']} ({info['platform']})"]
-    for name, version in info["versions"].items():
-        lines.append(f"{name:<17}{version or '-'}")
-    lines.append(
-        f"threads      {info['threads']['nllloss']} (nllloss kernels), "
-        f"{info['threads']['cpus']} CPUs"
-    )
+    rows = [("python", f"{info['python']} ({info['platform']})")]
+    rows += [(name, version or "-") for name, version in info["versions"].items()]
+    threads = info["threads"]
+    rows.append(("threads", f"{threads['nllloss']} (nllloss kernels), {threads['cpus']} CPUs"))
     if not info["gpus"]:
-        lines.append("GPUs         none seen (no nvidia-smi, torch, cupy or jax)")
+        rows.append(("GPUs", "none seen (no nvidia-smi, torch, cupy or jax)"))
     for seen_by, found in info["gpus"].items():
-        shown = found if isinstance(found, str) else ", ".join(found) or "none"
-        lines.append(f"GPUs ({seen_by}) {shown}")
-    return "\n".join(lines) + "\n"
+        rows.append(
+            (f"GPUs ({seen_by})", found if isinstance(found, str) else ", ".join(found) or "none")
+        )
+    width = max(len(name) for name, _ in rows) + 2
+    return "".join(f"{name:<{width}}{value}\n" for name, value in rows)
