@@ -11,8 +11,10 @@ from the sums:
 * ``'none'``: the blocks' element-wise losses, written in place.
 
 Sums across blocks are taken in float64 in block order, so the result does not depend on
-where the blocks are computed (here or on Dask workers), and one block gives the one-shot
-value bit for bit: torch's float32 sum and total weight, divided and rounded once. float16
+where the blocks are computed (here or on Dask workers). One block of log-probabilities
+gives the one-shot value bit for bit: torch's float32 sum and total weight, divided and
+rounded once (with ``from_logits``, the core's own 'mean' divides its float64 sum before
+rounding: one rounding apart at most). float16
 and bfloat16 blocks are widened to float32 first (exactly), as nllloss accumulates them
 anyway: a 16-bit partial sum would round at every block, and overflow past 65504.
 """
@@ -116,7 +118,7 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
             losses = None
         if options.reduction == "none":
             loss_sum = np.sum(losses, dtype=np.float64)
-        else:  # the core's sum, so that one block gives the one-shot result bit for bit
+        else:  # the core's sum: one block of log-probabilities gives torch's bits
             loss_sum = nllloss.nll_loss(x, t, weight, reduction="sum", **loss_options)
     except IndexError:
         raise _out_of_range(t, first_row, options) from None
