@@ -1,4 +1,4 @@
-"""The README's example and the worked example of ``python -m nllloss`` run as shown."""
+"""The README's examples and main job, and ``nllloss examples``, run as shown."""
 
 from __future__ import annotations
 
@@ -24,9 +24,26 @@ def test_readme_python_example_runs():
         exec(block, {})
 
 
+def test_readme_main_job_prints_what_the_readme_shows():
+    """The set-up command's ``nllloss eval ...`` prints the table shown below it."""
+    setup = README.read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    command, shown = re.search(r"```bash\n(.*?)\n```\n\n```text\n(.*?)```", setup, re.S).groups()
+    job = command.split(" && ")[-1].split()
+    assert job[:2] == ["nllloss", "eval"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nllloss", *job[1:]],
+        capture_output=True,
+        text=True,
+        cwd=README.parent,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == shown
+
+
 def test_worked_example_runs_and_matches_its_documented_values():
     out = subprocess.run(
-        [sys.executable, "-m", "nllloss"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "nllloss", "examples"], capture_output=True, text=True, check=True
     ).stdout
     lines = out.splitlines()
     assert lines[0].split() == ["example", "documented", "source", "nllloss"]

@@ -11,6 +11,7 @@ arrive.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _generic, _validate
@@ -25,32 +26,31 @@ def _layout(input: torch.Tensor, target: torch.Tensor) -> _validate.Layout:
 
 
 def _run(kind: str, grad_output, input, target, weight, ignore_index, reduction, options):
-    """Run ``kind`` ('forward' or 'backward') on the engine for the tensors' device."""
+    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the engine for the
+    tensors' device: the NumPy engine on zero-copy views for CPU tensors it computes exactly,
+    else the generic path with torch's namespace."""
     layout = _layout(input, target)
     if input.device.type == "cpu" and input.dtype in _EXACT_ON_NUMPY:
-        arrays = [
-            None if a is None else a.detach().numpy() for a in (grad_output, input, target, weight)
-        ]
-        if options.total_weight is not None:
-            options = options._replace(total_weight=options.total_weight.detach().numpy())
-        engine = engine_for(arrays[1])
-        if kind == "forward":
-            result = engine.implementation.forward(
-                engine, *arrays[1:], ignore_index, reduction, layout, options
-            )
-        else:
-            result = engine.implementation.backward(
-                engine, *arrays, ignore_index, reduction, layout, options
-            )
-        return torch.from_numpy(result)  # fresh, contiguous, owned: no copy needed
-    engine = engine_for(input)  # the generic engine of torch's namespace
+        to_numpy = lambda a: None if a is None else a.detach().numpy()  # noqa: E731
+        grad_output, input, target, weight = map(to_numpy, (grad_output, input, target, weight))
+        options = options._replace(total_weight=to_numpy(options.total_weight))
+        engine = engine_for(input)
+        implementation = engine.implementation
+    else:
+        engine, implementation = engine_for(input), _generic  # torch's namespace
+    arguments = (input, target, weight, ignore_index, reduction, layout, options)
     if kind == "forward":
-        return _generic.forward(
-            engine, input, target, weight, ignore_index, reduction, layout, options
-        )
-    return _generic.backward(
-        engine, grad_output, input, target, weight, ignore_index, reduction, layout, options
-    )
+        result = implementation.forward(engine, *arguments)
+    else:
+        result = getattr(implementation, kind)(engine, grad_output, *arguments)
+    if isinstance(result, tuple):
+        return tuple(_as_tensor(r) for r in result)
+    return _as_tensor(result)
+
+
+def _as_tensor(result):
+    # NumPy results are fresh, contiguous and owned: shared with torch, not copied
+    return torch.from_numpy(result) if isinstance(result, np.ndarray) else result
 
 
 def _options(total_weight, from_logits: bool, label_smoothing: float) -> _validate.Options:
@@ -98,6 +98,55 @@ def nll_loss_backward_op(
 @nll_loss_backward_op.register_fake
 def _(grad_output, input, target, weight, ignore_index, reduction, *options):
     return torch.empty_like(input)
+
+
+@torch.library.custom_op("nllloss::nll_loss_with_unit_gradient", mutates_args=())
+def nll_loss_with_unit_gradient_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    total_weight: torch.Tensor | None,
+    from_logits: bool,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and its gradient for an upstream gradient of 1, from one pass over the
+    input (for logits: the softmax is computed once, not again in the backward)."""
+    options = _options(total_weight, from_logits, label_smoothing)
+    one = torch.ones((), dtype=input.dtype)
+    return _run("forward_backward", one, input, target, weight, ignore_index, reduction, options)
+
+
+@nll_loss_with_unit_gradient_op.register_fake
+def _(input, target, weight, ignore_index, reduction, *options):
+    layout = _layout(input, target)
+    shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
+    return input.new_empty(shape), torch.empty_like(input)
+
+
+def _save_unit_gradient(ctx, inputs, output):
+    _save(ctx, inputs, output)
+    ctx.unit_gradient = output[1]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _scaled_unit_gradient(ctx, grad, _unused):
+    """The gradient is linear in the upstream one: the unit gradient scaled (per element for
+    'none'). Building a graph for second derivatives takes the operators' path instead."""
+    unit = ctx.unit_gradient
+    if torch.is_grad_enabled():
+        return _loss_backward(ctx, grad)
+    if grad.dim() == 0:
+        scaled = unit if bool(grad == 1) else unit * grad.to(unit.dtype)
+    else:  # 'none': one upstream value per target element, along the class axis
+        scaled = unit * grad.to(unit.dtype).unsqueeze(1)
+    return scaled, None, None, None, None, None, None, None
+
+
+nll_loss_with_unit_gradient_op.register_autograd(
+    _scaled_unit_gradient, setup_context=_save_unit_gradient
+)
 
 
 def _save(ctx, inputs, output):
@@ -184,6 +233,17 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout, options=
         and (x.numel() < TORCH_KERNEL_MAX)
     ):
         return _torch_kernel(engine, x, t, w, ignore_index, reduction, layout)
+    if (
+        (options.from_logits or options.label_smoothing)
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype in _EXACT_ON_NUMPY
+    ):
+        # Training: the gradient comes out of the forward pass, the backward only scales it.
+        return nll_loss_with_unit_gradient_op(
+            x, t, w, ignore_index, reduction, *_op_options(options)
+        )[0]
     return nll_loss_op(x, t, w, ignore_index, reduction, *_op_options(options))
 
 
@@ -240,38 +300,42 @@ def forward_backward(
 total_weight = _generic.total_weight
 
 
+_REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
+_FAST_DTYPES = (torch.float32, torch.float64)
+_nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
+
+
 def fast_forward(input, target, weight, ignore_index, reduction):
     """The commonest torch call straight to torch's kernel, whose bits our engine reproduces.
 
-    Float32/float64 CPU input below ``TORCH_KERNEL_MAX`` elements, an int64 (or uint8 for
-    2-D) target tensor, no weight or a 1-D weight of the input's dtype, an int
-    ``ignore_index``. Anything else, and any error torch raises, returns None: the full
-    path then validates and raises nllloss's error.
+    Float32/float64 CPU input of rank 2 or more below ``TORCH_KERNEL_MAX`` elements, an
+    int64 (or uint8 for 2-D) CPU target tensor, no weight or a 1-D CPU weight of the
+    input's dtype, an int ``ignore_index``, a reduction by its name. Anything else, and any
+    error torch raises, returns None: the full path then validates and raises nllloss's error.
     """
-    if not (
-        input.device.type == "cpu"
-        and input.dtype in (torch.float32, torch.float64)
-        and input.dim() >= 2
-        and input.numel() < TORCH_KERNEL_MAX
-        and type(target) is torch.Tensor
-        and (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
-        and target.device.type == "cpu"
-        and type(ignore_index) is int
-        and (
-            weight is None
-            or (
-                type(weight) is torch.Tensor
-                and weight.dim() == 1
-                and weight.dtype == input.dtype
-                and weight.device.type == "cpu"
+    enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
+    if (
+        enum is None
+        or type(target) is not torch.Tensor
+        or type(ignore_index) is not int
+        or input.dtype not in _FAST_DTYPES
+        or not (input.is_cpu and target.is_cpu)
+        or not (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
+        or input.dim() < 2
+        or input.numel() >= TORCH_KERNEL_MAX
+        or (
+            weight is not None
+            and (
+                type(weight) is not torch.Tensor
+                or weight.dim() != 1
+                or weight.dtype != input.dtype
+                or not weight.is_cpu
             )
         )
-        and not _functorch_active()
+        or _functorch_active()
     ):
         return None
     try:
-        return torch.nn.functional.nll_loss(
-            input, target, weight=weight, ignore_index=ignore_index, reduction=reduction
-        )
+        return _nll_loss_nd(input, target, weight, enum, ignore_index)
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None

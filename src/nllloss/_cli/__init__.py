@@ -1,0 +1,438 @@
+"""The ``nllloss`` command line: ``eval``, ``info``, ``bench``, ``examples``.
+
+``main(argv)`` returns the exit code: 0, 1 for bad input (one line on stderr, never a
+traceback), 2 for a usage error. Heavy or optional modules (Dask, Zarr, matplotlib, the
+benchmark's competitors) are imported only by the command and option that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from .. import _validate
+from ._evaluate import (
+    Options,
+    Totals,
+    compute_dtype,
+    dask_client,
+    default_chunk_rows,
+    evaluate_here,
+    evaluate_on_dask,
+    finish,
+    log_prob_excess,
+)
+from ._io import Source, UserError, open_array
+from ._report import Context, per_class_figure, render, require_matplotlib
+
+PROG = "nllloss"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Predictions whose rows' log-sum-exp strays further from 0 than this are flagged as
+# probably not log-probabilities: torch's log-softmax rounded to bfloat16 strays up to
+# 4e-3 (float16: 5e-4), measured over C = 2 to 32000.
+LOG_PROB_TOLERANCE = 1e-2
+LOG_PROB_SAMPLE_ROWS = 256  # rows of the first block checked for that
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit code 2) and no ``sys.exit``."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise _Exit(EXIT_USAGE)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise _Exit(status)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        description="Negative log-likelihood loss of saved predictions, exactly as torch's.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="loss, perplexity and per-class table of saved predictions",
+        description=(
+            "The loss of PRED against TARGET, streamed from disk in blocks of rows. "
+            "Arrays: PATH.npy, PATH.npz[:KEY], PATH.safetensors[:KEY], a Zarr store "
+            "(PATH.zarr[:KEY]); targets and weights also from a .txt file of numbers."
+        ),
+    )
+    evaluate.add_argument("predictions", metavar="PRED", help="log-probabilities (or logits)")
+    evaluate.add_argument("targets", metavar="TARGET", help="class indices")
+    evaluate.add_argument(
+        "--weight", metavar="W", help="class weights: an array as above, or numbers as 1,2,0.5"
+    )
+    evaluate.add_argument(
+        "--ignore-index", type=int, default=-100, metavar="I", help="target to skip (-100)"
+    )
+    evaluate.add_argument(
+        "--reduction",
+        choices=("mean", "sum", "none"),
+        default="mean",
+        help="default mean; none writes one loss per target to --out FILE.npy",
+    )
+    evaluate.add_argument(
+        "--from-logits", action="store_true", help="PRED holds logits (cross-entropy)"
+    )
+    evaluate.add_argument(
+        "--label-smoothing", type=float, default=0.0, metavar="E", help="0 <= E <= 1 (0)"
+    )
+    evaluate.add_argument(
+        "--per-class", action="store_true", help="count, weight, mean NLL and share per class"
+    )
+    evaluate.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        help="report format (default: from --out's suffix, else table)",
+    )
+    evaluate.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the report to FILE; FILE.npy receives the loss array instead",
+    )
+    evaluate.add_argument(
+        "--plot", metavar="FILE.png", help="bar chart of the per-class table (matplotlib)"
+    )
+    evaluate.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        metavar="N",
+        help="rows per block (default: about 16 MiB of predictions)",
+    )
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    scale = evaluate.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--dask", action="store_true", help="evaluate on a local Dask cluster of 2 workers"
+    )
+    scale.add_argument(
+        "--scheduler", metavar="ADDRESS", help="evaluate on the Dask scheduler at ADDRESS"
+    )
+    evaluate.set_defaults(run=_run_eval)
+
+    info = commands.add_parser(
+        "info", help="versions, threads and GPUs", description="Versions, threads and GPUs."
+    )
+    info.add_argument("--format", choices=("table", "json"), default="table")
+    info.set_defaults(run=_run_info)
+
+    commands.add_parser(
+        "bench",
+        help="CPU benchmark against torch (bench --help for its options)",
+        add_help=False,
+    )
+    examples = commands.add_parser(
+        "examples", help="the seed documents' examples beside nllloss's values"
+    )
+    examples.set_defaults(run=lambda args: _run_examples())
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``nllloss`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options
+        from .._bench import main as bench_main
+
+        return bench_main(argv[1:])
+    try:
+        args = _parser().parse_args(argv)
+    except _Exit as exit:
+        return exit.code
+    try:
+        return args.run(args)
+    except _Exit as exit:
+        return exit.code
+    except (UserError, OSError, ValueError, TypeError, IndexError, MemoryError) as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, MemoryError):
+        return f"out of memory ({text}); try a smaller --chunk-rows"
+    return text
+
+
+def _usage_error(message: str):
+    print(f"{PROG} eval: error: {message} (see {PROG} eval --help)", file=sys.stderr)
+    raise _Exit(EXIT_USAGE)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# --weight: numbers separated by commas (a file of that name wins).
+_NUMBER_LIST = re.compile(r"\s*[-+.\w]+(\s*,\s*[-+.\w]+)*\s*")
+
+
+def _read_weight(spec: str | None, classes: int) -> np.ndarray | None:
+    if spec is None:
+        return None
+    if not Path(spec).exists() and _NUMBER_LIST.fullmatch(spec) and "," in spec:
+        label = f"weight {spec}"
+        try:
+            weight = np.array([float(item) for item in spec.split(",")])
+        except ValueError:
+            raise UserError(f"{label}: expected numbers separated by commas") from None
+        _check_weight(weight, classes, label)
+    else:
+        source = open_array(spec, "weight", text_dtype=np.float64)
+        label = source.label
+        _check_weight(source, classes, label)  # its shape and dtype, before reading it
+        weight = np.asarray(source.rows(0, classes))
+    nan_count = int(np.count_nonzero(np.isnan(weight)))
+    if nan_count:
+        _warn(f"{label} holds {nan_count} NaN values")
+    return weight
+
+
+def _check_weight(weight, classes: int, label: str) -> None:
+    try:
+        _validate.check_weight(weight, classes)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{label}: {error}") from None
+
+
+def _check_inputs(predictions: Source, targets: Source) -> _validate.Layout:
+    """The core's checks, on shapes and dtypes only: nothing is read yet."""
+    if len(predictions.shape) < 2:
+        raise UserError(
+            f"{predictions.label}: expected shape (N, C) or (N, C, d1, ..., dK), "
+            f"got {predictions.shape}"
+        )
+    try:
+        _validate.check_input(predictions)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{predictions.label}: {error}") from None
+    try:
+        return _validate.check_target(targets, predictions.shape)
+    except TypeError as error:
+        raise UserError(f"{targets.label}: {error}") from None
+    except ValueError as error:
+        raise UserError(f"{targets.label} does not fit {predictions.label}: {error}") from None
+
+
+class Progress:
+    """A one-line progress report on ``stream``, drawn only when it is a terminal and the
+    work has taken ``DELAY`` seconds; redrawn at most every ``INTERVAL`` seconds.
+
+    Our own few lines rather than tqdm or rich: one line of text is all the CLI draws, and so
+    it needs no dependency beyond the core's.
+    """
+
+    DELAY = 1.0
+    INTERVAL = 0.1
+
+    def __init__(self, total: int, stream: TextIO, *, enabled: bool = True, clock=None) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self.drawn_at: float | None = None
+        self.done = 0
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if not self.enabled:
+            return
+        now = self.clock()
+        elapsed = now - self.start
+        if elapsed < self.DELAY or (
+            self.drawn_at is not None and now - self.drawn_at < self.INTERVAL
+        ):
+            return
+        self.drawn_at = now
+        fraction = self.done / self.total if self.total else 1.0
+        left = f", about {elapsed * (1 - fraction) / fraction:.0f} s left" if fraction else ""
+        self.stream.write(
+            f"\r{PROG} eval: {100 * fraction:5.1f}%  {self.done}/{self.total} rows  "
+            f"{elapsed:.0f} s{left} "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.drawn_at is not None:  # erase the line
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+class _LossFile:
+    """The per-element losses of ``--reduction none`` in a ``.npy`` file, written block by
+    block (in any order) with plain writes: memory stays bounded by one block."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        self.offset = header.offset
+        del header  # unmapped: the file is written through self.file
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self.dtype = dtype
+        self.file = open(path, "r+b")  # noqa: SIM115 (closed by close())
+
+    def write(self, losses: np.ndarray, first_row: int) -> None:
+        self.file.seek(self.offset + first_row * self.row_bytes)
+        self.file.write(np.ascontiguousarray(losses, dtype=self.dtype).data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Where ``eval`` writes: the report (None: stdout) in ``format``, the loss array, the plot."""
+
+    report: str | None
+    format: str
+    losses: str | None
+    plot: str | None
+
+
+def _outputs(args: argparse.Namespace) -> _Outputs:
+    """Checked before anything is read, so a bad output fails fast."""
+    out = args.out
+    losses = out if out is not None and out.lower().endswith(".npy") else None
+    report = out if losses is None else None
+    if args.reduction == "none" and losses is None:
+        _usage_error(
+            "--reduction none gives one loss per target element: save them with --out FILE.npy"
+        )
+    suffix = Path(report).suffix.lower() if report else ""
+    format = args.format or {".json": "json", ".csv": "csv"}.get(suffix, "table")
+    for path in (out, args.plot):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{path}: its folder does not exist")
+    if args.plot is not None:
+        require_matplotlib()
+    return _Outputs(report, format, losses, args.plot)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    outputs = _outputs(args)
+    try:
+        label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
+    except ValueError as error:
+        _usage_error(f"--label-smoothing: {error}")
+
+    predictions = open_array(args.predictions, "predictions")
+    targets = open_array(args.targets, "targets", text_dtype=np.int64)
+    layout = _check_inputs(predictions, targets)
+    work_dtype = compute_dtype(predictions.dtype)
+    weight = _read_weight(args.weight, layout.classes)
+    if weight is not None:  # as the core casts it: to the predictions' dtype
+        weight = weight.astype(predictions.dtype).astype(work_dtype)
+    options = Options(
+        classes=layout.classes,
+        weight=weight,
+        ignore_index=_validate.check_ignore_index(args.ignore_index),
+        reduction=args.reduction,
+        from_logits=args.from_logits,
+        label_smoothing=label_smoothing,
+        per_class=args.per_class or args.plot is not None,
+    )
+    if not args.from_logits:
+        _warn_if_not_log_probabilities(predictions)
+    chunk_rows = args.chunk_rows or default_chunk_rows(predictions)
+
+    progress = Progress(layout.batch, sys.stderr, enabled=not args.quiet)
+    loss_file = None
+    if args.reduction == "none":
+        loss_file = _LossFile(outputs.losses, layout.output_shape, work_dtype)
+
+    def on_block(block: Totals, start: int, stop: int) -> None:
+        if loss_file is not None:
+            loss_file.write(block.losses, start)
+        progress.update(stop - start)
+
+    try:
+        if args.dask or args.scheduler:
+            with dask_client(args.scheduler) as client:
+                totals = evaluate_on_dask(
+                    client, predictions, targets, options, chunk_rows, on_block=on_block
+                )
+        else:
+            totals = evaluate_here(predictions, targets, options, chunk_rows, on_block=on_block)
+    except IndexError as error:  # the core's message for an out-of-range target
+        raise UserError(f"{targets.label}: {error}") from None
+    finally:
+        progress.close()
+        if loss_file is not None:
+            loss_file.close()
+
+    result = finish(totals, options, predictions.dtype)
+    if result.nan_count:
+        _warn(f"{predictions.label} holds {result.nan_count} NaN values")
+    if outputs.losses is not None and args.reduction != "none":
+        np.save(outputs.losses, np.asarray(result.loss, dtype=work_dtype))
+    context = Context(
+        reduction=args.reduction,
+        from_logits=args.from_logits,
+        label_smoothing=label_smoothing,
+        weighted=options.weight is not None,
+        loss_file=outputs.losses,
+    )
+    text = render(result, context, outputs.format)
+    if outputs.report is None:
+        sys.stdout.write(text)
+    else:
+        Path(outputs.report).write_text(text)
+    if outputs.plot is not None:
+        per_class_figure(result.per_class).savefig(outputs.plot)
+    return 0
+
+
+def _warn_if_not_log_probabilities(predictions: Source) -> None:
+    excess = log_prob_excess(predictions.rows(0, LOG_PROB_SAMPLE_ROWS))
+    if excess > LOG_PROB_TOLERANCE:
+        _warn(
+            f"{predictions.label} does not hold log-probabilities (a row's log-sum-exp is "
+            f"{excess:.3g} from 0); if it holds logits, pass --from-logits"
+        )
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from ._info import render_info
+
+    sys.stdout.write(render_info(args.format))
+    return 0
+
+
+def _run_examples() -> int:
+    from ._examples import print_examples
+
+    return print_examples()

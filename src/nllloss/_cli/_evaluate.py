@@ -1,0 +1,358 @@
+"""``nllloss eval``'s arithmetic: the loss of saved predictions, a block of rows at a time.
+
+Each block of rows gives its :class:`Totals` (loss numerator, total weight, counts, and per
+class the count, the NLL and the loss); totals of blocks add up, and the loss is computed once
+from the sums:
+
+* ``'sum'``: the sum of the blocks' ``reduction='sum'`` losses;
+* ``'mean'``: that sum divided by the sum of the blocks' total weights
+  (``nllloss.total_weight``: the sum of ``w[t]`` over non-ignored targets, or their count);
+  with label smoothing this is still torch's formula, whose two terms share the denominator;
+* ``'none'``: the blocks' element-wise losses, written in place.
+
+Sums across blocks are taken in float64 in block order, so the result does not depend on
+where the blocks are computed (here or on Dask workers). One block of log-probabilities
+gives the one-shot value bit for bit: torch's float32 sum and total weight, divided and
+rounded once (with ``from_logits``, the core's own 'mean' divides its float64 sum before
+rounding: one rounding apart at most). float16
+and bfloat16 blocks are widened to float32 first (exactly), as nllloss accumulates them
+anyway: a 16-bit partial sum would round at every block, and overflow past 65504.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import nllloss
+
+from .. import _validate
+from ._io import Source, UserError
+
+# Where --chunk-rows is not given, blocks hold about this many bytes of predictions.
+# benchmarks/cli_eval.py (results/cli-eval-latest.md), 2-core shared machine, a 1 GB
+# (262144, 1000) float32 file: log-probabilities ran at 1.1-2.1 GB/s and logits
+# (--from-logits) at 0.3-0.4 GB/s with blocks of 4 to 64 MiB (16 MiB at least as fast as
+# any), slower at 256 MiB; the peak memory grows with the block (logits: 173 MB at 16 MiB,
+# 391 MB at 64 MiB, 1.2 GB at 256 MiB; 4.3 GB for np.load of the file).
+DEFAULT_BLOCK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to compute; the same for every block."""
+
+    classes: int
+    weight: np.ndarray | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    from_logits: bool = False
+    label_smoothing: float = 0.0
+    per_class: bool = False
+
+
+@dataclass
+class Totals:
+    """Sums over the rows seen so far (float64 sums of the blocks' values)."""
+
+    loss_sum: float = 0.0  # the 'sum' loss: weighted (and smoothed) per-element losses
+    total_weight: float = 0.0  # the 'mean' denominator
+    count: int = 0  # non-ignored target elements
+    ignored: int = 0
+    nll_sum: float = 0.0  # unweighted -log p at the targets, for the perplexity
+    nan_count: int = 0  # NaN values in the predictions
+    # per class (with per_class): non-ignored targets, their -log p, their share of loss_sum
+    class_count: np.ndarray | None = None
+    class_nll: np.ndarray | None = None
+    class_loss: np.ndarray | None = None
+    losses: np.ndarray | None = field(default=None, repr=False)  # a block's, for 'none'
+
+    def add(self, other: Totals) -> None:
+        self.loss_sum += other.loss_sum
+        self.total_weight += other.total_weight
+        self.count += other.count
+        self.ignored += other.ignored
+        self.nll_sum += other.nll_sum
+        self.nan_count += other.nan_count
+        if other.class_count is not None:
+            if self.class_count is None:
+                self.class_count = other.class_count.copy()
+                self.class_nll = other.class_nll.copy()
+                self.class_loss = other.class_loss.copy()
+            else:
+                self.class_count += other.class_count
+                self.class_nll += other.class_nll
+                self.class_loss += other.class_loss
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 for 16-bit predictions (see the module's docstring), else their dtype."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options) -> Totals:
+    """The totals of one block of rows: predictions ``x``, targets ``t``, row ``first_row`` on.
+
+    Raises the core's ``IndexError`` for an out-of-range target, with its position in the
+    whole file.
+    """
+    x = np.asarray(x).astype(compute_dtype(x.dtype), copy=False)
+    t = np.asarray(t)
+    weight, ignore_index = options.weight, options.ignore_index
+    loss_options = dict(
+        ignore_index=ignore_index,
+        from_logits=options.from_logits,
+        label_smoothing=options.label_smoothing,
+    )
+    try:
+        if options.reduction == "none" or (options.per_class and options.label_smoothing):
+            # Element-wise losses: the result of 'none'; and per class with label smoothing,
+            # which spreads a target's loss over every class, so only the element knows it.
+            losses = nllloss.nll_loss(x, t, weight, reduction="none", **loss_options)
+        else:
+            losses = None
+        if options.reduction == "none":
+            loss_sum = np.sum(losses, dtype=np.float64)
+        else:  # the core's sum: one block of log-probabilities gives torch's bits
+            loss_sum = nllloss.nll_loss(x, t, weight, reduction="sum", **loss_options)
+    except IndexError:
+        raise _out_of_range(t, first_row, options) from None
+    count = int(nllloss.total_weight(t, ignore_index=ignore_index))
+    # -log p at the targets, unweighted and unsmoothed: the perplexity (from the core's sum,
+    # whatever the options) and the class table.
+    plain = weight is None and not options.label_smoothing
+    unweighted = dict(ignore_index=ignore_index, from_logits=options.from_logits)
+    if plain and options.reduction != "none":
+        nll_sum = loss_sum
+    else:
+        nll_sum = nllloss.nll_loss(x, t, reduction="sum", **unweighted)
+    nll = None
+    if options.per_class:
+        reuse = plain and losses is not None
+        nll = losses if reuse else nllloss.nll_loss(x, t, reduction="none", **unweighted)
+    totals = Totals(
+        loss_sum=float(loss_sum),
+        total_weight=float(
+            count if weight is None else nllloss.total_weight(t, weight, ignore_index)
+        ),
+        count=count,
+        ignored=t.size - count,
+        nll_sum=float(nll_sum),
+        nan_count=int(np.count_nonzero(np.isnan(x))),
+        losses=losses if options.reduction == "none" else None,
+    )
+    if options.per_class:
+        counted = t != ignore_index
+        classes = t[counted].astype(np.intp)
+        totals.class_count = np.bincount(classes, minlength=options.classes)
+        totals.class_nll = np.bincount(classes, nll[counted], minlength=options.classes)
+        if losses is not None:
+            totals.class_loss = np.bincount(classes, losses[counted], minlength=options.classes)
+        elif weight is not None:  # each loss is w[c] * nll: Σ over class c is w[c] * Σ nll
+            totals.class_loss = totals.class_nll * weight.astype(np.float64)
+        else:
+            totals.class_loss = totals.class_nll.copy()
+    return totals
+
+
+def _out_of_range(t: np.ndarray, first_row: int, options: Options) -> IndexError:
+    """The core's IndexError for the block's first bad target, positioned in the whole file."""
+    t = t if t.dtype == np.uint64 else t.astype(np.int64)  # exact; compares with negatives
+    bad = (t != options.ignore_index) & ((t < 0) | (t >= options.classes))
+    position = np.unravel_index(int(np.argmax(bad)), t.shape)
+    value = int(t[position])
+    global_position = (first_row + int(position[0]), *(int(p) for p in position[1:]))
+    return _validate.out_of_bounds_error(
+        value, global_position, options.classes, options.ignore_index
+    )
+
+
+def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+
+
+def default_chunk_rows(predictions: Source) -> int:
+    row_bytes = predictions.dtype.itemsize * math.prod(predictions.shape[1:])
+    return max(1, DEFAULT_BLOCK_BYTES // max(row_bytes, 1))
+
+
+def evaluate_here(
+    predictions: Source,
+    targets: Source,
+    options: Options,
+    chunk_rows: int,
+    *,
+    on_block: Callable[[Totals, int, int], None],
+) -> Totals:
+    """Stream the rows through :func:`block_totals` in this process, one block in memory."""
+    totals = Totals()
+    for start, stop in row_ranges(predictions.shape[0], chunk_rows):
+        block = block_totals(
+            predictions.rows(start, stop), targets.rows(start, stop), start, options
+        )
+        on_block(block, start, stop)
+        block.losses = None
+        totals.add(block)
+    return totals
+
+
+# Seconds to wait for a scheduler named by --scheduler to answer.
+SCHEDULER_TIMEOUT = 30
+
+
+@contextmanager
+def dask_client(scheduler: str | None) -> Iterator:
+    """A client of the scheduler at ``scheduler``, or of a local 2-worker cluster (None).
+
+    The local cluster listens on the loopback interface only and has no dashboard.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise UserError(
+            "--dask and --scheduler need dask.distributed (pip install 'nllloss[dask]')"
+        ) from None
+    if scheduler is None:
+        with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address=None,
+                # a failed block's error reaches the client, which reports it in one line
+                silence_logs=logging.CRITICAL,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, TimeoutError) as error:
+        raise UserError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from None
+    with client:
+        yield client
+
+
+def evaluate_on_dask(
+    client,
+    predictions: Source,
+    targets: Source,
+    options: Options,
+    chunk_rows: int,
+    *,
+    on_block: Callable[[Totals, int, int], None],
+) -> Totals:
+    """The same blocks as :func:`evaluate_here`, read and computed by Dask workers.
+
+    The inputs become ``dask.array`` arrays chunked along rows; the workers read their rows
+    from the files themselves (the sources travel as path and offset). Blocks are added in
+    row order, whatever order they finish in, so the totals equal ``evaluate_here``'s.
+    """
+    import dask
+    import dask.array as da
+    from distributed import as_completed
+
+    def rows_of(source: Source):
+        chunks = (chunk_rows, *source.shape[1:])
+        meta = np.empty((0,) * source.ndim, dtype=source.dtype)
+        return da.from_array(source, chunks=chunks, lock=False, asarray=True, meta=meta)
+
+    ranges = row_ranges(predictions.shape[0], chunk_rows)
+    if not ranges:  # no rows: dask.array would still make one empty block
+        return Totals()
+    x_blocks = rows_of(predictions).to_delayed().ravel()
+    t_blocks = rows_of(targets).to_delayed().ravel()
+    shared = dask.delayed(options)
+    tasks = [
+        dask.delayed(block_totals)(x, t, start, shared)
+        for x, t, (start, _) in zip(x_blocks, t_blocks, ranges, strict=True)
+    ]
+    futures = client.compute(tasks)
+    position = {future.key: i for i, future in enumerate(futures)}
+    blocks: list[Totals | None] = [None] * len(futures)
+    for future, block in as_completed(futures, with_results=True):
+        i = position[future.key]
+        on_block(block, *ranges[i])
+        block.losses = None
+        blocks[i] = block
+        future.release()
+    totals = Totals()
+    for block in blocks:
+        totals.add(block)
+    return totals
+
+
+@dataclass
+class Result:
+    """The numbers ``nllloss eval`` reports."""
+
+    loss: float | None  # None for 'none' (the losses went to a file)
+    total_weight: float
+    count: int
+    ignored: int
+    perplexity: float
+    nan_count: int
+    per_class: list[dict] | None
+
+
+def finish(totals: Totals, options: Options, dtype: np.dtype) -> Result:
+    """The loss (rounded once to the predictions' dtype), the perplexity and the class table.
+
+    The perplexity is ``exp`` of the mean NLL: the unweighted mean of ``-log p`` at the
+    non-ignored targets, without label smoothing (NaN when every target is ignored).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if options.reduction == "mean":
+            value = np.float64(totals.loss_sum) / np.float64(totals.total_weight)
+        else:
+            value = np.float64(totals.loss_sum)
+        mean_nll = np.float64(totals.nll_sum) / np.float64(totals.count)
+        perplexity = np.exp(mean_nll)
+    # float64 -> compute dtype -> dtype: the core's own roundings (float32, then 16 bits).
+    loss = float(value.astype(compute_dtype(dtype)).astype(dtype))
+    return Result(
+        loss=None if options.reduction == "none" else loss,
+        total_weight=totals.total_weight,
+        count=totals.count,
+        ignored=totals.ignored,
+        perplexity=float(perplexity),
+        nan_count=totals.nan_count,
+        per_class=_class_rows(totals, options) if options.per_class else None,
+    )
+
+
+def _class_rows(totals: Totals, options: Options) -> list[dict]:
+    """One row per class that occurs among the non-ignored targets."""
+    if totals.class_count is None:  # no rows at all
+        return []
+    loss = totals.class_loss.sum()
+    rows = []
+    for c in np.flatnonzero(totals.class_count):
+        rows.append(
+            {
+                "class": int(c),
+                "count": int(totals.class_count[c]),
+                "weight": 1.0 if options.weight is None else float(options.weight[c]),
+                "mean_nll": float(totals.class_nll[c] / totals.class_count[c]),
+                "share": float(totals.class_loss[c] / loss) if loss else math.nan,
+            }
+        )
+    return rows
+
+
+def log_prob_excess(x: np.ndarray) -> float:
+    """Largest ``|log Σ_c exp x[n, c]|`` over the rows of ``x``: 0 for log-probabilities."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return 0.0
+    top = np.max(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        lse = np.log(np.sum(np.exp(x - top), axis=1)) + top[:, 0]
+    lse = lse[np.isfinite(lse)]
+    return float(np.max(np.abs(lse))) if lse.size else 0.0

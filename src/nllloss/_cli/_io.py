@@ -1,0 +1,368 @@
+"""Arrays named on the command line: ``.npy``, ``.npz[:KEY]``, ``.safetensors[:KEY]``, Zarr, text.
+
+Every reader returns a *source*: a small, picklable description of where the array's bytes
+are, with its shape and dtype, that reads a range of rows on demand (``rows``) and supports
+the basic slicing ``dask.array.from_array`` needs. Nothing is read until rows are asked for,
+so a 50 GB file costs only the rows being evaluated; the sources travel to Dask workers as
+descriptions (path and offset), never as data.
+
+Files whose bytes lie in C order in one piece (``.npy``, uncompressed ``.npz`` members,
+``.safetensors`` tensors) are memory-mapped one row range at a time: the mapping is dropped
+with the rows, so the pages it touched leave the process's resident memory too (a mapping of
+the whole file would keep every page read so far resident). Compressed ``.npz`` members and
+text files are read whole, Fortran-ordered arrays mapped whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUFFIXES = (".npy", ".npz", ".safetensors", ".zarr", ".txt")
+
+
+class UserError(Exception):
+    """A problem the user can fix (a file, a key, a missing extra): one line, exit code 1."""
+
+
+# safetensors dtype names (format spec, huggingface/safetensors README): all little-endian.
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+class _Rows:
+    """What every source offers besides ``rows``: ``ndim`` and the basic slicing (row ranges
+    of step 1, then anything NumPy takes) that ``dask.array.from_array`` uses."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        first = index[0] if index else slice(None)
+        start, stop, step = first.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("only row ranges of step 1 are read")
+        return self.rows(start, stop)[(slice(None), *index[1:])]
+
+
+@dataclass(frozen=True)
+class MappedRows(_Rows):
+    """A C-ordered array stored as raw bytes at ``offset`` in the file at ``path``."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    label: str  # how the user named it, for messages
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``, memory-mapped (read-only) for as long as they are referenced."""
+        stop = min(stop, self.shape[0])
+        shape = (max(stop - start, 0), *self.shape[1:])
+        if 0 in shape:  # mmap cannot map zero bytes
+            return np.empty(shape, dtype=self.dtype)
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        return np.memmap(
+            self.path, self.dtype, mode="r", offset=self.offset + start * row_bytes, shape=shape
+        )
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.path, self.offset, self.shape, self.dtype.str)
+
+
+@dataclass(frozen=True, eq=False)
+class InMemory(_Rows):
+    """An array read (or mapped) whole: text, compressed ``.npz`` members, Fortran order."""
+
+    array: np.ndarray
+    label: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+
+@dataclass(frozen=True)
+class ZarrRows(_Rows):
+    """An array of a Zarr store (``key`` names it inside a group), opened where it is read."""
+
+    path: str
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    label: str
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(_open_zarr(self.path, self.key, self.label)[start:stop])
+
+    def __dask_tokenize__(self):
+        return (type(self).__name__, self.path, self.key, self.shape, self.dtype.str)
+
+
+Source = MappedRows | InMemory | ZarrRows
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """``'a.npz:x'`` -> (a.npz, 'x'); a colon counts only after a suffix we read."""
+    head, colon, key = spec.rpartition(":")
+    if colon and head.lower().endswith(SUFFIXES):
+        return Path(head), key
+    return Path(spec), None
+
+
+def open_array(spec: str, role: str, *, text_dtype: Any = None) -> Source:
+    """The array named ``spec`` (a path, or ``path:key`` for a container).
+
+    ``role`` ('predictions', 'targets', 'weight') names it in messages; ``text_dtype`` is the
+    dtype a ``.txt`` file is read in (None: text is refused).
+    """
+    path, key = split_spec(spec)
+    label = f"{role} {spec}"
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise UserError(f"{label}: no such file or directory")
+    if suffix == ".zarr" or (path.is_dir() and _looks_like_zarr(path)):
+        return _zarr_source(path, key, label)
+    if path.is_dir():
+        raise UserError(f"{label}: is a directory, not a Zarr store")
+    if key is not None and suffix in (".npy", ".txt"):
+        raise UserError(f"{label}: a {suffix} file holds one array; drop ':{key}'")
+    try:
+        if suffix == ".npy":
+            return _npy_source(path, label)
+        if suffix == ".npz":
+            return _npz_source(path, key, label)
+        if suffix == ".safetensors":
+            return _safetensors_source(path, key, label)
+        if suffix == ".txt" and text_dtype is not None:
+            return InMemory(_read_text(path, np.dtype(text_dtype), label), label)
+    except OSError as error:
+        raise UserError(f"{label}: {error.strerror or error}") from None
+    text = ", a .txt file" if text_dtype is not None else ""
+    raise UserError(
+        f"{label}: unknown format {suffix or '(no suffix)'!r}: expected .npy, .npz[:KEY], "
+        f".safetensors[:KEY], a .zarr store{text}"
+    )
+
+
+def _npy_header(file, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(file)
+        return np.lib.format.read_array_header_2_0(file)
+    except ValueError as error:
+        raise UserError(f"{label}: not a valid .npy array ({error})") from None
+
+
+def _checked_dtype(dtype: np.dtype, label: str) -> np.dtype:
+    if dtype.hasobject or dtype.fields is not None:
+        raise UserError(f"{label}: holds dtype {dtype}; expected numbers")
+    return dtype
+
+
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, label: str):
+    """A MappedRows, once the file is known to hold all of its bytes."""
+    needed = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    size = path.stat().st_size
+    if size < needed:
+        raise UserError(
+            f"{label}: the file is cut short ({size} bytes; {dtype} {shape} needs {needed})"
+        )
+    return MappedRows(str(path), offset, shape, dtype, label)
+
+
+def _npy_source(path: Path, label: str) -> Source:
+    with path.open("rb") as file:
+        shape, fortran, dtype = _npy_header(file, label)
+        offset = file.tell()
+    dtype = _checked_dtype(dtype, label)
+    if fortran and len(shape) > 1:  # rows are not contiguous: map the file whole
+        return InMemory(np.load(path, mmap_mode="r"), label)
+    return _mapped(path, offset, shape, dtype, label)
+
+
+def _pick_key(names: list[str], key: str | None, label: str, path: Path) -> str:
+    if key is None:
+        if len(names) == 1:
+            return names[0]
+        listed = ", ".join(names) or "nothing"
+        raise UserError(f"{label}: holds {listed}; name one as {path}:KEY")
+    if key not in names:
+        raise UserError(f"{label}: no array {key!r} (it holds {', '.join(names) or 'nothing'})")
+    return key
+
+
+# A zip local file header: signature, then fixed fields; the name and extra lengths are the
+# last two 16-bit fields (APPNOTE.TXT, section 4.3.7).
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
+
+
+def _npz_source(path: Path, key: str | None, label: str) -> Source:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {
+                info.filename[:-4]: info
+                for info in archive.infolist()
+                if info.filename.endswith(".npy")
+            }
+            info = members[_pick_key(list(members), key, label, path)]
+            if info.compress_type != zipfile.ZIP_STORED:
+                with archive.open(info) as member:
+                    return InMemory(np.lib.format.read_array(member), label)
+    except zipfile.BadZipFile:
+        raise UserError(f"{label}: not a valid .npz file") from None
+    with path.open("rb") as file:
+        file.seek(info.header_offset)
+        signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(
+            file.read(_ZIP_LOCAL_HEADER.size)
+        )
+        if signature != b"PK\x03\x04":
+            raise UserError(f"{label}: not a valid .npz file")
+        file.seek(name_length + extra_length, 1)
+        shape, fortran, dtype = _npy_header(file, label)
+        offset = file.tell()
+    dtype = _checked_dtype(dtype, label)
+    if fortran and len(shape) > 1:
+        return InMemory(np.load(path)[info.filename[:-4]], label)
+    return _mapped(path, offset, shape, dtype, label)
+
+
+def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
+    """A tensor of a ``.safetensors`` file: an 8-byte little-endian header length N, N bytes
+    of JSON (``name -> {dtype, shape, data_offsets}``, offsets relative to the end of the
+    header, plus an optional ``__metadata__``), then the tensors' bytes."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+        if length > size - 8:
+            raise UserError(f"{label}: not a valid .safetensors file (header length {length})")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{label}: not a valid .safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{label}: not a valid .safetensors file (bad header)")
+    names = [name for name in header if name != "__metadata__"]
+    entry = header[_pick_key(names, key, label, path)]
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape = tuple(int(d) for d in shape)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{label}: not a valid .safetensors file (bad entry)") from None
+    dtype = _safetensors_dtype(dtype_name, label)
+    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if end - begin != expected or 8 + length + end > size:
+        raise UserError(
+            f"{label}: not a valid .safetensors file ({dtype_name} {list(shape)} needs "
+            f"{expected} bytes, the header gives bytes {begin}..{end})"
+        )
+    return MappedRows(str(path), 8 + length + begin, shape, dtype, label)
+
+
+def _safetensors_dtype(name: str, label: str) -> np.dtype:
+    if name == "BF16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UserError(
+                f"{label}: BF16 needs the ml_dtypes package (pip install 'nllloss[bfloat16]')"
+            ) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in _SAFETENSORS_DTYPES:
+        raise UserError(f"{label}: unsupported safetensors dtype {name}")
+    return np.dtype(_SAFETENSORS_DTYPES[name])
+
+
+def _looks_like_zarr(path: Path) -> bool:
+    return any((path / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def _open_zarr(path: str, key: str | None, label: str):
+    try:
+        import zarr
+    except ImportError:
+        raise UserError(
+            f"{label}: reading Zarr needs the zarr package (pip install 'nllloss[zarr]')"
+        ) from None
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as error:  # zarr raises several types for a path that is no store
+        raise UserError(f"{label}: not a Zarr store ({error})") from None
+    if hasattr(node, "shape"):  # an array
+        if key is not None:
+            raise UserError(f"{label}: is a Zarr array, not a group; drop ':{key}'")
+        return node
+    names = sorted(name for name, _ in node.arrays())
+    return node[_pick_key(names, key, label, Path(path))]
+
+
+def _zarr_source(path: Path, key: str | None, label: str) -> ZarrRows:
+    array = _open_zarr(str(path), key, label)
+    dtype = _checked_dtype(np.dtype(array.dtype), label)
+    return ZarrRows(str(path), key, tuple(array.shape), dtype, label)
+
+
+def _read_text(path: Path, dtype: np.dtype, label: str) -> np.ndarray:
+    """Whitespace-separated numbers (``#`` starts a comment), all of them in order, as 1-D."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+            return np.loadtxt(path, dtype=dtype, ndmin=1).reshape(-1)
+    except ValueError:
+        pass
+    # Name the first value that is not one; only lines of different lengths remain.
+    what = "an integer" if dtype.kind in "iu" else "a number"
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for token in line.split("#", 1)[0].split():
+            if not _parses(token, dtype):
+                raise UserError(f"{label}: line {number}: {token!r} is not {what} ({dtype})")
+    raise UserError(f"{label}: lines hold different numbers of values")
+
+
+def _parses(token: str, dtype: np.dtype) -> bool:
+    if dtype.kind == "f":
+        try:
+            float(token)
+        except ValueError:
+            return False
+        return True
+    if re.fullmatch(r"[+-]?[0-9]+", token) is None:
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= int(token) <= info.max
