@@ -25,9 +25,11 @@ group (a vocabulary-parallel language-model head): rank :math:`r` holds the clas
 
 N counts target elements (rows times spatial positions). Nothing of size N x C crosses the
 network. The backward pass communicates nothing: the gradient of the shard is written from
-the shard, the saved :math:`m_n + \log Z_n` and the target (a torch.autograd.Function with an
-explicit backward; differentiable collectives would all-reduce again in the backward and, as
-every rank calls ``backward()`` on the same replicated loss, sum the gradient over the ranks).
+the target, :math:`Z_n` and, from logits, the shard's :math:`\exp(x - m_n)` kept from the
+forward (one buffer of the shard's size, as torch keeps its log-softmax). It is a
+torch.autograd.Function with an explicit backward: differentiable collectives would
+all-reduce again in the backward and, as every rank calls ``backward()`` on the same
+replicated loss, sum the gradient over the ranks.
 
 A check that fails on one rank raises on every rank (with that rank's error), instead of
 leaving the others waiting in a collective. Imported on first use of
@@ -453,7 +455,10 @@ class _Stats:
 
     target_log_prob: torch.Tensor  # log p[n, y_n]
     smooth: torch.Tensor | None  # sum_c w_c log p[n, c], with label smoothing
-    log_norm: torch.Tensor | None  # m_n + log Z_n, from logits: log p = x - log_norm
+    # From logits: exp(x - m) of this rank's shard (B, C_r, S), and Z = its sum over all C
+    # classes (B, S), so that p = exp(x - m) / Z; the backward's only (B, C_r, S) input.
+    exp_shifted: torch.Tensor | None
+    sum_exp: torch.Tensor | None
 
 
 def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
@@ -462,7 +467,6 @@ def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
     layout = plan.layout
     x = x.reshape(layout.batch, layout.classes, layout.spatial).to(plan.compute_dtype)
     zeros = x.new_zeros((layout.batch, layout.spatial))
-    shift = None
     if plan.from_logits:
         local_max = x.amax(1) if layout.classes else torch.full_like(zeros, -torch.inf)
         (shift,) = _all_reduce([local_max], dist.ReduceOp.MAX, group, error)
@@ -474,10 +478,10 @@ def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
         parts = _shard_sums(x, targets, plan)
     sums = _all_reduce(parts, dist.ReduceOp.SUM, group, error, flagged=not plan.from_logits)
     if not plan.from_logits:
-        return _Stats(sums[0], sums[1] if plan.smoothing else None, None)
+        return _Stats(sums[0], sums[1] if plan.smoothing else None, None, None)
     log_z = sums[0].log()
     smooth = sums[2] - targets.weight_sum * log_z if plan.smoothing else None
-    return _Stats(sums[1] - log_z, smooth, shift + log_z)
+    return _Stats(sums[1] - log_z, smooth, x, sums[0])
 
 
 def _shard_sums(x: torch.Tensor, targets: _Targets, plan: _Plan) -> list[torch.Tensor]:
@@ -565,9 +569,12 @@ class _ClassParallelLoss(torch.autograd.Function):
             mass = targets.weight * nll_scale
             if eps:
                 mass = mass + smooth_scale * targets.weight_sum
-            x = input_shard.reshape(shape3).to(plan.compute_dtype)
-            grad_input = (x - stats.log_norm.unsqueeze(1)).exp_().mul_(mass.unsqueeze(1))
-            grad_input.masked_fill_(~valid.unsqueeze(1), 0)  # also where a row is NaN
+            grad_input = stats.exp_shifted * (mass / stats.sum_exp).unsqueeze(1)
+            # Ignored elements have no mass, but a row of NaN would still give 0 * NaN:
+            # zero them (by index: no pass over the whole gradient).
+            grad_input.movedim(1, -1).index_put_(
+                (~valid).nonzero(as_tuple=True), mass.new_zeros(())
+            )
         else:
             grad_input = nll_scale.new_zeros(shape3)
         if eps and targets.shard_weight is None:
