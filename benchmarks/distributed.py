@@ -252,6 +252,14 @@ def markdown(env, reference, groups, worlds) -> str:
                 _size(n * (c - c // world) * 4),
             ]
         lines.append("| " + " | ".join(row) + " |")
+    cores = os.cpu_count() or 1
+    if max(worlds) > cores:
+        lines += [
+            "",
+            f"This machine has {cores} cores: with more ranks than cores, every collective "
+            "waits for ranks that wait for a core, so those columns measure oversubscription, "
+            "not the algorithm.",
+        ]
     lines += ["", "Loss on rank 0 vs torch unsharded (relative difference):", ""]
     for ref in reference:
         key = (ref["shape"], ref["variant"])
