@@ -39,9 +39,7 @@ def test_public_names():
 
 
 def _positional(signature):
-    return [
-        (n, p.default) for n, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY
-    ]
+    return [(n, p.default) for n, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY]
 
 
 def _keyword_only(signature):
