@@ -28,6 +28,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _rounded(value, ptr):
+    """float32 ``value`` in the element type of ``ptr``, rounded to nearest even.
+
+    bfloat16 is rounded on the bits: Triton's interpreter truncates in its own conversion,
+    and one formula keeps the interpreter's results the GPU's.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value == value, rounded, float("nan"))
+    return value.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _positions(pid, M, S, stride_b, stride_s, BLOCK_M: tl.constexpr):
     m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     in_m = m < M
@@ -55,16 +70,22 @@ def _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT: tl.constexpr):
 @triton.jit
 def forward_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, part_loss_ptr, part_weight_ptr, part_bad_ptr,
-    M, C, S, stride_b, stride_c, stride_s, ignore_index, eps,
+    grad_ptr, denominator_ptr,
+    M, C, S, stride_b, stride_c, stride_s, grad_stride_b, grad_stride_c, ignore_index, eps,
     FULL_ROW: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SMOOTH: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    LOAD_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    LOAD_X: tl.constexpr, FUSED_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Per-position losses (written for 'none'), per-row lse, and this program's partials:
-    sum of losses, sum of w_t over counted positions, first bad position (M if none)."""
+    sum of losses, sum of w_t over counted positions, first bad position (M if none).
+
+    FUSED_GRAD: also write the gradient for ``grad_output = 1`` (the 'mean' scale is
+    ``1 / denominator``, read on the device) while the rows are fresh in the cache."""
     pid = tl.program_id(0)
     m, in_m, base = _positions(pid, M, S, stride_b, stride_s, BLOCK_M)
     t, ok, bad, w_t = _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT)
+    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     if FULL_ROW:
         x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -95,7 +116,8 @@ def forward_kernel(
                 )
                 run_max = new_max
         if FROM_LOGITS:
-            lse = run_max + tl.log(run_sum)
+            # rows past M: 0, not log(0)
+            lse = tl.where(in_m, run_max + tl.log(tl.where(in_m, run_sum, 1.0)), 0.0)
             x_t = x_t - lse
             if WRITE_LSE:
                 tl.store(lse_ptr + m, lse, mask=in_m)
@@ -120,10 +142,21 @@ def forward_kernel(
     loss = tl.where(ok, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     if WRITE_LOSS:
-        tl.store(loss_ptr + m, loss.to(loss_ptr.dtype.element_ty), mask=in_m)
+        tl.store(loss_ptr + m, _rounded(loss, loss_ptr), mask=in_m)
     tl.store(part_loss_ptr + pid, tl.sum(tl.where(in_m, loss, 0.0), axis=0))
     tl.store(part_weight_ptr + pid, tl.sum(w_t, axis=0))
     tl.store(part_bad_ptr + pid, tl.min(tl.where(bad, m, M), axis=0))
+    if FUSED_GRAD:
+        unit = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if MEAN:
+            unit = tl.math.div_rn(unit, tl.load(denominator_ptr))
+        scale = tl.where(bad, float("nan"), tl.where(ok, unit, 0.0))
+        b = m // S
+        _row_gradient(
+            x_ptr, w_ptr, lse, grad_ptr, base, b * grad_stride_b + (m - b * S), t, w_t, scale,
+            in_m, C, stride_c, grad_stride_c, eps,
+            FROM_LOGITS, HAS_WEIGHT, SMOOTH, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -149,7 +182,7 @@ def finish_kernel(
         bad = tl.minimum(bad, tl.load(part_bad_ptr + p, mask=in_p, other=M))
     total_loss = tl.sum(loss, axis=0)
     if TOTAL_WEIGHT == 1:
-        denominator = total_weight.to(tl.float64)
+        denominator = tl.cast(total_weight, tl.float64)
     elif TOTAL_WEIGHT == 2:
         denominator = tl.load(total_weight_ptr).to(tl.float64)
     else:
@@ -157,7 +190,7 @@ def finish_kernel(
     if REDUCE:
         if MEAN:
             total_loss = total_loss / denominator
-        tl.store(out_ptr, total_loss.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr, _rounded(total_loss.to(tl.float32), out_ptr))
     tl.store(denominator_ptr, denominator.to(tl.float32))
     tl.store(bad_ptr, tl.min(bad, axis=0))
 
@@ -201,7 +234,7 @@ def _row_gradient(
                 grad -= (eps / C) * scale[:, None]
         tl.store(
             grad_ptr + grad_base[:, None] + c[None, :] * grad_stride_c,
-            grad.to(grad_ptr.dtype.element_ty),
+            _rounded(grad, grad_ptr),
             mask=tile_mask,
         )
 

@@ -106,15 +106,10 @@ def _weight(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else _NoGuard()
-
-
-class _NoGuard:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    """Launch on x's GPU; under the interpreter (NumPy), IEEE results without warnings."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
 def forward(
@@ -128,6 +123,7 @@ def forward(
     label_smoothing: float = 0.0,
     total_weight: torch.Tensor | float | None = None,
     check_targets: bool = True,
+    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Saved]:
     """The loss and what ``backward`` reuses.
 
@@ -136,23 +132,42 @@ def forward(
     ``(C,)``; ``total_weight`` (a number or a 0-d tensor on x's device) replaces the
     'mean' denominator. Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for
     'none' (``()`` for unbatched input), else 0-d, in x's dtype.
+
+    ``grad_out`` (a contiguous tensor of x's shape and dtype) receives, in the same pass,
+    the gradient for ``grad_output = 1`` (ones for 'none'): no second read of the input
+    from memory. For 'mean' without ``total_weight`` the denominator is found first, from
+    the targets alone.
     """
+    if grad_out is not None and not (
+        grad_out.shape == x.shape and grad_out.dtype == x.dtype and grad_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"grad_out must be a contiguous tensor of shape {tuple(x.shape)} and dtype "
+            f"{x.dtype}, got shape {tuple(grad_out.shape)}, dtype {grad_out.dtype}"
+        )
+    denominator = None
+    if grad_out is not None and reduction == "mean":
+        _, stats = _forward(
+            x, t, w, ignore_index, reduction, False, 0.0, total_weight, False, load_x=False
+        )
+        denominator = stats.denominator
     return _forward(
         x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True,
+        check_targets, load_x=True, grad_out=grad_out, denominator=denominator,
     )  # fmt: skip
 
 
 def _forward(
     x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight, check_targets,
-    *, load_x: bool,
+    *, load_x: bool, grad_out=None, denominator=None,
 ):  # fmt: skip
     geometry = _geometry(x)
     if geometry.unbatched and reduction == "none":
         reduction = "sum"  # torch: an unbatched input's single loss comes back 0-d
     positions, classes = geometry.positions, geometry.classes
     smooth = label_smoothing > 0.0
-    full_row = load_x and (from_logits or smooth)
+    fused = grad_out is not None
+    full_row = load_x and (from_logits or smooth or fused)
     interpreted = _interpreted(x)
     block_m, block_c, warps = _blocks(geometry, full_row, interpreted)
     parts = triton.cdiv(positions, block_m)
@@ -171,11 +186,13 @@ def _forward(
     with _device_guard(x):
         _kernels.forward_kernel[(parts,)](
             view, targets, weight, loss, lse, part_sums[0], part_sums[1], part_bad,
-            positions, classes, geometry.spatial, *view.stride(), ignore_index,
-            float(label_smoothing),
+            grad_out if fused else loss, denominator if denominator is not None else lse,
+            positions, classes, geometry.spatial, *view.stride(),
+            classes * geometry.spatial, geometry.spatial, ignore_index, float(label_smoothing),
             FULL_ROW=full_row, FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None,
             SMOOTH=smooth and load_x, WRITE_LOSS=reduction == "none",
-            WRITE_LSE=from_logits, LOAD_X=load_x,
+            WRITE_LSE=from_logits, LOAD_X=load_x, FUSED_GRAD=fused,
+            MEAN=denominator is not None,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
         if reduction == "none" and not check_targets:
