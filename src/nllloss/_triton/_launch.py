@@ -31,6 +31,8 @@ _TILE_INTERPRETED = 1 << 16
 _GATHER_ROWS = 1024  # positions per program when only x[t] is read
 _STRIDED_CLASS_BLOCK = 32  # classes per step when the class axis is strided (K-dim input)
 _FINISH_BLOCK = 1024
+_WARPS = 8  # for tiles of 2048 elements and more; 4 below
+_GATHER_WARPS = 4
 
 
 class Saved(NamedTuple):
@@ -86,13 +88,13 @@ def _blocks(geometry: _Geometry, full_row: bool, interpreted: bool) -> tuple[int
     positions = triton.next_power_of_2(geometry.positions)
     if not full_row:
         rows = _TILE_INTERPRETED if interpreted else _GATHER_ROWS
-        return min(positions, rows), 16, 4
+        return min(positions, rows), 16, _GATHER_WARPS
     tile = _TILE_INTERPRETED if interpreted else _TILE
     classes = triton.next_power_of_2(geometry.classes)
     contiguous_classes = geometry.spatial == 1 or geometry.x.stride(1) == 1
     block_c = min(classes, tile if contiguous_classes else _STRIDED_CLASS_BLOCK)
     block_m = max(1, min(tile // block_c, positions))
-    return block_m, block_c, 8 if block_m * block_c >= 2048 else 4
+    return block_m, block_c, _WARPS if block_m * block_c >= 2048 else 4
 
 
 def _targets(t: torch.Tensor) -> torch.Tensor:
