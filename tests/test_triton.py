@@ -1,8 +1,9 @@
 """The Triton kernels against torch: every option, dtype and layout.
 
 On a machine with a CUDA GPU the kernels run compiled on it; elsewhere (CI) they run on
-CPU tensors under Triton's interpreter (``NLLLOSS_TRITON_INTERPRET=1``, set here before
-the kernels are defined). Expected values come from torch: ``F.nll_loss`` /
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernels
+are defined; the launchers are called directly, so other tests' CPU tensors keep their
+own path). Expected values come from torch: ``F.nll_loss`` /
 ``F.cross_entropy`` in float64 on the same (rounded) inputs, and for label smoothing on
 log-probabilities torch's cross-entropy smoothing formula written out in float64 torch
 operations, differentiated by torch's autograd.
@@ -23,7 +24,7 @@ from nllloss import _triton, _validate
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA:
-    os.environ["NLLLOSS_TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"
 launch = _triton._load()
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -41,9 +42,10 @@ def numpy_engine():
     return None
 
 
-def test_kernels_are_served():
+def test_kernels_are_served(monkeypatch):
     """The kernels loaded (a missing triton fails here rather than skipping everything)."""
     assert launch is not None
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")  # CPU tensors too
     x = torch.zeros(2, 3, device=DEVICE)
     assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64, device=DEVICE)) is launch
     assert _triton.launcher_for(x.double(), torch.zeros(2, device=DEVICE).long()) is None
@@ -454,7 +456,7 @@ def test_all_ignored(from_logits):
     x = torch.randn(4, 3).to(DEVICE)
     target = torch.full((4,), -100, device=DEVICE)
     for reduction in ("mean", "sum"):
-        loss, saved = launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
+        loss, _ = launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
         expected = F.cross_entropy(x.cpu(), target.cpu(), reduction=reduction)
         assert torch.equal(loss.cpu().isnan(), expected.isnan())
         assert reduction == "mean" or float(loss) == 0.0
