@@ -87,8 +87,11 @@ def forward_kernel(
     t, ok, bad, w_t = _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT)
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    # x[t]: one gathered load per position (0 where not counted)
+    x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if LOAD_X:
+        x_t = tl.load(x_ptr + base + t * stride_c, mask=ok, other=0.0).to(tl.float32)
     if FULL_ROW:
-        x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
         weighted = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_c w_c * x_c
         run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,7 +102,6 @@ def forward_kernel(
             xs = tl.load(
                 x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0
             ).to(tl.float32)
-            x_t += tl.sum(tl.where(c[None, :] == t[:, None], xs, 0.0), axis=1)
             if SMOOTH:
                 if HAS_WEIGHT:
                     w_c = tl.load(w_ptr + c, mask=in_c, other=0.0).to(tl.float32)
@@ -130,11 +132,6 @@ def forward_kernel(
                     weighted = weighted - tl.sum(total_w, axis=0) * lse
                 else:
                     weighted = weighted - C * lse
-    else:
-        if LOAD_X:
-            x_t = tl.load(x_ptr + base + t * stride_c, mask=ok, other=0.0).to(tl.float32)
-        else:
-            x_t = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     loss = -(x_t * w_t)
     if SMOOTH:
