@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument(
+        "--sweep", action="store_true", help="time the launchers' tile settings instead"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -72,6 +75,8 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU and triton", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    if args.sweep:
+        return _sweep(torch, launch, args.reps, Path(args.out))
     bench = _Bench(torch, launch, args.reps, not args.no_compile, not args.no_liger)
     copy_gbs = bench.copy_bandwidth()
     cases = [(s, torch.bfloat16) for s in SHAPES_2D] + [
@@ -291,6 +296,51 @@ def _deterministic_row(torch, F, x, target, label):
         torch.use_deterministic_algorithms(previous)
     return {"case": label, "task": "nll fwd", "impl": "torch, deterministic mode",
             "error": note, "median ms": None, "floor GB/s": None}  # fmt: skip
+
+
+def _sweep(torch, launch, reps, out: Path) -> int:
+    """Median ms of the launchers under each tile setting; writes gpu-sweep.md."""
+    import itertools
+
+    from nllloss._triton import _launch
+
+    bench = _Bench(torch, launch, reps, False, False)
+    header = "| case | TILE | WARPS | STRIDED_CLASS_BLOCK | ce fwd | nll bwd | ce bwd | fused f+b |"
+    lines = [f"# Tile sweep on {torch.cuda.get_device_name()}", "", header, "|---" * 8 + "|"]
+    defaults = (_launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK)
+    cases = [
+        ((16384, 128256), torch.bfloat16),
+        ((16384, 32000), torch.bfloat16),
+        (SHAPE_KDIM, torch.float32),
+    ]
+    for shape, dtype in cases:
+        x = torch.randn(shape, dtype=dtype, device="cuda")
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda")
+        case = "x".join(map(str, shape)) + " " + str(dtype).replace("torch.", "")
+        strided = [8, 16, 32] if len(shape) > 2 else [defaults[2]]
+        for setting in itertools.product([2048, 4096, 8192, 16384], [4, 8, 16], strided):
+            _launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK = setting
+            timings = _sweep_timings(torch, bench, launch, x, t)
+            lines.append("| " + " | ".join(map(str, [case, *setting, *timings])) + " |")
+            print(lines[-1], flush=True)
+    _launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK = defaults
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu-sweep.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _sweep_timings(torch, bench, launch, x, t) -> list[str]:
+    one = torch.ones((), dtype=x.dtype, device="cuda")
+    grad = torch.empty_like(x)
+    options = {"from_logits": True, "check_targets": False}
+    _, saved = launch.forward(x, t, None, -100, "mean", **options)
+    calls = [
+        lambda: launch.forward(x, t, None, -100, "mean", **options),
+        lambda: launch.backward(one, x, t, None, -100, "mean", check_targets=False),
+        lambda: launch.backward(one, x, t, None, -100, "mean", **options, saved=saved),
+        lambda: launch.forward(x, t, None, -100, "mean", **options, grad_out=grad),
+    ]
+    return [f"{bench.time(call)[0]:.4f}" for call in calls]
 
 
 def _markdown(env, rows) -> str:

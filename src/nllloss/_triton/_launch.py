@@ -22,10 +22,11 @@ from . import _kernels
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NATIVE_TARGETS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-# Tile sizes: elements per program tile, and the class block along a contiguous class axis.
-# On the GPU a 4096-element tile with 8 warps keeps 16-byte loads in flight on every
-# thread; under the interpreter each program costs ~1.5 ms whatever its size, so tiles
-# there are as large as memory allows.
+# Tile sizes (elements per program tile; the class block when the class axis is strided;
+# positions per program when only x[t] is read) and warps. The GPU values are starting
+# points not yet measured (no GPU was lent when they were set): `python benchmarks/gpu.py
+# --sweep` times the alternatives. Under the interpreter each program costs ~1.5 ms
+# whatever its size, so tiles there are as large as memory allows.
 _TILE = 4096
 _TILE_INTERPRETED = 1 << 16
 _GATHER_ROWS = 1024  # positions per program when only x[t] is read
