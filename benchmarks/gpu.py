@@ -64,20 +64,33 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="time the launchers' tile settings instead"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="no GPU: tiny shapes on the CPU under Triton's interpreter, wall-clock times "
+        "(checks that the script runs; the numbers mean nothing)",
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined
+        args.no_compile = args.no_liger = True
+        args.reps = 2
 
     import torch
 
     from nllloss import _triton
 
     launch = _triton._load()
-    if launch is None or not torch.cuda.is_available():
+    device = "cpu" if args.smoke else "cuda"
+    if launch is None or not (args.smoke or torch.cuda.is_available()):
         print("needs a CUDA GPU and triton", file=sys.stderr)
         return 1
     torch.manual_seed(0)
+    bench = _Bench(torch, launch, args.reps, not args.no_compile, not args.no_liger, device)
     if args.sweep:
-        return _sweep(torch, launch, args.reps, Path(args.out))
-    bench = _Bench(torch, launch, args.reps, not args.no_compile, not args.no_liger)
+        return _sweep(torch, bench, launch, Path(args.out))
     copy_gbs = bench.copy_bandwidth()
     cases = [(s, torch.bfloat16) for s in SHAPES_2D] + [
         (s, torch.float32) for s in SHAPES_2D_FLOAT32
@@ -85,6 +98,8 @@ def main(argv=None) -> int:
     cases.append((SHAPE_KDIM, torch.float32))
     if args.quick:
         cases = [cases[0], cases[-1]]
+    if args.smoke:
+        cases = [((64, 100), torch.bfloat16), ((2, 5, 8, 8), torch.float32)]
     rows = []
     for shape, dtype in cases:
         started = time.perf_counter()
@@ -93,7 +108,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["% copy"] = round(100 * row["floor GB/s"] / copy_gbs, 1) if row["floor GB/s"] else None
     env = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -112,10 +127,12 @@ def main(argv=None) -> int:
 
 
 class _Bench:
-    def __init__(self, torch, launch, reps, compile_, liger):
+    def __init__(self, torch, launch, reps, compile_, liger, device):
         import torch.nn.functional as F
 
         self.torch, self.F, self.launch, self.reps = torch, F, launch, reps
+        self.device = device
+        self.cuda = device == "cuda"
         self.compiled_fwd = self.compiled_fb = None
         if compile_:
 
@@ -139,47 +156,61 @@ class _Bench:
 
     def time(self, fn, setup=None):
         """(median ms, min ms, peak MiB above the allocation before the call)."""
-        torch = self.torch
         for _ in range(3):
             if setup:
                 setup()
             fn()
-        torch.cuda.synchronize()
+        self.synchronize()
         times = []
         for _ in range(self.reps):
             if setup:
                 setup()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(self.elapsed_ms(fn))
         if setup:
             setup()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        if not self.cuda:
+            return statistics.median(times), min(times), None
+        cuda = self.torch.cuda
+        cuda.synchronize()
+        base = cuda.memory_allocated()
+        cuda.reset_peak_memory_stats()
         result = fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        cuda.synchronize()
+        peak = (cuda.max_memory_allocated() - base) / 2**20
         del result
         return statistics.median(times), min(times), peak
 
+    def synchronize(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def elapsed_ms(self, fn) -> float:
+        if not self.cuda:
+            started = time.perf_counter()
+            fn()
+            return (time.perf_counter() - started) * 1e3
+        start = self.torch.cuda.Event(enable_timing=True)
+        end = self.torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
     def copy_bandwidth(self) -> float:
         torch = self.torch
-        src = torch.empty(2**30, dtype=torch.float32, device="cuda").fill_(1.0)
+        size = 2**30 if self.cuda else 2**20
+        src = torch.empty(size, dtype=torch.float32, device=self.device).fill_(1.0)
         dst = torch.empty_like(src)
         median, _, _ = self.time(lambda: dst.copy_(src))
         src = dst = None  # free before the cases
-        return 2 * 2**32 / (median * 1e-3) / 1e9
+        return 2 * 4 * size / (median * 1e-3) / 1e9
 
     def case(self, shape, dtype):
         torch, F, launch = self.torch, self.F, self.launch
-        x = torch.randn(shape, dtype=dtype, device="cuda")
+        x = torch.randn(shape, dtype=dtype, device=self.device)
         classes = shape[1]
-        target = torch.randint(0, classes, (shape[0], *shape[2:]), device="cuda")
+        target = torch.randint(0, classes, (shape[0], *shape[2:]), device=self.device)
         positions = target.numel()
         size = x.element_size()
         label = "x".join(map(str, shape)) + " " + str(dtype).replace("torch.", "")
@@ -193,13 +224,14 @@ class _Bench:
                 rows.append(
                     {"case": label, "task": task, "impl": name, "median ms": round(median, 4),
                      "min ms": round(best, 4), "floor GB/s": round(gbs, 1),
-                     "peak MiB": round(peak, 1)}
+                     "peak MiB": None if peak is None else round(peak, 1)}
                 )  # fmt: skip
             except Exception as error:  # reported in the table, not hidden
                 rows.append({"case": label, "task": task, "impl": name,
                              "error": f"{type(error).__name__}: {str(error)[:200]}",
                              "median ms": None, "floor GB/s": None})  # fmt: skip
-            torch.cuda.empty_cache()
+            if self.cuda:
+                torch.cuda.empty_cache()
 
         # nll on log-probabilities
         floor = positions * (8 + size)
@@ -208,9 +240,9 @@ class _Bench:
             lambda: launch.forward(x, target, None, -100, "mean", check_targets=False))  # fmt: skip
         add("nll fwd", "torch", floor, lambda: F.nll_loss(x, target))
         if kdim:
-            rows.append(_deterministic_row(torch, F, x, target, label))
+            rows.append(_deterministic_row(torch, F, x, target, label, self.synchronize))
         floor = positions * classes * size
-        one = torch.ones((), dtype=dtype, device="cuda")
+        one = torch.ones((), dtype=dtype, device=self.device)
         add("nll bwd", "nllloss", floor,
             lambda: launch.backward(one, x, target, None, -100, "mean",
                                     check_targets=False))  # fmt: skip
@@ -282,13 +314,13 @@ class _Bench:
         return rows
 
 
-def _deterministic_row(torch, F, x, target, label):
+def _deterministic_row(torch, F, x, target, label, synchronize):
     """Whether torch's own K-dim 'mean' runs under deterministic algorithms (ours does)."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         F.nll_loss(x, target)
-        torch.cuda.synchronize()
+        synchronize()
         note = "runs"
     except RuntimeError as error:
         note = f"refused: {str(error).splitlines()[0][:160]}"
@@ -298,24 +330,26 @@ def _deterministic_row(torch, F, x, target, label):
             "error": note, "median ms": None, "floor GB/s": None}  # fmt: skip
 
 
-def _sweep(torch, launch, reps, out: Path) -> int:
+def _sweep(torch, bench, launch, out: Path) -> int:
     """Median ms of the launchers under each tile setting; writes gpu-sweep.md."""
     import itertools
 
     from nllloss._triton import _launch
 
-    bench = _Bench(torch, launch, reps, False, False)
     header = "| case | TILE | WARPS | STRIDED_CLASS_BLOCK | ce fwd | nll bwd | ce bwd | fused f+b |"
-    lines = [f"# Tile sweep on {torch.cuda.get_device_name()}", "", header, "|---" * 8 + "|"]
+    device = torch.cuda.get_device_name() if bench.cuda else "cpu (smoke run)"
+    lines = [f"# Tile sweep on {device}", "", header, "|---" * 8 + "|"]
     defaults = (_launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK)
     cases = [
         ((16384, 128256), torch.bfloat16),
         ((16384, 32000), torch.bfloat16),
         (SHAPE_KDIM, torch.float32),
     ]
+    if not bench.cuda:
+        cases = [((64, 100), torch.bfloat16), ((2, 5, 8, 8), torch.float32)]
     for shape, dtype in cases:
-        x = torch.randn(shape, dtype=dtype, device="cuda")
-        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda")
+        x = torch.randn(shape, dtype=dtype, device=bench.device)
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=bench.device)
         case = "x".join(map(str, shape)) + " " + str(dtype).replace("torch.", "")
         strided = [8, 16, 32] if len(shape) > 2 else [defaults[2]]
         for setting in itertools.product([2048, 4096, 8192, 16384], [4, 8, 16], strided):
@@ -330,7 +364,7 @@ def _sweep(torch, launch, reps, out: Path) -> int:
 
 
 def _sweep_timings(torch, bench, launch, x, t) -> list[str]:
-    one = torch.ones((), dtype=x.dtype, device="cuda")
+    one = torch.ones((), dtype=x.dtype, device=x.device)
     grad = torch.empty_like(x)
     options = {"from_logits": True, "check_targets": False}
     _, saved = launch.forward(x, t, None, -100, "mean", **options)
@@ -361,11 +395,10 @@ def _markdown(env, rows) -> str:
         reference = torch_times.get((r["case"], r["task"]))
         speedup = f"{reference / r['median ms']:.2f}" if reference and r.get("median ms") else ""
         cells = [
-            r["case"], r["task"], r["impl"], r.get("median ms") or "", speedup,
-            r.get("floor GB/s") or "", r.get("% copy") or "", r.get("peak MiB", ""),
-            r.get("error", ""),
+            r["case"], r["task"], r["impl"], r.get("median ms"), speedup, r.get("floor GB/s"),
+            r.get("% copy"), r.get("peak MiB"), r.get("error"),
         ]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
