@@ -234,6 +234,19 @@ def test_target_dtypes(dtype, ignore_index):
             _close(loss, expected, torch.float32)
 
 
+def test_strided_target_and_weight():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 7, 3, generator=generator).to(DEVICE)
+    target = torch.randint(0, 7, (12, 6), generator=generator).to(DEVICE)[:, ::2]
+    weight = torch.rand(14, generator=generator, dtype=torch.float64).to(DEVICE)[::2]
+    assert not target.is_contiguous()
+    assert not weight.is_contiguous()
+    for from_logits in (False, True):
+        loss, _ = launch.forward(x, target, weight, -100, "none", from_logits=from_logits)
+        _, expected = _reference(x, target, weight.float(), "none", from_logits, 0.0)
+        _close(loss, expected, torch.float32)
+
+
 def _kdim_case(seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn(6, 9, 5, 7, generator=generator) * 2).to(torch.bfloat16).to(DEVICE)

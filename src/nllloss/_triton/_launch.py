@@ -170,9 +170,9 @@ def _forward(
     positions, classes = geometry.positions, geometry.classes
     smooth = label_smoothing > 0.0
     fused = grad_out is not None
-    full_row = load_x and (from_logits or smooth or fused)
+    full_row = load_x and (from_logits or smooth)
     interpreted = _interpreted(x)
-    block_m, block_c, warps = _blocks(geometry, full_row, interpreted)
+    block_m, block_c, warps = _blocks(geometry, full_row or fused, interpreted)
     parts = triton.cdiv(positions, block_m)
     device = x.device
     f32 = torch.float32
