@@ -1,9 +1,9 @@
 """The Triton kernels against torch: every option, dtype and layout.
 
 On a machine with a CUDA GPU the kernels run compiled on it; elsewhere (CI) they run on
-CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernels
-are defined; the launchers are called directly, so other tests' CPU tensors keep their
-own path). Expected values come from torch: ``F.nll_loss`` /
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
+triton is imported; the launchers are called directly, so other tests' CPU tensors keep
+their own path). Expected values come from torch: ``F.nll_loss`` /
 ``F.cross_entropy`` in float64 on the same (rounded) inputs, and for label smoothing on
 log-probabilities torch's cross-entropy smoothing formula written out in float64 torch
 operations, differentiated by torch's autograd.
@@ -24,6 +24,8 @@ from nllloss import _triton, _validate
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA:
+    # conftest sets it before anything imports triton, which reads it then (this line
+    # serves runs without conftest)
     os.environ["TRITON_INTERPRET"] = "1"
 launch = _triton._load()
 
