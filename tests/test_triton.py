@@ -318,18 +318,24 @@ def test_total_weight_replaces_the_mean_denominator():
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(30, 8, generator=generator).to(DEVICE)
     target = torch.randint(0, 8, (30,), generator=generator).to(DEVICE)
-    for given in (7.5, torch.tensor(7.5, device=DEVICE)):
+    givens = [
+        (7.5, 7.5),
+        (7.5, torch.tensor(7.5, device=DEVICE)),
+        (7.5, torch.tensor([7.5], dtype=torch.float64)),  # one element, on the CPU
+        (41, torch.tensor(41)),  # a count, as nllloss.total_weight gives without weight
+    ]
+    for value, given in givens:
         for from_logits in (False, True):
             loss, saved = launch.forward(
                 x, target, None, -100, "mean", from_logits=from_logits, total_weight=given
             )
-            x64, expected = _reference(x, target, None, "mean", from_logits, 0.0, 7.5)
+            x64, expected = _reference(x, target, None, "mean", from_logits, 0.0, value)
             _close(loss, expected, torch.float32)
-            assert float(saved.denominator) == 7.5
+            assert float(saved.denominator) == value
             expected.backward()
             grad = launch.backward(
                 torch.ones((), device=DEVICE), x, target, None, -100, "mean",
-                from_logits=from_logits, total_weight=given, saved=saved,
+                from_logits=from_logits, total_weight=given,
             )  # fmt: skip
             _close(grad, x64.grad, torch.float32)
 

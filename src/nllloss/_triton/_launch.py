@@ -202,7 +202,7 @@ def _forward(
             return loss, Saved(lse, torch.empty(0, dtype=f32, device=device))
         denominator = torch.empty((), dtype=f32, device=device)
         first_bad = torch.empty((), dtype=torch.int64, device=device)
-        mode, given = _total_weight_mode(total_weight, reduction)
+        mode, given = _total_weight_mode(total_weight, reduction, device)
         _kernels.finish_kernel[(1,)](
             part_sums[0], part_sums[1], part_bad, parts, loss, denominator, first_bad,
             given if mode == 2 else denominator, given if mode == 1 else 0.0, positions,
@@ -214,12 +214,12 @@ def _forward(
     return loss, Saved(lse, denominator)
 
 
-def _total_weight_mode(total_weight, reduction: str):
+def _total_weight_mode(total_weight, reduction: str, device):
     """(0, None): sum of w[t]; (1, number); (2, 0-d tensor read on the device)."""
     if total_weight is None or reduction != "mean":
         return 0, None
     if isinstance(total_weight, torch.Tensor):
-        return 2, total_weight.reshape(())
+        return 2, total_weight.reshape(()).to(device)  # a copy only from another device
     return 1, float(total_weight)
 
 
