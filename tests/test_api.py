@@ -24,23 +24,48 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 
 
 def test_public_names():
-    assert nllloss.__all__ == ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
+    assert nllloss.__all__ == [
+        "NLLLoss",
+        "nll_loss",
+        "nll_loss_and_grad",
+        "nll_loss_backward",
+        "set_num_threads",
+        "total_weight",
+    ]
     public = {name for name in dir(nllloss) if not name.startswith("_")}
     assert public - {"__version__"} <= set(nllloss.__all__) | {
         name for name in public if inspect.ismodule(getattr(nllloss, name))
     }
 
 
-def test_signatures_match_torch():
-    params = list(inspect.signature(nll_loss).parameters.items())
-    torch_params = list(inspect.signature(F.nll_loss).parameters.items())
-    assert [(n, p.default) for n, p in params] == [(n, p.default) for n, p in torch_params]
-    module = inspect.signature(NLLLoss).parameters
-    torch_module = inspect.signature(torch.nn.NLLLoss).parameters
-    assert [(n, p.default) for n, p in module.items()] == [
-        (n, p.default) for n, p in torch_module.items()
+def _positional(signature):
+    return [
+        (n, p.default) for n, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY
     ]
-    assert list(inspect.signature(nll_loss_backward).parameters) == [
+
+
+def _keyword_only(signature):
+    return [(n, p.default) for n, p in signature.parameters.items() if p.kind == p.KEYWORD_ONLY]
+
+
+OPTIONS = [("from_logits", False), ("label_smoothing", 0.0), ("total_weight", None)]
+
+
+def test_signatures_match_torch():
+    """torch's parameters in torch's order, then nllloss's options, keyword-only."""
+    assert _positional(inspect.signature(nll_loss)) == _positional(inspect.signature(F.nll_loss))
+    assert _keyword_only(inspect.signature(nll_loss)) == OPTIONS
+    module = inspect.signature(NLLLoss)
+    assert _positional(module) == _positional(inspect.signature(torch.nn.NLLLoss))
+    assert _keyword_only(module) == OPTIONS[:2]
+    assert list(inspect.signature(NLLLoss.__call__).parameters) == [
+        "self",
+        "input",
+        "target",
+        "total_weight",
+    ]
+    backward = inspect.signature(nll_loss_backward)
+    assert [name for name, _ in _positional(backward)] == [
         "grad_output",
         "input",
         "target",
@@ -48,6 +73,7 @@ def test_signatures_match_torch():
         "ignore_index",
         "reduction",
     ]
+    assert _keyword_only(backward) == [*OPTIONS, ("out", None)]
 
 
 def test_import_loads_no_framework():

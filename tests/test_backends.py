@@ -396,3 +396,132 @@ class TestTorchIntegration:
         ours = torch.func.grad(lambda a: nllloss.nll_loss(a, t, weight=w))(x)
         theirs = torch.func.grad(lambda a: F.nll_loss(a, t, weight=w))(x)
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6)
+
+
+def cross_entropy_reference(x, t, w, reduction, smoothing, total, grad_output):
+    """torch's float64 cross_entropy and its autograd gradient; with ``total``, the 'sum'
+    divided by it (the definition of total_weight)."""
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    wt = None if w is None else torch.from_numpy(w.astype(np.float64))
+    loss = F.cross_entropy(
+        xt, torch.from_numpy(t), weight=wt, reduction="sum" if total else reduction,
+        label_smoothing=smoothing,
+    )  # fmt: skip
+    if total:
+        loss = loss / total
+    loss.backward(torch.as_tensor(np.asarray(grad_output, dtype=np.float64)))
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "mean with total_weight"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_from_logits_with_smoothing_matches_torch(backend, reduction, dtype, rng):
+    x = (rng.standard_normal((7, 6, 5)) * 4).astype(dtype)
+    t = rng.integers(0, 6, (7, 5))
+    t[rng.random(t.shape) < 0.3] = -100
+    w = rng.uniform(0.2, 2, 6).astype(dtype)
+    total = 9.5 if reduction == "mean with total_weight" else None
+    reduction = reduction.split()[0]
+    grad_output = rng.uniform(0.5, 1.5, t.shape if reduction == "none" else ()).astype(dtype)
+    expected_loss, expected_grad = cross_entropy_reference(
+        x, t, w, reduction, 0.15, total, grad_output
+    )
+    xb, tb, wb = (to_backend(backend, a) for a in (x, t, w))
+    kwargs = {"weight": wb, "reduction": reduction, "from_logits": True, "label_smoothing": 0.15}
+    if total is not None:
+        kwargs["total_weight"] = total
+    loss = nllloss.nll_loss(xb, tb, **kwargs)
+    grad = nllloss.nll_loss_backward(to_backend(backend, grad_output), xb, tb, **kwargs)
+    assert isinstance(loss, array_type(backend))
+    assert isinstance(grad, array_type(backend))
+    rtol = 2e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(to_numpy(loss), expected_loss, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(to_numpy(grad), expected_grad, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax not requested")
+def test_jax_grad_from_logits(rng):
+    jax = BACKENDS["jax"]
+    x = (rng.standard_normal((20, 9)) * 3).astype(np.float32)
+    t = rng.integers(0, 9, 20)
+    t[::3] = -100
+
+    def loss(a, b):
+        return nllloss.nll_loss(a, b, from_logits=True, label_smoothing=0.1, total_weight=11.0)
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(x), jax.numpy.asarray(t))
+    expected_loss, expected_grad = cross_entropy_reference(x, t, None, "sum", 0.1, 11.0, 1.0)
+    np.testing.assert_allclose(value, expected_loss, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch not requested")
+class TestTorchOptions:
+    """from_logits, label_smoothing and total_weight through torch's autograd and compiler."""
+
+    @staticmethod
+    def problem(rng, dtype=torch.float32):
+        x = torch.from_numpy(rng.standard_normal((30, 7)) * 3).to(dtype)
+        t = torch.from_numpy(rng.integers(0, 7, 30))
+        t[::4] = -100
+        return x, t, torch.from_numpy(rng.uniform(0.2, 2, 7)).to(dtype)
+
+    @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+    def test_backward_matches_cross_entropy(self, reduction, rng):
+        x, t, w = self.problem(rng)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        options = {"weight": w, "reduction": reduction, "label_smoothing": 0.2}
+        loss = nllloss.nll_loss(ours, t, from_logits=True, **options)
+        expected = F.cross_entropy(theirs, t, **options)
+        np.testing.assert_allclose(loss.detach(), expected.detach(), rtol=2e-6, atol=1e-6)
+        go = torch.rand(loss.shape)
+        loss.backward(go)
+        expected.backward(go)
+        np.testing.assert_allclose(ours.grad, theirs.grad, rtol=2e-6, atol=1e-6)
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"from_logits": True, "reduction": "sum"},
+            {"from_logits": True, "label_smoothing": 0.3, "total_weight": 7.0},
+            {"label_smoothing": 0.3, "reduction": "none"},
+        ],
+    )
+    def test_second_derivatives(self, options, rng):
+        x, t, w = self.problem(rng, torch.float64)
+        loss = lambda a: nllloss.nll_loss(a, t, w, **options)  # noqa: E731
+        x.requires_grad_()
+        assert torch.autograd.gradcheck(loss, (x,))
+        assert torch.autograd.gradgradcheck(loss, (x,))
+
+    def test_compile_and_func_grad(self, rng):
+        import torch._dynamo as dynamo
+
+        x, t, w = self.problem(rng)
+
+        def loss(a):
+            return nllloss.nll_loss(a, t, weight=w, from_logits=True, label_smoothing=0.1)
+
+        dynamo.reset()
+        assert dynamo.explain(loss)(x).graph_break_count == 0
+        np.testing.assert_allclose(torch.compile(loss, fullgraph=True)(x), loss(x), rtol=1e-6)
+        expected = torch.func.grad(lambda a: F.cross_entropy(a, t, weight=w, label_smoothing=0.1))(
+            x
+        )
+        np.testing.assert_allclose(torch.func.grad(loss)(x), expected, rtol=2e-6, atol=1e-7)
+
+    def test_cross_entropy_module_is_a_drop_in(self, rng):
+        import nllloss.torch
+
+        x, t, w = self.problem(rng)
+        ours = nllloss.torch.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+        theirs = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+        assert isinstance(ours, torch.nn.CrossEntropyLoss)
+        np.testing.assert_allclose(ours(x, t), theirs(x, t), rtol=2e-6)
+        ours.load_state_dict(theirs.state_dict())
+        total = nllloss.total_weight(t, w)
+        np.testing.assert_allclose(
+            nllloss.torch.NLLLoss(w)(torch.log_softmax(x, 1), t, total_weight=total),
+            F.nll_loss(torch.log_softmax(x, 1), t, w),
+            rtol=1e-6,
+        )

@@ -6,9 +6,16 @@ array(1.)
 """
 
 from ._cpu import set_num_threads
-from ._loss import NLLLoss, nll_loss, nll_loss_backward
+from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 
-__all__ = ["NLLLoss", "nll_loss", "nll_loss_backward", "set_num_threads"]
+__all__ = [
+    "NLLLoss",
+    "nll_loss",
+    "nll_loss_and_grad",
+    "nll_loss_backward",
+    "set_num_threads",
+    "total_weight",
+]
 __version__ = "0.1.0"
 
 # Framework submodules load on first attribute access, so `import nllloss` imports none.

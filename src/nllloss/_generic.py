@@ -29,7 +29,7 @@ import array_api_compat
 import numpy as np
 
 from . import _validate
-from ._validate import Layout
+from ._validate import PLAIN, Layout, Options
 
 
 @dataclass
@@ -86,26 +86,10 @@ def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
     xp = engine.xp
     device = array_api_compat.device(x)
     target = xp.reshape(t, (1,) if layout.unbatched else layout.output_shape)
-    if array_api_compat.is_dask_array(target):
-        # Lazy: the check runs, and raises the same IndexError, when the result is computed.
-        target = target.map_blocks(
-            _checked_block,
-            classes=layout.classes,
-            ignore_index=ignore_index,
-            output_shape=layout.output_shape,
-            dtype=target.dtype,
-        )
-    valid = _compare(xp, target, "!=", ignore_index)
-    bad = valid & (_compare(xp, target, "<", 0) | _compare(xp, target, ">=", layout.classes))
-    if array_api_compat.is_dask_array(target):
-        bad = None
-    elif traced(target):
-        # No value is known yet (jax.jit, dask): a bad target cannot raise; its loss is NaN.
+    valid, bad = _checked_valid(xp, target, layout, ignore_index)
+    if bad is not None:
+        valid = valid & ~bad
         bad = xp.reshape(bad, (-1,))
-        valid = valid & ~xp.reshape(bad, target.shape)
-    else:
-        _raise_first_bad(xp, target, bad, layout, ignore_index)
-        bad = None
     index = xp.expand_dims(xp.where(valid, xp.astype(target, _index_dtype(xp)), 0), axis=1)
     valid = xp.reshape(valid, (-1,))
     dtype = _compute_dtype(xp, x.dtype)
@@ -118,6 +102,31 @@ def _select(engine, x, t, w, ignore_index: int, layout: Layout) -> _Targets:
             weight = xp.take(w, xp.reshape(index, (-1,)), axis=0)
             weight = xp.where(valid, weight, xp.zeros((), dtype=dtype, device=device))
     return _Targets(index, valid, weight, dtype, device, bad)
+
+
+def _checked_valid(xp, target, layout: Layout, ignore_index: int):
+    """(target != ignore_index, out-of-range targets or None).
+
+    Concrete arrays raise the IndexError for the first bad target; Dask raises it when
+    computed; traced arrays (no value known) return where the bad targets are."""
+    if array_api_compat.is_dask_array(target):
+        # Lazy: the check runs, and raises the same IndexError, when the result is computed.
+        target = target.map_blocks(
+            _checked_block,
+            classes=layout.classes,
+            ignore_index=ignore_index,
+            output_shape=layout.output_shape,
+            dtype=target.dtype,
+        )
+    valid = _compare(xp, target, "!=", ignore_index)
+    bad = valid & (_compare(xp, target, "<", 0) | _compare(xp, target, ">=", layout.classes))
+    if array_api_compat.is_dask_array(target):
+        return valid, None
+    if traced(target):
+        # No value is known yet (jax.jit): a bad target cannot raise; its loss is NaN.
+        return valid, bad
+    _raise_first_bad(xp, target, bad, layout, ignore_index)
+    return valid, None
 
 
 def _pick(engine, x, targets: _Targets, layout: Layout):
@@ -197,12 +206,46 @@ def _total_weight(engine, g: _Targets):
 _IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
+def _log_probs(xp, x, layout: Layout, dtype):
+    """log_softmax over the class axis of the batched input, in the compute dtype, as torch's:
+    ``(x - max) - log(sum(exp(x - max)))``."""
+    x = xp.astype(_batched(xp, x, layout), dtype)
+    if layout.classes == 0:
+        return x
+    shifted = x - xp.max(x, axis=1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+
+
+def _class_weights(xp, w, x_dtype, dtype, layout: Layout):
+    """The weight in the compute dtype, shaped to broadcast along the class axis."""
+    w = xp.astype(xp.astype(w, x_dtype), dtype)
+    batched_rank = len(layout.input_shape) + layout.unbatched
+    return xp.reshape(w, (1, layout.classes) + (1,) * (batched_rank - 2))
+
+
+def _smoothing_losses(xp, log_probs, w, g: _Targets, x_dtype, layout: Layout):
+    """Per target element, ``-sum_c w_c log p_c`` (0 where ignored), flat."""
+    if w is not None:
+        log_probs = log_probs * _class_weights(xp, w, x_dtype, g.dtype, layout)
+    smooth = xp.reshape(-xp.sum(log_probs, axis=1), (-1,))
+    return xp.where(g.valid, smooth, xp.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _scalar(xp, value, g: _Targets):
+    return xp.asarray(value, dtype=g.dtype, device=g.device)
+
+
+def _given_total(xp, options: Options, g: _Targets):
+    return xp.astype(xp.reshape(options.total_weight, ()), g.dtype)
+
+
 @_IEEE_RESULTS
-def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout, options=PLAIN):
     """The loss: shape ``layout.output_shape`` for 'none', 0-d otherwise; x's dtype."""
     xp = engine.xp
     g = _select(engine, x, t, w, ignore_index, layout)
-    picked, unmasked = _pick(engine, x, g, layout)
+    log_probs = _log_probs(xp, x, layout, g.dtype) if options.from_logits else x
+    picked, unmasked = _pick(engine, log_probs, g, layout)
     losses = -picked if g.weight is None else -(picked * g.weight)
     losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
     if g.bad is not None and unmasked is not None:
@@ -211,54 +254,167 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         # The factor is NaN on bad rows only: a NaN multiplier everywhere would leak NaN
         # into every row's gradient through where's unselected branch (0 * NaN).
         zero = xp.zeros((), dtype=g.dtype, device=g.device)
-        factor = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), zero)
+        factor = xp.where(g.bad, _scalar(xp, float("nan"), g), zero)
         losses = xp.where(g.bad, unmasked * factor, losses)
+    smoothing = options.label_smoothing
+    smooth = None
+    if smoothing:
+        log_probs = _batched(xp, log_probs, layout)  # (unchanged when from_logits)
+        smooth = _smoothing_losses(xp, xp.astype(log_probs, g.dtype), w, g, x.dtype, layout)
+
+    def blend(nll, smooth):
+        # torch: (1 - eps) * nll + smooth * (eps / C), the scalars in the compute dtype
+        if smooth is None:
+            return nll
+        return _scalar(xp, 1.0 - smoothing, g) * nll + smooth * _scalar(
+            xp, smoothing / layout.classes, g
+        )
 
     if reduction == "none" and not layout.unbatched:
-        return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
+        return xp.astype(xp.reshape(blend(losses, smooth), layout.output_shape), x.dtype)
+    given = options.total_weight
     if layout.size == 0:
+        if reduction == "mean" and given is not None:
+            return xp.astype(_scalar(xp, 0.0, g) / _given_total(xp, options, g), x.dtype)
         value = float("nan") if reduction == "mean" else 0.0
         return xp.asarray(value, dtype=x.dtype, device=g.device)
     # An unbatched input is reduced even for 'none' (as torch): its single element is summed.
-    if reduction == "mean" and g.weight is not None:
+    if reduction == "mean" and g.weight is not None and given is None:
         loss_sum, total = engine.sums(g.valid, losses, g.weight)  # one pass, one order
     else:
         (loss_sum,) = engine.sums(g.valid, losses)
-        total = _total_weight(engine, g) if reduction == "mean" else None
+        total = None
+        if reduction == "mean":
+            total = _total_weight(engine, g) if given is None else _given_total(xp, options, g)
+    smooth_sum = None if smooth is None else engine.sums(g.valid, smooth)[0]
     if total is not None:
         loss_sum = _ieee(operator.truediv, loss_sum, total)
+        if smooth_sum is not None:
+            smooth_sum = _ieee(operator.truediv, smooth_sum, total)
+    loss_sum = blend(loss_sum, smooth_sum)
     if isinstance(loss_sum, np.generic):  # NumPy arithmetic on 0-d arrays gives scalars
         loss_sum = np.asarray(loss_sum)
     return xp.astype(loss_sum, x.dtype)
 
 
 @_IEEE_RESULTS
-def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
-    """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``."""
+def backward(
+    engine,
+    grad_output,
+    x,
+    t,
+    w,
+    ignore_index: int,
+    reduction: str,
+    layout: Layout,
+    options=PLAIN,
+    out=None,
+):
+    """The gradient of ``forward`` with respect to ``x``, for the upstream ``grad_output``.
+
+    With options, the operations of torch's autograd through ``cross_entropy``: the
+    target term scaled by ``1 - eps``, the smoothing term's ``-(u * eps / C) * w_c`` on
+    every class, then for logits the log-softmax's ``grad - softmax * sum(grad)``.
+    """
     xp = engine.xp
     g = _select(engine, x, t, w, ignore_index, layout)
     upstream = xp.astype(grad_output, g.dtype)
     zero = xp.zeros((), dtype=g.dtype, device=g.device)
+    smoothing = options.label_smoothing
 
-    if reduction == "none" and not layout.unbatched:
+    elementwise = reduction == "none" and not layout.unbatched
+    if elementwise:
         upstream = xp.reshape(xp.broadcast_to(upstream, layout.output_shape), (-1,))
-        values = -upstream if g.weight is None else (-g.weight) * upstream
     else:
         upstream = xp.reshape(upstream, ())
+    target_upstream = upstream * _scalar(xp, 1.0 - smoothing, g) if smoothing else upstream
+    if elementwise:
+        values = -target_upstream if g.weight is None else (-g.weight) * target_upstream
+    else:
         if reduction == "mean":
-            total = _total_weight(engine, g)
-            step = -_ieee(operator.truediv, upstream, total)
+            if options.total_weight is None:
+                total = _total_weight(engine, g)
+            else:
+                total = _given_total(xp, options, g)
+            step = -_ieee(operator.truediv, target_upstream, total)
         else:
-            step = -upstream
+            step = -target_upstream
         values = step if g.weight is None else _ieee(operator.mul, g.weight, step)
         values = xp.broadcast_to(values, (layout.size,))
     values = xp.where(g.valid, values, zero)
     if g.bad is not None:  # traced or lazy: NaN gradient where a target is out of range
-        values = xp.where(g.bad, xp.asarray(float("nan"), dtype=g.dtype, device=g.device), values)
+        values = xp.where(g.bad, _scalar(xp, float("nan"), g), values)
 
     batched_shape = tuple(_batched(xp, x, layout).shape)
     index_shape = (batched_shape[0], 1, *batched_shape[2:])
-    grad = engine.scatter(
-        batched_shape, x.dtype, g.index, xp.astype(xp.reshape(values, index_shape), x.dtype)
-    )
-    return xp.reshape(grad, tuple(x.shape))
+    if options.plain or (not smoothing and not options.from_logits):
+        grad = engine.scatter(
+            batched_shape, x.dtype, g.index, xp.astype(xp.reshape(values, index_shape), x.dtype)
+        )
+        return _finish(xp, grad, x, out)
+
+    grad = engine.scatter(batched_shape, g.dtype, g.index, xp.reshape(values, index_shape))
+    if smoothing:
+        smooth_upstream = upstream * _scalar(xp, smoothing / layout.classes, g)
+        if reduction == "mean":
+            smooth_upstream = _ieee(operator.truediv, smooth_upstream, total)
+        smooth_upstream = xp.where(g.valid, xp.broadcast_to(-smooth_upstream, (layout.size,)), zero)
+        smooth_grad = xp.reshape(smooth_upstream, index_shape)
+        if w is not None:
+            smooth_grad = smooth_grad * _class_weights(xp, w, x.dtype, g.dtype, layout)
+        grad = grad + smooth_grad
+    if options.from_logits and layout.classes:
+        probabilities = xp.exp(_log_probs(xp, x, layout, g.dtype))
+        grad = grad - probabilities * xp.sum(grad, axis=1, keepdims=True)
+        # nothing from an ignored element, not even its row's NaN or inf
+        grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
+    return _finish(xp, xp.astype(grad, x.dtype), x, out)
+
+
+def _finish(xp, grad, x, out):
+    """The gradient in the input's shape, written into ``out`` when given."""
+    grad = xp.reshape(grad, tuple(x.shape))
+    if out is None:
+        return grad
+    out[...] = grad
+    return out
+
+
+def forward_backward(
+    engine, grad_output, x, t, w, ignore_index, reduction, layout, options=PLAIN, out=None
+):
+    """``(forward(...), backward(...))``; the loss is computed before ``out`` is written."""
+    loss = forward(engine, x, t, w, ignore_index, reduction, layout, options)
+    grad = backward(engine, grad_output, x, t, w, ignore_index, reduction, layout, options, out)
+    return loss, grad
+
+
+@_IEEE_RESULTS
+def total_weight(engine, t, w, ignore_index: int):
+    """See ``nllloss.total_weight``: the 'mean' denominator of targets ``t``."""
+    xp = engine.xp
+    shape = tuple(t.shape)
+    size = 1
+    for d in shape:
+        size *= d
+    classes = int(w.shape[0]) if w is not None else 0
+    layout = Layout(shape, shape, 1, classes, size)
+    flat = xp.reshape(t, (-1,))
+    if w is None:
+        valid = _compare(xp, flat, "!=", ignore_index)
+        count = xp.sum(xp.astype(valid, _index_dtype(xp)))
+        return np.asarray(count) if isinstance(count, np.generic) else count
+    valid, bad = _checked_valid(xp, t, layout, ignore_index)
+    valid = xp.reshape(valid, (-1,))
+    dtype = _compute_dtype(xp, w.dtype)
+    device = array_api_compat.device(t)
+    if classes == 0 or size == 0:
+        return xp.zeros((), dtype=dtype, device=device)
+    index = xp.where(valid, xp.astype(flat, _index_dtype(xp)), 0)
+    picked = xp.where(valid, xp.take(xp.astype(w, dtype), index, axis=0), xp.zeros((), dtype=dtype))
+    total = engine.sums(valid, picked)[0]
+    if bad is not None:  # traced: an out-of-range target makes the total NaN
+        total = xp.where(xp.any(bad), xp.asarray(float("nan"), dtype=dtype), total)
+    if isinstance(total, np.generic):
+        total = np.asarray(total)
+    return total

@@ -13,6 +13,7 @@ _CALLER = 2
 
 
 def _prepare(input, target, weight, ignore_index):
+    """Validated arrays in the input's library, the engine and the layout."""
     input = as_array(input)
     engine = engine_for(input)
     target = like_input(engine, target, input, "target")
@@ -25,6 +26,28 @@ def _prepare(input, target, weight, ignore_index):
     return engine, input, target, weight, _validate.check_ignore_index(ignore_index), layout
 
 
+def _options(engine, input, reduction, from_logits, label_smoothing, total_weight):
+    """The validated keyword-only options (``total_weight`` as an array of the input's library)."""
+    if total_weight is not None:
+        total_weight = like_input(engine, total_weight, input, "total_weight")
+        _validate.check_total_weight(total_weight, reduction)
+    return _validate.Options(
+        _validate.check_from_logits(from_logits),
+        _validate.check_label_smoothing(label_smoothing),
+        total_weight,
+    )
+
+
+def _defaults(from_logits, label_smoothing, total_weight) -> bool:
+    """True when no keyword-only option is used (the common call, decided cheaply)."""
+    return (
+        from_logits is False
+        and total_weight is None
+        and type(label_smoothing) in (float, int)
+        and label_smoothing == 0
+    )
+
+
 def nll_loss(
     input: Any,
     target: Any,
@@ -33,6 +56,10 @@ def nll_loss(
     ignore_index: int = -100,
     reduce: Any = None,
     reduction: str = "mean",
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
 ) -> Any:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
@@ -65,6 +92,20 @@ def nll_loss(
         Target value that contributes neither loss, weight nor gradient. Any integer,
         inside the class range or not.
     reduction : {'mean', 'sum', 'none'}, default 'mean'
+    from_logits : bool, default False
+        The input holds unnormalised logits: the loss is that of
+        :math:`x - \operatorname{logsumexp}_c x` (log-softmax over the class axis), computed
+        without forming it, and equals ``torch.nn.functional.cross_entropy``.
+    label_smoothing : float, default 0.0
+        :math:`\varepsilon \in [0, 1]`, as ``cross_entropy``'s: the loss becomes
+        :math:`(1 - \varepsilon)\,\ell + \frac{\varepsilon}{C} s` with
+        :math:`s_n = -\sum_c w_c \log p_{n, c}` (0 where ignored), reduced like :math:`\ell`
+        ('mean' divides both by the same total weight).
+    total_weight : float or 0-d array, optional
+        With ``'mean'`` only: the denominator to divide by instead of this batch's own
+        :math:`\sum w_{y_n}`, e.g. the total weight of a whole batch split into
+        micro-batches or ranks (see :func:`total_weight`); summing the pieces' losses
+        then gives the whole batch's loss. Not differentiated.
 
     Returns
     -------
@@ -105,7 +146,8 @@ def nll_loss(
     array(1.3862944, dtype=float32)
     """
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
-    fast = _FAST_PATHS.get(type(input))
+    plain = _defaults(from_logits, label_smoothing, total_weight)
+    fast = _FAST_PATHS.get(type(input)) if plain else None
     if fast is not None:
         result = fast(input, target, weight, ignore_index, reduction)
         if result is not None:
@@ -113,8 +155,13 @@ def nll_loss(
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
+    options = (
+        _validate.PLAIN
+        if plain
+        else _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
+    )
     return engine.implementation.forward(
-        engine, input, target, weight, ignore_index, reduction, layout
+        engine, input, target, weight, ignore_index, reduction, layout, options
     )
 
 
@@ -130,33 +177,50 @@ def nll_loss_backward(
     weight: Any = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+    out: Any = None,
 ) -> Any:
     r"""The gradient of :func:`nll_loss` with respect to ``input``.
 
-    Zero everywhere except at ``(n, y_n)`` for each non-ignored target element, where it is
+    Without options it is zero everywhere except at ``(n, y_n)`` for each non-ignored
+    target element, where it is
 
     * ``'none'``: :math:`-w_{y_n} g_n` (``g`` has the target's shape, or is a scalar);
     * ``'sum'``: :math:`-w_{y_n} g`;
-    * ``'mean'``: :math:`-w_{y_n} g / W` with :math:`W` the total weight of ``nll_loss``.
+    * ``'mean'``: :math:`-w_{y_n} g / W` with :math:`W` the total weight of ``nll_loss``
+      (or ``total_weight``).
+
+    With ``label_smoothing`` :math:`\varepsilon`, every class :math:`c` of a non-ignored
+    element also gets :math:`-\frac{\varepsilon}{C} w_c u_n` (:math:`u_n` the upstream
+    gradient after reduction), and the target term is scaled by :math:`1 - \varepsilon`.
+    ``from_logits`` differentiates through the log-softmax: with :math:`p = \operatorname
+    {softmax}(x)` the gradient at :math:`(n, c)` is :math:`u_n \big((1-\varepsilon)
+    w_{y_n} (p_c - [c = y_n]) + \frac{\varepsilon}{C} (p_c \sum_k w_k - w_c)\big)`.
 
     Parameters
     ----------
     grad_output : array or float
         The upstream gradient: an array of the loss's shape, or a scalar.
-    input, target, weight, ignore_index, reduction
+    input, target, weight, ignore_index, reduction, from_logits, label_smoothing, total_weight
         As in :func:`nll_loss` (the legacy ``size_average``/``reduce`` are not taken).
+    out : array, optional
+        NumPy only: a C-contiguous array of the input's shape and dtype to write the
+        gradient into (it may be ``input`` itself, which is then overwritten); returned.
 
     Returns
     -------
     array
         Same shape, dtype and library as ``input``; bit-identical to what torch's
-        autograd gives for float32 and float64.
+        autograd gives for float32 and float64 without options.
 
     Notes
     -----
     As torch: when every element is ignored the 'mean' loss is NaN but the gradient is
     all zeros; when the weights hit are all zero, the gradient is NaN at the targets.
-    The input's values are never read, only its shape and dtype.
+    Without ``from_logits`` and ``label_smoothing`` the input's values are never read.
 
     Examples
     --------
@@ -169,18 +233,130 @@ def nll_loss_backward(
     >>> nll_loss_backward(np.array([1.0, 3.0]), x, np.array([1, -100]), reduction="none")
     array([[ 0., -1.,  0.],
            [ 0.,  0.,  0.]], dtype=float32)
+    >>> g = nll_loss_backward(1.0, x, np.array([0, 2]), from_logits=True)  # softmax - onehot
+    >>> np.round(g * 6, 5)  # / 2 rows
+    array([[-2.,  1.,  1.],
+           [ 1.,  1., -2.]], dtype=float32)
     """
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
+    options = _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
     grad_output = like_input(engine, grad_output, input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
     _validate.check_grad_output_shape(grad_output.shape, loss_shape)
+    if out is not None:
+        _validate.check_out(out, input)
     return engine.implementation.backward(
-        engine, grad_output, input, target, weight, ignore_index, reduction, layout
+        engine, grad_output, input, target, weight, ignore_index, reduction, layout, options, out
     )
+
+
+def nll_loss_and_grad(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    grad_output: Any = 1.0,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+    out: Any = None,
+) -> tuple[Any, Any]:
+    r"""The loss and its gradient together: one read of ``input`` for both.
+
+    Equal to ``(nll_loss(input, target, ...), nll_loss_backward(grad_output, input,
+    target, ...))`` with the same options. For NumPy input with ``from_logits``, each row's
+    log-sum-exp is computed once and the gradient written in the same pass; with
+    ``out=input`` a training step allocates nothing of the input's size.
+
+    Parameters
+    ----------
+    input, target, weight, ignore_index, reduction, from_logits, label_smoothing, total_weight
+        As in :func:`nll_loss`.
+    grad_output : array or float, default 1.0
+        The upstream gradient of the loss (a scalar, or the loss's shape for ``'none'``).
+    out : array, optional
+        As in :func:`nll_loss_backward`. The loss is computed before ``out`` is written,
+        so ``out=input`` is allowed.
+
+    Returns
+    -------
+    (loss, grad)
+        As :func:`nll_loss` and :func:`nll_loss_backward` return them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nllloss import nll_loss_and_grad
+    >>> logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    >>> loss, grad = nll_loss_and_grad(logits, np.array([0, 1]), from_logits=True)
+    >>> round(float(loss), 6)  # torch: cross_entropy(logits, target)
+    0.669079
+    >>> grad.shape
+    (2, 3)
+    """
+    reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
+    engine, input, target, weight, ignore_index, layout = _prepare(
+        input, target, weight, ignore_index
+    )
+    options = _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
+    grad_output = like_input(engine, grad_output, input, "grad_output")
+    _validate.check_grad_output_dtype(grad_output.dtype)
+    loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
+    _validate.check_grad_output_shape(grad_output.shape, loss_shape)
+    if out is not None:
+        _validate.check_out(out, input)
+    return engine.implementation.forward_backward(
+        engine, grad_output, input, target, weight, ignore_index, reduction, layout, options, out
+    )
+
+
+def total_weight(target: Any, weight: Any = None, ignore_index: int = -100) -> Any:
+    r"""The denominator of the 'mean' loss, from the targets alone.
+
+    :math:`\sum_{n: y_n \ne ii} w_{y_n}` with ``weight``, else the number of non-ignored
+    target elements. Summed over the pieces of a batch (micro-batches, ranks) and passed
+    as ``total_weight=`` to each piece's loss, it makes the pieces' losses add up to the
+    whole batch's.
+
+    Parameters
+    ----------
+    target : array
+        Class indices of any shape and integer dtype.
+    weight : array, optional
+        Weight per class, 1-D; targets are then checked against its length.
+    ignore_index : int, default -100
+
+    Returns
+    -------
+    array
+        0-d, in the target's library: in the weight's dtype (float32 for 16-bit weights),
+        summed in the order ``nll_loss`` sums it on NumPy (so its 'mean' with this
+        ``total_weight`` is bit-identical to its own); without weight, an integer count.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import nllloss
+    >>> t = np.array([0, 2, -100, 2])
+    >>> nllloss.total_weight(t)
+    array(3)
+    >>> nllloss.total_weight(t, weight=np.array([1.0, 0.5, 2.0]))
+    array(5.)
+    """
+    target = as_array(target)
+    engine = engine_for(target)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    _validate.check_target_dtype(target.dtype)
+    if weight is not None:
+        weight = like_input(engine, weight, target, "weight")
+        _validate.check_weight(weight, None)
+    return engine.implementation.total_weight(engine, target, weight, ignore_index)
 
 
 class NLLLoss:
@@ -198,10 +374,13 @@ class NLLLoss:
     ignore_index : int, default -100
     reduction : {'mean', 'sum', 'none'}, default 'mean'
         Checked when the loss is called, as in torch.
+    from_logits : bool, default False
+        The input holds logits (then this is ``torch.nn.CrossEntropyLoss``).
+    label_smoothing : float, default 0.0
 
     Attributes
     ----------
-    weight, ignore_index, reduction
+    weight, ignore_index, reduction, from_logits, label_smoothing
         As given (``reduction`` after resolving the legacy arguments).
 
     Examples
@@ -222,6 +401,9 @@ class NLLLoss:
         ignore_index: int = -100,
         reduce: Any = None,
         reduction: str = "mean",
+        *,
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         if size_average is not None or reduce is not None:
             reduction = _validate.resolve_reduction(
@@ -230,15 +412,20 @@ class NLLLoss:
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.from_logits = _validate.check_from_logits(from_logits)
+        self.label_smoothing = _validate.check_label_smoothing(label_smoothing)
 
-    def __call__(self, input: Any, target: Any) -> Any:
-        """The loss of ``input`` (log-probabilities) against ``target`` (class indices)."""
+    def __call__(self, input: Any, target: Any, *, total_weight: Any = None) -> Any:
+        """The loss of ``input`` against ``target`` (class indices); see :func:`nll_loss`."""
         return nll_loss(
             input,
             target,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+            total_weight=total_weight,
         )
 
     forward = __call__
@@ -250,4 +437,8 @@ class NLLLoss:
         if self.ignore_index != -100:
             options.append(f"ignore_index={self.ignore_index!r}")
         options.append(f"reduction={self.reduction!r}")
+        if self.from_logits:
+            options.append("from_logits=True")
+        if self.label_smoothing:
+            options.append(f"label_smoothing={self.label_smoothing!r}")
         return f"NLLLoss({', '.join(options)})"

@@ -147,11 +147,14 @@ def check_input(input: Any) -> None:
         )
 
 
+def check_target_dtype(dtype: Any) -> None:
+    if not is_integer_dtype(dtype):
+        raise TypeError(f"target must hold class indices of an integer dtype, got dtype {dtype}")
+
+
 def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
     """Check the target's dtype and shape against the input's; return the layout."""
-    dtype = target.dtype
-    if not _is_integer_dtype(dtype):
-        raise TypeError(f"target must hold class indices of an integer dtype, got dtype {dtype}")
+    check_target_dtype(target.dtype)
     input_shape = tuple(input_shape)
     target_shape = tuple(target.shape)
     ndim = len(input_shape)
@@ -195,19 +198,21 @@ _INTEGER_DTYPE_NAMES = frozenset(
 )
 
 
-def _is_integer_dtype(dtype: Any) -> bool:
+def is_integer_dtype(dtype: Any) -> bool:
     """Signed or unsigned integer, from NumPy, torch, JAX, ... (bool is not)."""
     return dtype_name(dtype) in _INTEGER_DTYPE_NAMES
 
 
-def check_weight(weight: Any, classes: int) -> None:
-    """The weight must be a 1-D floating array of length C."""
+def check_weight(weight: Any, classes: int | None) -> None:
+    """The weight must be a 1-D floating array of length C (any length if C is None)."""
     if not is_float_dtype(weight.dtype):
         raise TypeError(
             "weight must be a floating array (float16, bfloat16, float32 or float64), "
             f"got dtype {weight.dtype}"
         )
     shape = tuple(weight.shape)
+    if classes is None and len(shape) == 1:
+        return
     if shape != (classes,):
         raise ValueError(
             f"weight tensor should be defined either for all {classes} classes or no classes "
@@ -222,6 +227,83 @@ def out_of_bounds_error(value: int, position: tuple[int, ...], classes: int, ign
         f"Target {value} is out of bounds: {where} = {value} is not in the class range "
         f"[0, {classes}) and is not ignore_index ({ignore_index})"
     )
+
+
+class Options(NamedTuple):
+    """The keyword-only options beyond torch's ``nll_loss`` signature, validated."""
+
+    from_logits: bool = False
+    label_smoothing: float = 0.0
+    total_weight: Any = None  # the 'mean' denominator given by the caller: a 0-d array
+
+    @property
+    def plain(self) -> bool:
+        """True for ``nll_loss`` itself: log-probabilities, no smoothing, local denominator."""
+        return not self.from_logits and not self.label_smoothing and self.total_weight is None
+
+
+PLAIN = Options()
+
+
+def check_from_logits(from_logits: Any) -> bool:
+    if isinstance(from_logits, (bool, np.bool_)):
+        return bool(from_logits)
+    raise TypeError(f"from_logits must be True or False, got {from_logits!r}")
+
+
+def check_label_smoothing(label_smoothing: Any) -> float:
+    """A real number in [0, 1], as torch's ``cross_entropy`` requires."""
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(
+        label_smoothing, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            "label_smoothing must be a real number between 0.0 and 1.0, "
+            f"got {type(label_smoothing).__name__}{_dtype_suffix(label_smoothing)}"
+        )
+    value = float(label_smoothing)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {value}")
+    return value
+
+
+def check_total_weight(total_weight: Any, reduction: str) -> None:
+    """``total_weight`` replaces the 'mean' denominator: a real scalar, with 'mean' only.
+
+    Arrays are not read (they may be traced or lazy): their shape and dtype are checked.
+    """
+    if reduction != "mean":
+        raise ValueError(
+            "total_weight is the denominator of reduction='mean'; it cannot be used with "
+            f"reduction={reduction!r}"
+        )
+    if isinstance(total_weight, (bool, np.bool_)):
+        raise TypeError("total_weight must be a real number or a 0-d array, got bool")
+    dtype = getattr(total_weight, "dtype", None)
+    if dtype is None or not (is_float_dtype(dtype) or is_integer_dtype(dtype)):
+        raise TypeError(
+            "total_weight must be a real number or a 0-d array of a real dtype, got "
+            f"{type(total_weight).__name__}{_dtype_suffix(total_weight)}"
+        )
+    shape = tuple(total_weight.shape)
+    if shape != () and shape != (1,):
+        raise ValueError(f"total_weight must be a scalar (shape () or (1,)), got shape {shape}")
+
+
+def check_out(out: Any, input: Any) -> None:
+    """``out=`` takes the gradient: a writeable, C-contiguous NumPy array like the input."""
+    if not isinstance(input, np.ndarray):
+        raise TypeError(
+            f"out= is supported for NumPy input only, got input of type {type(input).__name__}"
+        )
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != input.shape or out.dtype != input.dtype:
+        raise ValueError(
+            f"out must have the input's shape {input.shape} and dtype {input.dtype}, "
+            f"got shape {out.shape} and dtype {out.dtype}"
+        )
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writeable, C-contiguous array")
 
 
 def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
@@ -241,6 +323,6 @@ def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int
 
 def check_grad_output_dtype(dtype: Any) -> None:
     """``grad_output`` must be real: floating, or integer (cast to the input's dtype)."""
-    if is_float_dtype(dtype) or _is_integer_dtype(dtype):
+    if is_float_dtype(dtype) or is_integer_dtype(dtype):
         return
     raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")

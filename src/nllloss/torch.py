@@ -1,4 +1,4 @@
-"""PyTorch glue: ``nllloss.torch.NLLLoss``, a drop-in ``torch.nn.Module``.
+"""PyTorch glue: ``nllloss.torch.NLLLoss`` and ``CrossEntropyLoss``, drop-in modules.
 
 Importing this module imports torch; ``import nllloss`` alone does not (the attribute
 ``nllloss.torch`` loads it on first use).
@@ -10,7 +10,7 @@ import torch
 
 from ._loss import nll_loss
 
-__all__ = ["NLLLoss"]
+__all__ = ["CrossEntropyLoss", "NLLLoss"]
 
 
 class NLLLoss(torch.nn.NLLLoss):
@@ -30,11 +30,45 @@ class NLLLoss(torch.nn.NLLLoss):
     ['weight']
     """
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, *, total_weight=None
+    ) -> torch.Tensor:
         return nll_loss(
             input,
             target,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            total_weight=total_weight,
+        )
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` (class-index targets) computed by :func:`nllloss.nll_loss`
+    with ``from_logits=True``: no log-probabilities are materialised on CPU.
+
+    Same constructor, attributes and ``state_dict`` as torch's module; ``forward`` also takes
+    ``total_weight=`` (see :func:`nllloss.nll_loss`). Targets of class probabilities are
+    not supported (a ``TypeError`` names the dtype).
+
+    Examples
+    --------
+    >>> import torch, nllloss.torch
+    >>> loss = nllloss.torch.CrossEntropyLoss(label_smoothing=0.1)
+    >>> loss(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
+    tensor(0.3729)
+    """
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, *, total_weight=None
+    ) -> torch.Tensor:
+        return nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            from_logits=True,
+            label_smoothing=self.label_smoothing,
+            total_weight=total_weight,
         )

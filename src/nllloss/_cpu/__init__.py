@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import _validate
+from .. import _generic, _validate
 from .._reduction import level_power
-from .._validate import Layout
+from .._validate import PLAIN, Layout
 
 
 @functools.cache
@@ -25,10 +25,17 @@ def load():
     if os.environ.get("NLLLOSS_DISABLE_NUMBA"):
         return None
     try:
-        from . import _kernels
+        from . import _kernels, _softmax
     except ImportError:
         return None
-    return SimpleNamespace(forward=forward, backward=backward, kernels=_kernels)
+    return SimpleNamespace(
+        forward=forward,
+        backward=backward,
+        forward_backward=forward_backward,
+        total_weight=_generic.total_weight,
+        kernels=_kernels,
+        softmax=_softmax,
+    )
 
 
 @functools.cache
@@ -118,8 +125,12 @@ def _sized(kernel, work: int):
     return kernel if work >= PARALLEL_MIN else kernel.serial
 
 
-def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+@_generic._IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
+def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout, options=PLAIN):
     """See ``_generic.forward``."""
+    if options.from_logits or options.label_smoothing:
+        return _softmax_forward_backward(x, t, w, ignore_index, reduction, layout, options)[0]
+    given = options.total_weight
     kernels = load().kernels
     x3, t2, dtype, table = _views(x, t, layout, ignore_index)
     weight = _weight(w, x.dtype, dtype)
@@ -131,12 +142,16 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         )
         _raise_if_bad(first_bad, t, layout, ignore_index)
         return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
-    if size == 0:
+    if size == 0 and given is None:
         return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
     mean = reduction == "mean"
     if size <= FUSED_REDUCE_MAX:
-        value, first_bad = kernels.fused_reduce(x3, t2, ignore_index, weight, table, mean)
+        value, first_bad = kernels.fused_reduce(
+            x3, t2, ignore_index, weight, table, mean and given is None
+        )
         _raise_if_bad(first_bad, t, layout, ignore_index)
+        if mean and given is not None:
+            value = kernels.divide(dtype.type(value), _given_total(given, dtype))
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
@@ -147,13 +162,34 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout):
         )
         if mean:  # numba returns Python floats: divide in the dtype, as torch
             total = dtype.type(count if w is None else weight_sum)
+            if given is not None:
+                total = _given_total(given, dtype)
             value = kernels.divide(dtype.type(value), total)
     # value is exact in the accumulation dtype; 16-bit outputs round it once.
     return np.array(value, dtype=x.dtype)
 
 
-def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, layout: Layout):
+def _given_total(total_weight, dtype):
+    return dtype.type(np.asarray(total_weight).reshape(()).astype(dtype))
+
+
+def backward(
+    engine,
+    grad_output,
+    x,
+    t,
+    w,
+    ignore_index: int,
+    reduction: str,
+    layout: Layout,
+    options=PLAIN,
+    out=None,
+):
     """See ``_generic.backward``."""
+    if options.from_logits or options.label_smoothing:
+        return _softmax_forward_backward(
+            x, t, w, ignore_index, reduction, layout, options, grad_output, out
+        )[1]
     kernels = load().kernels
     sixteen_bit = x.dtype.itemsize == 2
     native = x.dtype.newbyteorder("=")
@@ -164,7 +200,11 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     _raise_if_bad(first_bad, t, layout, ignore_index)
 
     upstream = np.asarray(grad_output).astype(dtype)
-    grad = np.empty((layout.batch, layout.classes, layout.spatial), dtype=native)
+    grad_shape = (layout.batch, layout.classes, layout.spatial)
+    if out is not None and out.dtype == native:
+        grad = out.reshape(grad_shape)  # C-contiguous: a view, written in place
+    else:
+        grad = np.empty(grad_shape, dtype=native)
     bits = (lambda a: a.view(np.uint16)) if sixteen_bit else (lambda a: a)
     no_values = np.empty(0, dtype=grad.dtype)
     if reduction == "none" and not layout.unbatched:
@@ -180,13 +220,16 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
             )
         else:
             _sized(kernels.write_gradient, grad.size)(t2, ignore_index, negated, upstream, grad)
-        return _as_input_dtype(grad.reshape(x.shape), x.dtype)
+        return _result(grad, x, out)
 
     # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
     # step = -(g / total) or -g, computed once per class (bit-identical to per element).
     upstream = upstream.reshape(())
     if reduction == "mean":
-        total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
+        if options.total_weight is not None:
+            total = _given_total(options.total_weight, dtype)
+        else:
+            total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
         upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
@@ -194,12 +237,109 @@ def backward(engine, grad_output, x, t, w, ignore_index: int, reduction: str, la
     _sized(kernels.write_gradient, grad.size)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad)
     )
-    return _as_input_dtype(grad.reshape(x.shape), x.dtype)
+    return _result(grad, x, out)
 
 
-def _as_input_dtype(grad, dtype):
-    """The gradient in the input's dtype: a copy only for non-native byte order."""
-    return grad if grad.dtype == dtype else grad.astype(dtype)
+def _result(grad, x, out):
+    """The gradient in the input's shape and dtype (a copy only for non-native byte
+    order), in ``out`` when given (where it was written in place unless byte orders differ)."""
+    grad = grad.reshape(x.shape)
+    if out is None:
+        return grad if grad.dtype == x.dtype else grad.astype(x.dtype)
+    if not np.may_share_memory(grad, out):
+        out[...] = grad
+    return out
+
+
+def forward_backward(
+    engine, grad_output, x, t, w, ignore_index, reduction, layout, options=PLAIN, out=None
+):
+    """See ``_generic.forward_backward``: with options, one pass computes both."""
+    if options.from_logits or options.label_smoothing:
+        return _softmax_forward_backward(
+            x, t, w, ignore_index, reduction, layout, options, grad_output, out
+        )
+    loss = forward(engine, x, t, w, ignore_index, reduction, layout, options)
+    grad = backward(engine, grad_output, x, t, w, ignore_index, reduction, layout, options, out)
+    return loss, grad
+
+
+@_generic._IEEE_RESULTS
+def _softmax_forward_backward(
+    x, t, w, ignore_index, reduction, layout: Layout, options, grad_output=None, out=None
+):
+    """(loss, gradient or None) with from_logits or label_smoothing: the ``_softmax``
+    kernels give each element's target and smoothing terms in float64 (and the gradient
+    when ``grad_output`` is given); they are reduced here in float64 and rounded once."""
+    softmax = load().softmax
+    x3, t2, dtype, table = _views(x, t, layout, ignore_index)
+    valid = t2 != ignore_index
+    bad = valid & ((t2 < 0) | (t2 >= layout.classes))
+    if bad.any():
+        _raise_if_bad(int(np.argmax(bad.reshape(-1))), t, layout, ignore_index)
+    weight = _weight(w, x.dtype, dtype) if w is not None else np.ones(layout.classes, dtype)
+    smoothing = options.label_smoothing
+    classes = max(layout.classes, 1)
+    target_scale, smooth_scale = 1.0 - smoothing, smoothing / classes
+
+    if options.total_weight is not None:
+        total = np.float64(_given_total(options.total_weight, dtype))
+    else:  # the same sum as the target terms': in float64
+        total = np.sum(np.where(valid, weight[np.where(valid, t2, 0)], 0), dtype=np.float64)
+    elementwise = reduction == "none" and not layout.unbatched
+    want_grad = grad_output is not None
+    upstream = np.zeros(1)
+    if want_grad:
+        upstream = np.asarray(grad_output, dtype=np.float64)
+        if elementwise:
+            upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape))
+        upstream = upstream.reshape(-1)
+        if reduction == "mean":
+            upstream = upstream / total
+    grad = _gradient_buffer(x, out, layout, dtype) if want_grad else None
+
+    size = layout.size
+    nll = np.empty(size)
+    smooth = np.empty(size)
+    spatial = layout.spatial
+    kernel = softmax.softmax_rows if spatial == 1 else softmax.softmax_tiles
+    inputs = x3.reshape(layout.batch, layout.classes) if spatial == 1 else x3
+    grad_view = grad.reshape(inputs.shape) if want_grad else np.empty((0,) * inputs.ndim, dtype)
+    _sized(kernel, x.size)(
+        inputs, t2.reshape(-1) if spatial == 1 else t2, ignore_index, weight,
+        float(np.sum(weight, dtype=np.float64)), table, options.from_logits, bool(smoothing),
+        upstream, target_scale, smooth_scale, nll, smooth, grad_view,
+    )  # fmt: skip
+
+    if elementwise:
+        loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
+        loss = loss.reshape(layout.output_shape).astype(x.dtype)
+    else:
+        value = np.sum(nll)
+        if smoothing:
+            value = target_scale * value + smooth_scale * np.sum(smooth)
+        if reduction == "mean":
+            value = value / total
+        loss = np.array(value, dtype=x.dtype)
+    if not want_grad:
+        return loss, None
+    return loss, _result_from_compute(grad, x, out)
+
+
+def _gradient_buffer(x, out, layout: Layout, dtype):
+    """Where the kernels write the gradient: ``out`` itself when it has the compute dtype
+    (float32/float64, native order), else a fresh array of the compute dtype."""
+    shape = (layout.batch, layout.classes, layout.spatial)
+    if out is not None and out.dtype == dtype:
+        return out.reshape(shape)
+    return np.empty(shape, dtype=dtype)
+
+
+def _result_from_compute(grad, x, out):
+    """The gradient in the input's dtype (16-bit: rounded once from float32), in ``out``."""
+    if grad.dtype != x.dtype:
+        grad = grad.astype(x.dtype)
+    return _result(grad, x, out)
 
 
 def _weight_total(kernels, t2, ignore_index, weight):

@@ -31,13 +31,17 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 _pjit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 
 
-def _parallel_and_serial(function):
+def _parallel_and_serial(function=None, **options):
     """The kernel with prange over threads, and its serial twin (same source) as ``.serial``.
 
     Starting a parallel region costs microseconds with busy-waiting workers and far more
-    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``).
+    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``). ``options``
+    (keywords only) replace numba's, e.g. ``fastmath``.
     """
-    parallel = _pjit(function)
+    if function is None:
+        return lambda function: _parallel_and_serial(function, **options)
+    settings = {"cache": True, "nogil": True, "error_model": "numpy", **options}
+    parallel = numba.njit(parallel=True, **settings)(function)
     # numba's disk cache tells kernels apart by qualified name and line, not by `parallel`:
     # the twin gets its own name, or one could load the other's machine code.
     twin = types_module.FunctionType(
@@ -48,7 +52,7 @@ def _parallel_and_serial(function):
         function.__closure__,
     )
     twin.__qualname__ = function.__qualname__ + "_serial"
-    parallel.serial = _jit(twin)
+    parallel.serial = numba.njit(**settings)(twin)
     return parallel
 
 

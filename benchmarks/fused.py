@@ -1,0 +1,250 @@
+"""From logits, fused: nllloss against torch's ``cross_entropy`` on CPU, time and memory.
+
+Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256]``.
+Writes ``benchmarks/results/fused-latest.{md,json}``.
+
+Time: for each shape, the competitors race in interleaved rounds (``nllloss._bench.race``),
+medians of one race, ratios against torch from the same race. Forward is the mean loss;
+forward+backward is the loss and the gradient of the input (torch: autograd through
+``cross_entropy``; nllloss: ``nll_loss_and_grad`` on NumPy, once with a fresh gradient and
+once with ``out=`` the logits themselves, and autograd on torch tensors).
+
+Memory: each competitor runs once more in a fresh subprocess, after its inputs exist and
+a small warm-up call has compiled what it needs; the peak resident memory beyond that
+point (``ru_maxrss``) is what the call itself needed, reported in units of the input's size.
+The memory floor for the time: one read of the logits (forward), plus one write of the
+gradient (forward+backward), at the machine's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
+
+import numpy as np
+
+from nllloss._bench import FULL, QUICK, Competitor, environment, race
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))
+SMOOTHING = (0.0, 0.1)
+
+
+def make_data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32) * 2
+    t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
+    t[rng.random(t.shape) < 0.05] = -100
+    return x, t
+
+
+def competitors(shape, smoothing, torch, nllloss):
+    x, t = make_data(shape)
+    xt, tt = torch.from_numpy(x.copy()), torch.from_numpy(t)
+    F = torch.nn.functional
+    buffer = np.empty_like(x)
+
+    def torch_backward():
+        a = xt.detach().requires_grad_()
+        F.cross_entropy(a, tt, label_smoothing=smoothing).backward()
+        return a.grad
+
+    def ours_torch_backward():
+        a = xt.detach().requires_grad_()
+        nllloss.nll_loss(a, tt, from_logits=True, label_smoothing=smoothing).backward()
+        return a.grad
+
+    options = {"from_logits": True, "label_smoothing": smoothing}
+    forward = [
+        Competitor("torch", lambda: F.cross_entropy(xt, tt, label_smoothing=smoothing)),
+        Competitor("nllloss numpy", lambda: nllloss.nll_loss(x, t, **options)),
+        Competitor("nllloss torch", lambda: nllloss.nll_loss(xt, tt, **options)),
+    ]
+    backward = [
+        Competitor("torch", torch_backward),
+        Competitor("nllloss numpy", lambda: nllloss.nll_loss_and_grad(x, t, **options)[1]),
+        Competitor(
+            "nllloss numpy out=",
+            lambda: nllloss.nll_loss_and_grad(x, t, **options, out=buffer)[1],
+        ),
+        Competitor("nllloss torch", ours_torch_backward),
+    ]
+    return forward, backward
+
+
+def copy_bandwidth(nbytes=1 << 28, repeats=5):
+    """Bytes per second of a large NumPy copy (read + write), best of ``repeats``."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+_MEMORY_CODE = """
+import os, resource, sys
+os.environ["KMP_BLOCKTIME"] = "0"
+import numpy as np, torch, nllloss
+sys.path.insert(0, {here!r})
+from fused import make_data
+shape, smoothing, who, kind = {shape!r}, {smoothing!r}, {who!r}, {kind!r}
+F = torch.nn.functional
+small_x, small_t = make_data((4, *shape[1:3]) if len(shape) > 2 else (4, shape[1]))
+x, t = make_data(shape)
+options = dict(from_logits=True, label_smoothing=smoothing)
+
+def run(x, t):
+    if who == "torch":
+        a = torch.from_numpy(x).requires_grad_(kind == "backward")
+        loss = F.cross_entropy(a, torch.from_numpy(t), label_smoothing=smoothing)
+        if kind == "backward":
+            loss.backward()
+    elif who == "nllloss numpy":
+        if kind == "backward":
+            nllloss.nll_loss_and_grad(x, t, **options)
+        else:
+            nllloss.nll_loss(x, t, **options)
+    elif who == "nllloss numpy out=":
+        nllloss.nll_loss_and_grad(x, t, **options, out=x)
+    else:
+        a = torch.from_numpy(x).requires_grad_(kind == "backward")
+        loss = nllloss.nll_loss(a, torch.from_numpy(t), **options)
+        if kind == "backward":
+            loss.backward()
+
+run(small_x, small_t)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(x, t)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024 / x.nbytes)
+"""
+
+
+def peak_memory(shape, smoothing, who, kind):
+    """Peak memory of one call beyond its inputs, in input sizes (subprocess, ru_maxrss)."""
+    code = _MEMORY_CODE.format(
+        here=str(Path(__file__).resolve().parent),
+        shape=tuple(shape),
+        smoothing=smoothing,
+        who=who,
+        kind=kind,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=900
+    )
+    if done.returncode:
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", nargs="*", default=None)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fused-latest")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    import torch
+
+    import nllloss
+
+    settings = QUICK if args.quick else FULL
+    bandwidth = copy_bandwidth()
+    report = {
+        "environment": environment({"torch": torch}, None),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "cases": [],
+    }
+    for shape in shapes:
+        nbytes = int(np.prod(shape)) * 4
+        for smoothing in SMOOTHING:
+            forward, backward = competitors(shape, smoothing, torch, nllloss)
+            case = {"shape": list(shape), "label_smoothing": smoothing}
+            for kind, group, floor_bytes in (
+                ("forward", forward, nbytes),
+                ("backward", backward, 2 * nbytes),
+            ):
+                timings, first = race(group, settings)
+                medians = {name: timing.median() for name, timing in timings.items()}
+                case[kind] = {
+                    "median_ms": {k: None if v is None else 1e3 * v for k, v in medians.items()},
+                    "floor_ms": 1e3 * floor_bytes / bandwidth,
+                    "check": first,
+                }
+                if not args.no_memory:
+                    case[kind]["peak_memory_inputs"] = {
+                        c.name: peak_memory(shape, smoothing, c.name, kind) for c in group
+                    }
+            del forward, backward
+            report["cases"].append(case)
+            print(
+                json.dumps(case["forward"]["median_ms"]),
+                json.dumps(case["backward"]["median_ms"]),
+                flush=True,
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def _ms(v):
+    return "—" if v is None else f"{v:.1f}"
+
+
+def markdown(report):
+    env = report["environment"]
+    lines = [
+        "# From logits, fused: nllloss vs torch `cross_entropy` (CPU, float32, mean)",
+        "",
+        f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores; torch "
+        f"{env.get('versions', {}).get('torch')}; copy bandwidth "
+        f"{report['copy_bandwidth_gb_s']:.1f} GB/s (read + write). Medians of interleaved "
+        "rounds; ratio = torch's time / ours (above 1: ours faster). Memory: peak resident "
+        "memory of one call beyond its inputs, in units of the input's size (subprocess).",
+        "",
+    ]
+    for kind, title in (("forward", "Forward (loss)"), ("backward", "Forward + backward")):
+        lines += [f"## {title}", ""]
+        names = [n for n in report["cases"][0][kind]["median_ms"] if n != "torch"]
+        columns = ["shape", "ε", "torch ms", "floor ms"]
+        columns += [f"{n} ms (ratio)" for n in names] + ["memory: torch / " + " / ".join(names)]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for case in report["cases"]:
+            part = case[kind]
+            medians = part["median_ms"]
+            torch_ms = medians.get("torch")
+            cells = []
+            for name, ms in medians.items():
+                if name == "torch":
+                    continue
+                ratio = f"{torch_ms / ms:.2f}x" if ms and torch_ms else "—"
+                cells.append(f"{_ms(ms)} ({ratio})")
+            memory = part.get("peak_memory_inputs") or {}
+            mem = (
+                " / ".join("—" if v is None else f"{v:.2f}" for v in memory.values())
+                or "not measured"
+            )
+            shape = "x".join(map(str, case["shape"]))
+            lines.append(
+                f"| {shape} | {case['label_smoothing']} | {_ms(torch_ms)} | "
+                f"{_ms(part['floor_ms'])} | " + " | ".join(cells) + f" | {mem} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""numba kernels for ``from_logits`` and ``label_smoothing``: one visit of each input row.
+
+For each target element the kernels compute, reading its row of C values once from
+memory (a row is re-read from cache, not from memory, by the later loops):
+
+* with logits, the row's maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so
+  ``log p_c = x_c - m - log_norm``, never stored;
+* ``nll = -w_t log p_t`` and, with smoothing, ``smooth = -sum_c w_c log p_c``, both in
+  float64, for the caller to reduce;
+* optionally the gradient, written once per element (it may overwrite the input:
+  each element is read before it is written):
+  ``a * p_c - e * w_c`` everywhere and ``- b`` at the target, with
+  ``a = s ((1 - eps) w_t + eps/C sum_k w_k)``, ``e = s eps/C``, ``b = s (1 - eps) w_t``
+  (``a = 0`` for log-probability input) and ``s`` the element's upstream gradient.
+
+Sums accumulate in float64; ``exp`` of float32 values is a polynomial that vectorises
+(within 2 ulp; numba's ``math.exp`` calls libm once per element). Rows are independent,
+so results do not depend on the thread count. Ignored elements get 0 everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+from ._kernels import _decode, _parallel_and_serial
+
+# Elements of a K-dim input's spatial axis handled together: the class loop runs over a
+# tile of contiguous values, which vectorises; its per-element sums stay in L1.
+TILE = 256
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (a no-op reinterpretation)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+# ln 2 split in two: k * _LN2_HIGH is exact for |k| < 2**11, so r keeps its precision
+_LN2_HIGH = np.float32(0.693145751953125)
+_LN2_LOW = np.float32(1.4286068203094172e-06)
+# Below this, exp underflows float32's normal range: 0 (next to the row's maximum term,
+# exp(0) = 1, the difference is far below float64's resolution).
+_EXP_FLOOR = np.float32(-87.0)
+
+
+@numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
+def _exp32(x):
+    """exp(x) for float32 x <= 0 (or -inf, NaN): 2**k * e**r, |r| <= ln2 / 2, with e**r by
+    its Taylor polynomial of degree 7 (truncation below 0.1 ulp)."""
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    k = k if k > np.float32(-126.0) else np.float32(-126.0)  # also maps NaN to a number
+    k = k if k < np.float32(127.0) else np.float32(127.0)
+    r = (x - k * _LN2_HIGH) - k * _LN2_LOW
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    y = p * _float32_from_bits(np.int32(k + np.float32(127.0)) << 23)
+    return np.float32(0.0) if x < _EXP_FLOOR else y  # NaN is not below: it stays NaN
+
+
+def _exp(x):
+    """exp in the value's own precision."""
+
+
+@overload(_exp)
+def _exp_by_type(x):
+    if x == types.float32:
+        return lambda x: _exp32(x)
+    return lambda x: math.exp(x)
+
+
+def _in_compute_type(value, array):
+    """``value`` as the array's values are computed: float32 for 16-bit bit patterns."""
+
+
+@overload(_in_compute_type, inline="always")
+def _in_compute_type_by_type(value, array):
+    if isinstance(array.dtype, types.Integer) or array.dtype == types.float32:
+        return lambda value, array: np.float32(value)
+    return lambda value, array: np.float64(value)
+
+
+def _compute_buffer(size, array):
+    """An empty 1-D array of ``size`` values of the array's compute type."""
+
+
+@overload(_compute_buffer, inline="always")
+def _compute_buffer_by_type(size, array):
+    if isinstance(array.dtype, types.Integer) or array.dtype == types.float32:
+        return lambda size, array: np.empty(size, dtype=np.float32)
+    return lambda size, array: np.empty(size, dtype=np.float64)
+
+
+# reassociation lets the row sums vectorise (in a fixed order: the same bits every run)
+_FAST = {"contract", "reassoc"}
+
+
+@_parallel_and_serial(fastmath=_FAST)
+def softmax_rows(
+    x2, t1, ignore_index, weight, weight_sum, decode, from_logits, smoothing, upstream,
+    target_scale, smooth_scale, nll, smooth, grad2,
+):  # fmt: skip
+    """(N, C) input: per row, the statistics above; the gradient when ``grad2`` is (N, C).
+
+    ``weight`` holds C values (ones when unweighted) in the gradient's dtype,
+    ``weight_sum`` their sum; ``upstream`` is one value per row or a single one.
+    """
+    rows, classes = x2.shape
+    want_grad = grad2.shape[0] == rows
+    one_upstream = upstream.shape[0] == 1
+    for i in numba.prange(rows):
+        target = t1[i]
+        if target == ignore_index:
+            nll[i] = 0.0
+            smooth[i] = 0.0
+            if want_grad:
+                for j in range(classes):
+                    grad2[i, j] = 0.0
+            continue
+        row = x2[i]
+        shift = 0.0
+        if from_logits:
+            top = _decode(row[0], decode)
+            for j in range(classes):
+                value = _decode(row[j], decode)
+                top = value if value > top else top
+            total = 0.0
+            weighted = 0.0
+            for j in range(classes):
+                value = _decode(row[j], decode) - top
+                total += np.float64(_exp(value))
+                if smoothing:
+                    weighted += np.float64(weight[j]) * np.float64(value)
+            log_norm = math.log(total)
+            shift = np.float64(top) + log_norm
+            log_p_target = np.float64(_decode(row[target], decode)) - shift
+            smooth[i] = -(weighted - log_norm * weight_sum) if smoothing else 0.0
+        else:
+            log_p_target = np.float64(_decode(row[target], decode))
+            if smoothing:
+                weighted = 0.0
+                for j in range(classes):
+                    weighted += np.float64(weight[j]) * np.float64(_decode(row[j], decode))
+                smooth[i] = -weighted
+            else:
+                smooth[i] = 0.0
+        w_target = np.float64(weight[target])
+        nll[i] = -(w_target * log_p_target)
+        if want_grad:
+            s = upstream[0] if one_upstream else upstream[i]
+            at_target = s * target_scale * w_target
+            per_weight = _in_compute_type(s * smooth_scale, grad2)
+            if from_logits:
+                a = _in_compute_type(at_target + s * smooth_scale * weight_sum, grad2)
+                row_shift = _in_compute_type(shift, x2)
+                for j in range(classes):
+                    p = _exp(_decode(row[j], decode) - row_shift)
+                    grad2[i, j] = a * p - per_weight * weight[j]
+            else:
+                for j in range(classes):
+                    grad2[i, j] = -(per_weight * weight[j])
+            grad2[i, target] -= _in_compute_type(at_target, grad2)
+
+
+@_parallel_and_serial(fastmath=_FAST)
+def softmax_tiles(
+    x3, t2, ignore_index, weight, weight_sum, decode, from_logits, smoothing, upstream,
+    target_scale, smooth_scale, nll, smooth, grad3,
+):  # fmt: skip
+    """(B, C, S) input with S > 1: as ``softmax_rows``, over tiles of ``TILE`` elements of
+    the spatial axis (``nll``, ``smooth`` and ``upstream`` are flat over (B, S))."""
+    batch, classes, spatial = x3.shape
+    want_grad = grad3.shape[0] == batch
+    one_upstream = upstream.shape[0] == 1
+    tiles = (spatial + TILE - 1) // TILE
+    for job in numba.prange(batch * tiles):
+        b = job // tiles
+        start = (job % tiles) * TILE
+        width = min(TILE, spatial - start)
+        top = _compute_buffer(width, x3)
+        total = np.zeros(width, dtype=np.float64)
+        weighted = np.zeros(width, dtype=np.float64)
+        slab = x3[b, :, start : start + width]
+        if from_logits:
+            for k in range(width):
+                top[k] = _decode(slab[0, k], decode)
+            for j in range(classes):
+                for k in range(width):
+                    value = _decode(slab[j, k], decode)
+                    top[k] = value if value > top[k] else top[k]
+            for j in range(classes):
+                w = np.float64(weight[j])
+                for k in range(width):
+                    value = _decode(slab[j, k], decode) - top[k]
+                    total[k] += np.float64(_exp(value))
+                    if smoothing:
+                        weighted[k] += w * np.float64(value)
+        elif smoothing:
+            for j in range(classes):
+                w = np.float64(weight[j])
+                for k in range(width):
+                    weighted[k] += w * np.float64(_decode(slab[j, k], decode))
+        # per element: statistics, and the gradient's coefficients (0 where ignored)
+        shift = _compute_buffer(width, x3)
+        a = np.zeros(width, dtype=grad3.dtype)
+        per_weight = np.zeros(width, dtype=grad3.dtype)
+        at_target = np.zeros(width, dtype=np.float64)
+        any_ignored = False
+        for k in range(width):
+            m = b * spatial + start + k
+            target = t2[b, start + k]
+            if target == ignore_index:
+                nll[m] = 0.0
+                smooth[m] = 0.0
+                any_ignored = True
+                continue
+            log_p_target = np.float64(_decode(slab[target, k], decode))
+            if from_logits:
+                log_norm = math.log(total[k])
+                row_shift = np.float64(top[k]) + log_norm
+                shift[k] = row_shift
+                log_p_target -= row_shift
+                smooth[m] = -(weighted[k] - log_norm * weight_sum) if smoothing else 0.0
+            else:
+                smooth[m] = -weighted[k] if smoothing else 0.0
+            w_target = np.float64(weight[target])
+            nll[m] = -(w_target * log_p_target)
+            s = upstream[0] if one_upstream else upstream[m]
+            at_target[k] = s * target_scale * w_target
+            per_weight[k] = s * smooth_scale
+            if from_logits:
+                a[k] = at_target[k] + s * smooth_scale * weight_sum
+        if not want_grad:
+            continue
+        out = grad3[b, :, start : start + width]
+        for j in range(classes):
+            w = weight[j]
+            if from_logits:
+                for k in range(width):
+                    out[j, k] = a[k] * _exp(_decode(slab[j, k], decode) - shift[k]) - (
+                        per_weight[k] * w
+                    )
+            else:
+                for k in range(width):
+                    out[j, k] = -(per_weight[k] * w)
+        for k in range(width):
+            target = t2[b, start + k]
+            if target != ignore_index:
+                out[target, k] -= _in_compute_type(at_target[k], grad3)
+        if any_ignored:  # nothing from an ignored element, not even its NaN or inf
+            for k in range(width):
+                if t2[b, start + k] == ignore_index:
+                    for j in range(classes):
+                        out[j, k] = 0.0
