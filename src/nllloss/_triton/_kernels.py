@@ -150,7 +150,8 @@ def forward_kernel(
         scale = tl.where(bad, float("nan"), tl.where(ok, unit, 0.0))
         b = m // S
         _row_gradient(
-            x_ptr, w_ptr, lse, grad_ptr, base, b * grad_stride_b + (m - b * S), t, w_t, scale,
+            x_ptr, w_ptr, lse, grad_ptr, base, b * grad_stride_b + (m - b * S),
+            tl.where(ok, t, -1), w_t, scale,
             in_m, C, stride_c, grad_stride_c, eps,
             FROM_LOGITS, HAS_WEIGHT, SMOOTH, BLOCK_M, BLOCK_C,
         )  # fmt: skip
@@ -199,7 +200,8 @@ def _row_gradient(
     FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Write the gradient of a tile of positions, every class once."""
+    """Write the gradient of a tile of positions, every class once; ``t`` is -1 where the
+    position is not counted (no one-hot term there: +0.0, as torch, not -0.0)."""
     on_target = -(1.0 - eps) * w_t * scale if SMOOTH else -(w_t * scale)
     if FROM_LOGITS:
         if SMOOTH:
@@ -263,7 +265,7 @@ def backward_kernel(
     b = m // S
     grad_base = b * grad_stride_b + (m - b * S)
     _row_gradient(
-        x_ptr, w_ptr, lse, grad_ptr, base, grad_base, t, w_t, scale, in_m, C,
-        stride_c, grad_stride_c, eps,
+        x_ptr, w_ptr, lse, grad_ptr, base, grad_base, tl.where(ok, t, -1), w_t, scale, in_m,
+        C, stride_c, grad_stride_c, eps,
         FROM_LOGITS, HAS_WEIGHT, SMOOTH, BLOCK_M, BLOCK_C,
     )  # fmt: skip
