@@ -1,9 +1,10 @@
 """Triton kernels of the loss and its gradient (launched by ``_launch``).
 
-The input is viewed as ``(B, C, S)`` through its strides (class axis 1, any stride): an
-``(N, C)`` input is ``(N, C, 1)``, ``(N, C, d1..dK)`` is ``(N, C, d1*...*dK)``. Position
-``m`` (row-major over the target) is ``(m // S, m % S)``. A program takes a tile of
-``BLOCK_M`` positions and walks the classes ``BLOCK_C`` at a time; offsets are 64-bit.
+The input is viewed as ``(B, C, S)`` through its strides (class axis 1, any stride):
+``(N, C, d1..dK)`` is ``(N, C, d1*...*dK)``, and ``(N, C)`` is ``(1, C, N)`` (its rows are
+the positions of one batch). Position ``m`` (row-major over the target) is
+``(m // S, m % S)``. A program takes ``BLOCK_M`` consecutive positions of one ``b`` and
+walks the classes ``BLOCK_C`` at a time; offsets are 64-bit.
 
 Per position, with ``w`` the class weight (1 without one), ``eps`` the label smoothing and
 ``W = sum_c w_c``:
@@ -43,12 +44,16 @@ def _rounded(value, ptr):
 
 
 @triton.jit
-def _positions(pid, M, S, stride_b, stride_s, BLOCK_M: tl.constexpr):
-    m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    in_m = m < M
-    b = m // S
-    base = b * stride_b + (m - b * S) * stride_s
-    return m, in_m, base
+def _positions(
+    pid, S, blocks, stride_b, stride_s, grad_stride_b, grad_stride_s, BLOCK_M: tl.constexpr
+):  # fmt: skip
+    """This program's positions: ``BLOCK_M`` consecutive ``s`` of one ``b`` (so that the
+    compiler sees them contiguous), as flat index ``m``, and their offsets in x and grad."""
+    b = (pid // blocks).to(tl.int64)
+    s = (pid % blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    in_m = s < S
+    m = b * S + s
+    return m, in_m, b * stride_b + s * stride_s, b * grad_stride_b + s * grad_stride_s
 
 
 @triton.jit
@@ -71,7 +76,8 @@ def _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT: tl.constexpr):
 def forward_kernel(
     x_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, part_loss_ptr, part_weight_ptr, part_bad_ptr,
     grad_ptr, denominator_ptr,
-    M, C, S, stride_b, stride_c, stride_s, grad_stride_b, grad_stride_c, ignore_index, eps,
+    M, C, S, blocks, stride_b, stride_c, stride_s, grad_stride_b, grad_stride_c, grad_stride_s,
+    ignore_index, eps,
     FULL_ROW: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SMOOTH: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_LSE: tl.constexpr,
     LOAD_X: tl.constexpr, FUSED_GRAD: tl.constexpr, MEAN: tl.constexpr,
@@ -83,7 +89,9 @@ def forward_kernel(
     FUSED_GRAD: also write the gradient for ``grad_output = 1`` (the 'mean' scale is
     ``1 / denominator``, read on the device) while the rows are fresh in the cache."""
     pid = tl.program_id(0)
-    m, in_m, base = _positions(pid, M, S, stride_b, stride_s, BLOCK_M)
+    m, in_m, base, grad_base = _positions(
+        pid, S, blocks, stride_b, stride_s, grad_stride_b, grad_stride_s, BLOCK_M
+    )
     t, ok, bad, w_t = _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT)
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -148,10 +156,8 @@ def forward_kernel(
         if MEAN:
             unit = tl.math.div_rn(unit, tl.load(denominator_ptr))
         scale = tl.where(bad, float("nan"), tl.where(ok, unit, 0.0))
-        b = m // S
         _row_gradient(
-            x_ptr, w_ptr, lse, grad_ptr, base, b * grad_stride_b + (m - b * S),
-            tl.where(ok, t, -1), w_t, scale,
+            x_ptr, w_ptr, lse, grad_ptr, base, grad_base, tl.where(ok, t, -1), w_t, scale,
             in_m, C, stride_c, grad_stride_c, eps,
             FROM_LOGITS, HAS_WEIGHT, SMOOTH, BLOCK_M, BLOCK_C,
         )  # fmt: skip
@@ -171,7 +177,7 @@ def finish_kernel(
     """
     loss = tl.zeros([BLOCK_P], dtype=tl.float64)
     weight = tl.zeros([BLOCK_P], dtype=tl.float64)
-    bad = tl.full([BLOCK_P], M, dtype=tl.int64)
+    bad = tl.zeros([BLOCK_P], dtype=tl.int64) + M
     for start in range(0, n_parts, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         in_p = p < n_parts
@@ -241,7 +247,7 @@ def _row_gradient(
 @triton.jit
 def backward_kernel(
     x_ptr, t_ptr, w_ptr, g_ptr, denominator_ptr, lse_ptr, grad_ptr,
-    M, C, S, stride_b, stride_c, stride_s, grad_stride_b, grad_stride_c,
+    C, S, blocks, stride_b, stride_c, stride_s, grad_stride_b, grad_stride_c, grad_stride_s,
     ignore_index, eps,
     FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     PER_POSITION: tl.constexpr, MEAN: tl.constexpr,
@@ -250,7 +256,9 @@ def backward_kernel(
     """The gradient for upstream ``g`` (one per position for 'none', else one scalar; the
     'mean' scale is ``g / denominator``), written once per element; ``grad`` is contiguous."""
     pid = tl.program_id(0)
-    m, in_m, base = _positions(pid, M, S, stride_b, stride_s, BLOCK_M)
+    m, in_m, base, grad_base = _positions(
+        pid, S, blocks, stride_b, stride_s, grad_stride_b, grad_stride_s, BLOCK_M
+    )
     t, ok, bad, w_t = _targets(t_ptr, w_ptr, m, in_m, C, ignore_index, HAS_WEIGHT)
     if PER_POSITION:
         g = tl.load(g_ptr + m, mask=in_m, other=0.0).to(tl.float32)
@@ -262,8 +270,6 @@ def backward_kernel(
     scale = tl.where(ok, g, 0.0)
     scale = tl.where(bad, float("nan"), scale)
     lse = tl.load(lse_ptr + m, mask=in_m, other=0.0).to(tl.float32) if FROM_LOGITS else scale
-    b = m // S
-    grad_base = b * grad_stride_b + (m - b * S)
     _row_gradient(
         x_ptr, w_ptr, lse, grad_ptr, base, grad_base, tl.where(ok, t, -1), w_t, scale, in_m,
         C, stride_c, grad_stride_c, eps,

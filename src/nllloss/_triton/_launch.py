@@ -60,10 +60,14 @@ def supports(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> bool:
 
 
 class _Geometry(NamedTuple):
-    x: torch.Tensor  # (B, C, S) view of the input (a copy only when no view exists)
-    batch: int
+    """The kernels' ``(B, C, S)`` view of the input: positions ``(b, s)``, classes ``c``."""
+
+    x: torch.Tensor  # the input, or its (N, C, S) view (a copy only when none exists)
+    batch: int  # B: 1 for (C,) and (N, C) input, whose rows are the positions of one batch
     classes: int
-    spatial: int
+    spatial: int  # S
+    strides: tuple[int, int, int]  # of x along (B, C, S)
+    grad_strides: tuple[int, int, int]  # of a contiguous gradient of x's shape
     unbatched: bool
     output_shape: tuple[int, ...]
 
@@ -74,10 +78,16 @@ class _Geometry(NamedTuple):
 
 def _geometry(x: torch.Tensor) -> _Geometry:
     if x.dim() == 1:
-        return _Geometry(x.reshape(1, x.shape[0], 1), 1, x.shape[0], 1, True, ())
+        return _Geometry(x, 1, x.shape[0], 1, (0, x.stride(0), 0), (0, 1, 0), True, ())
+    rows, classes = x.shape[0], x.shape[1]
+    if x.dim() == 2:
+        strides = (0, x.stride(1), x.stride(0))
+        return _Geometry(x, 1, classes, rows, strides, (0, 1, classes), False, (rows,))
     spatial = math.prod(x.shape[2:])
-    view = x.reshape(x.shape[0], x.shape[1], spatial)
-    return _Geometry(view, x.shape[0], x.shape[1], spatial, False, (x.shape[0], *x.shape[2:]))
+    view = x.reshape(rows, classes, spatial)
+    grad_strides = (classes * spatial, spatial, 1)
+    output_shape = (rows, *x.shape[2:])
+    return _Geometry(view, rows, classes, spatial, view.stride(), grad_strides, False, output_shape)
 
 
 def _interpreted(x: torch.Tensor) -> bool:
@@ -86,15 +96,15 @@ def _interpreted(x: torch.Tensor) -> bool:
 
 def _blocks(geometry: _Geometry, full_row: bool, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for a kernel over ``geometry``."""
-    positions = triton.next_power_of_2(geometry.positions)
+    spatial = triton.next_power_of_2(geometry.spatial)
     if not full_row:
         rows = _TILE_INTERPRETED if interpreted else _GATHER_ROWS
-        return min(positions, rows), 16, _GATHER_WARPS
+        return min(spatial, rows), 16, _GATHER_WARPS
     tile = _TILE_INTERPRETED if interpreted else _TILE
     classes = triton.next_power_of_2(geometry.classes)
-    contiguous_classes = geometry.spatial == 1 or geometry.x.stride(1) == 1
+    contiguous_classes = geometry.strides[1] == 1
     block_c = min(classes, tile if contiguous_classes else _STRIDED_CLASS_BLOCK)
-    block_m = max(1, min(tile // block_c, positions))
+    block_m = max(1, min(tile // block_c, spatial))
     return block_m, block_c, _WARPS if block_m * block_c >= 2048 else 4
 
 
@@ -173,7 +183,8 @@ def _forward(
     full_row = load_x and (from_logits or smooth)
     interpreted = _interpreted(x)
     block_m, block_c, warps = _blocks(geometry, full_row or fused, interpreted)
-    parts = triton.cdiv(positions, block_m)
+    blocks = triton.cdiv(geometry.spatial, block_m)  # programs per b
+    parts = geometry.batch * blocks
     device = x.device
     f32 = torch.float32
     if reduction == "none":
@@ -185,13 +196,12 @@ def _forward(
     part_bad = torch.empty(parts, dtype=torch.int64, device=device)
     targets = _targets(t)
     weight = _weight(w, x)
-    view = geometry.x
     with _device_guard(x):
         _kernels.forward_kernel[(parts,)](
-            view, targets, weight, loss, lse, part_sums[0], part_sums[1], part_bad,
+            geometry.x, targets, weight, loss, lse, part_sums[0], part_sums[1], part_bad,
             grad_out if fused else loss, denominator if denominator is not None else lse,
-            positions, classes, geometry.spatial, *view.stride(),
-            classes * geometry.spatial, geometry.spatial, ignore_index, float(label_smoothing),
+            positions, classes, geometry.spatial, blocks, *geometry.strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing),
             FULL_ROW=full_row, FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None,
             SMOOTH=smooth and load_x, WRITE_LOSS=reduction == "none",
             WRITE_LSE=from_logits, LOAD_X=load_x, FUSED_GRAD=fused,
@@ -272,15 +282,14 @@ def backward(
     grad = torch.empty(x.shape, dtype=x.dtype, device=device)
     interpreted = _interpreted(x)
     block_m, block_c, warps = _blocks(geometry, True, interpreted)
-    view = geometry.x
+    blocks = triton.cdiv(geometry.spatial, block_m)
     lse = saved.lse if from_logits else x
     denominator = saved.denominator if reduction == "mean" else g
     with _device_guard(x):
-        _kernels.backward_kernel[(triton.cdiv(geometry.positions, block_m),)](
-            view, _targets(t), _weight(w, x), g, denominator, lse, grad,
-            geometry.positions, geometry.classes, geometry.spatial, *view.stride(),
-            geometry.classes * geometry.spatial, geometry.spatial,
-            ignore_index, float(label_smoothing),
+        _kernels.backward_kernel[(geometry.batch * blocks,)](
+            geometry.x, _targets(t), _weight(w, x), g, denominator, lse, grad,
+            geometry.classes, geometry.spatial, blocks, *geometry.strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing),
             FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None, SMOOTH=label_smoothing > 0.0,
             PER_POSITION=per_position, MEAN=reduction == "mean",
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
