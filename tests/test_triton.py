@@ -510,3 +510,55 @@ def test_gpu_benchmark_script_runs(tmp_path):
     assert not failed
     assert {r["impl"] for r in rows} >= {"nllloss", "nllloss fused", "torch"}
     assert (tmp_path / "gpu-latest.md").exists()
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nllloss._triton import _kernels as K
+
+
+def build(kernel, types, constants):
+    signature = {**types, **{name: "constexpr" for name in constants}}
+    names = list(kernel.arg_names)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if "*" in t}
+    source = ASTSource(kernel, signature=signature, constexprs=constants, attrs=aligned)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert ".entry" in ptx
+
+
+positions = dict(C="i32", S="i32", blocks="i32", stride_b="i64", stride_c="i32", stride_s="i32",
+                 grad_stride_b="i64", grad_stride_c="i32", grad_stride_s="i32",
+                 ignore_index="i64", eps="fp32")
+forward = dict(x_ptr="*bf16", t_ptr="*i32", w_ptr="*bf16", loss_ptr="*bf16", lse_ptr="*fp32",
+               part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
+               grad_ptr="*bf16", denominator_ptr="*fp32", M="i64", **positions)
+for full in (False, True):
+    build(K.forward_kernel, forward, dict(
+        FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, WRITE_LOSS=True,
+        WRITE_LSE=full, LOAD_X=True, FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
+backward = dict(x_ptr="*fp16", t_ptr="*i64", w_ptr="*fp16", g_ptr="*fp16",
+                denominator_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp16", **positions)
+for logits in (False, True):
+    build(K.backward_kernel, backward, dict(
+        FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PER_POSITION=logits,
+        MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
+finish = dict(part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
+              n_parts="i32", out_ptr="*bf16", denominator_ptr="*fp32", bad_ptr="*i64",
+              total_weight_ptr="*i64", total_weight="fp32", M="i64")
+for mode in (0, 1, 2):
+    build(K.finish_kernel, finish, dict(MEAN=True, REDUCE=True, TOTAL_WEIGHT=mode, BLOCK_P=256))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as Python: compiling them (to PTX and SASS for sm_90,
+    which needs no GPU) catches what only the compiler rejects."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    subprocess.run([sys.executable, "-c", _COMPILE], check=True, env=env, capture_output=True)
