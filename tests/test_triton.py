@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nllloss
 from nllloss import _triton, _validate
 
 CUDA = torch.cuda.is_available()
@@ -562,3 +563,37 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     subprocess.run([sys.executable, "-c", _COMPILE], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"from_logits": True, "label_smoothing": 0.1}])
+def test_torch_operators_route_to_the_kernels(options, monkeypatch):
+    """nllloss.nll_loss and autograd on tensors the kernels serve run the kernels (bfloat16
+    CPU tensors under the interpreter stand in for CUDA tensors here)."""
+    from nllloss._triton import _launch
+
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(_launch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_launch, name, spy)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=generator).to(torch.bfloat16)
+    t = torch.randint(0, 5, (12,), generator=generator)
+    t[::4] = -100
+    ours = x.clone().requires_grad_()
+    loss = nllloss.nll_loss(ours, t, **options)
+    loss.backward()
+    assert calls == ["forward", "backward"]
+    reference = x.double().requires_grad_()
+    if options:
+        expected = F.cross_entropy(reference, t, label_smoothing=0.1)
+    else:
+        expected = F.nll_loss(reference, t)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-2, atol=1e-2)
