@@ -156,8 +156,8 @@ def _save_unit_gradient(ctx, inputs, output):
 def _scaled_unit_gradient(ctx, grad, _unused):
     """The gradient is linear in the upstream one: the unit gradient scaled (per element for
     'none'). Building a graph for second derivatives takes the operators' path instead."""
-    unit = ctx.unit_gradient
-    if torch.is_grad_enabled():
+    unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may then keep, not copy, it
+    if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
         return _loss_backward(ctx, grad)
     if grad.dim() == 0:
         scaled = unit if bool(grad == 1) else unit * grad.to(unit.dtype)
