@@ -18,6 +18,11 @@ if not torch.__version__.startswith(ORACLE_VERSION):
         f"reproduces bit for bit); found torch {torch.__version__}"
     )
 
+# Without a GPU, Triton's kernels run under its interpreter (test_triton.py). triton reads
+# the switch when it is first imported, which a doctest run of src/ may do before the tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "default",
     max_examples=int(os.environ.get("NLLLOSS_HYPOTHESIS_EXAMPLES", "1000")),

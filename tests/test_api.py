@@ -39,16 +39,19 @@ def test_public_names():
 
 
 def _positional(signature):
-    return [
-        (n, p.default) for n, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY
-    ]
+    return [(n, p.default) for n, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY]
 
 
 def _keyword_only(signature):
     return [(n, p.default) for n, p in signature.parameters.items() if p.kind == p.KEYWORD_ONLY]
 
 
-OPTIONS = [("from_logits", False), ("label_smoothing", 0.0), ("total_weight", None)]
+OPTIONS = [
+    ("from_logits", False),
+    ("label_smoothing", 0.0),
+    ("total_weight", None),
+    ("check_targets", True),
+]
 
 
 def test_signatures_match_torch():

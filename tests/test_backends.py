@@ -474,7 +474,7 @@ class TestTorchOptions:
         loss = nllloss.nll_loss(ours, t, from_logits=True, **options)
         expected = F.cross_entropy(theirs, t, **options)
         np.testing.assert_allclose(loss.detach(), expected.detach(), rtol=2e-6, atol=1e-6)
-        go = torch.rand(loss.shape)
+        go = torch.from_numpy(rng.uniform(0.5, 1.5, loss.shape).astype(np.float32))
         loss.backward(go)
         expected.backward(go)
         np.testing.assert_allclose(ours.grad, theirs.grad, rtol=2e-6, atol=1e-6)

@@ -275,10 +275,14 @@ def test_own_total_weight_gives_the_same_bits(dtype, weighted, rng):
     for shape in [(70000, 3), (40, 6), (5, 4, 7)]:
         x, t, w = problem(rng, shape, dtype, weighted)
         total = total_weight(t, w, -100)
-        assert_bitwise(nll_loss(x, t, w, total_weight=total), nll_loss(x, t, w))
-        assert_bitwise(
-            nll_loss_backward(0.7, x, t, w, total_weight=total), nll_loss_backward(0.7, x, t, w)
-        )
+        for options in ({}, {"from_logits": True, "label_smoothing": 0.1}):
+            assert_bitwise(
+                nll_loss(x, t, w, total_weight=total, **options), nll_loss(x, t, w, **options)
+            )
+            assert_bitwise(
+                nll_loss_backward(0.7, x, t, w, total_weight=total, **options),
+                nll_loss_backward(0.7, x, t, w, **options),
+            )
 
 
 def test_total_weight_values_and_dtypes(rng):

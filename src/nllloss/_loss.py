@@ -26,23 +26,25 @@ def _prepare(input, target, weight, ignore_index):
     return engine, input, target, weight, _validate.check_ignore_index(ignore_index), layout
 
 
-def _options(engine, input, reduction, from_logits, label_smoothing, total_weight):
+def _options(engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets):
     """The validated keyword-only options (``total_weight`` as an array of the input's library)."""
     if total_weight is not None:
         total_weight = like_input(engine, total_weight, input, "total_weight")
         _validate.check_total_weight(total_weight, reduction)
     return _validate.Options(
-        _validate.check_from_logits(from_logits),
+        _validate.check_flag(from_logits, "from_logits"),
         _validate.check_label_smoothing(label_smoothing),
         total_weight,
+        _validate.check_flag(check_targets, "check_targets"),
     )
 
 
-def _defaults(from_logits, label_smoothing, total_weight) -> bool:
+def _defaults(from_logits, label_smoothing, total_weight, check_targets) -> bool:
     """True when no keyword-only option is used (the common call, decided cheaply)."""
     return (
         from_logits is False
         and total_weight is None
+        and check_targets is True
         and type(label_smoothing) in (float, int)
         and label_smoothing == 0
     )
@@ -60,6 +62,7 @@ def nll_loss(
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
+    check_targets: bool = True,
 ) -> Any:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
@@ -106,6 +109,11 @@ def nll_loss(
         :math:`\sum w_{y_n}`, e.g. the total weight of a whole batch split into
         micro-batches or ranks (see :func:`total_weight`); summing the pieces' losses
         then gives the whole batch's loss. Not differentiated.
+    check_targets : bool, default True
+        False lets torch CUDA tensors on the Triton kernels skip the range check of the
+        targets, the one host synchronisation of the loss (for CUDA-graph capture): an
+        out-of-range target then gives NaN instead of an ``IndexError``. Other arrays are
+        always checked.
 
     Returns
     -------
@@ -145,7 +153,7 @@ def nll_loss(
     >>> nll_loss(x, np.array([0, -100]), weight=np.array([2.0, 1.0, 1.0]), reduction="sum")
     array(1.3862944, dtype=float32)
     """
-    plain = _defaults(from_logits, label_smoothing, total_weight)
+    plain = _defaults(from_logits, label_smoothing, total_weight, check_targets)
     if plain and size_average is None and reduce is None:
         fast = _FAST_PATHS.get(type(input))
         if fast is not None:  # the shortcut validates the reduction too
@@ -159,7 +167,9 @@ def nll_loss(
     options = (
         _validate.PLAIN
         if plain
-        else _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
+        else _options(
+            engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
+        )
     )
     return engine.implementation.forward(
         engine, input, target, weight, ignore_index, reduction, layout, options
@@ -182,6 +192,7 @@ def nll_loss_backward(
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
+    check_targets: bool = True,
     out: Any = None,
 ) -> Any:
     r"""The gradient of :func:`nll_loss` with respect to ``input``.
@@ -207,6 +218,8 @@ def nll_loss_backward(
         The upstream gradient: an array of the loss's shape, or a scalar.
     input, target, weight, ignore_index, reduction, from_logits, label_smoothing, total_weight
         As in :func:`nll_loss` (the legacy ``size_average``/``reduce`` are not taken).
+    check_targets : bool, default True
+        As in :func:`nll_loss`.
     out : array, optional
         NumPy only: a C-contiguous array of the input's shape and dtype to write the
         gradient into (it may be ``input`` itself, which is then overwritten); returned.
@@ -243,7 +256,9 @@ def nll_loss_backward(
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
-    options = _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
+    options = _options(
+        engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
+    )
     grad_output = like_input(engine, grad_output, input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
@@ -266,6 +281,7 @@ def nll_loss_and_grad(
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
+    check_targets: bool = True,
     out: Any = None,
 ) -> tuple[Any, Any]:
     r"""The loss and its gradient together: one read of ``input`` for both.
@@ -278,6 +294,8 @@ def nll_loss_and_grad(
     Parameters
     ----------
     input, target, weight, ignore_index, reduction, from_logits, label_smoothing, total_weight
+        As in :func:`nll_loss`.
+    check_targets : bool, default True
         As in :func:`nll_loss`.
     grad_output : array or float, default 1.0
         The upstream gradient of the loss (a scalar, or the loss's shape for ``'none'``).
@@ -305,7 +323,9 @@ def nll_loss_and_grad(
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
-    options = _options(engine, input, reduction, from_logits, label_smoothing, total_weight)
+    options = _options(
+        engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
+    )
     grad_output = like_input(engine, grad_output, input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
@@ -413,7 +433,7 @@ class NLLLoss:
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.from_logits = _validate.check_from_logits(from_logits)
+        self.from_logits = _validate.check_flag(from_logits, "from_logits")
         self.label_smoothing = _validate.check_label_smoothing(label_smoothing)
 
     def __call__(self, input: Any, target: Any, *, total_weight: Any = None) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _generic, _validate
+from . import _generic, _triton, _validate
 from ._dispatch import engine_for
 from ._validate import PLAIN
 
@@ -37,6 +37,10 @@ def _run(kind: str, grad_output, input, target, weight, ignore_index, reduction,
         engine = engine_for(input)
         implementation = engine.implementation
     else:
+        launcher = _triton.launcher_for(input, target, weight)
+        if launcher is not None and kind != "forward_backward":
+            return _run_triton(launcher, kind, grad_output, input, target, weight, ignore_index,
+                               reduction, options)  # fmt: skip
         engine, implementation = engine_for(input), _generic  # torch's namespace
     arguments = (input, target, weight, ignore_index, reduction, layout, options)
     if kind == "forward":
@@ -48,13 +52,28 @@ def _run(kind: str, grad_output, input, target, weight, ignore_index, reduction,
     return _as_tensor(result)
 
 
+def _run_triton(
+    launcher, kind, grad_output, input, target, weight, ignore_index, reduction, options
+):
+    """CUDA tensors: the Triton kernels (``nllloss._triton``), deterministic, no atomics."""
+    flags = {
+        "from_logits": options.from_logits,
+        "label_smoothing": options.label_smoothing,
+        "total_weight": options.total_weight,
+        "check_targets": options.check_targets,
+    }
+    if kind == "forward":
+        return launcher.forward(input, target, weight, ignore_index, reduction, **flags)[0]
+    return launcher.backward(grad_output, input, target, weight, ignore_index, reduction, **flags)
+
+
 def _as_tensor(result):
     # NumPy results are fresh, contiguous and owned: shared with torch, not copied
     return torch.from_numpy(result) if isinstance(result, np.ndarray) else result
 
 
-def _options(total_weight, from_logits: bool, label_smoothing: float) -> _validate.Options:
-    return _validate.Options(from_logits, label_smoothing, total_weight)
+def _options(total_weight, from_logits, label_smoothing, check_targets) -> _validate.Options:
+    return _validate.Options(from_logits, label_smoothing, total_weight, check_targets)
 
 
 @torch.library.custom_op("nllloss::nll_loss", mutates_args=())
@@ -67,8 +86,9 @@ def nll_loss_op(
     total_weight: torch.Tensor | None,
     from_logits: bool,
     label_smoothing: float,
+    check_targets: bool,
 ) -> torch.Tensor:
-    options = _options(total_weight, from_logits, label_smoothing)
+    options = _options(total_weight, from_logits, label_smoothing, check_targets)
     return _run("forward", None, input, target, weight, ignore_index, reduction, options)
 
 
@@ -90,8 +110,9 @@ def nll_loss_backward_op(
     total_weight: torch.Tensor | None,
     from_logits: bool,
     label_smoothing: float,
+    check_targets: bool,
 ) -> torch.Tensor:
-    options = _options(total_weight, from_logits, label_smoothing)
+    options = _options(total_weight, from_logits, label_smoothing, check_targets)
     return _run("backward", grad_output, input, target, weight, ignore_index, reduction, options)
 
 
@@ -110,10 +131,11 @@ def nll_loss_with_unit_gradient_op(
     total_weight: torch.Tensor | None,
     from_logits: bool,
     label_smoothing: float,
+    check_targets: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and its gradient for an upstream gradient of 1, from one pass over the
     input (for logits: the softmax is computed once, not again in the backward)."""
-    options = _options(total_weight, from_logits, label_smoothing)
+    options = _options(total_weight, from_logits, label_smoothing, check_targets)
     one = torch.ones((), dtype=input.dtype)
     return _run("forward_backward", one, input, target, weight, ignore_index, reduction, options)
 
@@ -134,14 +156,14 @@ def _save_unit_gradient(ctx, inputs, output):
 def _scaled_unit_gradient(ctx, grad, _unused):
     """The gradient is linear in the upstream one: the unit gradient scaled (per element for
     'none'). Building a graph for second derivatives takes the operators' path instead."""
-    unit = ctx.unit_gradient
-    if torch.is_grad_enabled():
+    unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may then keep, not copy, it
+    if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
         return _loss_backward(ctx, grad)
     if grad.dim() == 0:
         scaled = unit if bool(grad == 1) else unit * grad.to(unit.dtype)
     else:  # 'none': one upstream value per target element, along the class axis
         scaled = unit * grad.to(unit.dtype).unsqueeze(1)
-    return scaled, None, None, None, None, None, None, None
+    return scaled, None, None, None, None, None, None, None, None
 
 
 nll_loss_with_unit_gradient_op.register_autograd(
@@ -150,10 +172,10 @@ nll_loss_with_unit_gradient_op.register_autograd(
 
 
 def _save(ctx, inputs, output):
-    # Both operators end with the same eight arguments; the backward one starts with
+    # The operators end with the same nine arguments; the backward one starts with
     # grad_output, which its own backward needs when there are options.
-    input, target, weight, ignore_index, reduction, total_weight, *flags = inputs[-8:]
-    ctx.save_for_backward(input, target, weight, total_weight, *inputs[:-8])
+    input, target, weight, ignore_index, reduction, total_weight, *flags = inputs[-9:]
+    ctx.save_for_backward(input, target, weight, total_weight, *inputs[:-9])
     ctx.ignore_index, ctx.reduction, ctx.flags = ignore_index, reduction, tuple(flags)
 
 
@@ -162,22 +184,30 @@ def _loss_backward(ctx, grad):
     grad_input = nll_loss_backward_op(
         grad, input, target, weight, ctx.ignore_index, ctx.reduction, total_weight, *ctx.flags
     )
-    return grad_input, None, None, None, None, None, None, None
+    return grad_input, None, None, None, None, None, None, None, None
 
 
 def _backward_backward(ctx, grad):
     input, target, weight, total_weight, grad_output = ctx.saved_tensors
-    from_logits, label_smoothing = ctx.flags
+    from_logits, label_smoothing, check_targets = ctx.flags
     if not from_logits and not label_smoothing:
         # The gradient is linear in grad_output and independent of the input's values:
         # d/d(grad_output) is the loss of `grad` (as torch's NllLossBackwardBackward).
         grad_grad_output = nll_loss_op(
-            grad, target, weight, ctx.ignore_index, ctx.reduction, total_weight, False, 0.0
+            grad,
+            target,
+            weight,
+            ctx.ignore_index,
+            ctx.reduction,
+            total_weight,
+            False,
+            0.0,
+            check_targets,
         )
-        return grad_grad_output, None, None, None, None, None, None, None, None
+        return grad_grad_output, None, None, None, None, None, None, None, None, None
     # With options the gradient depends on the input too: differentiate the generic path's
     # torch operations, which are its formulas step for step.
-    options = _options(total_weight, from_logits, label_smoothing)
+    options = _options(total_weight, from_logits, label_smoothing, check_targets)
     with torch.enable_grad():
         upstream = grad_output.detach().requires_grad_()
         logits = input.detach().requires_grad_()
@@ -200,7 +230,7 @@ def _backward_backward(ctx, grad):
             create_graph=torch.is_grad_enabled(),
             materialize_grads=True,  # log-probability input: the gradient ignores its values
         )
-    return grad_upstream, grad_input, None, None, None, None, None, None, None
+    return grad_upstream, grad_input, None, None, None, None, None, None, None, None
 
 
 nll_loss_op.register_autograd(_loss_backward, setup_context=_save)
@@ -249,7 +279,7 @@ def forward(engine, x, t, w, ignore_index: int, reduction: str, layout, options=
 
 def _op_options(options):
     """The options as the operators take them: (total_weight tensor or None, flags)."""
-    return options.total_weight, options.from_logits, options.label_smoothing
+    return options.total_weight, options.from_logits, options.label_smoothing, options.check_targets
 
 
 def _torch_kernel(engine, x, t, w, ignore_index: int, reduction: str, layout):

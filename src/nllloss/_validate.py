@@ -235,20 +235,26 @@ class Options(NamedTuple):
     from_logits: bool = False
     label_smoothing: float = 0.0
     total_weight: Any = None  # the 'mean' denominator given by the caller: a 0-d array
+    check_targets: bool = True  # False: no host sync for the range check (CUDA, Triton)
 
     @property
     def plain(self) -> bool:
         """True for ``nll_loss`` itself: log-probabilities, no smoothing, local denominator."""
-        return not self.from_logits and not self.label_smoothing and self.total_weight is None
+        return (
+            not self.from_logits
+            and not self.label_smoothing
+            and self.total_weight is None
+            and self.check_targets
+        )
 
 
 PLAIN = Options()
 
 
-def check_from_logits(from_logits: Any) -> bool:
-    if isinstance(from_logits, (bool, np.bool_)):
-        return bool(from_logits)
-    raise TypeError(f"from_logits must be True or False, got {from_logits!r}")
+def check_flag(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_label_smoothing(label_smoothing: Any) -> float:

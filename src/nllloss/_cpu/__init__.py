@@ -284,8 +284,10 @@ def _softmax_forward_backward(
 
     if options.total_weight is not None:
         total = np.float64(_given_total(options.total_weight, dtype))
-    else:  # the same sum as the target terms': in float64
-        total = np.sum(np.where(valid, weight[np.where(valid, t2, 0)], 0), dtype=np.float64)
+    elif w is None:
+        total = np.float64(np.count_nonzero(valid))
+    else:  # as the plain loss and total_weight() sum it: equal totals give equal results
+        total = np.float64(_weight_total(load().kernels, t2, ignore_index, weight))
     elementwise = reduction == "none" and not layout.unbatched
     want_grad = grad_output is not None
     upstream = np.zeros(1)

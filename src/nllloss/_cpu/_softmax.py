@@ -107,6 +107,73 @@ def _compute_buffer_by_type(size, array):
     return lambda size, array: np.empty(size, dtype=np.float64)
 
 
+# Row sums add float32 (or float64) terms in blocks, each block's sum in float64: the block
+# loops vectorise (reassociated), the row's total keeps float64's accuracy.
+SUM_BLOCK = 1024
+
+
+@numba.njit(error_model="numpy", cache=True)
+def _row_max(row, decode):
+    """The row's largest value, over eight independent running maxima (one would be a chain
+    of dependent comparisons, 4x slower). NaN values are skipped here; they make the
+    row's sum of exponentials NaN."""
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _decode(row[0], decode)
+    j = 0
+    while j + 8 <= n:
+        v0, v1 = _decode(row[j], decode), _decode(row[j + 1], decode)
+        v2, v3 = _decode(row[j + 2], decode), _decode(row[j + 3], decode)
+        v4, v5 = _decode(row[j + 4], decode), _decode(row[j + 5], decode)
+        v6, v7 = _decode(row[j + 6], decode), _decode(row[j + 7], decode)
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        m4 = v4 if v4 > m4 else m4
+        m5 = v5 if v5 > m5 else m5
+        m6 = v6 if v6 > m6 else m6
+        m7 = v7 if v7 > m7 else m7
+        j += 8
+    while j < n:
+        value = _decode(row[j], decode)
+        m0 = value if value > m0 else m0
+        j += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
+def _sum_of_exp(row, decode, top):
+    """sum_j exp(row[j] - top), in float64 over blocks of ``SUM_BLOCK`` terms."""
+    total = 0.0
+    for start in range(0, row.shape[0], SUM_BLOCK):
+        part = row[start : start + SUM_BLOCK]
+        block = _in_compute_type(0.0, row)
+        for j in range(part.shape[0]):
+            block += _exp(_decode(part[j], decode) - top)
+        total += np.float64(block)
+    return total
+
+
+@numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
+def _weighted_sum(row, decode, weight, shift):
+    """sum_j weight[j] * (row[j] - shift), in float64 over blocks of ``SUM_BLOCK`` terms."""
+    total = 0.0
+    for start in range(0, row.shape[0], SUM_BLOCK):
+        part = row[start : start + SUM_BLOCK]
+        part_weight = weight[start : start + SUM_BLOCK]
+        block = _in_compute_type(0.0, row)
+        for j in range(part.shape[0]):
+            block += part_weight[j] * (_decode(part[j], decode) - shift)
+        total += np.float64(block)
+    return total
+
+
 # reassociation lets the row sums vectorise (in a fixed order: the same bits every run)
 _FAST = {"contract", "reassoc"}
 
@@ -137,28 +204,19 @@ def softmax_rows(
         top = _decode(row[0], decode)
         log_norm = 0.0
         if from_logits:
-            for j in range(classes):
-                value = _decode(row[j], decode)
-                top = value if value > top else top
-            total = 0.0
-            weighted = 0.0
-            for j in range(classes):
-                value = _decode(row[j], decode) - top
-                total += np.float64(_exp(value))
-                if smoothing:
-                    weighted += np.float64(weight[j]) * np.float64(value)
+            top = _row_max(row, decode)
+            total = _sum_of_exp(row, decode, top)
             log_norm = math.log(total)
             log_p_target = np.float64(_decode(row[target], decode)) - (np.float64(top) + log_norm)
-            smooth[i] = -(weighted - log_norm * weight_sum) if smoothing else 0.0
-        else:
-            log_p_target = np.float64(_decode(row[target], decode))
             if smoothing:
-                weighted = 0.0
-                for j in range(classes):
-                    weighted += np.float64(weight[j]) * np.float64(_decode(row[j], decode))
-                smooth[i] = -weighted
+                weighted = _weighted_sum(row, decode, weight, top)
+                smooth[i] = -(weighted - log_norm * weight_sum)
             else:
                 smooth[i] = 0.0
+        else:
+            log_p_target = np.float64(_decode(row[target], decode))
+            zero = _in_compute_type(0.0, x2)
+            smooth[i] = -_weighted_sum(row, decode, weight, zero) if smoothing else 0.0
         w_target = np.float64(weight[target])
         nll[i] = -(w_target * log_p_target)
         if want_grad:
@@ -170,9 +228,14 @@ def softmax_rows(
                 # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to
                 # float32 would be off by its ulp (0.001 at 1e4)
                 row_log_norm = _in_compute_type(log_norm, x2)
-                for j in range(classes):
-                    p = _exp((_decode(row[j], decode) - top) - row_log_norm)
-                    grad2[i, j] = a * p - per_weight * weight[j]
+                out = grad2[i]
+                if smoothing:
+                    for j in range(classes):
+                        p = _exp((_decode(row[j], decode) - top) - row_log_norm)
+                        out[j] = a * p - per_weight * weight[j]
+                else:  # the same without the smoothing term's reads of the weight
+                    for j in range(classes):
+                        out[j] = a * _exp((_decode(row[j], decode) - top) - row_log_norm)
             else:
                 for j in range(classes):
                     grad2[i, j] = -(per_weight * weight[j])

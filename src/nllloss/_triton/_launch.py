@@ -1,0 +1,297 @@
+"""Launchers of the Triton kernels: torch tensors in, torch tensors out, no host sync.
+
+``forward`` and ``backward`` take arguments already validated by ``_validate`` (the
+caller's job) and tensors on one device. The only synchronisation is the optional target
+check (``check_targets=True``, the default), which reads one integer back to raise the
+core's IndexError; with ``check_targets=False`` the loss is CUDA-graph capturable and an
+out-of-range target gives NaN (its loss, the reduced loss and its gradient row).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+
+from .. import _validate
+from . import _kernels
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_NATIVE_TARGETS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# Tile sizes (elements per program tile; the class block when the class axis is strided;
+# positions per program when only x[t] is read) and warps. The GPU values are starting
+# points not yet measured (no GPU was lent when they were set): `python benchmarks/gpu.py
+# --sweep` times the alternatives. Under the interpreter each program costs ~1.5 ms
+# whatever its size, so tiles there are as large as memory allows.
+_TILE = 4096
+_TILE_INTERPRETED = 1 << 16
+_GATHER_ROWS = 1024  # positions per program when only x[t] is read
+_STRIDED_CLASS_BLOCK = 32  # classes per step when the class axis is strided (K-dim input)
+_FINISH_BLOCK = 1024
+_WARPS = 8  # for tiles of 2048 elements and more; 4 below
+_GATHER_WARPS = 4
+
+
+class Saved(NamedTuple):
+    """What ``backward`` reuses from ``forward``.
+
+    ``lse``: float32 log-sum-exp per position (from logits; empty otherwise);
+    ``denominator``: float32 0-d 'mean' denominator (``total_weight`` when given, else the
+    sum of ``w[t]`` over counted positions; empty when not computed).
+    """
+
+    lse: torch.Tensor
+    denominator: torch.Tensor
+
+
+def supports(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> bool:
+    """True when the kernels serve these tensors (else the generic path should)."""
+    return (
+        x.dtype in SUPPORTED_DTYPES
+        and x.numel() > 0
+        and (w is None or w.dtype.is_floating_point)
+        and not t.dtype.is_floating_point
+        and t.dtype not in (torch.uint16, torch.uint32, torch.uint64)
+    )
+
+
+class _Geometry(NamedTuple):
+    """The kernels' ``(B, C, S)`` view of the input: positions ``(b, s)``, classes ``c``."""
+
+    x: torch.Tensor  # the input, or its (N, C, S) view (a copy only when none exists)
+    batch: int  # B: 1 for (C,) and (N, C) input, whose rows are the positions of one batch
+    classes: int
+    spatial: int  # S
+    strides: tuple[int, int, int]  # of x along (B, C, S)
+    grad_strides: tuple[int, int, int]  # of a contiguous gradient of x's shape
+    unbatched: bool
+    output_shape: tuple[int, ...]
+
+    @property
+    def positions(self) -> int:
+        return self.batch * self.spatial
+
+
+def _geometry(x: torch.Tensor) -> _Geometry:
+    if x.dim() == 1:
+        return _Geometry(x, 1, x.shape[0], 1, (0, x.stride(0), 0), (0, 1, 0), True, ())
+    rows, classes = x.shape[0], x.shape[1]
+    if x.dim() == 2:
+        strides = (0, x.stride(1), x.stride(0))
+        return _Geometry(x, 1, classes, rows, strides, (0, 1, classes), False, (rows,))
+    spatial = math.prod(x.shape[2:])
+    view = x.reshape(rows, classes, spatial)
+    grad_strides = (classes * spatial, spatial, 1)
+    output_shape = (rows, *x.shape[2:])
+    return _Geometry(view, rows, classes, spatial, view.stride(), grad_strides, False, output_shape)
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def _blocks(geometry: _Geometry, full_row: bool, interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for a kernel over ``geometry``."""
+    spatial = triton.next_power_of_2(geometry.spatial)
+    if not full_row:
+        rows = _TILE_INTERPRETED if interpreted else _GATHER_ROWS
+        return min(spatial, rows), 16, _GATHER_WARPS
+    tile = _TILE_INTERPRETED if interpreted else _TILE
+    classes = triton.next_power_of_2(geometry.classes)
+    contiguous_classes = geometry.strides[1] == 1
+    block_c = min(classes, tile if contiguous_classes else _STRIDED_CLASS_BLOCK)
+    block_m = max(1, min(tile // block_c, spatial))
+    return block_m, block_c, _WARPS if block_m * block_c >= 2048 else 4
+
+
+def _targets(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return (flat if t.dtype in _NATIVE_TARGETS else flat.long()).contiguous()
+
+
+def _weight(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    # as torch: the weight takes the input's dtype (then float32 inside the kernels)
+    return x if w is None else w.to(x.dtype).contiguous()
+
+
+def _device_guard(x: torch.Tensor):
+    """Launch on x's GPU; under the interpreter (NumPy), IEEE results without warnings."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
+def forward(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    w: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: torch.Tensor | float | None = None,
+    check_targets: bool = True,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Saved]:
+    """The loss and what ``backward`` reuses.
+
+    ``x`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` of float16/bfloat16/float32 (any
+    strides: the class axis is read where it is); ``t`` any integer dtype; ``w`` None or
+    ``(C,)``; ``total_weight`` (a number or a 0-d tensor on x's device) replaces the
+    'mean' denominator. Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for
+    'none' (``()`` for unbatched input), else 0-d, in x's dtype.
+
+    ``grad_out`` (a contiguous tensor of x's shape and dtype) receives, in the same pass,
+    the gradient for ``grad_output = 1`` (ones for 'none'): no second read of the input
+    from memory. For 'mean' without ``total_weight`` the denominator is found first, from
+    the targets alone.
+    """
+    if grad_out is not None and not (
+        grad_out.shape == x.shape and grad_out.dtype == x.dtype and grad_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"grad_out must be a contiguous tensor of shape {tuple(x.shape)} and dtype "
+            f"{x.dtype}, got shape {tuple(grad_out.shape)}, dtype {grad_out.dtype}"
+        )
+    denominator = None
+    if grad_out is not None and reduction == "mean":
+        _, stats = _forward(
+            x, t, w, ignore_index, reduction, False, 0.0, total_weight, False, load_x=False
+        )
+        denominator = stats.denominator
+    return _forward(
+        x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
+        check_targets, load_x=True, grad_out=grad_out, denominator=denominator,
+    )  # fmt: skip
+
+
+def _forward(
+    x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight, check_targets,
+    *, load_x: bool, grad_out=None, denominator=None,
+):  # fmt: skip
+    geometry = _geometry(x)
+    if geometry.unbatched and reduction == "none":
+        reduction = "sum"  # torch: an unbatched input's single loss comes back 0-d
+    positions, classes = geometry.positions, geometry.classes
+    smooth = label_smoothing > 0.0
+    fused = grad_out is not None
+    full_row = load_x and (from_logits or smooth)
+    interpreted = _interpreted(x)
+    block_m, block_c, warps = _blocks(geometry, full_row or fused, interpreted)
+    blocks = triton.cdiv(geometry.spatial, block_m)  # programs per b
+    parts = geometry.batch * blocks
+    device = x.device
+    f32 = torch.float32
+    if reduction == "none":
+        loss = torch.empty(geometry.output_shape, dtype=x.dtype, device=device)
+    else:
+        loss = torch.empty((), dtype=x.dtype, device=device)
+    lse = torch.empty(positions if from_logits else 0, dtype=f32, device=device)
+    part_sums = torch.empty((2, parts), dtype=f32, device=device)
+    part_bad = torch.empty(parts, dtype=torch.int64, device=device)
+    targets = _targets(t)
+    weight = _weight(w, x)
+    with _device_guard(x):
+        _kernels.forward_kernel[(parts,)](
+            geometry.x, targets, weight, loss, lse, part_sums[0], part_sums[1], part_bad,
+            grad_out if fused else loss, denominator if denominator is not None else lse,
+            positions, classes, geometry.spatial, blocks, *geometry.strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing),
+            FULL_ROW=full_row, FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None,
+            SMOOTH=smooth and load_x, WRITE_LOSS=reduction == "none",
+            WRITE_LSE=from_logits, LOAD_X=load_x, FUSED_GRAD=fused,
+            MEAN=denominator is not None,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+        if reduction == "none" and not check_targets:
+            return loss, Saved(lse, torch.empty(0, dtype=f32, device=device))
+        denominator = torch.empty((), dtype=f32, device=device)
+        first_bad = torch.empty((), dtype=torch.int64, device=device)
+        mode, given = _total_weight_mode(total_weight, reduction, device)
+        _kernels.finish_kernel[(1,)](
+            part_sums[0], part_sums[1], part_bad, parts, loss, denominator, first_bad,
+            given if mode == 2 else denominator, given if mode == 1 else 0.0, positions,
+            MEAN=reduction == "mean", REDUCE=reduction != "none", TOTAL_WEIGHT=mode,
+            BLOCK_P=min(_FINISH_BLOCK, triton.next_power_of_2(parts)),
+        )  # fmt: skip
+    if check_targets:
+        _raise_first_bad(first_bad, targets, geometry, ignore_index)
+    return loss, Saved(lse, denominator)
+
+
+def _total_weight_mode(total_weight, reduction: str, device):
+    """(0, None): sum of w[t]; (1, number); (2, 0-d tensor read on the device)."""
+    if total_weight is None or reduction != "mean":
+        return 0, None
+    if isinstance(total_weight, torch.Tensor):
+        return 2, total_weight.reshape(()).to(device)  # a copy only from another device
+    return 1, float(total_weight)
+
+
+def _raise_first_bad(first_bad: torch.Tensor, targets: torch.Tensor, geometry, ignore_index):
+    position = int(first_bad)  # the one host synchronisation
+    if position < geometry.positions:
+        value = int(targets[position])
+        where = np.unravel_index(position, geometry.output_shape) if geometry.output_shape else ()
+        raise _validate.out_of_bounds_error(
+            value, tuple(int(p) for p in where), geometry.classes, ignore_index
+        )
+
+
+def backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    w: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: torch.Tensor | float | None = None,
+    check_targets: bool = True,
+    saved: Saved | None = None,
+) -> torch.Tensor:
+    """The gradient with respect to ``x`` for the upstream ``grad_output``.
+
+    ``grad_output`` has the loss's shape or one element. ``saved`` is ``forward``'s (from
+    the same arguments); without it, what is needed is recomputed (and the targets are
+    checked unless ``check_targets=False``). The gradient is a fresh contiguous tensor of
+    x's shape and dtype, every element written once.
+    """
+    geometry = _geometry(x)
+    if geometry.unbatched and reduction == "none":
+        reduction = "sum"
+    needs = from_logits or reduction == "mean"
+    if saved is None and (needs or check_targets):
+        _, saved = _forward(
+            x, t, w, ignore_index, "sum" if reduction == "none" else reduction,
+            from_logits, label_smoothing, total_weight, check_targets, load_x=from_logits,
+        )  # fmt: skip
+    device = x.device
+    per_position = reduction == "none"
+    if per_position:
+        g = grad_output.broadcast_to(geometry.output_shape).reshape(-1).contiguous()
+    else:
+        g = grad_output.reshape(-1)[:1]
+    grad = torch.empty(x.shape, dtype=x.dtype, device=device)
+    interpreted = _interpreted(x)
+    block_m, block_c, warps = _blocks(geometry, True, interpreted)
+    blocks = triton.cdiv(geometry.spatial, block_m)
+    lse = saved.lse if from_logits else x
+    denominator = saved.denominator if reduction == "mean" else g
+    with _device_guard(x):
+        _kernels.backward_kernel[(geometry.batch * blocks,)](
+            geometry.x, _targets(t), _weight(w, x), g, denominator, lse, grad,
+            geometry.classes, geometry.spatial, blocks, *geometry.strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing),
+            FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None, SMOOTH=label_smoothing > 0.0,
+            PER_POSITION=per_position, MEAN=reduction == "mean",
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return grad

@@ -1,0 +1,599 @@
+"""The Triton kernels against torch: every option, dtype and layout.
+
+On a machine with a CUDA GPU the kernels run compiled on it; elsewhere (CI) they run on
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest before
+triton is imported; the launchers are called directly, so other tests' CPU tensors keep
+their own path). Expected values come from torch: ``F.nll_loss`` /
+``F.cross_entropy`` in float64 on the same (rounded) inputs, and for label smoothing on
+log-probabilities torch's cross-entropy smoothing formula written out in float64 torch
+operations, differentiated by torch's autograd.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nllloss
+from nllloss import _triton, _validate
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA:
+    # conftest sets it before anything imports triton, which reads it then (this line
+    # serves runs without conftest)
+    os.environ["TRITON_INTERPRET"] = "1"
+launch = _triton._load()
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (rtol, atol) of a result against the float64 oracle on the same rounded inputs
+TOLERANCE = {
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (2e-3, 1e-6),
+}
+
+
+@pytest.fixture(autouse=True)
+def numpy_engine():
+    """Overrides conftest's: the NumPy engines play no part here, one run per test."""
+    return None
+
+
+def test_kernels_are_served(monkeypatch):
+    """The kernels loaded (a missing triton fails here rather than skipping everything)."""
+    assert launch is not None
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")  # CPU tensors too
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64, device=DEVICE)) is launch
+    assert _triton.launcher_for(x.double(), torch.zeros(2, device=DEVICE).long()) is None
+
+
+def _input(layout: str, dtype, from_logits: bool, generator):
+    """(x on DEVICE in dtype, target (int64, some ignored), weight, classes)."""
+    shapes = {
+        "2d": (37, 11),
+        "kdim": (3, 7, 5, 4),
+        "unbatched": (9,),
+        "class-strided-2d": (13, 6),
+        "channels-last": (2, 5, 3, 4),
+    }
+    shape = shapes[layout]
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    x = logits if from_logits else torch.log_softmax(logits, dim=0 if len(shape) == 1 else 1)
+    x = x.to(dtype)
+    if layout == "class-strided-2d":
+        x = x.t().contiguous().t()  # class axis stride N
+        assert x.stride(1) != 1
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert x.stride(1) == 1
+    target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    target = torch.randint(0, classes, target_shape, generator=generator)
+    if target.dim():
+        target.view(-1)[::4] = -100
+    weight = torch.rand(classes, generator=generator, dtype=torch.float64) + 0.25
+    return x.to(DEVICE), target.to(DEVICE), weight.to(dtype).to(DEVICE), classes
+
+
+def _reference(x, target, weight, reduction, from_logits, label_smoothing, total_weight=None):
+    """float64 loss (with autograd) from torch: cross_entropy, or nll_loss plus torch's
+    smoothing term on the given log-probabilities."""
+    x64 = x.detach().cpu().double().contiguous().requires_grad_()
+    t = target.cpu().long()
+    w = None if weight is None else weight.cpu().double()
+    # total_weight replaces the 'mean' denominator: the sum divided by it
+    red = "sum" if total_weight is not None else reduction
+    if from_logits:
+        loss = F.cross_entropy(x64, t, weight=w, reduction=red, label_smoothing=label_smoothing)
+    else:
+        loss = F.nll_loss(x64, t, weight=w, reduction=red)
+        if label_smoothing:
+            classes = x64.shape[0] if x64.dim() == 1 else x64.shape[1]
+            axis = 0 if x64.dim() == 1 else 1
+            shape = [1] * x64.dim()
+            shape[axis] = classes
+            w_all = torch.ones(classes, dtype=torch.float64) if w is None else w
+            ignored = t == -100
+            smooth = torch.where(ignored, 0.0, -(x64 * w_all.view(shape)).sum(axis))
+            if red == "mean":
+                counted = t[~ignored]
+                smooth = smooth.sum() / (w_all[counted].sum() if w is not None else counted.numel())
+            elif red == "sum":
+                smooth = smooth.sum()
+            loss = (1 - label_smoothing) * loss + smooth * (label_smoothing / classes)
+    if total_weight is not None:
+        loss = loss / float(total_weight)
+    return x64, loss
+
+
+def _close(actual, expected, dtype):
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        actual.detach().cpu().double(), expected.detach().double(), rtol=rtol, atol=atol
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["2d", "kdim", "unbatched", "class-strided-2d", "channels-last"])
+def test_matches_torch(layout, dtype, from_logits, label_smoothing, weighted, reduction, request):
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    x, target, weight, _ = _input(layout, dtype, from_logits, generator)
+    weight = weight if weighted else None
+    options = {"from_logits": from_logits, "label_smoothing": label_smoothing}
+    loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+    x64, expected = _reference(x, target, weight, reduction, from_logits, label_smoothing)
+    assert loss.dtype == dtype
+    assert loss.shape == expected.shape
+    _close(loss, expected, dtype)
+
+    upstream = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
+    expected.backward(upstream)
+    g = upstream.to(dtype).to(DEVICE)
+    grad = launch.backward(g, x, target, weight, -100, reduction, **options, saved=saved)
+    assert grad.dtype == dtype
+    assert grad.shape == x.shape
+    _close(grad, x64.grad, dtype)
+    # recomputed without what the forward saved: the same bits
+    again = launch.backward(g, x, target, weight, -100, reduction, **options)
+    assert torch.equal(grad, again)
+    # written during the forward for grad_output = 1
+    fused = torch.empty(x.shape, dtype=dtype, device=DEVICE)
+    loss_fused, _ = launch.forward(x, target, weight, -100, reduction, **options, grad_out=fused)
+    assert torch.equal(loss_fused, loss)
+    ones = torch.ones(expected.shape, dtype=dtype, device=DEVICE)
+    assert torch.equal(fused, launch.backward(ones, x, target, weight, -100, reduction, **options))
+
+
+def test_many_class_and_position_blocks(monkeypatch):
+    """Tiles smaller than the rows: the class loop, the online log-sum-exp across blocks,
+    masked tails, and many partial sums added by the final reduction."""
+    from nllloss._triton import _launch
+
+    for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
+        monkeypatch.setattr(_launch, name, 64)
+    monkeypatch.setattr(_launch, "_STRIDED_CLASS_BLOCK", 8)
+    monkeypatch.setattr(_launch, "_FINISH_BLOCK", 4)
+    generator = torch.Generator().manual_seed(5)
+    for shape in [(9, 200), (2, 21, 13)]:
+        x = (torch.randn(shape, generator=generator) * 4).to(DEVICE)
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+        target.view(-1)[::5] = -100
+        weight = torch.rand(shape[1], generator=generator).to(DEVICE) + 0.5
+        target = target.to(DEVICE)
+        for from_logits in (False, True):
+            for reduction in ("none", "mean", "sum"):
+                options = {"from_logits": from_logits, "label_smoothing": 0.2}
+                loss, _ = launch.forward(x, target, weight, -100, reduction, **options)
+                x64, expected = _reference(x, target, weight, reduction, from_logits, 0.2)
+                _close(loss, expected, torch.float32)
+                expected.backward(torch.ones_like(expected))
+                ones = torch.ones(expected.shape, device=DEVICE)
+                grad = launch.backward(ones, x, target, weight, -100, reduction, **options)
+                _close(grad, x64.grad, torch.float32)
+
+
+def _bits(tensor):
+    """The bit patterns (the sign of zero included)."""
+    integer = {2: torch.int16, 4: torch.int32}[tensor.element_size()]
+    return tensor.contiguous().view(integer)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["2d", "kdim", "class-strided-2d"])
+def test_bitwise_equal_to_torch_where_the_order_allows(layout, dtype):
+    """One product per element: the 'none' loss, and the gradient for 'none', 'sum' and
+    unweighted 'mean', are torch's bits on the same device."""
+    generator = torch.Generator().manual_seed(11)
+    x, target, weight, _ = _input(layout, dtype, False, generator)
+    for w in (None, weight):
+        expected = F.nll_loss(x, target, weight=w, reduction="none")
+        loss, _ = launch.forward(x, target, w, -100, "none")
+        assert torch.equal(_bits(loss), _bits(expected))
+        for reduction in ("none", "sum", "mean"):
+            if reduction == "mean" and w is not None:
+                continue  # torch adds the weights in its own order
+            leaf = x.detach().clone().requires_grad_()
+            out = F.nll_loss(leaf, target, weight=w, reduction=reduction)
+            g = torch.rand(out.shape, generator=generator).to(dtype).to(DEVICE) + 0.5
+            out.backward(g)
+            grad = launch.backward(g, x, target, w, -100, reduction)
+            assert torch.equal(_bits(grad), _bits(leaf.grad)), reduction
+
+
+@pytest.mark.parametrize(
+    ("dtype", "ignore_index"),
+    [
+        (torch.int64, -100),
+        (torch.int32, 3),  # a class index that is ignored
+        (torch.int32, 2**40),  # outside int32: nothing is ignored
+        (torch.int16, -1),
+        (torch.uint8, 255),
+        (torch.int8, -100),
+    ],
+    ids=str,
+)
+def test_target_dtypes(dtype, ignore_index):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, generator=generator).to(DEVICE)
+    target = torch.randint(0, 6, (40,), generator=generator)
+    if ignore_index < 2**31 and (ignore_index >= 0 or dtype != torch.uint8):
+        target[::3] = ignore_index
+    for reduction in ("none", "mean", "sum"):
+        for from_logits in (False, True):
+            loss, _ = launch.forward(
+                x, target.to(dtype).to(DEVICE), None, ignore_index, reduction,
+                from_logits=from_logits,
+            )  # fmt: skip
+            function = F.cross_entropy if from_logits else F.nll_loss
+            torch_ignore = ignore_index if ignore_index < 2**31 else -100
+            expected = function(
+                x.cpu().double(), target, ignore_index=torch_ignore, reduction=reduction
+            )
+            _close(loss, expected, torch.float32)
+
+
+def test_strided_target_and_weight():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 7, 3, generator=generator).to(DEVICE)
+    target = torch.randint(0, 7, (12, 6), generator=generator).to(DEVICE)[:, ::2]
+    weight = torch.rand(14, generator=generator, dtype=torch.float64).to(DEVICE)[::2]
+    assert not target.is_contiguous()
+    assert not weight.is_contiguous()
+    for from_logits in (False, True):
+        loss, _ = launch.forward(x, target, weight, -100, "none", from_logits=from_logits)
+        _, expected = _reference(x, target, weight.float(), "none", from_logits, 0.0)
+        _close(loss, expected, torch.float32)
+
+
+def _kdim_case(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(6, 9, 5, 7, generator=generator) * 2).to(torch.bfloat16).to(DEVICE)
+    target = torch.randint(0, 9, (6, 5, 7), generator=generator)
+    target[:, 1, ::2] = -100
+    weight = (torch.rand(9, generator=generator) + 0.5).to(DEVICE)
+    return x, target.to(DEVICE), weight
+
+
+def test_twenty_runs_are_bitwise_equal_in_deterministic_mode():
+    x, target, weight = _kdim_case()
+    wide = (torch.randn(33, 2000, generator=torch.Generator().manual_seed(1)) * 3).to(DEVICE)
+    wide_target = torch.randint(0, 2000, (33,)).to(DEVICE)
+    cases = [
+        (x, target, weight, {"label_smoothing": 0.1}),
+        (x, target, weight, {"from_logits": True, "label_smoothing": 0.1}),
+        (wide, wide_target, None, {"from_logits": True}),
+    ]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for x_, t_, w_, options in cases:
+            runs = []
+            for _ in range(20):
+                loss, saved = launch.forward(x_, t_, w_, -100, "mean", **options)
+                g = torch.ones((), device=DEVICE)
+                grad = launch.backward(g, x_, t_, w_, -100, "mean", **options, saved=saved)
+                runs.append((loss, grad))
+            for loss, grad in runs[1:]:
+                assert torch.equal(loss, runs[0][0])
+                assert torch.equal(grad, runs[0][1])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_any_split_of_the_batch_with_a_global_total_weight(from_logits):
+    """Micro-batches that divide by the whole batch's denominator add up to its loss, and
+    their gradients are the whole batch's, bit for bit."""
+    x, target, weight = _kdim_case(seed=2)
+    x = x.float()
+    valid = target != -100
+    total = weight[target[valid]].sum()  # the global denominator, from the targets
+    options = {"from_logits": from_logits, "label_smoothing": 0.1, "total_weight": total}
+    whole, saved = launch.forward(x, target, weight, -100, "mean", **options)
+    one = torch.ones((), device=DEVICE)
+    whole_grad = launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+    for bounds in ([0, 1, 6], [0, 2, 3, 6], [0, 5, 6], list(range(7))):
+        losses, grads = [], []
+        for start, stop in itertools.pairwise(bounds):
+            piece = (x[start:stop], target[start:stop], weight, -100, "mean")
+            loss, saved = launch.forward(*piece, **options)
+            losses.append(loss.double())
+            grads.append(launch.backward(one, *piece, **options, saved=saved))
+        torch.testing.assert_close(sum(losses), whole.double(), rtol=1e-6, atol=0)
+        assert torch.equal(torch.cat(grads), whole_grad)
+    # the float64 oracle, for the whole batch with the given denominator
+    _, expected = _reference(x, target, weight, "mean", from_logits, 0.1, total_weight=total)
+    _close(whole, expected, torch.float32)
+    # without total_weight the denominator is the same sum of w[t]: the same loss
+    local, _ = launch.forward(x, target, weight, -100, "mean", from_logits=from_logits,
+                              label_smoothing=0.1)  # fmt: skip
+    torch.testing.assert_close(local, whole, rtol=1e-6, atol=0)
+
+
+def test_total_weight_replaces_the_mean_denominator():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 8, generator=generator).to(DEVICE)
+    target = torch.randint(0, 8, (30,), generator=generator).to(DEVICE)
+    givens = [
+        (7.5, 7.5),
+        (7.5, torch.tensor(7.5, device=DEVICE)),
+        (7.5, torch.tensor([7.5], dtype=torch.float64)),  # one element, on the CPU
+        (41, torch.tensor(41)),  # a count, as nllloss.total_weight gives without weight
+    ]
+    for value, given in givens:
+        for from_logits in (False, True):
+            loss, saved = launch.forward(
+                x, target, None, -100, "mean", from_logits=from_logits, total_weight=given
+            )
+            x64, expected = _reference(x, target, None, "mean", from_logits, 0.0, value)
+            _close(loss, expected, torch.float32)
+            assert float(saved.denominator) == value
+            expected.backward()
+            grad = launch.backward(
+                torch.ones((), device=DEVICE), x, target, None, -100, "mean",
+                from_logits=from_logits, total_weight=given,
+            )  # fmt: skip
+            _close(grad, x64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_out_of_range_targets_raise_the_core_error(from_logits):
+    x = torch.zeros(5, 4, device=DEVICE)
+    target = torch.tensor([0, 1, 7, 2, -3], device=DEVICE)
+    message = str(_validate.out_of_bounds_error(7, (2,), 4, -100))
+    for reduction in ("none", "mean", "sum"):
+        with pytest.raises(IndexError) as raised:
+            launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
+        assert str(raised.value) == message
+        with pytest.raises(IndexError) as raised:
+            launch.backward(torch.ones(()), x, target, None, -100, reduction)
+        assert str(raised.value) == message
+    kdim = torch.zeros(2, 3, 4, 5, device=DEVICE)
+    kdim_target = torch.zeros(2, 4, 5, dtype=torch.int32, device=DEVICE)
+    kdim_target[1, 2, 3] = 3
+    kdim_target[1, 3, 0] = -1
+    with pytest.raises(IndexError) as raised:
+        launch.forward(kdim, kdim_target, None, -100, "mean", from_logits=from_logits)
+    assert str(raised.value) == str(_validate.out_of_bounds_error(3, (1, 2, 3), 3, -100))
+    with pytest.raises(IndexError, match=r"target\[\] = 4 is not in the class range \[0, 4\)"):
+        launch.forward(x[0], target[4:].abs() + 1, None, -100, "mean")
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_unchecked_out_of_range_targets_give_nan(from_logits):
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=generator).to(DEVICE)
+    target = torch.tensor([0, 9, 2, -100, -2, 4], device=DEVICE)
+    bad = torch.tensor([False, True, False, False, True, False], device=DEVICE)
+    options = {"from_logits": from_logits, "check_targets": False, "label_smoothing": 0.1}
+    per_row, _ = launch.forward(x, target, None, -100, "none", **options)
+    assert torch.isnan(per_row[bad]).all()
+    good = torch.where(bad, -100, target)
+    expected, _ = launch.forward(x, good, None, -100, "none", **options)
+    assert torch.equal(per_row[~bad], expected[~bad])
+    for reduction in ("mean", "sum"):
+        loss, _ = launch.forward(x, target, None, -100, reduction, **options)
+        assert torch.isnan(loss)
+        one = torch.ones((), device=DEVICE)
+        grad = launch.backward(one, x, target, None, -100, reduction, **options)
+        assert torch.isnan(grad[bad]).all()
+        assert torch.isfinite(grad[~bad]).all()
+
+
+def test_offsets_beyond_two_to_the_31():
+    """Elements past 2**31 are read where they are (a 32-bit offset would wrap). The
+    input is 6 GiB of untouched memory on the CPU (pages are never written)."""
+    classes = 2**30
+    x = torch.empty((3, classes), dtype=torch.float16, device=DEVICE)
+    target = torch.tensor([5, classes - 1, 7], device=DEVICE)
+    x[0, 5], x[1, classes - 1], x[2, 7] = -1.0, -2.0, -4.0
+    loss, _ = launch.forward(x, target, None, -100, "none")
+    assert loss.tolist() == [1.0, 2.0, 4.0]
+    loss, _ = launch.forward(x, target, None, -100, "sum")
+    assert float(loss) == 7.0
+
+
+@pytest.mark.skipif(not CUDA, reason="the gradient over 2**31 elements needs a GPU's memory")
+def test_gradient_beyond_two_to_the_31():
+    rows, classes = 2**17 + 1, 2**14  # 2**31 + 2**14 elements: the last row lies past 2**31
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn((rows, classes), dtype=torch.bfloat16, device=DEVICE, generator=generator)
+    target = torch.randint(0, classes, (rows,), device=DEVICE, generator=generator)
+    loss, saved = launch.forward(x, target, None, -100, "none", from_logits=True)
+    last = slice(rows - 3, rows)
+    lse = torch.logsumexp(x[last].double(), dim=1)
+    expected = lse - x[last].double().gather(1, target[last, None]).squeeze(1)
+    torch.testing.assert_close(loss[last].double(), expected, rtol=1.6e-2, atol=0)
+    grad = launch.backward(
+        torch.ones(rows, device=DEVICE), x, target, None, -100, "none",
+        from_logits=True, saved=saved,
+    )  # fmt: skip
+    p = torch.softmax(x[last].double(), dim=1)
+    p[torch.arange(3), target[last]] -= 1
+    torch.testing.assert_close(grad[last].double(), p, rtol=1.6e-2, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_unchecked_loss_is_captured_in_a_cuda_graph():
+    x, target, weight = _kdim_case(seed=6)
+    options = {"from_logits": True, "label_smoothing": 0.1, "check_targets": False}
+    one = torch.ones((), device=DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compile outside the capture
+        loss, saved = launch.forward(x, target, weight, -100, "mean", **options)
+        launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, saved = launch.forward(x, target, weight, -100, "mean", **options)
+        grad = launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+    graph.replay()
+    eager, _ = launch.forward(x, target, weight, -100, "mean", **options)
+    assert torch.equal(loss, eager)
+    eager_grad = launch.backward(one, x, target, weight, -100, "mean", **options)
+    assert torch.equal(grad, eager_grad)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(_triton, "_launcher", _triton._UNSET)
+    monkeypatch.setenv("NLLLOSS_DISABLE_TRITON", "1")
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64, device=DEVICE)) is None
+
+
+def test_refuses_what_it_does_not_serve():
+    t = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    assert not launch.supports(torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), t, None)
+    assert not launch.supports(torch.zeros(0, 3, device=DEVICE), t[:0], None)
+    assert launch.supports(torch.zeros(2, 3, dtype=torch.bfloat16, device=DEVICE), t, None)
+    x = torch.zeros(2, 3, device=DEVICE)
+    transposed = torch.empty(3, 2, device=DEVICE).t()
+    with pytest.raises(ValueError, match="grad_out must be a contiguous tensor"):
+        launch.forward(x, t, None, -100, "mean", grad_out=transposed)
+
+
+def test_cpu_tensors_are_not_served_without_the_interpreter_switch(monkeypatch):
+    monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
+    x = torch.zeros(2, 3)
+    assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64)) is None
+
+
+def test_importing_nllloss_imports_no_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, nllloss, nllloss._triton; assert 'triton' not in sys.modules, 'triton'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_all_ignored(from_logits):
+    """As torch: 'mean' over no counted target is 0/0 = NaN, 'sum' 0, the gradient 0."""
+    x = torch.randn(4, 3).to(DEVICE)
+    target = torch.full((4,), -100, device=DEVICE)
+    for reduction in ("mean", "sum"):
+        loss, _ = launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
+        expected = F.cross_entropy(x.cpu(), target.cpu(), reduction=reduction)
+        assert torch.equal(loss.cpu().isnan(), expected.isnan())
+        assert reduction == "mean" or float(loss) == 0.0
+        one = torch.ones((), device=DEVICE)
+        grad = launch.backward(one, x, target, None, -100, reduction, from_logits=from_logits)
+        assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_gpu_benchmark_script_runs(tmp_path):
+    """benchmarks/gpu.py --smoke: the whole script on tiny CPU inputs, every row timed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads((tmp_path / "gpu-latest.json").read_text())["rows"]
+    failed = [r for r in rows if "error" in r and r["impl"] != "torch, deterministic mode"]
+    assert not failed
+    assert {r["impl"] for r in rows} >= {"nllloss", "nllloss fused", "torch"}
+    assert (tmp_path / "gpu-latest.md").exists()
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nllloss._triton import _kernels as K
+
+
+def build(kernel, types, constants):
+    signature = {**types, **{name: "constexpr" for name in constants}}
+    names = list(kernel.arg_names)
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if "*" in t}
+    source = ASTSource(kernel, signature=signature, constexprs=constants, attrs=aligned)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    assert ".entry" in ptx
+
+
+positions = dict(C="i32", S="i32", blocks="i32", stride_b="i64", stride_c="i32", stride_s="i32",
+                 grad_stride_b="i64", grad_stride_c="i32", grad_stride_s="i32",
+                 ignore_index="i64", eps="fp32")
+forward = dict(x_ptr="*bf16", t_ptr="*i32", w_ptr="*bf16", loss_ptr="*bf16", lse_ptr="*fp32",
+               part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
+               grad_ptr="*bf16", denominator_ptr="*fp32", M="i64", **positions)
+for full in (False, True):
+    build(K.forward_kernel, forward, dict(
+        FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, WRITE_LOSS=True,
+        WRITE_LSE=full, LOAD_X=True, FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
+backward = dict(x_ptr="*fp16", t_ptr="*i64", w_ptr="*fp16", g_ptr="*fp16",
+                denominator_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp16", **positions)
+for logits in (False, True):
+    build(K.backward_kernel, backward, dict(
+        FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PER_POSITION=logits,
+        MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
+finish = dict(part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
+              n_parts="i32", out_ptr="*bf16", denominator_ptr="*fp32", bad_ptr="*i64",
+              total_weight_ptr="*i64", total_weight="fp32", M="i64")
+for mode in (0, 1, 2):
+    build(K.finish_kernel, finish, dict(MEAN=True, REDUCE=True, TOTAL_WEIGHT=mode, BLOCK_P=256))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels as Python: compiling them (to PTX and SASS for sm_90,
+    which needs no GPU) catches what only the compiler rejects."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    subprocess.run([sys.executable, "-c", _COMPILE], check=True, env=env, capture_output=True)
+
+
+@pytest.mark.parametrize("options", [{}, {"from_logits": True, "label_smoothing": 0.1}])
+def test_torch_operators_route_to_the_kernels(options, monkeypatch):
+    """nllloss.nll_loss and autograd on tensors the kernels serve run the kernels (bfloat16
+    CPU tensors under the interpreter stand in for CUDA tensors here)."""
+    from nllloss._triton import _launch
+
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(_launch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_launch, name, spy)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=generator).to(torch.bfloat16)
+    t = torch.randint(0, 5, (12,), generator=generator)
+    t[::4] = -100
+    ours = x.clone().requires_grad_()
+    loss = nllloss.nll_loss(ours, t, **options)
+    loss.backward()
+    assert calls == ["forward", "backward"]
+    reference = x.double().requires_grad_()
+    if options:
+        expected = F.cross_entropy(reference, t, label_smoothing=0.1)
+    else:
+        expected = F.nll_loss(reference, t)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-2, atol=1e-2)
