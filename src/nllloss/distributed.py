@@ -301,7 +301,7 @@ def _check_locally(
         class_start=_validate.check_class_start(class_start),
         ignore_index=_validate.check_ignore_index(ignore_index),
         reduction=reduction,
-        from_logits=_validate.check_from_logits(from_logits),
+        from_logits=_validate.check_flag(from_logits, "from_logits"),
         smoothing=_validate.check_label_smoothing(smoothing),
         dtype=input.dtype,
         compute_dtype=dtype,
