@@ -11,7 +11,8 @@ once with ``out=`` the logits themselves, and autograd on torch tensors).
 
 Memory: each competitor runs once more in a fresh subprocess, after its inputs exist and
 a small warm-up call has compiled what it needs; the peak resident memory beyond that
-point (``ru_maxrss``) is what the call itself needed, reported in units of the input's size.
+point (``VmHWM`` after resetting it, minus ``VmRSS`` before the call) is what the call
+itself needed (the gradient included), reported in units of the input's size.
 The memory floor for the time: one read of the logits (forward), plus one write of the
 gradient (forward+backward), at the machine's measured copy bandwidth.
 """
@@ -39,7 +40,8 @@ SMOOTHING = (0.0, 0.1)
 
 def make_data(shape, seed=0):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32) * 2
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= 2  # in place: no temporary of the input's size
     t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
     t[rng.random(t.shape) < 0.05] = -100
     return x, t
@@ -92,7 +94,7 @@ def copy_bandwidth(nbytes=1 << 28, repeats=5):
 
 
 _MEMORY_CODE = """
-import os, resource, sys
+import os, sys
 os.environ["KMP_BLOCKTIME"] = "0"
 import numpy as np, torch, nllloss
 sys.path.insert(0, {here!r})
@@ -102,6 +104,11 @@ F = torch.nn.functional
 small_x, small_t = make_data((4, *shape[1:3]) if len(shape) > 2 else (4, shape[1]))
 x, t = make_data(shape)
 options = dict(from_logits=True, label_smoothing=smoothing)
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
 
 def run(x, t):
     if who == "torch":
@@ -122,16 +129,17 @@ def run(x, t):
         if kind == "backward":
             loss.backward()
 
-run(small_x, small_t)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(small_x, small_t)  # imports and compiles outside the measurement
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from the current resident size
+before = status("VmRSS")
 run(x, t)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024 / x.nbytes)
+print((status("VmHWM") - before) / x.nbytes)
 """
 
 
 def peak_memory(shape, smoothing, who, kind):
-    """Peak memory of one call beyond its inputs, in input sizes (subprocess, ru_maxrss)."""
+    """Peak memory of one call beyond its inputs, in input sizes (subprocess, VmHWM)."""
     code = _MEMORY_CODE.format(
         here=str(Path(__file__).resolve().parent),
         shape=tuple(shape),

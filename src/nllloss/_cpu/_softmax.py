@@ -269,11 +269,13 @@ def softmax_tiles(
                     value = _decode(x3[b, j, start + k], decode)
                     top[k] = value if value > top[k] else top[k]
             for j in range(classes):
-                w = np.float64(weight[j])
                 for k in range(width):
-                    value = _decode(x3[b, j, start + k], decode) - top[k]
-                    total[k] += np.float64(_exp(value))
-                    if smoothing:
+                    total[k] += np.float64(_exp(_decode(x3[b, j, start + k], decode) - top[k]))
+            if smoothing:
+                for j in range(classes):
+                    w = np.float64(weight[j])
+                    for k in range(width):
+                        value = _decode(x3[b, j, start + k], decode) - top[k]
                         weighted[k] += w * np.float64(value)
         elif smoothing:
             for j in range(classes):
