@@ -39,17 +39,6 @@ def _options(engine, input, reduction, from_logits, label_smoothing, total_weigh
     )
 
 
-def _defaults(from_logits, label_smoothing, total_weight, check_targets) -> bool:
-    """True when no keyword-only option is used (the common call, decided cheaply)."""
-    return (
-        from_logits is False
-        and total_weight is None
-        and check_targets is True
-        and type(label_smoothing) in (float, int)
-        and label_smoothing == 0
-    )
-
-
 def nll_loss(
     input: Any,
     target: Any,
@@ -153,7 +142,13 @@ def nll_loss(
     >>> nll_loss(x, np.array([0, -100]), weight=np.array([2.0, 1.0, 1.0]), reduction="sum")
     array(1.3862944, dtype=float32)
     """
-    plain = _defaults(from_logits, label_smoothing, total_weight, check_targets)
+    plain = (
+        from_logits is False
+        and total_weight is None
+        and check_targets is True
+        and type(label_smoothing) in (float, int)
+        and label_smoothing == 0
+    )
     if plain and size_average is None and reduce is None:
         fast = _FAST_PATHS.get(type(input))
         if fast is not None:  # the shortcut validates the reduction too

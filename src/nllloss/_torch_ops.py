@@ -333,14 +333,15 @@ total_weight = _generic.total_weight
 _REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
 _FAST_DTYPES = (torch.float32, torch.float64)
 _nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def fast_forward(input, target, weight, ignore_index, reduction):
     """The commonest torch call straight to torch's kernel, whose bits our engine reproduces.
 
-    Float32/float64 CPU input of rank 2 or more below ``TORCH_KERNEL_MAX`` elements, an
-    int64 (or uint8 for 2-D) CPU target tensor, no weight or a 1-D CPU weight of the
-    input's dtype, an int ``ignore_index``, a reduction by its name. Anything else, and any
+    Float32/float64 CPU input of rank 2 or more (below ``TORCH_KERNEL_MAX`` elements when a
+    gradient will be needed), an int64 (or uint8 for 2-D) CPU target tensor, no weight or a
+    1-D CPU weight of the input's dtype, an int ``ignore_index``, a reduction by its name. Anything else, and any
     error torch raises, returns None: the full path then validates and raises nllloss's error.
     """
     enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
@@ -352,7 +353,8 @@ def fast_forward(input, target, weight, ignore_index, reduction):
         or not (input.is_cpu and target.is_cpu)
         or not (target.dtype == torch.int64 or (target.dtype == torch.uint8 and input.dim() == 2))
         or input.dim() < 2
-        or input.numel() >= TORCH_KERNEL_MAX
+        # large inputs that need a gradient take the operator: our backward is the faster one
+        or (input.numel() >= TORCH_KERNEL_MAX and input.requires_grad and torch.is_grad_enabled())
         or (
             weight is not None
             and (
@@ -362,7 +364,7 @@ def fast_forward(input, target, weight, ignore_index, reduction):
                 or not weight.is_cpu
             )
         )
-        or _functorch_active()
+        or _functorch_transforms_active()
     ):
         return None
     try:
