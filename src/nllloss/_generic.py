@@ -347,7 +347,7 @@ def backward(
 
     batched_shape = tuple(_batched(xp, x, layout).shape)
     index_shape = (batched_shape[0], 1, *batched_shape[2:])
-    if options.plain or (not smoothing and not options.from_logits):
+    if not smoothing and not options.from_logits:
         grad = engine.scatter(
             batched_shape, x.dtype, g.index, xp.astype(xp.reshape(values, index_shape), x.dtype)
         )

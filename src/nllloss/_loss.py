@@ -247,22 +247,10 @@ def nll_loss_backward(
     array([[-2.,  1.,  1.],
            [ 1.,  1., -2.]], dtype=float32)
     """
-    reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
-    engine, input, target, weight, ignore_index, layout = _prepare(
-        input, target, weight, ignore_index
-    )
-    options = _options(
-        engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
-    )
-    grad_output = like_input(engine, grad_output, input, "grad_output")
-    _validate.check_grad_output_dtype(grad_output.dtype)
-    loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
-    _validate.check_grad_output_shape(grad_output.shape, loss_shape)
-    if out is not None:
-        _validate.check_out(out, input)
-    return engine.implementation.backward(
-        engine, grad_output, input, target, weight, ignore_index, reduction, layout, options, out
-    )
+    return _with_gradient(
+        "backward", grad_output, input, target, weight, ignore_index, reduction,
+        from_logits, label_smoothing, total_weight, check_targets, out,
+    )  # fmt: skip
 
 
 def nll_loss_and_grad(
@@ -314,7 +302,19 @@ def nll_loss_and_grad(
     >>> grad.shape
     (2, 3)
     """
-    reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
+    return _with_gradient(
+        "forward_backward", grad_output, input, target, weight, ignore_index, reduction,
+        from_logits, label_smoothing, total_weight, check_targets, out,
+    )  # fmt: skip
+
+
+def _with_gradient(
+    method, grad_output, input, target, weight, ignore_index, reduction,
+    from_logits, label_smoothing, total_weight, check_targets, out,
+):  # fmt: skip
+    """Validate the arguments of a call that returns the gradient, and run ``method`` of the
+    input's engine ('backward' or 'forward_backward')."""
+    reduction = _validate.check_reduction(reduction, stacklevel=_CALLER + 1)
     engine, input, target, weight, ignore_index, layout = _prepare(
         input, target, weight, ignore_index
     )
@@ -327,7 +327,7 @@ def nll_loss_and_grad(
     _validate.check_grad_output_shape(grad_output.shape, loss_shape)
     if out is not None:
         _validate.check_out(out, input)
-    return engine.implementation.forward_backward(
+    return getattr(engine.implementation, method)(
         engine, grad_output, input, target, weight, ignore_index, reduction, layout, options, out
     )
 

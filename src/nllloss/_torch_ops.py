@@ -341,8 +341,9 @@ def fast_forward(input, target, weight, ignore_index, reduction):
 
     Float32/float64 CPU input of rank 2 or more (below ``TORCH_KERNEL_MAX`` elements when a
     gradient will be needed), an int64 (or uint8 for 2-D) CPU target tensor, no weight or a
-    1-D CPU weight of the input's dtype, an int ``ignore_index``, a reduction by its name. Anything else, and any
-    error torch raises, returns None: the full path then validates and raises nllloss's error.
+    1-D CPU weight of the input's dtype, an int ``ignore_index``, a reduction by its name.
+    Anything else, and any error torch raises, returns None: the full path then validates
+    and raises nllloss's error.
     """
     enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
     if (
