@@ -420,3 +420,23 @@ def test_inputs_are_not_modified(rng):
     nll_loss_backward(1.0, x, t, w, label_smoothing=0.1, total_weight=np.array(4.0))
     for before, after in zip(copies, (x, t, w), strict=True):
         assert_bitwise(after, before)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+def test_zero_total_weight_with_smoothing_is_nan_or_inf_as_torch(from_logits, smoothing):
+    """'mean' over a total weight of 0 divides each term by 0, as torch: 0/0 is NaN."""
+    x = torch.log_softmax(torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -3.0]]), 1)
+    t = torch.tensor([1, 1])
+    for weight in ([2.0, 0.0, 1.0], [0.5, -1.0, 0.5], [1.0, 1.0, -1.0]):
+        w = torch.tensor(weight)
+        expected = F.cross_entropy(x.double(), t, weight=w.double(), label_smoothing=smoothing)
+        if from_logits:
+            expected = F.cross_entropy(x, t, weight=w, label_smoothing=smoothing)
+        ours = nll_loss(
+            x.numpy(), t.numpy(), w.numpy(), from_logits=from_logits, label_smoothing=smoothing
+        )
+        if np.isfinite(expected.item()):
+            np.testing.assert_allclose(ours, expected.item(), rtol=1e-6)
+        else:
+            assert_bitwise(ours.astype(np.float64), np.float64(expected.item()))

@@ -317,11 +317,11 @@ def _softmax_forward_backward(
         loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
         loss = loss.reshape(layout.output_shape).astype(x.dtype)
     else:
-        value = np.sum(nll)
+        value, smooth_value = np.sum(nll), np.sum(smooth)
+        if reduction == "mean":  # each term divided, as torch: 0/0 in one is NaN, not 0
+            value, smooth_value = value / total, smooth_value / total
         if smoothing:
-            value = target_scale * value + smooth_scale * np.sum(smooth)
-        if reduction == "mean":
-            value = value / total
+            value = target_scale * value + smooth_scale * smooth_value
         loss = np.array(value, dtype=x.dtype)
     if not want_grad:
         return loss, None
