@@ -33,6 +33,8 @@ from ._kernels import _decode, _parallel_and_serial
 # Elements of a K-dim input's spatial axis handled together: the class loop runs over a
 # tile of contiguous values, which vectorises; its per-element sums stay in L1.
 TILE = 256
+# Classes summed in the compute dtype before their sum joins the float64 total.
+CLASS_BLOCK = 32
 
 
 @intrinsic
@@ -259,6 +261,9 @@ def softmax_tiles(
         width = min(TILE, spatial - start)
         # x3[b, j, start + k] with k innermost: unit stride, so the class loops vectorise
         top = _compute_buffer(width, x3)
+        partial = _compute_buffer(width, x3)
+        zeros = _compute_buffer(width, x3)
+        zeros[:] = 0.0
         total = np.zeros(width, dtype=np.float64)
         weighted = np.zeros(width, dtype=np.float64)
         if from_logits:
@@ -268,20 +273,24 @@ def softmax_tiles(
                 for k in range(width):
                     value = _decode(x3[b, j, start + k], decode)
                     top[k] = value if value > top[k] else top[k]
-            for j in range(classes):
-                for k in range(width):
-                    total[k] += np.float64(_exp(_decode(x3[b, j, start + k], decode) - top[k]))
-            if smoothing:
-                for j in range(classes):
-                    w = np.float64(weight[j])
+            # sums over blocks of classes in the compute dtype, each block's added in float64
+            for first in range(0, classes, CLASS_BLOCK):
+                partial[:] = 0.0
+                for j in range(first, min(first + CLASS_BLOCK, classes)):
                     for k in range(width):
-                        value = _decode(x3[b, j, start + k], decode) - top[k]
-                        weighted[k] += w * np.float64(value)
-        elif smoothing:
-            for j in range(classes):
-                w = np.float64(weight[j])
+                        partial[k] += _exp(_decode(x3[b, j, start + k], decode) - top[k])
                 for k in range(width):
-                    weighted[k] += w * np.float64(_decode(x3[b, j, start + k], decode))
+                    total[k] += np.float64(partial[k])
+        if smoothing:
+            shift = top if from_logits else zeros
+            for first in range(0, classes, CLASS_BLOCK):
+                partial[:] = 0.0
+                for j in range(first, min(first + CLASS_BLOCK, classes)):
+                    w = weight[j]
+                    for k in range(width):
+                        partial[k] += w * (_decode(x3[b, j, start + k], decode) - shift[k])
+                for k in range(width):
+                    weighted[k] += np.float64(partial[k])
         # per element: statistics, and the gradient's coefficients (0 where ignored)
         log_norms = _compute_buffer(width, x3)
         a = np.zeros(width, dtype=grad3.dtype)
