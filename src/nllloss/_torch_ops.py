@@ -151,6 +151,7 @@ def _save_unit_gradient(ctx, inputs, output):
     _save(ctx, inputs, output)
     ctx.unit_gradient = output[1]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else backward gets zeros of the input's size for it
 
 
 def _scaled_unit_gradient(ctx, grad, _unused):
