@@ -157,6 +157,8 @@ def _save_unit_gradient(ctx, inputs, output):
 def _scaled_unit_gradient(ctx, grad, _unused):
     """The gradient is linear in the upstream one: the unit gradient scaled (per element for
     'none'). Building a graph for second derivatives takes the operators' path instead."""
+    if grad is None:  # nothing flows back through the loss (grads are not materialised)
+        return (None,) * 9
     unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may then keep, not copy, it
     if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
         return _loss_backward(ctx, grad)
