@@ -72,21 +72,14 @@ def assert_bitwise(actual, expected) -> None:
 
 @pytest.fixture(params=["compiled", "generic"], autouse=True)
 def numpy_engine(request, monkeypatch):
-    """Every test runs on both NumPy engines: the numba kernels and the generic path."""
-    from nllloss import _dispatch, _generic
+    """Every test runs on both NumPy backends: the numba kernels and the generic path."""
+    from nllloss import _cpu, _dispatch, _generic
 
     if request.param == "compiled":
-        engine = _dispatch.engine_for(np.zeros(1))
-        assert engine.implementation is not _generic, "the numba kernels did not load"
+        assert not isinstance(_cpu.backend(), _generic.Backend), "the numba kernels did not load"
     else:
-        original = _dispatch._engine_for_type
-
-        def generic_for_numpy(array_type, array):
-            if issubclass(array_type, np.ndarray):
-                return _dispatch.GENERIC_NUMPY
-            return original(array_type, array)
-
-        monkeypatch.setattr(_dispatch, "_engine_for_type", generic_for_numpy)
+        monkeypatch.setattr(_cpu, "backend", _cpu._generic_numpy)
+        monkeypatch.setattr(_dispatch, "_BACKENDS", {})
     return request.param
 
 

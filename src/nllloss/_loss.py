@@ -5,38 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 from . import _validate
-from ._dispatch import as_array, engine_for, like_input
-from ._dispatch import fast_paths as _dispatch_fast_paths
+from ._dispatch import as_array, backend_for, like_input
+from ._problem import Problem, layout_of, resolved_reduction
 
 # Deprecation warnings point at the line that called the public function: one frame up.
 _CALLER = 2
 
 
-def _prepare(input, target, weight, ignore_index):
-    """Validated arrays in the input's library, the engine and the layout."""
-    input = as_array(input)
-    engine = engine_for(input)
-    target = like_input(engine, target, input, "target")
+def _problem(
+    input, target, weight, ignore_index, reduction, from_logits=False, label_smoothing=0.0,
+    total_weight=None, check_targets=True,
+):  # fmt: skip
+    """Validate every argument once; the backend for the input and the Problem it solves."""
+    input = as_array(input, "input")
+    backend = backend_for(input)
+    target = like_input(backend, target, input, "target")
     _validate.check_input(input)
-    layout = _validate.check_target(target, input.shape)
+    _validate.check_target(target, tuple(input.shape))
+    layout = layout_of(tuple(input.shape), tuple(target.shape))
     if weight is not None:
         # A sequence has no dtype of its own: read it in the input's.
-        weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
+        weight = like_input(backend, weight, input, "weight", sequence_dtype=input.dtype)
         _validate.check_weight(weight, layout.classes)
-    return engine, input, target, weight, _validate.check_ignore_index(ignore_index), layout
-
-
-def _options(engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets):
-    """The validated keyword-only options (``total_weight`` as an array of the input's library)."""
+        if weight.dtype != input.dtype:  # torch computes with the weight in x's dtype
+            weight = backend.xp.astype(weight, input.dtype)
     if total_weight is not None:
-        total_weight = like_input(engine, total_weight, input, "total_weight")
+        total_weight = like_input(backend, total_weight, input, "total_weight")
         _validate.check_total_weight(total_weight, reduction)
-    return _validate.Options(
-        _validate.check_flag(from_logits, "from_logits"),
-        _validate.check_label_smoothing(label_smoothing),
-        total_weight,
-        _validate.check_flag(check_targets, "check_targets"),
+    problem = Problem(
+        input,
+        target,
+        weight,
+        _validate.check_ignore_index(ignore_index),
+        resolved_reduction(reduction, layout),
+        layout,
+        from_logits=_validate.check_flag(from_logits, "from_logits"),
+        label_smoothing=_validate.check_label_smoothing(label_smoothing),
+        total_weight=total_weight,
+        check_targets=_validate.check_flag(check_targets, "check_targets"),
     )
+    return backend, problem
 
 
 def nll_loss(
@@ -142,38 +150,28 @@ def nll_loss(
     >>> nll_loss(x, np.array([0, -100]), weight=np.array([2.0, 1.0, 1.0]), reduction="sum")
     array(1.3862944, dtype=float32)
     """
-    plain = (
-        from_logits is False
+    if (
+        size_average is None
+        and reduce is None
+        and from_logits is False
         and total_weight is None
         and check_targets is True
         and type(label_smoothing) in (float, int)
         and label_smoothing == 0
-    )
-    if plain and size_average is None and reduce is None:
-        fast = _FAST_PATHS.get(type(input))
-        if fast is not None:  # the shortcut validates the reduction too
-            result = fast(input, target, weight, ignore_index, reduction)
+    ):
+        # The commonest call, on a backend with a shortcut for it: the result, or None to
+        # take the full path (which then raises nllloss's errors).
+        quick = getattr(backend_for(as_array(input, "input")), "quick_forward", None)
+        if quick is not None:
+            result = quick(input, target, weight, ignore_index, reduction)
             if result is not None:
                 return result
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
-    engine, input, target, weight, ignore_index, layout = _prepare(
-        input, target, weight, ignore_index
-    )
-    options = (
-        _validate.PLAIN
-        if plain
-        else _options(
-            engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
-        )
-    )
-    return engine.implementation.forward(
-        engine, input, target, weight, ignore_index, reduction, layout, options
-    )
-
-
-# Per array type, an optional shortcut for the commonest calls: it returns the result, or
-# None to take the full path (which raises nllloss's errors). Registered by engines.
-_FAST_PATHS = _dispatch_fast_paths()
+    backend, problem = _problem(
+        input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
+        total_weight, check_targets,
+    )  # fmt: skip
+    return backend.forward(problem)
 
 
 def nll_loss_backward(
@@ -313,23 +311,18 @@ def _with_gradient(
     from_logits, label_smoothing, total_weight, check_targets, out,
 ):  # fmt: skip
     """Validate the arguments of a call that returns the gradient, and run ``method`` of the
-    input's engine ('backward' or 'forward_backward')."""
+    input's backend ('backward' or 'forward_backward')."""
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER + 1)
-    engine, input, target, weight, ignore_index, layout = _prepare(
-        input, target, weight, ignore_index
-    )
-    options = _options(
-        engine, input, reduction, from_logits, label_smoothing, total_weight, check_targets
-    )
-    grad_output = like_input(engine, grad_output, input, "grad_output")
+    backend, problem = _problem(
+        input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
+        total_weight, check_targets,
+    )  # fmt: skip
+    grad_output = like_input(backend, grad_output, problem.input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
-    loss_shape = layout.output_shape if reduction == "none" and not layout.unbatched else ()
-    _validate.check_grad_output_shape(grad_output.shape, loss_shape)
+    _validate.check_grad_output_shape(grad_output.shape, problem.loss_shape)
     if out is not None:
-        _validate.check_out(out, input)
-    return getattr(engine.implementation, method)(
-        engine, grad_output, input, target, weight, ignore_index, reduction, layout, options, out
-    )
+        _validate.check_out(out, problem.input, grad_output)
+    return getattr(backend, method)(problem, grad_output, out)
 
 
 def total_weight(target: Any, weight: Any = None, ignore_index: int = -100) -> Any:
@@ -365,14 +358,14 @@ def total_weight(target: Any, weight: Any = None, ignore_index: int = -100) -> A
     >>> nllloss.total_weight(t, weight=np.array([1.0, 0.5, 2.0]))
     array(5.)
     """
-    target = as_array(target)
-    engine = engine_for(target)
+    target = as_array(target, "target")
+    backend = backend_for(target)
     ignore_index = _validate.check_ignore_index(ignore_index)
     _validate.check_target_dtype(target.dtype)
     if weight is not None:
-        weight = like_input(engine, weight, target, "weight")
+        weight = like_input(backend, weight, target, "weight")
         _validate.check_weight(weight, None)
-    return engine.implementation.total_weight(engine, target, weight, ignore_index)
+    return backend.total_weight(target, weight, ignore_index)
 
 
 class NLLLoss:

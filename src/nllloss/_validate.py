@@ -1,5 +1,9 @@
 """Every argument check of nllloss, and every error message, lives here.
 
+Each check takes the value and the argument's name where it can be several, and raises
+with what was expected and what came; the backends and the framework modules call these
+and raise nothing of their own about arguments.
+
 The checks follow PyTorch's (``torch.nn.functional.nll_loss`` in 2.13) in what they
 accept and reject, with three deliberate differences, listed in the README:
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -108,31 +112,6 @@ def is_float_dtype(dtype: Any) -> bool:
     return dtype_name(dtype) in _FLOAT_DTYPE_NAMES
 
 
-class Layout(NamedTuple):
-    """Where the classes and the target elements are in the input.
-
-    The input is viewed as ``(batch, classes, spatial)``: an unbatched ``(C,)`` input is
-    ``(1, C, 1)``, ``(N, C)`` is ``(N, C, 1)``, ``(N, C, d1, ..., dK)`` is ``(N, C, d1*...*dK)``.
-    Target element ``m`` (row-major over the target) is then ``(m // spatial, m % spatial)``,
-    which is also the order in which torch's CPU kernels sum.
-    """
-
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]  # shape of the 'none' output
-    batch: int
-    classes: int
-    spatial: int
-
-    @property
-    def unbatched(self) -> bool:
-        return len(self.input_shape) == 1
-
-    @property
-    def size(self) -> int:
-        """Number of target elements, M."""
-        return self.batch * self.spatial
-
-
 def check_input(input: Any) -> None:
     """The input must be a floating array of rank 1 or more."""
     if not is_float_dtype(input.dtype):
@@ -152,14 +131,12 @@ def check_target_dtype(dtype: Any) -> None:
         raise TypeError(f"target must hold class indices of an integer dtype, got dtype {dtype}")
 
 
-def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
-    """Check the target's dtype and shape against the input's; return the layout."""
+def check_target(target: Any, input_shape: tuple[int, ...]) -> None:
+    """Check the target's dtype and shape against the input's."""
     check_target_dtype(target.dtype)
     input_shape = tuple(input_shape)
     target_shape = tuple(target.shape)
     ndim = len(input_shape)
-    classes = input_shape[0] if ndim == 1 else input_shape[1]
-
     if ndim == 1:
         if target_shape not in ((), (1,)):
             detail = (
@@ -171,7 +148,7 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
                 f"{detail}: an unbatched input of shape {input_shape} needs a target of shape () "
                 f"or (1,), got {target_shape}"
             )
-        return Layout(input_shape, (), 1, classes, 1)
+        return
 
     batch = input_shape[0]
     expected = (batch, *input_shape[2:])
@@ -187,10 +164,6 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> Layout:
             f"Expected target shape {expected} for input shape {input_shape}, "
             f"got {target_shape}{detail}"
         )
-    spatial = 1
-    for d in input_shape[2:]:
-        spatial *= d
-    return Layout(input_shape, expected, batch, classes, spatial)
 
 
 _INTEGER_DTYPE_NAMES = frozenset(
@@ -227,28 +200,6 @@ def out_of_bounds_error(value: int, position: tuple[int, ...], classes: int, ign
         f"Target {value} is out of bounds: {where} = {value} is not in the class range "
         f"[0, {classes}) and is not ignore_index ({ignore_index})"
     )
-
-
-class Options(NamedTuple):
-    """The keyword-only options beyond torch's ``nll_loss`` signature, validated."""
-
-    from_logits: bool = False
-    label_smoothing: float = 0.0
-    total_weight: Any = None  # the 'mean' denominator given by the caller: a 0-d array
-    check_targets: bool = True  # False: no host sync for the range check (CUDA, Triton)
-
-    @property
-    def plain(self) -> bool:
-        """True for ``nll_loss`` itself: log-probabilities, no smoothing, local denominator."""
-        return (
-            not self.from_logits
-            and not self.label_smoothing
-            and self.total_weight is None
-            and self.check_targets
-        )
-
-
-PLAIN = Options()
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -295,8 +246,35 @@ def check_total_weight(total_weight: Any, reduction: str) -> None:
         raise ValueError(f"total_weight must be a scalar (shape () or (1,)), got shape {shape}")
 
 
-def check_out(out: Any, input: Any) -> None:
-    """``out=`` takes the gradient: a writeable, C-contiguous NumPy array like the input."""
+def check_array_type(obj: Any, name: str) -> None:
+    """NumPy subclasses whose meaning a plain array would lose are refused: a masked array's
+    mask would be ignored, and ``np.matrix`` keeps two dimensions under indexing."""
+    if isinstance(obj, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array, whose mask nllloss would ignore: pass "
+            f"{name}.filled(...) (or set ignore_index on the masked targets) instead"
+        )
+    if isinstance(obj, np.matrix):
+        raise TypeError(f"{name} is an np.matrix: pass np.asarray({name}) instead")
+
+
+def check_sequence(obj: Any, values: np.ndarray, name: str) -> None:
+    """A Python scalar or sequence read as ``values`` must hold real numbers (not None,
+    strings or other objects, which NumPy would read as NaN or text)."""
+    if values.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must be a real number or a sequence of them, got "
+            f"{type(obj).__name__} (read as dtype {values.dtype})"
+        )
+
+
+def check_out(out: Any, input: Any, grad_output: Any = None) -> None:
+    """``out=`` takes the gradient: a writeable, C-contiguous NumPy array like the input.
+
+    It may be the input itself (its values are read before it is written) but no other
+    view of the input's memory, and not of ``grad_output``'s: the gradient would be
+    written over values still to be read.
+    """
     if not isinstance(input, np.ndarray):
         raise TypeError(
             f"out= is supported for NumPy input only, got input of type {type(input).__name__}"
@@ -310,19 +288,34 @@ def check_out(out: Any, input: Any) -> None:
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("out must be a writeable, C-contiguous array")
+    same_as_input = (
+        out.__array_interface__["data"][0] == input.__array_interface__["data"][0]
+        and out.strides == input.strides
+    )
+    if not same_as_input and np.may_share_memory(out, input):
+        raise ValueError(
+            "out overlaps the input's memory without being the input itself: pass out=input "
+            "to overwrite the input, or a separate array"
+        )
+    if isinstance(grad_output, np.ndarray) and np.may_share_memory(out, grad_output):
+        raise ValueError(
+            "out overlaps grad_output's memory: the gradient would overwrite the upstream "
+            "gradient while it is read; pass a separate array"
+        )
 
 
 def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
-    """``grad_output`` has the loss's shape, or is a scalar (one value broadcast)."""
+    """``grad_output`` has the loss's shape, or holds one value that broadcasts to it (for a
+    0-d loss any shape of ones, for an element-wise loss one of at most its rank)."""
     grad_shape = tuple(grad_shape)
-    if (
-        grad_shape == tuple(output_shape)
-        or grad_shape == ()
-        or grad_shape == (1,) * len(grad_shape)
+    output_shape = tuple(output_shape)
+    one_value = all(d == 1 for d in grad_shape)
+    if grad_shape == output_shape or (
+        one_value and (not output_shape or len(grad_shape) <= len(output_shape))
     ):
         return
     raise ValueError(
-        f"grad_output must have the loss's shape {tuple(output_shape)} or be a scalar, "
+        f"grad_output must have the loss's shape {output_shape} or be a scalar, "
         f"got shape {grad_shape}"
     )
 
@@ -332,6 +325,18 @@ def check_grad_output_dtype(dtype: Any) -> None:
     if is_float_dtype(dtype) or is_integer_dtype(dtype):
         return
     raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
+
+
+def check_num_threads(n: Any, limit: int) -> int:
+    """A thread count for the compiled kernels: an int in ``[1, limit]``."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, not {type(n).__name__}")
+    if not 1 <= n <= limit:
+        raise ValueError(
+            f"n must be between 1 and NUMBA_NUM_THREADS={limit} (set that variable before "
+            f"the first import of numba to allow more), got {n}"
+        )
+    return int(n)
 
 
 # nllloss.distributed: a class-parallel group must agree on everything but the class shards.

@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 
 from . import _generic, _validate
-from ._dispatch import engine_for, like_input
+from ._dispatch import backend_for, like_input
 from ._loss import total_weight as _local_total_weight
+from ._problem import Layout, layout_of, resolved_reduction
 
 __all__ = ["nll_loss", "total_weight"]
 
@@ -256,7 +257,7 @@ def nll_loss(
 class _Plan:
     """The non-tensor arguments, validated; ``classes`` is C over the group."""
 
-    layout: _validate.Layout  # of the shard: classes is C_r
+    layout: Layout  # of the shard: classes is C_r
     class_start: int
     ignore_index: int
     reduction: str
@@ -285,10 +286,11 @@ def _check_locally(
 ) -> _Arguments:
     """Every check that needs no other rank (those against C follow the all-gather)."""
     _validate.check_torch_tensor(input, "input_shard")
-    engine = engine_for(input)
+    engine = backend_for(input)
     target = like_input(engine, target, input, "target")
     _validate.check_input(input)
-    layout = _validate.check_target(target, tuple(input.shape))
+    _validate.check_target(target, tuple(input.shape))
+    layout = layout_of(tuple(input.shape), tuple(target.shape))
     if weight is not None:
         weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
@@ -300,7 +302,7 @@ def _check_locally(
         layout=layout,
         class_start=_validate.check_class_start(class_start),
         ignore_index=_validate.check_ignore_index(ignore_index),
-        reduction=reduction,
+        reduction=resolved_reduction(reduction, layout),
         from_logits=_validate.check_flag(from_logits, "from_logits"),
         smoothing=_validate.check_label_smoothing(smoothing),
         dtype=input.dtype,
@@ -395,11 +397,11 @@ def _check_target_values(engine, target: torch.Tensor, plan: _Plan) -> None:
     """The core's IndexError for the first target neither in [0, C) nor ignore_index."""
     xp, layout = engine.xp, plan.layout._replace(classes=plan.classes)
     flat = target.reshape(layout.output_shape or (1,))
-    valid = _generic._compare(xp, flat, "!=", plan.ignore_index)
+    valid = _generic.compare(xp, flat, "!=", plan.ignore_index)
     bad = valid & (
-        _generic._compare(xp, flat, "<", 0) | _generic._compare(xp, flat, ">=", plan.classes)
+        _generic.compare(xp, flat, "<", 0) | _generic.compare(xp, flat, ">=", plan.classes)
     )
-    _generic._raise_first_bad(xp, flat, bad, layout, plan.ignore_index)
+    _generic.raise_first_bad(xp, flat, bad, layout, plan.ignore_index)
 
 
 def _raise_if_any_failed(any_failed: bool, error: Exception | None, group: Any) -> None:
@@ -537,8 +539,7 @@ class _ClassParallelLoss(torch.autograd.Function):
                 smooth = smooth / denominator if eps else None
             loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
         layout = plan.layout
-        none = plan.reduction == "none" and not layout.unbatched
-        loss = loss.reshape(layout.output_shape if none else ())
+        loss = loss.reshape(layout.output_shape if plan.reduction == "none" else ())
         ctx.save_for_backward(input_shard)
         ctx.stats, ctx.targets, ctx.plan, ctx.denominator = stats, targets, plan, denominator
         return loss.to(plan.dtype)
@@ -550,7 +551,7 @@ class _ClassParallelLoss(torch.autograd.Function):
         stats, targets, plan = ctx.stats, ctx.targets, ctx.plan
         layout, eps, valid = plan.layout, plan.smoothing, targets.valid
         upstream = grad.to(plan.compute_dtype)
-        if plan.reduction == "none" and not layout.unbatched:
+        if plan.reduction == "none":
             upstream = upstream.reshape(layout.batch, layout.spatial)
         else:
             upstream = upstream.reshape(())

@@ -18,6 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from .. import _validate
+from .._problem import Layout, layout_of
 from ._evaluate import (
     Options,
     Totals,
@@ -229,7 +230,7 @@ def _check_weight(weight, classes: int, label: str) -> None:
         raise UserError(f"{label}: {error}") from None
 
 
-def _check_inputs(predictions: Source, targets: Source) -> _validate.Layout:
+def _check_inputs(predictions: Source, targets: Source) -> Layout:
     """The core's checks, on shapes and dtypes only: nothing is read yet."""
     if len(predictions.shape) < 2:
         raise UserError(
@@ -241,7 +242,8 @@ def _check_inputs(predictions: Source, targets: Source) -> _validate.Layout:
     except (TypeError, ValueError) as error:
         raise UserError(f"{predictions.label}: {error}") from None
     try:
-        return _validate.check_target(targets, predictions.shape)
+        _validate.check_target(targets, predictions.shape)
+        return layout_of(tuple(predictions.shape), tuple(targets.shape))
     except TypeError as error:
         raise UserError(f"{targets.label}: {error}") from None
     except ValueError as error:

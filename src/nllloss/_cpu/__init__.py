@@ -1,9 +1,9 @@
-"""The compiled NumPy path: numba kernels with the semantics (and bits) of ``_generic``.
+"""The compiled NumPy backend: numba kernels with the semantics (and bits) of ``_generic``.
 
-``forward`` and ``backward`` take the same arguments as ``_generic.forward``/``backward``
-and give bit-identical results; the test-suite checks both against torch and each other.
-``load()`` returns this module's entry points, or None when numba cannot be imported, in
-which case NumPy arrays are served by the generic path.
+``forward``, ``backward`` and ``forward_backward`` take a ``Problem`` of NumPy arrays, as
+``_generic.Backend``'s methods do, and give bit-identical results; the test-suite checks
+both against torch and each other. ``load()`` returns this backend, or None when numba
+cannot be imported, in which case NumPy arrays are served by the generic path.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import _generic, _validate
+from .._problem import Problem
 from .._reduction import level_power
-from .._validate import PLAIN, Layout
 
 
 @functools.cache
 def load():
-    """The kernels, compiled lazily (and cached on disk by numba); None without numba."""
+    """The backend, its kernels compiled lazily (and cached on disk by numba); None without
+    numba or with ``NLLLOSS_DISABLE_NUMBA`` set."""
     if os.environ.get("NLLLOSS_DISABLE_NUMBA"):
         return None
     try:
@@ -29,13 +30,40 @@ def load():
     except ImportError:
         return None
     return SimpleNamespace(
+        xp=_generic_numpy().xp,
         forward=forward,
         backward=backward,
         forward_backward=forward_backward,
-        total_weight=_generic.total_weight,
+        total_weight=_generic_numpy().total_weight,
         kernels=_kernels,
         softmax=_softmax,
     )
+
+
+def backend():
+    """The NumPy backend: these kernels when numba loads, else the generic path on NumPy."""
+    return load() or _generic_numpy()
+
+
+@functools.cache
+def _generic_numpy() -> _generic.Backend:
+    """The generic backend for NumPy, with torch's summation order (``_reduction``)."""
+    import array_api_compat.numpy
+
+    return _generic.Backend(array_api_compat.numpy, _cascade_sums, _numpy_scatter)
+
+
+def _cascade_sums(valid, *values):
+    from .._reduction import cascade_plan
+
+    plan = cascade_plan(valid)
+    return tuple(plan.sum(v) for v in values)
+
+
+def _numpy_scatter(shape, dtype, index, values):
+    out = np.zeros(shape, dtype=dtype)
+    np.put_along_axis(out, index, values, axis=1)
+    return out
 
 
 @functools.cache
@@ -53,17 +81,18 @@ def _decode_table(dtype_name: str) -> np.ndarray:
     return np.empty(0, dtype=np.float32)
 
 
-def _views(x, t, layout: Layout, ignore_index: int):
+def _views(problem: Problem):
     """x as (B, C, S) (16-bit as uint16 bits), t as (B, S), the compute dtype and decode table."""
-    name = _validate.dtype_name(x.dtype)
-    x3 = _native(x).reshape(layout.batch, layout.classes, layout.spatial)
+    layout = problem.layout
+    name = _validate.dtype_name(problem.input.dtype)
+    x3 = _native(problem.input).reshape(layout.batch, layout.classes, layout.spatial)
     table = _decode_table(name)
     if table.size:
         x3 = x3.view(np.uint16)
         dtype = np.dtype(np.float32)
     else:
         dtype = x3.dtype
-    return x3, _kernel_target(t, layout, ignore_index), dtype, table
+    return x3, _kernel_target(problem), dtype, table
 
 
 def _native(a):
@@ -71,34 +100,30 @@ def _native(a):
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
-def _kernel_target(t, layout: Layout, ignore_index: int):
+def _kernel_target(problem: Problem):
     """The target as (B, S) for the kernels, which read it as int64.
 
     uint64 values above the int64 range are no class index and never ``ignore_index``; they
     become an int64 value that is neither, so the kernels report them where they are.
     """
-    t2 = _native(t).reshape(layout.batch, layout.spatial)
+    layout, ignore_index = problem.layout, problem.ignore_index
+    t2 = _native(problem.target).reshape(layout.batch, layout.spatial)
     if t2.dtype == np.uint64 and t2.size and t2.max() > np.iinfo(np.int64).max:
         out_of_range = np.iinfo(np.int64).min + (ignore_index == np.iinfo(np.int64).min)
         t2 = np.where(t2 > np.iinfo(np.int64).max, out_of_range, t2.astype(np.int64))
     return t2
 
 
-def _raise_if_bad(first_bad: int, t, layout: Layout, ignore_index: int) -> None:
+def _raise_if_bad(first_bad: int, problem: Problem) -> None:
     if first_bad >= 0:
-        position = np.unravel_index(first_bad, layout.output_shape) if layout.output_shape else ()
-        raise _validate.out_of_bounds_error(
-            int(t.reshape(-1)[first_bad]),
-            tuple(int(p) for p in position),
-            layout.classes,
-            ignore_index,
-        )
+        raise problem.bad_target(first_bad, int(problem.target.reshape(-1)[first_bad]))
 
 
-def _weight(w, x_dtype, dtype):
+def _weight(w, dtype):
+    """The weight (already in the input's dtype) in the compute dtype; empty without one."""
     if w is None:
         return _no_weight(dtype)
-    return np.ascontiguousarray(np.asarray(w).astype(x_dtype).astype(dtype))
+    return np.ascontiguousarray(w.astype(dtype, copy=False))
 
 
 # Up to this many target elements, 'mean' and 'sum' run as one sequential compiled pass
@@ -125,43 +150,45 @@ def _sized(kernel, work: int):
     return kernel if work >= PARALLEL_MIN else kernel.serial
 
 
-@_generic._IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
-def forward(engine, x, t, w, ignore_index: int, reduction: str, layout: Layout, options=PLAIN):
-    """See ``_generic.forward``."""
-    if options.from_logits or options.label_smoothing:
-        return _softmax_forward_backward(x, t, w, ignore_index, reduction, layout, options)[0]
-    given = options.total_weight
+@_generic.IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
+def forward(problem: Problem):
+    """See ``_generic.Backend.forward``."""
+    if problem.over_rows:
+        return _softmax_forward_backward(problem)[0]
+    layout, x, given = problem.layout, problem.input, problem.total_weight
     kernels = load().kernels
-    x3, t2, dtype, table = _views(x, t, layout, ignore_index)
-    weight = _weight(w, x.dtype, dtype)
+    x3, t2, dtype, table = _views(problem)
+    weight = _weight(problem.weight, dtype)
     size = layout.size
-    if reduction == "none" and not layout.unbatched:
+    if problem.elementwise:
         losses = np.empty(size, dtype=dtype)
         first_bad = _sized(kernels.elementwise_losses, size)(
-            x3, t2, ignore_index, weight, table, losses
+            x3, t2, problem.ignore_index, weight, table, losses
         )
-        _raise_if_bad(first_bad, t, layout, ignore_index)
+        _raise_if_bad(first_bad, problem)
         return losses.reshape(layout.output_shape).astype(x.dtype, copy=False)
+    mean = problem.reduction == "mean"
     if size == 0 and given is None:
-        return np.asarray(np.nan if reduction == "mean" else 0.0, dtype=x.dtype)
-    mean = reduction == "mean"
+        return np.asarray(np.nan if mean else 0.0, dtype=x.dtype)
     if size <= FUSED_REDUCE_MAX:
         value, first_bad = kernels.fused_reduce(
-            x3, t2, ignore_index, weight, table, mean and given is None
+            x3, t2, problem.ignore_index, weight, table, mean and given is None
         )
-        _raise_if_bad(first_bad, t, layout, ignore_index)
+        _raise_if_bad(first_bad, problem)
         if mean and given is not None:
             value = kernels.divide(dtype.type(value), _given_total(given, dtype))
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
-        count, first_bad = kernels.block_sums(x3, t2, ignore_index, weight, table, step, sums)
-        _raise_if_bad(first_bad, t, layout, ignore_index)
+        count, first_bad = kernels.block_sums(
+            x3, t2, problem.ignore_index, weight, table, step, sums
+        )
+        _raise_if_bad(first_bad, problem)
         value, weight_sum = kernels.cascade_over_blocks(
-            x3, t2, ignore_index, weight, table, step, sums
+            x3, t2, problem.ignore_index, weight, table, step, sums
         )
         if mean:  # numba returns Python floats: divide in the dtype, as torch
-            total = dtype.type(count if w is None else weight_sum)
+            total = dtype.type(count if problem.weight is None else weight_sum)
             if given is not None:
                 total = _given_total(given, dtype)
             value = kernels.divide(dtype.type(value), total)
@@ -173,31 +200,19 @@ def _given_total(total_weight, dtype):
     return dtype.type(np.asarray(total_weight).reshape(()).astype(dtype))
 
 
-def backward(
-    engine,
-    grad_output,
-    x,
-    t,
-    w,
-    ignore_index: int,
-    reduction: str,
-    layout: Layout,
-    options=PLAIN,
-    out=None,
-):
-    """See ``_generic.backward``."""
-    if options.from_logits or options.label_smoothing:
-        return _softmax_forward_backward(
-            x, t, w, ignore_index, reduction, layout, options, grad_output, out
-        )[1]
+def backward(problem: Problem, grad_output, out=None):
+    """See ``_generic.Backend.backward``."""
+    if problem.over_rows:
+        return _softmax_forward_backward(problem, grad_output, out)[1]
     kernels = load().kernels
-    sixteen_bit = x.dtype.itemsize == 2
+    layout, x, ignore_index = problem.layout, problem.input, problem.ignore_index
+    sixteen_bit = problem.computes_in_float32
     native = x.dtype.newbyteorder("=")
     dtype = np.dtype(np.float32) if sixteen_bit else native
-    t2 = _kernel_target(t, layout, ignore_index)
-    weight = _weight(w, x.dtype, dtype)
+    t2 = _kernel_target(problem)
+    weight = _weight(problem.weight, dtype)
     count, first_bad = _sized(kernels.count_counted, layout.size)(t2, ignore_index, layout.classes)
-    _raise_if_bad(first_bad, t, layout, ignore_index)
+    _raise_if_bad(first_bad, problem)
 
     upstream = np.asarray(grad_output).astype(dtype)
     grad_shape = (layout.batch, layout.classes, layout.spatial)
@@ -207,7 +222,7 @@ def backward(
         grad = np.empty(grad_shape, dtype=native)
     bits = (lambda a: a.view(np.uint16)) if sixteen_bit else (lambda a: a)
     no_values = np.empty(0, dtype=grad.dtype)
-    if reduction == "none" and not layout.unbatched:
+    if problem.elementwise:
         # torch: (-w) * g per element.
         upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape)).reshape(-1)
         negated = -weight if weight.size else np.full(1, -1, dtype=dtype)
@@ -225,11 +240,13 @@ def backward(
     # 'mean' and 'sum': the value at a target depends on its class alone, w[t] * step with
     # step = -(g / total) or -g, computed once per class (bit-identical to per element).
     upstream = upstream.reshape(())
-    if reduction == "mean":
-        if options.total_weight is not None:
-            total = _given_total(options.total_weight, dtype)
+    if problem.reduction == "mean":
+        if problem.total_weight is not None:
+            total = _given_total(problem.total_weight, dtype)
+        elif problem.weight is None:
+            total = count
         else:
-            total = count if w is None else _weight_total(kernels, t2, ignore_index, weight)
+            total = _weight_total(kernels, t2, ignore_index, weight)
         upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
@@ -251,54 +268,48 @@ def _result(grad, x, out):
     return out
 
 
-def forward_backward(
-    engine, grad_output, x, t, w, ignore_index, reduction, layout, options=PLAIN, out=None
-):
-    """See ``_generic.forward_backward``: with options, one pass computes both."""
-    if options.from_logits or options.label_smoothing:
-        return _softmax_forward_backward(
-            x, t, w, ignore_index, reduction, layout, options, grad_output, out
-        )
-    loss = forward(engine, x, t, w, ignore_index, reduction, layout, options)
-    grad = backward(engine, grad_output, x, t, w, ignore_index, reduction, layout, options, out)
-    return loss, grad
+def forward_backward(problem: Problem, grad_output, out=None):
+    """See ``_generic.Backend.forward_backward``: from logits or smoothed, one pass."""
+    if problem.over_rows:
+        return _softmax_forward_backward(problem, grad_output, out)
+    loss = forward(problem)
+    return loss, backward(problem, grad_output, out)
 
 
-@_generic._IEEE_RESULTS
-def _softmax_forward_backward(
-    x, t, w, ignore_index, reduction, layout: Layout, options, grad_output=None, out=None
-):
-    """(loss, gradient or None) with from_logits or label_smoothing: the ``_softmax``
-    kernels give each element's target and smoothing terms in float64 (and the gradient
-    when ``grad_output`` is given); they are reduced here in float64 and rounded once."""
+@_generic.IEEE_RESULTS
+def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
+    """(loss, gradient or None) from logits or smoothed: the ``_softmax`` kernels give each
+    element's target and smoothing terms in float64 (and the gradient when ``grad_output``
+    is given); they are reduced here in float64 and rounded once."""
     softmax = load().softmax
-    x3, t2, dtype, table = _views(x, t, layout, ignore_index)
+    layout, x, ignore_index = problem.layout, problem.input, problem.ignore_index
+    x3, t2, dtype, table = _views(problem)
     valid = t2 != ignore_index
     bad = valid & ((t2 < 0) | (t2 >= layout.classes))
     if bad.any():
-        _raise_if_bad(int(np.argmax(bad.reshape(-1))), t, layout, ignore_index)
-    weight = _weight(w, x.dtype, dtype) if w is not None else np.ones(layout.classes, dtype)
-    smoothing = options.label_smoothing
-    classes = max(layout.classes, 1)
-    target_scale, smooth_scale = 1.0 - smoothing, smoothing / classes
+        _raise_if_bad(int(np.argmax(bad.reshape(-1))), problem)
+    weighted = problem.weight is not None
+    weight = _weight(problem.weight, dtype) if weighted else np.ones(layout.classes, dtype)
+    smoothing = problem.label_smoothing
+    target_scale = 1.0 - smoothing
+    smooth_scale = _generic.smoothing_share(smoothing, layout.classes)
 
-    if options.total_weight is not None:
-        total = np.float64(_given_total(options.total_weight, dtype))
-    elif w is None:
+    if problem.total_weight is not None:
+        total = np.float64(_given_total(problem.total_weight, dtype))
+    elif not weighted:
         total = np.float64(np.count_nonzero(valid))
     else:  # as the plain loss and total_weight() sum it: equal totals give equal results
         total = np.float64(_weight_total(load().kernels, t2, ignore_index, weight))
-    elementwise = reduction == "none" and not layout.unbatched
     want_grad = grad_output is not None
     upstream = np.zeros(1)
     if want_grad:
         upstream = np.asarray(grad_output, dtype=np.float64)
-        if elementwise:
+        if problem.elementwise:
             upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape))
         upstream = upstream.reshape(-1)
-        if reduction == "mean":
+        if problem.reduction == "mean":
             upstream = upstream / total
-    grad = _gradient_buffer(x, out, layout, dtype) if want_grad else None
+    grad = _gradient_buffer(problem, out, dtype) if want_grad else None
 
     size = layout.size
     nll = np.empty(size)
@@ -307,18 +318,21 @@ def _softmax_forward_backward(
     kernel = softmax.softmax_rows if spatial == 1 else softmax.softmax_tiles
     inputs = x3.reshape(layout.batch, layout.classes) if spatial == 1 else x3
     grad_view = grad.reshape(inputs.shape) if want_grad else np.empty((0,) * inputs.ndim, dtype)
+    # The weight sum only scales the smoothing term: without smoothing it is not read (a
+    # NaN weight of a class no target uses must not reach the gradient).
+    weight_sum = float(np.sum(weight, dtype=np.float64)) if smoothing else 0.0
     _sized(kernel, x.size)(
         inputs, t2.reshape(-1) if spatial == 1 else t2, ignore_index, weight,
-        float(np.sum(weight, dtype=np.float64)), table, options.from_logits, bool(smoothing),
+        weight_sum, table, problem.from_logits, bool(smoothing),
         upstream, target_scale, smooth_scale, nll, smooth, grad_view,
     )  # fmt: skip
 
-    if elementwise:
+    if problem.elementwise:
         loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
         loss = loss.reshape(layout.output_shape).astype(x.dtype)
     else:
         value, smooth_value = np.sum(nll), np.sum(smooth)
-        if reduction == "mean":  # each term divided, as torch: 0/0 in one is NaN, not 0
+        if problem.reduction == "mean":  # each term divided, as torch: 0/0 in one is NaN
             value, smooth_value = value / total, smooth_value / total
         if smoothing:
             value = target_scale * value + smooth_scale * smooth_value
@@ -328,9 +342,10 @@ def _softmax_forward_backward(
     return loss, _result_from_compute(grad, x, out)
 
 
-def _gradient_buffer(x, out, layout: Layout, dtype):
+def _gradient_buffer(problem: Problem, out, dtype):
     """Where the kernels write the gradient: ``out`` itself when it has the compute dtype
     (float32/float64, native order), else a fresh array of the compute dtype."""
+    layout = problem.layout
     shape = (layout.batch, layout.classes, layout.spatial)
     if out is not None and out.dtype == dtype:
         return out.reshape(shape)
@@ -347,20 +362,17 @@ def _result_from_compute(grad, x, out):
 def _weight_total(kernels, t2, ignore_index, weight):
     """torch's 'mean' denominator: the cascade sum of w[t] over non-ignored elements."""
     valid = t2 != ignore_index
+    if not weight.size:  # no classes: every target is ignored
+        return weight.dtype.type(0)
     hit = np.where(valid, weight[np.where(valid, t2, 0)], weight.dtype.type(0)).reshape(-1)
     return kernels.cascade_sum(hit, valid.reshape(-1).view(np.uint8))
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in the compiled kernels (at most ``NUMBA_NUM_THREADS``, the default)."""
+    """Use ``n`` threads in the compiled kernels (at most ``NUMBA_NUM_THREADS``, the default).
+
+    Results do not depend on it: the kernels' summation order is fixed.
+    """
     import numba
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n must be an int, not {type(n).__name__}")
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= n <= limit:
-        raise ValueError(
-            f"n must be between 1 and NUMBA_NUM_THREADS={limit} (set that variable before "
-            f"the first import of numba to allow more), got {n}"
-        )
-    numba.set_num_threads(int(n))
+    numba.set_num_threads(_validate.check_num_threads(n, numba.config.NUMBA_NUM_THREADS))
