@@ -31,6 +31,7 @@ def load():
         return None
     return SimpleNamespace(
         xp=_generic_numpy().xp,
+        quick_forward=quick_forward,
         forward=forward,
         backward=backward,
         forward_backward=forward_backward,
@@ -196,6 +197,53 @@ def forward(problem: Problem):
     return np.array(value, dtype=x.dtype)
 
 
+_QUICK_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_QUICK_REDUCTIONS = {"mean": True, "sum": False}
+_INT64 = np.dtype(np.int64)
+
+
+def quick_forward(input, target, weight, ignore_index, reduction):
+    """The commonest call, ``'mean'`` or ``'sum'`` of a small (N, C) float32/float64 input
+    with an int64 target, straight to the kernel ``forward`` would run: the same result,
+    without building a Problem. None for anything else, or a bad target: the full path then
+    validates and raises."""
+    mean = _QUICK_REDUCTIONS.get(reduction) if type(reduction) is str else None
+    if (
+        mean is None
+        or type(input) is not np.ndarray
+        or type(target) is not np.ndarray
+        or input.dtype not in _QUICK_DTYPES
+        or target.dtype != _INT64
+        or input.ndim != 2
+        or target.shape != input.shape[:1]
+        or not 0 < target.shape[0] <= FUSED_REDUCE_MAX
+        or type(ignore_index) is not int
+        or not -(2**63) <= ignore_index < 2**63
+        or (
+            weight is not None
+            and (
+                type(weight) is not np.ndarray
+                or weight.dtype != input.dtype
+                or weight.shape != input.shape[1:]
+            )
+        )
+    ):
+        return None
+    rows, classes = input.shape
+    value, first_bad = load().kernels.fused_reduce(
+        input.reshape(rows, classes, 1),
+        target.reshape(rows, 1),
+        ignore_index,
+        _no_weight(input.dtype) if weight is None else weight,
+        _NO_TABLE,
+        mean,
+    )
+    return None if first_bad >= 0 else np.array(value, dtype=input.dtype)
+
+
+_NO_TABLE = np.empty(0, dtype=np.float32)
+
+
 def _given_total(total_weight, dtype):
     return dtype.type(np.asarray(total_weight).reshape(()).astype(dtype))
 
@@ -309,7 +357,6 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         upstream = upstream.reshape(-1)
         if problem.reduction == "mean":
             upstream = upstream / total
-    grad = _gradient_buffer(problem, out, dtype) if want_grad else None
 
     size = layout.size
     nll = np.empty(size)
@@ -317,15 +364,32 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     spatial = layout.spatial
     kernel = softmax.softmax_rows if spatial == 1 else softmax.softmax_tiles
     inputs = x3.reshape(layout.batch, layout.classes) if spatial == 1 else x3
-    grad_view = grad.reshape(inputs.shape) if want_grad else np.empty((0,) * inputs.ndim, dtype)
+    targets = t2.reshape(-1) if spatial == 1 else t2
     # The weight sum only scales the smoothing term: without smoothing it is not read (a
     # NaN weight of a class no target uses must not reach the gradient).
     weight_sum = float(np.sum(weight, dtype=np.float64)) if smoothing else 0.0
-    _sized(kernel, x.size)(
-        inputs, t2.reshape(-1) if spatial == 1 else t2, ignore_index, weight,
-        weight_sum, table, problem.from_logits, bool(smoothing),
-        upstream, target_scale, smooth_scale, nll, smooth, grad_view,
-    )  # fmt: skip
+
+    def run(rows: slice, grad_rows):
+        """The kernel on a block of rows (elements ``rows`` of the batch axis)."""
+        cells = slice(rows.start * spatial, rows.stop * spatial)
+        block_upstream = upstream if upstream.size == 1 else upstream[cells]
+        _sized(kernel, (rows.stop - rows.start) * layout.classes * spatial)(
+            inputs[rows], targets[rows], ignore_index, weight, weight_sum, table,
+            problem.from_logits, bool(smoothing), block_upstream, target_scale,
+            smooth_scale, nll[cells], smooth[cells], grad_rows,
+        )  # fmt: skip
+
+    everything = slice(0, layout.batch)
+    if not want_grad:
+        run(everything, np.empty((0,) * inputs.ndim, dtype))
+        grad = None
+    elif x.dtype == dtype and (out is None or out.dtype == dtype):
+        # float32/float64 in native order: the kernel writes the result itself (in place
+        # into out when given)
+        grad = np.empty(x.shape, dtype=dtype) if out is None else out
+        run(everything, grad.reshape(inputs.shape))
+    else:
+        grad = _gradient_in_blocks(run, problem, out, dtype, inputs.shape)
 
     if problem.elementwise:
         loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
@@ -337,26 +401,31 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         if smoothing:
             value = target_scale * value + smooth_scale * smooth_value
         loss = np.array(value, dtype=x.dtype)
-    if not want_grad:
-        return loss, None
-    return loss, _result_from_compute(grad, x, out)
+    return loss, grad
 
 
-def _gradient_buffer(problem: Problem, out, dtype):
-    """Where the kernels write the gradient: ``out`` itself when it has the compute dtype
-    (float32/float64, native order), else a fresh array of the compute dtype."""
-    layout = problem.layout
-    shape = (layout.batch, layout.classes, layout.spatial)
-    if out is not None and out.dtype == dtype:
-        return out.reshape(shape)
-    return np.empty(shape, dtype=dtype)
+# Rows of a 16-bit (or non-native) gradient computed at a time in the compute dtype before
+# rounding into the result: about 4 MiB of float32, so the buffer stays in cache and the
+# gradient costs nothing of the input's size beyond itself (unmeasured for speed; chosen
+# for memory: the float32 gradient of the whole input would be twice its size).
+_BLOCK_BYTES = 1 << 22
 
 
-def _result_from_compute(grad, x, out):
-    """The gradient in the input's dtype (16-bit: rounded once from float32), in ``out``."""
-    if grad.dtype != x.dtype:
-        grad = grad.astype(x.dtype)
-    return _result(grad, x, out)
+def _gradient_in_blocks(run, problem: Problem, out, dtype, shape):
+    """The gradient in the input's dtype (into ``out`` when given), computed in blocks of
+    rows in the compute dtype and rounded once."""
+    x = problem.input
+    grad = out if out is not None else np.empty(x.shape, dtype=x.dtype)
+    grad_rows = grad.reshape(shape)
+    row_bytes = max(1, int(np.prod(shape[1:])) * dtype.itemsize)
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    buffer = np.empty((min(step, shape[0]), *shape[1:]), dtype=dtype)
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        block = buffer[: rows.stop - rows.start]
+        run(rows, block)
+        grad_rows[rows] = block  # rounds once to the input's dtype
+    return grad
 
 
 def _weight_total(kernels, t2, ignore_index, weight):
