@@ -89,13 +89,13 @@ class Problem:
 
     input: Any
     target: Any
-    weight: Any
+    weight: Any | None
     ignore_index: int
     reduction: str
     layout: Layout
     from_logits: bool = False
     label_smoothing: float = 0.0
-    total_weight: Any = None  # the 'mean' denominator given by the caller
+    total_weight: Any | None = None  # the 'mean' denominator given by the caller
     check_targets: bool = True  # False: no host sync for the range check (Triton)
 
     @property

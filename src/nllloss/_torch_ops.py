@@ -22,6 +22,8 @@ break, the target check runs inside), with their autograd registered. Both compu
 
 from __future__ import annotations
 
+import dataclasses
+
 import array_api_compat.torch as torch_namespace
 import numpy as np
 import torch
@@ -289,46 +291,72 @@ def _backward_backward(problem: Problem, grad_output, grad):
 
 
 # --- Custom operators, for torch.compile -------------------------------------------------
-# The schema: the problem's tensors, then its values, in Problem's field order.
+# The schema is Problem's fields (the layout is derived from the shapes): its tensors first,
+# then its values, so that a new field of Problem reaches the operators with no edit here.
 
-_TENSORS = 4  # input, target, weight, total_weight
+# Problem's annotations (strings, as written there) in the operators' schema language.
+_SCHEMA_TYPES = {
+    "Any": "Tensor",
+    "Any | None": "Tensor?",
+    "int": "int",
+    "str": "str",
+    "bool": "bool",
+    "float": "float",
+}
+_FIELDS = sorted(  # sorted is stable: the tensors in their order, then the values
+    (f for f in dataclasses.fields(Problem) if f.name != "layout"),
+    key=lambda f: not _SCHEMA_TYPES[f.type].startswith("Tensor"),
+)
+_TENSORS = sum(_SCHEMA_TYPES[f.type].startswith("Tensor") for f in _FIELDS)
+
+
+def _schema_argument(field: dataclasses.Field) -> str:
+    return f"{_SCHEMA_TYPES[field.type]} {field.name}"
+
+
+_ARGUMENTS = ", ".join(map(_schema_argument, _FIELDS))
+_NO_GRADIENTS = (None,) * (len(_FIELDS) - 1)  # for every schema argument but the input
 
 
 def _to_schema(problem: Problem) -> tuple:
-    return (
-        problem.input, problem.target, problem.weight, problem.total_weight,
-        problem.ignore_index, problem.reduction, problem.from_logits,
-        problem.label_smoothing, problem.check_targets,
-    )  # fmt: skip
+    return tuple(getattr(problem, f.name) for f in _FIELDS)
 
 
-def _from_schema(
-    input, target, weight, total_weight, ignore_index, reduction, from_logits,
-    label_smoothing, check_targets,
-) -> Problem:  # fmt: skip
-    return Problem(
-        input, target, weight, ignore_index, reduction, layout_of(input.shape, target.shape),
-        from_logits, label_smoothing, total_weight, check_targets,
-    )  # fmt: skip
+def _from_schema(*schema) -> Problem:
+    fields = dict(zip((f.name for f in _FIELDS), schema, strict=True))
+    layout = layout_of(tuple(fields["input"].shape), tuple(fields["target"].shape))
+    return Problem(layout=layout, **fields)
 
 
-@torch.library.custom_op("nllloss::nll_loss", mutates_args=())
-def nll_loss_op(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    total_weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    from_logits: bool,
-    label_smoothing: float,
-    check_targets: bool,
-) -> torch.Tensor:
-    problem = _from_schema(
-        input, target, weight, total_weight, ignore_index, reduction, from_logits,
-        label_smoothing, check_targets,
-    )  # fmt: skip
-    return _compute("forward", problem)
+def _operator(name: str, compute, returns: str, leading: str = ""):
+    """The custom operator ``nllloss::name`` of (``leading`` tensors, then the schema)."""
+    arguments = f"{leading}, {_ARGUMENTS}" if leading else _ARGUMENTS
+    return torch.library.custom_op(
+        f"nllloss::{name}", compute, mutates_args=(), schema=f"({arguments}) -> {returns}"
+    )
+
+
+def _loss_of_schema(*schema):
+    return _compute("forward", _from_schema(*schema))
+
+
+def _gradient_of_schema(grad_output, *schema):
+    return _compute("backward", _from_schema(*schema), grad_output)
+
+
+def _loss_and_unit_gradient_of_schema(*schema):
+    """The loss and its gradient for an upstream gradient of 1, from one pass."""
+    one = torch.ones((), dtype=schema[0].dtype)
+    return _compute("forward_backward", _from_schema(*schema), one)
+
+
+nll_loss_op = _operator("nll_loss", _loss_of_schema, "Tensor")
+nll_loss_backward_op = _operator(
+    "nll_loss_backward", _gradient_of_schema, "Tensor", "Tensor grad_output"
+)
+nll_loss_with_unit_gradient_op = _operator(
+    "nll_loss_with_unit_gradient", _loss_and_unit_gradient_of_schema, "(Tensor, Tensor)"
+)
 
 
 @nll_loss_op.register_fake
@@ -336,49 +364,9 @@ def _(*schema):
     return schema[0].new_empty(_from_schema(*schema).loss_shape)
 
 
-@torch.library.custom_op("nllloss::nll_loss_backward", mutates_args=())
-def nll_loss_backward_op(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    total_weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    from_logits: bool,
-    label_smoothing: float,
-    check_targets: bool,
-) -> torch.Tensor:
-    problem = _from_schema(
-        input, target, weight, total_weight, ignore_index, reduction, from_logits,
-        label_smoothing, check_targets,
-    )  # fmt: skip
-    return _compute("backward", problem, grad_output)
-
-
 @nll_loss_backward_op.register_fake
 def _(grad_output, input, *schema):
     return torch.empty_like(input)
-
-
-@torch.library.custom_op("nllloss::nll_loss_with_unit_gradient", mutates_args=())
-def nll_loss_with_unit_gradient_op(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    total_weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    from_logits: bool,
-    label_smoothing: float,
-    check_targets: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and its gradient for an upstream gradient of 1, from one pass."""
-    problem = _from_schema(
-        input, target, weight, total_weight, ignore_index, reduction, from_logits,
-        label_smoothing, check_targets,
-    )  # fmt: skip
-    return _compute("forward_backward", problem, torch.ones((), dtype=input.dtype))
 
 
 @nll_loss_with_unit_gradient_op.register_fake
@@ -403,7 +391,8 @@ def _op_setup(ctx, inputs, output):
 
 def _op_backward(ctx, grad):
     problem = _saved_problem(ctx)
-    return nll_loss_backward_op(_upstream(problem, grad), *_to_schema(problem)), *[None] * 8
+    grad_input = nll_loss_backward_op(_upstream(problem, grad), *_to_schema(problem))
+    return grad_input, *_NO_GRADIENTS
 
 
 def _backward_op_setup(ctx, inputs, output):
@@ -414,7 +403,7 @@ def _backward_op_setup(ctx, inputs, output):
 def _backward_op_backward(ctx, grad):
     grad_output = ctx.saved_tensors[_TENSORS]
     grad_grad_output, grad_input = _backward_backward(_saved_problem(ctx), grad_output, grad)
-    return grad_grad_output, grad_input, *[None] * 8
+    return grad_grad_output, grad_input, *_NO_GRADIENTS
 
 
 def _unit_setup(ctx, inputs, output):
@@ -428,7 +417,7 @@ def _unit_backward(ctx, grad, _unit_grad):
         return _op_backward(ctx, grad)
     # No shortcut for grad == 1 here: the compiler traces this function, and a branch on a
     # tensor's value would be data-dependent.
-    return _scaled(ctx.unit_gradient, grad), *[None] * 8
+    return _scaled(ctx.unit_gradient, grad), *_NO_GRADIENTS
 
 
 nll_loss_op.register_autograd(_op_backward, setup_context=_op_setup)

@@ -261,7 +261,7 @@ def check_array_type(obj: Any, name: str) -> None:
 def check_sequence(obj: Any, values: np.ndarray, name: str) -> None:
     """A Python scalar or sequence read as ``values`` must hold real numbers (not None,
     strings or other objects, which NumPy would read as NaN or text)."""
-    if values.dtype.kind not in "biuf":
+    if values.dtype.kind not in "biuf" and not is_float_dtype(values.dtype):
         raise TypeError(
             f"{name} must be a real number or a sequence of them, got "
             f"{type(obj).__name__} (read as dtype {values.dtype})"
