@@ -67,11 +67,14 @@ _COMPARISONS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, ">=": op
 def compare(xp, target, op: str, value: int):
     """``target <op> value`` for a Python int that the target's dtype may not hold."""
     info = xp.iinfo(target.dtype)
-    if value < info.min or value > info.max:
-        # every element compares the same way: below the range all are greater, above all less
-        result = {"==": False, "!=": True, "<": value > info.max, ">=": value < info.min}[op]
-        return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
-    return _COMPARISONS[op](target, value)
+    if op in ("<", ">=") and (value <= info.min or value > info.max):
+        # every element compares the same way (``t < 0`` of an unsigned target, say)
+        result = (value > info.max) == (op == "<")
+    elif op in ("==", "!=") and not info.min <= value <= info.max:
+        result = op == "!="
+    else:
+        return _COMPARISONS[op](target, value)
+    return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
 
 
 def values_hidden(array: Any) -> bool:

@@ -55,6 +55,7 @@ def _compute(kind: str, problem: Problem, grad_output=None):
         return _triton_compute(kind, problem, grad_output)
     if engine == "generic":
         backend = GENERIC
+        problem = _with_comparable_target(problem)
     else:
         backend = _cpu.backend()
         problem = problem.with_arrays(_numpy_view)
@@ -63,6 +64,23 @@ def _compute(kind: str, problem: Problem, grad_output=None):
         return _as_tensor(backend.forward(problem))
     result = getattr(backend, kind)(problem, grad_output)
     return tuple(map(_as_tensor, result)) if kind == "forward_backward" else _as_tensor(result)
+
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _with_comparable_target(problem: Problem) -> Problem:
+    """torch compares uint16/32/64 tensors on few devices: the target as int64 instead.
+    uint64 values from 2**63 on are no class and never ``ignore_index``: they become an
+    int64 value that is neither, so that the range check reports them."""
+    t = problem.target
+    if t.dtype not in _WIDE_UNSIGNED:
+        return problem
+    if t.dtype != torch.uint64:
+        return problem.replace(target=t.to(torch.int64))
+    wrapped = t.view(torch.int64)
+    beyond = -(2**63) + (problem.ignore_index == -(2**63))
+    return problem.replace(target=torch.where(wrapped < 0, beyond, wrapped))
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
