@@ -45,11 +45,7 @@ def _route(array_type: type, array: Any):
     try:
         xp = array_api_compat.array_namespace(array)
     except TypeError:
-        raise TypeError(
-            f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported: "
-            "pass NumPy arrays or arrays of a library that follows the array API standard "
-            "(torch, JAX, CuPy, array-api-strict, ...)"
-        ) from None
+        raise _validate.unsupported_array_error(array_type) from None
     return _generic.Backend(xp)
 
 
@@ -75,7 +71,7 @@ def like_input(backend, obj: Any, input: Any, name: str, sequence_dtype: Any = N
     if isinstance(input, np.ndarray):
         array = as_array(obj, name)
         if not isinstance(array, np.ndarray):
-            raise _mixed_error(name, array, input)
+            raise _validate.mixed_libraries_error(name, array, input)
         if sequence_dtype is not None and not hasattr(obj, "dtype"):
             return array.astype(sequence_dtype)
         return array
@@ -85,13 +81,12 @@ def like_input(backend, obj: Any, input: Any, name: str, sequence_dtype: Any = N
         try:
             array_api_compat.array_namespace(obj, input)  # one library (jax: tracers too)
         except TypeError:
-            raise _mixed_error(name, obj, input) from None
+            raise _validate.mixed_libraries_error(name, obj, input) from None
         if not (_generic.values_hidden(obj) or _generic.values_hidden(input)) and (
             array_api_compat.device(obj) != array_api_compat.device(input)
         ):
-            raise ValueError(
-                f"{name} is on device {array_api_compat.device(obj)} but input is on "
-                f"{array_api_compat.device(input)}: move them to the same device"
+            raise _validate.devices_differ_error(
+                name, array_api_compat.device(obj), array_api_compat.device(input)
             )
         return obj
     values = as_array(obj, name)
@@ -105,13 +100,3 @@ def _same_device(a: Any, b: Any) -> bool:
         return a.device == b.device
     except Exception:  # no .device (Dask), or a JAX tracer without one
         return False
-
-
-def _mixed_error(name: str, obj: Any, input: Any) -> TypeError:
-    def kind(a):
-        return f"{type(a).__module__}.{type(a).__qualname__}"
-
-    return TypeError(
-        f"{name} is a {kind(obj)} but input is a {kind(input)}: pass arrays of one library "
-        "(NumPy arrays and Python sequences are converted to the input's library)"
-    )

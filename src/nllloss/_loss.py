@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from . import _validate
 from ._dispatch import as_array, backend_for, like_input
 from ._problem import Problem, layout_of, resolved_reduction
+
+# An array of the caller's library (NumPy, torch, JAX, ...): results come back in it.
+Array = TypeVar("Array")
+Reduction = Literal["none", "mean", "sum"]
 
 # Deprecation warnings point at the line that called the public function: one frame up.
 _CALLER = 2
@@ -48,19 +52,19 @@ def _problem(
 
 
 def nll_loss(
-    input: Any,
+    input: Array,
     target: Any,
     weight: Any = None,
     size_average: Any = None,
     ignore_index: int = -100,
     reduce: Any = None,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     *,
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
     check_targets: bool = True,
-) -> Any:
+) -> Array:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
     For each target element :math:`n` with class :math:`y_n \ne` ``ignore_index``,
@@ -176,18 +180,18 @@ def nll_loss(
 
 def nll_loss_backward(
     grad_output: Any,
-    input: Any,
+    input: Array,
     target: Any,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     *,
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
     check_targets: bool = True,
     out: Any = None,
-) -> Any:
+) -> Array:
     r"""The gradient of :func:`nll_loss` with respect to ``input``.
 
     Without options it is zero everywhere except at ``(n, y_n)`` for each non-ignored
@@ -252,11 +256,11 @@ def nll_loss_backward(
 
 
 def nll_loss_and_grad(
-    input: Any,
+    input: Array,
     target: Any,
     weight: Any = None,
     ignore_index: int = -100,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     *,
     grad_output: Any = 1.0,
     from_logits: bool = False,
@@ -264,7 +268,7 @@ def nll_loss_and_grad(
     total_weight: Any = None,
     check_targets: bool = True,
     out: Any = None,
-) -> tuple[Any, Any]:
+) -> tuple[Array, Array]:
     r"""The loss and its gradient together: one read of ``input`` for both.
 
     Equal to ``(nll_loss(input, target, ...), nll_loss_backward(grad_output, input,
@@ -325,7 +329,7 @@ def _with_gradient(
     return getattr(backend, method)(problem, grad_output, out)
 
 
-def total_weight(target: Any, weight: Any = None, ignore_index: int = -100) -> Any:
+def total_weight(target: Array, weight: Any = None, ignore_index: int = -100) -> Array:
     r"""The denominator of the 'mean' loss, from the targets alone.
 
     :math:`\sum_{n: y_n \ne ii} w_{y_n}` with ``weight``, else the number of non-ignored
@@ -409,7 +413,7 @@ class NLLLoss:
         size_average: Any = None,
         ignore_index: int = -100,
         reduce: Any = None,
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
         *,
         from_logits: bool = False,
         label_smoothing: float = 0.0,
@@ -424,7 +428,7 @@ class NLLLoss:
         self.from_logits = _validate.check_flag(from_logits, "from_logits")
         self.label_smoothing = _validate.check_label_smoothing(label_smoothing)
 
-    def __call__(self, input: Any, target: Any, *, total_weight: Any = None) -> Any:
+    def __call__(self, input: Array, target: Any, *, total_weight: Any = None) -> Array:
         """The loss of ``input`` against ``target`` (class indices); see :func:`nll_loss`."""
         return nll_loss(
             input,

@@ -139,7 +139,10 @@ class TorchBackend:
     xp = torch_namespace
 
     def forward(self, problem: Problem):
-        _check_weight_not_differentiable(problem.weight)
+        if problem.weight is not None:
+            _validate.check_not_differentiable(
+                "weight", problem.weight.requires_grad and torch.is_grad_enabled()
+            )
         if _values_hidden():
             return GENERIC.forward(problem)
         x = problem.input
@@ -188,15 +191,6 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
-
-
-def _check_weight_not_differentiable(weight) -> None:
-    """As torch's nll_loss: the loss is not differentiable with respect to the weight."""
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "weight requires grad, but the loss is not differentiable with respect to the "
-            "class weights (as torch's nll_loss and cross_entropy): pass weight.detach()"
-        )
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,59 @@ def check_grad_output_dtype(dtype: Any) -> None:
     raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
 
 
+def check_paddle_reduction(reduction: Any) -> str:
+    """Paddle's ``reduction`` check, with Paddle's message (``nllloss.paddle``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            "The value of 'reduction' in nll_loss should be 'sum', 'mean' or 'none', "
+            f"but received {reduction}, which is not allowed."
+        )
+    return reduction
+
+
+def unsupported_array_error(array_type: type) -> TypeError:
+    return TypeError(
+        f"{array_type.__module__}.{array_type.__qualname__} arrays are not supported: "
+        "pass NumPy arrays or arrays of a library that follows the array API standard "
+        "(torch, JAX, CuPy, array-api-strict, ...)"
+    )
+
+
+def mixed_libraries_error(name: str, obj: Any, input: Any) -> TypeError:
+    def kind(a):
+        return f"{type(a).__module__}.{type(a).__qualname__}"
+
+    return TypeError(
+        f"{name} is a {kind(obj)} but input is a {kind(input)}: pass arrays of one library "
+        "(NumPy arrays and Python sequences are converted to the input's library)"
+    )
+
+
+def devices_differ_error(name: str, device: Any, input_device: Any) -> ValueError:
+    return ValueError(
+        f"{name} is on device {device} but input is on {input_device}: move them to the "
+        "same device"
+    )
+
+
+def check_paddle_input_rank(input_shape: tuple[int, ...]) -> None:
+    """Paddle's nll_loss has no unbatched form."""
+    if len(input_shape) < 2:
+        raise ValueError(
+            f"Expected 2 or more dimensions (got {len(input_shape)}): Paddle's nll_loss takes "
+            f"input of shape (N, C) or (N, C, d1, ..., dK), got {input_shape}"
+        )
+
+
+def check_not_differentiable(name: str, requires_grad: bool) -> None:
+    """As torch's nll_loss: the loss is not differentiable with respect to the weight."""
+    if requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the loss is not differentiable with respect to the "
+            f"class weights (as torch's nll_loss and cross_entropy): pass {name}.detach()"
+        )
+
+
 def check_num_threads(n: Any, limit: int) -> int:
     """A thread count for the compiled kernels: an int in ``[1, limit]``."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):

@@ -32,22 +32,9 @@ from ._loss import nll_loss_backward as _nll_loss_backward
 __all__ = ["NLLLoss", "nll_loss"]
 
 
-def _check_reduction(reduction) -> str:
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(
-            "The value of 'reduction' in nll_loss should be 'sum', 'mean' or 'none', "
-            f"but received {reduction}, which is not allowed."
-        )
-    return reduction
-
-
 def _numpy_label(input_shape: tuple[int, ...], label: np.ndarray) -> np.ndarray:
     """Paddle's label forms: the target's shape, or the input's with a class axis of 1."""
-    if len(input_shape) < 2:
-        raise ValueError(
-            f"Expected 2 or more dimensions (got {len(input_shape)}): Paddle's nll_loss takes "
-            f"input of shape (N, C) or (N, C, d1, ..., dK), got {input_shape}"
-        )
+    _validate.check_paddle_input_rank(input_shape)
     if label.ndim == len(input_shape) and label.shape[1] == 1:
         label = label.reshape(label.shape[:1] + label.shape[2:])
     return label
@@ -100,7 +87,7 @@ def nll_loss(input, label, weight=None, ignore_index=-100, reduction="mean", nam
     >>> float(nllloss.paddle.nll_loss(x, paddle.to_tensor([-100, -100])))  # torch: nan
     0.0
     """
-    _check_reduction(reduction)
+    _validate.check_paddle_reduction(reduction)
     ignore_index = _validate.check_ignore_index(ignore_index)
     return _NLLLoss.apply(input, label, weight, ignore_index, reduction)
 
@@ -112,7 +99,7 @@ class NLLLoss(paddle.nn.Layer):
         super().__init__()
         self._weight = weight
         self._ignore_index = ignore_index
-        self._reduction = _check_reduction(reduction)
+        self._reduction = _validate.check_paddle_reduction(reduction)
         self._name = name
 
     def forward(self, input, label):
