@@ -139,10 +139,7 @@ class TorchBackend:
     xp = torch_namespace
 
     def forward(self, problem: Problem):
-        if problem.weight is not None:
-            _validate.check_not_differentiable(
-                "weight", problem.weight.requires_grad and torch.is_grad_enabled()
-            )
+        _check_weight(problem)
         if _values_hidden():
             return GENERIC.forward(problem)
         x = problem.input
@@ -175,7 +172,15 @@ class TorchBackend:
         return _Backward.apply(grad_output, problem.input, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
-        return self.forward(problem), self.backward(problem, grad_output)
+        _check_weight(problem)
+        x = problem.input
+        if (
+            _values_hidden()
+            or torch.compiler.is_compiling()
+            or (x.requires_grad and torch.is_grad_enabled())
+        ):  # the loss must be differentiable (or traced): the two calls
+            return self.forward(problem), self.backward(problem, grad_output)
+        return _compute("forward_backward", problem, _upstream(problem, grad_output))
 
     def total_weight(self, target, weight, ignore_index: int):
         if target.device.type == "cpu" and (weight is None or weight.dtype in _EXACT_ON_NUMPY):
@@ -191,6 +196,14 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+def _check_weight(problem: Problem) -> None:
+    weight = problem.weight
+    if weight is not None:
+        _validate.check_not_differentiable(
+            "weight", weight.requires_grad and torch.is_grad_enabled()
+        )
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:

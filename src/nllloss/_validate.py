@@ -357,8 +357,7 @@ def mixed_libraries_error(name: str, obj: Any, input: Any) -> TypeError:
 
 def devices_differ_error(name: str, device: Any, input_device: Any) -> ValueError:
     return ValueError(
-        f"{name} is on device {device} but input is on {input_device}: move them to the "
-        "same device"
+        f"{name} is on device {device} but input is on {input_device}: move them to the same device"
     )
 
 
