@@ -63,6 +63,7 @@ WHEEL_REQUIREMENTS = ("array-api-compat==1.16.0", "liger-kernel==0.8.5")
 # passes to the next, and the benchmark takes the rest.
 BUDGET = 420
 SHARES = {"env": 45, "tests": 180, "determinism": 45, "sweep": 50}
+STEPS = ("env", "tests", "determinism", "sweep", "bench")
 # pytest-xdist processes on the GPU machine (16 cores): compilation is the tests' cost and
 # each process compiles on one core; half leave room for the GPU's driver threads.
 TEST_PROCESSES = 8
@@ -77,6 +78,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="rehearse on the CPU, tiny sizes")
     parser.add_argument("--budget", type=float, default=BUDGET, help="seconds for all steps")
     parser.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help="comma-separated steps to run, for a rerun (env always runs first)",
+    )
+    parser.add_argument(
         "--prepare", action="store_true", help="download the wheels into .whl/ (needs PyPI)"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one step, in its own process
@@ -88,7 +94,11 @@ def main(argv=None) -> int:
         return run_child(args.child, Path(args.result), args.smoke, args.budget)
     if not args.out:
         parser.error("--out DIR is required")
-    return Check(Path(args.out), args.smoke, args.budget).run()
+    steps = [name for name in args.steps.split(",") if name]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {unknown}; the steps are {', '.join(STEPS)}")
+    return Check(Path(args.out), args.smoke, args.budget).run(steps)
 
 
 def prepare() -> int:
@@ -146,23 +156,23 @@ class Check:
     def remaining(self) -> float:
         return self.budget - (time.perf_counter() - self.started)
 
-    def run(self) -> int:
-        # time a step leaves unused passes to the next; the benchmark takes what is left
+    def run(self, steps=STEPS) -> int:
+        # time a step leaves unused passes to the next; the last step takes what is left
         spare = 0.0
-        for name in ("env", "tests", "determinism", "sweep", "bench"):
+        chosen = [name for name in STEPS if name == "env" or name in steps]
+        for name in chosen:
             if name != "env" and self.steps.get("env", {}).get("status") != "passed":
                 self.steps[name] = {"status": "not run", "seconds": 0,
                                     "detail": "the env step failed"}  # fmt: skip
                 continue
-            limit = self.remaining() if name == "bench" else SHARES[name] + spare
+            limit = self.remaining() if name == chosen[-1] else SHARES[name] + spare
             limit = max(10.0, min(limit, self.remaining()))
             begun = time.perf_counter()
             print(f"== {name} (limit {limit:.0f} s)", flush=True)
             getattr(self, name)(limit)
             used = time.perf_counter() - begun
             self.steps[name]["seconds"] = round(used, 1)
-            if name != "bench":
-                spare = max(0.0, limit - used)
+            spare = max(0.0, limit - used)
             print(f"== {name}: {self.steps[name]['status']} in {used:.0f} s", flush=True)
             self.write()
         self.write()
@@ -271,7 +281,9 @@ class Check:
 
     def write(self) -> None:
         document = {
-            "ok": all(s["status"] == "passed" for s in self.steps.values()) and len(self.steps) > 4,
+            "ok": all(s["status"] == "passed" for s in self.steps.values())
+            and set(STEPS) <= set(self.steps),
+            "steps run": list(self.steps),
             "smoke": self.smoke,
             "environment": self.environment,
             "steps": self.steps,
