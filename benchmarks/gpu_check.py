@@ -40,6 +40,7 @@ about a minute (CI runs it): the one GPU call cannot fail on a typo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -197,10 +198,9 @@ class Check:
             except subprocess.TimeoutExpired:
                 code = None
             finally:
-                try:  # the group outlives its leader only by mistake: end it with it
+                # the group outlives its leader only by mistake: end it with it
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 process.wait()
             if code is None:
                 log.write(f"\n!! stopped at its limit of {limit:.0f} s\n")
@@ -324,7 +324,9 @@ def junit_summary(path: Path) -> tuple[dict, list[str]]:
 
 def markdown(document: dict) -> str:
     env = document["environment"]
-    title = "GPU check of the Triton kernels" + (" (smoke run on the CPU)" if document["smoke"] else "")
+    title = "GPU check of the Triton kernels" + (
+        " (smoke run on the CPU)" if document["smoke"] else ""
+    )
     lines = [f"# {title}", "", f"Result: **{'passed' if document['ok'] else 'FAILED'}**", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += ["", "| step | status | seconds | detail |", "|---|---|---|---|"]
@@ -333,7 +335,12 @@ def markdown(document: dict) -> str:
         lines.append(f"| {name} | {step['status']} | {step.get('seconds', '')} | {detail} |")
     for name, step in document["steps"].items():
         if step.get("failures"):
-            lines += ["", f"## {name}: failed, errors and skips", "", *(f"- {f}" for f in step["failures"])]
+            lines += [
+                "",
+                f"## {name}: failed, errors and skips",
+                "",
+                *(f"- {f}" for f in step["failures"]),
+            ]
         if step.get("detail"):
             lines += ["", f"## {name}: detail", "", "```", step["detail"].strip(), "```"]
     determinism = document["steps"].get("determinism", {}).get("rows", [])
@@ -463,7 +470,7 @@ def child_determinism(data, save, smoke, budget):
     ]  # fmt: skip
     if smoke:
         small = [(33, 300), (2, 5, 6, 7), (2, 4, 3, 5)]
-        cases = [(c[0], s, *c[2:]) for c, s in zip(cases, small)]
+        cases = [(c[0], s, *c[2:]) for c, s in zip(cases, small, strict=True)]
     runs = 2 if smoke else 20  # the interpreter takes ~1 s a run; 2 rehearse the comparison
     data["rows"] = rows = []
     started = time.perf_counter()
@@ -495,13 +502,13 @@ def child_determinism(data, save, smoke, budget):
                     if first is None:
                         first = outputs
                     else:
-                        equal &= all(_same(a, b) for a, b in zip(outputs, first))
+                        equal &= all(_same(a, b) for a, b in zip(outputs, first, strict=True))
                     del saved
             finally:
                 torch.use_deterministic_algorithms(previous)
             first_of_mode[mode] = first
             across = "" if not mode else all(
-                _same(a, b) for a, b in zip(first, first_of_mode[False])
+                _same(a, b) for a, b in zip(first, first_of_mode[False], strict=True)
             )  # fmt: skip
             oracle = _oracle(F, first[0], x, target, weight, reduction, options)
             rows.append({"case": label, "mode": "on" if mode else "off", "equal": equal,
@@ -582,7 +589,7 @@ def child_sweep(data, save, smoke, budget):
                              "default": False, "call": "", "error": "not run: budget spent",
                              "agrees": ""})  # fmt: skip
                 break
-            setting = dict(zip(knobs, values))
+            setting = dict(zip(knobs, values, strict=True))
             for knob, value in setting.items():
                 setattr(_launch, knob, value)
             try:
@@ -591,7 +598,7 @@ def child_sweep(data, save, smoke, budget):
                     reference = outputs
                 agrees = all(
                     torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-6)
-                    for a, b in zip(outputs, reference)
+                    for a, b in zip(outputs, reference, strict=True)
                 )  # fmt: skip
                 data["ok"] &= agrees
                 for call in calls:

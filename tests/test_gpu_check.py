@@ -32,12 +32,15 @@ def test_smoke_run_rehearses_every_step(tmp_path):
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "gpu-check.log").read_text()
+    assert done.returncode == 0, (
+        done.stdout + done.stderr + (tmp_path / "gpu-check.log").read_text()
+    )
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"gpu-check.md", "gpu-check.json", "gpu-check.log", "triton-tests.xml",
                      "gpu-latest.md", "gpu-latest.json"}  # fmt: skip
     document = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert document["ok"] and document["smoke"]
+    assert document["ok"]
+    assert document["smoke"]
     steps = document["steps"]
     assert [name for name in steps if name != "wheels"] == [
         "env", "tests", "determinism", "sweep", "bench"

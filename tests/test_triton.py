@@ -530,7 +530,7 @@ def test_a_saved_state_from_other_arguments_is_refused():
         launch.backward(one, x, t, None, -100, "mean", from_logits=True,
                         saved=of_log_probabilities)  # fmt: skip
     _, unchecked_none = launch.forward(x, t, None, -100, "none", check_targets=False)
-    with pytest.raises(ValueError, match="saved.denominator is empty, but 'mean' needs it"):
+    with pytest.raises(ValueError, match=r"saved\.denominator is empty, but 'mean' needs it"):
         launch.backward(one, x, t, None, -100, "mean", saved=unchecked_none)
     with pytest.raises(TypeError, match="saved must be the Saved that forward returned"):
         launch.backward(one, x, t, None, -100, "mean", saved=(x, one))
@@ -568,9 +568,7 @@ def test_a_training_step_reads_the_logits_once_and_syncs_at_most_once(
     log, syncs = [], []
     monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))
     original = _launch._raise_first_bad
-    monkeypatch.setattr(
-        _launch, "_raise_first_bad", lambda *a: syncs.append(1) or original(*a)
-    )
+    monkeypatch.setattr(_launch, "_raise_first_bad", lambda *a: syncs.append(1) or original(*a))
     generator = torch.Generator().manual_seed(21)
     x = torch.randn(10, 7, generator=generator).to(DEVICE)
     t = torch.randint(0, 7, (10,), generator=generator).to(DEVICE)
