@@ -86,7 +86,7 @@ def environment(torch, device: str, **extra) -> dict:
     import triton
 
     env = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (no GPU)",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -119,3 +119,16 @@ def test_junit_summary_counts_and_names_what_did_not_pass(tmp_path):
     counts, failures = gpu_check.junit_summary(xml)
     assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1}
     assert failures == ["t::b", "t::c (skipped)", "t::d"]
+
+
+def test_verbose_summary_reads_a_run_stopped_before_its_xml():
+    log = (
+        "tests/test_triton.py::test_a PASSED                     [  1%]\n"
+        "[gw3] [  2%] FAILED tests/test_triton.py::test_b[x-1]\n"
+        "[gw0] [  3%] SKIPPED tests/test_triton.py::test_c\n"
+        "[gw1] [  4%] PASSED tests/test_triton.py::test_d\n"
+    )
+    counts, failures = gpu_check.verbose_summary(log)
+    assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1, "stopped": True}
+    assert failures == ["tests/test_triton.py::test_b[x-1] (failed)",
+                        "tests/test_triton.py::test_c (skipped)"]  # fmt: skip
