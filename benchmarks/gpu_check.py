@@ -30,8 +30,11 @@ Packages the GPU machine lacks (array-api-compat, which nllloss imports; Liger-K
 the comparison) travel as wheels in ``.whl/`` (ignored by git): run
 ``python benchmarks/gpu_check.py --prepare`` where the package registry is reachable; it
 downloads them and records the git revision (the GPU machine's copy of the tree has no
-git). The check installs ``.whl/*.whl`` into a temporary folder of its own; without them
-Liger's rows are left out with a note, and without array-api-compat nothing imports.
+git); by hand that is ``python -m pip download --no-deps --only-binary=:all: -d .whl
+array-api-compat==1.16.0 liger-kernel==0.8.5`` (both pure-Python wheels). The check installs
+``.whl/*.whl`` into a temporary folder of its own (``pip install --no-index --no-deps
+--target``) and puts it first on the steps' ``PYTHONPATH``; without them Liger's rows are
+left out with a note, and without array-api-compat nothing imports.
 
 ``--smoke`` rehearses every step on the CPU under Triton's interpreter, at tiny sizes, in
 about a minute (CI runs it): the one GPU call cannot fail on a typo.

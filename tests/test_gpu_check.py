@@ -8,6 +8,7 @@ later steps still run, results are written after each step) is checked on stand-
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_a_step_past_its_limit_is_stopped_with_its_process_group(tmp_path, monke
     assert code is None
     assert seconds < 30
     assert "stopped at its limit of 1 s" in check.log.read_text()
+    shutil.rmtree(check.scratch)
 
 
 def test_junit_summary_counts_and_names_what_did_not_pass(tmp_path):

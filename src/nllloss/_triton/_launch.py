@@ -7,7 +7,8 @@ The API, for the torch glue (custom operators and autograd):
 total_weight=None, check_targets=True) -> (loss, saved)``
     The loss and ``saved``, a ``Saved`` of two tensors (the row log-sum-exp, the 'mean'
     denominator) that ``backward`` reuses: a custom operator can return them as extra
-    outputs and ``save_for_backward`` them. One pass over x.
+    outputs and ``save_for_backward`` them. One pass over x (only x[t] is read for
+    log-probabilities without label smoothing).
 ``backward(grad_output, x, t, w, ignore_index, reduction, *, from_logits=False,
 label_smoothing=0.0, total_weight=None, check_targets=True, saved=None) -> grad``
     With ``saved`` (from ``forward`` on the same arguments): one pass, no forward
