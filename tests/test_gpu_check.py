@@ -7,6 +7,7 @@ later steps still run, results are written after each step) is checked on stand-
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import gpu_check  # noqa: E402
+# loaded from its file: benchmarks/ on sys.path would shadow packages (its distributed.py)
+_spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
 @pytest.fixture(autouse=True)
