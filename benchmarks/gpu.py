@@ -1,15 +1,17 @@
-"""GPU benchmark of nllloss's Triton kernels against torch and Liger-Kernel.
+"""GPU benchmark of nllloss's Triton kernels against torch, torch.compile and Liger-Kernel.
 
-Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py [--out DIR] [--quick]``.
-Writes ``gpu-latest.md`` and ``gpu-latest.json`` (device name, versions, git revision).
+Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py --out DIR [--quick]``, or as
+part of the whole GPU check (``benchmarks/gpu_check.py``). Writes ``gpu-latest.md`` and
+``gpu-latest.json`` (device name, versions, git revision) under ``--out``, after every case
+(a run cut short keeps what it measured).
 
 Times are medians of CUDA-event timings of single calls (after warm-up), in ms. Each task
 has a byte floor (the bytes it must move at the least, below); ``floor GB/s`` is that
 floor over the median time, and ``% copy`` compares it with the measured device-to-device
 copy bandwidth (read + write counted). ``peak MiB`` is the peak of torch's allocator above
-what was allocated before the call. Every competitor runs the same inputs: random values
-(read as log-probabilities by nll_loss, as logits by cross_entropy), int64 targets drawn
-uniformly, nothing ignored, no weight, reduction 'mean'.
+what was allocated before the call, the result included. Every competitor runs the same
+inputs: random values (read as log-probabilities by nll_loss, as logits by cross_entropy),
+int64 targets drawn uniformly, nothing ignored, no weight, reduction 'mean'.
 
 Tasks and their floors (M target positions, C classes, s bytes per input element):
 
@@ -17,20 +19,24 @@ Tasks and their floors (M target positions, C classes, s bytes per input element
 * ``nll bwd``: the gradient of ``nll fwd`` (torch: ``aten.nll_loss_backward``, or
   ``nll_loss2d_backward`` for K-dim input); floor ``M * C * s`` (one write of it).
 * ``ce fwd``: cross entropy from logits; floor ``M * C * s`` (one read).
+* ``ce bwd``: its gradient from the saved log-sum-exp; floor ``2 * M * C * s``.
 * ``ce f+b``: cross entropy and its gradient; floor ``2 * M * C * s`` (one read, one write).
 
 Competitors: ``nllloss`` (the launchers, targets checked: one host sync), ``nllloss
-unchecked`` (``check_targets=False``), ``nllloss fused`` (``ce f+b`` with the gradient
-written during the forward), ``torch`` (``F.nll_loss`` / ``F.cross_entropy`` and autograd),
-``compiled`` (``torch.compile`` of ``log_softmax`` + ``nll_loss``, dynamic shapes), and
-``liger`` (``LigerCrossEntropyLoss``, 2-D only; it writes the gradient into its input, so
-the input is restored, untimed, before each call).
+unchecked`` (``check_targets=False``), ``nllloss fused`` (``forward_backward``: the gradient
+written during the forward), ``nll_loss autograd`` (the public ``nllloss.nll_loss`` and
+``.backward()`` with ``NLLLOSS_TRITON=1``: the path a user gets, wiring included), ``torch``
+(``F.nll_loss`` / ``F.cross_entropy`` and autograd), ``compiled`` (``torch.compile`` of
+``log_softmax`` + ``nll_loss``, dynamic shapes), and ``liger`` (``LigerCrossEntropyLoss``,
+2-D only; it writes the gradient into its input, so the input is restored, untimed, before
+each call).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -38,32 +44,68 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES_2D = [(4096, 32000), (16384, 32000), (16384, 128256), (65536, 32000)]
-SHAPES_2D_FLOAT32 = [(4096, 32000), (16384, 128256)]
-SHAPE_KDIM = (16, 21, 512, 512)
+# In order of importance, so that a run cut short by its budget has the anchors' shapes:
+# 16384 x 128256 (Liger's and the byte-floor anchors), 4096 rows (the "N >= 4096" 2-D
+# forward goal), the K-dim shape (torch's atomics), then the rest.
+CASES = [
+    ((16384, 128256), "bfloat16"),
+    ((4096, 32000), "bfloat16"),
+    ((16, 21, 512, 512), "float32"),
+    ((16384, 32000), "bfloat16"),
+    ((65536, 32000), "bfloat16"),
+    ((4096, 32000), "float32"),
+    ((16384, 128256), "float32"),
+]
+QUICK_CASES = CASES[:3]
+SMOKE_CASES = [((64, 100), "bfloat16"), ((2, 5, 8, 8), "float32")]
 
 
-def _git_revision() -> str:
+def git_revision() -> str:
+    """HEAD's hash (with ``-dirty`` when the tree differs), or what ``gpu_check.py
+    --prepare`` recorded where git is absent (a GPU machine gets the tree without it)."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        root = Path(__file__).resolve().parent
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        return rev.stdout.strip() or "unknown"
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        if head:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root, capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+            return head + ("-dirty" if dirty else "")
     except OSError:
-        return "unknown"
+        pass
+    recorded = root / ".whl" / "revision.txt"
+    if recorded.exists():
+        return recorded.read_text().strip() + " (recorded by gpu_check.py --prepare)"
+    return "unknown"
+
+
+def environment(torch, device: str, **extra) -> dict:
+    import triton
+
+    env = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (no GPU)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "git": git_revision(),
+    }
+    env.update(extra)
+    return env
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="first shape of each kind only")
+    parser.add_argument("--out", required=True, help="folder of gpu-latest.md / .json")
+    parser.add_argument("--quick", action="store_true", help="the first three cases only")
     parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--budget", type=float, default=None, help="seconds; no new case after")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-liger", action="store_true")
-    parser.add_argument(
-        "--sweep", action="store_true", help="time the launchers' tile settings instead"
-    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -72,68 +114,81 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     if args.smoke:
-        import os
-
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined
-        args.no_compile = args.no_liger = True
-        args.reps = 2
+        os.environ["NLLLOSS_TRITON_INTERPRET"] = "1"
+        args.no_compile = True  # inductor on the CPU compiles C++ for a minute
+        args.reps = 1
+    cases = SMOKE_CASES if args.smoke else QUICK_CASES if args.quick else CASES
+    rows = run(
+        Path(args.out), cases, reps=args.reps, compile_=not args.no_compile,
+        liger=not args.no_liger, smoke=args.smoke, budget=args.budget,
+    )  # fmt: skip
+    return 1 if failures(rows) else 0
 
+
+def run(out: Path, cases, *, reps, compile_, liger, smoke, budget=None) -> list[dict]:
+    """Time every case (until ``budget`` seconds have passed), writing the results after
+    each one; returns the rows."""
     import torch
 
     from nllloss import _triton
 
+    started = time.perf_counter()
     launch = _triton._load()
-    device = "cpu" if args.smoke else "cuda"
-    if launch is None or not (args.smoke or torch.cuda.is_available()):
-        print("needs a CUDA GPU and triton", file=sys.stderr)
-        return 1
+    device = "cpu" if smoke else "cuda"
+    if launch is None or not (smoke or torch.cuda.is_available()):
+        raise SystemExit("needs a CUDA GPU and triton")
+    os.environ["NLLLOSS_TRITON"] = "1"  # the public path's rows: opted in
     torch.manual_seed(0)
-    bench = _Bench(torch, launch, args.reps, not args.no_compile, not args.no_liger, device)
-    if args.sweep:
-        return _sweep(torch, bench, launch, Path(args.out))
+    bench = Bench(torch, launch, reps, compile_, liger, device)
     copy_gbs = bench.copy_bandwidth()
-    cases = [(s, torch.bfloat16) for s in SHAPES_2D] + [
-        (s, torch.float32) for s in SHAPES_2D_FLOAT32
-    ]
-    cases.append((SHAPE_KDIM, torch.float32))
-    if args.quick:
-        cases = [cases[0], cases[-1]]
-    if args.smoke:
-        cases = [((64, 100), torch.bfloat16), ((2, 5, 8, 8), torch.float32)]
-    rows = []
+    env = environment(
+        torch, device, liger_kernel=bench.liger_version, reps=reps, copy_GBps=round(copy_gbs, 1)
+    )
+    rows: list[dict] = []
     for shape, dtype in cases:
-        started = time.perf_counter()
-        rows += bench.case(shape, dtype)
-        print(f"{shape} {dtype}: {time.perf_counter() - started:.1f} s", flush=True)
-    for row in rows:
-        row["% copy"] = round(100 * row["floor GB/s"] / copy_gbs, 1) if row["floor GB/s"] else None
-    env = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run)",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "liger_kernel": bench.liger_version,
-        "git": _git_revision(),
-        "copy GB/s": round(copy_gbs, 1),
-        "reps": args.reps,
-    }
-    out = Path(args.out)
+        label = case_label(shape, dtype)
+        if budget is not None and time.perf_counter() - started > budget:
+            rows.append({"case": label, "task": "-", "impl": "-", "median ms": None,
+                         "floor GB/s": None, "error": "not run: the budget was spent"})  # fmt: skip
+            continue
+        case_started = time.perf_counter()
+        rows += bench.case(shape, getattr(torch, dtype))
+        print(f"{label}: {time.perf_counter() - case_started:.1f} s", flush=True)
+        for row in rows:
+            gbs = row.get("floor GB/s")
+            row["% copy"] = round(100 * gbs / copy_gbs, 1) if gbs else None
+        write(out, env, rows, copy_gbs)
+    write(out, env, rows, copy_gbs)
+    return rows
+
+
+def case_label(shape, dtype: str) -> str:
+    return "x".join(map(str, shape)) + " " + dtype
+
+
+def failures(rows) -> list[dict]:
+    """Rows of nllloss that raised (the competitors' errors are notes, not failures)."""
+    return [r for r in rows if r.get("error") and r["impl"].startswith(("nllloss", "nll_loss"))]
+
+
+def write(out: Path, env: dict, rows: list[dict], copy_gbs: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-latest.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    (out / "gpu-latest.md").write_text(_markdown(env, rows))
-    print(_markdown(env, rows))
-    return 0
+    document = {"environment": env, "rows": rows, "goals": goals(rows, copy_gbs)}
+    (out / "gpu-latest.json").write_text(json.dumps(document, indent=1))
+    (out / "gpu-latest.md").write_text(markdown(env, rows, copy_gbs))
 
 
-class _Bench:
+class Bench:
     def __init__(self, torch, launch, reps, compile_, liger, device):
         import torch.nn.functional as F
 
         self.torch, self.F, self.launch, self.reps = torch, F, launch, reps
         self.device = device
         self.cuda = device == "cuda"
-        self.compiled_fwd = self.compiled_fb = None
+        # the first call compiles; two more let clocks and the allocator settle (unmeasured
+        # count, the usual one); under the interpreter one rehearses the call
+        self.warmups = 3 if self.cuda else 1
         if compile_:
 
             def log_softmax_nll(x, t):
@@ -143,20 +198,21 @@ class _Bench:
         else:
             self.compiled = None
         self.liger = None
-        self.liger_version = None
+        self.liger_version = "not asked for"
         if liger:
             try:
-                import liger_kernel
+                from importlib.metadata import version
+
                 from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
 
                 self.liger = LigerCrossEntropyLoss(reduction="mean")
-                self.liger_version = getattr(liger_kernel, "__version__", "installed")
+                self.liger_version = version("liger-kernel")
             except ImportError as error:
-                self.liger_version = f"not available ({error})"
+                self.liger_version = f"not installed ({error}); see benchmarks/gpu_check.py"
 
     def time(self, fn, setup=None):
         """(median ms, min ms, peak MiB above the allocation before the call)."""
-        for _ in range(3):
+        for _ in range(self.warmups):
             if setup:
                 setup()
             fn()
@@ -208,12 +264,14 @@ class _Bench:
 
     def case(self, shape, dtype):
         torch, F, launch = self.torch, self.F, self.launch
+        import nllloss
+
         x = torch.randn(shape, dtype=dtype, device=self.device)
         classes = shape[1]
         target = torch.randint(0, classes, (shape[0], *shape[2:]), device=self.device)
         positions = target.numel()
         size = x.element_size()
-        label = "x".join(map(str, shape)) + " " + str(dtype).replace("torch.", "")
+        label = case_label(shape, str(dtype).replace("torch.", ""))
         kdim = len(shape) > 2
         rows = []
 
@@ -224,7 +282,8 @@ class _Bench:
                 rows.append(
                     {"case": label, "task": task, "impl": name, "median ms": round(median, 4),
                      "min ms": round(best, 4), "floor GB/s": round(gbs, 1),
-                     "peak MiB": None if peak is None else round(peak, 1)}
+                     "peak MiB": None if peak is None else round(peak, 1),
+                     "gradient MiB": round(positions * classes * size / 2**20, 1)}
                 )  # fmt: skip
             except Exception as error:  # reported in the table, not hidden
                 rows.append({"case": label, "task": task, "impl": name,
@@ -265,22 +324,21 @@ class _Bench:
             add("ce fwd", "liger", floor, lambda: self.liger(x, target))
 
         floor = 2 * positions * classes * size
+        unchecked = {"from_logits": True, "check_targets": False}
+        _, saved = launch.forward(x, target, None, -100, "mean", **unchecked)
+        add("ce bwd", "nllloss unchecked", floor,
+            lambda: launch.backward(one, x, target, None, -100, "mean", **unchecked,
+                                    saved=saved))  # fmt: skip
+        saved = None
 
-        def ours():
-            _, saved = launch.forward(
-                x, target, None, -100, "mean", from_logits=True, check_targets=False
-            )
-            return launch.backward(
-                one, x, target, None, -100, "mean", from_logits=True, check_targets=False,
-                saved=saved,
-            )  # fmt: skip
+        def forward_then_backward():
+            _, saved = launch.forward(x, target, None, -100, "mean", **unchecked)
+            return launch.backward(one, x, target, None, -100, "mean", **unchecked, saved=saved)
 
-        add("ce f+b", "nllloss unchecked", floor, ours)
-        grad = torch.empty_like(x)
+        add("ce f+b", "nllloss unchecked", floor, forward_then_backward)
         add("ce f+b", "nllloss fused", floor,
-            lambda: launch.forward(x, target, None, -100, "mean", from_logits=True,
-                                   check_targets=False, grad_out=grad))  # fmt: skip
-        grad = None  # freed before the next competitors
+            lambda: launch.forward_backward(x, target, None, -100, "mean",
+                                            **unchecked))  # fmt: skip
         leaf = x.detach().clone().requires_grad_()
 
         def clear():
@@ -293,6 +351,10 @@ class _Bench:
 
             return run
 
+        def public(leaf, target):
+            return nllloss.nll_loss(leaf, target, from_logits=True, check_targets=False)
+
+        add("ce f+b", "nll_loss autograd", floor, autograd(public), clear)
         add("ce f+b", "torch", floor, autograd(F.cross_entropy), clear)
         if self.compiled is not None:
             add("ce f+b", "compiled", floor, autograd(self.compiled), clear)
@@ -327,57 +389,64 @@ def _deterministic_row(torch, F, x, target, label, synchronize):
     finally:
         torch.use_deterministic_algorithms(previous)
     return {"case": label, "task": "nll fwd", "impl": "torch, deterministic mode",
-            "error": note, "median ms": None, "floor GB/s": None}  # fmt: skip
+            "note": note, "median ms": None, "floor GB/s": None}  # fmt: skip
 
 
-def _sweep(torch, bench, launch, out: Path) -> int:
-    """Median ms of the launchers under each tile setting; writes gpu-sweep.md."""
-    import itertools
-
-    from nllloss._triton import _launch
-
-    header = "| case | TILE | WARPS | STRIDED_CLASS_BLOCK | ce fwd | nll bwd | ce bwd | fused f+b |"
-    device = torch.cuda.get_device_name() if bench.cuda else "cpu (smoke run)"
-    lines = [f"# Tile sweep on {device}", "", header, "|---" * 8 + "|"]
-    defaults = (_launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK)
-    cases = [
-        ((16384, 128256), torch.bfloat16),
-        ((16384, 32000), torch.bfloat16),
-        (SHAPE_KDIM, torch.float32),
-    ]
-    if not bench.cuda:
-        cases = [((64, 100), torch.bfloat16), ((2, 5, 8, 8), torch.float32)]
-    for shape, dtype in cases:
-        x = torch.randn(shape, dtype=dtype, device=bench.device)
-        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=bench.device)
-        case = "x".join(map(str, shape)) + " " + str(dtype).replace("torch.", "")
-        strided = [8, 16, 32] if len(shape) > 2 else [defaults[2]]
-        for setting in itertools.product([2048, 4096, 8192, 16384], [4, 8, 16], strided):
-            _launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK = setting
-            timings = _sweep_timings(torch, bench, launch, x, t)
-            lines.append("| " + " | ".join(map(str, [case, *setting, *timings])) + " |")
-            print(lines[-1], flush=True)
-    _launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK = defaults
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-sweep.md").write_text("\n".join(lines) + "\n")
-    return 0
+def _row(rows, case, task, impl):
+    for r in rows:
+        if (r["case"], r["task"], r["impl"]) == (case, task, impl) and r.get("median ms"):
+            return r
+    return None
 
 
-def _sweep_timings(torch, bench, launch, x, t) -> list[str]:
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    grad = torch.empty_like(x)
-    options = {"from_logits": True, "check_targets": False}
-    _, saved = launch.forward(x, t, None, -100, "mean", **options)
-    calls = [
-        lambda: launch.forward(x, t, None, -100, "mean", **options),
-        lambda: launch.backward(one, x, t, None, -100, "mean", check_targets=False),
-        lambda: launch.backward(one, x, t, None, -100, "mean", **options, saved=saved),
-        lambda: launch.forward(x, t, None, -100, "mean", **options, grad_out=grad),
-    ]
-    return [f"{bench.time(call)[0]:.4f}" for call in calls]
+def goals(rows, copy_gbs: float) -> list[dict]:
+    """The issue's goals (from ``shared/research/perf_anchors.md``), each ``met`` True,
+    False, or None where this run did not measure it; ``value`` is the worst case's."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    kdim = [c for c in cases if c.count("x") > 1]
+    wide = [c for c in cases if c.count("x") == 1 and int(c.split("x")[0]) >= 4096]
+
+    def ratios(case_list, task, ours, theirs):
+        found = []
+        for case in case_list:
+            a, b = _row(rows, case, task, ours), _row(rows, case, task, theirs)
+            if a and b:
+                found.append((b["median ms"] / a["median ms"], case))
+        return found
+
+    def goal(name, found, threshold, unit="x"):
+        if not found:
+            return {"goal": name, "value": None, "case": None, "met": None}
+        value, case = min(found)
+        return {"goal": name, "value": f"{value:.2f}{unit}", "case": case,
+                "met": value >= threshold}  # fmt: skip
+
+    result = [
+        goal("2-D forward >= 10x F.nll_loss at N >= 4096",
+             ratios(wide, "nll fwd", "nllloss", "torch"), 10),
+        goal("K-dim forward >= 2x torch's atomics (and deterministic: see determinism)",
+             ratios(kdim, "nll fwd", "nllloss", "torch"), 2),
+    ]  # fmt: skip
+    copy = [(r["% copy"], r["case"]) for r in rows
+            if r["task"] in ("nll bwd", "ce bwd") and r["impl"].startswith("nllloss")
+            and r.get("% copy")]  # fmt: skip
+    result.append(goal("backward >= 80% of the measured copy bandwidth", copy, 80, "%"))
+    two_d = [c for c in cases if c.count("x") == 1]
+    result.append(goal("from logits f+b >= 1.3x Liger (fused, equal options)",
+                       ratios(two_d, "ce f+b", "nllloss fused", "liger"), 1.3))  # fmt: skip
+    fused = [r for r in rows if (r["task"], r["impl"]) == ("ce f+b", "nllloss fused")]
+    # within 1.3x of the floor at copy speed: % copy >= 100 / 1.3
+    floor = [(r["% copy"] / (100 / 1.3), r["case"]) for r in fused if r.get("% copy")]
+    result.append(goal("from logits f+b within 1.3x of its byte floor (at copy speed)",
+                       floor, 1.0, " of the allowance"))  # fmt: skip
+    memory = [(r["gradient MiB"] * 1.05 / r["peak MiB"], r["case"])
+              for r in fused if r.get("peak MiB")]  # fmt: skip
+    name = "from logits f+b: no buffer of the logits' size beyond the gradient (peak <= 1.05x it)"
+    result.append(goal(name, memory, 1.0, " of the allowance"))
+    return result
 
 
-def _markdown(env, rows) -> str:
+def markdown(env, rows, copy_gbs) -> str:
     lines = [
         "# GPU benchmark: nllloss's Triton kernels",
         "",
@@ -396,9 +465,19 @@ def _markdown(env, rows) -> str:
         speedup = f"{reference / r['median ms']:.2f}" if reference and r.get("median ms") else ""
         cells = [
             r["case"], r["task"], r["impl"], r.get("median ms"), speedup, r.get("floor GB/s"),
-            r.get("% copy"), r.get("peak MiB"), r.get("error"),
+            r.get("% copy"), r.get("peak MiB"), r.get("error") or r.get("note"),
         ]  # fmt: skip
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    lines += [
+        "",
+        "## Goals (issue 16)",
+        "",
+        "| goal | worst value | case | met |",
+        "|---|---|---|---|",
+    ]
+    for g in goals(rows, copy_gbs):
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        lines.append(f"| {g['goal']} | {g['value'] or ''} | {g['case'] or ''} | {met} |")
     return "\n".join(lines) + "\n"
 
 

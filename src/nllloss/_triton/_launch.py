@@ -1,10 +1,32 @@
-"""Launchers of the Triton kernels: torch tensors in, torch tensors out, no host sync.
+"""Launchers of the Triton kernels: torch tensors in, torch tensors out.
 
-``forward`` and ``backward`` take arguments already validated by ``_validate`` (the
-caller's job) and tensors on one device. The only synchronisation is the optional target
-check (``check_targets=True``, the default), which reads one integer back to raise the
-core's IndexError; with ``check_targets=False`` the loss is CUDA-graph capturable and an
+Arguments are already validated by ``_validate`` (the caller's job) and on one device.
+The API, for the torch glue (custom operators and autograd):
+
+``forward(x, t, w, ignore_index, reduction, *, from_logits=False, label_smoothing=0.0,
+total_weight=None, check_targets=True) -> (loss, saved)``
+    The loss and ``saved``, a ``Saved`` of two tensors (the row log-sum-exp, the 'mean'
+    denominator) that ``backward`` reuses: a custom operator can return them as extra
+    outputs and ``save_for_backward`` them. One pass over x (only x[t] is read for
+    log-probabilities without label smoothing).
+``backward(grad_output, x, t, w, ignore_index, reduction, *, from_logits=False,
+label_smoothing=0.0, total_weight=None, check_targets=True, saved=None) -> grad``
+    With ``saved`` (from ``forward`` on the same arguments): one pass, no forward
+    recomputed, no host synchronisation, no target check (the forward did it). Without
+    it (a standalone ``nll_loss_backward``), what it needs is recomputed and the targets
+    are checked unless ``check_targets=False``.
+``forward_backward(x, t, w, ignore_index, reduction, *, <the same options>) -> (loss, grad)``
+    The loss and the gradient for ``grad_output = 1`` (ones for 'none'), written in the
+    pass that reads x: one read of x and one write of the gradient, the floor of a
+    training step. A caller with another ``grad_output`` scales the gradient (per position
+    along the class axis for 'none'), as the NumPy engine's unit-gradient path does.
+
+A training step (``forward`` then ``backward(saved=...)``, or ``forward_backward``)
+synchronises the host at most once: the optional target check (``check_targets=True``,
+the default) reads one integer back to raise the core's IndexError. With
+``check_targets=False`` there is none, the step can be captured in a CUDA graph, and an
 out-of-range target gives NaN (its loss, the reduced loss and its gradient row).
+``total_weight`` is best given on x's device (a tensor elsewhere is copied there).
 """
 
 from __future__ import annotations
@@ -22,26 +44,37 @@ from . import _kernels
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NATIVE_TARGETS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-# Tile sizes (elements per program tile; the class block when the class axis is strided;
-# positions per program when only x[t] is read) and warps. The GPU values are starting
-# points not yet measured (no GPU was lent when they were set): `python benchmarks/gpu.py
-# --sweep` times the alternatives. Under the interpreter each program costs ~1.5 ms
-# whatever its size, so tiles there are as large as memory allows.
+# Tile sizes and warps. No GPU run has measured them yet (none was lent when they were
+# set); `python benchmarks/gpu_check.py` times alternatives in its sweep, and the values
+# it picks replace these with that measurement named. Why each was picked meanwhile:
+# - _TILE: elements of a program's tile over full rows; 4096 float32 values on 8 warps are
+#   16 per thread, room beside the online log-sum-exp's state without spilling registers.
+# - _GATHER_ROWS: positions per program when only x[t] is read; 1024 on 4 warps are 8
+#   independent gathers in flight per thread, to cover the latency of scattered loads.
+# - _STRIDED_CLASS_BLOCK: classes per step when the class axis is strided (K-dim input,
+#   positions contiguous): tiles of 4096 / 32 = 128 positions, each class a coalesced read.
+# - _FINISH_BLOCK: partial sums per step of the one-program finish, a few thousand at most
+#   (one per program), so its cost is a launch.
+# - _WARPS / _GATHER_WARPS: 8 for tiles of 2048 elements and more, 4 below, Triton's usual
+#   choice for reductions of that size.
+# Under the interpreter each program costs ~1.5 ms whatever its size (measured on the CI
+# machine), so tiles there are as large as memory allows.
 _TILE = 4096
 _TILE_INTERPRETED = 1 << 16
-_GATHER_ROWS = 1024  # positions per program when only x[t] is read
-_STRIDED_CLASS_BLOCK = 32  # classes per step when the class axis is strided (K-dim input)
+_GATHER_ROWS = 1024
+_STRIDED_CLASS_BLOCK = 32
 _FINISH_BLOCK = 1024
-_WARPS = 8  # for tiles of 2048 elements and more; 4 below
+_WARPS = 8
 _GATHER_WARPS = 4
 
 
 class Saved(NamedTuple):
-    """What ``backward`` reuses from ``forward``.
+    """What ``backward`` reuses from ``forward``: tensors only, on x's device, so that a
+    custom operator can return them and autograd can save them.
 
     ``lse``: float32 log-sum-exp per position (from logits; empty otherwise);
     ``denominator``: float32 0-d 'mean' denominator (``total_weight`` when given, else the
-    sum of ``w[t]`` over counted positions; empty when not computed).
+    sum of ``w[t]`` over counted positions; empty when not computed: 'none' unchecked).
     """
 
     lse: torch.Tensor
@@ -136,38 +169,52 @@ def forward(
     label_smoothing: float = 0.0,
     total_weight: torch.Tensor | float | None = None,
     check_targets: bool = True,
-    grad_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Saved]:
     """The loss and what ``backward`` reuses.
 
     ``x`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` of float16/bfloat16/float32 (any
     strides: the class axis is read where it is); ``t`` any integer dtype; ``w`` None or
-    ``(C,)``; ``total_weight`` (a number or a 0-d tensor on x's device) replaces the
-    'mean' denominator. Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for
-    'none' (``()`` for unbatched input), else 0-d, in x's dtype.
-
-    ``grad_out`` (a contiguous tensor of x's shape and dtype) receives, in the same pass,
-    the gradient for ``grad_output = 1`` (ones for 'none'): no second read of the input
-    from memory. For 'mean' without ``total_weight`` the denominator is found first, from
-    the targets alone.
+    ``(C,)``; ``total_weight`` (a number or a 0-d tensor) replaces the 'mean' denominator.
+    Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for 'none' (``()`` for
+    unbatched input), else 0-d, in x's dtype.
     """
-    if grad_out is not None and not (
-        grad_out.shape == x.shape and grad_out.dtype == x.dtype and grad_out.is_contiguous()
-    ):
-        raise ValueError(
-            f"grad_out must be a contiguous tensor of shape {tuple(x.shape)} and dtype "
-            f"{x.dtype}, got shape {tuple(grad_out.shape)}, dtype {grad_out.dtype}"
-        )
+    return _forward(
+        x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
+        check_targets, load_x=True,
+    )  # fmt: skip
+
+
+def forward_backward(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    w: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    *,
+    from_logits: bool = False,
+    label_smoothing: float = 0.0,
+    total_weight: torch.Tensor | float | None = None,
+    check_targets: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward``'s loss and the gradient for ``grad_output = 1`` (ones for 'none'),
+    written while each tile of x is in registers: no second read of x from memory.
+
+    The gradient is a fresh contiguous tensor of x's shape and dtype. For 'mean' its
+    scale ``1 / denominator`` is needed during the pass, so the denominator is found first
+    from the targets alone (a pass over ``t``, not x), on the device.
+    """
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     denominator = None
-    if grad_out is not None and reduction == "mean":
+    if reduction == "mean":
         _, stats = _forward(
             x, t, w, ignore_index, reduction, False, 0.0, total_weight, False, load_x=False
         )
         denominator = stats.denominator
-    return _forward(
+    loss, _ = _forward(
         x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True, grad_out=grad_out, denominator=denominator,
+        check_targets, load_x=True, grad_out=grad, denominator=denominator,
     )  # fmt: skip
+    return loss, grad
 
 
 def _forward(
@@ -268,7 +315,9 @@ def backward(
     if geometry.unbatched and reduction == "none":
         reduction = "sum"
     needs = from_logits or reduction == "mean"
-    if saved is None and (needs or check_targets):
+    if saved is not None:
+        _check_saved(saved, geometry, from_logits, reduction)
+    elif needs or check_targets:
         _, saved = _forward(
             x, t, w, ignore_index, "sum" if reduction == "none" else reduction,
             from_logits, label_smoothing, total_weight, check_targets, load_x=from_logits,
@@ -295,3 +344,19 @@ def backward(
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return grad
+
+
+def _check_saved(saved, geometry: _Geometry, from_logits: bool, reduction: str) -> None:
+    """A ``Saved`` from other arguments would be read out of bounds by the kernel: refuse it."""
+    if not isinstance(saved, Saved):
+        raise TypeError(f"saved must be the Saved that forward returned, got {type(saved)}")
+    if from_logits and saved.lse.numel() != geometry.positions:
+        raise ValueError(
+            f"saved.lse has {saved.lse.numel()} elements, but from logits the input has "
+            f"{geometry.positions} positions: pass the saved of forward on the same arguments"
+        )
+    if reduction == "mean" and saved.denominator.numel() != 1:
+        raise ValueError(
+            "saved.denominator is empty, but 'mean' needs it: pass the saved of forward on "
+            "the same arguments and reduction"
+        )
