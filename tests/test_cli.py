@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss._cli import Progress, _evaluate, _io, main
-from nllloss._cli._report import per_class_figure
+from nllloss._cli._report import Context, per_class_figure
 
 N, C = 300, 5
 IGNORE = -100
@@ -365,12 +365,14 @@ def test_out_npy_holds_the_loss(data, tmp_path, capsys):
 @once
 def test_plot_draws_the_class_table(data, tmp_path, capsys):
     png = tmp_path / "classes.png"
-    result = report(
-        ["eval", data["logits"], data["target"], "--from-logits", "--per-class", "--plot", png],
-        capsys,
-    )
+    argv = ["eval", data["logits"], data["target"], "--from-logits", "--per-class"]
+    code, out, err = run([*argv, "--plot", png, "--format", "json", "--quiet"], capsys)
+    assert (code, err) == (0, f"nllloss: wrote the per-class chart to {png}\n")
+    result = json.loads(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = per_class_figure(result["per_class"])
+    context = Context("mean", True, 0.0, weighted=False, loss_file=None)
+    figure = per_class_figure(result["per_class"], context, "x.npy against t.npy")
+    assert figure.get_suptitle() == "Per-class loss: x.npy against t.npy"
     mean_axes, share_axes = figure.axes
     assert [bar.get_height() for bar in mean_axes.patches] == [
         row["mean_nll"] for row in result["per_class"]
