@@ -1,7 +1,8 @@
 """GPU benchmark of nllloss's Triton kernels against torch and Liger-Kernel.
 
 Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py [--out DIR] [--quick]``.
-Writes ``gpu-latest.md`` and ``gpu-latest.json`` (device name, versions, git revision).
+Prints the report; with ``--out DIR`` writes ``DIR/gpu-latest.md`` and ``gpu-latest.json``
+(device name, versions, git revision).
 
 Times are medians of CUDA-event timings of single calls (after warm-up), in ms. Each task
 has a byte floor (the bytes it must move at the least, below); ``floor GB/s`` is that
@@ -56,7 +57,9 @@ def _git_revision() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--out", type=Path, help="write the results into DIR (default: print them only)"
+    )
     parser.add_argument("--quick", action="store_true", help="first shape of each kind only")
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--no-compile", action="store_true")
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bench = _Bench(torch, launch, args.reps, not args.no_compile, not args.no_liger, device)
     if args.sweep:
-        return _sweep(torch, bench, launch, Path(args.out))
+        return _sweep(torch, bench, launch, args.out)
     copy_gbs = bench.copy_bandwidth()
     cases = [(s, torch.bfloat16) for s in SHAPES_2D] + [
         (s, torch.float32) for s in SHAPES_2D_FLOAT32
@@ -118,10 +121,11 @@ def main(argv=None) -> int:
         "copy GB/s": round(copy_gbs, 1),
         "reps": args.reps,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-latest.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    (out / "gpu-latest.md").write_text(_markdown(env, rows))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = json.dumps({"environment": env, "rows": rows}, indent=1)
+        (args.out / "gpu-latest.json").write_text(report)
+        (args.out / "gpu-latest.md").write_text(_markdown(env, rows))
     print(_markdown(env, rows))
     return 0
 
@@ -330,7 +334,7 @@ def _deterministic_row(torch, F, x, target, label, synchronize):
             "error": note, "median ms": None, "floor GB/s": None}  # fmt: skip
 
 
-def _sweep(torch, bench, launch, out: Path) -> int:
+def _sweep(torch, bench, launch, out: Path | None) -> int:
     """Median ms of the launchers under each tile setting; writes gpu-sweep.md."""
     import itertools
 
@@ -358,8 +362,9 @@ def _sweep(torch, bench, launch, out: Path) -> int:
             lines.append("| " + " | ".join(map(str, [case, *setting, *timings])) + " |")
             print(lines[-1], flush=True)
     _launch._TILE, _launch._WARPS, _launch._STRIDED_CLASS_BLOCK = defaults
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-sweep.md").write_text("\n".join(lines) + "\n")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu-sweep.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -157,6 +157,11 @@ def _parser() -> _Parser:
         "info", help="versions, threads and GPUs", description="Versions, threads and GPUs."
     )
     info.add_argument("--format", choices=("table", "json"), default="table")
+    info.add_argument(
+        "--gpus",
+        action="store_true",
+        help="also ask torch, cupy and jax for GPUs (imports them: seconds)",
+    )
     info.set_defaults(run=_run_info)
 
     commands.add_parser(
@@ -509,7 +514,7 @@ def _warn_if_not_log_probabilities(predictions: Source) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from ._info import render_info
 
-    sys.stdout.write(render_info(args.format))
+    sys.stdout.write(render_info(args.format, args.gpus))
     return 0
 
 
