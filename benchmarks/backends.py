@@ -1,7 +1,8 @@
 """nllloss on torch tensors and JAX arrays against their own hand-written losses (CPU).
 
-Usage: ``python benchmarks/backends.py [--quick] [--shapes 64x10 ...]``; writes
-``benchmarks/results/backends-latest.{md,json}``.
+Usage: ``python benchmarks/backends.py [--quick] [--shapes 64x10 ...] [--out OUT]``; prints
+the report, and writes ``OUT.{md,json}`` only with ``--out`` (the committed results:
+``--out benchmarks/results/backends-latest``).
 
 torch: ``nllloss.nll_loss`` on CPU tensors against ``torch.nn.functional.nll_loss``,
 forward, and forward + ``loss.backward()`` (a fresh leaf each call). JAX: ``jax.jit`` of
@@ -25,7 +26,6 @@ import numpy as np
 
 from nllloss._bench import FULL, QUICK, Competitor, environment, race
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((64, 10), (4096, 1000), (8192, 32000), (8, 21, 256, 256))
 
 
@@ -96,7 +96,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "backends-latest")
+    parser.add_argument(
+        "--out", type=Path, help="write OUT.json and OUT.md (default: print the report only)"
+    )
     args = parser.parse_args(argv)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     import jax
@@ -114,9 +116,10 @@ def main(argv=None):
                 case[kind] = {name: 1e3 * t.median() for name, t in timings.items()}
             report["cases"].append(case)
             print(json.dumps(case), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

@@ -4,8 +4,9 @@ Writes a (rows, classes) float32 file of logits and one of log-probabilities (a 
 tiled, so writing is fast), then runs ``nllloss eval`` on each in a fresh process per block
 size and records the wall time and the peak resident memory (``VmHWM``: since exec; the
 ``ru_maxrss`` of a child keeps its parent's peak), beside a baseline run on a file of one
-block and a run that loads the whole file with ``np.load``. Results go to
-``results/cli-eval-latest.md``. Linux only (``/proc/self/status``).
+block and a run that loads the whole file with ``np.load``. The table is printed, and
+written to ``DIR/cli-eval-latest.md`` only with ``--out DIR``. Linux only
+(``/proc/self/status``).
 
     python benchmarks/cli_eval.py [--rows 262144] [--classes 1000] [--repeats 3]
 """
@@ -86,7 +87,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=262144)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=Path, help="write DIR/cli-eval-latest.md (default: print the table only)"
+    )
     args = parser.parse_args()
     row_bytes = 4 * args.classes
     block_mib = (4, 16, 64, 256)
@@ -144,8 +147,9 @@ def main() -> None:
                     f"{size / result['seconds'] / 1e9:.2f} | {result['peak'] / 1e6:.0f} |"
                 )
                 print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cli-eval-latest.md").write_text("\n".join(lines) + "\n")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cli-eval-latest.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Class-parallel loss (``nllloss.distributed.nll_loss``) against the unsharded loss, on the CPU.
 
 Usage: ``python benchmarks/distributed.py [--ranks 2 4] [--shapes 4096x8192 ...] [--steps 10]``.
-Writes ``results/distributed-latest.md`` (``--out`` to change the folder).
+Prints the report; writes ``DIR/distributed-latest.md`` only with ``--out DIR``.
 
 For each world size a group of processes is spawned (gloo over 127.0.0.1, one thread per
 rank); rank r holds its slice of the classes of an (N, C) input, as in a vocabulary-parallel
@@ -283,7 +283,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="leave glibc's malloc as it is (large buffers then come fresh from the kernel)",
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=Path, help="write DIR/distributed-latest.md (default: print it only)"
+    )
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     if not args.fresh_pages:
@@ -323,8 +325,9 @@ def main(argv=None) -> int:
         else "glibc without mmap or trimming (memory reused, as a caching allocator does)",
     }
     text = markdown(env, reference, groups, args.ranks)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed-latest.md").write_text(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "distributed-latest.md").write_text(text)
     print(text)
     return 0
 

@@ -1,7 +1,8 @@
 """From logits, fused: nllloss against torch's ``cross_entropy`` on CPU, time and memory.
 
-Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256]``.
-Writes ``benchmarks/results/fused-latest.{md,json}``.
+Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256] [--out OUT]``.
+Prints the report; writes ``OUT.{md,json}`` only with ``--out`` (the committed results:
+``--out benchmarks/results/fused-latest``).
 
 Time: for each shape, the competitors race in interleaved rounds (``nllloss._bench.race``),
 medians of one race, ratios against torch from the same race. Forward is the mean loss;
@@ -33,7 +34,6 @@ import numpy as np
 
 from nllloss._bench import FULL, QUICK, Competitor, environment, race
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))
 SMOOTHING = (0.0, 0.1)
 
@@ -160,7 +160,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", default=None)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "fused-latest")
+    parser.add_argument(
+        "--out", type=Path, help="write OUT.json and OUT.md (default: print the report only)"
+    )
     args = parser.parse_args(argv)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     import torch
@@ -201,9 +203,10 @@ def main(argv=None):
                 json.dumps(case["backward"]["median_ms"]),
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(markdown(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,38 @@ def test_module_import_leaves_torch_and_jax_alone():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_run_without_out_writes_no_file(tmp_path, monkeypatch, capsys):
+    """Results go only where --out says: nothing in the working folder, nothing committed."""
+    monkeypatch.chdir(tmp_path)
+    committed = Path(__file__).parents[1] / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in committed.iterdir()}
+    assert _bench.main(["--quick", "--shapes", "64x10", "--no-first-call", "--no-jax"]) == 0
+    assert "| 64x10 | float32 | mean |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.stat().st_mtime_ns for p in committed.iterdir()} == before
+
+
+@pytest.mark.parametrize("script", sorted(Path(__file__).parents[1].glob("benchmarks/*.py")))
+def test_benchmark_scripts_write_only_where_out_says(script):
+    """Each script's --out has no default folder, and every write is under `if ... out`."""
+    tree = ast.parse(script.read_text())
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "add_argument"
+            and node.args
+            and getattr(node.args[0], "value", None) == "--out"
+        ):
+            assert "default" not in {k.arg for k in node.keywords}, script.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "write_text":
+            guarded = [
+                parent
+                for parent in ast.walk(tree)
+                if isinstance(parent, ast.If)
+                and "out" in ast.unparse(parent.test)
+                and any(child is node for child in ast.walk(parent))
+            ]
+            assert guarded, f"{script.name}:{node.lineno} writes without --out"

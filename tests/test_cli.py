@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss._cli import Progress, _evaluate, _io, main
-from nllloss._cli._report import per_class_figure
+from nllloss._cli._report import Context, per_class_figure
 
 N, C = 300, 5
 IGNORE = -100
@@ -353,6 +353,63 @@ def test_table_csv_and_json_report_the_same_numbers(data, tmp_path, capsys):
     assert (tmp_path / "r.json").read_text() == table
 
 
+def test_total_weight_is_written_in_full(tmp_path, capsys):
+    rows = 2000
+    np.save(tmp_path / "x.npy", np.log(np.full((rows, 2), 0.5, np.float32)))
+    np.save(tmp_path / "t.npy", np.arange(rows) % 2)
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--weight", "1000,1000", "--quiet"]
+    code, table, _ = run(argv, capsys)
+    assert code == 0
+    assert f"total weight  {rows * 1000}\n" in table  # not 2e+06
+
+
+def test_nan_reads_one_way_in_each_format(tmp_path, capsys):
+    """NaN predictions at class 1's targets: its mean NLL, its share and the loss are NaN."""
+    x = np.log(np.full((4, 3), 1 / 3, np.float32))
+    x[[1, 3], 1] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", np.array([0, 1, 2, 1]))
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--per-class", "--quiet"]
+    expected = F.nll_loss(torch.from_numpy(x), torch.tensor([0, 1, 2, 1]))
+    assert torch.isnan(expected)
+
+    code, table, _ = run(argv, capsys)
+    assert code == 0
+    cells = [cell for line in table.splitlines() for cell in line.split()]
+    # the loss, the perplexity, class 1's mean NLL, and every share (of a NaN total)
+    assert cells.count("nan") == 6
+    assert "-" not in cells
+    code, text, _ = run([*argv, "--format", "csv"], capsys)
+    summary, classes = text.split("\n\n")
+    assert list(csv.DictReader(io.StringIO(summary)))[0]["loss"] == "nan"
+    shares = [row["share"] for row in csv.DictReader(io.StringIO(classes))]
+    assert shares == ["nan"] * 3  # the total loss is NaN: every share is
+    result = report(argv[:-1], capsys)
+    assert result["loss"] is None and result["per_class"][1]["mean_nll"] is None
+
+
+@pytest.mark.parametrize(
+    ("options", "mean", "share"),
+    [
+        ([], "mean NLL", "share"),
+        (["--weight", "1,2,0.5"], "unweighted mean NLL", "share of the weighted loss"),
+        (
+            ["--label-smoothing", "0.1", "--from-logits"],
+            "unweighted mean NLL",
+            "share of the smoothed loss",
+        ),
+    ],
+)
+def test_class_table_says_which_columns_are_weighted(tmp_path, capsys, options, mean, share):
+    np.save(tmp_path / "x.npy", np.log(np.full((4, 3), 1 / 3, np.float32)))
+    np.save(tmp_path / "t.npy", np.array([0, 1, 2, 1]))
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--per-class", "--quiet", *options]
+    code, table, _ = run(argv, capsys)
+    assert code == 0
+    header = table.split("\n\n")[1].splitlines()[0]
+    assert header.endswith(f"  {mean}  {share}"), header
+
+
 def test_out_npy_holds_the_loss(data, tmp_path, capsys):
     out = tmp_path / "loss.npy"
     result = report(["eval", data["log_probs"], data["target"], "--out", out], capsys)
@@ -365,12 +422,14 @@ def test_out_npy_holds_the_loss(data, tmp_path, capsys):
 @once
 def test_plot_draws_the_class_table(data, tmp_path, capsys):
     png = tmp_path / "classes.png"
-    result = report(
-        ["eval", data["logits"], data["target"], "--from-logits", "--per-class", "--plot", png],
-        capsys,
-    )
+    argv = ["eval", data["logits"], data["target"], "--from-logits", "--per-class"]
+    code, out, err = run([*argv, "--plot", png, "--format", "json", "--quiet"], capsys)
+    assert (code, err) == (0, f"nllloss: wrote the per-class chart to {png}\n")
+    result = json.loads(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    figure = per_class_figure(result["per_class"])
+    context = Context("mean", True, 0.0, weighted=False, loss_file=None)
+    figure = per_class_figure(result["per_class"], context, "x.npy against t.npy")
+    assert figure.get_suptitle() == "Per-class loss: x.npy against t.npy"
     mean_axes, share_axes = figure.axes
     assert [bar.get_height() for bar in mean_axes.patches] == [
         row["mean_nll"] for row in result["per_class"]
@@ -877,7 +936,7 @@ ERRORS = {
     "weight-not-numbers": (
         ["{log_probs}", "{target}", "--weight", "1,x"],
         1,
-        "expected numbers separated by commas",
+        "weight 1,x: item 2 'x' is not a number; expected a file or numbers separated by commas",
     ),
     "weight-missing": (
         ["{log_probs}", "{target}", "--weight", "{folder}/w.npy"],

@@ -2,15 +2,14 @@
 
 Where the numbers come from
 ---------------------------
-* Rows F1-F89 and B1-B15 are the conformance table of
-  ``shared/research/nll_semantics.md`` section 6 (forward in 6.1, backward in 6.2). Each
-  "expected" there is what ``torch.nn.functional.nll_loss`` 2.13.0 returned on CPU for the
-  expression in that row; the inputs below are the same numbers as NumPy arrays. The
-  C22/C100 inputs are defined in the same document (section 6.1, after the table; the
-  summation order they probe is section 1.7).
-* The OneFlow and Paddle rows are the examples of the seed documents
-  (``shared/seeds/oneflow_NLLLoss.txt``, ``shared/seeds/paddle_NLLLoss.txt``); their exact
-  float32 values are torch's, recorded in ``shared/research/env_check.md`` section 4.
+* Rows F1-F89 and B1-B15 are the project's conformance table (``docs/semantics.md``,
+  "Conformance cases", which states the rules they probe and their public sources). Each
+  expected value is what ``torch.nn.functional.nll_loss`` 2.13.0 returned on CPU for the
+  expression in that row, recorded when the project was set up; the inputs below are the
+  same numbers as NumPy arrays. The C22/C100 inputs probe the summation order
+  (``docs/semantics.md``, "The summation order").
+* The OneFlow and Paddle rows are the examples of those frameworks' documents, restated
+  with their sources and torch's exact float32 values in ``docs/seeds.md``.
 
 Floats are compared bit for bit in the result's dtype (signed zeros included), except that
 any NaN matches any NaN. The dtype and the shape are checked too.

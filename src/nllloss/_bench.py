@@ -870,16 +870,10 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _default_out() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir():
-        return root / "benchmarks" / "results"
-    return Path.cwd() / "benchmarks" / "results"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nllloss bench",
+        allow_abbrev=False,
         description="Time nllloss against torch (and jax, plain NumPy, a memory floor) on CPU.",
     )
     p.add_argument(
@@ -895,7 +889,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction", nargs="+", choices=REDUCTIONS, default=["mean"])
     p.add_argument("--quick", action="store_true", help="fewer repeats, no 8192x32000")
     p.add_argument("--threads", type=int, metavar="N", help="torch's (and nllloss's) threads")
-    p.add_argument("--out", type=Path, metavar="DIR", help="where cpu-latest.{md,json} go")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write cpu-latest.{md,json} into DIR (default: print the report only)",
+    )
     p.add_argument(
         "--fresh-pages",
         action="store_true",
@@ -930,7 +929,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = QUICK if args.quick else FULL
     shapes = args.shapes or [s for s in SHAPES if not (args.quick and s in QUICK_SKIPPED)]
-    out_dir = args.out if args.out is not None else _default_out()
     modules = _import_modules(args)
     notes = []
     fresh_pages = args.fresh_pages and _fresh_pages()
@@ -979,9 +977,10 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - started,
     }
     text = markdown(report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cpu-latest.md").write_text(text, encoding="utf-8")
-    (out_dir / "cpu-latest.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
     print(text)
-    print(f"bench: wrote {out_dir / 'cpu-latest.md'} and cpu-latest.json", file=sys.stderr)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu-latest.md").write_text(text, encoding="utf-8")
+        (args.out / "cpu-latest.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+        print(f"bench: wrote {args.out / 'cpu-latest.md'} and cpu-latest.json", file=sys.stderr)
     return 0

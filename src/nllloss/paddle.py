@@ -23,7 +23,12 @@ The gradient is the same as PyTorch's and Paddle's (all-ignored 'mean': zeros).
 from __future__ import annotations
 
 import numpy as np
-import paddle
+try:
+    import paddle
+except ModuleNotFoundError as error:
+    if error.name != "paddle":  # paddle is there, but something it imports is not
+        raise
+    raise ImportError("nllloss.paddle needs PaddlePaddle (pip install paddlepaddle)") from None
 
 from . import _validate
 from ._loss import nll_loss as _nll_loss

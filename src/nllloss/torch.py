@@ -6,7 +6,12 @@ Importing this module imports torch; ``import nllloss`` alone does not (the attr
 
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as error:
+    if error.name != "torch":  # torch is there, but something it imports is not
+        raise
+    raise ImportError("nllloss.torch needs PyTorch (pip install torch)") from None
 
 from ._loss import nll_loss
 

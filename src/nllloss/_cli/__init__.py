@@ -8,6 +8,7 @@ benchmark's competitors) are imported only by the command and option that need t
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
-from .. import _validate
+from .. import __version__, _validate
 from .._problem import Layout, layout_of
 from ._evaluate import (
     Options,
@@ -30,7 +31,8 @@ from ._evaluate import (
     finish,
     log_prob_excess,
 )
-from ._io import Source, UserError, open_array
+from ._io import MAX_INFLATE, Source, UserError, open_array
+from ._outputs import Pending, check_outputs, write_replacing
 from ._report import Context, per_class_figure, render, require_matplotlib
 
 PROG = "nllloss"
@@ -51,7 +53,11 @@ class _Exit(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (exit code 2) and no ``sys.exit``."""
+    """argparse with a one-line usage error (exit code 2), no ``sys.exit``, and no option
+    prefixes (``--from-logit`` is an error, not ``--from-logits``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -68,6 +74,7 @@ def _parser() -> _Parser:
         prog=PROG,
         description="Negative log-likelihood loss of saved predictions, exactly as torch's.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     evaluate = commands.add_parser(
@@ -121,13 +128,29 @@ def _parser() -> _Parser:
         metavar="N",
         help="rows per block (default: about 16 MiB of predictions)",
     )
+    evaluate.add_argument(
+        "--max-inflate",
+        type=_byte_count,
+        default=MAX_INFLATE,
+        metavar="BYTES",
+        help="most bytes a compressed .npz member may inflate to (default 1G; K, M, G, T)",
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     scale = evaluate.add_mutually_exclusive_group()
     scale.add_argument(
         "--dask", action="store_true", help="evaluate on a local Dask cluster of 2 workers"
     )
     scale.add_argument(
-        "--scheduler", metavar="ADDRESS", help="evaluate on the Dask scheduler at ADDRESS"
+        "--scheduler",
+        type=_address,
+        metavar="ADDRESS",
+        help="evaluate on the Dask scheduler at ADDRESS",
+    )
+    evaluate.add_argument(
+        "--dashboard",
+        type=_address,
+        metavar="ADDRESS",
+        help="with --dask: serve the Dask dashboard at ADDRESS (default: none)",
     )
     evaluate.set_defaults(run=_run_eval)
 
@@ -135,6 +158,11 @@ def _parser() -> _Parser:
         "info", help="versions, threads and GPUs", description="Versions, threads and GPUs."
     )
     info.add_argument("--format", choices=("table", "json"), default="table")
+    info.add_argument(
+        "--gpus",
+        action="store_true",
+        help="also ask torch, cupy and jax for GPUs (imports them: seconds)",
+    )
     info.set_defaults(run=_run_info)
 
     commands.add_parser(
@@ -147,6 +175,22 @@ def _parser() -> _Parser:
     )
     examples.set_defaults(run=lambda args: _run_examples())
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_count(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes as 512M or 4G, got {text!r}")
+    return int(match[1]) * _UNITS[match[2].upper()]
+
+
+def _address(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected an address as tcp://HOST:PORT, got ''")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -167,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except _Exit as exit:
         return exit.code
     try:
@@ -180,6 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; an option the command does not know is reported with its help."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _one_line(error: BaseException) -> str:
@@ -198,22 +252,20 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-# --weight: numbers separated by commas (a file of that name wins).
-_NUMBER_LIST = re.compile(r"\s*[-+.\w]+(\s*,\s*[-+.\w]+)*\s*")
+def _weight_is_a_list(spec: str | None) -> bool:
+    """--weight holds numbers separated by commas (a file of that name wins)."""
+    return spec is not None and "," in spec and not Path(spec).exists()
 
 
-def _read_weight(spec: str | None, classes: int) -> np.ndarray | None:
+def _read_weight(spec: str | None, classes: int, max_inflate: int) -> np.ndarray | None:
     if spec is None:
         return None
-    if not Path(spec).exists() and _NUMBER_LIST.fullmatch(spec) and "," in spec:
+    if _weight_is_a_list(spec):
         label = f"weight {spec}"
-        try:
-            weight = np.array([float(item) for item in spec.split(",")])
-        except ValueError:
-            raise UserError(f"{label}: expected numbers separated by commas") from None
+        weight = np.array([_list_item(item, i, label) for i, item in enumerate(spec.split(","))])
         _check_weight(weight, classes, label)
     else:
-        source = open_array(spec, "weight", text_dtype=np.float64)
+        source = open_array(spec, "weight", text_dtype=np.float64, max_inflate=max_inflate)
         label = source.label
         _check_weight(source, classes, label)  # its shape and dtype, before reading it
         weight = np.asarray(source.rows(0, classes))
@@ -221,6 +273,16 @@ def _read_weight(spec: str | None, classes: int) -> np.ndarray | None:
     if nan_count:
         _warn(f"{label} holds {nan_count} NaN values")
     return weight
+
+
+def _list_item(item: str, index: int, label: str) -> float:
+    try:
+        return float(item)
+    except ValueError:
+        what = "is empty" if not item.strip() else f"{item.strip()!r} is not a number"
+        raise UserError(
+            f"{label}: item {index + 1} {what}; expected a file or numbers separated by commas"
+        ) from None
 
 
 def _check_weight(weight, classes: int, label: str) -> None:
@@ -297,7 +359,8 @@ class Progress:
 
 class _LossFile:
     """The per-element losses of ``--reduction none`` in a ``.npy`` file, written block by
-    block (in any order) with plain writes: memory stays bounded by one block."""
+    block (in any order) with plain writes: memory stays bounded by one block. ``path`` is
+    the pending file's temporary name."""
 
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         header = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
@@ -326,7 +389,7 @@ class _Outputs:
 
 
 def _outputs(args: argparse.Namespace) -> _Outputs:
-    """Checked before anything is read, so a bad output fails fast."""
+    """Checked before anything is read or written, so a bad output fails fast."""
     out = args.out
     losses = out if out is not None and out.lower().endswith(".npy") else None
     report = out if losses is None else None
@@ -336,26 +399,33 @@ def _outputs(args: argparse.Namespace) -> _Outputs:
         )
     suffix = Path(report).suffix.lower() if report else ""
     format = args.format or {".json": "json", ".csv": "csv"}.get(suffix, "table")
-    for path in (out, args.plot):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{path}: its folder does not exist")
+    inputs = {"predictions": args.predictions, "targets": args.targets}
+    if args.weight is not None and not _weight_is_a_list(args.weight):
+        inputs["weight"] = args.weight
+    paths = {"--out": out, "--plot": args.plot}
+    check_outputs({option: path for option, path in paths.items() if path}, inputs)
+    if report is None and sys.stdout is None:
+        raise UserError("stdout is closed: name a report file with --out FILE")
     if args.plot is not None:
         require_matplotlib()
     return _Outputs(report, format, losses, args.plot)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.dashboard is not None and not args.dask:
+        _usage_error("--dashboard serves the local cluster of --dask: add --dask")
     outputs = _outputs(args)
     try:
         label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
     except ValueError as error:
         _usage_error(f"--label-smoothing: {error}")
 
-    predictions = open_array(args.predictions, "predictions")
-    targets = open_array(args.targets, "targets", text_dtype=np.int64)
+    limit = args.max_inflate
+    predictions = open_array(args.predictions, "predictions", max_inflate=limit)
+    targets = open_array(args.targets, "targets", text_dtype=np.int64, max_inflate=limit)
     layout = _check_inputs(predictions, targets)
     work_dtype = compute_dtype(predictions.dtype)
-    weight = _read_weight(args.weight, layout.classes)
+    weight = _read_weight(args.weight, layout.classes, limit)
     if weight is not None:  # as the core casts it: to the predictions' dtype
         weight = weight.astype(predictions.dtype).astype(work_dtype)
     options = Options(
@@ -370,37 +440,49 @@ def _run_eval(args: argparse.Namespace) -> int:
     if not args.from_logits:
         _warn_if_not_log_probabilities(predictions)
     chunk_rows = args.chunk_rows or default_chunk_rows(predictions)
+    if math.prod(predictions.shape[1:]) == 0:
+        # Rows of no elements: the work is bounded by the data, not by a header's row count
+        # (2**44 empty rows are one empty block).
+        chunk_rows = max(predictions.shape[0], 1)
 
     progress = Progress(layout.batch, sys.stderr, enabled=not args.quiet)
-    loss_file = None
+    loss_file = pending_losses = None
     if args.reduction == "none":
-        loss_file = _LossFile(outputs.losses, layout.output_shape, work_dtype)
+        pending_losses = Pending(outputs.losses)
+        loss_file = _LossFile(pending_losses.temp, layout.output_shape, work_dtype)
 
     def on_block(block: Totals, start: int, stop: int) -> None:
         if loss_file is not None:
             loss_file.write(block.losses, start)
         progress.update(stop - start)
 
+    completed = False
     try:
-        if args.dask or args.scheduler:
-            with dask_client(args.scheduler) as client:
+        if args.dask or args.scheduler is not None:
+            with dask_client(args.scheduler, args.dashboard) as client:
                 totals = evaluate_on_dask(
                     client, predictions, targets, options, chunk_rows, on_block=on_block
                 )
         else:
             totals = evaluate_here(predictions, targets, options, chunk_rows, on_block=on_block)
+        completed = True
     except IndexError as error:  # the core's message for an out-of-range target
         raise UserError(f"{targets.label}: {error}") from None
     finally:
         progress.close()
-        if loss_file is not None:
+        if loss_file is not None:  # the losses replace the old file only when all are in
             loss_file.close()
+            if completed:
+                pending_losses.commit()
+            else:
+                pending_losses.discard()
 
     result = finish(totals, options, predictions.dtype)
     if result.nan_count:
         _warn(f"{predictions.label} holds {result.nan_count} NaN values")
     if outputs.losses is not None and args.reduction != "none":
-        np.save(outputs.losses, np.asarray(result.loss, dtype=work_dtype))
+        loss = np.asarray(result.loss, dtype=work_dtype)
+        write_replacing(outputs.losses, lambda temp: np.save(temp, loss))
     context = Context(
         reduction=args.reduction,
         from_logits=args.from_logits,
@@ -412,9 +494,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     if outputs.report is None:
         sys.stdout.write(text)
     else:
-        Path(outputs.report).write_text(text)
+        write_replacing(outputs.report, lambda temp: Path(temp).write_text(text))
     if outputs.plot is not None:
-        per_class_figure(result.per_class).savefig(outputs.plot)
+        title = f"{args.predictions} against {args.targets}"
+        figure = per_class_figure(result.per_class, context, title)
+        format = Path(outputs.plot).suffix[1:].lower() or "png"  # savefig's own default
+        write_replacing(outputs.plot, lambda temp: figure.savefig(temp, format=format))
+        print(f"{PROG}: wrote the per-class chart to {outputs.plot}", file=sys.stderr)
     return 0
 
 
@@ -430,7 +516,7 @@ def _warn_if_not_log_probabilities(predictions: Source) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     from ._info import render_info
 
-    sys.stdout.write(render_info(args.format))
+    sys.stdout.write(render_info(args.format, args.gpus))
     return 0
 
 

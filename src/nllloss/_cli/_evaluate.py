@@ -206,10 +206,12 @@ SCHEDULER_TIMEOUT = 30
 
 
 @contextmanager
-def dask_client(scheduler: str | None) -> Iterator:
+def dask_client(scheduler: str | None, dashboard: str | None = None) -> Iterator:
     """A client of the scheduler at ``scheduler``, or of a local 2-worker cluster (None).
 
-    The local cluster listens on the loopback interface only and has no dashboard.
+    The local cluster listens on the loopback interface only, and serves a dashboard only at
+    ``dashboard``. (Its scheduler always runs an HTTP server, for health checks: without a
+    dashboard it gets a free loopback port, not 8787, so no two runs compete for a port.)
     """
     try:
         from distributed import Client, LocalCluster
@@ -223,7 +225,8 @@ def dask_client(scheduler: str | None) -> Iterator:
                 n_workers=2,
                 threads_per_worker=1,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address=dashboard or "127.0.0.1:0",
+                scheduler_kwargs={"dashboard": dashboard is not None},
                 # a failed block's error reaches the client, which reports it in one line
                 silence_logs=logging.CRITICAL,
             ) as cluster,
@@ -307,15 +310,17 @@ def finish(totals: Totals, options: Options, dtype: np.dtype) -> Result:
     The perplexity is ``exp`` of the mean NLL: the unweighted mean of ``-log p`` at the
     non-ignored targets, without label smoothing (NaN when every target is ignored).
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # 0/0 is NaN (nothing counted); exp of a large mean NLL, or a sum past the dtype's
+    # range, is inf: each is the answer, as torch's IEEE arithmetic gives it.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if options.reduction == "mean":
             value = np.float64(totals.loss_sum) / np.float64(totals.total_weight)
         else:
             value = np.float64(totals.loss_sum)
         mean_nll = np.float64(totals.nll_sum) / np.float64(totals.count)
         perplexity = np.exp(mean_nll)
-    # float64 -> compute dtype -> dtype: the core's own roundings (float32, then 16 bits).
-    loss = float(value.astype(compute_dtype(dtype)).astype(dtype))
+        # float64 -> compute dtype -> dtype: the core's own roundings (float32, then 16 bits).
+        loss = float(value.astype(compute_dtype(dtype)).astype(dtype))
     return Result(
         loss=None if options.reduction == "none" else loss,
         total_weight=totals.total_weight,

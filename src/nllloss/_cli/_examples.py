@@ -1,7 +1,7 @@
 """``nllloss examples``: the seed documents' examples, computed by nllloss beside their values.
 
 The documented values are those printed in the OneFlow and Paddle ``NLLLoss`` documents and
-PyTorch 2.13's results for the same inputs (``shared/research/env_check.md``, section 4).
+PyTorch 2.13's results for the same inputs, restated with their sources in ``docs/seeds.md``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``nllloss info``: versions of nllloss and of every backend installed, threads, GPUs.
 
-Versions come from the installed packages' metadata, so nothing heavy is imported for them;
-only the GPU count asks the libraries that can see GPUs (torch, CuPy, JAX) when they are
-installed, and ``nvidia-smi`` when it is on the PATH.
+Versions come from the installed packages' metadata, so nothing heavy is imported for them.
+GPUs are listed by ``nvidia-smi`` when it is on the PATH, and by the libraries that can see
+GPUs (torch, CuPy, JAX) only when they are already imported or ``probe`` asks for them
+(``nllloss info --gpus``): importing torch and JAX just to count GPUs took 6 s.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def threads() -> dict[str, int | None]:
     return {"nllloss": kernel_threads, "cpus": os.cpu_count()}
 
 
-def gpus(installed: dict[str, str | None]) -> dict[str, object]:
-    """GPUs seen by nvidia-smi and by each installed GPU-capable library (or why not)."""
+def gpus(installed: dict[str, str | None], probe: bool = False) -> dict[str, object]:
+    """GPUs seen by nvidia-smi and by each GPU-capable library that is imported (all that
+    are installed with ``probe``), or why not."""
     seen: dict[str, object] = {}
     if shutil.which("nvidia-smi"):
         try:
@@ -79,10 +81,10 @@ def gpus(installed: dict[str, str | None]) -> dict[str, object]:
             seen["nvidia-smi"] = [line for line in listing.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError) as error:
             seen["nvidia-smi"] = f"failed: {error}"
-    for library, probe in (("torch", _torch_gpus), ("cupy", _cupy_gpus), ("jax", _jax_gpus)):
-        if installed.get(library):
+    for library, ask in (("torch", _torch_gpus), ("cupy", _cupy_gpus), ("jax", _jax_gpus)):
+        if installed.get(library) and (probe or library in sys.modules):
             try:
-                seen[library] = probe()
+                seen[library] = ask()
             except Exception as error:  # a broken driver install raises anything
                 seen[library] = f"failed: {type(error).__name__}: {error}"
     return seen
@@ -112,19 +114,19 @@ def _jax_gpus() -> list[str]:
         return []
 
 
-def collect() -> dict[str, object]:
+def collect(probe_gpus: bool = False) -> dict[str, object]:
     installed = versions()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "versions": installed,
         "threads": threads(),
-        "gpus": gpus(installed),
+        "gpus": gpus(installed, probe_gpus),
     }
 
 
-def render_info(format: str) -> str:
-    info = collect()
+def render_info(format: str, probe_gpus: bool = False) -> str:
+    info = collect(probe_gpus)
     if format == "json":
         return json.dumps(info) + "\n"
     rows = [("python", f"{info['python']} ({info['platform']})")]
@@ -132,7 +134,8 @@ def render_info(format: str) -> str:
     threads = info["threads"]
     rows.append(("threads", f"{threads['nllloss']} (nllloss kernels), {threads['cpus']} CPUs"))
     if not info["gpus"]:
-        rows.append(("GPUs", "none seen (no nvidia-smi, torch, cupy or jax)"))
+        hint = "" if probe_gpus else "; --gpus asks torch, cupy and jax"
+        rows.append(("GPUs", f"none seen (no nvidia-smi{hint})"))
     for seen_by, found in info["gpus"].items():
         rows.append(
             (f"GPUs ({seen_by})", found if isinstance(found, str) else ", ".join(found) or "none")

@@ -11,12 +11,19 @@ Files whose bytes lie in C order in one piece (``.npy``, uncompressed ``.npz`` m
 with the rows, so the pages it touched leave the process's resident memory too (a mapping of
 the whole file would keep every page read so far resident). Compressed ``.npz`` members and
 text files are read whole, Fortran-ordered arrays mapped whole.
+
+Nothing a file says is trusted beyond the bytes it holds: only regular files (and Zarr
+directories) are opened, so a FIFO or a device cannot block or stream without end; a
+header's shape must be non-negative integers whose bytes the file holds; a compressed member
+may inflate to ``max_inflate`` bytes at most (``--max-inflate``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import stat
 import struct
 import warnings
 import zipfile
@@ -27,6 +34,11 @@ from typing import Any
 import numpy as np
 
 SUFFIXES = (".npy", ".npz", ".safetensors", ".zarr", ".txt")
+
+# A compressed .npz member is inflated into memory whole: by default to at most this many
+# bytes (--max-inflate raises it). A policy, not a measurement: four times the 256 MiB
+# that --chunk-rows' default block would read, well under the memory of a small machine.
+MAX_INFLATE = 1 << 30
 
 
 class UserError(Exception):
@@ -127,7 +139,15 @@ class ZarrRows(_Rows):
     label: str
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(_open_zarr(self.path, self.key, self.label)[start:stop])
+        stop = min(stop, self.shape[0])
+        array = _open_zarr(self.path, self.key, self.label)
+        try:
+            return np.asarray(array[start:stop])
+        except Exception as error:  # codecs raise their own types for a corrupt chunk
+            raise UserError(
+                f"{self.label}: cannot read rows {start}..{stop} ({type(error).__name__}: "
+                f"{_one_line(error)})"
+            ) from None
 
     def __dask_tokenize__(self):
         return (type(self).__name__, self.path, self.key, self.shape, self.dtype.str)
@@ -144,28 +164,34 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
-def open_array(spec: str, role: str, *, text_dtype: Any = None) -> Source:
+def open_array(
+    spec: str, role: str, *, text_dtype: Any = None, max_inflate: int = MAX_INFLATE
+) -> Source:
     """The array named ``spec`` (a path, or ``path:key`` for a container).
 
     ``role`` ('predictions', 'targets', 'weight') names it in messages; ``text_dtype`` is the
-    dtype a ``.txt`` file is read in (None: text is refused).
+    dtype a ``.txt`` file is read in (None: text is refused); ``max_inflate`` bounds the
+    bytes a compressed ``.npz`` member may inflate to.
     """
     path, key = split_spec(spec)
     label = f"{role} {spec}"
     suffix = path.suffix.lower()
     if not path.exists():
         raise UserError(f"{label}: no such file or directory")
-    if suffix == ".zarr" or (path.is_dir() and _looks_like_zarr(path)):
-        return _zarr_source(path, key, label)
     if path.is_dir():
+        if suffix == ".zarr" or _looks_like_zarr(path):
+            return _zarr_source(path, key, label)
         raise UserError(f"{label}: is a directory, not a Zarr store")
+    require_regular_file(path, label)
+    if suffix == ".zarr":
+        return _zarr_source(path, key, label)
     if key is not None and suffix in (".npy", ".txt"):
         raise UserError(f"{label}: a {suffix} file holds one array; drop ':{key}'")
     try:
         if suffix == ".npy":
             return _npy_source(path, label)
         if suffix == ".npz":
-            return _npz_source(path, key, label)
+            return _npz_source(path, key, label, max_inflate)
         if suffix == ".safetensors":
             return _safetensors_source(path, key, label)
         if suffix == ".txt" and text_dtype is not None:
@@ -179,30 +205,71 @@ def open_array(spec: str, role: str, *, text_dtype: Any = None) -> Source:
     )
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def require_regular_file(path: Path, label: str) -> None:
+    """Refuse what is not a regular file (after symlinks): a FIFO blocks, a device never ends."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+        raise UserError(f"{label}: is {kind}, not a regular file")
+
+
 def _npy_header(file, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
         version = np.lib.format.read_magic(file)
         if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(file)
-        return np.lib.format.read_array_header_2_0(file)
-    except ValueError as error:
-        raise UserError(f"{label}: not a valid .npy array ({error})") from None
+            header = np.lib.format.read_array_header_1_0(file)
+        else:
+            header = np.lib.format.read_array_header_2_0(file)
+    except Exception as error:  # NumPy's parser of the header's text raises what it meets
+        raise UserError(f"{label}: not a valid .npy array ({_one_line(error)})") from None
+    shape, fortran, dtype = header
+    return checked_shape(shape, dtype, label), fortran, dtype
+
+
+def checked_shape(shape, dtype: np.dtype, label: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints, refused when it is none or NumPy cannot hold it."""
+    if not all(type(d) is int for d in shape):  # bool, float: not a dimension
+        raise UserError(f"{label}: the shape {list(shape)} is not a list of integers")
+    if any(d < 0 for d in shape):
+        raise UserError(f"{label}: the shape {list(shape)} has a negative dimension")
+    # NumPy refuses arrays whose nonzero dimensions' bytes exceed its index range, even
+    # when another dimension is 0.
+    if dtype.itemsize * math.prod(d for d in shape if d) > np.iinfo(np.intp).max:
+        raise UserError(f"{label}: the shape {list(shape)} is too large for an array")
+    return tuple(shape)
+
+
+def nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """Bytes of an array (Python ints: no int64 overflow for a header's huge shape)."""
+    return dtype.itemsize * math.prod(shape)
 
 
 def _checked_dtype(dtype: np.dtype, label: str) -> np.dtype:
-    if dtype.hasobject or dtype.fields is not None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise UserError(f"{label}: holds dtype {dtype}; expected numbers")
     return dtype
 
 
-def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, label: str):
-    """A MappedRows, once the file is known to hold all of its bytes."""
-    needed = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+def _require_bytes(path: Path, offset: int, shape, dtype: np.dtype, label: str) -> None:
+    needed = offset + nbytes(shape, dtype)
     size = path.stat().st_size
     if size < needed:
         raise UserError(
             f"{label}: the file is cut short ({size} bytes; {dtype} {shape} needs {needed})"
         )
+
+
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, label: str):
+    """A MappedRows, once the file is known to hold all of its bytes."""
+    _require_bytes(path, offset, shape, dtype, label)
     return MappedRows(str(path), offset, shape, dtype, label)
 
 
@@ -211,9 +278,17 @@ def _npy_source(path: Path, label: str) -> Source:
         shape, fortran, dtype = _npy_header(file, label)
         offset = file.tell()
     dtype = _checked_dtype(dtype, label)
-    if fortran and len(shape) > 1:  # rows are not contiguous: map the file whole
-        return InMemory(np.load(path, mmap_mode="r"), label)
+    if fortran and len(shape) > 1:
+        return _fortran(path, offset, shape, dtype, label)
     return _mapped(path, offset, shape, dtype, label)
+
+
+def _fortran(path: Path, offset: int, shape, dtype: np.dtype, label: str) -> InMemory:
+    """A Fortran-ordered array, whose rows are not contiguous: mapped whole."""
+    _require_bytes(path, offset, shape, dtype, label)
+    if 0 in shape:  # mmap cannot map zero bytes
+        return InMemory(np.empty(shape, dtype, order="F"), label)
+    return InMemory(np.memmap(path, dtype, "r", offset, shape, order="F"), label)
 
 
 def _pick_key(names: list[str], key: str | None, label: str, path: Path) -> str:
@@ -232,7 +307,7 @@ def _pick_key(names: list[str], key: str | None, label: str, path: Path) -> str:
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
 
 
-def _npz_source(path: Path, key: str | None, label: str) -> Source:
+def _npz_source(path: Path, key: str | None, label: str, max_inflate: int) -> Source:
     try:
         with zipfile.ZipFile(path) as archive:
             members = {
@@ -243,23 +318,74 @@ def _npz_source(path: Path, key: str | None, label: str) -> Source:
             info = members[_pick_key(list(members), key, label, path)]
             if info.compress_type != zipfile.ZIP_STORED:
                 with archive.open(info) as member:
-                    return InMemory(np.lib.format.read_array(member), label)
-    except zipfile.BadZipFile:
-        raise UserError(f"{label}: not a valid .npz file") from None
+                    return InMemory(_inflate(member, label, max_inflate), label)
+    except UserError:
+        raise
+    except zipfile.BadZipFile as error:
+        raise UserError(f"{label}: not a valid .npz file ({_one_line(error)})") from None
+    except Exception as error:
+        # zipfile and its decompressors raise their own types: an unsupported method
+        # (NotImplementedError), an encrypted member (RuntimeError), a corrupt stream
+        # (zlib.error, lzma.LZMAError, OSError from bz2, EOFError), a bad CRC (BadZipFile).
+        raise UserError(
+            f"{label}: cannot read this .npz member ({type(error).__name__}: "
+            f"{_one_line(error)})"
+        ) from None
+    if info.flag_bits & 0x1:  # a stored member's bytes would be read as they are
+        raise UserError(f"{label}: the .npz member is encrypted")
     with path.open("rb") as file:
         file.seek(info.header_offset)
-        signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(
-            file.read(_ZIP_LOCAL_HEADER.size)
-        )
+        local_header = file.read(_ZIP_LOCAL_HEADER.size)
+        if len(local_header) < _ZIP_LOCAL_HEADER.size:
+            raise UserError(f"{label}: not a valid .npz file (cut short)")
+        signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(local_header)
         if signature != b"PK\x03\x04":
             raise UserError(f"{label}: not a valid .npz file")
         file.seek(name_length + extra_length, 1)
+        data_start = file.tell()
         shape, fortran, dtype = _npy_header(file, label)
         offset = file.tell()
     dtype = _checked_dtype(dtype, label)
+    # The array's bytes must lie inside the member, not run on into the next one.
+    held = info.file_size - (offset - data_start)
+    if nbytes(shape, dtype) > held:
+        raise UserError(
+            f"{label}: the member is cut short ({max(held, 0)} bytes; {dtype} {shape} needs "
+            f"{nbytes(shape, dtype)})"
+        )
     if fortran and len(shape) > 1:
-        return InMemory(np.load(path)[info.filename[:-4]], label)
+        return _fortran(path, offset, shape, dtype, label)
     return _mapped(path, offset, shape, dtype, label)
+
+
+def _inflate(member, label: str, max_inflate: int) -> np.ndarray:
+    """A compressed member's array, inflated only once its header's size is within the cap,
+    and refused when the stream holds fewer bytes than the header says."""
+    shape, fortran, dtype = _npy_header(member, label)
+    dtype = _checked_dtype(dtype, label)
+    size = nbytes(shape, dtype)
+    if size > max_inflate:
+        raise UserError(
+            f"{label}: the compressed member inflates to {size} bytes, over the limit of "
+            f"{max_inflate}; raise it with --max-inflate BYTES"
+        )
+    data = bytearray(size)
+    filled = member.readinto(memoryview(data)) if size else 0
+    while 0 < filled < size:
+        more = member.readinto(memoryview(data)[filled:])
+        if not more:
+            break
+        filled += more
+    if filled < size:
+        raise UserError(
+            f"{label}: the member is cut short ({filled} bytes; {dtype} {shape} needs {size})"
+        )
+    array = np.frombuffer(data, dtype=dtype)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
@@ -274,7 +400,7 @@ def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
             raise UserError(f"{label}: not a valid .safetensors file (header length {length})")
         try:
             header = json.loads(file.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise UserError(f"{label}: not a valid .safetensors file (bad header)") from None
     if not isinstance(header, dict):
         raise UserError(f"{label}: not a valid .safetensors file (bad header)")
@@ -282,11 +408,18 @@ def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
     entry = header[_pick_key(names, key, label, path)]
     try:
         dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(d) for d in shape)
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{label}: not a valid .safetensors file (bad entry)") from None
+    if not isinstance(dtype_name, str) or not isinstance(shape, list):
+        raise UserError(f"{label}: not a valid .safetensors file (bad entry)")
+    if not (type(begin) is int and type(end) is int and 0 <= begin <= end):
+        raise UserError(
+            f"{label}: not a valid .safetensors file (data_offsets {[begin, end]} are not "
+            "0 <= begin <= end)"
+        )
     dtype = _safetensors_dtype(dtype_name, label)
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    shape = checked_shape(shape, dtype, label)
+    expected = nbytes(shape, dtype)
     if end - begin != expected or 8 + length + end > size:
         raise UserError(
             f"{label}: not a valid .safetensors file ({dtype_name} {list(shape)} needs "
@@ -334,21 +467,35 @@ def _open_zarr(path: str, key: str | None, label: str):
 
 def _zarr_source(path: Path, key: str | None, label: str) -> ZarrRows:
     array = _open_zarr(str(path), key, label)
-    dtype = _checked_dtype(np.dtype(array.dtype), label)
-    return ZarrRows(str(path), key, tuple(array.shape), dtype, label)
+    try:
+        dtype = np.dtype(array.dtype)
+        chunks = tuple(array.chunks)
+    except Exception as error:  # zarr's own types for metadata it cannot use
+        raise UserError(f"{label}: not a usable Zarr array ({_one_line(error)})") from None
+    dtype = _checked_dtype(dtype, label)
+    shape = checked_shape(tuple(array.shape), dtype, label)
+    if any(c < 1 for c in chunks):
+        raise UserError(f"{label}: the Zarr chunks {list(chunks)} have a dimension below 1")
+    return ZarrRows(str(path), key, shape, dtype, label)
 
 
 def _read_text(path: Path, dtype: np.dtype, label: str) -> np.ndarray:
     """Whitespace-separated numbers (``#`` starts a comment), all of them in order, as 1-D."""
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{label}: not a text file of numbers (byte {error.start} is not UTF-8)"
+        ) from None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
-            return np.loadtxt(path, dtype=dtype, ndmin=1).reshape(-1)
+            return np.loadtxt(text.splitlines(), dtype=dtype, ndmin=1).reshape(-1)
     except ValueError:
         pass
     # Name the first value that is not one; only lines of different lengths remain.
     what = "an integer" if dtype.kind in "iu" else "a number"
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         for token in line.split("#", 1)[0].split():
             if not _parses(token, dtype):
                 raise UserError(f"{label}: line {number}: {token!r} is not {what} ({dtype})")

@@ -1,4 +1,8 @@
-"""``nllloss eval``'s report as a table, JSON or CSV, and the per-class bar chart."""
+"""``nllloss eval``'s report as a table, JSON or CSV, and the per-class bar chart.
+
+A number that is not finite reads one way in each format: ``nan``/``inf`` in the table and
+in CSV (as Python, NumPy and pandas write and read them), ``null`` in JSON (which has none).
+"""
 
 from __future__ import annotations
 
@@ -61,21 +65,30 @@ def render(result: Result, context: Context, format: str) -> str:
 def _csv(result: Result, context: Context) -> str:
     """The summary (a header and one row); with the class table, a blank line and that table."""
     report = as_dict(result, context)
+    raw = {**report, "loss": result.loss, "total_weight": result.total_weight}
+    raw["perplexity"] = result.perplexity
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     keys = [key for key in report if key != "per_class"]
     writer.writerow(keys)
-    writer.writerow(["" if report[key] is None else report[key] for key in keys])
-    if "per_class" in report:
+    writer.writerow(["" if raw[key] is None else raw[key] for key in keys])
+    if result.per_class is not None:
         writer.writerow([])
         writer.writerow(CLASS_KEYS)
-        for row in report["per_class"]:
-            writer.writerow(["" if row[key] is None else row[key] for key in CLASS_KEYS])
+        for row in result.per_class:
+            writer.writerow([row[key] for key in CLASS_KEYS])
     return text.getvalue()
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.6g}"
+def _number(value: float) -> str:
+    return f"{value:.6g}"  # nan and inf as Python writes them
+
+
+def _weight_total(value: float) -> str:
+    """A total weight in full: a count of targets (or an integral sum) as the integer it is."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return f"{value:.7g}"
 
 
 def _table(result: Result, context: Context) -> str:
@@ -89,27 +102,39 @@ def _table(result: Result, context: Context) -> str:
         loss = f"{_number(result.loss)}  ({context.reduction}, {', '.join(what)})"
     lines = [
         f"loss          {loss}",
-        f"total weight  {_number(result.total_weight)}",
+        f"total weight  {_weight_total(result.total_weight)}",
         f"targets       {result.count} used, {result.ignored} ignored",
         f"perplexity    {_number(result.perplexity)}  (exp of the mean NLL)",
     ]
     if result.per_class is not None:
-        lines += ["", *_class_table(result.per_class)]
+        lines += ["", *_class_table(result.per_class, context)]
     return "\n".join(lines) + "\n"
 
 
 BAR_WIDTH = 20  # characters of the share bar at a 100% share
 
 
-def _class_table(rows: list[dict]) -> list[str]:
-    header = ("class", "count", "weight", "mean NLL", "share")
+def share_of(context: Context) -> str:
+    """What the share column divides: the loss as computed, weighted and smoothed or not."""
+    what = ["weighted"] if context.weighted else []
+    if context.label_smoothing:
+        what.append("smoothed")
+    return f"share of the {' and '.join(what)} loss" if what else "share of the loss"
+
+
+def _class_table(rows: list[dict], context: Context) -> list[str]:
+    """Count, weight and the mean NLL (unweighted, unsmoothed: -log p at the targets) per
+    class, and its share of the loss as reduced (with the weights and smoothing asked for)."""
+    modified = context.weighted or bool(context.label_smoothing)
+    mean = "unweighted mean NLL" if modified else "mean NLL"
+    header = ("class", "count", "weight", mean, share_of(context) if modified else "share")
     cells = [
         (
             str(row["class"]),
             str(row["count"]),
             f"{row['weight']:g}",
             f"{row['mean_nll']:.4f}",
-            "-" if math.isnan(row["share"]) else f"{100 * row['share']:.1f}%",
+            f"{100 * row['share']:.1f}%" if math.isfinite(row["share"]) else f"{row['share']}",
         )
         for row in rows
     ]
@@ -130,8 +155,9 @@ def require_matplotlib() -> None:
         raise UserError("--plot needs matplotlib (pip install 'nllloss[plot]')") from None
 
 
-def per_class_figure(rows: list[dict]):
-    """Two bar charts over the classes: the mean NLL, and the share of the total loss.
+def per_class_figure(rows: list[dict], context: Context, title: str):
+    """Two bar charts over the classes: the mean NLL, and the share of the total loss,
+    under ``title``.
 
     A bare Figure, drawn by matplotlib's Agg canvas: no display, no pyplot state.
     """
@@ -140,11 +166,13 @@ def per_class_figure(rows: list[dict]):
 
     labels = [str(row["class"]) for row in rows]
     figure = Figure(figsize=(max(6.0, 0.35 * len(rows) + 2), 5.5), layout="constrained")
+    figure.suptitle(f"Per-class loss: {title}", fontsize=10)
     mean_axes, share_axes = figure.subplots(2, 1, sharex=True)
     mean_axes.bar(labels, [row["mean_nll"] for row in rows], color="tab:blue")
-    mean_axes.set_ylabel("mean NLL per target")
+    modified = context.weighted or bool(context.label_smoothing)
+    mean_axes.set_ylabel(f"{'unweighted ' if modified else ''}mean NLL per target")
     share_axes.bar(labels, [100 * row["share"] for row in rows], color="tab:orange")
-    share_axes.set_ylabel("share of the loss (%)")
+    share_axes.set_ylabel(f"{share_of(context)} (%)")
     share_axes.set_xlabel("class (count under the bar)")
     for axes in (mean_axes, share_axes):
         axes.grid(axis="y", alpha=0.3)

@@ -21,6 +21,8 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 
+from ._threads import Guarded
+
 # Elements per parallel block: large enough to amortise scheduling (measured on 2 cores:
 # 16384 and 65536 time the same for (1048576, 10); 4096 is ~10% slower).
 BLOCK = 16384
@@ -28,15 +30,16 @@ LEVELS = 8
 
 # error_model="numpy": IEEE results for x/0 (as torch), no Python exception checks in loops.
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-_pjit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 
 
 def _parallel_and_serial(function=None, **options):
     """The kernel with prange over threads, and its serial twin (same source) as ``.serial``.
 
     Starting a parallel region costs microseconds with busy-waiting workers and far more
-    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``). ``options``
-    (keywords only) replace numba's, e.g. ``fastmath``.
+    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``). Where the
+    parallel kernel is unsafe (a forked child, another thread in a parallel kernel), calling
+    it runs the twin (``_threads``). ``options`` (keywords only) replace numba's, e.g.
+    ``fastmath``.
     """
     if function is None:
         return lambda function: _parallel_and_serial(function, **options)
@@ -52,8 +55,7 @@ def _parallel_and_serial(function=None, **options):
         function.__closure__,
     )
     twin.__qualname__ = function.__qualname__ + "_serial"
-    parallel.serial = numba.njit(**settings)(twin)
-    return parallel
+    return Guarded(parallel, numba.njit(**settings)(twin))
 
 
 def _decode(element, table):
@@ -203,7 +205,7 @@ def _element(x3, t2, ignore_index, weight, decode, b, s):
     return -value, zero, 1
 
 
-@_pjit
+@_parallel_and_serial
 def block_sums(x3, t2, ignore_index, weight, decode, step, sums):
     """Parallel first pass of the cascade: the sum of each block of ``step`` elements.
 

@@ -1,0 +1,166 @@
+"""The compiled kernels under fork and threads, on every numba threading layer that loads here.
+
+Each layer runs in its own subprocess (numba picks its layer once per process): the parent
+of the probes first runs parallel kernels (the pool starts), then computes the same losses
+and gradients in a forked child, a fork ``multiprocessing.Pool``, torch ``DataLoader``
+workers and 8 concurrent threads. Without ``_cpu._threads``, GNU OpenMP kills the forked
+child (and hangs the pool), and ``workqueue`` aborts the process under the threads. Every
+result must equal torch's, computed here in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).parents[1]
+TIMEOUT = 240  # seconds for one layer's probes; a hang fails instead
+
+# Large enough for the parallel kernels (_cpu.PARALLEL_MIN elements and beyond).
+N, C = 70_000, 4
+
+PROBES = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, threading
+    import numpy as np
+    import numba
+    import nllloss
+
+    folder = sys.argv[1]
+    x, t = np.load(f"{folder}/x.npy"), np.load(f"{folder}/t.npy")
+    expected = {name: np.load(f"{folder}/{name}.npy") for name in ("none", "mean", "grad")}
+
+
+    def check(label):
+        got = {
+            "none": nllloss.nll_loss(x, t, reduction="none"),
+            "mean": nllloss.nll_loss(x, t),
+            "grad": nllloss.nll_loss_backward(1.0, x, t, reduction="sum"),
+        }
+        for name, value in got.items():
+            if not np.array_equal(value, expected[name]):
+                raise AssertionError(f"{label}: {name} differs from torch's")
+        return label
+
+
+    check("parent")  # the pool starts here
+    print("layer", numba.threading_layer(), flush=True)
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            check("fork")
+        except BaseException as error:
+            print(error, flush=True)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"forked child: status {status}"
+    print("fork ok", flush=True)
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        labels = pool.map_async(check, [f"pool {i}" for i in range(4)]).get(timeout=60)
+    assert len(labels) == 4
+    print("pool ok", flush=True)
+
+    import torch.utils.data
+
+    class Losses(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return check(f"worker item {i}")
+
+    loader = torch.utils.data.DataLoader(
+        Losses(), num_workers=2, batch_size=None, multiprocessing_context="fork", timeout=60
+    )
+    assert len(list(loader)) == 4
+    print("dataloader ok", flush=True)
+
+    errors = []
+
+    def calls(i):
+        try:
+            for k in range(5):
+                check(f"thread {i} call {k}")
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    print("threads ok", flush=True)
+    """
+)
+
+
+def _layer_loads(layer: str) -> bool:
+    """Whether numba can load ``layer`` here (TBB needs the tbb package's library)."""
+    module = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}[layer]
+    code = f"import numba.np.ufunc.{module}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Log-probabilities, targets (some ignored) and torch's loss and gradient, as files."""
+    folder = tmp_path_factory.mktemp("threads")
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.standard_normal((N, C)).astype(np.float32)).log_softmax(1)
+    t = torch.from_numpy(rng.integers(0, C, N))
+    t[torch.from_numpy(rng.random(N) < 0.1)] = -100
+    grad_x = x.clone().requires_grad_()
+    F.nll_loss(grad_x, t, reduction="sum").backward()
+    arrays = {
+        "x": x.numpy(),
+        "t": t.numpy(),
+        "none": F.nll_loss(x, t, reduction="none").numpy(),
+        "mean": F.nll_loss(x, t).numpy(),
+        "grad": grad_x.grad.numpy(),
+    }
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
+    return folder
+
+
+@pytest.fixture
+def numpy_engine():
+    """Overrides conftest's two-engine fixture: the probes exercise the compiled kernels."""
+    return "compiled"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX's")
+@pytest.mark.parametrize("layer", ["omp", "workqueue", "tbb"])
+def test_fork_pool_dataloader_and_threads_on_each_layer(layer, inputs):
+    if not _layer_loads(layer):
+        pytest.skip(f"numba's {layer} threading layer does not load here")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "NUMBA_THREADING_LAYER": layer,
+        "NUMBA_NUM_THREADS": "2",
+    }
+    env.pop("NLLLOSS_DISABLE_NUMBA", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBES, str(inputs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == [f"layer {layer}", "fork ok", "pool ok", "dataloader ok", "threads ok"]
