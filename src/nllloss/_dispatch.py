@@ -89,6 +89,11 @@ def like_input(backend, obj: Any, input: Any, name: str, sequence_dtype: Any = N
                 name, array_api_compat.device(obj), array_api_compat.device(input)
             )
         return obj
+    if type(obj) in (int, float) and sequence_dtype is None:
+        # Straight to the library, in full precision (no NumPy array: torch.compile traces
+        # this call and cannot trace NumPy's)
+        exact = backend.xp.float64 if type(obj) is float else backend.xp.int64
+        return backend.xp.asarray(obj, dtype=exact, device=array_api_compat.device(input))
     values = as_array(obj, name)
     dtype = sequence_dtype if not hasattr(obj, "dtype") else None
     return backend.xp.asarray(values, dtype=dtype, device=array_api_compat.device(input))

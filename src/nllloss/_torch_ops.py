@@ -27,6 +27,7 @@ import dataclasses
 import array_api_compat.torch as torch_namespace
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _cpu, _generic, _triton, _validate
 from ._problem import Problem, layout_of
@@ -114,10 +115,10 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
 
 
 def _values_hidden() -> bool:
-    # Under torch.func transforms (grad, vmap, jvp, ...) the loss is made of plain torch
-    # operations, which every transform composes with; autograd.Function and custom
-    # operators would need a rule per transform.
-    return torch._C._are_functorch_transforms_active()
+    # Under torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD the loss is made
+    # of plain torch operations, which every transform composes with; autograd.Function
+    # and custom operators would need a rule per transform.
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 # Below this many input elements, float32/float64 CPU tensors run torch's own kernel: its
