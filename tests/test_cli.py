@@ -381,11 +381,12 @@ def test_nan_reads_one_way_in_each_format(tmp_path, capsys):
     assert "-" not in cells
     code, text, _ = run([*argv, "--format", "csv"], capsys)
     summary, classes = text.split("\n\n")
-    assert list(csv.DictReader(io.StringIO(summary)))[0]["loss"] == "nan"
+    assert next(iter(csv.DictReader(io.StringIO(summary))))["loss"] == "nan"
     shares = [row["share"] for row in csv.DictReader(io.StringIO(classes))]
     assert shares == ["nan"] * 3  # the total loss is NaN: every share is
     result = report(argv[:-1], capsys)
-    assert result["loss"] is None and result["per_class"][1]["mean_nll"] is None
+    assert result["loss"] is None
+    assert result["per_class"][1]["mean_nll"] is None
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,8 @@ def run(argv, capsys, seconds=RUN_SECONDS) -> tuple[int, str, str]:
 
 def assert_one_line(code, out, err, text, expected_code=1):
     assert (code, out) == (expected_code, ""), err
-    assert err.count("\n") == 1 and err.startswith("nllloss"), err
+    assert err.count("\n") == 1, err
+    assert err.startswith("nllloss"), err
     assert "Traceback" not in err
     assert text in err, err
 
@@ -124,9 +125,7 @@ def zarr_v2(path: Path, array: np.ndarray, compressor: str, chunks=(50, C)) -> P
     from numcodecs import Blosc, Zlib, Zstd
 
     codec = {"blosc": Blosc(), "zstd": Zstd(), "zlib": Zlib()}[compressor]
-    zarr.create_array(
-        str(path), data=array, chunks=chunks, zarr_format=2, compressors=codec
-    )
+    zarr.create_array(str(path), data=array, chunks=chunks, zarr_format=2, compressors=codec)
     for chunk in path.iterdir():
         if not chunk.name.startswith("."):
             chunk.write_bytes(b"not a compressed chunk at all" * 3)
@@ -198,13 +197,21 @@ def case_npz_declares_8_gib(f):
     text = header("<f4", (1073741824, 2))
     x = npz_member_with_header(f / "x.npz", text, b"\0" * 4096)
     _, t = _pair(f)
-    return [x, t], "inflates to 8589934592 bytes, over the limit of 1073741824; raise it with --max-inflate"
+    return [
+        x,
+        t,
+    ], "inflates to 8589934592 bytes, over the limit of 1073741824; raise it with --max-inflate"
 
 
 def case_npz_over_a_lowered_cap(f):
     np.savez_compressed(f / "x.npz", x=log_probs())
     _, t = _pair(f)
-    return [f / "x.npz", t, "--max-inflate", "1K"], "over the limit of 1024; raise it with --max-inflate"
+    return [
+        f / "x.npz",
+        t,
+        "--max-inflate",
+        "1K",
+    ], "over the limit of 1024; raise it with --max-inflate"
 
 
 def case_npz_encrypted(f):
@@ -292,7 +299,7 @@ def case_safetensors_nested_header(f):
 
 
 def case_safetensors_offsets_before_the_data(f):
-    entry = {"dtype": "F32", "shape": [200, 5], "data_offsets": [-10**6, 4000 - 10**6]}
+    entry = {"dtype": "F32", "shape": [200, 5], "data_offsets": [-(10**6), 4000 - 10**6]}
     x, t = _safetensors(f, entry)
     return [x, t], "x.safetensors: not a valid .safetensors file (data_offsets [-1000000, -996000]"
 
@@ -373,7 +380,11 @@ def case_dashboard_without_dask(f):
 
 def case_option_prefix(f):
     x, t = _pair(f)
-    return [x, t, "--from-logit"], "unrecognized arguments: --from-logit (see nllloss eval --help)", 2
+    return (
+        [x, t, "--from-logit"],
+        "unrecognized arguments: --from-logit (see nllloss eval --help)",
+        2,
+    )
 
 
 def case_out_is_the_predictions(f):
@@ -428,9 +439,7 @@ def test_hostile_input_is_refused_in_one_line(case, tmp_path, capsys):
     argv, *texts = built
     code = 2 if texts[-1] == 2 else 1
     texts = [t for t in texts if not isinstance(t, int)]
-    before = {
-        p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
-    }
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()}
     started = time.monotonic()
     result = run(["eval", *argv], capsys)
     assert time.monotonic() - started < RUN_SECONDS
@@ -462,7 +471,9 @@ def test_a_failed_run_leaves_the_old_output_and_no_temporary(tmp_path, capsys):
     out.chmod(0o640)
     code, _, err = run(["eval", x, t, "--reduction", "none", "--out", out, "--quiet"], capsys)
     assert code == 0, err
-    expected = F.nll_loss(torch.from_numpy(log_probs()), torch.from_numpy(targets()), reduction="none")
+    expected = F.nll_loss(
+        torch.from_numpy(log_probs()), torch.from_numpy(targets()), reduction="none"
+    )
     np.testing.assert_array_equal(np.load(out), expected.numpy())
     assert out.stat().st_mode & 0o777 == 0o640
 
@@ -472,14 +483,28 @@ def test_empty_rows_of_a_huge_header_take_no_time(tmp_path, capsys):
     """(2**44, 2, 0): no element at all, so one empty block, as torch's loss over nothing."""
     rows = 2**44
     for name, writer in (
-        ("npy", lambda: (
-            npy_with_header(tmp_path / "x.npy", header("<f4", (rows, 2, 0))),
-            npy_with_header(tmp_path / "t.npy", header("<i8", (rows, 0))),
-        )),
-        ("safetensors", lambda: (
-            safetensors_file(tmp_path / "x.safetensors", {"x": {"dtype": "F32", "shape": [rows, 2, 0], "data_offsets": [0, 0]}}, b""),
-            safetensors_file(tmp_path / "t.safetensors", {"t": {"dtype": "I64", "shape": [rows, 0], "data_offsets": [0, 0]}}, b""),
-        )),
+        (
+            "npy",
+            lambda: (
+                npy_with_header(tmp_path / "x.npy", header("<f4", (rows, 2, 0))),
+                npy_with_header(tmp_path / "t.npy", header("<i8", (rows, 0))),
+            ),
+        ),
+        (
+            "safetensors",
+            lambda: (
+                safetensors_file(
+                    tmp_path / "x.safetensors",
+                    {"x": {"dtype": "F32", "shape": [rows, 2, 0], "data_offsets": [0, 0]}},
+                    b"",
+                ),
+                safetensors_file(
+                    tmp_path / "t.safetensors",
+                    {"t": {"dtype": "I64", "shape": [rows, 0], "data_offsets": [0, 0]}},
+                    b"",
+                ),
+            ),
+        ),
     ):
         x, t = writer()
         started = time.monotonic()
@@ -489,8 +514,13 @@ def test_empty_rows_of_a_huge_header_take_no_time(tmp_path, capsys):
         expected = F.nll_loss(torch.empty(3, 2, 0), torch.empty(3, 0, dtype=torch.int64))
         assert torch.isnan(expected)  # torch's mean over no element
         assert json.loads(out) == {
-            "loss": None, "reduction": "mean", "total_weight": 0.0, "count": 0, "ignored": 0,
-            "perplexity": None, "per_class": [],
+            "loss": None,
+            "reduction": "mean",
+            "total_weight": 0.0,
+            "count": 0,
+            "ignored": 0,
+            "perplexity": None,
+            "per_class": [],
         }
 
 
@@ -501,7 +531,10 @@ def test_empty_rows_of_a_huge_header_on_dask(tmp_path):
     t = npy_with_header(tmp_path / "t.npy", header("<i8", (rows, 0)))
     done = subprocess.run(
         [sys.executable, "-m", "nllloss", "eval", x, t, "--dask", "--format", "json"],
-        capture_output=True, text=True, env=ENV, timeout=120,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["count"] == 0
@@ -511,7 +544,9 @@ def test_empty_rows_of_a_huge_header_on_dask(tmp_path):
 def test_a_raised_inflate_limit_reads_the_member(tmp_path, capsys):
     np.savez_compressed(tmp_path / "x.npz", x=log_probs())
     _, t = _pair(tmp_path)
-    code, out, err = run(["eval", tmp_path / "x.npz", t, "--max-inflate", "4K", "--format", "json"], capsys)
+    code, out, err = run(
+        ["eval", tmp_path / "x.npz", t, "--max-inflate", "4K", "--format", "json"], capsys
+    )
     assert code == 0, err
     expected = F.nll_loss(torch.from_numpy(log_probs()), torch.from_numpy(targets()))
     assert np.float32(json.loads(out)["loss"]) == expected.numpy()
@@ -522,7 +557,10 @@ def test_closed_stdout_is_one_line(tmp_path):
     x, t = _pair(tmp_path)
     done = subprocess.run(
         ["bash", "-c", f'"{sys.executable}" -m nllloss eval "{x}" "{t}" >&-'],
-        capture_output=True, text=True, env=ENV, timeout=60,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
     )
     assert done.returncode == 1
     assert done.stderr == "nllloss: error: stdout is closed: name a report file with --out FILE\n"
@@ -533,7 +571,11 @@ def test_version(capsys):
     code, out, _ = run(["--version"], capsys)
     assert (code, out) == (0, f"nllloss {nllloss.__version__}\n")
     done = subprocess.run(
-        [sys.executable, "-m", "nllloss", "--version"], capture_output=True, text=True, env=ENV, timeout=60
+        [sys.executable, "-m", "nllloss", "--version"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
     )
     assert done.stdout == f"nllloss {nllloss.__version__}\n"
 
@@ -545,7 +587,10 @@ def test_the_local_cluster_serves_no_dashboard_unless_asked():
     with dask_client(None) as client:
         scheduler = client.cluster.scheduler
         assert "bokeh" not in str(type(scheduler.http_application)).lower()
-        assert not any("status" in str(rule.matcher) for rule in scheduler.http_application.wildcard_router.rules)
+        assert not any(
+            "status" in str(rule.matcher)
+            for rule in scheduler.http_application.wildcard_router.rules
+        )
         assert scheduler.http_server.port != 8787
         assert scheduler.http_server.address == "127.0.0.1"
 
@@ -578,7 +623,8 @@ def _fuzz_run(folder: Path, spec: str, capsys) -> None:
     code, out, err = run(["eval", spec, folder / "t.npy", "--quiet"], capsys, seconds=10)
     assert code in (0, 1), err
     if code == 1:
-        assert out == "" and err.count("\n") == 1, err
+        assert out == "", err
+        assert err.count("\n") == 1, err
         assert err.startswith(f"nllloss: error: predictions {spec}"), err
 
 
@@ -607,7 +653,11 @@ SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3
 @once
 @FUZZ
 @given(
-    dtype=st.one_of(st.sampled_from(SAFETENSORS_DTYPES), st.integers(), st.lists(st.text(max_size=2), max_size=2)),
+    dtype=st.one_of(
+        st.sampled_from(SAFETENSORS_DTYPES),
+        st.integers(),
+        st.lists(st.text(max_size=2), max_size=2),
+    ),
     shape=st.one_of(shapes, st.integers(), st.text(max_size=3)),
     offsets=st.one_of(
         st.lists(st.integers(-(2**65), 2**65), max_size=3),
@@ -619,9 +669,13 @@ SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3
     payload=st.binary(max_size=128),
     length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**40]),
 )
-def test_fuzzed_safetensors_headers(tmp_path_factory, capsys, dtype, shape, offsets, extra, payload, length_delta):
+def test_fuzzed_safetensors_headers(
+    tmp_path_factory, capsys, dtype, shape, offsets, extra, payload, length_delta
+):
     folder = tmp_path_factory.mktemp("safetensors")
-    text = json.dumps({"x": {"dtype": dtype, "shape": shape, "data_offsets": offsets}, **extra}).encode()
+    text = json.dumps(
+        {"x": {"dtype": dtype, "shape": shape, "data_offsets": offsets}, **extra}
+    ).encode()
     path = folder / "x.safetensors"
     path.write_bytes(struct.pack("<Q", max(len(text) + length_delta, 0)) + text + payload)
     _fuzz_run(folder, f"{path}:x", capsys)

@@ -29,20 +29,30 @@ def numpy_engine():
     return None
 
 
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
 def test_smoke_run_rehearses_every_step(tmp_path):
+    """Every step passes, and nothing is written outside --out (neither the folder it is
+    run from nor the committed results)."""
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    committed = _tree(BENCHMARKS / "results")
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=cwd,
     )
-    assert done.returncode == 0, (
-        done.stdout + done.stderr + (tmp_path / "gpu-check.log").read_text()
-    )
-    names = {p.name for p in tmp_path.iterdir()}
+    assert list(cwd.iterdir()) == []
+    assert _tree(BENCHMARKS / "results") == committed
+    assert done.returncode == 0, done.stdout + done.stderr + (out / "gpu-check.log").read_text()
+    names = {p.name for p in out.iterdir()}
     assert names == {"gpu-check.md", "gpu-check.json", "gpu-check.log", "triton-tests.xml",
                      "gpu-latest.md", "gpu-latest.json"}  # fmt: skip
-    document = json.loads((tmp_path / "gpu-check.json").read_text())
+    document = json.loads((out / "gpu-check.json").read_text())
     assert document["ok"]
     assert document["smoke"]
     steps = document["steps"]
@@ -61,7 +71,7 @@ def test_smoke_run_rehearses_every_step(tmp_path):
     rows = document["benchmark"]["rows"]
     assert {"nllloss", "nllloss fused", "nll_loss autograd", "torch"} <= {r["impl"] for r in rows}
     assert not [r for r in rows if r.get("error") and r["impl"].startswith("nll")]
-    assert "Result: **passed**" in (tmp_path / "gpu-check.md").read_text()
+    assert "Result: **passed**" in (out / "gpu-check.md").read_text()
 
 
 def _stand_in(statuses, calls):

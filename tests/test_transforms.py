@@ -370,8 +370,8 @@ def test_out_of_range_targets_still_raise_where_they_can_be_read(option, reducti
     with pytest.raises(IndexError, match=match):
         ours(x1.clone().requires_grad_(), t1)
     kwargs = {"weight": w, "reduction": reduction, **OPTIONS[option]}
+    upstream = torch.ones(t1.shape if reduction == "none" else ())
     with pytest.raises(IndexError, match=match):
-        upstream = torch.ones(t1.shape if reduction == "none" else ())
         nllloss.nll_loss_backward(upstream, x1, t1, **kwargs)
     with pytest.raises(IndexError, match=match):
         grad(lambda a: scalar(ours(a, t1)))(x1)

@@ -23,6 +23,7 @@ The gradient is the same as PyTorch's and Paddle's (all-ignored 'mean': zeros).
 from __future__ import annotations
 
 import numpy as np
+
 try:
     import paddle
 except ModuleNotFoundError as error:

@@ -228,6 +228,8 @@ def _npy_header(file, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             header = np.lib.format.read_array_header_1_0(file)
         else:
             header = np.lib.format.read_array_header_2_0(file)
+    except UserError:
+        raise
     except Exception as error:  # NumPy's parser of the header's text raises what it meets
         raise UserError(f"{label}: not a valid .npy array ({_one_line(error)})") from None
     shape, fortran, dtype = header
@@ -318,19 +320,15 @@ def _npz_source(path: Path, key: str | None, label: str, max_inflate: int) -> So
             info = members[_pick_key(list(members), key, label, path)]
             if info.compress_type != zipfile.ZIP_STORED:
                 with archive.open(info) as member:
-                    return InMemory(_inflate(member, label, max_inflate), label)
+                    return InMemory(
+                        _inflate(_MemberStream(member, label), label, max_inflate), label
+                    )
     except UserError:
         raise
     except zipfile.BadZipFile as error:
         raise UserError(f"{label}: not a valid .npz file ({_one_line(error)})") from None
     except Exception as error:
-        # zipfile and its decompressors raise their own types: an unsupported method
-        # (NotImplementedError), an encrypted member (RuntimeError), a corrupt stream
-        # (zlib.error, lzma.LZMAError, OSError from bz2, EOFError), a bad CRC (BadZipFile).
-        raise UserError(
-            f"{label}: cannot read this .npz member ({type(error).__name__}: "
-            f"{_one_line(error)})"
-        ) from None
+        raise _member_error(error, label) from None
     if info.flag_bits & 0x1:  # a stored member's bytes would be read as they are
         raise UserError(f"{label}: the .npz member is encrypted")
     with path.open("rb") as file:
@@ -356,6 +354,36 @@ def _npz_source(path: Path, key: str | None, label: str, max_inflate: int) -> So
     if fortran and len(shape) > 1:
         return _fortran(path, offset, shape, dtype, label)
     return _mapped(path, offset, shape, dtype, label)
+
+
+def _member_error(error: Exception, label: str) -> UserError:
+    # zipfile and its decompressors raise their own types: an unsupported method
+    # (NotImplementedError), an encrypted member (RuntimeError), a corrupt stream
+    # (zlib.error, lzma.LZMAError, OSError from bz2, EOFError), a bad CRC (BadZipFile).
+    return UserError(
+        f"{label}: cannot read this .npz member ({type(error).__name__}: {_one_line(error)})"
+    )
+
+
+class _MemberStream:
+    """A compressed member whose read errors name the member, wherever they happen: a
+    corrupt stream met while reading the .npy header is the stream's fault, not the
+    header's."""
+
+    def __init__(self, member, label: str):
+        self._member, self._label = member, label
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._member.read(size)
+        except Exception as error:
+            raise _member_error(error, self._label) from None
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._member.readinto(buffer)
+        except Exception as error:
+            raise _member_error(error, self._label) from None
 
 
 def _inflate(member, label: str, max_inflate: int) -> np.ndarray:
