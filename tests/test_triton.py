@@ -595,6 +595,50 @@ def test_a_training_step_reads_the_logits_once_and_syncs_at_most_once(
     _close(grad, x64.grad, torch.float32)
 
 
+@pytest.mark.parametrize("check_targets", [True, False])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_an_autograd_training_step_reads_the_input_once_and_syncs_at_most_once(
+    from_logits, reduction, check_targets, monkeypatch
+):
+    """The same through nllloss.nll_loss and autograd (bfloat16 CPU tensors stand in for
+    CUDA ones without a GPU): the backward neither reads x again nor checks the targets
+    again, whatever the upstream gradient."""
+    from nllloss._triton import _kernels, _launch
+
+    monkeypatch.setenv(*OPT_IN)
+    log, syncs = [], []
+    monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))
+    original = _launch._raise_first_bad
+    monkeypatch.setattr(_launch, "_raise_first_bad", lambda *a: syncs.append(1) or original(*a))
+    generator = torch.Generator().manual_seed(22)
+    logits = torch.randn(10, 7, generator=generator, dtype=torch.float64)
+    t = torch.randint(0, 7, (10,), generator=generator)
+    t[3] = -100
+    w = torch.rand(7, generator=generator, dtype=torch.float64) + 0.5
+    g = torch.rand(() if reduction != "none" else (10,), generator=generator) + 0.5
+    x = logits if from_logits else torch.log_softmax(logits, dim=1)
+    x = x.to(torch.bfloat16)
+    ours = x.to(DEVICE, copy=True).requires_grad_()
+    options = {"from_logits": from_logits, "check_targets": check_targets}
+    loss = nllloss.nll_loss(ours, t.to(DEVICE), w.to(DEVICE, torch.bfloat16),
+                            reduction=reduction, **options)  # fmt: skip
+    loss.backward(g.to(DEVICE, torch.bfloat16))
+    # (a forward_kernel with LOAD_X=False is 'mean''s denominator pass over t and w only)
+    launches = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
+    if from_logits:  # one fused pass over x
+        assert launches == [("forward_kernel", True, True)]
+    else:  # x[t] gathered, then the gradient written (x not read)
+        assert launches == [("forward_kernel", True, False), ("backward_kernel", None, None)]
+    assert len(syncs) == check_targets
+    x64 = x.double().requires_grad_()
+    loss_function = F.cross_entropy if from_logits else F.nll_loss
+    expected = loss_function(x64, t, w.to(torch.bfloat16).double(), reduction=reduction)
+    expected.backward(g.to(torch.bfloat16).double())
+    _close(loss, expected, torch.bfloat16)
+    _close(ours.grad, x64.grad, torch.bfloat16)
+
+
 @pytest.mark.skipif(not CUDA, reason="torch's sync debug mode watches CUDA synchronisations")
 def test_unchecked_training_step_never_syncs_the_host():
     x, target, weight = _kdim_case(seed=12)
@@ -704,12 +748,13 @@ def test_kernels_compile_for_hopper():
 def test_torch_operators_route_to_the_kernels(options, monkeypatch):
     """nllloss.nll_loss and autograd on tensors the kernels serve run the kernels once
     opted in (without a GPU, bfloat16 CPU tensors under the interpreter stand in for CUDA
-    tensors)."""
+    tensors): from logits, one fused pass writes the loss and the gradient; on
+    log-probabilities the forward reads x[t] and the backward writes the gradient."""
     from nllloss._triton import _launch
 
     monkeypatch.setenv(*OPT_IN)
     calls = []
-    for name in ("forward", "backward"):
+    for name in ("forward", "backward", "forward_backward"):
         original = getattr(_launch, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -724,7 +769,7 @@ def test_torch_operators_route_to_the_kernels(options, monkeypatch):
     ours = x.to(DEVICE, copy=True).requires_grad_()
     loss = nllloss.nll_loss(ours, t.to(DEVICE), **options)
     loss.backward()
-    assert calls == ["forward", "backward"]
+    assert calls == (["forward_backward"] if options else ["forward", "backward"])
     reference = x.double().requires_grad_()
     if options:
         expected = F.cross_entropy(reference, t, label_smoothing=0.1)

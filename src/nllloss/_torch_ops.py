@@ -50,10 +50,17 @@ def _engine(problem: Problem) -> str:
 
 
 def _compute(kind: str, problem: Problem, grad_output=None):
-    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine."""
+    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine.
+
+    'forward_backward' without ``grad_output`` gives the gradient for an upstream gradient
+    of 1 (ones for 'none'), from the pass that computes the loss.
+    """
     engine = _engine(problem)
     if engine == "triton":
         return _triton_compute(kind, problem, grad_output)
+    if grad_output is None and kind == "forward_backward":
+        x = problem.input
+        grad_output = torch.ones((), dtype=x.dtype, device=x.device)
     if engine == "generic":
         backend = GENERIC
         problem = _with_comparable_target(problem)
@@ -107,8 +114,9 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
         return launcher.forward(*arguments, problem.reduction, **flags)[0]
     if kind == "backward":
         return launcher.backward(grad_output, *arguments, problem.reduction, **flags)
-    loss = launcher.forward(*arguments, problem.reduction, **flags)[0]
-    return loss, launcher.backward(grad_output, *arguments, problem.reduction, **flags)
+    # One pass writes the loss and the unit gradient; another upstream gradient scales it.
+    loss, unit = launcher.forward_backward(*arguments, problem.reduction, **flags)
+    return loss, unit if grad_output is None else _scaled(unit, grad_output)
 
 
 # --- The backend ----------------------------------------------------------------------------
@@ -154,13 +162,12 @@ class TorchBackend:
             return _torch_kernel(problem)
         training = x.requires_grad and torch.is_grad_enabled()
         if torch.compiler.is_compiling():
-            if training and problem.over_rows and _engine(problem) == "numpy":
+            if training and _gradient_with_the_loss(problem):
                 return nll_loss_with_unit_gradient_op(*_to_schema(problem))[0]
             return nll_loss_op(*_to_schema(problem))
         if not training:
             return _compute("forward", problem)
-        if problem.over_rows and _engine(problem) == "numpy":
-            # The gradient comes out of the forward pass; the backward only scales it.
+        if _gradient_with_the_loss(problem):
             return _LossWithUnitGradient.apply(x, problem)
         return _Loss.apply(x, problem)
 
@@ -197,6 +204,13 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+def _gradient_with_the_loss(problem: Problem) -> bool:
+    """Whether a training forward also writes the gradient, so that the backward only
+    scales it: from logits or smoothed (the backward would read the input again for the
+    softmax) on the engines with a fused pass, NumPy's kernels and Triton's."""
+    return problem.over_rows and _engine(problem) in ("numpy", "triton")
 
 
 def _check_weight(problem: Problem) -> None:
@@ -244,8 +258,15 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        problem = _saved_problem(ctx)
+        problem = _checked_by_the_forward(_saved_problem(ctx))
         return _Backward.apply(_upstream(problem, grad), problem.input, problem), None
+
+
+def _checked_by_the_forward(problem: Problem) -> Problem:
+    """The problem of a backward whose forward ran: its targets passed the check there
+    (autograd refuses a saved target changed since), so the backward does not check them
+    again (on CUDA, a second host synchronisation)."""
+    return problem.replace(check_targets=False)
 
 
 class _LossWithUnitGradient(torch.autograd.Function):
@@ -254,8 +275,7 @@ class _LossWithUnitGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, problem: Problem):
-        one = torch.ones((), dtype=input.dtype)
-        loss, ctx.unit_gradient = _compute("forward_backward", problem, one)
+        loss, ctx.unit_gradient = _compute("forward_backward", problem)
         _save_schema(ctx, _to_schema(problem))
         ctx.set_materialize_grads(False)
         return loss
@@ -267,7 +287,8 @@ class _LossWithUnitGradient(torch.autograd.Function):
         unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may keep, not copy, it
         if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
             return _Loss.backward(ctx, grad)
-        if grad.dim() == 0 and bool(grad == 1):
+        # Reading grad's value is a host synchronisation on a GPU: there it is multiplied.
+        if grad.is_cpu and grad.dim() == 0 and bool(grad == 1):
             return unit, None
         return _scaled(unit, grad), None
 
@@ -372,8 +393,7 @@ def _gradient_of_schema(grad_output, *schema):
 
 def _loss_and_unit_gradient_of_schema(*schema):
     """The loss and its gradient for an upstream gradient of 1, from one pass."""
-    one = torch.ones((), dtype=schema[0].dtype)
-    return _compute("forward_backward", _from_schema(*schema), one)
+    return _compute("forward_backward", _from_schema(*schema))
 
 
 nll_loss_op = _operator("nll_loss", _loss_of_schema, "Tensor")
@@ -416,7 +436,7 @@ def _op_setup(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad):
-    problem = _saved_problem(ctx)
+    problem = _checked_by_the_forward(_saved_problem(ctx))
     grad_input = nll_loss_backward_op(_upstream(problem, grad), *_to_schema(problem))
     return grad_input, *_NO_GRADIENTS
 
