@@ -3,7 +3,9 @@
 A backend offers ``forward(problem)``, ``backward(problem, grad_output, out=None)``,
 ``forward_backward(problem, grad_output, out=None)`` and ``total_weight(target, weight,
 ignore_index)`` (see ``_generic.Backend``, the specification every backend agrees with),
-and ``xp``, the namespace that arguments are converted to. The routes, in order:
+``xp``, the namespace that arguments are converted to, and ``quick_forward``: None, or a
+shortcut for the commonest forward that returns its result or None (then the full path).
+The routes, in order:
 
 * NumPy arrays: the compiled kernels (``_cpu``), or the generic path on NumPy when numba
   does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
@@ -35,6 +37,14 @@ def backend_for(array: Any):
     return backend
 
 
+def quick_forward_for(obj: Any):
+    """The backend's shortcut for the commonest forward (``quick_forward``), or None."""
+    backend = _BACKENDS.get(type(obj))
+    if backend is None:
+        backend = backend_for(as_array(obj, "input"))
+    return backend.quick_forward
+
+
 def _route(array_type: type, array: Any):
     if issubclass(array_type, np.ndarray):
         return _cpu.backend()
@@ -51,6 +61,8 @@ def _route(array_type: type, array: Any):
 
 def as_array(obj: Any, name: str) -> Any:
     """Arrays pass through; Python scalars and sequences become NumPy arrays."""
+    if type(obj) in _BACKENDS:  # an array type already routed (asking array-api-compat
+        return obj  # costs a fifth of a small torch call)
     if isinstance(obj, np.ndarray):
         if type(obj) is not np.ndarray:
             _validate.check_array_type(obj, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 from . import _validate
-from ._dispatch import as_array, backend_for, like_input
+from ._dispatch import as_array, backend_for, like_input, quick_forward_for
 from ._problem import Problem, layout_of, resolved_reduction
 
 # An array of the caller's library (NumPy, torch, JAX, ...): results come back in it.
@@ -155,17 +155,15 @@ def nll_loss(
     array(1.3862944, dtype=float32)
     """
     if (
-        size_average is None
-        and reduce is None
+        size_average is reduce is total_weight is None
         and from_logits is False
-        and total_weight is None
         and check_targets is True
-        and type(label_smoothing) in (float, int)
-        and label_smoothing == 0
+        and type(label_smoothing) is float
+        and label_smoothing == 0.0
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
-        quick = getattr(backend_for(as_array(input, "input")), "quick_forward", None)
+        quick = quick_forward_for(input)
         if quick is not None:
             result = quick(input, target, weight, ignore_index, reduction)
             if result is not None:
