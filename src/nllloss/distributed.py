@@ -311,23 +311,53 @@ def _check_locally(
     return _Arguments(engine, target, weight, total, plan)
 
 
-# One row per rank in the all-gather: the shard, a failure flag, then the fingerprints of
-# the arguments that every rank must pass alike (a mismatch would give each rank a
-# different loss, or collectives of different sizes).
+# One row per rank in the all-gather: the shard, a failure flag, then the fingerprint of each
+# argument that every rank must pass alike (a mismatch would give each rank a different
+# loss, or collectives of different sizes). The columns follow from this table.
 _START, _SIZE, _FAILED = 0, 1, 2
-_AGREED = (
-    ("target", 3, 4),  # element count, position-sensitive sum of the values
-    ("weight", 5, 6),  # length (-1: none), position-sensitive sum of the values
-    ("ignore_index", 7),
-    ("reduction", 8),
-    ("from_logits", 9),
-    ("label_smoothing", 10),
-    ("total_weight", 11, 12),  # given, value
-    ("the input's dtype", 13),  # the all-reduces are in its compute dtype
+_AGREED = (  # (argument, int64 values in its fingerprint)
+    ("target", 2),  # element count, position-sensitive sum of the values
+    ("weight", 2),  # length (-1: none), position-sensitive sum of the values
+    ("ignore_index", 1),
+    ("reduction", 1),
+    ("from_logits", 1),
+    ("label_smoothing", 1),
+    ("total_weight", 2),  # given, value
+    ("the input's dtype", 1),  # the all-reduces are in its compute dtype
 )
-_ROW_LENGTH = 14
+
+
+def _agreed_columns() -> dict[str, slice]:
+    columns, first = {}, _FAILED + 1
+    for name, width in _AGREED:
+        columns[name] = slice(first, first + width)
+        first += width
+    return columns
+
+
+_COLUMNS = _agreed_columns()
+_ROW_LENGTH = _FAILED + 1 + sum(width for _, width in _AGREED)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _fingerprints(args: _Arguments) -> dict[str, list]:
+    """Each agreed argument's fingerprint: ints, or 0-d int64 tensors computed on device."""
+    plan, weight, total = args.plan, args.weight, args.total_weight
+    return {
+        "target": [plan.layout.size, _checksum(args.target.reshape(-1).to(torch.int64) + 1)],
+        "weight": [-1, 0]
+        if weight is None
+        else [weight.numel(), _checksum(weight.reshape(-1).to(torch.float64)).view(torch.int64)],
+        "ignore_index": [plan.ignore_index],
+        "reduction": [_REDUCTION_CODES[plan.reduction]],
+        "from_logits": [int(plan.from_logits)],
+        "label_smoothing": [_float_bits(plan.smoothing)],
+        "total_weight": [0, 0]
+        if total is None
+        else [1, total.reshape(()).to(torch.float64).view(torch.int64)],
+        "the input's dtype": [_DTYPE_CODES[plan.dtype]],
+    }
 
 
 def _row(args: _Arguments | None, input: Any) -> torch.Tensor:
@@ -337,30 +367,11 @@ def _row(args: _Arguments | None, input: Any) -> torch.Tensor:
         row = torch.zeros(_ROW_LENGTH, dtype=torch.int64, device=device)
         row[_FAILED] = 1
         return row
-    plan = args.plan
-    small = [
-        plan.class_start,
-        plan.layout.classes,
-        0,
-        plan.layout.size,
-        0,
-        -1 if args.weight is None else args.weight.numel(),
-        0,
-        plan.ignore_index,
-        _REDUCTION_CODES[plan.reduction],
-        int(plan.from_logits),
-        _float_bits(plan.smoothing),
-        int(args.total_weight is not None),
-        0,
-        _DTYPE_CODES[plan.dtype],
-    ]
-    row = torch.tensor(small, dtype=torch.int64, device=device)
-    row[4] = _checksum(args.target.reshape(-1).to(torch.int64) + 1)
-    if args.weight is not None:
-        row[6] = _checksum(args.weight.reshape(-1).to(torch.float64)).view(torch.int64)
-    if args.total_weight is not None:
-        row[12] = args.total_weight.reshape(()).to(torch.float64).view(torch.int64)
-    return row
+    values = [args.plan.class_start, args.plan.layout.classes, 0]
+    for name, fingerprint in _fingerprints(args).items():
+        assert len(fingerprint) == _COLUMNS[name].stop - _COLUMNS[name].start, name
+        values += fingerprint
+    return torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in values])
 
 
 def _checksum(values: torch.Tensor) -> torch.Tensor:
@@ -381,13 +392,15 @@ def _all_gather_rows(row: torch.Tensor, group: Any) -> list[list[int]]:
 
 def _check_agreement(rows: list[list[int]], classes: int) -> None:
     """Raise (on every rank alike) for the first argument that differs between ranks."""
-    for name, *columns in _AGREED:
-        if name == "weight" and any(row[5] not in (-1, classes) for row in rows):
-            if any(row[5] == -1 for row in rows):
-                columns = columns[:1]  # given on some ranks only
+    for name, _ in _AGREED:
+        columns = _COLUMNS[name]
+        length = columns.start  # of the weight: its first value
+        if name == "weight" and any(row[length] not in (-1, classes) for row in rows):
+            if any(row[length] == -1 for row in rows):
+                columns = slice(length, length + 1)  # given on some ranks only
             else:
                 continue  # a wrong length: the core's error follows, on the ranks concerned
-        values = [tuple(row[c] for c in columns) for row in rows]
+        values = [tuple(row[columns]) for row in rows]
         for rank, value in enumerate(values):
             if value != values[0]:
                 raise _validate.ranks_disagree_error(name, 0, rank)
