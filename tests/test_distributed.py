@@ -295,6 +295,28 @@ def _other_reduction_args(rank, world):
     return (shard, t), {**kwargs, "reduction": "sum" if rank == 0 else "mean"}
 
 
+def _last_rank_passes(**different):
+    """Valid arguments, but the last rank passes ``different`` ones."""
+
+    def args(rank, world):
+        shard, t, kwargs = _good_args(rank, world)
+        return (shard, t), {**kwargs, **(different if rank == world - 1 else {})}
+
+    return args
+
+
+def _other_weight_args(rank, world):
+    shard, t, kwargs = _good_args(rank, world)
+    weight = kwargs["weight"].clone()
+    weight[2] += rank == world - 1
+    return (shard, t), {**kwargs, "weight": weight}
+
+
+def _other_total_weight_args(rank, world):
+    shard, t, kwargs = _good_args(rank, world)
+    return (shard, t), {**kwargs, "total_weight": 5.0 if rank == world - 1 else 4.0}
+
+
 BAD_CALLS = {
     "target out of range": _bad_target_args,
     "weight sliced": _weight_slice_args,
@@ -304,6 +326,13 @@ BAD_CALLS = {
     "integer input on rank 0": _integer_input_args,
     "reduction differs": _other_reduction_args,
     "dtypes differ": _other_dtype_args,
+    "weights differ": _other_weight_args,
+    "weight on one rank only": _last_rank_passes(weight=None),
+    "ignore_index differs": _last_rank_passes(ignore_index=3),
+    "from_logits differs": _last_rank_passes(from_logits=True),
+    "label_smoothing differs": _last_rank_passes(label_smoothing=0.1),
+    "total_weight on one rank only": _last_rank_passes(total_weight=4.0),
+    "total_weight differs": _other_total_weight_args,
 }
 
 
@@ -606,7 +635,14 @@ def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(group, wo
 
 @pytest.mark.parametrize(("key", "name"), [("targets differ", "target"),
                                            ("reduction differs", "reduction"),
-                                           ("dtypes differ", "the input's dtype")])  # fmt: skip
+                                           ("dtypes differ", "the input's dtype"),
+                                           ("weights differ", "weight"),
+                                           ("weight on one rank only", "weight"),
+                                           ("ignore_index differs", "ignore_index"),
+                                           ("from_logits differs", "from_logits"),
+                                           ("label_smoothing differs", "label_smoothing"),
+                                           ("total_weight on one rank only", "total_weight"),
+                                           ("total_weight differs", "total_weight")])  # fmt: skip
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
 def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, world, key, name):
     raised = _raised(group(world), key)
