@@ -51,6 +51,8 @@ OPTIONS = [
     ("label_smoothing", 0.0),
     ("total_weight", None),
     ("check_targets", True),
+    ("z_loss", 0.0),
+    ("softcap", None),
 ]
 
 
@@ -60,7 +62,7 @@ def test_signatures_match_torch():
     assert _keyword_only(inspect.signature(nll_loss)) == OPTIONS
     module = inspect.signature(NLLLoss)
     assert _positional(module) == _positional(inspect.signature(torch.nn.NLLLoss))
-    assert _keyword_only(module) == OPTIONS[:2]
+    assert _keyword_only(module) == OPTIONS[:2] + OPTIONS[-2:]
     assert list(inspect.signature(NLLLoss.__call__).parameters) == [
         "self",
         "input",

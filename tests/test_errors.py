@@ -98,10 +98,21 @@ CASES = {
         ["input", "<U1"],
     ),
     # target dtype
+    # a floating target holds class probabilities, of the input's shape
     "target-float": (
         dict(input=X, target=T.astype(np.float32)),
         TypeError,
-        ["target", "integer dtype", "float32"],
+        ["target", "integer dtype", "float32", "class probabilities", f"input's shape {X.shape}"],
+    ),
+    "target-float-of-neither-shape": (
+        dict(input=X, target=np.zeros((2, 5), np.float32)),
+        ValueError,
+        ["class probabilities", f"input's shape {X.shape}", "(2, 5)"],
+    ),
+    "target-integer-of-the-input's-shape": (
+        dict(input=X, target=np.zeros(X.shape, np.int64)),
+        TypeError,
+        ["class probabilities", str(X.shape), "must be floating", "int64", str(T.shape)],
     ),
     "target-bool": (dict(input=X, target=np.array([True, False])), TypeError, ["target", "bool"]),
     "target-complex": (

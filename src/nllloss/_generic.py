@@ -221,14 +221,35 @@ def smoothing_share(label_smoothing: float, classes: int) -> float:
     return label_smoothing / classes if classes else float("inf")
 
 
-def _log_probs(xp, x, layout: Layout, dtype):
-    """log_softmax over the class axis of the batched input, in the compute dtype, as torch's:
-    ``(x - max) - log(sum(exp(x - max)))``."""
-    x = xp.astype(_batched(xp, x, layout), dtype)
-    if layout.classes == 0:
+def _logits(xp, problem: Problem, dtype):
+    """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``."""
+    x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
+    if problem.softcap is None:
         return x
-    shifted = x - xp.max(x, axis=1, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
+    return cap * xp.tanh(x / cap)
+
+
+def _log_softmax(xp, x, classes: int):
+    """(log_softmax over the class axis, as torch's ``(x - max) - log(sum(exp(x - max)))``;
+    the log-sum-exp ``max + log(sum(...))``, keeping the class axis, or None without classes)."""
+    if classes == 0:
+        return x, None
+    top = xp.max(x, axis=1, keepdims=True)
+    shifted = x - top
+    log_norm = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    return shifted - log_norm, top + log_norm
+
+
+def _cap_gradient(xp, grad, problem: Problem, dtype):
+    """The gradient with respect to the capped logits taken back through the cap:
+    ``d(c tanh(x / c))/dx = 1 - tanh(x / c)**2``."""
+    if problem.softcap is None:
+        return grad
+    x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
+    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
+    slope = xp.tanh(x / cap)
+    return grad * (xp.asarray(1.0, dtype=dtype, device=array_api_compat.device(x)) - slope * slope)
 
 
 def _class_weights(xp, w, dtype, layout: Layout):
@@ -279,9 +300,13 @@ class Backend:
     @IEEE_RESULTS
     def forward(self, problem: Problem):
         """The loss: shape ``problem.loss_shape``, in the input's dtype."""
+        if problem.probabilities:
+            return _probability_forward(self, problem)
         xp, layout, x = self.xp, problem.layout, problem.input
         g = _select(self, problem)
-        log_probs = _log_probs(xp, x, layout, g.dtype) if problem.from_logits else x
+        log_probs, lse = x, None
+        if problem.from_logits:
+            log_probs, lse = _log_softmax(xp, _logits(xp, problem, g.dtype), layout.classes)
         picked, unmasked = _pick(xp, log_probs, g, layout)
         losses = -picked if g.weight is None else -(picked * g.weight)
         losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
@@ -306,8 +331,13 @@ class Backend:
             share = smoothing_share(smoothing, layout.classes)
             return _scalar(xp, 1.0 - smoothing, g) * nll + smooth * _scalar(xp, share, g)
 
+        element_weight = g.weight if g.weight is not None else xp.astype(g.valid, g.dtype)
+        z_terms = _z_terms(xp, problem, lse, element_weight)
         if problem.elementwise:
-            return xp.astype(xp.reshape(blend(losses, smooth), layout.output_shape), x.dtype)
+            losses = blend(losses, smooth)
+            if z_terms is not None:
+                losses = losses + z_terms
+            return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
         given = problem.total_weight
         mean = problem.reduction == "mean"
         if layout.size == 0:
@@ -322,11 +352,16 @@ class Backend:
             if mean:
                 total = _total_weight(self, g) if given is None else _given_total(xp, problem, g)
         smooth_sum = None if smooth is None else self.sums(g.valid, smooth)[0]
+        z_sum = None if z_terms is None else self.sums(g.valid, z_terms)[0]
         if total is not None:
             loss_sum = _ieee(operator.truediv, loss_sum, total)
             if smooth_sum is not None:
                 smooth_sum = _ieee(operator.truediv, smooth_sum, total)
+            if z_sum is not None:
+                z_sum = _ieee(operator.truediv, z_sum, total)
         loss_sum = blend(loss_sum, smooth_sum)
+        if z_sum is not None:
+            loss_sum = loss_sum + z_sum
         if isinstance(loss_sum, np.generic):  # NumPy arithmetic on 0-d arrays gives scalars
             loss_sum = np.asarray(loss_sum)
         return xp.astype(loss_sum, x.dtype)
@@ -339,6 +374,8 @@ class Backend:
         target term scaled by ``1 - eps``, the smoothing term's ``-(u * eps / C) * w_c`` on
         every class, then for logits the log-softmax's ``grad - softmax * sum(grad)``.
         """
+        if problem.probabilities:
+            return _probability_backward(self, problem, grad_output, out)
         xp, layout, x = self.xp, problem.layout, problem.input
         g = _select(self, problem)
         upstream = xp.astype(grad_output, g.dtype)
@@ -387,8 +424,16 @@ class Backend:
                 smooth_grad = smooth_grad * _class_weights(xp, problem.weight, g.dtype, layout)
             grad = grad + smooth_grad
         if problem.from_logits and layout.classes:
-            probabilities = xp.exp(_log_probs(xp, x, layout, g.dtype))
+            log_probs, lse = _log_softmax(xp, _logits(xp, problem, g.dtype), layout.classes)
+            probabilities = xp.exp(log_probs)
             grad = grad - probabilities * xp.sum(grad, axis=1, keepdims=True)
+            if problem.z_loss:  # d(z lse**2)/dx_c = 2 z lse softmax_c, per element's weight
+                element = upstream if total is None else _ieee(operator.truediv, upstream, total)
+                element_weight = g.weight if g.weight is not None else xp.astype(g.valid, g.dtype)
+                element = xp.reshape(element * element_weight, index_shape)
+                z_scale = _scalar(xp, 2.0 * problem.z_loss, g) * lse
+                grad = grad + (z_scale * element) * probabilities
+            grad = _cap_gradient(xp, grad, problem, g.dtype)
             # nothing from an ignored element, not even its row's NaN or inf
             grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
         return _finish(xp, xp.astype(grad, x.dtype), x, out)
@@ -429,6 +474,101 @@ class Backend:
         if isinstance(total, np.generic):
             total = np.asarray(total)
         return total
+
+
+def _z_terms(xp, problem: Problem, lse, element_weight):
+    """Per target element (flat), ``z * lse**2`` times the element's weight (0 where the
+    weight is: ignored elements); None without ``z_loss`` or without classes."""
+    if not problem.z_loss or lse is None:
+        return None
+    z = xp.asarray(problem.z_loss, dtype=lse.dtype, device=array_api_compat.device(lse))
+    return xp.reshape(z * (lse * lse), (-1,)) * element_weight
+
+
+def _probability_rows(xp, problem: Problem, dtype):
+    """Probability targets, batched in the compute dtype: (log-probabilities (the input
+    itself without ``from_logits``), the target's ``w_c p_c`` after smoothing, the
+    log-sum-exp or None)."""
+    layout = problem.layout
+    device = array_api_compat.device(problem.input)
+    if problem.from_logits:
+        log_probs, lse = _log_softmax(xp, _logits(xp, problem, dtype), layout.classes)
+    else:
+        log_probs, lse = xp.astype(_batched(xp, problem.input, layout), dtype), None
+    p = xp.astype(_batched(xp, problem.target, layout), dtype)
+    smoothing = problem.label_smoothing
+    if smoothing:  # as torch: p (1 - eps) + eps / C
+        share = smoothing_share(smoothing, layout.classes)
+        p = p * xp.asarray(1.0 - smoothing, dtype=dtype, device=device) + xp.asarray(
+            share, dtype=dtype, device=device
+        )
+    if problem.weight is not None:
+        p = p * _class_weights(xp, problem.weight, dtype, layout)
+    return log_probs, p, lse
+
+
+def _probability_denominator(xp, problem: Problem, dtype):
+    """The 'mean' denominator of probability targets: ``total_weight`` when given, else the
+    number of target elements, as torch's ``numel / C`` (NaN when the input is empty)."""
+    layout = problem.layout
+    if problem.total_weight is not None:
+        return xp.astype(xp.reshape(problem.total_weight, ()), dtype)
+    count = float(layout.size) if layout.classes else float("nan")
+    return xp.asarray(count, dtype=dtype, device=array_api_compat.device(problem.input))
+
+
+@IEEE_RESULTS
+def _probability_forward(backend: Backend, problem: Problem):
+    """``l_n = -sum_c w_c p_{n,c} log q_{n,c}`` (+ ``z lse_n**2``), reduced; see ``forward``."""
+    xp, layout, x = backend.xp, problem.layout, problem.input
+    dtype = _compute_dtype(xp, x.dtype)
+    device = array_api_compat.device(x)
+    log_probs, weighted, lse = _probability_rows(xp, problem, dtype)
+    losses = xp.reshape(-xp.sum(log_probs * weighted, axis=1), (-1,))
+    ones = xp.ones((layout.size,), dtype=dtype, device=device)
+    z_terms = _z_terms(xp, problem, lse, ones)  # no class to weigh by: weight 1
+    if z_terms is not None:
+        losses = losses + z_terms
+    if problem.elementwise:
+        return xp.astype(xp.reshape(losses, layout.output_shape), x.dtype)
+    if layout.size == 0:
+        loss_sum = xp.zeros((), dtype=dtype, device=device)
+    else:
+        loss_sum = backend.sums(xp.ones((layout.size,), dtype=xp.bool, device=device), losses)[0]
+    if problem.reduction == "mean":
+        loss_sum = _ieee(operator.truediv, loss_sum, _probability_denominator(xp, problem, dtype))
+    if isinstance(loss_sum, np.generic):
+        loss_sum = np.asarray(loss_sum)
+    return xp.astype(loss_sum, x.dtype)
+
+
+@IEEE_RESULTS
+def _probability_backward(backend: Backend, problem: Problem, grad_output, out=None):
+    """The gradient of ``_probability_forward``: ``-u w_c p_c`` for log-probabilities; from
+    logits ``u (q_c sum_k w_k p_k - w_c p_c + 2 z lse q_c)``, through the cap when given."""
+    xp, layout, x = backend.xp, problem.layout, problem.input
+    dtype = _compute_dtype(xp, x.dtype)
+    log_probs, weighted, lse = _probability_rows(xp, problem, dtype)
+    batched_shape = tuple(log_probs.shape)
+    index_shape = (batched_shape[0], 1, *batched_shape[2:])
+    upstream = xp.astype(grad_output, dtype)
+    if problem.elementwise:
+        upstream = xp.reshape(xp.broadcast_to(upstream, layout.output_shape), index_shape)
+    else:
+        upstream = xp.reshape(upstream, ())
+        if problem.reduction == "mean":
+            denominator = _probability_denominator(xp, problem, dtype)
+            upstream = _ieee(operator.truediv, upstream, denominator)
+    if not problem.from_logits or layout.classes == 0:
+        return _finish(xp, xp.astype(-(upstream * weighted), x.dtype), x, out)
+    q = xp.exp(log_probs)
+    coefficient = xp.sum(weighted, axis=1, keepdims=True)
+    if problem.z_loss:
+        z_scale = xp.asarray(2.0 * problem.z_loss, dtype=dtype, device=array_api_compat.device(x))
+        coefficient = coefficient + z_scale * lse
+    grad = upstream * (q * coefficient - weighted)
+    grad = _cap_gradient(xp, grad, problem, dtype)
+    return _finish(xp, xp.astype(grad, x.dtype), x, out)
 
 
 def _total_weight(backend: Backend, g: _Targets):

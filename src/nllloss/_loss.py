@@ -18,7 +18,7 @@ _CALLER = 2
 
 def _problem(
     input, target, weight, ignore_index, reduction, from_logits=False, label_smoothing=0.0,
-    total_weight=None, check_targets=True,
+    total_weight=None, check_targets=True, z_loss=0.0, softcap=None,
 ):  # fmt: skip
     """Validate every argument once; the backend for the input and the Problem it solves."""
     input = as_array(input, "input")
@@ -26,7 +26,10 @@ def _problem(
     target = like_input(backend, target, input, "target")
     _validate.check_input(input)
     _validate.check_target(target, tuple(input.shape))
-    layout = layout_of(tuple(input.shape), tuple(target.shape))
+    if _validate.is_float_dtype(target.dtype) and target.dtype != input.dtype:
+        # class probabilities, used in the input's dtype as the weight is
+        target = backend.xp.astype(target, input.dtype)
+    layout = layout_of(tuple(input.shape))
     if weight is not None:
         # A sequence has no dtype of its own: read it in the input's.
         weight = like_input(backend, weight, input, "weight", sequence_dtype=input.dtype)
@@ -47,6 +50,8 @@ def _problem(
         label_smoothing=_validate.check_label_smoothing(label_smoothing),
         total_weight=total_weight,
         check_targets=_validate.check_flag(check_targets, "check_targets"),
+        z_loss=_validate.check_z_loss(z_loss, from_logits),
+        softcap=_validate.check_softcap(softcap, from_logits),
     )
     return backend, problem
 
@@ -64,6 +69,8 @@ def nll_loss(
     label_smoothing: float = 0.0,
     total_weight: Any = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> Array:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
@@ -160,6 +167,9 @@ def nll_loss(
         and check_targets is True
         and type(label_smoothing) is float
         and label_smoothing == 0.0
+        and type(z_loss) is float
+        and z_loss == 0.0
+        and softcap is None
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
@@ -171,7 +181,7 @@ def nll_loss(
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
     backend, problem = _problem(
         input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
-        total_weight, check_targets,
+        total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
     return backend.forward(problem)
 
@@ -188,6 +198,8 @@ def nll_loss_backward(
     label_smoothing: float = 0.0,
     total_weight: Any = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     out: Any = None,
 ) -> Array:
     r"""The gradient of :func:`nll_loss` with respect to ``input``.
@@ -249,7 +261,7 @@ def nll_loss_backward(
     """
     return _with_gradient(
         "backward", grad_output, input, target, weight, ignore_index, reduction,
-        from_logits, label_smoothing, total_weight, check_targets, out,
+        from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
     )  # fmt: skip
 
 
@@ -265,6 +277,8 @@ def nll_loss_and_grad(
     label_smoothing: float = 0.0,
     total_weight: Any = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     out: Any = None,
 ) -> tuple[Array, Array]:
     r"""The loss and its gradient together: one read of ``input`` for both.
@@ -304,20 +318,20 @@ def nll_loss_and_grad(
     """
     return _with_gradient(
         "forward_backward", grad_output, input, target, weight, ignore_index, reduction,
-        from_logits, label_smoothing, total_weight, check_targets, out,
+        from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
     )  # fmt: skip
 
 
 def _with_gradient(
     method, grad_output, input, target, weight, ignore_index, reduction,
-    from_logits, label_smoothing, total_weight, check_targets, out,
+    from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
 ):  # fmt: skip
     """Validate the arguments of a call that returns the gradient, and run ``method`` of the
     input's backend ('backward' or 'forward_backward')."""
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER + 1)
     backend, problem = _problem(
         input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
-        total_weight, check_targets,
+        total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
     grad_output = like_input(backend, grad_output, problem.input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
@@ -415,6 +429,8 @@ class NLLLoss:
         *,
         from_logits: bool = False,
         label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
     ) -> None:
         if size_average is not None or reduce is not None:
             reduction = _validate.resolve_reduction(
@@ -425,9 +441,12 @@ class NLLLoss:
         self.reduction = reduction
         self.from_logits = _validate.check_flag(from_logits, "from_logits")
         self.label_smoothing = _validate.check_label_smoothing(label_smoothing)
+        self.z_loss = _validate.check_z_loss(z_loss, self.from_logits)
+        self.softcap = _validate.check_softcap(softcap, self.from_logits)
 
     def __call__(self, input: Array, target: Any, *, total_weight: Any = None) -> Array:
-        """The loss of ``input`` against ``target`` (class indices); see :func:`nll_loss`."""
+        """The loss of ``input`` against ``target`` (class indices or probabilities); see
+        :func:`nll_loss`."""
         return nll_loss(
             input,
             target,
@@ -437,6 +456,8 @@ class NLLLoss:
             from_logits=self.from_logits,
             label_smoothing=self.label_smoothing,
             total_weight=total_weight,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
         )
 
     forward = __call__
@@ -452,4 +473,8 @@ class NLLLoss:
             options.append("from_logits=True")
         if self.label_smoothing:
             options.append(f"label_smoothing={self.label_smoothing!r}")
+        if self.z_loss:
+            options.append(f"z_loss={self.z_loss!r}")
+        if self.softcap is not None:
+            options.append(f"softcap={self.softcap!r}")
         return f"NLLLoss({', '.join(options)})"

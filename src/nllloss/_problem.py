@@ -66,15 +66,21 @@ class Layout(NamedTuple):
         )
 
 
-def layout_of(input_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> Layout:
-    """The layout of an input and target whose shapes fit (see ``_validate.check_shapes``)."""
+def layout_of(input_shape: tuple[int, ...]) -> Layout:
+    """The layout of an input, whose target fits it (see ``_validate.check_target``).
+
+    The target elements are the input's positions without the class axis, whether the
+    target holds their class indices (of that shape) or their class probabilities (of the
+    input's shape).
+    """
     input_shape = tuple(input_shape)
     if len(input_shape) == 1:
         return Layout(input_shape, (), 1, input_shape[0], 1)
     spatial = 1
     for d in input_shape[2:]:
         spatial *= d
-    return Layout(input_shape, tuple(target_shape), input_shape[0], input_shape[1], spatial)
+    output_shape = (input_shape[0], *input_shape[2:])  # the class-index target's shape
+    return Layout(input_shape, output_shape, input_shape[0], input_shape[1], spatial)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,13 @@ class Problem:
     label_smoothing: float = 0.0
     total_weight: Any | None = None  # the 'mean' denominator given by the caller
     check_targets: bool = True  # False: no host sync for the range check (Triton)
+    z_loss: float = 0.0  # from logits: z * logsumexp**2 added per element
+    softcap: float | None = None  # from logits: softcap * tanh(x / softcap) replaces x
+
+    @property
+    def probabilities(self) -> bool:
+        """The target holds class probabilities (floating, the input's shape), not indices."""
+        return _validate.is_float_dtype(self.target.dtype)
 
     @property
     def elementwise(self) -> bool:
@@ -109,8 +122,9 @@ class Problem:
 
     @property
     def over_rows(self) -> bool:
-        """The loss reads whole rows of classes (log-softmax or smoothing), not ``x[t]`` only."""
-        return self.from_logits or self.label_smoothing > 0
+        """The loss reads whole rows of classes (log-softmax, smoothing or probability
+        targets), not ``x[t]`` only."""
+        return self.from_logits or self.label_smoothing > 0 or self.probabilities
 
     @property
     def plain(self) -> bool:

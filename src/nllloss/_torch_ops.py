@@ -153,7 +153,7 @@ class TorchBackend:
     xp = torch_namespace
 
     def forward(self, problem: Problem):
-        _check_weight(problem)
+        _check_not_differentiable(problem)
         if _values_hidden():
             return GENERIC.forward(problem)
         x = problem.input
@@ -185,7 +185,7 @@ class TorchBackend:
         return _Backward.apply(grad_output, problem.input, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
-        _check_weight(problem)
+        _check_not_differentiable(problem)
         x = problem.input
         if (
             _values_hidden()
@@ -249,12 +249,14 @@ def _gradient_with_the_loss(problem: Problem) -> bool:
     return problem.over_rows and _engine(problem) in ("numpy", "triton")
 
 
-def _check_weight(problem: Problem) -> None:
-    weight = problem.weight
-    if weight is not None:
-        _validate.check_not_differentiable(
-            "weight", weight.requires_grad and torch.is_grad_enabled()
-        )
+def _check_not_differentiable(problem: Problem) -> None:
+    """Gradients flow to the input only: a weight, or target, that requires one is refused."""
+    for name in ("weight", "target"):
+        tensor = getattr(problem, name)
+        if tensor is not None:
+            _validate.check_not_differentiable(
+                name, tensor.requires_grad and torch.is_grad_enabled()
+            )
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:
@@ -385,6 +387,7 @@ _SCHEMA_TYPES = {
     "str": "str",
     "bool": "bool",
     "float": "float",
+    "float | None": "float?",
 }
 _FIELDS = sorted(  # sorted is stable: the tensors in their order, then the values
     (f for f in dataclasses.fields(Problem) if f.name != "layout"),
@@ -407,7 +410,7 @@ def _to_schema(problem: Problem) -> tuple:
 
 def _from_schema(*schema) -> Problem:
     fields = dict(zip((f.name for f in _FIELDS), schema, strict=True))
-    layout = layout_of(tuple(fields["input"].shape), tuple(fields["target"].shape))
+    layout = layout_of(tuple(fields["input"].shape))
     return Problem(layout=layout, **fields)
 
 

@@ -18,6 +18,7 @@ accept and reject, with three deliberate differences, listed in the README:
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import warnings
 from typing import Any
@@ -131,12 +132,39 @@ def check_target_dtype(dtype: Any) -> None:
         raise TypeError(f"target must hold class indices of an integer dtype, got dtype {dtype}")
 
 
-def check_target(target: Any, input_shape: tuple[int, ...]) -> None:
-    """Check the target's dtype and shape against the input's."""
-    check_target_dtype(target.dtype)
+def check_target(target: Any, input_shape: tuple[int, ...], probabilities: bool = True) -> None:
+    """Check the target's dtype and shape against the input's.
+
+    Class indices are an integer array of the input's shape without its class axis; with
+    ``probabilities`` (the loss, not ``nllloss.distributed``) a floating array of the
+    input's own shape holds class probabilities instead.
+    """
     input_shape = tuple(input_shape)
     target_shape = tuple(target.shape)
     ndim = len(input_shape)
+    if probabilities:
+        if is_float_dtype(target.dtype):
+            if target_shape == _index_target_shape(input_shape):  # indices meant
+                raise TypeError(
+                    "target must hold class indices of an integer dtype, got dtype "
+                    f"{target.dtype} of shape {target_shape} (a floating target holds class "
+                    f"probabilities and must have the input's shape {input_shape})"
+                )
+            if target_shape != input_shape:
+                raise ValueError(
+                    "a floating target holds class probabilities and must have the input's "
+                    f"shape {input_shape}, got target shape {target_shape} (class indices "
+                    "need an integer dtype)"
+                )
+            return
+        # (1,) is also the class index of an unbatched input of one class
+        if target_shape == input_shape and target_shape != (1,):
+            raise TypeError(
+                f"a target of the input's shape {input_shape} holds class probabilities and "
+                f"must be floating, got dtype {target.dtype} (class indices have shape "
+                f"{_index_target_shape(input_shape)})"
+            )
+    check_target_dtype(target.dtype)
     if ndim == 1:
         if target_shape not in ((), (1,)):
             detail = (
@@ -151,7 +179,7 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> None:
         return
 
     batch = input_shape[0]
-    expected = (batch, *input_shape[2:])
+    expected = _index_target_shape(input_shape)
     target_batch = target_shape[0] if target_shape else 0
     if target_batch != batch:
         raise ValueError(
@@ -164,6 +192,11 @@ def check_target(target: Any, input_shape: tuple[int, ...]) -> None:
             f"Expected target shape {expected} for input shape {input_shape}, "
             f"got {target_shape}{detail}"
         )
+
+
+def _index_target_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a target of class indices: the input's without its class axis."""
+    return () if len(input_shape) == 1 else (input_shape[0], *input_shape[2:])
 
 
 _INTEGER_DTYPE_NAMES = frozenset(
@@ -210,16 +243,45 @@ def check_flag(value: Any, name: str) -> bool:
 
 def check_label_smoothing(label_smoothing: Any) -> float:
     """A real number in [0, 1], as torch's ``cross_entropy`` requires."""
-    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(
-        label_smoothing, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(
-            "label_smoothing must be a real number between 0.0 and 1.0, "
-            f"got {type(label_smoothing).__name__}{_dtype_suffix(label_smoothing)}"
-        )
-    value = float(label_smoothing)
+    value = _real_number(label_smoothing, "label_smoothing", "a real number between 0.0 and 1.0")
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {value}")
+    return value
+
+
+def _real_number(value: Any, name: str, expected: str) -> float:
+    """``value`` as a float, if it is a real number (not bool); else the TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        kind = type(value).__name__ + _dtype_suffix(value)
+        raise TypeError(f"{name} must be {expected}, got {kind}")
+    return float(value)
+
+
+def _needs_logits(name: str, from_logits: bool) -> None:
+    if not from_logits:
+        raise ValueError(f"{name} acts on logits: it needs from_logits=True, got from_logits=False")
+
+
+def check_z_loss(z_loss: Any, from_logits: bool) -> float:
+    """The z-loss coefficient: a finite real number >= 0, used from logits only."""
+    value = _real_number(z_loss, "z_loss", "a finite real number >= 0")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"z_loss must be a finite real number >= 0, got {value}")
+    if value:
+        _needs_logits(f"z_loss={value}", from_logits)
+    return value
+
+
+def check_softcap(softcap: Any, from_logits: bool) -> float | None:
+    """The logit cap: None, or a finite real number > 0, used from logits only."""
+    if softcap is None:
+        return None
+    value = _real_number(softcap, "softcap", "None or a finite real number > 0")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"softcap must be None or a finite real number > 0, got {value}")
+    _needs_logits(f"softcap={value}", from_logits)
     return value
 
 
@@ -371,11 +433,17 @@ def check_paddle_input_rank(input_shape: tuple[int, ...]) -> None:
 
 
 def check_not_differentiable(name: str, requires_grad: bool) -> None:
-    """As torch's nll_loss: the loss is not differentiable with respect to the weight."""
+    """As torch's nll_loss: the loss is not differentiable with respect to the weight; nor,
+    unlike torch's cross_entropy, with respect to a target of class probabilities."""
     if requires_grad:
+        what = (
+            "class weights (as torch's nll_loss and cross_entropy)"
+            if name == "weight"
+            else "target's class probabilities (torch's cross_entropy is)"
+        )
         raise ValueError(
             f"{name} requires grad, but the loss is not differentiable with respect to the "
-            f"class weights (as torch's nll_loss and cross_entropy): pass {name}.detach()"
+            f"{what}: pass {name}.detach()"
         )
 
 

@@ -289,8 +289,8 @@ def _check_locally(
     engine = backend_for(input)
     target = like_input(engine, target, input, "target")
     _validate.check_input(input)
-    _validate.check_target(target, tuple(input.shape))
-    layout = layout_of(tuple(input.shape), tuple(target.shape))
+    _validate.check_target(target, tuple(input.shape), probabilities=False)
+    layout = layout_of(tuple(input.shape))
     if weight is not None:
         weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)

@@ -304,8 +304,8 @@ def _check_inputs(predictions: Source, targets: Source) -> Layout:
     except (TypeError, ValueError) as error:
         raise UserError(f"{predictions.label}: {error}") from None
     try:
-        _validate.check_target(targets, predictions.shape)
-        return layout_of(tuple(predictions.shape), tuple(targets.shape))
+        _validate.check_target(targets, predictions.shape, probabilities=False)
+        return layout_of(tuple(predictions.shape))
     except TypeError as error:
         raise UserError(f"{targets.label}: {error}") from None
     except ValueError as error:

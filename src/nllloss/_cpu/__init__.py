@@ -84,16 +84,19 @@ def _decode_table(dtype_name: str) -> np.ndarray:
 
 def _views(problem: Problem):
     """x as (B, C, S) (16-bit as uint16 bits), t as (B, S), the compute dtype and decode table."""
-    layout = problem.layout
-    name = _validate.dtype_name(problem.input.dtype)
-    x3 = _native(problem.input).reshape(layout.batch, layout.classes, layout.spatial)
-    table = _decode_table(name)
-    if table.size:
-        x3 = x3.view(np.uint16)
-        dtype = np.dtype(np.float32)
-    else:
-        dtype = x3.dtype
+    x3, dtype, table = _input_view(problem, problem.input)
     return x3, _kernel_target(problem), dtype, table
+
+
+def _input_view(problem: Problem, a):
+    """``a``, of the input's shape and dtype, as (B, C, S) (16-bit as uint16 bits); the
+    compute dtype and the decode table."""
+    layout = problem.layout
+    a3 = _native(a).reshape(layout.batch, layout.classes, layout.spatial)
+    table = _decode_table(_validate.dtype_name(a.dtype))
+    if table.size:
+        return a3.view(np.uint16), np.dtype(np.float32), table
+    return a3, a3.dtype, table
 
 
 def _native(a):
@@ -329,25 +332,17 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     """(loss, gradient or None) from logits or smoothed: the ``_softmax`` kernels give each
     element's target and smoothing terms in float64 (and the gradient when ``grad_output``
     is given); they are reduced here in float64 and rounded once."""
+    if problem.probabilities or problem.z_loss or problem.softcap is not None:
+        return _element_forward_backward(problem, grad_output, out)
     softmax = load().softmax
     layout, x, ignore_index = problem.layout, problem.input, problem.ignore_index
     x3, t2, dtype, table = _views(problem)
-    valid = t2 != ignore_index
-    bad = valid & ((t2 < 0) | (t2 >= layout.classes))
-    if bad.any():
-        _raise_if_bad(int(np.argmax(bad.reshape(-1))), problem)
     weighted = problem.weight is not None
     weight = _weight(problem.weight, dtype) if weighted else np.ones(layout.classes, dtype)
+    total = _checked_total(problem, t2, weight if weighted else _no_weight(dtype))
     smoothing = problem.label_smoothing
     target_scale = 1.0 - smoothing
     smooth_scale = _generic.smoothing_share(smoothing, layout.classes)
-
-    if problem.total_weight is not None:
-        total = np.float64(_given_total(problem.total_weight, dtype))
-    elif not weighted:
-        total = np.float64(np.count_nonzero(valid))
-    else:  # as the plain loss and total_weight() sum it: equal totals give equal results
-        total = np.float64(_weight_total(load().kernels, t2, ignore_index, weight))
     want_grad = grad_output is not None
     upstream = np.zeros(1)
     if want_grad:
@@ -402,6 +397,82 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
             value = target_scale * value + smooth_scale * smooth_value
         loss = np.array(value, dtype=x.dtype)
     return loss, grad
+
+
+def _checked_total(problem: Problem, t2, weight):
+    """The 'mean' denominator of class-index targets in float64, after raising the
+    IndexError of the first bad target (``weight`` empty when unweighted)."""
+    valid = t2 != problem.ignore_index
+    bad = valid & ((t2 < 0) | (t2 >= problem.layout.classes))
+    if bad.any():
+        _raise_if_bad(int(np.argmax(bad.reshape(-1))), problem)
+    if problem.total_weight is not None:
+        return np.float64(_given_total(problem.total_weight, weight.dtype))
+    if not weight.size:
+        return np.float64(np.count_nonzero(valid))
+    # as the plain loss and total_weight() sum it: equal totals give equal results
+    return np.float64(_weight_total(load().kernels, t2, problem.ignore_index, weight))
+
+
+def _element_forward_backward(problem: Problem, grad_output=None, out=None):
+    """(loss, gradient or None) for targets of class probabilities, and for class indices
+    with ``z_loss`` or ``softcap``: one kernel pass gives each element's loss in float64
+    (and the gradient); they are reduced here and rounded once."""
+    layout, x = problem.layout, problem.input
+    x3, dtype, table = _input_view(problem, x)
+    weight = _weight(problem.weight, dtype)
+    indices = not problem.probabilities
+    if indices:
+        t2 = _kernel_target(problem)
+        p3 = np.empty((0, 0, 0), dtype=x3.dtype)
+        denominator = _checked_total(problem, t2, weight)
+    else:
+        t2 = np.empty((0, 0), dtype=np.int64)
+        p3 = _input_view(problem, problem.target)[0]  # in the input's dtype (_loss._problem)
+        if problem.total_weight is not None:
+            denominator = np.float64(_given_total(problem.total_weight, dtype))
+        else:  # torch's numel / C: NaN for an empty input
+            denominator = np.float64(layout.size if layout.classes else np.nan)
+    smoothing = problem.label_smoothing
+    share = _generic.smoothing_share(smoothing, layout.classes) if smoothing else 0.0
+    mean = problem.reduction == "mean"
+    want_grad = grad_output is not None
+    upstream = np.zeros(1)
+    if want_grad:
+        upstream = np.asarray(grad_output, dtype=np.float64)
+        if problem.elementwise:
+            upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape))
+        upstream = upstream.reshape(-1)
+        if mean:
+            upstream = upstream / denominator
+    losses = np.empty(layout.size)
+    kernel = load().softmax.target_elements
+    spatial = layout.spatial
+
+    def run(rows: slice, grad_rows):
+        cells = slice(rows.start * spatial, rows.stop * spatial)
+        _sized(kernel, (rows.stop - rows.start) * layout.classes * spatial)(
+            x3[rows], p3 if indices else p3[rows], t2[rows] if indices else t2, indices,
+            problem.ignore_index, weight, table, problem.from_logits, 1.0 - smoothing, share,
+            problem.z_loss, problem.softcap or 0.0,
+            upstream if upstream.size == 1 else upstream[cells], losses[cells], grad_rows,
+        )  # fmt: skip
+
+    everything = slice(0, layout.batch)
+    if not want_grad:
+        run(everything, np.empty((0, 0, 0), dtype))
+        grad = None
+    elif x.dtype == dtype and (out is None or out.dtype == dtype):
+        grad = np.empty(x.shape, dtype=dtype) if out is None else out
+        run(everything, grad.reshape(x3.shape))
+    else:
+        grad = _gradient_in_blocks(run, problem, out, dtype, x3.shape)
+    if problem.elementwise:
+        return losses.reshape(layout.output_shape).astype(x.dtype), grad
+    value = np.sum(losses)
+    if mean:
+        value = value / denominator
+    return np.array(value, dtype=x.dtype), grad
 
 
 # Rows of a 16-bit (or non-native) gradient computed at a time in the compute dtype before

@@ -340,3 +340,95 @@ def softmax_tiles(
                 if t2[b, start + k] == ignore_index:
                     for j in range(classes):
                         grad3[b, j, start + k] = 0.0
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _logit(element, decode, softcap):
+    """An input value in float64, capped to ``softcap * tanh(x / softcap)`` when softcap > 0."""
+    value = np.float64(_decode(element, decode))
+    return softcap * math.tanh(value / softcap) if softcap > 0.0 else value
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _target_share(p3, t2, indices, decode, b, j, s, keep, share):
+    """The smoothed target probability ``keep p + share`` of class j at element (b, s): from
+    the probabilities ``p3``, or from the class index ``t2`` (one-hot)."""
+    if indices:
+        return keep * (t2[b, s] == j) + share
+    return np.float64(_decode(p3[b, j, s], decode)) * keep + share
+
+
+@_parallel_and_serial(fastmath={"contract"})
+def target_elements(
+    x3, p3, t2, indices, ignore_index, weight, decode, from_logits, keep, share, z_loss,
+    softcap, upstream, losses, grad3,
+):  # fmt: skip
+    """Per element ``m = (b, s)`` of (B, C, S) input, for targets of class probabilities
+    (``p3``, (B, C, S)) or, with ``indices``, of class indices (``t2``, (B, S), one-hot
+    probabilities; elements equal to ``ignore_index`` get 0 everywhere), in float64:
+
+    ``losses[m] = -sum_c w_c p'_c log q_c + z v lse**2`` with ``p' = keep p + share``
+    (smoothing), ``q = softmax`` of the (capped) logits and ``v = w_t`` for an index
+    (1 for probabilities), or ``-sum_c w_c p'_c x_c`` without ``from_logits``. When
+    ``grad3`` is (B, C, S), the gradient ``u (q_c (sum_k w_k p'_k + 2 z v lse) - w_c p'_c)``
+    (times ``1 - tanh(x_c / softcap)**2`` when capped), or ``-u w_c p'_c``, with ``u`` the
+    element's upstream gradient. ``weight`` is empty when unweighted; ``softcap`` is 0 for
+    none. Each element's values are read before its gradient is written, so ``grad3`` may
+    be the input.
+    """
+    batch, classes, spatial = x3.shape
+    want_grad = grad3.shape[0] == batch
+    one_upstream = upstream.shape[0] == 1
+    weighted = weight.shape[0] > 0
+    for m in numba.prange(batch * spatial):
+        b = m // spatial
+        s = m % spatial
+        if indices and t2[b, s] == ignore_index:
+            losses[m] = 0.0
+            if want_grad:
+                for j in range(classes):
+                    grad3[b, j, s] = 0.0
+            continue
+        top = 0.0
+        log_norm = 0.0
+        if from_logits and classes > 0:
+            top = _logit(x3[b, 0, s], decode, softcap)
+            for j in range(1, classes):
+                value = _logit(x3[b, j, s], decode, softcap)
+                top = value if value > top else top
+            total = 0.0
+            for j in range(classes):
+                total += math.exp(_logit(x3[b, j, s], decode, softcap) - top)
+            log_norm = math.log(total)
+        dot = 0.0
+        mass = 0.0
+        for j in range(classes):
+            p = _target_share(p3, t2, indices, decode, b, j, s, keep, share)
+            if weighted:
+                p *= np.float64(weight[j])
+            value = _logit(x3[b, j, s], decode, softcap)
+            dot += p * ((value - top) - log_norm if from_logits else value)
+            mass += p
+        lse = top + log_norm
+        # no z term without z_loss: 0 * inf of an infinite row would be NaN
+        with_z = z_loss > 0.0 and from_logits and classes > 0
+        z_weight = np.float64(weight[t2[b, s]]) if indices and weighted else 1.0
+        losses[m] = z_loss * z_weight * lse * lse - dot if with_z else -dot
+        if not want_grad:
+            continue
+        u = upstream[0] if one_upstream else upstream[m]
+        coefficient = mass + 2.0 * z_loss * z_weight * lse if with_z else mass
+        for j in range(classes):
+            p = _target_share(p3, t2, indices, decode, b, j, s, keep, share)
+            if weighted:
+                p *= np.float64(weight[j])
+            if from_logits:
+                value = _logit(x3[b, j, s], decode, softcap)
+                q = math.exp((value - top) - log_norm)
+                g = u * (q * coefficient - p)
+                if softcap > 0.0:
+                    slope = value / softcap
+                    g *= 1.0 - slope * slope
+            else:
+                g = -(u * p)
+            grad3[b, j, s] = g
