@@ -153,13 +153,21 @@ def test_total_weight_replaces_the_mean_denominator(from_logits, rng):
     np.testing.assert_allclose(sum(pieces), nll_loss(x, p, **options), rtol=1e-12)
 
 
-def test_ignore_index_does_not_apply(rng):
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_ignore_index_does_not_apply_and_may_not_name_a_class(from_logits, rng):
+    """As torch's cross_entropy: a negative ignore_index changes nothing (no value of the
+    target is compared with it); one that could name a class is refused."""
     x, p, w = case(rng, (6, 5))
-    for ignore_index in (0, 2, -100):
+    options = dict(weight=w, from_logits=from_logits)
+    for ignore_index in (-1, -(2**63)):
         np.testing.assert_array_equal(
-            nll_loss(x, p, weight=w, ignore_index=ignore_index, from_logits=True),
-            nll_loss(x, p, weight=w, from_logits=True),
+            nll_loss(x, p, ignore_index=ignore_index, **options), nll_loss(x, p, **options)
         )
+    for ignore_index in (0, 2, 5, 2**40):
+        with pytest.raises(ValueError, match=f"probabilities .* got ignore_index={ignore_index}"):
+            nll_loss(x, p, ignore_index=ignore_index, **options)
+        with pytest.raises(RuntimeError, match="ignore_index is not supported"):
+            F.cross_entropy(torch.from_numpy(x), torch.from_numpy(p), ignore_index=ignore_index)
 
 
 def test_gradient_into_out_and_over_the_input(rng):
@@ -239,11 +247,55 @@ def test_torch_autograd_compile_and_transforms(options, rng):
     torch.testing.assert_close(grad, expected)
 
 
-def test_torch_cross_entropy_module(rng):
-    x, p, w = (torch.from_numpy(a).float() for a in case(rng, (8, 5, 3)))
-    ours = nllloss.torch.CrossEntropyLoss(weight=w, label_smoothing=0.1)
-    theirs = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_torch_gradient_with_respect_to_the_target(from_logits, reduction, rng):
+    """As torch's cross_entropy, the loss is differentiable with respect to probabilities
+    (a teacher's distribution trained with its student, say)."""
+    x, p, w = case(rng, (6, 5, 2))
+    pt = torch.from_numpy(p).requires_grad_()
+    xt = torch.from_numpy(x).requires_grad_()
+    options = dict(weight=torch.from_numpy(w), reduction=reduction, label_smoothing=0.1)
+    loss = nll_loss(xt, pt, from_logits=from_logits, **options)
+    upstream = torch.from_numpy(rng.uniform(0.5, 1.5, tuple(loss.shape)))
+    ours = torch.autograd.grad(loss, (xt, pt), upstream)
+    if from_logits:
+        expected = F.cross_entropy(xt, pt, **options)
+    else:  # -sum_c w_c p'_c x_c, written out
+        smoothed = pt * 0.9 + 0.1 / 5
+        per_element = -(xt * smoothed * options["weight"].view(1, -1, 1)).sum(1)
+        expected = {"none": per_element, "sum": per_element.sum()}.get(
+            reduction, per_element.sum() / per_element.numel()
+        )
+    torch.testing.assert_close(loss, expected)
+    for mine, theirs in zip(ours, torch.autograd.grad(expected, (xt, pt), upstream), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert torch.autograd.gradcheck(
+        lambda x, p: nll_loss(x, p, from_logits=from_logits, **options), (xt, pt)
+    )
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(5,), (8, 5), (8, 5, 3)])
+def test_torch_cross_entropy_module_on_every_target_form(shape, reduction, rng):
+    x, p, w = (torch.from_numpy(a).float() for a in case(rng, shape))
+    indices = p.argmax(dim=0 if len(shape) == 1 else 1)
+    if indices.dim():
+        indices.view(-1)[::3] = 1  # the ignore_index chosen below
+    options = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+    ours = nllloss.torch.CrossEntropyLoss(**options)
+    theirs = torch.nn.CrossEntropyLoss(**options)
     torch.testing.assert_close(ours(x, p), theirs(x, p))
+    ours.ignore_index = theirs.ignore_index = 1
+    torch.testing.assert_close(ours(x, indices), theirs(x, indices))
+    with pytest.raises(ValueError, match="ignore_index is not supported .* probabilities"):
+        ours(x, p)  # torch's RuntimeError: "ignore_index is not supported for floating..."
+    # state_dict moves both ways; the options torch lacks are attributes, not state
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    fresh = nllloss.torch.CrossEntropyLoss(weight=torch.ones(x.shape[len(shape) > 1]))
+    fresh.load_state_dict(theirs.state_dict())
+    torch.nn.CrossEntropyLoss(weight=torch.ones_like(w)).load_state_dict(ours.state_dict())
+    torch.testing.assert_close(fresh.weight, w)
 
 
 def test_torch_bfloat16_takes_the_generic_path(rng):
@@ -268,9 +320,6 @@ def test_errors_name_both_shapes_and_dtypes():
         nll_loss(np.zeros(3, np.float32), np.zeros(3, np.int32), from_logits=True)
     # one class, unbatched: a (1,) integer target is still a class index
     assert nll_loss(np.zeros(1), np.array([0]), from_logits=True) == 0.0
-    t = torch.zeros(4, 3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"target requires grad.*target\.detach\(\)"):
-        nll_loss(torch.zeros(4, 3), t, from_logits=True)
 
 
 def test_distributed_and_total_weight_take_class_indices_only():

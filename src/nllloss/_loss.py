@@ -43,7 +43,7 @@ def _problem(
         input,
         target,
         weight,
-        _validate.check_ignore_index(ignore_index),
+        _validate.check_ignore_index(ignore_index, _validate.is_float_dtype(target.dtype)),
         resolved_reduction(reduction, layout),
         layout,
         from_logits=_validate.check_flag(from_logits, "from_logits"),

@@ -153,8 +153,8 @@ class TorchBackend:
     xp = torch_namespace
 
     def forward(self, problem: Problem):
-        _check_not_differentiable(problem)
-        if _values_hidden():
+        _check_weight(problem)
+        if _values_hidden() or _target_needs_grad(problem):
             return GENERIC.forward(problem)
         x = problem.input
         if (
@@ -185,12 +185,13 @@ class TorchBackend:
         return _Backward.apply(grad_output, problem.input, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
-        _check_not_differentiable(problem)
+        _check_weight(problem)
         x = problem.input
         if (
             _values_hidden()
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
+            or _target_needs_grad(problem)
         ):  # the loss must be differentiable (or traced): the two calls
             return self.forward(problem), self.backward(problem, grad_output)
         return _compute("forward_backward", problem, _upstream(problem, grad_output))
@@ -249,14 +250,20 @@ def _gradient_with_the_loss(problem: Problem) -> bool:
     return problem.over_rows and _engine(problem) in ("numpy", "triton")
 
 
-def _check_not_differentiable(problem: Problem) -> None:
-    """Gradients flow to the input only: a weight, or target, that requires one is refused."""
-    for name in ("weight", "target"):
-        tensor = getattr(problem, name)
-        if tensor is not None:
-            _validate.check_not_differentiable(
-                name, tensor.requires_grad and torch.is_grad_enabled()
-            )
+def _check_weight(problem: Problem) -> None:
+    weight = problem.weight
+    if weight is not None:
+        _validate.check_not_differentiable(
+            "weight", weight.requires_grad and torch.is_grad_enabled()
+        )
+
+
+def _target_needs_grad(problem: Problem) -> bool:
+    """A target of class probabilities that requires grad (as torch's ``cross_entropy``,
+    the loss is differentiable with respect to it): the generic path, of plain torch
+    operations, gives autograd both gradients."""
+    target = problem.target
+    return problem.probabilities and target.requires_grad and torch.is_grad_enabled()
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,12 @@ def check_reduction(reduction: Any, *, stacklevel: int) -> str:
     )
 
 
-def check_ignore_index(ignore_index: Any) -> int:
-    """Return ``ignore_index`` as a Python int; it may be any integer that fits in int64."""
+def check_ignore_index(ignore_index: Any, probabilities: bool = False) -> int:
+    """Return ``ignore_index`` as a Python int; it may be any integer that fits in int64.
+
+    With a target of class ``probabilities`` there is nothing to ignore: as torch's
+    ``cross_entropy``, an ``ignore_index`` that could name a class (>= 0) is refused.
+    """
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError(f"ignore_index must be an int, not {type(ignore_index).__name__}")
     try:
@@ -83,6 +87,11 @@ def check_ignore_index(ignore_index: Any) -> int:
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise ValueError(
             f"ignore_index must fit in int64 (between -2**63 and 2**63 - 1), got {value}"
+        )
+    if probabilities and value >= 0:
+        raise ValueError(
+            "ignore_index is not supported with a target of class probabilities (as in "
+            f"torch's cross_entropy), got ignore_index={value}: leave it at the default -100"
         )
     return value
 
@@ -433,17 +442,11 @@ def check_paddle_input_rank(input_shape: tuple[int, ...]) -> None:
 
 
 def check_not_differentiable(name: str, requires_grad: bool) -> None:
-    """As torch's nll_loss: the loss is not differentiable with respect to the weight; nor,
-    unlike torch's cross_entropy, with respect to a target of class probabilities."""
+    """As torch's nll_loss: the loss is not differentiable with respect to the weight."""
     if requires_grad:
-        what = (
-            "class weights (as torch's nll_loss and cross_entropy)"
-            if name == "weight"
-            else "target's class probabilities (torch's cross_entropy is)"
-        )
         raise ValueError(
             f"{name} requires grad, but the loss is not differentiable with respect to the "
-            f"{what}: pass {name}.detach()"
+            f"class weights (as torch's nll_loss and cross_entropy): pass {name}.detach()"
         )
 
 

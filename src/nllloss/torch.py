@@ -13,6 +13,7 @@ except ModuleNotFoundError as error:
         raise
     raise ImportError("nllloss.torch needs PyTorch (pip install torch)") from None
 
+from . import _validate
 from ._loss import nll_loss
 
 __all__ = ["CrossEntropyLoss", "NLLLoss"]
@@ -49,12 +50,14 @@ class NLLLoss(torch.nn.NLLLoss):
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss`` (class-index targets) computed by :func:`nllloss.nll_loss`
-    with ``from_logits=True``: no log-probabilities are materialised on CPU.
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`nllloss.nll_loss` with
+    ``from_logits=True``: no log-probabilities are materialised on CPU.
 
-    Same constructor, attributes and ``state_dict`` as torch's module; ``forward`` also takes
-    ``total_weight=`` (see :func:`nllloss.nll_loss`). Targets of class probabilities are
-    not supported (a ``TypeError`` names the dtype).
+    Same constructor, attributes and ``state_dict`` as torch's module, and the same target
+    forms: class indices, or class probabilities of the input's shape (differentiable with
+    respect to them too). Two keyword-only options that torch's module lacks, off by
+    default: ``z_loss`` and ``softcap`` (see :func:`nllloss.nll_loss`); ``forward`` also
+    takes ``total_weight=``.
 
     Examples
     --------
@@ -62,7 +65,27 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     >>> loss = nllloss.torch.CrossEntropyLoss(label_smoothing=0.1)
     >>> loss(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
     tensor(0.3729)
+    >>> loss(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.5, 0.0]]))
+    tensor(1.2729)
+    >>> nllloss.torch.CrossEntropyLoss(z_loss=1e-4, softcap=30.0)
+    CrossEntropyLoss(z_loss=0.0001, softcap=30.0)
     """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = _validate.check_z_loss(z_loss, from_logits=True)
+        self.softcap = _validate.check_softcap(softcap, from_logits=True)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, *, total_weight=None
@@ -76,4 +99,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             from_logits=True,
             label_smoothing=self.label_smoothing,
             total_weight=total_weight,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
         )
+
+    def extra_repr(self) -> str:
+        options = [f"z_loss={self.z_loss!r}"] if self.z_loss else []
+        if self.softcap is not None:
+            options.append(f"softcap={self.softcap!r}")
+        return ", ".join(options)
