@@ -288,7 +288,7 @@ def test_torch_cross_entropy_module_on_every_target_form(shape, reduction, rng):
     torch.testing.assert_close(ours(x, p), theirs(x, p))
     ours.ignore_index = theirs.ignore_index = 1
     torch.testing.assert_close(ours(x, indices), theirs(x, indices))
-    with pytest.raises(ValueError, match="ignore_index is not supported .* probabilities"):
+    with pytest.raises(ValueError, match=r"ignore_index is not supported .* probabilities"):
         ours(x, p)  # torch's RuntimeError: "ignore_index is not supported for floating..."
     # state_dict moves both ways; the options torch lacks are attributes, not state
     assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]

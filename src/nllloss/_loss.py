@@ -83,6 +83,19 @@ def nll_loss(
     ``'mean'`` returns :math:`\sum_n \ell_n / \sum_{n: y_n \ne ii} w_{y_n}` (the weighted
     mean; without ``weight`` the count of non-ignored elements).
 
+    A floating ``target`` of the input's own shape holds class probabilities
+    :math:`p_{n, c}` instead (soft labels: distillation, mixup), and
+
+    .. math:: \ell_n = -\sum_c w_c \, p_{n, c} \, x_{n, c},
+
+    with ``'mean'`` the plain average over the target elements, as ``cross_entropy`` with
+    probability targets averages (:math:`\sum_n \ell_n / (N d_1 \cdots d_K)`, not divided
+    by a weight sum). The target is used as given: torch checks neither that it is
+    non-negative nor that it sums to 1, and neither do we. ``ignore_index`` does not apply
+    (a non-negative one is refused, as by torch). From logits this is exactly torch's
+    ``cross_entropy``; on log-probabilities torch has no such loss: ours makes
+    ``nll_loss(log_softmax(z), p)`` equal ``cross_entropy(z, p)``.
+
     Parameters
     ----------
     input : array
@@ -91,7 +104,9 @@ def nll_loss(
     target : array
         Class indices of shape ``()`` (or ``(1,)``) for unbatched input, ``(N,)`` or
         ``(N, d1, ..., dK)``; any integer dtype. Each value is in ``[0, C)`` or equals
-        ``ignore_index``.
+        ``ignore_index``. Or class probabilities: any float dtype (used in the input's),
+        the input's shape. A floating target of the indices' shape, or an integer one of
+        the input's, is refused naming both forms.
     weight : array, optional
         Rescaling weight per class, 1-D of length C, any float dtype (used in the
         input's dtype). Zero and negative weights are allowed. Default: all ones.
@@ -111,7 +126,8 @@ def nll_loss(
         :math:`\varepsilon \in [0, 1]`, as ``cross_entropy``'s: the loss becomes
         :math:`(1 - \varepsilon)\,\ell + \frac{\varepsilon}{C} s` with
         :math:`s_n = -\sum_c w_c \log p_{n, c}` (0 where ignored), reduced like :math:`\ell`
-        ('mean' divides both by the same total weight).
+        ('mean' divides both by the same total weight). With probability targets, as
+        torch: the target becomes :math:`(1 - \varepsilon) p + \varepsilon / C`.
     total_weight : float or 0-d array, optional
         With ``'mean'`` only: the denominator to divide by instead of this batch's own
         :math:`\sum w_{y_n}`, e.g. the total weight of a whole batch split into
@@ -122,6 +138,20 @@ def nll_loss(
         targets, the one host synchronisation of the loss (for CUDA-graph capture): an
         out-of-range target then gives NaN instead of an ``IndexError``. Other arrays are
         always checked.
+    z_loss : float, default 0.0
+        From logits only: :math:`z \ge 0` adds :math:`z \, v_n \operatorname{lse}_n^2`
+        to each element's loss (PaLM's auxiliary z-loss, which keeps the log-normaliser
+        :math:`\operatorname{lse}_n = \log \sum_c e^{x_{n, c}}` near 0), reduced with the
+        main loss ('mean' by the same denominator). The element's weight :math:`v_n` is
+        :math:`w_{y_n}` for a class index (0 where ignored), 1 for probabilities: so a
+        weighted 'mean' stays a weighted mean of per-element losses, and an example
+        that counts twice in the main loss counts twice here too (Liger-Kernel leaves
+        the weight out; with ``weight=None`` the two agree). Gradient
+        :math:`2 z v_n \operatorname{lse}_n \operatorname{softmax}(x_n)`.
+    softcap : float, optional
+        From logits only: :math:`c > 0` replaces every logit by :math:`c \tanh(x / c)`
+        before the softmax (Gemma 2's final-logit soft-capping), in the same pass; the
+        gradient goes through the tanh. Default: no cap.
 
     Returns
     -------
@@ -135,9 +165,12 @@ def nll_loss(
         A target value is neither in ``[0, C)`` nor ``ignore_index`` (the first one is
         named, with its position).
     ValueError
-        Shapes do not fit, ``reduction`` is unknown, ``ignore_index`` overflows int64.
+        Shapes do not fit, ``reduction`` is unknown, ``ignore_index`` overflows int64 (or
+        names a class with probability targets), ``z_loss`` or ``softcap`` is out of
+        range or given without ``from_logits``.
     TypeError
-        A non-floating input or weight, a non-integer target or ``ignore_index``.
+        A non-floating input or weight, a target of neither form, a non-integer
+        ``ignore_index``, a ``z_loss`` or ``softcap`` that is not a real number.
 
     Notes
     -----
@@ -160,6 +193,15 @@ def nll_loss(
     array([0.6931472 , 0.22314353], dtype=float32)
     >>> nll_loss(x, np.array([0, -100]), weight=np.array([2.0, 1.0, 1.0]), reduction="sum")
     array(1.3862944, dtype=float32)
+
+    Probabilities as the target, and logits with the z-loss and a cap:
+
+    >>> p = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    >>> nll_loss(x, p)
+    array(0.6314322, dtype=float32)
+    >>> z = np.array([[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], dtype=np.float32)
+    >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
+    array(2.5079715, dtype=float32)
     """
     if (
         size_average is reduce is total_weight is None
