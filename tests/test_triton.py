@@ -778,3 +778,23 @@ def test_torch_operators_route_to_the_kernels(options, monkeypatch):
     expected.backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(ours.grad.double().cpu(), reference.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("options", [{"z_loss": 0.5}, {"softcap": 1.5}])
+def test_z_loss_and_softcap_are_not_dropped_by_the_torch_route(options, monkeypatch):
+    """nllloss.nll_loss with z_loss or softcap on tensors the kernels serve gives the
+    loss with them (a route that dropped them would give plain cross-entropy)."""
+    monkeypatch.setenv(*OPT_IN)
+    generator = torch.Generator().manual_seed(30)
+    x = (torch.randn(6, 5, generator=generator) * 3).to(torch.bfloat16)
+    t = torch.randint(0, 5, (6,), generator=generator)
+    loss = nllloss.nll_loss(x.to(DEVICE), t.to(DEVICE), from_logits=True, **options)
+    x64 = x.double()
+    if "softcap" in options:
+        cap = options["softcap"]
+        expected = F.cross_entropy(cap * torch.tanh(x64 / cap), t)
+    else:
+        expected = (
+            F.cross_entropy(x64, t) + options["z_loss"] * (torch.logsumexp(x64, 1) ** 2).mean()
+        )
+    _close(loss, expected, torch.bfloat16)

@@ -44,7 +44,11 @@ def _engine(problem: Problem) -> str:
     x = problem.input
     if x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY:
         return "numpy"
-    if _triton.launcher_for(x, problem.target, problem.weight) is not None:
+    if (
+        not problem.z_loss
+        and problem.softcap is None  # not passed to the kernels yet: they would drop them
+        and _triton.launcher_for(x, problem.target, problem.weight) is not None
+    ):
         return "triton"
     return "generic"
 
