@@ -710,21 +710,26 @@ def build(kernel, types, constants):
 
 
 positions = dict(C="i32", S="i32", blocks="i32", stride_b="i64", stride_c="i32", stride_s="i32",
+                 t_stride_b="i64", t_stride_c="i32", t_stride_s="i32",
                  grad_stride_b="i64", grad_stride_c="i32", grad_stride_s="i32",
-                 ignore_index="i64", eps="fp32")
-forward = dict(x_ptr="*bf16", t_ptr="*i32", w_ptr="*bf16", loss_ptr="*bf16", lse_ptr="*fp32",
-               part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
-               grad_ptr="*bf16", denominator_ptr="*fp32", M="i64", **positions)
-for full in (False, True):
-    build(K.forward_kernel, forward, dict(
-        FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, WRITE_LOSS=True,
-        WRITE_LSE=full, LOAD_X=True, FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
-backward = dict(x_ptr="*fp16", t_ptr="*i64", w_ptr="*fp16", g_ptr="*fp16",
-                denominator_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp16", **positions)
-for logits in (False, True):
-    build(K.backward_kernel, backward, dict(
-        FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PER_POSITION=logits,
-        MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
+                 ignore_index="i64", eps="fp32", z="fp32", cap="fp32")
+for probs in (False, True):
+    forward = dict(x_ptr="*bf16", t_ptr="*bf16" if probs else "*i32", w_ptr="*bf16",
+                   loss_ptr="*bf16", lse_ptr="*fp32", mass_ptr="*fp32", part_loss_ptr="*fp32",
+                   part_weight_ptr="*fp32", part_bad_ptr="*i64", grad_ptr="*bf16",
+                   denominator_ptr="*fp32", M="i64", **positions)
+    for full in (False, True):
+        build(K.forward_kernel, forward, dict(
+            FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, PROBS=probs,
+            Z_LOSS=full, SOFTCAP=full, WRITE_LOSS=True, WRITE_LSE=full, LOAD_X=True,
+            FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
+    backward = dict(x_ptr="*fp16", t_ptr="*fp32" if probs else "*i64", w_ptr="*fp16",
+                    g_ptr="*fp16", denominator_ptr="*fp32", lse_ptr="*fp32", mass_ptr="*fp32",
+                    grad_ptr="*fp16", **positions)
+    for logits in (False, True):
+        build(K.backward_kernel, backward, dict(
+            FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PROBS=probs, Z_LOSS=logits,
+            SOFTCAP=logits, PER_POSITION=logits, MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
 finish = dict(part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
               n_parts="i32", out_ptr="*bf16", denominator_ptr="*fp32", bad_ptr="*i64",
               total_weight_ptr="*i64", total_weight="fp32", M="i64")
@@ -798,3 +803,137 @@ def test_z_loss_and_softcap_are_not_dropped_by_the_torch_route(options, monkeypa
             F.cross_entropy(x64, t) + options["z_loss"] * (torch.logsumexp(x64, 1) ** 2).mean()
         )
     _close(loss, expected, torch.bfloat16)
+
+
+# --- z_loss, softcap and probability targets --------------------------------------------
+
+# (probabilities, from_logits, weighted, label_smoothing, total_weight, z_loss, softcap)
+OPTION_CASES = {
+    "z_loss": (False, True, True, 0.0, None, 0.3, None),
+    "softcap": (False, True, False, 0.1, None, 0.0, 2.0),
+    "z_loss+softcap": (False, True, True, 0.2, 7.5, 0.2, 2.5),
+    "probabilities-logits": (True, True, True, 0.1, None, 0.0, None),
+    "probabilities-log": (True, False, False, 0.0, None, 0.0, None),
+    "probabilities-log-weighted": (True, False, True, 0.2, 3.5, 0.0, None),
+    "probabilities-all": (True, True, True, 0.1, 5.0, 0.25, 1.5),
+}
+OPTION_SHAPES = {
+    "unbatched": ((7,), None),
+    "2d": ((13, 6), None),
+    "2d-transposed": ((13, 6), (1, 0)),  # the class axis strided
+    "kdim-transposed": ((2, 5, 3, 4), (0, 3, 2, 1)),  # no axis of stride 1 where it was
+}
+
+
+def _option_input(shape_name, case, dtype, generator):
+    """(x, target, weight, options) on DEVICE: x rounded to dtype (logits, or
+    log-probabilities), target class indices (some ignored) or probabilities."""
+    probabilities, from_logits, weighted, smoothing, total, z_loss, softcap = case
+    shape, order = OPTION_SHAPES[shape_name]
+    axis = 0 if len(shape) == 1 else 1
+    classes = shape[axis]
+
+    def laid_out(tensor):  # the values of `tensor`, with the strides of a transposed copy
+        if order is None:
+            return tensor
+        return tensor.permute(order).contiguous().permute(*torch.argsort(torch.tensor(order)))
+
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    x = logits if from_logits else torch.log_softmax(logits, dim=axis)
+    x = laid_out(x.to(dtype))
+    assert order is None or not x.is_contiguous()
+    if probabilities:
+        scores = torch.randn(shape, generator=generator, dtype=torch.float64) * 2
+        target = laid_out(torch.softmax(scores, dim=axis).to(dtype))
+    else:
+        target = torch.randint(
+            0, classes, shape[:1] + shape[2:] if axis else (), generator=generator
+        )
+        if target.dim():
+            target.view(-1)[::4] = -100
+    weight = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.25).to(dtype)
+    options = {
+        "from_logits": from_logits,
+        "label_smoothing": smoothing,
+        "total_weight": total,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+    return x.to(DEVICE), target.to(DEVICE), weight.to(DEVICE) if weighted else None, options
+
+
+def _option_oracle(x, target, weight, reduction, options):
+    """float64 loss (with autograd) from torch operations: the capped logits
+    ``c * tanh(x / c)``, ``F.cross_entropy`` (class indices or probabilities), the z-loss
+    ``z * logsumexp**2`` per element (weighted by w[t] for class indices), and on
+    log-probabilities ``-sum_c w_c p'_c x_c`` written out."""
+    x64 = x.detach().cpu().double().requires_grad_()
+    axis = 0 if x64.dim() == 1 else 1
+    classes = x64.shape[axis]
+    w = None if weight is None else weight.cpu().double()
+    eps = options["label_smoothing"]
+    probabilities = target.dtype.is_floating_point
+    t = target.cpu().double() if probabilities else target.cpu().long()
+    logits = x64
+    if options["softcap"] is not None:
+        cap = options["softcap"]
+        logits = cap * torch.tanh(x64 / cap)
+    if options["from_logits"]:
+        losses = F.cross_entropy(logits, t, weight=w, reduction="none", label_smoothing=eps)
+    else:  # log-probabilities: probability targets only
+        shape = [1] * x64.dim()
+        shape[axis] = classes
+        smoothed = (1 - eps) * t + eps / classes
+        w_all = torch.ones(classes, dtype=torch.float64) if w is None else w
+        losses = -(x64 * smoothed * w_all.view(shape)).sum(axis)
+    if probabilities:
+        element_weight = torch.ones_like(losses)
+        count = losses.numel()
+    else:
+        valid = t != -100
+        w_t = torch.ones(classes, dtype=torch.float64) if w is None else w
+        element_weight = torch.where(valid, w_t[t.clamp(min=0)], 0.0)
+        count = element_weight.sum()
+    if options["z_loss"]:
+        lse = torch.logsumexp(logits, dim=axis)
+        losses = losses + options["z_loss"] * lse**2 * element_weight
+    if reduction == "none" and x64.dim() > 1:
+        return x64, losses
+    total = losses.sum()
+    if reduction == "mean":
+        given = options["total_weight"]
+        total = total / (count if given is None else given)
+    return x64, total
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(OPTION_SHAPES))
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_torch(case, shape, dtype, reduction, request):
+    """z_loss, softcap and probability targets: forward, backward with and without the
+    forward's saved state, and the fused unit gradient, against float64 torch."""
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
+    loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+    x64, expected = _option_oracle(x, target, weight, reduction, options)
+    assert loss.dtype == dtype
+    assert loss.shape == expected.shape
+    _close(loss, expected, dtype)
+
+    upstream = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
+    expected.backward(upstream, retain_graph=True)
+    g = upstream.to(dtype).to(DEVICE)
+    grad = launch.backward(g, x, target, weight, -100, reduction, **options, saved=saved)
+    assert grad.dtype == dtype
+    assert grad.shape == x.shape
+    _close(grad, x64.grad, dtype)
+    again = launch.backward(g, x, target, weight, -100, reduction, **options)
+    assert torch.equal(grad, again)
+    loss_fused, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+    assert torch.equal(loss_fused, loss)
+    ones = torch.ones(expected.shape, dtype=dtype, device=DEVICE)
+    assert torch.equal(fused, launch.backward(ones, x, target, weight, -100, reduction, **options))
+    x64.grad = None
+    expected.backward(torch.ones_like(expected))
+    _close(fused, x64.grad, dtype)

@@ -44,11 +44,7 @@ def _engine(problem: Problem) -> str:
     x = problem.input
     if x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY:
         return "numpy"
-    if (
-        not problem.z_loss
-        and problem.softcap is None  # not passed to the kernels yet: they would drop them
-        and _triton.launcher_for(x, problem.target, problem.weight) is not None
-    ):
+    if _triton.launcher_for(x, problem.target, problem.weight) is not None:
         return "triton"
     return "generic"
 
@@ -113,6 +109,8 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
         "label_smoothing": problem.label_smoothing,
         "total_weight": problem.total_weight,
         "check_targets": problem.check_targets,
+        "z_loss": problem.z_loss,
+        "softcap": problem.softcap,
     }
     if kind == "forward":
         return launcher.forward(*arguments, problem.reduction, **flags)[0]
