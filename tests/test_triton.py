@@ -6,7 +6,10 @@ triton is imported; the launchers are called directly, so other tests' CPU tenso
 their own path). Expected values come from torch: ``F.nll_loss`` /
 ``F.cross_entropy`` in float64 on the same (rounded) inputs, and for label smoothing on
 log-probabilities torch's cross-entropy smoothing formula written out in float64 torch
-operations, differentiated by torch's autograd.
+operations, differentiated by torch's autograd. For z_loss and softcap the oracle is
+``F.cross_entropy`` on ``c * tanh(x / c)`` plus ``z * torch.logsumexp(...)**2``; for
+probability targets ``F.cross_entropy`` with probabilities (from logits) or
+``-sum_c w_c p'_c x_c`` written out (log-probabilities).
 """
 
 from __future__ import annotations
@@ -790,6 +793,7 @@ def test_z_loss_and_softcap_are_not_dropped_by_the_torch_route(options, monkeypa
     """nllloss.nll_loss with z_loss or softcap on tensors the kernels serve gives the
     loss with them (a route that dropped them would give plain cross-entropy)."""
     monkeypatch.setenv(*OPT_IN)
+    calls = _spy_on_launches(monkeypatch)
     generator = torch.Generator().manual_seed(30)
     x = (torch.randn(6, 5, generator=generator) * 3).to(torch.bfloat16)
     t = torch.randint(0, 5, (6,), generator=generator)
@@ -803,6 +807,7 @@ def test_z_loss_and_softcap_are_not_dropped_by_the_torch_route(options, monkeypa
             F.cross_entropy(x64, t) + options["z_loss"] * (torch.logsumexp(x64, 1) ** 2).mean()
         )
     _close(loss, expected, torch.bfloat16)
+    assert calls == ["forward"]
 
 
 # --- z_loss, softcap and probability targets --------------------------------------------
@@ -937,3 +942,157 @@ def test_options_match_torch(case, shape, dtype, reduction, request):
     x64.grad = None
     expected.backward(torch.ones_like(expected))
     _close(fused, x64.grad, dtype)
+
+
+def _spy_on_launches(monkeypatch):
+    """The names of the launcher's entry points as the torch route calls them."""
+    from nllloss._triton import _launch
+
+    calls = []
+    for name in ("forward", "backward", "forward_backward"):
+        original = getattr(_launch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_launch, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["2d", "kdim-transposed"])
+@pytest.mark.parametrize(
+    "case", ["z_loss+softcap", "probabilities-logits", "probabilities-log-weighted"]
+)
+def test_options_through_autograd_run_the_kernels(case, shape, dtype, reduction, monkeypatch):
+    """nllloss.nll_loss and autograd with z_loss, softcap or probability targets: one fused
+    pass of the kernels computes the loss and the gradient (without a GPU, CPU tensors under
+    the interpreter stand in for CUDA ones; float16/float32 CPU tensors, which the NumPy
+    engine takes by default, are sent to the kernels too)."""
+    from nllloss import _torch_ops
+
+    monkeypatch.setenv(*OPT_IN)
+    monkeypatch.setattr(_torch_ops, "_EXACT_ON_NUMPY", ())
+    calls = _spy_on_launches(monkeypatch)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{case}{shape}{dtype}".encode()))
+    x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
+    if reduction != "mean":
+        options["total_weight"] = None  # a 'mean' denominator only
+    ours = x.detach().clone().requires_grad_()
+    loss = nllloss.nll_loss(ours, target, weight, reduction=reduction, **options)
+    x64, expected = _option_oracle(x, target, weight, reduction, options)
+    g = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
+    loss.backward(g.to(dtype).to(DEVICE))
+    assert calls == ["forward_backward"]
+    expected.backward(g.to(dtype).double())
+    _close(loss, expected, dtype)
+    _close(ours.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize(
+    "case", ["z_loss+softcap", "probabilities-all", "probabilities-log-weighted"]
+)
+def test_options_over_many_class_and_position_blocks(case, monkeypatch):
+    """Tiles smaller than the rows: the running maximum that probability targets are
+    re-centred on moves across class blocks, and the cap and z-loss apply per block."""
+    from nllloss._triton import _launch
+
+    for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
+        monkeypatch.setattr(_launch, name, 64)
+    monkeypatch.setattr(_launch, "_STRIDED_CLASS_BLOCK", 8)
+    monkeypatch.setattr(_launch, "_FINISH_BLOCK", 4)
+    probabilities, from_logits, weighted, smoothing, total, z_loss, softcap = OPTION_CASES[case]
+    generator = torch.Generator().manual_seed(31)
+    options = {
+        "from_logits": from_logits,
+        "label_smoothing": smoothing,
+        "total_weight": total,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+    for shape in [(9, 200), (2, 21, 13)]:
+        # logits that rise along the classes: the maximum moves in every block
+        rising = torch.linspace(0, 6, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+        x = torch.randn(shape, generator=generator) * 2 + rising
+        if not from_logits:
+            x = torch.log_softmax(x, dim=1)
+        if probabilities:
+            target = torch.softmax(torch.randn(shape, generator=generator), dim=1)
+        else:
+            target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+            target.view(-1)[::5] = -100
+        weight = torch.rand(shape[1], generator=generator) + 0.5 if weighted else None
+        x, target = x.to(DEVICE), target.to(DEVICE)
+        weight = None if weight is None else weight.to(DEVICE)
+        for reduction in ("none", "mean", "sum"):
+            loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+            x64, expected = _option_oracle(x, target, weight, reduction, options)
+            _close(loss, expected, torch.float32)
+            expected.backward(torch.ones_like(expected))
+            ones = torch.ones(expected.shape, device=DEVICE)
+            grad = launch.backward(ones, x, target, weight, -100, reduction, **options, saved=saved)
+            _close(grad, x64.grad, torch.float32)
+            _, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+            assert torch.equal(fused, grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets_read_the_logits_once_and_never_sync(reduction, monkeypatch):
+    """Probability targets have nothing to check: a training step (forward + backward with
+    saved, or the fused entry) reads x once per pass and never reads a value back."""
+    from nllloss._triton import _kernels, _launch
+
+    log, syncs = [], []
+    monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))
+    monkeypatch.setattr(_launch, "_raise_first_bad", lambda *a: syncs.append(1))
+    generator = torch.Generator().manual_seed(23)
+    x = torch.randn(10, 7, generator=generator).to(DEVICE)
+    p = torch.softmax(torch.randn(10, 7, generator=generator), dim=1).to(DEVICE)
+    options = {"from_logits": True, "label_smoothing": 0.1, "z_loss": 0.1, "softcap": 3.0}
+    loss, saved = launch.forward(x, p, None, -100, reduction, **options)
+    g = torch.ones(loss.shape, device=DEVICE)
+    grad = launch.backward(g, x, p, None, -100, reduction, **options, saved=saved)
+    reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
+    assert reads_of_x == [("forward_kernel", True, False), ("backward_kernel", None, None)]
+    log.clear()
+    fused_loss, fused_grad = launch.forward_backward(x, p, None, -100, reduction, **options)
+    reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
+    assert reads_of_x == [("forward_kernel", True, True)]
+    assert syncs == []
+    assert torch.equal(fused_loss, loss)
+    assert torch.equal(fused_grad, grad)
+
+
+def test_probability_targets_are_served_only_of_the_input_shape():
+    x = torch.zeros(4, 3, device=DEVICE)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert launch.supports(x, torch.zeros(4, 3, dtype=dtype, device=DEVICE), None)
+    assert not launch.supports(x, torch.zeros(4, dtype=torch.float32, device=DEVICE), None)
+    assert not launch.supports(x[:0], torch.zeros(0, 3, device=DEVICE), None)  # empty
+
+
+def test_empty_probability_targets_take_the_generic_path(monkeypatch):
+    """An empty input is not the kernels': 'mean' over no element is NaN, as torch's."""
+    monkeypatch.setenv(*OPT_IN)
+    calls = _spy_on_launches(monkeypatch)
+    x = torch.zeros(0, 4, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    p = torch.zeros(0, 4, dtype=torch.bfloat16, device=DEVICE)
+    loss = nllloss.nll_loss(x, p, from_logits=True, z_loss=0.1, softcap=2.0)
+    expected = F.cross_entropy(x.detach().double().cpu(), p.double().cpu())
+    assert torch.isnan(loss)
+    assert torch.isnan(expected)
+    loss.backward()
+    assert x.grad.shape == x.shape
+    assert calls == []
+
+
+def test_a_saved_state_of_class_indices_is_refused_for_probabilities():
+    x = torch.randn(4, 3, device=DEVICE)
+    t = torch.tensor([0, 2, 1, -100], device=DEVICE)
+    p = torch.softmax(torch.randn(4, 3), dim=1).to(DEVICE)
+    _, of_indices = launch.forward(x, t, None, -100, "sum", from_logits=True)
+    with pytest.raises(ValueError, match=r"saved\.mass has 0 elements, but probability"):
+        launch.backward(torch.ones((), device=DEVICE), x, p, None, -100, "sum",
+                        from_logits=True, saved=of_indices)  # fmt: skip
