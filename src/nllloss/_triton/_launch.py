@@ -34,6 +34,7 @@ ignore_index, no target check, the 'mean' denominator is the number of positions
 ``total_weight`` is given); from logits, ``z_loss`` adds ``z * lse**2`` per position
 (weighted by ``w[t]`` for class indices, 1 for probabilities) and ``softcap`` c replaces
 the logits by ``c * tanh(x / c)`` as they are read.
+
 ``total_weight`` is best given on x's device (a tensor elsewhere is copied there).
 """
 
@@ -84,7 +85,7 @@ class Saved(NamedTuple):
     ``lse``: float32 log-sum-exp per position (from logits; empty otherwise);
     ``denominator``: float32 0-d 'mean' denominator (``total_weight`` when given, else the
     sum of ``w[t]`` over counted positions, or their number for probability targets;
-    empty when not computed: 'none' unchecked, or of probability targets);
+    empty when not computed: 'none' unchecked or of probability targets);
     ``mass``: float32 ``sum_c w_c p'_c`` per position (probability targets from logits;
     empty otherwise).
     """
