@@ -6,7 +6,10 @@ triton is imported; the launchers are called directly, so other tests' CPU tenso
 their own path). Expected values come from torch: ``F.nll_loss`` /
 ``F.cross_entropy`` in float64 on the same (rounded) inputs, and for label smoothing on
 log-probabilities torch's cross-entropy smoothing formula written out in float64 torch
-operations, differentiated by torch's autograd.
+operations, differentiated by torch's autograd. For z_loss and softcap the oracle is
+``F.cross_entropy`` on ``c * tanh(x / c)`` plus ``z * torch.logsumexp(...)**2``; for
+probability targets ``F.cross_entropy`` with probabilities (from logits) or
+``-sum_c w_c p'_c x_c`` written out (log-probabilities).
 """
 
 from __future__ import annotations
@@ -710,21 +713,26 @@ def build(kernel, types, constants):
 
 
 positions = dict(C="i32", S="i32", blocks="i32", stride_b="i64", stride_c="i32", stride_s="i32",
+                 t_stride_b="i64", t_stride_c="i32", t_stride_s="i32",
                  grad_stride_b="i64", grad_stride_c="i32", grad_stride_s="i32",
-                 ignore_index="i64", eps="fp32")
-forward = dict(x_ptr="*bf16", t_ptr="*i32", w_ptr="*bf16", loss_ptr="*bf16", lse_ptr="*fp32",
-               part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
-               grad_ptr="*bf16", denominator_ptr="*fp32", M="i64", **positions)
-for full in (False, True):
-    build(K.forward_kernel, forward, dict(
-        FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, WRITE_LOSS=True,
-        WRITE_LSE=full, LOAD_X=True, FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
-backward = dict(x_ptr="*fp16", t_ptr="*i64", w_ptr="*fp16", g_ptr="*fp16",
-                denominator_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp16", **positions)
-for logits in (False, True):
-    build(K.backward_kernel, backward, dict(
-        FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PER_POSITION=logits,
-        MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
+                 ignore_index="i64", eps="fp32", z="fp32", cap="fp32")
+for probs in (False, True):
+    forward = dict(x_ptr="*bf16", t_ptr="*bf16" if probs else "*i32", w_ptr="*bf16",
+                   loss_ptr="*bf16", lse_ptr="*fp32", mass_ptr="*fp32", part_loss_ptr="*fp32",
+                   part_weight_ptr="*fp32", part_bad_ptr="*i64", grad_ptr="*bf16",
+                   denominator_ptr="*fp32", M="i64", **positions)
+    for full in (False, True):
+        build(K.forward_kernel, forward, dict(
+            FULL_ROW=full, FROM_LOGITS=full, HAS_WEIGHT=True, SMOOTH=full, PROBS=probs,
+            Z_LOSS=full, SOFTCAP=full, WRITE_LOSS=True, WRITE_LSE=full, LOAD_X=True,
+            FUSED_GRAD=full, MEAN=full, BLOCK_M=64, BLOCK_C=64))
+    backward = dict(x_ptr="*fp16", t_ptr="*fp32" if probs else "*i64", w_ptr="*fp16",
+                    g_ptr="*fp16", denominator_ptr="*fp32", lse_ptr="*fp32", mass_ptr="*fp32",
+                    grad_ptr="*fp16", **positions)
+    for logits in (False, True):
+        build(K.backward_kernel, backward, dict(
+            FROM_LOGITS=logits, HAS_WEIGHT=True, SMOOTH=True, PROBS=probs, Z_LOSS=logits,
+            SOFTCAP=logits, PER_POSITION=logits, MEAN=not logits, BLOCK_M=64, BLOCK_C=64))
 finish = dict(part_loss_ptr="*fp32", part_weight_ptr="*fp32", part_bad_ptr="*i64",
               n_parts="i32", out_ptr="*bf16", denominator_ptr="*fp32", bad_ptr="*i64",
               total_weight_ptr="*i64", total_weight="fp32", M="i64")
@@ -778,3 +786,313 @@ def test_torch_operators_route_to_the_kernels(options, monkeypatch):
     expected.backward()
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(ours.grad.double().cpu(), reference.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("options", [{"z_loss": 0.5}, {"softcap": 1.5}])
+def test_z_loss_and_softcap_are_not_dropped_by_the_torch_route(options, monkeypatch):
+    """nllloss.nll_loss with z_loss or softcap on tensors the kernels serve gives the
+    loss with them (a route that dropped them would give plain cross-entropy)."""
+    monkeypatch.setenv(*OPT_IN)
+    calls = _spy_on_launches(monkeypatch)
+    generator = torch.Generator().manual_seed(30)
+    x = (torch.randn(6, 5, generator=generator) * 3).to(torch.bfloat16)
+    t = torch.randint(0, 5, (6,), generator=generator)
+    loss = nllloss.nll_loss(x.to(DEVICE), t.to(DEVICE), from_logits=True, **options)
+    x64 = x.double()
+    if "softcap" in options:
+        cap = options["softcap"]
+        expected = F.cross_entropy(cap * torch.tanh(x64 / cap), t)
+    else:
+        expected = (
+            F.cross_entropy(x64, t) + options["z_loss"] * (torch.logsumexp(x64, 1) ** 2).mean()
+        )
+    _close(loss, expected, torch.bfloat16)
+    assert calls == ["forward"]
+
+
+# --- z_loss, softcap and probability targets --------------------------------------------
+
+# (probabilities, from_logits, weighted, label_smoothing, total_weight, z_loss, softcap)
+OPTION_CASES = {
+    "z_loss": (False, True, True, 0.0, None, 0.3, None),
+    "softcap": (False, True, False, 0.1, None, 0.0, 2.0),
+    "z_loss+softcap": (False, True, True, 0.2, 7.5, 0.2, 2.5),
+    "probabilities-logits": (True, True, True, 0.1, None, 0.0, None),
+    "probabilities-log": (True, False, False, 0.0, None, 0.0, None),
+    "probabilities-log-weighted": (True, False, True, 0.2, 3.5, 0.0, None),
+    "probabilities-all": (True, True, True, 0.1, 5.0, 0.25, 1.5),
+}
+OPTION_SHAPES = {
+    "unbatched": ((7,), None),
+    "2d": ((13, 6), None),
+    "2d-transposed": ((13, 6), (1, 0)),  # the class axis strided
+    "kdim-transposed": ((2, 5, 3, 4), (0, 3, 2, 1)),  # no axis of stride 1 where it was
+}
+
+
+def _option_input(shape_name, case, dtype, generator):
+    """(x, target, weight, options) on DEVICE: x rounded to dtype (logits, or
+    log-probabilities), target class indices (some ignored) or probabilities."""
+    probabilities, from_logits, weighted, smoothing, total, z_loss, softcap = case
+    shape, order = OPTION_SHAPES[shape_name]
+    axis = 0 if len(shape) == 1 else 1
+    classes = shape[axis]
+
+    def laid_out(tensor):  # the values of `tensor`, with the strides of a transposed copy
+        if order is None:
+            return tensor
+        return tensor.permute(order).contiguous().permute(*torch.argsort(torch.tensor(order)))
+
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    x = logits if from_logits else torch.log_softmax(logits, dim=axis)
+    x = laid_out(x.to(dtype))
+    assert order is None or not x.is_contiguous()
+    if probabilities:
+        scores = torch.randn(shape, generator=generator, dtype=torch.float64) * 2
+        target = laid_out(torch.softmax(scores, dim=axis).to(dtype))
+    else:
+        target = torch.randint(
+            0, classes, shape[:1] + shape[2:] if axis else (), generator=generator
+        )
+        if target.dim():
+            target.view(-1)[::4] = -100
+    weight = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.25).to(dtype)
+    options = {
+        "from_logits": from_logits,
+        "label_smoothing": smoothing,
+        "total_weight": total,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+    return x.to(DEVICE), target.to(DEVICE), weight.to(DEVICE) if weighted else None, options
+
+
+def _option_oracle(x, target, weight, reduction, options):
+    """float64 loss (with autograd) from torch operations: the capped logits
+    ``c * tanh(x / c)``, ``F.cross_entropy`` (class indices or probabilities), the z-loss
+    ``z * logsumexp**2`` per element (weighted by w[t] for class indices), and on
+    log-probabilities ``-sum_c w_c p'_c x_c`` written out."""
+    x64 = x.detach().cpu().double().requires_grad_()
+    axis = 0 if x64.dim() == 1 else 1
+    classes = x64.shape[axis]
+    w = None if weight is None else weight.cpu().double()
+    eps = options["label_smoothing"]
+    probabilities = target.dtype.is_floating_point
+    t = target.cpu().double() if probabilities else target.cpu().long()
+    logits = x64
+    if options["softcap"] is not None:
+        cap = options["softcap"]
+        logits = cap * torch.tanh(x64 / cap)
+    if options["from_logits"]:
+        losses = F.cross_entropy(logits, t, weight=w, reduction="none", label_smoothing=eps)
+    else:  # log-probabilities: probability targets only
+        shape = [1] * x64.dim()
+        shape[axis] = classes
+        smoothed = (1 - eps) * t + eps / classes
+        w_all = torch.ones(classes, dtype=torch.float64) if w is None else w
+        losses = -(x64 * smoothed * w_all.view(shape)).sum(axis)
+    if probabilities:
+        element_weight = torch.ones_like(losses)
+        count = losses.numel()
+    else:
+        valid = t != -100
+        w_t = torch.ones(classes, dtype=torch.float64) if w is None else w
+        element_weight = torch.where(valid, w_t[t.clamp(min=0)], 0.0)
+        count = element_weight.sum()
+    if options["z_loss"]:
+        lse = torch.logsumexp(logits, dim=axis)
+        losses = losses + options["z_loss"] * lse**2 * element_weight
+    if reduction == "none" and x64.dim() > 1:
+        return x64, losses
+    total = losses.sum()
+    if reduction == "mean":
+        given = options["total_weight"]
+        total = total / (count if given is None else given)
+    return x64, total
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(OPTION_SHAPES))
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_torch(case, shape, dtype, reduction, request):
+    """z_loss, softcap and probability targets: forward, backward with and without the
+    forward's saved state, and the fused unit gradient, against float64 torch."""
+    generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
+    loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+    x64, expected = _option_oracle(x, target, weight, reduction, options)
+    assert loss.dtype == dtype
+    assert loss.shape == expected.shape
+    _close(loss, expected, dtype)
+
+    upstream = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
+    expected.backward(upstream, retain_graph=True)
+    g = upstream.to(dtype).to(DEVICE)
+    grad = launch.backward(g, x, target, weight, -100, reduction, **options, saved=saved)
+    assert grad.dtype == dtype
+    assert grad.shape == x.shape
+    _close(grad, x64.grad, dtype)
+    again = launch.backward(g, x, target, weight, -100, reduction, **options)
+    assert torch.equal(grad, again)
+    loss_fused, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+    assert torch.equal(loss_fused, loss)
+    ones = torch.ones(expected.shape, dtype=dtype, device=DEVICE)
+    assert torch.equal(fused, launch.backward(ones, x, target, weight, -100, reduction, **options))
+    x64.grad = None
+    expected.backward(torch.ones_like(expected))
+    _close(fused, x64.grad, dtype)
+
+
+def _spy_on_launches(monkeypatch):
+    """The names of the launcher's entry points as the torch route calls them."""
+    from nllloss._triton import _launch
+
+    calls = []
+    for name in ("forward", "backward", "forward_backward"):
+        original = getattr(_launch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_launch, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["2d", "kdim-transposed"])
+@pytest.mark.parametrize(
+    "case", ["z_loss+softcap", "probabilities-logits", "probabilities-log-weighted"]
+)
+def test_options_through_autograd_run_the_kernels(case, shape, dtype, reduction, monkeypatch):
+    """nllloss.nll_loss and autograd with z_loss, softcap or probability targets: one fused
+    pass of the kernels computes the loss and the gradient (without a GPU, CPU tensors under
+    the interpreter stand in for CUDA ones; float16/float32 CPU tensors, which the NumPy
+    engine takes by default, are sent to the kernels too)."""
+    from nllloss import _torch_ops
+
+    monkeypatch.setenv(*OPT_IN)
+    monkeypatch.setattr(_torch_ops, "_EXACT_ON_NUMPY", ())
+    calls = _spy_on_launches(monkeypatch)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{case}{shape}{dtype}".encode()))
+    x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
+    if reduction != "mean":
+        options["total_weight"] = None  # a 'mean' denominator only
+    ours = x.detach().clone().requires_grad_()
+    loss = nllloss.nll_loss(ours, target, weight, reduction=reduction, **options)
+    x64, expected = _option_oracle(x, target, weight, reduction, options)
+    g = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
+    loss.backward(g.to(dtype).to(DEVICE))
+    assert calls == ["forward_backward"]
+    expected.backward(g.to(dtype).double())
+    _close(loss, expected, dtype)
+    _close(ours.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize(
+    "case", ["z_loss+softcap", "probabilities-all", "probabilities-log-weighted"]
+)
+def test_options_over_many_class_and_position_blocks(case, monkeypatch):
+    """Tiles smaller than the rows: the running maximum that probability targets are
+    re-centred on moves across class blocks, and the cap and z-loss apply per block."""
+    from nllloss._triton import _launch
+
+    for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
+        monkeypatch.setattr(_launch, name, 64)
+    monkeypatch.setattr(_launch, "_STRIDED_CLASS_BLOCK", 8)
+    monkeypatch.setattr(_launch, "_FINISH_BLOCK", 4)
+    probabilities, from_logits, weighted, smoothing, total, z_loss, softcap = OPTION_CASES[case]
+    generator = torch.Generator().manual_seed(31)
+    options = {
+        "from_logits": from_logits,
+        "label_smoothing": smoothing,
+        "total_weight": total,
+        "z_loss": z_loss,
+        "softcap": softcap,
+    }
+    for shape in [(9, 200), (2, 21, 13)]:
+        # logits that rise along the classes: the maximum moves in every block
+        rising = torch.linspace(0, 6, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+        x = torch.randn(shape, generator=generator) * 2 + rising
+        if not from_logits:
+            x = torch.log_softmax(x, dim=1)
+        if probabilities:
+            target = torch.softmax(torch.randn(shape, generator=generator), dim=1)
+        else:
+            target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+            target.view(-1)[::5] = -100
+        weight = torch.rand(shape[1], generator=generator) + 0.5 if weighted else None
+        x, target = x.to(DEVICE), target.to(DEVICE)
+        weight = None if weight is None else weight.to(DEVICE)
+        for reduction in ("none", "mean", "sum"):
+            loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+            x64, expected = _option_oracle(x, target, weight, reduction, options)
+            _close(loss, expected, torch.float32)
+            expected.backward(torch.ones_like(expected))
+            ones = torch.ones(expected.shape, device=DEVICE)
+            grad = launch.backward(ones, x, target, weight, -100, reduction, **options, saved=saved)
+            _close(grad, x64.grad, torch.float32)
+            _, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+            assert torch.equal(fused, grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets_read_the_logits_once_and_never_sync(reduction, monkeypatch):
+    """Probability targets have nothing to check: a training step (forward + backward with
+    saved, or the fused entry) reads x once per pass and never reads a value back."""
+    from nllloss._triton import _kernels, _launch
+
+    log, syncs = [], []
+    monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))
+    monkeypatch.setattr(_launch, "_raise_first_bad", lambda *a: syncs.append(1))
+    generator = torch.Generator().manual_seed(23)
+    x = torch.randn(10, 7, generator=generator).to(DEVICE)
+    p = torch.softmax(torch.randn(10, 7, generator=generator), dim=1).to(DEVICE)
+    options = {"from_logits": True, "label_smoothing": 0.1, "z_loss": 0.1, "softcap": 3.0}
+    loss, saved = launch.forward(x, p, None, -100, reduction, **options)
+    g = torch.ones(loss.shape, device=DEVICE)
+    grad = launch.backward(g, x, p, None, -100, reduction, **options, saved=saved)
+    reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
+    assert reads_of_x == [("forward_kernel", True, False), ("backward_kernel", None, None)]
+    log.clear()
+    fused_loss, fused_grad = launch.forward_backward(x, p, None, -100, reduction, **options)
+    reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
+    assert reads_of_x == [("forward_kernel", True, True)]
+    assert syncs == []
+    assert torch.equal(fused_loss, loss)
+    assert torch.equal(fused_grad, grad)
+
+
+def test_probability_targets_are_served_only_of_the_input_shape():
+    x = torch.zeros(4, 3, device=DEVICE)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert launch.supports(x, torch.zeros(4, 3, dtype=dtype, device=DEVICE), None)
+    assert not launch.supports(x, torch.zeros(4, dtype=torch.float32, device=DEVICE), None)
+    assert not launch.supports(x[:0], torch.zeros(0, 3, device=DEVICE), None)  # empty
+
+
+def test_empty_probability_targets_take_the_generic_path(monkeypatch):
+    """An empty input is not the kernels': 'mean' over no element is NaN, as torch's."""
+    monkeypatch.setenv(*OPT_IN)
+    calls = _spy_on_launches(monkeypatch)
+    x = torch.zeros(0, 4, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    p = torch.zeros(0, 4, dtype=torch.bfloat16, device=DEVICE)
+    loss = nllloss.nll_loss(x, p, from_logits=True, z_loss=0.1, softcap=2.0)
+    expected = F.cross_entropy(x.detach().double().cpu(), p.double().cpu())
+    assert torch.isnan(loss)
+    assert torch.isnan(expected)
+    loss.backward()
+    assert x.grad.shape == x.shape
+    assert calls == []
+
+
+def test_a_saved_state_of_class_indices_is_refused_for_probabilities():
+    x = torch.randn(4, 3, device=DEVICE)
+    t = torch.tensor([0, 2, 1, -100], device=DEVICE)
+    p = torch.softmax(torch.randn(4, 3), dim=1).to(DEVICE)
+    _, of_indices = launch.forward(x, t, None, -100, "sum", from_logits=True)
+    with pytest.raises(ValueError, match=r"saved\.mass has 0 elements, but probability"):
+        launch.backward(torch.ones((), device=DEVICE), x, p, None, -100, "sum",
+                        from_logits=True, saved=of_indices)  # fmt: skip

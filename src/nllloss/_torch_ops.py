@@ -109,6 +109,8 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
         "label_smoothing": problem.label_smoothing,
         "total_weight": problem.total_weight,
         "check_targets": problem.check_targets,
+        "z_loss": problem.z_loss,
+        "softcap": problem.softcap,
     }
     if kind == "forward":
         return launcher.forward(*arguments, problem.reduction, **flags)[0]

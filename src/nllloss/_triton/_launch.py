@@ -4,13 +4,14 @@ Arguments are already validated by ``_validate`` (the caller's job) and on one d
 The API, for the torch glue (custom operators and autograd):
 
 ``forward(x, t, w, ignore_index, reduction, *, from_logits=False, label_smoothing=0.0,
-total_weight=None, check_targets=True) -> (loss, saved)``
-    The loss and ``saved``, a ``Saved`` of two tensors (the row log-sum-exp, the 'mean'
-    denominator) that ``backward`` reuses: a custom operator can return them as extra
+total_weight=None, check_targets=True, z_loss=0.0, softcap=None) -> (loss, saved)``
+    The loss and ``saved``, a ``Saved`` of three tensors (the row log-sum-exp, the 'mean'
+    denominator, and for probability targets from logits ``P = sum_c w_c p'_c`` per
+    position) that ``backward`` reuses: a custom operator can return them as extra
     outputs and ``save_for_backward`` them. One pass over x (only x[t] is read for
     log-probabilities without label smoothing).
-``backward(grad_output, x, t, w, ignore_index, reduction, *, from_logits=False,
-label_smoothing=0.0, total_weight=None, check_targets=True, saved=None) -> grad``
+``backward(grad_output, x, t, w, ignore_index, reduction, *, <the same options>,
+saved=None) -> grad``
     With ``saved`` (from ``forward`` on the same arguments): one pass, no forward
     recomputed, no host synchronisation, no target check (the forward did it). Without
     it (a standalone ``nll_loss_backward``), what it needs is recomputed and the targets
@@ -26,6 +27,14 @@ synchronises the host at most once: the optional target check (``check_targets=T
 the default) reads one integer back to raise the core's IndexError. With
 ``check_targets=False`` there is none, the step can be captured in a CUDA graph, and an
 out-of-range target gives NaN (its loss, the reduced loss and its gradient row).
+
+The options (formulas in ``_kernels``): ``t`` holds class indices (an integer tensor of
+the loss's shape) or class probabilities (a floating tensor of x's shape, any strides; no
+ignore_index, no target check, the 'mean' denominator is the number of positions unless
+``total_weight`` is given); from logits, ``z_loss`` adds ``z * lse**2`` per position
+(weighted by ``w[t]`` for class indices, 1 for probabilities) and ``softcap`` c replaces
+the logits by ``c * tanh(x / c)`` as they are read.
+
 ``total_weight`` is best given on x's device (a tensor elsewhere is copied there).
 """
 
@@ -42,6 +51,7 @@ from .. import _validate
 from . import _kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PROBABILITY_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 _NATIVE_TARGETS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # Tile sizes and warps. No GPU run has measured them yet (none was lent when they were
@@ -74,21 +84,28 @@ class Saved(NamedTuple):
 
     ``lse``: float32 log-sum-exp per position (from logits; empty otherwise);
     ``denominator``: float32 0-d 'mean' denominator (``total_weight`` when given, else the
-    sum of ``w[t]`` over counted positions; empty when not computed: 'none' unchecked).
+    sum of ``w[t]`` over counted positions, or their number for probability targets;
+    empty when not computed: 'none' unchecked or of probability targets);
+    ``mass``: float32 ``sum_c w_c p'_c`` per position (probability targets from logits;
+    empty otherwise).
     """
 
     lse: torch.Tensor
     denominator: torch.Tensor
+    mass: torch.Tensor
 
 
 def supports(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> bool:
     """True when the kernels serve these tensors (else the generic path should)."""
+    if t.dtype.is_floating_point:  # class probabilities, of x's shape
+        targets_served = t.dtype in _PROBABILITY_DTYPES and t.shape == x.shape
+    else:
+        targets_served = t.dtype not in (torch.uint16, torch.uint32, torch.uint64)
     return (
         x.dtype in SUPPORTED_DTYPES
         and x.numel() > 0
         and (w is None or w.dtype.is_floating_point)
-        and not t.dtype.is_floating_point
-        and t.dtype not in (torch.uint16, torch.uint32, torch.uint64)
+        and targets_served
     )
 
 
@@ -141,9 +158,21 @@ def _blocks(geometry: _Geometry, full_row: bool, interpreted: bool) -> tuple[int
     return block_m, block_c, _WARPS if block_m * block_c >= 2048 else 4
 
 
-def _targets(t: torch.Tensor) -> torch.Tensor:
+def _targets(t: torch.Tensor, geometry: _Geometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The target as the kernels read it, and its strides along (B, C, S): class
+    probabilities viewed as x is, class indices flat (position m at m)."""
+    if t.dtype.is_floating_point:
+        view = _geometry(t)
+        return view.x, view.strides
     flat = t.reshape(-1)
-    return (flat if t.dtype in _NATIVE_TARGETS else flat.long()).contiguous()
+    flat = (flat if t.dtype in _NATIVE_TARGETS else flat.long()).contiguous()
+    return flat, (geometry.spatial, 0, 1)
+
+
+def _options(z_loss: float, softcap: float | None) -> tuple[dict, tuple[float, float]]:
+    """The constexpr flags and runtime values (z, c) of z_loss and softcap."""
+    flags = {"Z_LOSS": z_loss != 0.0, "SOFTCAP": softcap is not None}
+    return flags, (float(z_loss), 1.0 if softcap is None else float(softcap))
 
 
 def _weight(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -169,18 +198,21 @@ def forward(
     label_smoothing: float = 0.0,
     total_weight: torch.Tensor | float | None = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, Saved]:
     """The loss and what ``backward`` reuses.
 
     ``x`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` of float16/bfloat16/float32 (any
-    strides: the class axis is read where it is); ``t`` any integer dtype; ``w`` None or
-    ``(C,)``; ``total_weight`` (a number or a 0-d tensor) replaces the 'mean' denominator.
+    strides: the class axis is read where it is); ``t`` any integer dtype, or class
+    probabilities of x's shape; ``w`` None or ``(C,)``; ``total_weight`` (a number or a
+    0-d tensor) replaces the 'mean' denominator; ``z_loss`` and ``softcap`` from logits.
     Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for 'none' (``()`` for
     unbatched input), else 0-d, in x's dtype.
     """
     return _forward(
         x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True,
+        check_targets, load_x=True, z_loss=z_loss, softcap=softcap,
     )  # fmt: skip
 
 
@@ -195,13 +227,16 @@ def forward_backward(
     label_smoothing: float = 0.0,
     total_weight: torch.Tensor | float | None = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward``'s loss and the gradient for ``grad_output = 1`` (ones for 'none'),
     written while each tile of x is in registers: no second read of x from memory.
 
     The gradient is a fresh contiguous tensor of x's shape and dtype. For 'mean' its
     scale ``1 / denominator`` is needed during the pass, so the denominator is found first
-    from the targets alone (a pass over ``t``, not x), on the device.
+    from the targets alone (a pass over ``t``, not x; for probability targets their
+    count or ``total_weight``), on the device.
     """
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     denominator = None
@@ -212,22 +247,24 @@ def forward_backward(
         denominator = stats.denominator
     loss, _ = _forward(
         x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True, grad_out=grad, denominator=denominator,
+        check_targets, load_x=True, grad_out=grad, denominator=denominator, z_loss=z_loss,
+        softcap=softcap,
     )  # fmt: skip
     return loss, grad
 
 
 def _forward(
     x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight, check_targets,
-    *, load_x: bool, grad_out=None, denominator=None,
+    *, load_x: bool, grad_out=None, denominator=None, z_loss=0.0, softcap=None,
 ):  # fmt: skip
     geometry = _geometry(x)
+    probabilities = t.dtype.is_floating_point
     if geometry.unbatched and reduction == "none":
         reduction = "sum"  # torch: an unbatched input's single loss comes back 0-d
     positions, classes = geometry.positions, geometry.classes
     smooth = label_smoothing > 0.0
     fused = grad_out is not None
-    full_row = load_x and (from_logits or smooth)
+    full_row = load_x and (from_logits or smooth or probabilities)
     interpreted = _interpreted(x)
     block_m, block_c, warps = _blocks(geometry, full_row or fused, interpreted)
     blocks = triton.cdiv(geometry.spatial, block_m)  # programs per b
@@ -239,24 +276,27 @@ def _forward(
     else:
         loss = torch.empty((), dtype=x.dtype, device=device)
     lse = torch.empty(positions if from_logits else 0, dtype=f32, device=device)
+    mass = torch.empty(positions if from_logits and probabilities else 0, dtype=f32, device=device)
     part_sums = torch.empty((2, parts), dtype=f32, device=device)
     part_bad = torch.empty(parts, dtype=torch.int64, device=device)
-    targets = _targets(t)
+    targets, target_strides = _targets(t, geometry)
     weight = _weight(w, x)
+    flags, values = _options(z_loss, softcap)
     with _device_guard(x):
         _kernels.forward_kernel[(parts,)](
-            geometry.x, targets, weight, loss, lse, part_sums[0], part_sums[1], part_bad,
+            geometry.x, targets, weight, loss, lse, mass, part_sums[0], part_sums[1], part_bad,
             grad_out if fused else loss, denominator if denominator is not None else lse,
-            positions, classes, geometry.spatial, blocks, *geometry.strides,
-            *geometry.grad_strides, ignore_index, float(label_smoothing),
+            positions, classes, geometry.spatial, blocks, *geometry.strides, *target_strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing), *values,
             FULL_ROW=full_row, FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None,
-            SMOOTH=smooth and load_x, WRITE_LOSS=reduction == "none",
-            WRITE_LSE=from_logits, LOAD_X=load_x, FUSED_GRAD=fused,
-            MEAN=denominator is not None,
+            SMOOTH=smooth and load_x, PROBS=probabilities, **flags,
+            WRITE_LOSS=reduction == "none", WRITE_LSE=from_logits, LOAD_X=load_x,
+            FUSED_GRAD=fused, MEAN=denominator is not None,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
+        check_targets = check_targets and not probabilities  # nothing to check
         if reduction == "none" and not check_targets:
-            return loss, Saved(lse, torch.empty(0, dtype=f32, device=device))
+            return loss, Saved(lse, torch.empty(0, dtype=f32, device=device), mass)
         denominator = torch.empty((), dtype=f32, device=device)
         first_bad = torch.empty((), dtype=torch.int64, device=device)
         mode, given = _total_weight_mode(total_weight, reduction, device)
@@ -268,7 +308,7 @@ def _forward(
         )  # fmt: skip
     if check_targets:
         _raise_first_bad(first_bad, targets, geometry, ignore_index)
-    return loss, Saved(lse, denominator)
+    return loss, Saved(lse, denominator, mass)
 
 
 def _total_weight_mode(total_weight, reduction: str, device):
@@ -302,6 +342,8 @@ def backward(
     label_smoothing: float = 0.0,
     total_weight: torch.Tensor | float | None = None,
     check_targets: bool = True,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
     saved: Saved | None = None,
 ) -> torch.Tensor:
     """The gradient with respect to ``x`` for the upstream ``grad_output``.
@@ -314,13 +356,15 @@ def backward(
     geometry = _geometry(x)
     if geometry.unbatched and reduction == "none":
         reduction = "sum"
+    probabilities = t.dtype.is_floating_point
     needs = from_logits or reduction == "mean"
     if saved is not None:
-        _check_saved(saved, geometry, from_logits, reduction)
-    elif needs or check_targets:
+        _check_saved(saved, geometry, from_logits, reduction, probabilities)
+    elif needs or (check_targets and not probabilities):
         _, saved = _forward(
             x, t, w, ignore_index, "sum" if reduction == "none" else reduction,
             from_logits, label_smoothing, total_weight, check_targets, load_x=from_logits,
+            z_loss=z_loss, softcap=softcap,
         )  # fmt: skip
     device = x.device
     per_position = reduction == "none"
@@ -333,20 +377,25 @@ def backward(
     block_m, block_c, warps = _blocks(geometry, True, interpreted)
     blocks = triton.cdiv(geometry.spatial, block_m)
     lse = saved.lse if from_logits else x
+    mass = saved.mass if from_logits and probabilities else lse
     denominator = saved.denominator if reduction == "mean" else g
+    targets, target_strides = _targets(t, geometry)
+    flags, values = _options(z_loss, softcap)
     with _device_guard(x):
         _kernels.backward_kernel[(geometry.batch * blocks,)](
-            geometry.x, _targets(t), _weight(w, x), g, denominator, lse, grad,
-            geometry.classes, geometry.spatial, blocks, *geometry.strides,
-            *geometry.grad_strides, ignore_index, float(label_smoothing),
+            geometry.x, targets, _weight(w, x), g, denominator, lse, mass, grad,
+            geometry.classes, geometry.spatial, blocks, *geometry.strides, *target_strides,
+            *geometry.grad_strides, ignore_index, float(label_smoothing), *values,
             FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None, SMOOTH=label_smoothing > 0.0,
-            PER_POSITION=per_position, MEAN=reduction == "mean",
+            PROBS=probabilities, **flags, PER_POSITION=per_position, MEAN=reduction == "mean",
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return grad
 
 
-def _check_saved(saved, geometry: _Geometry, from_logits: bool, reduction: str) -> None:
+def _check_saved(
+    saved, geometry: _Geometry, from_logits: bool, reduction: str, probabilities: bool
+) -> None:
     """A ``Saved`` from other arguments would be read out of bounds by the kernel: refuse it."""
     if not isinstance(saved, Saved):
         raise TypeError(f"saved must be the Saved that forward returned, got {type(saved)}")
@@ -354,6 +403,12 @@ def _check_saved(saved, geometry: _Geometry, from_logits: bool, reduction: str) 
         raise ValueError(
             f"saved.lse has {saved.lse.numel()} elements, but from logits the input has "
             f"{geometry.positions} positions: pass the saved of forward on the same arguments"
+        )
+    if from_logits and probabilities and saved.mass.numel() != geometry.positions:
+        raise ValueError(
+            f"saved.mass has {saved.mass.numel()} elements, but probability targets from "
+            f"logits need one per position ({geometry.positions}): pass the saved of forward "
+            "on the same arguments"
         )
     if reduction == "mean" and saved.denominator.numel() != 1:
         raise ValueError(
