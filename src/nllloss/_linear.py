@@ -100,14 +100,17 @@ class Linear:
             slice(0, 0)
         ]
 
-    def block_problem(self, logits, rows: slice) -> Problem:
-        """The loss of the block ``rows`` of the logits (``logits``, 2-D)."""
+    def block_target(self, rows: slice):
+        """The target of the block ``rows`` (the whole target of an unbatched input)."""
+        return self.problem.target if self.problem.layout.unbatched else self.problem.target[rows]
+
+    def block_problem(self, logits, target) -> Problem:
+        """The loss of a block of the logits (``logits``, 2-D) against its ``target``."""
         problem = self.problem
         if problem.layout.unbatched:  # one row: the whole problem
-            shape, target = problem.layout.input_shape, problem.target
+            shape = problem.layout.input_shape
         else:
-            shape = (rows.stop - rows.start, *problem.layout.input_shape[1:])
-            target = problem.target[rows]
+            shape = (int(logits.shape[0]), *problem.layout.input_shape[1:])
         return problem.replace(
             input=self.xp.reshape(logits, shape),
             target=target,
@@ -206,7 +209,7 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     for rows in linear.blocks():
         hidden = linear.hidden[rows]
         logits = algebra.logits(linear, hidden, buffer)
-        block = linear.block_problem(logits, rows)
+        block = linear.block_problem(logits, linear.block_target(rows))
         if grads is None:
             losses.append(linear.backend.forward(block))
             continue
