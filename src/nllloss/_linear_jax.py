@@ -49,7 +49,10 @@ def _blocks(linear: _linear.Linear, upstream=None):
         upstream = jnp.broadcast_to(upstream, linear.problem.loss_shape)
     carry = None
     if upstream is not None:
-        carry = (jnp.zeros_like(linear.weight), None if linear.bias is None else jnp.zeros_like(linear.bias))
+        carry = (
+            jnp.zeros_like(linear.weight),
+            None if linear.bias is None else jnp.zeros_like(linear.bias),
+        )
 
     def step(carry, block):
         hidden, target, block_upstream = block
@@ -74,7 +77,11 @@ def _blocks(linear: _linear.Linear, upstream=None):
 
     def block_upstream(start, stop, blocks=None):
         if upstream is None or not elementwise:
-            return upstream if blocks is None or upstream is None else jnp.broadcast_to(upstream, (blocks,))
+            return (
+                upstream
+                if blocks is None or upstream is None
+                else jnp.broadcast_to(upstream, (blocks,))
+            )
         return rows_of(upstream, start, stop, blocks)
 
     losses, d_hidden = [], []
@@ -86,7 +93,11 @@ def _blocks(linear: _linear.Linear, upstream=None):
             block_upstream(0, full, blocks),
         )
         carry, (block_losses, block_d_hidden) = lax.scan(step, carry, scanned)
-        losses.append(jnp.reshape(block_losses, (full, *block_losses.shape[2:])) if elementwise else jnp.sum(block_losses))
+        losses.append(
+            jnp.reshape(block_losses, (full, *block_losses.shape[2:]))
+            if elementwise
+            else jnp.sum(block_losses)
+        )
         if block_d_hidden is not None:
             d_hidden.append(jnp.reshape(block_d_hidden, (full, linear.hidden.shape[1])))
     if full < rows or not losses:  # the last block (or the only one, or an empty batch)

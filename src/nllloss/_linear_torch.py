@@ -77,8 +77,10 @@ ALGEBRA = TorchAlgebra()
 def loss(linear: _linear.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
     arguments = (linear.input, linear.linear_weight, linear.linear_bias)
-    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0 or (
-        torch.compiler.is_compiling()
+    if (
+        torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
+        or (torch.compiler.is_compiling())
     ):
         return _composed(linear)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):

@@ -202,7 +202,11 @@ class TorchBackend:
         return _compute("forward_backward", problem, _upstream(problem, grad_output), out)
 
     def total_weight(self, target, weight, ignore_index: int):
-        if target.device.type == "cpu" and (weight is None or weight.dtype in _EXACT_ON_NUMPY):
+        if (
+            target.device.type == "cpu"
+            and (weight is None or weight.dtype in _EXACT_ON_NUMPY)
+            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view
+        ):
             # NumPy compares every integer dtype (torch's CPU kernels lack uint64 ones)
             weight = None if weight is None else _numpy_view(weight)
             numpy_total = _cpu.backend().total_weight(_numpy_view(target), weight, ignore_index)
