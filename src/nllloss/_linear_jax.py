@@ -36,33 +36,34 @@ def loss(linear: _linear.Linear):
         return _blocks(again, upstream)[1:]
 
     blocks.defvjp(forward, backward)
-    return blocks(linear.hidden, linear.weight, linear.bias)
+    return blocks(linear.hidden, linear.weight, linear.bias).astype(linear.input.dtype)
 
 
 def _blocks(linear: _linear.Linear, upstream=None):
     """(loss, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
-    size, rows = linear.chunk_rows, linear.rows
-    full = rows // size * size
-    elementwise = linear.problem.elementwise
-    if upstream is not None and elementwise:
-        upstream = jnp.broadcast_to(upstream, linear.problem.loss_shape)
-    carry = None
-    if upstream is not None:
-        carry = (
-            jnp.zeros_like(linear.weight),
-            None if linear.bias is None else jnp.zeros_like(linear.bias),
-        )
+    size, rows, problem = linear.chunk_rows, linear.rows, linear.problem
+    scanned = 0 if problem.layout.unbatched else rows // size * size
+    per_row = upstream is not None and problem.elementwise  # cut with the rows
+    if per_row:
+        upstream = jnp.broadcast_to(upstream, problem.loss_shape)
+
+    def cut(start, stop):
+        """What the rows [start, stop) need: hidden states, targets, upstream or None."""
+        rows = slice(start, stop)
+        return linear.hidden[rows], linear.block_target(rows), upstream[rows] if per_row else None
 
     def step(carry, block):
         hidden, target, block_upstream = block
         logits = hidden @ linear.weight.T
         if linear.bias is not None:
             logits = logits + linear.bias
-        problem = linear.block_problem(logits, target)
+        block_problem = linear.block_problem(logits, target)
         if carry is None:
-            return carry, (linear.backend.forward(problem), None)
-        block_loss, grad = linear.backend.forward_backward(problem, block_upstream)
+            return carry, (linear.backend.forward(block_problem), None)
+        block_loss, grad = linear.backend.forward_backward(
+            block_problem, block_upstream if per_row else upstream
+        )
         grad = jnp.reshape(grad, logits.shape)
         d_weight, d_bias = carry
         d_weight = d_weight + grad.T @ hidden
@@ -70,46 +71,26 @@ def _blocks(linear: _linear.Linear, upstream=None):
             d_bias = d_bias + jnp.sum(grad, axis=0)
         return (d_weight, d_bias), (block_loss, grad @ linear.weight)
 
-    def rows_of(array, start, stop, blocks=None):
-        """Rows [start, stop) of a per-row array, split into ``blocks`` when given."""
-        part = array[start:stop]
-        return part if blocks is None else jnp.reshape(part, (blocks, size, *part.shape[1:]))
-
-    def block_upstream(start, stop, blocks=None):
-        if upstream is None or not elementwise:
-            return (
-                upstream
-                if blocks is None or upstream is None
-                else jnp.broadcast_to(upstream, (blocks,))
-            )
-        return rows_of(upstream, start, stop, blocks)
-
+    carry = None
+    if upstream is not None:
+        d_bias = None if linear.bias is None else jnp.zeros_like(linear.bias)
+        carry = (jnp.zeros_like(linear.weight), d_bias)
     losses, d_hidden = [], []
-    if full and not linear.problem.layout.unbatched:
-        blocks = full // size
-        scanned = (
-            rows_of(linear.hidden, 0, full, blocks),
-            rows_of(linear.problem.target, 0, full, blocks),
-            block_upstream(0, full, blocks),
-        )
-        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, scanned)
-        losses.append(
-            jnp.reshape(block_losses, (full, *block_losses.shape[2:]))
-            if elementwise
-            else jnp.sum(block_losses)
-        )
+    if scanned:
+        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, blocks)
+        if problem.elementwise:
+            losses.append(jnp.reshape(block_losses, (scanned, *block_losses.shape[2:])))
+        else:
+            losses.append(jnp.sum(block_losses))
         if block_d_hidden is not None:
-            d_hidden.append(jnp.reshape(block_d_hidden, (full, linear.hidden.shape[1])))
-    if full < rows or not losses:  # the last block (or the only one, or an empty batch)
-        start = 0 if linear.problem.layout.unbatched else full
-        target = linear.block_target(slice(start, rows))
-        carry, (block_loss, block_d_hidden) = step(
-            carry, (linear.hidden[start:rows], target, block_upstream(start, rows))
-        )
+            d_hidden.append(jnp.reshape(block_d_hidden, (scanned, -1)))
+    if scanned < rows or not losses:  # the last block (or the only one, or an empty batch)
+        carry, (block_loss, block_d_hidden) = step(carry, cut(scanned, rows))
         losses.append(block_loss)
         if block_d_hidden is not None:
             d_hidden.append(block_d_hidden)
-    loss = jnp.concatenate(losses) if elementwise else sum(losses[1:], losses[0])
+    loss = jnp.concatenate(losses) if problem.elementwise else sum(losses[1:], losses[0])
     if carry is None:
         return loss, None, None, None
     return loss, jnp.concatenate(d_hidden), *carry
