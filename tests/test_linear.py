@@ -345,6 +345,14 @@ def test_torch_func_transforms_take_the_composed_loss():
     _close(from_torch(grad), expected[1], np.float32)
 
 
+def test_torch_probability_targets_that_require_grad():
+    h, w, _, _ = _case(4, 3, 5)
+    p = torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1).requires_grad_()
+    expected = torch.autograd.grad(F.linear_cross_entropy(_torch64(h), _torch64(w), p), p)[0]
+    got = torch.autograd.grad(linear_cross_entropy(_torch64(h), _torch64(w), p), p)[0]
+    torch.testing.assert_close(got, expected)
+
+
 # --- JAX, Dask, array-api-strict -----------------------------------------------------------
 
 

@@ -10,8 +10,8 @@ gradient of 1, and the backward scales them (the three products and the one pass
 logits, once). For 'none' the upstream gradient differs per row: the backward recomputes
 the blocks with it. A second backward (``retain_graph=True``) recomputes too. Under
 ``torch.func`` transforms and ``torch.compile``, where an ``autograd.Function`` with state
-does not compose, the loss is the plain composition ``nll_loss(linear(...))``, which forms
-the logits. Imported only when torch tensors arrive.
+does not compose, and for probability targets that require grad, the loss is the plain
+composition ``nll_loss(linear(...))``, which forms the logits. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations
@@ -77,10 +77,13 @@ ALGEBRA = TorchAlgebra()
 def loss(linear: _linear.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
     arguments = (linear.input, linear.linear_weight, linear.linear_bias)
+    target = linear.problem.target
     if (
         torch._C._are_functorch_transforms_active()
         or _forward_ad._current_level >= 0
-        or (torch.compiler.is_compiling())
+        or torch.compiler.is_compiling()
+        # probabilities that need a gradient: nll_loss's generic path gives it
+        or (linear.problem.probabilities and target.requires_grad and torch.is_grad_enabled())
     ):
         return _composed(linear)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
