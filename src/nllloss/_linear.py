@@ -78,6 +78,7 @@ class Linear:
     linear_bias: Any | None
     chunk_rows: int
     denominator: Any | None
+    algebra: Any = None  # the matrix products; None: those of the input's library
 
     @property
     def xp(self):
@@ -141,6 +142,19 @@ def build(
         input, target, weight, -100 if ignore_index is None else ignore_index, reduction,
         True, label_smoothing, total_weight, True, z_loss, softcap, logits_shape=logits_shape,
     )  # fmt: skip
+    _check_targets(backend, problem)
+    return assemble(
+        backend, problem, input, linear_weight, linear_bias, chunk_rows,
+        _denominator(backend, problem),
+    )  # fmt: skip
+
+
+def assemble(
+    backend, problem, input, linear_weight, linear_bias, chunk_rows, denominator, algebra=None
+) -> Linear:
+    """The :class:`Linear` of validated arguments: the hidden states and weights as 2-D
+    arrays in the compute dtype (float32 for 16-bit ones, with the problem's weight and
+    probabilities), and the rows per block (``chunk_rows`` or the rule's)."""
     xp = backend.xp
     dtype = xp.float32 if problem.computes_in_float32 else input.dtype
     if problem.computes_in_float32:  # the blocks' logits are float32: so are these
@@ -151,20 +165,22 @@ def build(
     features = int(input.shape[-1])
     outputs = math.prod(linear_weight.shape[:-1])
     rows = int(input.shape[0]) if input.ndim == 2 else 1
-    _check_targets(backend, problem)
+
+    def flat(array, shape):
+        return None if array is None else xp.reshape(xp.astype(array, dtype, copy=False), shape)
+
     return Linear(
         backend=backend,
         problem=problem,
-        hidden=xp.reshape(xp.astype(input, dtype, copy=False), (rows, features)),
-        weight=xp.reshape(xp.astype(linear_weight, dtype, copy=False), (outputs, features)),
-        bias=None
-        if linear_bias is None
-        else xp.reshape(xp.astype(linear_bias, dtype, copy=False), (outputs,)),
+        hidden=flat(input, (rows, features)),
+        weight=flat(linear_weight, (outputs, features)),
+        bias=flat(linear_bias, (outputs,)),
         input=input,
         linear_weight=linear_weight,
         linear_bias=linear_bias,
         chunk_rows=chunk_rows or chunk_rows_for(rows, outputs, 4 if dtype == xp.float32 else 8),
-        denominator=_denominator(backend, problem),
+        denominator=denominator,
+        algebra=algebra,
     )
 
 
@@ -238,7 +254,9 @@ def _combined(linear: Linear, losses: list, accumulation_dtype):
 
 
 def _algebra(linear: Linear):
-    """The matrix products of the blocks in the input's library."""
+    """The matrix products of the blocks: the call's own, or the input's library's."""
+    if linear.algebra is not None:
+        return linear.algebra
     if isinstance(linear.hidden, np.ndarray):
         return NUMPY_ALGEBRA
     if array_api_compat.is_torch_array(linear.hidden):
