@@ -11,7 +11,8 @@ logits, once). For 'none' the upstream gradient differs per row: the backward re
 the blocks with it. A second backward (``retain_graph=True``) recomputes too. Under
 ``torch.func`` transforms and ``torch.compile``, where an ``autograd.Function`` with state
 does not compose, and for probability targets that require grad, the loss is the plain
-composition ``nll_loss(linear(...))``, which forms the logits. Imported only when torch tensors arrive.
+composition ``nll_loss(linear(...))``, which forms the logits. Imported only when torch
+tensors arrive.
 """
 
 from __future__ import annotations
