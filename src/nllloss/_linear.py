@@ -210,7 +210,7 @@ def _denominator(backend, problem: Problem):
     return backend.total_weight(problem.target, problem.weight, problem.ignore_index)
 
 
-# --- The blocks, for libraries with in-place writes (NumPy, torch) ---------------------------
+# --- The blocks ---------------------------------------------------------------------------
 
 
 def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None, None)):
