@@ -224,7 +224,9 @@ def test_chunk_sizes_agree_to_rounding_and_runs_are_bitwise_equal():
 def test_thread_counts_give_the_same_bits():
     h, w, b, t = _case(300, 32, 500, bias=True)
     ht, wt, bt, tt = map(torch.from_numpy, (h, w, b, t))
-    threads = torch.get_num_threads()
+    import numba
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     results = []
     try:
         for n in (1, 2):
@@ -234,7 +236,7 @@ def test_thread_counts_give_the_same_bits():
             results.append(linear_cross_entropy_and_grad(ht, wt, tt, linear_bias=bt, chunk_rows=64))
     finally:
         torch.set_num_threads(threads)
-        nllloss.set_num_threads(2)
+        nllloss.set_num_threads(numba_threads)
     for first, second in ((results[0], results[2]), (results[1], results[3])):
         for a, e in zip(first, second, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
