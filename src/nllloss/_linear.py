@@ -41,13 +41,14 @@ from ._dispatch import as_array, backend_for, like_input
 from ._loss import Array, Reduction, _problem
 from ._problem import Problem, layout_of
 
-# A block of logits of about this many bytes: the measurement that chose it is in
-# benchmarks/results/linear-latest.md (chunk sweep; (2048, 512, 32000) float32 on 2 cores).
-# Smaller blocks cost GEMM efficiency (OpenBLAS and torch's BLAS at few rows), larger ones
-# memory without speed.
+# A block of logits of about this many bytes (128 rows at V = 32000). Chosen by the chunk
+# sweep in benchmarks/results/linear-latest.md (fwd+bwd, float32, 2 shared cores): at
+# (2048, 512, 32000), 32 and 64 rows took 1.6-3.2x as long as 128 for torch and NumPy
+# (small-M GEMMs), while 256 and 512 were no faster beyond the machine's noise and cost
+# 1.6-2.8x the memory.
 CHUNK_BYTES = 16 << 20
-# At least this many rows per block, whatever the vocabulary: below it the weight-gradient
-# GEMM (K = rows) re-reads dW for too little work (same sweep).
+# At least this many rows per block, whatever the vocabulary (same sweep, at (1024, 768,
+# 128256), where 16 MiB is 32 rows): 32 rows took 1.4-1.6x as long as 64 (torch, NumPy).
 MIN_CHUNK_ROWS = 64
 
 
