@@ -386,6 +386,36 @@ def test_jax_grad_under_jit(reduction, rows):
         _close(np.asarray(a), e, np.float32)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16])
+def test_jax_sixteen_bit_and_probabilities(dtype):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    h, w, b, _ = _case(6, 4, 5, dtype=np.float32, bias=True)
+    p = np.random.default_rng(3).dirichlet(np.ones(5), 6).astype(np.float32)
+    h, w, b = (a.astype(dtype) for a in (h, w, b))
+    expected = _reference(h, w, p, b, grads=True, label_smoothing=0.1)
+
+    def loss(h, w, b):
+        return linear_cross_entropy(h, w, jnp.asarray(p), linear_bias=b, label_smoothing=0.1)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+        *(jnp.asarray(a.astype(np.float32)).astype(jnp.dtype(dtype)) for a in (h, w, b))
+    )
+    _close(np.asarray(value), expected[0], dtype)
+    for a, e in zip(grads, expected[1:], strict=True):
+        _close(np.asarray(a), e, dtype)
+
+
+def test_sixteen_bit_out_buffers():
+    h, w, b, t = _case(7, 4, 6, dtype=np.float16, bias=True)
+    expected = linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=3)
+    outs = (np.empty_like(h), np.empty_like(w), np.empty_like(b))
+    got = linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=3, out=outs)
+    for a, o, e in zip(got[1:], outs, expected[1:], strict=True):
+        assert a is o
+        np.testing.assert_array_equal(a, e)
+
+
 @pytest.mark.parametrize("library", ["dask", "array_api_strict"])
 def test_other_array_libraries(library):
     h, w, b, t = _case(10, 5, 7, bias=True)
