@@ -124,6 +124,30 @@ def test_no_classes_at_all(library, reduction, options, batch):
     assert to_numpy(grad).shape == (batch, 0)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(0, 3), (0, 3, 2), (2, 3, 0), (2, 3, 0, 4), (0, 1, 0)], ids=str
+)  # fmt: skip
+def test_inputs_without_an_element(library, shape, reduction, from_logits):
+    """No batch or an empty spatial axis: torch's empty loss, NaN or 0, and an empty
+    gradient (Dask's reshape and reductions refuse some of these shapes)."""
+    x = np.zeros(shape)
+    t = np.zeros((shape[0], *shape[2:]), np.int64)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    expected = (F.cross_entropy if from_logits else F.nll_loss)(
+        xt, torch.from_numpy(t), reduction=reduction
+    )
+    expected.sum().backward()
+    options = dict(reduction=reduction, from_logits=from_logits)
+    loss = nllloss.nll_loss(on(library, x), on(library, t), **options)
+    grad = nllloss.nll_loss_backward(
+        on(library, np.ones(expected.shape)), on(library, x), on(library, t), **options
+    )
+    np.testing.assert_array_equal(to_numpy(loss), expected.detach().numpy())
+    np.testing.assert_array_equal(to_numpy(grad), xt.grad.numpy())
+
+
 def test_a_grad_output_of_the_wrong_shape_is_refused(library):
     """'none' of (3, 4) has loss shape (3,): a (1, 1, 1) upstream gradient would broadcast
     to (1, 1, 3) deep inside; it is refused up front, naming grad_output."""
