@@ -70,11 +70,12 @@ def test_total_weight_of_unsigned_targets(library, dtype):
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_a_non_finite_weight_of_a_class_no_target_uses(library, value, reduction, rng):
+@pytest.mark.parametrize("spatial", [(), (3,)], ids=["2-d", "k-dim"])
+def test_a_non_finite_weight_of_a_class_no_target_uses(library, value, reduction, spatial, rng):
     """From logits, class 2 (weight NaN or ±inf) is nobody's target: the loss and the
     gradient are torch's, finite (the smoothing-free gradient never reads that weight)."""
-    x = rng.standard_normal((5, 4))
-    t = np.array([0, 1, 3, 0, 1])
+    x = rng.standard_normal((5, 4, *spatial))
+    t = rng.choice([0, 1, 3], size=(5, *spatial))
     w = np.array([1.0, 0.5, value, 2.0])
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
     expected = F.cross_entropy(xt, torch.from_numpy(t), torch.from_numpy(w), reduction=reduction)
