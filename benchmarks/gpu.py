@@ -400,7 +400,7 @@ def _row(rows, case, task, impl):
 
 
 def goals(rows, copy_gbs: float) -> list[dict]:
-    """The issue's goals (from ``shared/research/perf_anchors.md``), each ``met`` True,
+    """The GPU goals (README.md, section "GPU"), each ``met`` True,
     False, or None where this run did not measure it; ``value`` is the worst case's."""
     cases = list(dict.fromkeys(r["case"] for r in rows))
     kdim = [c for c in cases if c.count("x") > 1]

@@ -11,7 +11,9 @@ The routes, in order:
   does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
 * torch tensors: ``_torch_ops``, whose own route picks torch's kernel, NumPy views, the
   Triton kernels or the generic path per call;
-* any other array-API library (JAX, Dask, CuPy, array-api-strict): the generic path.
+* Dask arrays: the generic path, except for inputs without an element (see
+  ``_DaskBackend``);
+* any other array-API library (JAX, CuPy, array-api-strict): the generic path.
 
 The route of a type is decided on its first array and kept; torch is imported only when
 a torch tensor arrives.
@@ -56,7 +58,56 @@ def _route(array_type: type, array: Any):
         xp = array_api_compat.array_namespace(array)
     except TypeError:
         raise _validate.unsupported_array_error(array_type) from None
+    if array_api_compat.is_dask_array(array):
+        return _DaskBackend(_generic.Backend(xp))
     return _generic.Backend(xp)
+
+
+class _DaskBackend:
+    """The generic path on Dask, except for an input without an element (no batch, no
+    class or an empty spatial axis): Dask's reshape refuses some of its zero-sized shapes
+    and its reductions have no identity there, so NumPy computes such a problem (it holds
+    nothing to compute lazily) and the results are handed back as Dask arrays."""
+
+    quick_forward = None
+
+    def __init__(self, generic: _generic.Backend):
+        self.generic = generic
+        self.xp = generic.xp
+
+    def forward(self, problem):
+        if not _empty(problem.input):
+            return self.generic.forward(problem)
+        return _as_dask(_cpu.backend().forward(_computed(problem)))
+
+    def backward(self, problem, grad_output, out=None):
+        if not _empty(problem.input):
+            return self.generic.backward(problem, grad_output, out)
+        grad = _cpu.backend().backward(_computed(problem), np.asarray(grad_output))
+        return _as_dask(grad)
+
+    def forward_backward(self, problem, grad_output, out=None):
+        if not _empty(problem.input):
+            return self.generic.forward_backward(problem, grad_output, out)
+        loss, grad = _cpu.backend().forward_backward(_computed(problem), np.asarray(grad_output))
+        return _as_dask(loss), _as_dask(grad)
+
+    def total_weight(self, target, weight, ignore_index: int):
+        return self.generic.total_weight(target, weight, ignore_index)
+
+
+def _empty(array: Any) -> bool:
+    return 0 in tuple(array.shape)
+
+
+def _computed(problem):
+    return problem.with_arrays(np.asarray)
+
+
+def _as_dask(result):
+    import dask.array  # already imported: the caller handed us Dask arrays
+
+    return dask.array.from_array(np.asarray(result))
 
 
 def as_array(obj: Any, name: str) -> Any:

@@ -328,8 +328,8 @@ class Backend:
             # torch: (1 - eps) * nll + smooth * (eps / C), the scalars in the compute dtype
             if smooth is None:
                 return nll
-            share = smoothing_share(smoothing, layout.classes)
-            return _scalar(xp, 1.0 - smoothing, g) * nll + smooth * _scalar(xp, share, g)
+            share = _scalar(xp, smoothing_share(smoothing, layout.classes), g)
+            return _scalar(xp, 1.0 - smoothing, g) * nll + _ieee(operator.mul, smooth, share)
 
         element_weight = g.weight if g.weight is not None else xp.astype(g.valid, g.dtype)
         z_terms = _z_terms(xp, problem, lse, element_weight)
@@ -341,9 +341,14 @@ class Backend:
         given = problem.total_weight
         mean = problem.reduction == "mean"
         if layout.size == 0:
+            # A sum of nothing; smoothed, it is still scaled by eps / C: NaN without classes.
+            empty_sum = 0.0 * smoothing_share(smoothing, layout.classes) if smoothing else 0.0
             if mean and given is not None:
-                return xp.astype(_scalar(xp, 0.0, g) / _given_total(xp, problem, g), x.dtype)
-            return xp.asarray(float("nan") if mean else 0.0, dtype=x.dtype, device=g.device)
+                quotient = _ieee(
+                    operator.truediv, _scalar(xp, empty_sum, g), _given_total(xp, problem, g)
+                )
+                return xp.astype(quotient, x.dtype)
+            return xp.asarray(float("nan") if mean else empty_sum, dtype=x.dtype, device=g.device)
         if mean and g.weight is not None and given is None:
             loss_sum, total = self.sums(g.valid, losses, g.weight)  # one pass, one order
         else:

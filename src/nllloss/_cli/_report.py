@@ -16,7 +16,6 @@ from typing import Any
 from ._evaluate import Result
 from ._io import UserError
 
-SUMMARY_KEYS = ("loss", "reduction", "total_weight", "count", "ignored", "perplexity")
 CLASS_KEYS = ("class", "count", "weight", "mean_nll", "share")
 
 

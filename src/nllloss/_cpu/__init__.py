@@ -63,7 +63,8 @@ def _cascade_sums(valid, *values):
 
 def _numpy_scatter(shape, dtype, index, values):
     out = np.zeros(shape, dtype=dtype)
-    np.put_along_axis(out, index, values, axis=1)
+    if out.size:  # with no class, every target was ignore_index: nothing to place
+        np.put_along_axis(out, index, values, axis=1)
     return out
 
 

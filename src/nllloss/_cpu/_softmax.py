@@ -226,7 +226,10 @@ def softmax_rows(
             at_target = s * target_scale * w_target
             per_weight = _in_compute_type(s * smooth_scale, grad2)
             if from_logits:
-                a = _in_compute_type(at_target + s * smooth_scale * weight_sum, grad2)
+                # without smoothing the weight sum is not read: a NaN or inf weight of a
+                # class nobody targets must not reach the gradient (torch's stays finite)
+                smoothed = s * smooth_scale * weight_sum if smoothing else 0.0
+                a = _in_compute_type(at_target + smoothed, grad2)
                 # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to
                 # float32 would be off by its ulp (0.001 at 1e4)
                 row_log_norm = _in_compute_type(log_norm, x2)
@@ -319,15 +322,19 @@ def softmax_tiles(
             at_target[k] = s * target_scale * w_target
             per_weight[k] = s * smooth_scale
             if from_logits:
-                a[k] = at_target[k] + s * smooth_scale * weight_sum
+                a[k] = at_target[k] + (s * smooth_scale * weight_sum if smoothing else 0.0)
         if not want_grad:
             continue
         for j in range(classes):
             w = weight[j]
-            if from_logits:
+            if from_logits and smoothing:
                 for k in range(width):
                     p = _exp((_decode(x3[b, j, start + k], decode) - top[k]) - log_norms[k])
                     grad3[b, j, start + k] = a[k] * p - per_weight[k] * w
+            elif from_logits:  # the same without the smoothing term's read of the weight
+                for k in range(width):
+                    p = _exp((_decode(x3[b, j, start + k], decode) - top[k]) - log_norms[k])
+                    grad3[b, j, start + k] = a[k] * p
             else:
                 for k in range(width):
                     grad3[b, j, start + k] = -(per_weight[k] * w)

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 # False until a GPU run of benchmarks/gpu_check.py is committed in benchmarks/results/
-# with every check passing (issue 16).
+# with every check passing.
 _DEFAULT = False
 
 _UNSET = object()

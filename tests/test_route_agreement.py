@@ -1,0 +1,212 @@
+"""Inputs on which one route once gave a different answer from the others.
+
+Each case runs on every library that can hold its arrays (NumPy, under both NumPy engines,
+and the backends of ``NLLLOSS_TEST_BACKENDS``) and must end in torch 2.13's answer or in
+the same clear exception everywhere: a wrong number on one route is what these guard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_backends import BACKENDS, to_backend, to_numpy
+
+import nllloss
+
+LIBRARIES = ["numpy", *sorted(BACKENDS)]
+
+
+@pytest.fixture(params=LIBRARIES)
+def library(request) -> str:
+    return request.param
+
+
+def on(library: str, array):
+    """``array`` (NumPy) in ``library``; Dask in chunks of two along every axis."""
+    if library == "numpy" or array is None:
+        return array
+    if library == "dask":
+        return BACKENDS["dask"].from_array(np.asarray(array), chunks=2)
+    return to_backend(library, array)
+
+
+UNSIGNED = [np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@pytest.mark.parametrize("dtype", UNSIGNED)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_an_unsigned_target_out_of_range_raises(library, dtype, reduction, from_logits):
+    """Row 1's target 7 of 3 classes is an error on every route, also where the default
+    ignore_index (-100) cannot be compared with an unsigned dtype (a Dask graph once
+    dropped the check, and row 1 read another row's value)."""
+    x = np.log(np.full((4, 3), 1 / 3))
+    t = np.array([0, 7, 2, 1], dtype)
+    with pytest.raises(IndexError, match=r"target\[1\] = 7 is not in the class range \[0, 3\)"):
+        to_numpy(
+            nllloss.nll_loss(on(library, x), on(library, t), reduction=reduction,
+                             from_logits=from_logits)
+        )  # fmt: skip
+
+
+def test_a_uint64_target_beyond_int64_is_never_ignore_index(library):
+    """2**64 - 100 is not -100: read as int64 it would wrap onto the default ignore_index
+    and be silently ignored."""
+    x = np.log(np.full((4, 3), 1 / 3, np.float32))
+    t = np.array([0, 2**64 - 100, 2, 1], np.uint64)
+    with pytest.raises(IndexError, match=r"target\[1\] = 18446744073709551516"):
+        to_numpy(nllloss.nll_loss(on(library, x), on(library, t)))
+
+
+@pytest.mark.parametrize("dtype", UNSIGNED)
+def test_total_weight_of_unsigned_targets(library, dtype):
+    """Counted as the loss counts them: every element but ignore_index (3 of 4 here)."""
+    t = np.array([0, np.iinfo(dtype).max, 2, 1], dtype)
+    total = nllloss.total_weight(on(library, t), ignore_index=1)
+    assert float(to_numpy(total)) == 3.0
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("spatial", [(), (3,)], ids=["2-d", "k-dim"])
+def test_a_non_finite_weight_of_a_class_no_target_uses(library, value, reduction, spatial, rng):
+    """From logits, class 2 (weight NaN or ±inf) is nobody's target: the loss and the
+    gradient are torch's, finite (the smoothing-free gradient never reads that weight)."""
+    x = rng.standard_normal((5, 4, *spatial))
+    t = rng.choice([0, 1, 3], size=(5, *spatial))
+    w = np.array([1.0, 0.5, value, 2.0])
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    expected = F.cross_entropy(xt, torch.from_numpy(t), torch.from_numpy(w), reduction=reduction)
+    upstream = rng.standard_normal(expected.shape)
+    expected.backward(torch.from_numpy(upstream))
+    assert torch.isfinite(xt.grad).all()
+
+    args = on(library, x), on(library, t), on(library, w)
+    kwargs = dict(reduction=reduction, from_logits=True)
+    loss = nllloss.nll_loss(*args, **kwargs)
+    grad = nllloss.nll_loss_backward(on(library, upstream), *args, **kwargs)
+    np.testing.assert_allclose(to_numpy(loss), expected.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(grad), xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"from_logits": True}, {"label_smoothing": 0.2}, {"from_logits": True,
+                                                         "label_smoothing": 0.2}],
+    ids=["plain", "from_logits", "smoothing", "from_logits+smoothing"],
+)  # fmt: skip
+@pytest.mark.parametrize("batch", [0, 2])
+def test_no_classes_at_all(library, reduction, options, batch):
+    """C = 0 with a (0,) weight: torch's loss (NaN for 'mean' and with smoothing's ε/C) and
+    an empty gradient, never an internal 'index 0 is out of bounds' or a division error."""
+    x = np.zeros((batch, 0))
+    t = np.full(batch, -100)
+    w = np.zeros(0)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    # With no class, log_softmax changes nothing: cross_entropy is torch's smoothed loss of
+    # log-probabilities too.
+    smoothed = "label_smoothing" in options
+    reference = F.cross_entropy if options.get("from_logits") or smoothed else F.nll_loss
+    expected = reference(
+        xt, torch.from_numpy(t), torch.from_numpy(w), reduction=reduction,
+        **({"label_smoothing": options["label_smoothing"]} if smoothed else {}),
+    )  # fmt: skip
+    expected.sum().backward()
+
+    args = on(library, x), on(library, t), on(library, w)
+    loss = nllloss.nll_loss(*args, reduction=reduction, **options)
+    grad = nllloss.nll_loss_backward(
+        on(library, np.ones(expected.shape)), *args, reduction=reduction, **options
+    )
+    np.testing.assert_array_equal(to_numpy(loss), expected.detach().numpy())
+    assert to_numpy(grad).shape == (batch, 0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(0, 3), (0, 3, 2), (2, 3, 0), (2, 3, 0, 4), (0, 1, 0)], ids=str
+)  # fmt: skip
+def test_inputs_without_an_element(library, shape, reduction, from_logits):
+    """No batch or an empty spatial axis: torch's empty loss, NaN or 0, and an empty
+    gradient (Dask's reshape and reductions refuse some of these shapes)."""
+    x = np.zeros(shape)
+    t = np.zeros((shape[0], *shape[2:]), np.int64)
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    expected = (F.cross_entropy if from_logits else F.nll_loss)(
+        xt, torch.from_numpy(t), reduction=reduction
+    )
+    expected.sum().backward()
+    options = dict(reduction=reduction, from_logits=from_logits)
+    loss = nllloss.nll_loss(on(library, x), on(library, t), **options)
+    grad = nllloss.nll_loss_backward(
+        on(library, np.ones(expected.shape)), on(library, x), on(library, t), **options
+    )
+    np.testing.assert_array_equal(to_numpy(loss), expected.detach().numpy())
+    np.testing.assert_array_equal(to_numpy(grad), xt.grad.numpy())
+
+
+def test_a_grad_output_of_the_wrong_shape_is_refused(library):
+    """'none' of (3, 4) has loss shape (3,): a (1, 1, 1) upstream gradient would broadcast
+    to (1, 1, 3) deep inside; it is refused up front, naming grad_output."""
+    x = np.log(np.full((3, 4), 0.25, np.float32))
+    t = np.array([0, 1, 3])
+    with pytest.raises(ValueError, match=r"grad_output must have the loss's shape \(3,\)"):
+        nllloss.nll_loss_backward(
+            on(library, np.ones((1, 1, 1), np.float32)), on(library, x), on(library, t),
+            reduction="none",
+        )  # fmt: skip
+
+
+# --- NumPy only: array subclasses and the out= buffer -------------------------------------
+
+X = np.log(np.full((4, 3), 1 / 3, np.float32))
+T = np.array([0, 1, 2, 1])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"input": np.matrix(X)}, TypeError, r"input is an np.matrix: pass np.asarray"),
+        ({"input": np.ma.masked_array(X, mask=X < 0)}, TypeError, r"input is a masked array"),
+        ({"target": np.ma.masked_array(T)}, TypeError, r"target is a masked array"),
+        ({"weight": [None] * 3}, TypeError, r"weight must be a real number or a sequence"),
+    ],
+    ids=["matrix", "masked-input", "masked-target", "weight-of-None"],
+)
+def test_arrays_whose_meaning_would_be_lost_are_refused(arguments, error, message):
+    call = {"input": X, "target": T, **arguments}
+    with pytest.raises(error, match=message):
+        nllloss.nll_loss(call.pop("input"), call.pop("target"), **call)
+
+
+def test_out_that_partly_overlaps_the_input_is_refused():
+    memory = np.zeros(13, np.float32)
+    x = memory[:12].reshape(4, 3)
+    x[...] = X
+    before = memory.copy()
+    with pytest.raises(ValueError, match=r"out overlaps the input's memory"):
+        nllloss.nll_loss_and_grad(x, T, from_logits=True, out=memory[1:].reshape(4, 3))
+    np.testing.assert_array_equal(memory, before)  # nothing written
+
+
+def test_out_that_is_the_upstream_gradient_is_refused():
+    out = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"out overlaps grad_output's memory"):
+        nllloss.nll_loss_and_grad(X, T, reduction="none", grad_output=out[:, 0], out=out)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_a_weight_that_requires_grad_is_refused_as_torch(from_logits):
+    """torch's nll_loss and cross_entropy are not differentiable in the weight: torch raises
+    rather than leave weight.grad None; so do we (a ValueError naming weight)."""
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(RuntimeError):
+        (F.cross_entropy if from_logits else F.nll_loss)(x, t, w)
+    with pytest.raises(ValueError, match=r"weight requires grad.*pass weight.detach\(\)"):
+        nllloss.nll_loss(x, t, w, from_logits=from_logits)
