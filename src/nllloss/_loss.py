@@ -18,18 +18,24 @@ _CALLER = 2
 
 def _problem(
     input, target, weight, ignore_index, reduction, from_logits=False, label_smoothing=0.0,
-    total_weight=None, check_targets=True, z_loss=0.0, softcap=None,
+    total_weight=None, check_targets=True, z_loss=0.0, softcap=None, logits_shape=None,
 ):  # fmt: skip
-    """Validate every argument once; the backend for the input and the Problem it solves."""
+    """Validate every argument once; the backend for the input and the Problem it solves.
+
+    ``logits_shape`` is given by the loss from hidden states (``_linear``): the input is
+    then the hidden states, which fix the library, device and dtype, and the problem is
+    that of logits of this shape, which are never formed whole.
+    """
     input = as_array(input, "input")
     backend = backend_for(input)
     target = like_input(backend, target, input, "target")
     _validate.check_input(input)
-    _validate.check_target(target, tuple(input.shape))
+    shape = tuple(input.shape) if logits_shape is None else logits_shape
+    _validate.check_target(target, shape)
     if _validate.is_float_dtype(target.dtype) and target.dtype != input.dtype:
         # class probabilities, used in the input's dtype as the weight is
         target = backend.xp.astype(target, input.dtype)
-    layout = layout_of(tuple(input.shape))
+    layout = layout_of(shape)
     if weight is not None:
         # A sequence has no dtype of its own: read it in the input's.
         weight = like_input(backend, weight, input, "weight", sequence_dtype=input.dtype)

@@ -49,11 +49,13 @@ def _engine(problem: Problem) -> str:
     return "generic"
 
 
-def _compute(kind: str, problem: Problem, grad_output=None):
+def _compute(kind: str, problem: Problem, grad_output=None, out=None):
     """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine.
 
     'forward_backward' without ``grad_output`` gives the gradient for an upstream gradient
-    of 1 (ones for 'none'), from the pass that computes the loss.
+    of 1 (ones for 'none'), from the pass that computes the loss. ``out`` (a contiguous
+    tensor of the input's shape and dtype) receives the gradient where the engine writes
+    in place (NumPy's kernels, the generic path); the result is the gradient either way.
     """
     engine = _engine(problem)
     if engine == "triton":
@@ -68,9 +70,10 @@ def _compute(kind: str, problem: Problem, grad_output=None):
         backend = _cpu.backend()
         problem = problem.with_arrays(_numpy_view)
         grad_output = None if grad_output is None else _numpy_view(grad_output)
+        out = None if out is None else _numpy_view(out)
     if kind == "forward":
         return _as_tensor(backend.forward(problem))
-    result = getattr(backend, kind)(problem, grad_output)
+    result = getattr(backend, kind)(problem, grad_output, out)
     return tuple(map(_as_tensor, result)) if kind == "forward_backward" else _as_tensor(result)
 
 
@@ -196,10 +199,14 @@ class TorchBackend:
             or _target_needs_grad(problem)
         ):  # the loss must be differentiable (or traced): the two calls
             return self.forward(problem), self.backward(problem, grad_output)
-        return _compute("forward_backward", problem, _upstream(problem, grad_output))
+        return _compute("forward_backward", problem, _upstream(problem, grad_output), out)
 
     def total_weight(self, target, weight, ignore_index: int):
-        if target.device.type == "cpu" and (weight is None or weight.dtype in _EXACT_ON_NUMPY):
+        if (
+            target.device.type == "cpu"
+            and (weight is None or weight.dtype in _EXACT_ON_NUMPY)
+            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view
+        ):
             # NumPy compares every integer dtype (torch's CPU kernels lack uint64 ones)
             weight = None if weight is None else _numpy_view(weight)
             numpy_total = _cpu.backend().total_weight(_numpy_view(target), weight, ignore_index)

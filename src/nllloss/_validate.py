@@ -522,3 +522,88 @@ def raised_on_rank_error(rank: int, kind: str, message: str) -> Exception:
     """What the other ranks raise when a check failed on ``rank``: its type and message."""
     kinds = {"ValueError": ValueError, "TypeError": TypeError, "IndexError": IndexError}
     return kinds.get(kind, RuntimeError)(f"on rank {rank} of the group: {kind}: {message}")
+
+
+def check_linear(input: Any, linear_weight: Any, linear_bias: Any) -> tuple[int, ...]:
+    """The shapes and dtypes of the loss from hidden states (``linear_cross_entropy``); the
+    shape of the logits they make, ``(*batch, C, d1, ..., dK)``, as torch's.
+
+    ``input`` is ``(in_features,)`` or ``(N, in_features)``; ``linear_weight`` is ``(C,
+    in_features)`` or ``(C, d1, ..., dK, in_features)`` (then the input is batched); the
+    bias, if any, ``(C, d1, ..., dK)``; all three of one floating dtype.
+    """
+    if not is_float_dtype(input.dtype):
+        raise TypeError(
+            "input must hold hidden states of a floating dtype (float16, bfloat16, float32 "
+            f"or float64), got dtype {input.dtype}"
+        )
+    for name, array in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if array is not None and array.dtype != input.dtype:
+            raise TypeError(
+                f"{name} must have the input's dtype {input.dtype}, got dtype {array.dtype}"
+            )
+    input_shape, weight_shape = tuple(input.shape), tuple(linear_weight.shape)
+    if len(input_shape) not in (1, 2):
+        raise ValueError(
+            "input must have shape (in_features,) or (N, in_features), got shape "
+            f"{input_shape}"
+        )
+    if len(weight_shape) < 2:
+        raise ValueError(
+            "linear_weight must have shape (C, in_features) or (C, d1, ..., dK, "
+            f"in_features), got shape {weight_shape}"
+        )
+    if weight_shape[-1] != input_shape[-1]:
+        raise ValueError(
+            f"input's last dimension (in_features) is {input_shape[-1]} but linear_weight's "
+            f"is {weight_shape[-1]}: input shape {input_shape}, linear_weight shape "
+            f"{weight_shape}"
+        )
+    classes = weight_shape[:-1]  # (C, d1, ..., dK)
+    if linear_bias is not None and tuple(linear_bias.shape) != classes:
+        raise ValueError(
+            f"linear_bias must have shape {classes} (linear_weight's without in_features), "
+            f"got shape {tuple(linear_bias.shape)}"
+        )
+    if len(classes) > 1 and len(input_shape) == 1:
+        raise ValueError(
+            f"a linear_weight of shape {weight_shape} makes a K-dimensional loss, which needs "
+            f"a batched input (N, {input_shape[0]}), got shape {input_shape}"
+        )
+    return (*input_shape[:-1], *classes)
+
+
+def check_chunk_rows(chunk_rows: Any) -> int | None:
+    """None (the rule's choice), or a positive number of rows per chunk."""
+    if chunk_rows is None:
+        return None
+    if isinstance(chunk_rows, (bool, np.bool_)) or not isinstance(chunk_rows, (int, np.integer)):
+        raise TypeError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows}")
+    return int(chunk_rows)
+
+
+def check_linear_out(out: Any, arrays: tuple, grad_output: Any) -> None:
+    """``out=`` of ``linear_cross_entropy_and_grad``: three entries, each None or an array
+    for the gradient of (input, linear_weight, linear_bias) as ``check_out`` requires.
+    Only ``d_input`` may be its argument itself (each block of rows is read before its
+    gradient is written); the weights are read until the last block."""
+    names = ("d_input", "d_linear_weight", "d_linear_bias")
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError(
+            "out must be a tuple (d_input, d_linear_weight, d_linear_bias) of arrays or None, "
+            f"got {type(out).__name__}"
+        )
+    for name, given, like in zip(names, out, arrays, strict=True):
+        if given is None:
+            continue
+        if like is None:
+            raise ValueError(f"out gives {name} but there is no linear_bias")
+        try:
+            check_out(given, like, grad_output)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}: {error}") from None
+        others = [a for a in arrays if a is not None and (a is not like or name != "d_input")]
+        if any(np.may_share_memory(given, a) for a in others):
+            raise ValueError(f"out's {name} overlaps an argument that is still to be read")

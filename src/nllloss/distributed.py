@@ -42,15 +42,16 @@ import dataclasses
 import struct
 from typing import Any
 
+import array_api_compat.torch
 import torch
 import torch.distributed as dist
 
-from . import _generic, _validate
+from . import _generic, _linear, _linear_torch, _validate
 from ._dispatch import backend_for, like_input
 from ._loss import total_weight as _local_total_weight
-from ._problem import Layout, layout_of, resolved_reduction
+from ._problem import Layout, Problem, layout_of, resolved_reduction
 
-__all__ = ["nll_loss", "total_weight"]
+__all__ = ["linear_cross_entropy", "nll_loss", "total_weight"]
 
 
 def total_weight(
@@ -609,3 +610,141 @@ def _denominator(total_weight, targets: _Targets, plan: _Plan) -> torch.Tensor:
     if targets.shard_weight is None:
         return targets.valid.sum().to(plan.compute_dtype)
     return targets.weight.sum()
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    group: Any = None,
+    linear_bias_shard: torch.Tensor | None = None,
+    weight: Any = None,
+    ignore_index: int | None = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    r"""The loss from hidden states with the vocabulary sharded over the ranks of ``group``.
+
+    Rank :math:`r` holds the rows :math:`[s_r, s_r + C_r)` of the output layer's weight
+    (``linear_weight_shard``, :math:`(C_r, D)`, and its bias), every rank the same
+    ``input`` and ``target``. The result, on every rank, is
+    :func:`nllloss.linear_cross_entropy` with the whole weight:
+    ``cross_entropy(input @ W.T + b, target)``. Each block of rows (as in
+    :func:`nllloss.linear_cross_entropy`) makes this rank's logits ``input[r] @ W_r.T`` and
+    goes through :func:`nll_loss` with ``from_logits=True`` (its collectives: O(rows) values
+    per block); nothing of size N x C exists anywhere, nor N x C_r. The gradient of the
+    weight and bias shards stays on their rank; that of the input, a sum over the shards,
+    is all-reduced over ``group`` (one all-reduce of N x D), so every rank gets the whole
+    of it, as for a replicated input.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        Hidden states, ``(D,)`` or ``(N, D)``, the same on every rank.
+    linear_weight_shard : torch.Tensor
+        This rank's rows of the weight, ``(C_r, D)``, the input's dtype.
+    target : torch.Tensor
+        Global class indices, as for :func:`nll_loss`.
+    class_start : int
+        The first class of this rank's shard.
+    group : torch.distributed.ProcessGroup, optional
+    linear_bias_shard : torch.Tensor, optional
+        This rank's part of the bias, ``(C_r,)``.
+    weight, reduction, label_smoothing, total_weight
+        As in :func:`nll_loss` (``weight``: all C class weights).
+    ignore_index : int or None, default -100
+        None means -100, as in torch's ``linear_cross_entropy``.
+    chunk_rows : int, optional
+        As in :func:`nllloss.linear_cross_entropy`.
+
+    Returns
+    -------
+    torch.Tensor
+        The same on every rank, as :func:`nll_loss` returns it.
+
+    Notes
+    -----
+    A bad target is reported by :func:`nll_loss` with its position within its block of
+    rows. Probability targets, ``z_loss`` and ``softcap`` are not available here (the
+    class-parallel loss has none of them).
+
+    Examples
+    --------
+    >>> import torch, torch.distributed as dist
+    >>> from nllloss import distributed
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> h = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    >>> W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> distributed.linear_cross_entropy(h, W, torch.tensor([0, 1]), class_start=0)
+    tensor(0.3955, grad_fn=<_LinearLossBackward>)
+    >>> dist.destroy_process_group()
+    """
+    for name, value in (("input", input), ("linear_weight_shard", linear_weight_shard)):
+        _validate.check_torch_tensor(value, name)
+    _validate.check_linear(input, linear_weight_shard, linear_bias_shard)
+    if linear_weight_shard.dim() != 2:
+        raise ValueError(
+            "linear_weight_shard must have shape (C_r, in_features), got shape "
+            f"{tuple(linear_weight_shard.shape)}"
+        )
+    reduction = _validate.check_reduction(reduction, stacklevel=2)
+    ignore_index = _validate.check_ignore_index(-100 if ignore_index is None else ignore_index)
+    layout = layout_of((*input.shape[:-1], linear_weight_shard.shape[0]))
+    problem = Problem(
+        input, target, weight, ignore_index, resolved_reduction(reduction, layout), layout,
+        from_logits=True, label_smoothing=_validate.check_label_smoothing(label_smoothing),
+        total_weight=total_weight,
+    )  # fmt: skip
+    denominator = None
+    if reduction == "mean":  # the target is the same on every rank: its total is global
+        denominator = total_weight
+        if denominator is None:
+            denominator = _local_total_weight(target, weight, ignore_index)
+    linear = _linear.assemble(
+        _ShardBackend(class_start, group), problem, input, linear_weight_shard,
+        linear_bias_shard, _validate.check_chunk_rows(chunk_rows), denominator,
+        _ShardAlgebra(group),
+    )  # fmt: skip
+    return _linear_torch.loss(linear)
+
+
+class _ShardBackend:
+    """A block's loss (and its logits' gradient) by the class-parallel :func:`nll_loss`."""
+
+    xp = array_api_compat.torch
+
+    def __init__(self, class_start: int, group: Any) -> None:
+        self.class_start, self.group = class_start, group
+
+    def forward(self, problem: Problem) -> torch.Tensor:
+        return nll_loss(
+            problem.input, problem.target, class_start=self.class_start, group=self.group,
+            weight=problem.weight, ignore_index=problem.ignore_index,
+            reduction=problem.reduction, from_logits=True,
+            label_smoothing=problem.label_smoothing, total_weight=problem.total_weight,
+        )  # fmt: skip
+
+    def forward_backward(self, problem: Problem, grad_output, out=None):
+        """(loss, gradient of the block's logits): autograd through :func:`nll_loss`,
+        whose backward communicates nothing."""
+        with torch.enable_grad():
+            logits = problem.input.detach().requires_grad_()
+            loss = self.forward(problem.replace(input=logits))
+            (grad,) = torch.autograd.grad(loss, logits, grad_output.to(loss.dtype))
+        return loss.detach(), grad
+
+
+class _ShardAlgebra(_linear_torch.TorchAlgebra):
+    """torch's products, and the input's gradient summed over the shards' ranks."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def finish(self, linear, grads):
+        if grads[0] is not None:
+            dist.all_reduce(grads[0], group=self.group)
+        return super().finish(linear, grads)

@@ -14,9 +14,10 @@ except ModuleNotFoundError as error:
     raise ImportError("nllloss.torch needs PyTorch (pip install torch)") from None
 
 from . import _validate
+from ._linear import linear_cross_entropy
 from ._loss import nll_loss
 
-__all__ = ["CrossEntropyLoss", "NLLLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
 
 
 class NLLLoss(torch.nn.NLLLoss):
@@ -108,3 +109,74 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         if self.softcap is not None:
             options.append(f"softcap={self.softcap!r}")
         return ", ".join(options)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` computed by :func:`nllloss.linear_cross_entropy`:
+    the logits are made a block of rows at a time, never whole.
+
+    Same constructor, attributes (``linear``, ``weight``, ``options``, ...) and
+    ``state_dict`` as torch's module; ``options`` is kept for compatibility and not read
+    (this module always works in blocks). Keyword-only options that torch's lacks, off by
+    default: ``z_loss``, ``softcap`` and ``chunk_rows``; ``forward`` also takes
+    ``total_weight=``.
+
+    Examples
+    --------
+    >>> import torch, nllloss.torch
+    >>> _ = torch.manual_seed(0)
+    >>> head = nllloss.torch.LinearCrossEntropyLoss(4, 10)
+    >>> sorted(head.state_dict())
+    ['linear.weight']
+    >>> loss = head(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3]))
+    >>> loss.backward()
+    >>> head.linear.weight.grad.shape
+    torch.Size([10, 4])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options=None,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, num_classes, out_features=out_features, bias=bias, device=device,
+            dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, options=options,
+        )  # fmt: skip
+        self.z_loss = _validate.check_z_loss(z_loss, from_logits=True)
+        self.softcap = _validate.check_softcap(softcap, from_logits=True)
+        self.chunk_rows = _validate.check_chunk_rows(chunk_rows)
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, *, total_weight=None
+    ) -> torch.Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
+        return linear_cross_entropy(
+            input,
+            self.linear.weight.reshape((*shape, self.linear.in_features)),
+            target,
+            linear_bias=None if bias is None else bias.reshape(shape),
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            total_weight=total_weight,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_rows=self.chunk_rows,
+        )

@@ -1,0 +1,199 @@
+"""The loss from hidden states: nllloss's blocks against torch's ``linear_cross_entropy``.
+
+Usage: ``python benchmarks/linear.py [--shapes 2048x512x32000 ...] [--sweep] [--out OUT]``.
+Prints the report; writes ``OUT.md`` and ``OUT.json`` only with ``--out`` (the committed
+results: ``--out benchmarks/results/linear-latest``).
+
+Each case (a competitor at a shape ``NxDxV``, float32, reduction 'mean', 5% of targets
+ignored) runs in a fresh subprocess: a small warm-up call, then 3 timed training steps
+(the loss and its gradients with respect to the hidden states and the weight); the time is
+their median. Memory: the peak resident memory of the first timed step beyond what was
+resident before it (``VmHWM`` after resetting it, minus ``VmRSS``), less the two gradients
+the step returns (N x D and V x D): what the step needed besides its inputs and results.
+
+Competitors: ``naive`` is ``cross_entropy(h @ W.T, t)`` with autograd; ``torch reference``
+is ``F.linear_cross_entropy`` (``options=None``), ``torch chunked`` the same with
+``options=LinearCrossEntropyOptions()``; ``nllloss numpy`` is
+``linear_cross_entropy_and_grad``, ``nllloss torch`` ``linear_cross_entropy`` with
+autograd; ``GEMMs`` are the three matrix products alone (``h @ W.T``, ``L @ W``,
+``L.T @ h``) in torch and in NumPy, the floor of any method that does them. ``--sweep``
+adds nllloss at several ``chunk_rows``: the measurement behind ``_linear.CHUNK_BYTES``.
+The machine may be shared: compare within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
+
+SHAPES = ("2048x512x32000",)
+COMPETITORS = (
+    "naive",
+    "torch reference",
+    "torch chunked",
+    "nllloss numpy",
+    "nllloss torch",
+    "GEMMs torch",
+    "GEMMs numpy",
+)
+SWEEP_ROWS = (32, 64, 128, 256, 512)
+
+_CASE = r"""
+import os, statistics, sys, time
+os.environ["KMP_BLOCKTIME"] = "0"
+import numpy as np, torch, nllloss
+F = torch.nn.functional
+who, (N, D, V), chunk_rows = {who!r}, {shape!r}, {chunk_rows!r}
+
+def data(n, d, v):
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((n, d), dtype=np.float32)
+    w = rng.standard_normal((v, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    t = rng.integers(0, v, n)
+    t[rng.random(n) < 0.05] = -100
+    return h, w, t
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+def step(h, w, t):
+    ht, wt, tt = torch.from_numpy(h), torch.from_numpy(w), torch.from_numpy(t)
+    if who.startswith("GEMMs"):
+        if who == "GEMMs numpy":
+            logits = h @ w.T
+            return logits @ w, logits.T @ h
+        logits = ht @ wt.T
+        return logits @ wt, logits.T @ ht
+    if who == "nllloss numpy":
+        return nllloss.linear_cross_entropy_and_grad(h, w, t, chunk_rows=chunk_rows)[1:3]
+    ht.requires_grad_()
+    wt.requires_grad_()
+    if who == "naive":
+        loss = F.cross_entropy(ht @ wt.T, tt)
+    elif who == "torch reference":
+        loss = F.linear_cross_entropy(ht, wt, tt)
+    elif who == "torch chunked":
+        loss = F.linear_cross_entropy(ht, wt, tt, options=torch.nn.LinearCrossEntropyOptions())
+    else:
+        loss = nllloss.linear_cross_entropy(ht, wt, tt, chunk_rows=chunk_rows)
+    loss.backward()
+    return ht.grad, wt.grad
+
+step(*data(64, D, 1000))  # imports, compiles, allocators warm
+h, w, t = data(N, D, V)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from the current resident size
+before = status("VmRSS")
+times = []
+for i in range(3):
+    start = time.perf_counter()
+    grads = step(h, w, t)
+    times.append(time.perf_counter() - start)
+    if i == 0:
+        peak = status("VmHWM") - before - (h.nbytes + w.nbytes)
+    del grads
+print(statistics.median(times), peak)
+"""
+
+
+def run_case(who, shape, chunk_rows=None):
+    """(median seconds, peak bytes beyond inputs and gradients) of one competitor, or
+    (None, None) when its subprocess fails (out of memory, say)."""
+    code = _CASE.format(who=who, shape=shape, chunk_rows=chunk_rows)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=1800
+    )
+    if done.returncode:
+        print(who, shape, "failed:", done.stderr[-500:], file=sys.stderr)
+        return None, None
+    seconds, peak = done.stdout.split()
+    return float(seconds), int(peak)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="nllloss at several chunk_rows")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    import torch
+
+    from nllloss._bench import environment
+
+    report = {"environment": environment({"torch": torch}, None), "cases": []}
+    for text in args.shapes:
+        shape = tuple(int(d) for d in text.split("x"))
+        runs = [(who, None) for who in COMPETITORS]
+        if args.sweep:
+            runs += [
+                (who, rows) for who in ("nllloss numpy", "nllloss torch") for rows in SWEEP_ROWS
+            ]
+        for who, rows in runs:
+            seconds, peak = run_case(who, shape, rows)
+            case = {"shape": list(shape), "who": who, "chunk_rows": rows}
+            case |= {"seconds": seconds, "peak_bytes": peak}
+            report["cases"].append(case)
+            print(json.dumps(case), flush=True)
+    text = markdown(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+def markdown(report):
+    env = report["environment"]
+    lines = [
+        "# The loss from hidden states: fwd+bwd, float32, 'mean' (CPU)",
+        "",
+        f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores, load average at "
+        f"the end {env.get('load_average_at_end')}; torch {env['versions'].get('torch')}, "
+        f"numpy {env['versions'].get('numpy')}. Each row is a fresh process: median of 3 "
+        "training steps (loss and gradients with respect to hidden states and weight); "
+        "memory is the peak beyond inputs and the two gradients, in MiB and as a share of "
+        "the N x V float32 logits. Ratios against the three GEMMs of the same library (torch "
+        "for the torch rows) and against torch chunked.",
+        "",
+    ]
+    for shape in dict.fromkeys(tuple(c["shape"]) for c in report["cases"]):
+        n, d, v = shape
+        logits = n * v * 4
+        cases = [c for c in report["cases"] if tuple(c["shape"]) == shape]
+        by_name = {c["who"]: c["seconds"] for c in cases if c["chunk_rows"] is None}
+        chunked = by_name.get("torch chunked")
+        lines += [
+            f"## N={n}, D={d}, V={v} (logits {logits / 2**20:.0f} MiB)",
+            "",
+            "| competitor | chunk rows | time s | / GEMMs | torch chunked / this "
+            "| memory MiB | / logits |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in cases:
+            seconds, peak = c["seconds"], c["peak_bytes"]
+            gemms = by_name.get("GEMMs numpy" if "numpy" in c["who"] else "GEMMs torch")
+            cells = [
+                c["who"],
+                "default" if c["chunk_rows"] is None else str(c["chunk_rows"]),
+                "—" if seconds is None else f"{seconds:.2f}",
+                "—" if not (seconds and gemms) else f"{seconds / gemms:.2f}x",
+                "—" if not (seconds and chunked) else f"{chunked / seconds:.2f}x",
+                "—" if peak is None else f"{peak / 2**20:.0f}",
+                "—" if peak is None else f"{100 * peak / logits:.1f}%",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,600 @@
+r"""The loss from hidden states: ``cross_entropy(linear(input, W, b), target)``, chunked.
+
+For a language model's head the logits are the memory: ``input @ W.T`` is N x C. Here they
+are made a block of rows at a time, and each block goes through the loss of its rows at
+once::
+
+    for each block of R rows r (R from ``chunk_rows_for``):
+        logits = input[r] @ W.T + b                          GEMM 1, (R, C)
+        loss[r], G = the fused from-logits loss and gradient  one pass over the block,
+                     of the block (``Problem``, the backend's  G written over the logits
+                     ``forward_backward``)
+        dW += G.T @ input[r] ;  db += sum_rows G              GEMM 3
+        d_input[r] = G @ W                                    GEMM 2
+
+So the only large work is the three GEMMs and one pass over each block; nothing of size
+N x C exists, only one (R, C) block. The loss of a block is that of the whole logits
+restricted to its rows, with every option of ``nll_loss`` (weights, ``ignore_index``,
+label smoothing, probability targets, ``z_loss``, ``softcap``): for ``'mean'`` the blocks
+are divided by the denominator of the whole batch (``total_weight`` of the whole target,
+computed first), so that their losses and gradients add up to the whole's. The row kernels
+are the existing ones (``_cpu._softmax``, the torch route, the generic path); this module
+only cuts rows and multiplies matrices.
+
+float16 and bfloat16 compute in float32 (the hidden states and weights are cast once; the
+gradients accumulate in float32 and are rounded once). Blocks are visited in order and
+each GEMM's summation order is fixed by the library, so results do not depend on thread
+counts; other block sizes agree to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from . import _generic, _validate
+from ._dispatch import as_array, backend_for, like_input
+from ._loss import Array, Reduction, _problem
+from ._problem import Problem, layout_of
+
+# A block of logits of about this many bytes (128 rows at V = 32000). Chosen by the chunk
+# sweep in benchmarks/results/linear-latest.md (fwd+bwd, float32, 2 shared cores): at
+# (2048, 512, 32000), 32 and 64 rows took 1.6-3.2x as long as 128 for torch and NumPy
+# (small-M GEMMs), while 256 and 512 were no faster beyond the machine's noise and cost
+# 1.6-2.8x the memory.
+CHUNK_BYTES = 16 << 20
+# At least this many rows per block, whatever the vocabulary (same sweep, at (1024, 768,
+# 128256), where 16 MiB is 32 rows): 32 rows took 1.4-1.6x as long as 64 (torch, NumPy).
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows_for(rows: int, classes: int, itemsize: int) -> int:
+    """Rows per block: ``CHUNK_BYTES`` of logits, at least ``MIN_CHUNK_ROWS``, at most
+    every row (and at least 1)."""
+    by_bytes = CHUNK_BYTES // max(1, classes * itemsize)
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, by_bytes)))
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One call of the loss from hidden states, validated.
+
+    ``problem`` is the loss of the whole logits (its ``input`` the hidden states: only the
+    logits' shape is used). ``hidden`` is ``(rows, D)``, ``weight`` ``(C * d1 ... dK, D)``,
+    ``bias`` ``(C * d1 ... dK,)`` or None, all in the compute dtype; ``denominator`` is
+    the 'mean' denominator each block is divided by (None for 'sum' and 'none').
+    """
+
+    backend: Any
+    problem: Problem
+    hidden: Any
+    weight: Any
+    bias: Any | None
+    input: Any  # the arrays as given: the gradients take their shapes and dtypes
+    linear_weight: Any
+    linear_bias: Any | None
+    chunk_rows: int
+    denominator: Any | None
+    algebra: Any = None  # the matrix products; None: those of the input's library
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def outputs(self) -> int:
+        """Logits per row: C * d1 * ... * dK."""
+        return int(self.weight.shape[0])
+
+    def blocks(self) -> list[slice]:
+        """The blocks of rows, in order; one empty block for an empty batch (so that its
+        loss is the backend's: NaN for 'mean', 0 for 'sum')."""
+        step = self.chunk_rows
+        return [slice(s, min(s + step, self.rows)) for s in range(0, self.rows, step)] or [
+            slice(0, 0)
+        ]
+
+    def block_target(self, rows: slice):
+        """The target of the block ``rows`` (the whole target of an unbatched input)."""
+        target = self.problem.target
+        return target if self.problem.layout.unbatched else target[rows, ...]
+
+    def block_problem(self, logits, target) -> Problem:
+        """The loss of a block of the logits (``logits``, 2-D) against its ``target``."""
+        problem = self.problem
+        if problem.layout.unbatched:  # one row: the whole problem
+            shape = problem.layout.input_shape
+        else:
+            shape = (int(logits.shape[0]), *problem.layout.input_shape[1:])
+        return problem.replace(
+            input=self.xp.reshape(logits, shape),
+            target=target,
+            layout=layout_of(shape),
+            total_weight=self.denominator,
+        )
+
+    def upstream_rows(self, upstream, rows: slice):
+        """The upstream gradient of the block: its rows for 'none', else the scalar."""
+        return upstream[rows, ...] if self.problem.elementwise else upstream
+
+
+def build(
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+    label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+) -> Linear:  # fmt: skip
+    """Validate every argument once (``_validate``, and ``_loss._problem`` for the loss's
+    own); the :class:`Linear` of the call."""
+    input = as_array(input, "input")
+    backend = backend_for(input)
+    linear_weight = like_input(backend, linear_weight, input, "linear_weight")
+    if linear_bias is not None:
+        linear_bias = like_input(backend, linear_bias, input, "linear_bias")
+    logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
+    chunk_rows = _validate.check_chunk_rows(chunk_rows)
+    _, problem = _problem(
+        input, target, weight, -100 if ignore_index is None else ignore_index, reduction,
+        True, label_smoothing, total_weight, True, z_loss, softcap, logits_shape=logits_shape,
+    )  # fmt: skip
+    _check_targets(backend, problem)
+    return assemble(
+        backend, problem, input, linear_weight, linear_bias, chunk_rows,
+        _denominator(backend, problem),
+    )  # fmt: skip
+
+
+def assemble(
+    backend, problem, input, linear_weight, linear_bias, chunk_rows, denominator, algebra=None
+) -> Linear:
+    """The :class:`Linear` of validated arguments: the hidden states and weights as 2-D
+    arrays in the compute dtype (float32 for 16-bit ones, with the problem's weight and
+    probabilities), and the rows per block (``chunk_rows`` or the rule's)."""
+    xp = backend.xp
+    dtype = xp.float32 if problem.computes_in_float32 else input.dtype
+    if problem.computes_in_float32:  # the blocks' logits are float32: so are these
+        problem = problem.replace(
+            weight=None if problem.weight is None else xp.astype(problem.weight, dtype),
+            target=xp.astype(problem.target, dtype) if problem.probabilities else problem.target,
+        )
+    features = int(input.shape[-1])
+    outputs = math.prod(linear_weight.shape[:-1])
+    rows = int(input.shape[0]) if input.ndim == 2 else 1
+
+    def flat(array, shape):
+        return None if array is None else xp.reshape(xp.astype(array, dtype, copy=False), shape)
+
+    return Linear(
+        backend=backend,
+        problem=problem,
+        hidden=flat(input, (rows, features)),
+        weight=flat(linear_weight, (outputs, features)),
+        bias=flat(linear_bias, (outputs,)),
+        input=input,
+        linear_weight=linear_weight,
+        linear_bias=linear_bias,
+        chunk_rows=chunk_rows or chunk_rows_for(rows, outputs, 4 if dtype == xp.float32 else 8),
+        denominator=denominator,
+        algebra=algebra,
+    )
+
+
+def _check_targets(backend, problem: Problem) -> None:
+    """The IndexError of the first bad target, at its place in the whole target (a block
+    would name its place in the block). Hidden values (traced, lazy) are left to the
+    blocks, where a bad target gives NaN as in ``nll_loss``."""
+    if problem.probabilities:
+        return
+    xp, layout = backend.xp, problem.layout
+    target = xp.reshape(problem.target, (1,) if layout.unbatched else layout.output_shape)
+    _generic.checked_valid(xp, target, layout, problem.ignore_index)
+
+
+def _denominator(backend, problem: Problem):
+    """What every block's 'mean' divides by: ``total_weight`` when given, else the whole
+    batch's (the weight of its non-ignored targets; for probability targets the number of
+    target elements, as torch's ``numel / C``); None for 'sum' and 'none'."""
+    if problem.reduction != "mean":
+        return None
+    if problem.total_weight is not None:
+        return problem.total_weight
+    xp, layout = backend.xp, problem.layout
+    device = array_api_compat.device(problem.input)
+    if problem.probabilities:
+        return xp.asarray(float(layout.size), device=device)
+    return backend.total_weight(problem.target, problem.weight, problem.ignore_index)
+
+
+# --- The blocks ---------------------------------------------------------------------------
+
+
+def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None, None)):
+    """``(loss, d_input, d_linear_weight, d_linear_bias)``: the loss of every block, and
+    with ``upstream`` the gradients asked for in ``wants`` (None for the others).
+
+    ``out`` holds arrays (or None) to write the gradients into (NumPy only, checked).
+    """
+    algebra = _algebra(linear)
+    buffer = algebra.buffer(linear)
+    grads = None if upstream is None else algebra.gradients(linear, wants, out)
+    losses = []
+    for rows in linear.blocks():
+        hidden = linear.hidden[rows, ...]
+        logits = algebra.logits(linear, hidden, buffer)
+        block = linear.block_problem(logits, linear.block_target(rows))
+        if grads is None:
+            losses.append(linear.backend.forward(block))
+            continue
+        loss, grad = linear.backend.forward_backward(
+            block, linear.upstream_rows(upstream, rows), out=block.input
+        )
+        losses.append(loss)
+        grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
+    loss = _combined(linear, losses, algebra.accumulation_dtype(linear))
+    if grads is None:
+        return loss, None, None, None
+    return (loss, *algebra.finish(linear, grads))
+
+
+def _combined(linear: Linear, losses: list, accumulation_dtype):
+    """The blocks' losses as one: concatenated for 'none', else summed (in
+    ``accumulation_dtype``) and rounded once to the input's dtype."""
+    xp, dtype = linear.xp, linear.input.dtype
+    if linear.problem.elementwise:
+        return xp.astype(xp.concat(losses, axis=0), dtype)
+    if len(losses) == 1:
+        return xp.astype(losses[0], dtype)
+    stacked = xp.stack([xp.astype(loss, accumulation_dtype) for loss in losses])
+    return xp.astype(xp.sum(stacked), dtype)
+
+
+def _algebra(linear: Linear):
+    """The matrix products of the blocks: the call's own, or the input's library's."""
+    if linear.algebra is not None:
+        return linear.algebra
+    if isinstance(linear.hidden, np.ndarray):
+        return NUMPY_ALGEBRA
+    if array_api_compat.is_torch_array(linear.hidden):
+        from . import _linear_torch  # imports torch: the caller handed us torch tensors
+
+        return _linear_torch.ALGEBRA
+    return FunctionalAlgebra()
+
+
+class NumpyAlgebra:
+    """NumPy: every product into a preallocated array (BLAS through ``np.matmul``)."""
+
+    # Bytes of the scratch that the product of a block for some rows of dW lands in before
+    # it is added, so that no dW-sized temporary exists. Measured at blocks of (128 or 256,
+    # 32000), D = 512 (OpenBLAS, 2 cores): 1024 rows of dW at a time took 1.4-1.8x as long
+    # as 4096 (8 MiB here); larger is no faster.
+    SCRATCH_BYTES = 8 << 20
+
+    @staticmethod
+    def accumulation_dtype(linear: Linear):
+        return np.float64
+
+    @staticmethod
+    def buffer(linear: Linear):
+        return np.empty((min(linear.chunk_rows, linear.rows), linear.outputs), linear.weight.dtype)
+
+    @staticmethod
+    def logits(linear: Linear, hidden, buffer):
+        logits = buffer[: hidden.shape[0]]
+        np.matmul(hidden, linear.weight.T, out=logits)
+        if linear.bias is not None:
+            logits += linear.bias
+        return logits
+
+    @staticmethod
+    def gradients(linear: Linear, wants, out):
+        dtype, (rows, features) = linear.weight.dtype, linear.hidden.shape
+        d_input = (
+            _output(out[0], linear.input, dtype, np.empty, (rows, features)) if wants[0] else None
+        )
+        d_weight = d_bias = None
+        if wants[1]:
+            d_weight = _output(out[1], linear.linear_weight, dtype, np.zeros, linear.weight.shape)
+        if linear.bias is not None and wants[2]:
+            d_bias = _output(out[2], linear.linear_bias, dtype, np.zeros, linear.bias.shape)
+        scratch_rows = max(1, NumpyAlgebra.SCRATCH_BYTES // max(1, features * dtype.itemsize))
+        scratch = np.empty((min(scratch_rows, linear.outputs), features), dtype)
+        return d_input, d_weight, d_bias, scratch
+
+    @staticmethod
+    def add(linear: Linear, grads, rows: slice, grad, hidden):
+        d_input, d_weight, d_bias, scratch = grads
+        if d_weight is not None:
+            for start in range(0, linear.outputs, max(1, len(scratch))):
+                part = slice(start, min(start + len(scratch), linear.outputs))
+                product = scratch[: part.stop - part.start]
+                np.matmul(grad[:, part].T, hidden, out=product)
+                d_weight[part] += product
+        if d_bias is not None:
+            d_bias += grad.sum(axis=0)
+        if d_input is not None:
+            # (W.T @ G.T).T: OpenBLAS is slow at G @ W with few rows and a long inner axis
+            # (0.86 s instead of 0.06 s for (128, 32000) @ (32000, 512) here)
+            d_input[rows] = np.matmul(linear.weight.T, grad.T).T
+        return grads
+
+    @staticmethod
+    def finish(linear: Linear, grads):
+        d_input, d_weight, d_bias, _ = grads
+        return (
+            _shaped(d_input, linear.input),
+            _shaped(d_weight, linear.linear_weight),
+            _shaped(d_bias, linear.linear_bias),
+        )
+
+
+NUMPY_ALGEBRA = NumpyAlgebra()
+
+
+def _output(out, like, dtype, make, shape):
+    """The array a gradient accumulates in: ``out`` (of ``like``'s shape and dtype) viewed
+    as ``shape`` when it is of the compute dtype, else a new one."""
+    if out is not None and out.dtype == dtype:
+        if make is np.zeros:
+            out[...] = 0
+        return out.reshape(shape)
+    return make(shape, dtype)
+
+
+def _shaped(grad, like):
+    """A gradient in ``like``'s shape and dtype."""
+    if grad is None:
+        return None
+    return grad.reshape(like.shape).astype(like.dtype, copy=False)
+
+
+class FunctionalAlgebra:
+    """Array-API namespaces without in-place writes (Dask, array-api-strict): each product
+    is a new array, the input's gradient is concatenated from the blocks'."""
+
+    @staticmethod
+    def accumulation_dtype(linear: Linear):
+        return linear.hidden.dtype
+
+    @staticmethod
+    def buffer(linear: Linear):
+        return None
+
+    @staticmethod
+    def logits(linear: Linear, hidden, buffer):
+        xp = linear.xp
+        logits = xp.matmul(hidden, xp.matrix_transpose(linear.weight))
+        return logits if linear.bias is None else logits + linear.bias
+
+    @staticmethod
+    def gradients(linear: Linear, wants, out):
+        xp, device = linear.xp, array_api_compat.device(linear.hidden)
+        zeros = xp.zeros(linear.weight.shape, dtype=linear.weight.dtype, device=device)
+        bias = None
+        if linear.bias is not None and wants[2]:
+            bias = xp.zeros(linear.bias.shape, dtype=linear.bias.dtype, device=device)
+        return [] if wants[0] else None, zeros if wants[1] else None, bias
+
+    @staticmethod
+    def add(linear: Linear, grads, rows: slice, grad, hidden):
+        xp = linear.xp
+        d_input, d_weight, d_bias = grads
+        if d_weight is not None:
+            d_weight = d_weight + xp.matmul(xp.matrix_transpose(grad), hidden)
+        if d_bias is not None:
+            d_bias = d_bias + xp.sum(grad, axis=0)
+        if d_input is not None:
+            d_input.append(xp.matmul(grad, linear.weight))
+        return d_input, d_weight, d_bias
+
+    @staticmethod
+    def finish(linear: Linear, grads):
+        xp = linear.xp
+        d_input, d_weight, d_bias = grads
+        if d_input is not None:
+            d_input = xp.concat(d_input, axis=0) if len(d_input) > 1 else d_input[0]
+
+        def shaped(grad, like):
+            if grad is None:
+                return None
+            return xp.astype(xp.reshape(grad, tuple(like.shape)), like.dtype)
+
+        return (
+            shaped(d_input, linear.input),
+            shaped(d_weight, linear.linear_weight),
+            shaped(d_bias, linear.linear_bias),
+        )
+
+
+# --- The public functions ----------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    weight: Any = None,
+    reduction: Reduction = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> Array:
+    r"""The cross-entropy of a linear layer's logits, without forming the logits.
+
+    Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, as
+    torch 2.13's ``torch.nn.functional.linear_cross_entropy``: with logits
+
+    .. math:: z_{n, c} = \sum_k x_{n, k} W_{c, k} + b_c ,
+
+    the loss of :func:`nll_loss` with ``from_logits=True``,
+    :math:`\ell_n = -w_{y_n} \big(z_{n, y_n} - \log \sum_c e^{z_{n, c}}\big)`, reduced by
+    ``reduction`` (``'mean'`` divides by :math:`\sum_{n: y_n \ne ii} w_{y_n}`). The logits
+    are made ``chunk_rows`` rows at a time and each block goes through the fused loss of
+    its rows: the memory beyond the arguments and results is one block of logits, never
+    N x C. Differentiable with respect to ``input``, ``linear_weight`` and
+    ``linear_bias`` (torch autograd; ``jax.grad`` under ``jit`` through a
+    ``jax.custom_vjp`` that recomputes the blocks).
+
+    Parameters
+    ----------
+    input : array
+        Hidden states, ``(in_features,)`` or ``(N, in_features)``; float16, bfloat16,
+        float32 or float64 (16-bit ones compute in float32, rounded once).
+    linear_weight : array
+        ``(C, in_features)``, or ``(C, d1, ..., dK, in_features)`` for a K-dimensional
+        loss (logits ``(N, C, d1, ..., dK)``; needs batched input). The input's dtype.
+    target : array
+        Class indices of the logits' shape without the class axis (``()``, ``(N,)``,
+        ``(N, d1, ..., dK)``), or class probabilities of the logits' shape; as in
+        :func:`nll_loss`.
+    linear_bias : array, optional
+        ``(C, d1, ..., dK)``: added to the logits.
+    weight, reduction, label_smoothing, total_weight, z_loss, softcap
+        As in :func:`nll_loss` (``z_loss`` and ``softcap`` act on the logits).
+    ignore_index : int or None, default -100
+        As in :func:`nll_loss`; None means -100, as in torch's ``linear_cross_entropy``.
+    chunk_rows : int, optional
+        Rows of logits made at a time; default: about 16 MiB of logits, at least 64 rows.
+        Results agree to rounding whatever it is.
+
+    Returns
+    -------
+    array
+        The loss, as :func:`nll_loss` returns it, in the input's library and dtype.
+
+    Raises
+    ------
+    ValueError, TypeError, IndexError
+        As :func:`nll_loss`, and for shapes or dtypes of ``input``, ``linear_weight`` and
+        ``linear_bias`` that do not fit (the argument is named).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nllloss import linear_cross_entropy
+    >>> h = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    >>> W = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    >>> linear_cross_entropy(h, W, np.array([0, 1]))  # cross_entropy(h @ W.T, t)
+    array(0.39549476, dtype=float32)
+    >>> linear_cross_entropy(h, W, np.array([0, 1]), reduction="none", chunk_rows=1)
+    array([0.55144465, 0.23954484], dtype=float32)
+    """
+    reduction = _validate.check_reduction(reduction, stacklevel=2)
+    linear = build(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+    )  # fmt: skip
+    if array_api_compat.is_torch_array(linear.input):
+        from . import _linear_torch  # imports torch: the caller handed us torch tensors
+
+        return _linear_torch.loss(linear)
+    if array_api_compat.is_jax_array(linear.input):
+        from . import _linear_jax  # imports jax: the caller handed us JAX arrays
+
+        return _linear_jax.loss(linear)
+    return run(linear)[0]
+
+
+def linear_cross_entropy_and_grad(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = None,
+    weight: Any = None,
+    reduction: Reduction = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    total_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+    grad_output: Any = 1.0,
+    out: tuple | None = None,
+) -> tuple[Array, Array, Array, Array | None]:
+    r"""The loss of :func:`linear_cross_entropy` and its gradients, from one pass.
+
+    With :math:`G = \partial L / \partial z` the gradient of the loss with respect to
+    the logits (that of :func:`nll_loss_backward` with ``from_logits=True``, for the
+    upstream gradient ``grad_output``), the gradients are
+
+    .. math:: \frac{\partial L}{\partial x} = G W, \quad
+              \frac{\partial L}{\partial W} = G^\top x, \quad
+              \frac{\partial L}{\partial b} = \textstyle\sum_n G_n,
+
+    computed block by block of rows with the logits: three matrix products and one pass
+    over each block, nothing of size N x C.
+
+    Parameters
+    ----------
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index
+        As in :func:`linear_cross_entropy`.
+    label_smoothing, total_weight, z_loss, softcap, chunk_rows
+        As in :func:`linear_cross_entropy`.
+    grad_output : array or float, default 1.0
+        The upstream gradient of the loss (a scalar, or the loss's shape for ``'none'``).
+    out : tuple of three arrays or None, optional
+        NumPy only: ``(d_input, d_linear_weight, d_linear_bias)``, each None or a
+        writeable C-contiguous array of its argument's shape and dtype, to write the
+        gradient into (``d_input`` may be ``input`` itself, read before it is written).
+
+    Returns
+    -------
+    (loss, d_input, d_linear_weight, d_linear_bias)
+        In the input's library and dtype, the gradients of their arguments' shapes;
+        ``d_linear_bias`` is None without a bias.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nllloss import linear_cross_entropy_and_grad
+    >>> h = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    >>> W = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    >>> loss, d_h, d_W, d_b = linear_cross_entropy_and_grad(h, W, np.array([0, 1]))
+    >>> d_h.shape, d_W.shape, d_b
+    ((2, 2), (3, 2), None)
+    >>> np.round(d_W, 4)
+    array([[-0.2119,  0.1065],
+           [ 0.106 , -0.213 ],
+           [ 0.106 ,  0.1065]], dtype=float32)
+    """
+    reduction = _validate.check_reduction(reduction, stacklevel=2)
+    linear = build(
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+        label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+    )  # fmt: skip
+    xp, problem = linear.xp, linear.problem
+    upstream = like_input(linear.backend, grad_output, linear.input, "grad_output")
+    _validate.check_grad_output_dtype(upstream.dtype)
+    _validate.check_grad_output_shape(upstream.shape, problem.loss_shape)
+    upstream = xp.broadcast_to(upstream, problem.loss_shape) if problem.elementwise else upstream
+    arguments = (linear.input, linear.linear_weight, linear.linear_bias)
+    if out is not None:
+        _validate.check_linear_out(out, arguments, upstream)
+    else:
+        out = (None, None, None)
+    wants = (True, True, linear.bias is not None)
+    if array_api_compat.is_torch_array(linear.input):
+        import torch  # already imported: the caller handed us torch tensors
+
+        with torch.no_grad():
+            loss, *grads = run(linear, upstream, wants, out)
+    else:
+        loss, *grads = run(linear, upstream, wants, out)
+    for i, (grad, given) in enumerate(zip(grads, out, strict=True)):
+        if given is not None:
+            if not np.may_share_memory(grad, given):  # computed elsewhere (16-bit)
+                given[...] = grad
+            grads[i] = given
+    return (loss, *grads)

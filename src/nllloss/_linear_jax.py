@@ -1,0 +1,96 @@
+"""JAX arrays for the loss from hidden states (``_linear``): ``jax.custom_vjp`` over the
+blocks, with ``lax.scan`` so that ``jit`` compiles one block, not one per block.
+
+The forward computes the blocks' losses only; the backward makes the blocks again with
+the upstream gradient (four matrix products in all, against three for NumPy and torch,
+whose forward keeps the gradients: under ``jit`` a forward cannot know whether a gradient
+will be asked for). Each block's loss and gradient are the generic path's
+(``_generic.Backend`` on ``jax.numpy``), so a bad target under ``jit`` gives NaN as in
+``nll_loss``. Imported only when JAX arrays arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _linear
+
+
+def loss(linear: _linear.Linear):
+    """The loss, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and bias."""
+
+    @jax.custom_vjp
+    def blocks(hidden, weight, bias):
+        return _blocks(dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias))[0]
+
+    def forward(hidden, weight, bias):
+        return blocks(hidden, weight, bias), (hidden, weight, bias)
+
+    def backward(saved, upstream):
+        hidden, weight, bias = saved
+        again = dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias)
+        return _blocks(again, upstream)[1:]
+
+    blocks.defvjp(forward, backward)
+    return blocks(linear.hidden, linear.weight, linear.bias).astype(linear.input.dtype)
+
+
+def _blocks(linear: _linear.Linear, upstream=None):
+    """(loss, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
+    without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
+    size, rows, problem = linear.chunk_rows, linear.rows, linear.problem
+    scanned = 0 if problem.layout.unbatched else rows // size * size
+    per_row = upstream is not None and problem.elementwise  # cut with the rows
+    if per_row:
+        upstream = jnp.broadcast_to(upstream, problem.loss_shape)
+
+    def cut(start, stop):
+        """What the rows [start, stop) need: hidden states, targets, upstream or None."""
+        rows = slice(start, stop)
+        return linear.hidden[rows], linear.block_target(rows), upstream[rows] if per_row else None
+
+    def step(carry, block):
+        hidden, target, block_upstream = block
+        logits = hidden @ linear.weight.T
+        if linear.bias is not None:
+            logits = logits + linear.bias
+        block_problem = linear.block_problem(logits, target)
+        if carry is None:
+            return carry, (linear.backend.forward(block_problem), None)
+        block_loss, grad = linear.backend.forward_backward(
+            block_problem, block_upstream if per_row else upstream
+        )
+        grad = jnp.reshape(grad, logits.shape)
+        d_weight, d_bias = carry
+        d_weight = d_weight + grad.T @ hidden
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(grad, axis=0)
+        return (d_weight, d_bias), (block_loss, grad @ linear.weight)
+
+    carry = None
+    if upstream is not None:
+        d_bias = None if linear.bias is None else jnp.zeros_like(linear.bias)
+        carry = (jnp.zeros_like(linear.weight), d_bias)
+    losses, d_hidden = [], []
+    if scanned:
+        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, blocks)
+        if problem.elementwise:
+            losses.append(jnp.reshape(block_losses, (scanned, *block_losses.shape[2:])))
+        else:
+            losses.append(jnp.sum(block_losses))
+        if block_d_hidden is not None:
+            d_hidden.append(jnp.reshape(block_d_hidden, (scanned, -1)))
+    if scanned < rows or not losses:  # the last block (or the only one, or an empty batch)
+        carry, (block_loss, block_d_hidden) = step(carry, cut(scanned, rows))
+        losses.append(block_loss)
+        if block_d_hidden is not None:
+            d_hidden.append(block_d_hidden)
+    loss = jnp.concatenate(losses) if problem.elementwise else sum(losses[1:], losses[0])
+    if carry is None:
+        return loss, None, None, None
+    return loss, jnp.concatenate(d_hidden), *carry
