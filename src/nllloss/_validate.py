@@ -545,8 +545,7 @@ def check_linear(input: Any, linear_weight: Any, linear_bias: Any) -> tuple[int,
     input_shape, weight_shape = tuple(input.shape), tuple(linear_weight.shape)
     if len(input_shape) not in (1, 2):
         raise ValueError(
-            "input must have shape (in_features,) or (N, in_features), got shape "
-            f"{input_shape}"
+            f"input must have shape (in_features,) or (N, in_features), got shape {input_shape}"
         )
     if len(weight_shape) < 2:
         raise ValueError(
