@@ -1083,8 +1083,7 @@ ERRORS = {
     "probabilities-per-class": (
         ["{logits}", "{prob_t}", "--from-logits", "--per-class"],
         2,
-        "holds class probabilities: the per-class table (--per-class, --plot) needs class "
-        "indices",
+        "holds class probabilities: the per-class table (--per-class, --plot) needs class indices",
     ),
     "bad-ignore-index": (
         ["{log_probs}", "{target}", "--ignore-index", "x"],

@@ -728,7 +728,8 @@ def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(group, wo
                                            ("total_weight differs", "total_weight"),
                                            ("z_loss differs", "z_loss"),
                                            ("softcap differs", "softcap"),
-                                           ("probabilities on one rank only", "target")])  # fmt: skip
+                                           ("probabilities on one rank only", "target"),
+                                           ])  # fmt: skip
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
 def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, world, key, name):
     raised = _raised(group(world), key)
@@ -782,7 +783,7 @@ T = torch.tensor([0, 2])
         ({"softcap": -1.0, "from_logits": True}, ValueError, "softcap must be None or a fin"),
         ({"target": X.exp(), "ignore_index": 1}, ValueError, "ignore_index is not supported"),
         ({"target": X[:, :2].exp()}, ValueError, r"must have the input's shape \(2, 3\)"),
-        ({"target": T.view(2, 1).expand(2, 3)}, TypeError, "must be floating, got dtype torch.int64"),
+        ({"target": T.view(2, 1).expand(2, 3)}, TypeError, "must be floating, got dtype torch"),
     ],
     ids=lambda p: p if isinstance(p, str) else None,
 )

@@ -114,9 +114,7 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
     unweighted = dict(
         ignore_index=ignore_index, from_logits=options.from_logits, softcap=options.softcap
     )
-    loss_options = dict(
-        unweighted, label_smoothing=options.label_smoothing, z_loss=options.z_loss
-    )
+    loss_options = dict(unweighted, label_smoothing=options.label_smoothing, z_loss=options.z_loss)
     try:
         if options.reduction == "none" or (
             options.per_class and (options.label_smoothing or options.z_loss)
