@@ -8,8 +8,9 @@ Prints the report; writes ``OUT.{md,json}`` only with ``--out`` (the committed r
 Variants (``VARIANTS``): class indices with and without label smoothing; class
 probabilities (torch: ``cross_entropy`` with probability targets); ``z_loss`` and
 ``softcap`` (torch: the same loss written with torch operations, ``logsumexp`` and
-``tanh``, as a user without nllloss writes it). The options' cost is nllloss's own time with
-the option over its time without, from the same run.
+``tanh``, as a user without nllloss writes it). The options' cost: nllloss on NumPy with
+each option and without, raced together (interleaved rounds), forward and forward+backward
+with ``out=``.
 
 Time: for each shape, the competitors race in interleaved rounds (``nllloss._bench.race``),
 medians of one race, ratios against torch from the same race. Forward is the mean loss;
@@ -52,6 +53,7 @@ VARIANTS = {
     "z_loss + softcap": {"z_loss": 1e-4, "softcap": 30.0},
 }
 MEMORY_VARIANTS = ("indices", "indices ε=0.1", "probabilities")
+OPTION_VARIANTS = ("indices", "z_loss", "softcap", "z_loss + softcap")
 
 
 def make_data(shape, seed=0, probabilities=False):
@@ -121,6 +123,26 @@ def competitors(shape, variant, torch, nllloss):
         Competitor("nllloss torch", ours_torch_backward),
     ]
     return forward, backward
+
+
+def option_costs(shape, settings, nllloss):
+    """Medians (ms) of nllloss on NumPy with each of ``OPTION_VARIANTS``, one race each for
+    the forward and for forward+backward with ``out=``: the options' cost, unconfounded by
+    the load changing between races."""
+    x, t = make_data(shape)
+    buffer = np.empty_like(x)
+
+    def forward(v):
+        return lambda: nllloss.nll_loss(x, t, **loss_options(v))
+
+    def step(v):
+        return lambda: nllloss.nll_loss_and_grad(x, t, **loss_options(v), out=buffer)[1]
+
+    result = {"shape": list(shape)}
+    for kind, make in (("forward", forward), ("backward", step)):
+        timings, _ = race([Competitor(v, make(v)) for v in OPTION_VARIANTS], settings)
+        result[kind] = {name: 1e3 * timing.median() for name, timing in timings.items()}
+    return result
 
 
 def copy_bandwidth(nbytes=1 << 28, repeats=5):
@@ -226,6 +248,7 @@ def main(argv=None):
         "environment": environment({"torch": torch}, None),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cases": [],
+        "option_costs": [],
     }
     for shape in shapes:
         nbytes = int(np.prod(shape)) * 4
@@ -254,6 +277,8 @@ def main(argv=None):
                 json.dumps(case["backward"]["median_ms"]),
                 flush=True,
             )
+        report["option_costs"].append(option_costs(shape, settings, nllloss))
+        print(json.dumps(report["option_costs"][-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
@@ -312,28 +337,23 @@ def markdown(report):
 
 
 def _option_costs(report):
-    """nllloss's time with each option over its time without (class indices, ε = 0)."""
-    plain = {tuple(c["shape"]): c for c in report["cases"] if c.get("variant") == "indices"}
+    """nllloss's time with each option over its time without, from one race per shape."""
     rows = []
-    for case in report["cases"]:
-        base = plain.get(tuple(case["shape"]))
-        if base is None or case["variant"] not in ("z_loss", "softcap", "z_loss + softcap"):
-            continue
-        cells = []
-        for kind in ("forward", "backward"):
-            for name, ms in case[kind]["median_ms"].items():
-                before = base[kind]["median_ms"].get(name)
-                if name != "torch" and ms and before:
-                    cells.append(f"{name} {kind}: {100 * (ms / before - 1):+.0f}%")
-        shape = "x".join(map(str, case["shape"]))
-        rows.append(f"| {shape} | {case['variant']} | " + "; ".join(cells) + " |")
+    for costs in report.get("option_costs", []):
+        shape = "x".join(map(str, costs["shape"]))
+        for option in OPTION_VARIANTS[1:]:
+            cells = []
+            for kind in ("forward", "backward"):
+                plain, ms = costs[kind]["indices"], costs[kind][option]
+                cells.append(f"{ms:.2f} vs {plain:.2f} ({100 * (ms / plain - 1):+.0f}%)")
+            rows.append(f"| {shape} | {option} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return [
-        "## The options' cost (nllloss with the option vs without, same run)",
+        "## The options' cost (nllloss on NumPy, with the option vs without, one race)",
         "",
-        "| shape | option | time added |",
-        "|---|---|---|",
+        "| shape | option | forward ms | forward + backward (`out=`) ms |",
+        "|---|---|---|---|",
         *rows,
         "",
     ]
