@@ -1,8 +1,16 @@
 """From logits, fused: nllloss against torch's ``cross_entropy`` on CPU, time and memory.
 
-Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256] [--out OUT]``.
+Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256]
+[--variants indices probabilities ...] [--memory-variants ...] [--out OUT]``.
 Prints the report; writes ``OUT.{md,json}`` only with ``--out`` (the committed results:
 ``--out benchmarks/results/fused-latest``).
+
+Variants (``VARIANTS``): class indices with and without label smoothing; class
+probabilities (torch: ``cross_entropy`` with probability targets); ``z_loss`` and
+``softcap`` (torch: the same loss written with torch operations, ``logsumexp`` and
+``tanh``, as a user without nllloss writes it). The options' cost: nllloss on NumPy with
+each option and without, raced together (interleaved rounds), forward and forward+backward
+with ``out=``.
 
 Time: for each shape, the competitors race in interleaved rounds (``nllloss._bench.race``),
 medians of one race, ratios against torch from the same race. Forward is the mean loss;
@@ -35,37 +43,73 @@ import numpy as np
 from nllloss._bench import FULL, QUICK, Competitor, environment, race
 
 SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))
-SMOOTHING = (0.0, 0.1)
+# name: the options of nll_loss besides from_logits=True ("probabilities": the target form)
+VARIANTS = {
+    "indices": {},
+    "indices ε=0.1": {"label_smoothing": 0.1},
+    "probabilities": {"probabilities": True},
+    "z_loss": {"z_loss": 1e-4},
+    "softcap": {"softcap": 30.0},
+    "z_loss + softcap": {"z_loss": 1e-4, "softcap": 30.0},
+}
+MEMORY_VARIANTS = ("indices", "indices ε=0.1", "probabilities")
+OPTION_VARIANTS = ("indices", "z_loss", "softcap", "z_loss + softcap")
 
 
-def make_data(shape, seed=0):
+def make_data(shape, seed=0, probabilities=False):
+    """Logits, and int64 targets (5% ignored) or float32 class probabilities."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape, dtype=np.float32)
     x *= 2  # in place: no temporary of the input's size
+    if probabilities:
+        t = rng.random(shape, dtype=np.float32)
+        t /= t.sum(axis=1, keepdims=True)
+        return x, t
     t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
     t[rng.random(t.shape) < 0.05] = -100
     return x, t
 
 
-def competitors(shape, smoothing, torch, nllloss):
-    x, t = make_data(shape)
+def loss_options(variant):
+    """The keywords of nll_loss for a variant."""
+    options = {k: v for k, v in VARIANTS[variant].items() if k != "probabilities"}
+    return {"from_logits": True, **options}
+
+
+def torch_loss(torch, x, t, variant):
+    """The variant's loss in torch: ``cross_entropy``, and the z-loss and the cap written
+    with torch operations (what nllloss's options replace)."""
+    options = VARIANTS[variant]
+    cap, z = options.get("softcap"), options.get("z_loss", 0.0)
+    logits = x if cap is None else cap * torch.tanh(x / cap)
+    loss = torch.nn.functional.cross_entropy(
+        logits, t, label_smoothing=options.get("label_smoothing", 0.0)
+    )
+    if z:
+        kept = t != -100
+        lse = torch.logsumexp(logits, dim=1)
+        loss = loss + z * torch.where(kept, lse.square(), 0).sum() / kept.sum()
+    return loss
+
+
+def competitors(shape, variant, torch, nllloss):
+    x, t = make_data(shape, probabilities=VARIANTS[variant].get("probabilities", False))
     xt, tt = torch.from_numpy(x.copy()), torch.from_numpy(t)
-    F = torch.nn.functional
     buffer = np.empty_like(x)
+    options = loss_options(variant)
 
     def torch_backward():
         a = xt.detach().requires_grad_()
-        F.cross_entropy(a, tt, label_smoothing=smoothing).backward()
+        torch_loss(torch, a, tt, variant).backward()
         return a.grad
 
     def ours_torch_backward():
         a = xt.detach().requires_grad_()
-        nllloss.nll_loss(a, tt, from_logits=True, label_smoothing=smoothing).backward()
+        nllloss.nll_loss(a, tt, **options).backward()
         return a.grad
 
-    options = {"from_logits": True, "label_smoothing": smoothing}
     forward = [
-        Competitor("torch", lambda: F.cross_entropy(xt, tt, label_smoothing=smoothing)),
+        Competitor("torch", lambda: torch_loss(torch, xt, tt, variant)),
         Competitor("nllloss numpy", lambda: nllloss.nll_loss(x, t, **options)),
         Competitor("nllloss torch", lambda: nllloss.nll_loss(xt, tt, **options)),
     ]
@@ -79,6 +123,26 @@ def competitors(shape, smoothing, torch, nllloss):
         Competitor("nllloss torch", ours_torch_backward),
     ]
     return forward, backward
+
+
+def option_costs(shape, settings, nllloss):
+    """Medians (ms) of nllloss on NumPy with each of ``OPTION_VARIANTS``, one race each for
+    the forward and for forward+backward with ``out=``: the options' cost, unconfounded by
+    the load changing between races."""
+    x, t = make_data(shape)
+    buffer = np.empty_like(x)
+
+    def forward(v):
+        return lambda: nllloss.nll_loss(x, t, **loss_options(v))
+
+    def step(v):
+        return lambda: nllloss.nll_loss_and_grad(x, t, **loss_options(v), out=buffer)[1]
+
+    result = {"shape": list(shape)}
+    for kind, make in (("forward", forward), ("backward", step)):
+        timings, _ = race([Competitor(v, make(v)) for v in OPTION_VARIANTS], settings)
+        result[kind] = {name: 1e3 * timing.median() for name, timing in timings.items()}
+    return result
 
 
 def copy_bandwidth(nbytes=1 << 28, repeats=5):
@@ -98,12 +162,13 @@ import os, sys
 os.environ["KMP_BLOCKTIME"] = "0"
 import numpy as np, torch, nllloss
 sys.path.insert(0, {here!r})
-from fused import make_data
-shape, smoothing, who, kind = {shape!r}, {smoothing!r}, {who!r}, {kind!r}
-F = torch.nn.functional
-small_x, small_t = make_data((4, *shape[1:3]) if len(shape) > 2 else (4, shape[1]))
-x, t = make_data(shape)
-options = dict(from_logits=True, label_smoothing=smoothing)
+from fused import VARIANTS, loss_options, make_data, torch_loss
+shape, variant, who, kind = {shape!r}, {variant!r}, {who!r}, {kind!r}
+probabilities = VARIANTS[variant].get("probabilities", False)
+small = (4, *shape[1:3]) if len(shape) > 2 else (4, shape[1])
+small_x, small_t = make_data(small, probabilities=probabilities)
+x, t = make_data(shape, probabilities=probabilities)
+options = loss_options(variant)
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -113,7 +178,7 @@ def status(field):
 def run(x, t):
     if who == "torch":
         a = torch.from_numpy(x).requires_grad_(kind == "backward")
-        loss = F.cross_entropy(a, torch.from_numpy(t), label_smoothing=smoothing)
+        loss = torch_loss(torch, a, torch.from_numpy(t), variant)
         if kind == "backward":
             loss.backward()
     elif who == "nllloss numpy":
@@ -138,12 +203,12 @@ print((status("VmHWM") - before) / x.nbytes)
 """
 
 
-def peak_memory(shape, smoothing, who, kind):
+def peak_memory(shape, variant, who, kind):
     """Peak memory of one call beyond its inputs, in input sizes (subprocess, VmHWM)."""
     code = _MEMORY_CODE.format(
         here=str(Path(__file__).resolve().parent),
         shape=tuple(shape),
-        smoothing=smoothing,
+        variant=variant,
         who=who,
         kind=kind,
     )
@@ -159,6 +224,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", nargs="*", default=None)
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--memory-variants",
+        nargs="*",
+        choices=list(VARIANTS),
+        default=list(MEMORY_VARIANTS),
+        help="the variants whose peak memory is measured (a subprocess per competitor)",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
         "--out", type=Path, help="write OUT.json and OUT.md (default: print the report only)"
@@ -175,12 +248,13 @@ def main(argv=None):
         "environment": environment({"torch": torch}, None),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cases": [],
+        "option_costs": [],
     }
     for shape in shapes:
         nbytes = int(np.prod(shape)) * 4
-        for smoothing in SMOOTHING:
-            forward, backward = competitors(shape, smoothing, torch, nllloss)
-            case = {"shape": list(shape), "label_smoothing": smoothing}
+        for variant in args.variants:
+            forward, backward = competitors(shape, variant, torch, nllloss)
+            case = {"shape": list(shape), "variant": variant}
             for kind, group, floor_bytes in (
                 ("forward", forward, nbytes),
                 ("backward", backward, 2 * nbytes),
@@ -192,9 +266,9 @@ def main(argv=None):
                     "floor_ms": 1e3 * floor_bytes / bandwidth,
                     "check": first,
                 }
-                if not args.no_memory:
+                if not args.no_memory and variant in args.memory_variants:
                     case[kind]["peak_memory_inputs"] = {
-                        c.name: peak_memory(shape, smoothing, c.name, kind) for c in group
+                        c.name: peak_memory(shape, variant, c.name, kind) for c in group
                     }
             del forward, backward
             report["cases"].append(case)
@@ -203,6 +277,8 @@ def main(argv=None):
                 json.dumps(case["backward"]["median_ms"]),
                 flush=True,
             )
+        report["option_costs"].append(option_costs(shape, settings, nllloss))
+        print(json.dumps(report["option_costs"][-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
@@ -224,13 +300,15 @@ def markdown(report):
         f"{env.get('versions', {}).get('torch')}; copy bandwidth "
         f"{report['copy_bandwidth_gb_s']:.1f} GB/s (read + write). Medians of interleaved "
         "rounds; ratio = torch's time / ours (above 1: ours faster). Memory: peak resident "
-        "memory of one call beyond its inputs, in units of the input's size (subprocess).",
+        "memory of one call beyond its inputs, in units of the input's size (subprocess). "
+        "torch for z_loss and softcap: `cross_entropy` of `c * tanh(x / c)` plus "
+        "`z * logsumexp**2` (torch operations).",
         "",
     ]
     for kind, title in (("forward", "Forward (loss)"), ("backward", "Forward + backward")):
         lines += [f"## {title}", ""]
         names = [n for n in report["cases"][0][kind]["median_ms"] if n != "torch"]
-        columns = ["shape", "ε", "torch ms", "floor ms"]
+        columns = ["shape", "variant", "torch ms", "floor ms"]
         columns += [f"{n} ms (ratio)" for n in names] + ["memory: torch / " + " / ".join(names)]
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for case in report["cases"]:
@@ -250,11 +328,35 @@ def markdown(report):
             )
             shape = "x".join(map(str, case["shape"]))
             lines.append(
-                f"| {shape} | {case['label_smoothing']} | {_ms(torch_ms)} | "
+                f"| {shape} | {case['variant']} | {_ms(torch_ms)} | "
                 f"{_ms(part['floor_ms'])} | " + " | ".join(cells) + f" | {mem} |"
             )
         lines.append("")
+    lines += _option_costs(report)
     return "\n".join(lines)
+
+
+def _option_costs(report):
+    """nllloss's time with each option over its time without, from one race per shape."""
+    rows = []
+    for costs in report.get("option_costs", []):
+        shape = "x".join(map(str, costs["shape"]))
+        for option in OPTION_VARIANTS[1:]:
+            cells = []
+            for kind in ("forward", "backward"):
+                plain, ms = costs[kind]["indices"], costs[kind][option]
+                cells.append(f"{ms:.2f} vs {plain:.2f} ({100 * (ms / plain - 1):+.0f}%)")
+            rows.append(f"| {shape} | {option} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "## The options' cost (nllloss on NumPy, with the option vs without, one race)",
+        "",
+        "| shape | option | forward ms | forward + backward (`out=`) ms |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 if __name__ == "__main__":

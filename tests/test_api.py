@@ -61,7 +61,7 @@ OPTIONS = [
 def test_signatures_match_torch():
     """torch's parameters in torch's order, then nllloss's options, keyword-only."""
     assert _positional(inspect.signature(nll_loss)) == _positional(inspect.signature(F.nll_loss))
-    assert _keyword_only(inspect.signature(nll_loss)) == OPTIONS
+    assert _keyword_only(inspect.signature(nll_loss)) == [*OPTIONS, ("return_lse", False)]
     module = inspect.signature(NLLLoss)
     assert _positional(module) == _positional(inspect.signature(torch.nn.NLLLoss))
     assert _keyword_only(module) == OPTIONS[:2] + OPTIONS[-2:]

@@ -271,6 +271,75 @@ def test_label_smoothing_on_log_probabilities_follows_torchs_formula(data, capsy
     np.testing.assert_allclose(result["loss"], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("weighted", "smoothing"), [(False, 0.0), (True, 0.2)])
+def test_a_floating_target_file_holds_class_probabilities(
+    data, tmp_path, capsys, reduction, weighted, smoothing
+):
+    """As torch's cross_entropy with probability targets: 'mean' over the target elements."""
+    rng = np.random.default_rng(11)
+    p = rng.random((N, C)).astype(np.float32) ** 2
+    p /= p.sum(1, keepdims=True)
+    np.save(tmp_path / "p.npy", p)
+    x, w = data["arrays"]["logits"], data["arrays"]["weight"] if weighted else None
+    expected = F.cross_entropy(
+        torch.from_numpy(x).double(), torch.from_numpy(p).double(),
+        None if w is None else torch.from_numpy(w).double(),
+        reduction=reduction, label_smoothing=smoothing,
+    ).numpy()  # fmt: skip
+    options = ["--from-logits", "--reduction", reduction, "--label-smoothing", smoothing]
+    options += ["--weight", data["weight"]] if weighted else []
+    for chunk_rows in (7, N):
+        out = tmp_path / "losses.npy"
+        result = report(
+            ["eval", data["logits"], tmp_path / "p.npy", *options, "--chunk-rows", chunk_rows]
+            + (["--out", out] if reduction == "none" else []),
+            capsys,
+        )
+        loss = np.load(out) if reduction == "none" else result["loss"]
+        np.testing.assert_allclose(loss, expected, rtol=2e-6, atol=1e-6)
+        assert (result["count"], result["ignored"], result["total_weight"]) == (N, 0, N)
+    plain = -(torch.from_numpy(x).double().log_softmax(1) * torch.from_numpy(p)).sum(1)
+    assert result["perplexity"] == pytest.approx(float(plain.mean().exp()), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_z_loss_and_softcap_against_float64_torch(data, tmp_path, capsys, reduction):
+    x, t, w = (data["arrays"][k] for k in ("logits", "target", "weight"))
+    z, cap = 1e-3, 4.0
+    xt = torch.from_numpy(x).double()
+    tt, wt = torch.from_numpy(t), torch.from_numpy(w).double()
+    capped = cap * torch.tanh(xt / cap)
+    kept = tt != IGNORE
+    v = torch.where(kept, wt[tt.clamp(min=0)], 0)
+    z_terms = z * v * torch.logsumexp(capped, 1).square()
+    main = F.cross_entropy(capped, tt, wt, ignore_index=IGNORE, reduction="sum")
+    expected = main + z_terms.sum()
+    if reduction == "mean":
+        expected = expected / v.sum()
+    argv = ["eval", data["logits"], data["target"], "--from-logits", "--weight", data["weight"]]
+    argv += ["--reduction", reduction, "--z-loss", z, "--softcap", cap]
+    for chunk_rows in (13, N):
+        result = report([*argv, "--chunk-rows", chunk_rows], capsys)
+        np.testing.assert_allclose(result["loss"], float(expected), rtol=2e-6)
+    # the perplexity is the capped model's, without the z-loss
+    nll = F.cross_entropy(capped, tt, ignore_index=IGNORE)
+    assert result["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-6)
+    code, out, _ = run([*argv, "--quiet"], capsys)
+    assert code == 0
+    assert f"z-loss {z:g}, softcap {cap:g}, from logits" in out
+
+
+def test_z_loss_in_the_class_table_is_each_targets_own(data, capsys):
+    base = ["eval", data["logits"], data["target"], "--from-logits", "--per-class"]
+    result = report([*base, "--z-loss", 0.01], capsys)
+    shares = sum(row["share"] for row in result["per_class"])
+    assert shares == pytest.approx(1.0)
+    plain = report(base, capsys)
+    assert result["perplexity"] == plain["perplexity"]
+    assert result["loss"] > plain["loss"]
+
+
 def test_ignore_index_inside_the_class_range(data, capsys):
     t = data["arrays"]["target"].copy()
     t[t == IGNORE] = 2
@@ -866,6 +935,9 @@ def bad(data):
     nan_x[[3, 8, 8], [0, 1, 2]] = np.nan
     np.savez(folder / "two.npz", a=data["arrays"]["logits"], b=data["arrays"]["target"])
     bad = dict(
+        prob_t=_write(folder, "prob_t.npy", np.full((N, C), 1 / C, np.float32)),
+        wide_prob_t=_write(folder, "wide_prob_t.npy", np.zeros((N, C + 1), np.float32)),
+        int_prob_t=_write(folder, "int_prob_t.npy", np.zeros((N, C), np.int64)),
         short_t=_write(folder, "short_t.npy", data["arrays"]["target"][:-1]),
         float_t=_write(folder, "float_t.npy", data["arrays"]["target"].astype(np.float32)),
         text_t=_write(folder, "text_t.txt", "1\n2\n1.5\n"),
@@ -923,6 +995,23 @@ ERRORS = {
         f"targets {{range_t}}: Target 9 is out of bounds: target[123] = 9 is not in the class "
         f"range [0, {C}) and is not ignore_index (-100)",
     ),
+    "probabilities-of-another-shape": (
+        ["{logits}", "{wide_prob_t}"],
+        1,
+        f"class probabilities and must have the input's shape ({N}, {C}), got target shape "
+        f"({N}, {C + 1})",
+    ),
+    "integer-probabilities": (
+        ["{logits}", "{int_prob_t}"],
+        1,
+        f"a target of the input's shape ({N}, {C}) holds class probabilities and must be "
+        "floating, got dtype int64",
+    ),
+    "probabilities-ignore-index": (
+        ["{logits}", "{prob_t}", "--ignore-index", "0"],
+        1,
+        "ignore_index is not supported with a target of class probabilities",
+    ),
     "integer-predictions": (["{int_x}", "{target}"], 1, "floating dtype"),
     "unbatched-predictions": (
         ["{flat_x}", "{target}"],
@@ -965,6 +1054,36 @@ ERRORS = {
         ["{log_probs}", "{target}", "--label-smoothing", "1.5"],
         2,
         "--label-smoothing: label_smoothing must be between 0.0 and 1.0, got 1.5",
+    ),
+    "z-loss-without-logits": (
+        ["{log_probs}", "{target}", "--z-loss", "0.1"],
+        2,
+        "--z-loss: z_loss=0.1 acts on logits: it needs from_logits=True",
+    ),
+    "negative-z-loss": (
+        ["{logits}", "{target}", "--from-logits", "--z-loss", "-1"],
+        2,
+        "--z-loss: z_loss must be a finite real number >= 0, got -1.0",
+    ),
+    "softcap-without-logits": (
+        ["{log_probs}", "{target}", "--softcap", "30"],
+        2,
+        "--softcap: softcap=30.0 acts on logits: it needs from_logits=True",
+    ),
+    "zero-softcap": (
+        ["{logits}", "{target}", "--from-logits", "--softcap", "0"],
+        2,
+        "--softcap: softcap must be None or a finite real number > 0, got 0.0",
+    ),
+    "bad-z-loss": (
+        ["{logits}", "{target}", "--z-loss", "x"],
+        2,
+        "invalid float value: 'x'",
+    ),
+    "probabilities-per-class": (
+        ["{logits}", "{prob_t}", "--from-logits", "--per-class"],
+        2,
+        "holds class probabilities: the per-class table (--per-class, --plot) needs class indices",
     ),
     "bad-ignore-index": (
         ["{log_probs}", "{target}", "--ignore-index", "x"],

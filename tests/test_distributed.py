@@ -4,7 +4,8 @@ Each world size is one group of processes (spawned with torch.multiprocessing, t
 127.0.0.1) that runs every case in turn, the error cases first: the valid cases after them
 also show that a failed call leaves the ranks in step. The ranks send back their losses and
 gradients; the tests compare them here with torch on the unsharded tensors
-(``F.nll_loss``, ``F.cross_entropy``, or torch's label-smoothing formula written out).
+(``F.nll_loss``, ``F.cross_entropy``, or torch's label-smoothing formula written out; the
+z-loss and the cap in float64 with ``torch.logsumexp`` and ``torch.tanh``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class ClassParallel:
     reverse: bool = False  # rank 0 holds the last classes
     classes_used: int | None = None  # targets only below this class: some ranks own none
     bitwise: bool = False  # element-wise values and gradients equal torch's bit for bit
+    probabilities: bool = False  # the target holds class probabilities (sharded as x)
+    z_loss: float = 0.0
+    softcap: float | None = None
 
     @property
     def classes(self) -> int:
@@ -78,6 +82,11 @@ class ClassParallel:
         high = self.classes_used or self.classes
         t = torch.randint(0, high, target_shape, generator=gen)
         t[torch.rand(target_shape, generator=gen) < self.ignored] = self.ignore_index
+        if self.probabilities:  # some near 0, not normalised on purpose in one row
+            t = torch.rand(self.shape, generator=gen, dtype=torch.float64) ** 3
+            t = (t / t.sum(self.class_axis, keepdim=True)).to(self.dtype)
+            if t.dim() > 1 and len(t):
+                t[0] *= 1.5
         w = torch.rand(self.classes, generator=gen, dtype=torch.float64) + 0.5
         loss_shape = target_shape if self.reduction == "none" else ()
         upstream = torch.rand(loss_shape, generator=gen, dtype=torch.float64) + 0.5
@@ -98,12 +107,16 @@ class ClassParallel:
             from_logits=self.from_logits,
             label_smoothing=self.label_smoothing,
             total_weight=self.total_weight,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
         )
 
     def run(self, rank: int, world: int, groups) -> dict:
         x, t, w, upstream = self.tensors()
         start, size = self.shards(world)[rank]
         shard = x.narrow(self.class_axis, start, size).clone().requires_grad_()
+        if self.probabilities:  # each rank holds its classes of them
+            t = t.narrow(self.class_axis, start, size)
         loss = nllloss.distributed.nll_loss(shard, t, class_start=start, weight=w, **self.options())
         loss.backward(upstream)
         return {"loss": loss.detach(), "grad": shard.grad, "start": start}
@@ -159,6 +172,33 @@ CLASS_PARALLEL = [
     ClassParallel("empty batch", shape=(0, 7), from_logits=True, reduction="sum"),
     ClassParallel("wide", shape=(5, 50), from_logits=True, weighted=True,
                   label_smoothing=0.1, sizes={2: (13, 37), 4: (1, 20, 17, 12)}),
+    ClassParallel("probabilities from logits", probabilities=True, from_logits=True),
+    ClassParallel("probabilities weighted smoothing", probabilities=True, from_logits=True,
+                  weighted=True, label_smoothing=0.2),
+    ClassParallel("probabilities none, an empty shard", probabilities=True, from_logits=True,
+                  reduction="none", weighted=True, sizes={2: (0, 7), 4: (3, 0, 2, 2)}),
+    ClassParallel("probabilities K-dim sum", shape=(3, 7, 4, 2), probabilities=True,
+                  from_logits=True, reduction="sum", weighted=True, label_smoothing=0.1),
+    ClassParallel("probabilities unbatched", shape=(7,), probabilities=True, from_logits=True),
+    ClassParallel("probabilities float32", probabilities=True, from_logits=True,
+                  dtype=torch.float32, weighted=True),
+    ClassParallel("probabilities log-probs", probabilities=True, weighted=True,
+                  label_smoothing=0.1),
+    ClassParallel("probabilities log-probs none", probabilities=True, reduction="none"),
+    ClassParallel("probabilities total_weight", probabilities=True, from_logits=True,
+                  total_weight=4.5, z_loss=0.01, softcap=3.0),
+    ClassParallel("z_loss weighted mean", from_logits=True, weighted=True, z_loss=0.05),
+    ClassParallel("z_loss none, ignore_index a class", from_logits=True, z_loss=0.1,
+                  reduction="none", ignore_index=2, ignored=0.4, weighted=True),
+    ClassParallel("softcap smoothing", from_logits=True, softcap=2.0, label_smoothing=0.1,
+                  weighted=True),
+    ClassParallel("softcap and z_loss K-dim", shape=(3, 7, 4, 2), from_logits=True,
+                  softcap=1.5, z_loss=0.02, weighted=True, reduction="sum"),
+    ClassParallel("softcap z_loss probabilities none", probabilities=True, from_logits=True,
+                  softcap=2.5, z_loss=0.03, reduction="none", label_smoothing=0.1,
+                  sizes={2: (13, 37), 4: (1, 20, 17, 12)}, shape=(5, 50)),
+    ClassParallel("z_loss float32 all ignored", from_logits=True, z_loss=0.1, ignored=1.0,
+                  dtype=torch.float32),
 ]  # fmt: skip
 
 
@@ -295,14 +335,22 @@ def _other_reduction_args(rank, world):
     return (shard, t), {**kwargs, "reduction": "sum" if rank == 0 else "mean"}
 
 
-def _last_rank_passes(**different):
-    """Valid arguments, but the last rank passes ``different`` ones."""
+def _last_rank_passes(common=None, **different):
+    """Valid arguments (with ``common`` ones), but the last rank passes ``different`` ones."""
 
     def args(rank, world):
         shard, t, kwargs = _good_args(rank, world)
-        return (shard, t), {**kwargs, **(different if rank == world - 1 else {})}
+        return (shard, t), {**kwargs, **(common or {}), **(different if rank == world - 1 else {})}
 
     return args
+
+
+def _probabilities_on_one_rank_args(rank, world):
+    shard, t, kwargs = _good_args(rank, world)
+    if rank == world - 1:  # its classes of one-hot probabilities
+        start = kwargs["class_start"]
+        t = F.one_hot(t, 7)[:, start : start + shard.shape[1]].to(shard.dtype)
+    return (shard, t), kwargs
 
 
 def _other_weight_args(rank, world):
@@ -333,6 +381,9 @@ BAD_CALLS = {
     "label_smoothing differs": _last_rank_passes(label_smoothing=0.1),
     "total_weight on one rank only": _last_rank_passes(total_weight=4.0),
     "total_weight differs": _other_total_weight_args,
+    "z_loss differs": _last_rank_passes({"from_logits": True}, z_loss=0.01),
+    "softcap differs": _last_rank_passes({"from_logits": True}, softcap=5.0),
+    "probabilities on one rank only": _probabilities_on_one_rank_args,
 }
 
 
@@ -457,10 +508,24 @@ def _oracle(case: ClassParallel, x, t, w, upstream):
     w = None if w is None else w.to(compute)
     options = dict(weight=w, ignore_index=case.ignore_index)
     reduction = "sum" if case.total_weight is not None else case.reduction
+    if case.probabilities:
+        t = t.to(compute)
+        options.pop("ignore_index")  # torch refuses one with probabilities
     if case.from_logits:
+        logits = x if case.softcap is None else case.softcap * torch.tanh(x / case.softcap)
         loss = F.cross_entropy(
-            x, t, **options, reduction=reduction, label_smoothing=case.label_smoothing
+            logits, t, **options, reduction=reduction, label_smoothing=case.label_smoothing
         )
+        if case.z_loss:
+            loss = loss + _z_loss_oracle(case, logits, t, w, reduction)
+    elif case.probabilities:  # ours: cross_entropy's formula without its log_softmax
+        eps, classes = case.label_smoothing, case.classes
+        p = t * (1 - eps) + eps / classes
+        if w is not None:
+            p = p * w.view((classes,) + (1,) * (x.dim() - 1 - case.class_axis))
+        loss = -(x * p).sum(case.class_axis)
+        if reduction != "none":
+            loss = loss.sum() / (loss.numel() if reduction == "mean" else 1)
     else:
         loss = F.nll_loss(x, t, **options, reduction=reduction)
         if case.label_smoothing:  # torch's formula (cross_entropy) on the log-probabilities
@@ -479,6 +544,24 @@ def _oracle(case: ClassParallel, x, t, w, upstream):
         loss = loss / case.total_weight
     loss.backward(upstream.to(compute))
     return loss.detach().to(case.dtype), x.grad.to(case.dtype)
+
+
+def _z_loss_oracle(case: ClassParallel, logits, t, w, reduction):
+    """``z v lse**2`` (v = w[y], 0 where ignored; 1 for probabilities), reduced as the loss:
+    its 'mean' divides by the same denominator, the weight sum or the element count."""
+    lse = torch.logsumexp(logits, dim=case.class_axis)
+    if case.probabilities:
+        v = torch.ones_like(lse)
+        z = case.z_loss * lse.square()
+    else:  # selected, not multiplied by 0: nothing of an ignored element, even in the gradient
+        kept = t != case.ignore_index
+        v = kept.to(lse.dtype) if w is None else torch.where(kept, w[t.clamp(min=0)], 0)
+        z = torch.where(kept, case.z_loss * v * lse.square(), 0)
+    if reduction == "none":
+        return z
+    if reduction == "sum":
+        return z.sum()
+    return z.sum() / (lse.numel() if case.probabilities else v.sum())
 
 
 def _tolerance(dtype):
@@ -642,7 +725,11 @@ def test_shards_that_do_not_tile_the_classes_are_refused_on_every_rank(group, wo
                                            ("from_logits differs", "from_logits"),
                                            ("label_smoothing differs", "label_smoothing"),
                                            ("total_weight on one rank only", "total_weight"),
-                                           ("total_weight differs", "total_weight")])  # fmt: skip
+                                           ("total_weight differs", "total_weight"),
+                                           ("z_loss differs", "z_loss"),
+                                           ("softcap differs", "softcap"),
+                                           ("probabilities on one rank only", "target"),
+                                           ])  # fmt: skip
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
 def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(group, world, key, name):
     raised = _raised(group(world), key)
@@ -692,6 +779,11 @@ T = torch.tensor([0, 2])
         ({"target": T.double()}, TypeError, "target must hold class indices of an integer"),
         ({"target": T[:1]}, ValueError, r"Expected input batch_size \(2\) to match"),
         ({"weight": [1.0, 2.0]}, ValueError, "weight tensor should be defined either for all 3"),
+        ({"z_loss": 0.1}, ValueError, "z_loss=0.1 acts on logits: it needs from_logits=True"),
+        ({"softcap": -1.0, "from_logits": True}, ValueError, "softcap must be None or a fin"),
+        ({"target": X.exp(), "ignore_index": 1}, ValueError, "ignore_index is not supported"),
+        ({"target": X[:, :2].exp()}, ValueError, r"must have the input's shape \(2, 3\)"),
+        ({"target": T.view(2, 1).expand(2, 3)}, TypeError, "must be floating, got dtype torch"),
     ],
     ids=lambda p: p if isinstance(p, str) else None,
 )

@@ -313,3 +313,49 @@ def test_bad_options_are_refused_naming_them(options, exception, pattern):
         nll_loss(x, t, **options)
     with pytest.raises(exception, match=pattern):
         nllloss.NLLLoss(**options)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5,), (9, 6), (4, 5, 3), (0, 4)])
+def test_return_lse_gives_every_elements_lse_on_every_backend(backend, dtype, shape, rng):
+    x, t, w = problem(rng, shape, dtype, True)
+    xt = torch.from_numpy(x.astype(np.float64))
+    class_dim = 0 if len(shape) == 1 else 1
+    expected = torch.logsumexp(3.0 * torch.tanh(xt / 3.0), dim=class_dim).numpy()
+    _, expected_loss = reference(x, t, w, "mean", z_loss=0.1, softcap=3.0)
+    arrays = [to_backend(backend, a) for a in (x, t, w)]
+    loss, lse = nll_loss(*arrays, from_logits=True, z_loss=0.1, softcap=3.0, return_lse=True)
+    assert type(lse) is type(arrays[0])
+    assert to_numpy(lse).dtype == x.dtype
+    assert to_numpy(lse).shape == expected.shape  # ignored elements too; 0-d unbatched
+    assert_close(to_numpy(lse), expected, dtype, scale=10)
+    assert_close(to_numpy(loss), expected_loss.detach().numpy(), dtype, scale=10)
+
+
+def test_return_lse_is_differentiable_by_torch_and_jax(rng):
+    x, t, _ = problem(rng, (6, 5), np.float64, False)
+    xt = torch.from_numpy(x).requires_grad_()
+
+    def lse_of(x):
+        return nll_loss(x, torch.from_numpy(t), from_logits=True, softcap=2.0, return_lse=True)[1]
+
+    assert torch.autograd.gradcheck(lse_of, (xt,))
+    jax = pytest.importorskip("jax")
+    grad = jax.grad(
+        lambda x: nll_loss(x, t, from_logits=True, softcap=2.0, return_lse=True)[1].sum()
+    )(x)
+    (expected,) = torch.autograd.grad(torch.logsumexp(2.0 * torch.tanh(xt / 2.0), 1).sum(), xt)
+    np.testing.assert_allclose(grad, expected.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("options", "exception", "pattern"),
+    [
+        ({"return_lse": True}, ValueError, r"return_lse=True acts on logits: it needs from_log"),
+        ({"return_lse": 1, "from_logits": True}, TypeError, r"return_lse must be True or False"),
+    ],
+    ids=str,
+)
+def test_return_lse_needs_logits_and_a_flag(options, exception, pattern):
+    with pytest.raises(exception, match=pattern):
+        nll_loss(np.zeros((2, 3)), np.array([0, 1]), **options)

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import BFLOAT16, EXACT_DTYPES, FLOAT_DTYPES, to_torch
+from hypothesis import given
+from hypothesis import strategies as st
 from test_backends import BACKENDS, to_backend, to_numpy
 from test_options import assert_close
 
@@ -32,7 +34,7 @@ def probabilities(rng, shape, dtype=np.float64, kind="distribution"):
         p = np.nan_to_num(p)
     else:  # negative values, sums other than 1: used as given, as torch's
         p = rng.uniform(-0.5, 1.5, shape)
-        p.reshape(-1)[0] = -0.25
+        p.reshape(-1)[:1] = -0.25
     return p.astype(dtype)
 
 
@@ -102,6 +104,55 @@ def test_loss_and_gradient_match_torch(shape, reduction, smoothing, from_logits,
     for dtype in EXACT_DTYPES:
         x, p, w = case(rng, shape, dtype, weighted)
         check_against_torch(x, p, w, reduction, smoothing, from_logits, dtype, rng)
+
+
+@st.composite
+def probability_cases(draw):
+    """A shape of rank 1 to 4 (zero-size axes too), a dtype, the options, a target kind."""
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=4)))
+    return {
+        "shape": shape,
+        "dtype": draw(st.sampled_from(FLOAT_DTYPES)),
+        "weighted": draw(st.booleans()),
+        "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
+        "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
+        "from_logits": draw(st.booleans()),
+        "kind": draw(st.sampled_from(["distribution", "any"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@given(probability_cases())
+def test_hypothesis_against_torch_cross_entropy(example):
+    """Loss and gradient of all three entry points against float64 torch (``cross_entropy``
+    with probability targets from logits) on the example's values in its dtype."""
+    rng = np.random.default_rng(example["seed"])
+    dtype = example["dtype"]
+    x, p, w = case(rng, example["shape"], np.float64, example["weighted"], example["kind"])
+    x, p = x.astype(dtype), p.astype(dtype)
+    w = None if w is None else w.astype(dtype)
+    args = (example["reduction"], example["smoothing"], example["from_logits"])
+    xt, expected = torch_loss(x, p, w, *args)
+    options = dict(weight=w, reduction=args[0], label_smoothing=args[1], from_logits=args[2])
+    # the loss adds up to 6**3 elements' terms of up to ~20 each
+    scale = 10.0 * max(1, p.size if args[0] == "sum" else 1)
+    loss = nll_loss(x, p, **options)
+    assert loss.dtype == x.dtype
+    assert_close(loss, expected.detach().numpy(), dtype, scale=scale)
+    g = upstream_for(expected, np.float64, rng)
+    if expected.numel() and expected.requires_grad:
+        (expected_grad,) = torch.autograd.grad(expected, xt, torch.from_numpy(g))
+        expected_grad = expected_grad.numpy()
+    else:
+        expected_grad = np.zeros(x.shape)
+    g = g.astype(dtype)
+    for result in (
+        nll_loss_backward(g, x, p, **options),
+        nll_loss_and_grad(x, p, grad_output=g, **options)[1],
+    ):
+        assert result.dtype == x.dtype
+        assert result.shape == x.shape
+        assert_close(result, expected_grad, dtype, scale=10.0)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -481,6 +481,18 @@ class Backend:
         return total
 
 
+def log_normalizer(xp, problem: Problem):
+    """``lse_n = log sum_c exp(x_{n, c})`` of each target element's (capped) logits, every
+    element's (ignored ones too), in the loss's element-wise shape and the input's dtype;
+    ``-inf`` without classes, as ``torch.logsumexp`` of nothing."""
+    layout, x = problem.layout, problem.input
+    if layout.classes == 0 or layout.size == 0:  # (a maximum of nothing is an error)
+        device = array_api_compat.device(x)
+        return xp.full(layout.output_shape, -float("inf"), dtype=x.dtype, device=device)
+    _, lse = _log_softmax(xp, _logits(xp, problem, _compute_dtype(xp, x.dtype)), layout.classes)
+    return xp.astype(xp.reshape(lse, layout.output_shape), x.dtype)
+
+
 def _z_terms(xp, problem: Problem, lse, element_weight):
     """Per target element (flat), ``z * lse**2`` times the element's weight (0 where the
     weight is: ignored elements); None without ``z_loss`` or without classes."""

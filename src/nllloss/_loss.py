@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from . import _validate
+from . import _generic, _validate
 from ._dispatch import as_array, backend_for, like_input, quick_forward_for
 from ._problem import Problem, layout_of, resolved_reduction
 
@@ -77,7 +77,8 @@ def nll_loss(
     check_targets: bool = True,
     z_loss: float = 0.0,
     softcap: float | None = None,
-) -> Array:
+    return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
     For each target element :math:`n` with class :math:`y_n \ne` ``ignore_index``,
@@ -158,12 +159,20 @@ def nll_loss(
         From logits only: :math:`c > 0` replaces every logit by :math:`c \tanh(x / c)`
         before the softmax (Gemma 2's final-logit soft-capping), in the same pass; the
         gradient goes through the tanh. Default: no cap.
+    return_lse : bool, default False
+        From logits only: also return :math:`\operatorname{lse}_n` of every target
+        element (of the capped logits; ignored elements too), e.g. to log the z-loss's
+        quantity. Computed by one more read of the input, with the array library's own
+        operations (so differentiable by its autodiff), not by the fused kernels.
 
     Returns
     -------
     array
         In the input's library and dtype: the target's shape for ``'none'``, 0-d
         otherwise. An unbatched input always gives a 0-d result.
+    (array, array)
+        With ``return_lse``: the loss, and :math:`\operatorname{lse}` of the target's
+        shape (0-d unbatched) in the input's library and dtype.
 
     Raises
     ------
@@ -218,6 +227,7 @@ def nll_loss(
         and type(z_loss) is float
         and z_loss == 0.0
         and softcap is None
+        and return_lse is False
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
@@ -231,6 +241,8 @@ def nll_loss(
         input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
         total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
+    if _validate.check_return_lse(return_lse, problem.from_logits):
+        return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
     return backend.forward(problem)
 
 

@@ -294,6 +294,14 @@ def check_softcap(softcap: Any, from_logits: bool) -> float | None:
     return value
 
 
+def check_return_lse(return_lse: Any, from_logits: bool) -> bool:
+    """Whether to return the log-sum-exp of each element's logits (from logits only)."""
+    value = check_flag(return_lse, "return_lse")
+    if value:
+        _needs_logits("return_lse=True", from_logits)
+    return value
+
+
 def check_total_weight(total_weight: Any, reduction: str) -> None:
     """``total_weight`` replaces the 'mean' denominator: a real scalar, with 'mean' only.
 

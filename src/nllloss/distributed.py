@@ -15,13 +15,18 @@ group (a vocabulary-parallel language-model head): rank :math:`r` holds the clas
     from log-probabilities x:
     2. all_reduce SUM  [ x[n, y_n] on the rank owning y_n, 0 elsewhere ;
                          sum_{c in shard} w_c x[n, c]  (label smoothing only) ]        O(N)
-    from logits x (Megatron-LM's vocabulary-parallel cross-entropy, with weights):
+    from logits x (Megatron-LM's vocabulary-parallel cross-entropy, with weights; with
+    softcap, x is the capped shard c tanh(x / c), computed locally):
     2. all_reduce MAX  m_n = max_c x[n, c]                                             O(N)
     3. all_reduce SUM  [ sum_{c in shard} exp(x[n, c] - m_n) ;  x[n, y_n] - m_n  (owner) ;
                          sum_{c in shard} w_c (x[n, c] - m_n)  (label smoothing only) ]  O(N)
-       -> log p[n, y_n] = (x[n, y_n] - m_n) - log Z_n
+       -> log p[n, y_n] = (x[n, y_n] - m_n) - log Z_n,  lse_n = m_n + log Z_n  (z_loss)
           sum_c w_c log p[n, c] = sum_c w_c (x[n, c] - m_n) - (sum_c w_c) log Z_n
     4. each rank reduces the same N values: the same loss, bit for bit, on every rank.
+
+With class probabilities, each rank holds its classes of them (the input shard's shape),
+and the target's term ``x[n, y_n]`` becomes the shard's ``sum_c w_c p[n, c] x[n, c]``
+(from logits also ``sum_c w_c p[n, c]``, one more N values in step 3).
 
 N counts target elements (rows times spatial positions). Nothing of size N x C crosses the
 network. The backward pass communicates nothing: the gradient of the shard is written from
@@ -134,6 +139,8 @@ def nll_loss(
     from_logits: bool = False,
     label_smoothing: float = 0.0,
     total_weight: Any = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     r"""The loss of an input whose classes are sharded over the ranks of ``group``.
 
@@ -152,7 +159,10 @@ def nll_loss(
     (:math:`w = 1` without weight; ignored elements have :math:`\ell_n = 0`), and
     ``'none'`` returns :math:`\ell`, ``'sum'`` :math:`\sum_n \ell_n` and ``'mean'``
     :math:`\sum_n \ell_n / W` with :math:`W` = ``total_weight``, by default
-    :math:`\sum_{n:\, y_n \ne ii} w_{y_n}`. The gradient reaches ``input_shard`` only, for
+    :math:`\sum_{n:\, y_n \ne ii} w_{y_n}`. With class probabilities :math:`p` as the
+    target, :math:`w_{y_n} \log p_{n, y_n}` becomes :math:`\sum_c w_c p_{n, c} \log
+    p_{n, c}` and :math:`W` the number of target elements, as in :func:`nllloss.nll_loss`;
+    so do ``z_loss`` and ``softcap``. The gradient reaches ``input_shard`` only, for
     its own classes, through ``backward()`` on any rank's loss.
 
     Parameters
@@ -162,7 +172,8 @@ def nll_loss(
         ``(N, C_r, d1, ..., dK)``; float16, bfloat16, float32 or float64.
     target : torch.Tensor
         Global class indices in ``[0, C)`` (or ``ignore_index``), shaped as for
-        :func:`nllloss.nll_loss`; the same on every rank.
+        :func:`nllloss.nll_loss`; the same on every rank. Or class probabilities: a
+        floating tensor of ``input_shard``'s shape, this rank's classes of them.
     class_start : int
         The first class of this rank's shard.
     group : torch.distributed.ProcessGroup, optional
@@ -179,6 +190,12 @@ def nll_loss(
     total_weight : float or 0-d torch.Tensor, optional
         The 'mean' denominator, e.g. :func:`total_weight` over the data-parallel ranks when
         the batch is split there too.
+    z_loss : float, default 0.0
+        From logits only: :math:`z \, v_n \operatorname{lse}_n^2` added per element, as
+        in :func:`nllloss.nll_loss` (:math:`\operatorname{lse}_n` over all C classes).
+    softcap : float, optional
+        From logits only: every logit becomes :math:`c \tanh(x / c)`, as in
+        :func:`nllloss.nll_loss`.
 
     Returns
     -------
@@ -205,7 +222,8 @@ def nll_loss(
     Per call, with N target elements: one all-gather of 14 int64 per rank, then from
     log-probabilities one all-reduce of N + 1 values (2N + 1 with label smoothing; the extra
     value flags a failed check), from logits one of N + 1 (the maxima) and one of 2N (3N with
-    label smoothing); the backward communicates nothing. Two host synchronisations read the
+    label smoothing, one N more with probabilities); ``z_loss`` and ``softcap`` communicate
+    nothing more; the backward communicates nothing. Two host synchronisations read the
     all-gather and the flag. Edge cases follow torch: 'mean' over a zero total weight is NaN.
     Ignored elements contribute neither loss nor gradient, even from a row of NaN logits.
     float16 and bfloat16 are computed and communicated in float32, and rounded once. A rank
@@ -233,7 +251,7 @@ def nll_loss(
     try:
         args = _check_locally(
             input_shard, target, weight, class_start, ignore_index, reduction,
-            from_logits, label_smoothing, total_weight,
+            from_logits, label_smoothing, total_weight, z_loss, softcap,
         )  # fmt: skip
     except Exception as exc:  # raised after the all-gather, once the other ranks know
         error = exc
@@ -264,6 +282,9 @@ class _Plan:
     reduction: str
     from_logits: bool
     smoothing: float
+    probabilities: bool  # the target holds this rank's classes of class probabilities
+    z_loss: float
+    softcap: float | None
     dtype: torch.dtype  # the input's
     compute_dtype: torch.dtype  # float32 for 16-bit input
     classes: int = -1
@@ -283,14 +304,18 @@ _CALLER = 3
 
 
 def _check_locally(
-    input, target, weight, class_start, ignore_index, reduction, from_logits, smoothing, total
-) -> _Arguments:
+    input, target, weight, class_start, ignore_index, reduction, from_logits, smoothing, total,
+    z_loss, softcap,
+) -> _Arguments:  # fmt: skip
     """Every check that needs no other rank (those against C follow the all-gather)."""
     _validate.check_torch_tensor(input, "input_shard")
     engine = backend_for(input)
     target = like_input(engine, target, input, "target")
     _validate.check_input(input)
-    _validate.check_target(target, tuple(input.shape), probabilities=False)
+    _validate.check_target(target, tuple(input.shape))
+    probabilities = _validate.is_float_dtype(target.dtype)
+    if probabilities:  # used in the input's dtype, as by nllloss.nll_loss
+        target = target.to(input.dtype)
     layout = layout_of(tuple(input.shape))
     if weight is not None:
         weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
@@ -302,10 +327,13 @@ def _check_locally(
     plan = _Plan(
         layout=layout,
         class_start=_validate.check_class_start(class_start),
-        ignore_index=_validate.check_ignore_index(ignore_index),
+        ignore_index=_validate.check_ignore_index(ignore_index, probabilities),
         reduction=resolved_reduction(reduction, layout),
         from_logits=_validate.check_flag(from_logits, "from_logits"),
         smoothing=_validate.check_label_smoothing(smoothing),
+        probabilities=probabilities,
+        z_loss=_validate.check_z_loss(z_loss, from_logits),
+        softcap=_validate.check_softcap(softcap, from_logits),
         dtype=input.dtype,
         compute_dtype=dtype,
     )
@@ -317,12 +345,15 @@ def _check_locally(
 # loss, or collectives of different sizes). The columns follow from this table.
 _START, _SIZE, _FAILED = 0, 1, 2
 _AGREED = (  # (argument, int64 values in its fingerprint)
-    ("target", 2),  # element count, position-sensitive sum of the values
+    ("target", 2),  # element count, position-sensitive sum of the values (0: probabilities)
+    ("the target's form", 1),  # class indices, or each rank's classes of probabilities
     ("weight", 2),  # length (-1: none), position-sensitive sum of the values
     ("ignore_index", 1),
     ("reduction", 1),
     ("from_logits", 1),
     ("label_smoothing", 1),
+    ("z_loss", 1),
+    ("softcap", 1),  # 0: none
     ("total_weight", 2),  # given, value
     ("the input's dtype", 1),  # the all-reduces are in its compute dtype
 )
@@ -346,7 +377,11 @@ def _fingerprints(args: _Arguments) -> dict[str, list]:
     """Each agreed argument's fingerprint: ints, or 0-d int64 tensors computed on device."""
     plan, weight, total = args.plan, args.weight, args.total_weight
     return {
-        "target": [plan.layout.size, _checksum(args.target.reshape(-1).to(torch.int64) + 1)],
+        "target": [
+            plan.layout.size,
+            0 if plan.probabilities else _checksum(args.target.reshape(-1).to(torch.int64) + 1),
+        ],
+        "the target's form": [int(plan.probabilities)],
         "weight": [-1, 0]
         if weight is None
         else [weight.numel(), _checksum(weight.reshape(-1).to(torch.float64)).view(torch.int64)],
@@ -354,6 +389,8 @@ def _fingerprints(args: _Arguments) -> dict[str, list]:
         "reduction": [_REDUCTION_CODES[plan.reduction]],
         "from_logits": [int(plan.from_logits)],
         "label_smoothing": [_float_bits(plan.smoothing)],
+        "z_loss": [_float_bits(plan.z_loss)],
+        "softcap": [_float_bits(plan.softcap or 0.0)],
         "total_weight": [0, 0]
         if total is None
         else [1, total.reshape(()).to(torch.float64).view(torch.int64)],
@@ -408,7 +445,10 @@ def _check_agreement(rows: list[list[int]], classes: int) -> None:
 
 
 def _check_target_values(engine, target: torch.Tensor, plan: _Plan) -> None:
-    """The core's IndexError for the first target neither in [0, C) nor ignore_index."""
+    """The core's IndexError for the first target neither in [0, C) nor ignore_index
+    (probabilities are used as given, as by the core)."""
+    if plan.probabilities:
+        return
     xp, layout = engine.xp, plan.layout._replace(classes=plan.classes)
     flat = target.reshape(layout.output_shape or (1,))
     valid = _generic.compare(xp, flat, "!=", plan.ignore_index)
@@ -440,41 +480,55 @@ def _device(obj: Any) -> torch.device:
 class _Targets:
     """What the loss needs of the target, per target element as (B, S) (see ``Layout``)."""
 
-    valid: torch.Tensor  # not ignored
-    weight: torch.Tensor  # w[y] (1 without weight), 0 where ignored; in the compute dtype
-    owned: torch.Tensor  # valid, and y is in this rank's shard
-    index: torch.Tensor  # (B, 1, S): y - class_start where owned, else 0
+    valid: torch.Tensor  # not ignored (all, for probabilities)
+    weight: torch.Tensor  # w[y] (1 without weight or for probabilities), 0 where ignored
+    owned: torch.Tensor | None  # valid, and y is in this rank's shard (class indices)
+    index: torch.Tensor | None  # (B, 1, S): y - class_start where owned, else 0
     shard_weight: torch.Tensor | None  # w of this rank's classes; None without weight
     weight_sum: Any  # sum of all C weights (C without weight)
+    # (B, C_r, S) w_c p_c of this rank's classes, for probabilities (else None)
+    weighted_probabilities: torch.Tensor | None = None
 
     @classmethod
     def of(cls, target: torch.Tensor, weight: torch.Tensor | None, plan: _Plan) -> _Targets:
         layout, dtype = plan.layout, plan.compute_dtype
+        shard = None
+        if weight is not None:
+            weight = weight.to(plan.dtype).to(dtype)  # torch computes in the input's dtype
+            shard = weight[plan.class_start : plan.class_start + layout.classes]
+        weight_sum = plan.classes if weight is None else weight.sum()
+        if plan.probabilities:
+            p = target.reshape(layout.batch, layout.classes, layout.spatial).to(dtype)
+            if shard is not None:
+                p = p * shard.view(1, -1, 1)
+            ones = p.new_ones((layout.batch, layout.spatial))
+            return cls(ones.bool(), ones, None, None, shard, weight_sum, p)
         t = target.reshape(layout.batch, layout.spatial).to(torch.int64)
         valid = t != plan.ignore_index
         local = t - plan.class_start
         owned = valid & (local >= 0) & (local < layout.classes)
         index = torch.where(owned, local, 0).unsqueeze(1)
         if weight is None:
-            return cls(valid, valid.to(dtype), owned, index, None, plan.classes)
-        weight = weight.to(plan.dtype).to(dtype)  # torch computes in the input's dtype
+            return cls(valid, valid.to(dtype), owned, index, None, weight_sum)
         picked = (
             weight[torch.where(valid, t, 0)] if plan.classes else torch.zeros_like(t, dtype=dtype)
         )
-        shard = weight[plan.class_start : plan.class_start + layout.classes]
-        return cls(valid, torch.where(valid, picked, 0), owned, index, shard, weight.sum())
+        return cls(valid, torch.where(valid, picked, 0), owned, index, shard, weight_sum)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Stats:
     """Per target element (B, S), the same on every rank after the all-reduces."""
 
-    target_log_prob: torch.Tensor  # log p[n, y_n]
+    # log p[n, y_n]; for probabilities sum_c w_c p[n, c] log p[n, c] (weighted already)
+    target_log_prob: torch.Tensor
     smooth: torch.Tensor | None  # sum_c w_c log p[n, c], with label smoothing
     # From logits: exp(x - m) of this rank's shard (B, C_r, S), and Z = its sum over all C
     # classes (B, S), so that p = exp(x - m) / Z; the backward's only (B, C_r, S) input.
     exp_shifted: torch.Tensor | None
     sum_exp: torch.Tensor | None
+    mass: torch.Tensor | None = None  # sum_c w_c p[n, c], probabilities from logits
+    lse: torch.Tensor | None = None  # m + log Z, with z_loss
 
 
 def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
@@ -482,6 +536,8 @@ def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
     against C failed (``error``): it sends zeros and a flag, and every rank raises."""
     layout = plan.layout
     x = x.reshape(layout.batch, layout.classes, layout.spatial).to(plan.compute_dtype)
+    if plan.softcap is not None:
+        x = _capped(x, plan)
     zeros = x.new_zeros((layout.batch, layout.spatial))
     if plan.from_logits:
         local_max = x.amax(1) if layout.classes else torch.full_like(zeros, -torch.inf)
@@ -489,21 +545,39 @@ def _exchange(x, targets: _Targets | None, plan: _Plan, error, group) -> _Stats:
         x = x - shift.unsqueeze(1)
         error = None  # reported
     if targets is None:
-        parts = [zeros] * (1 + plan.from_logits + (plan.smoothing > 0))
+        mass = plan.from_logits and plan.probabilities
+        parts = [zeros] * (1 + plan.from_logits + mass + (plan.smoothing > 0))
     else:
         parts = _shard_sums(x, targets, plan)
     sums = _all_reduce(parts, dist.ReduceOp.SUM, group, error, flagged=not plan.from_logits)
     if not plan.from_logits:
         return _Stats(sums[0], sums[1] if plan.smoothing else None, None, None)
     log_z = sums[0].log()
-    smooth = sums[2] - targets.weight_sum * log_z if plan.smoothing else None
-    return _Stats(sums[1] - log_z, smooth, x, sums[0])
+    if plan.probabilities:  # sum_c w p (x - m) - (sum_c w p) log Z
+        mass = sums[2]
+        target_log_prob = sums[1] - mass * log_z
+    else:
+        mass = None
+        target_log_prob = sums[1] - log_z
+    smooth = sums[-1] - targets.weight_sum * log_z if plan.smoothing else None
+    lse = shift + log_z if plan.z_loss else None
+    return _Stats(target_log_prob, smooth, x, sums[0], mass, lse)
+
+
+def _capped(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``softcap * tanh(x / softcap)``, elementwise: each rank caps its own classes."""
+    return torch.tanh(x / plan.softcap).mul_(plan.softcap)
 
 
 def _shard_sums(x: torch.Tensor, targets: _Targets, plan: _Plan) -> list[torch.Tensor]:
     """This rank's share of each per-element sum over the classes. From logits, ``x`` is the
     shifted copy, which this exponentiates in place (one (B, C_r, S) buffer, not two)."""
-    if plan.layout.classes:
+    if plan.probabilities:
+        weighted = targets.weighted_probabilities
+        parts = [torch.einsum("bcs,bcs->bs", x, weighted)]
+        if plan.from_logits:
+            parts.append(weighted.sum(1))
+    elif plan.layout.classes:
         picked = x.gather(1, targets.index).squeeze(1)
         parts = [torch.where(targets.owned, picked, 0)]
     else:
@@ -541,17 +615,27 @@ class _ClassParallelLoss(torch.autograd.Function):
         valid, eps = targets.valid, plan.smoothing
         nll = torch.where(valid, -(targets.weight * stats.target_log_prob), 0)
         smooth = torch.where(valid, -stats.smooth, 0) if eps else None
+        # z v lse**2, v = w[y] (1 for probabilities), 0 where ignored: as nllloss.nll_loss
+        z_terms = None
+        if plan.z_loss:
+            z_terms = torch.where(valid, plan.z_loss * targets.weight * stats.lse.square(), 0)
         denominator = None
         if plan.reduction == "none":
             loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
+            if z_terms is not None:
+                loss = loss + z_terms
         else:  # as torch: each term reduced, divided, then mixed
             nll = nll.sum()
             smooth = smooth.sum() if eps else None
+            z_terms = z_terms.sum() if z_terms is not None else None
             if plan.reduction == "mean":
                 denominator = _denominator(total_weight, targets, plan)
                 nll = nll / denominator
                 smooth = smooth / denominator if eps else None
+                z_terms = z_terms / denominator if z_terms is not None else None
             loss = nll if not eps else nll * (1 - eps) + smooth * (eps / plan.classes)
+            if z_terms is not None:
+                loss = loss + z_terms
         layout = plan.layout
         loss = loss.reshape(layout.output_shape if plan.reduction == "none" else ())
         ctx.save_for_backward(input_shard)
@@ -572,24 +656,24 @@ class _ClassParallelLoss(torch.autograd.Function):
         # As torch's autograd of (1 - eps) * nll + smooth * (eps / C): scale, then divide.
         nll_scale = upstream * (1 - eps) if eps else upstream
         smooth_scale = upstream * (eps / plan.classes) if eps else None
+        z_scale = upstream
         if ctx.denominator is not None:
             nll_scale = nll_scale / ctx.denominator
             smooth_scale = smooth_scale / ctx.denominator if eps else None
+            z_scale = z_scale / ctx.denominator
         nll_scale = torch.where(valid, nll_scale, 0)
         smooth_scale = torch.where(valid, smooth_scale, 0) if eps else None
         shape3 = (layout.batch, layout.classes, layout.spatial)
         # One (B, C_r, S) buffer, updated in place.
         if plan.from_logits:
             # d/dx of log p: the log-prob gradient minus p times its sum over the classes
-            mass = targets.weight * nll_scale
+            mass = (targets.weight if stats.mass is None else stats.mass) * nll_scale
             if eps:
                 mass = mass + smooth_scale * targets.weight_sum
+            if plan.z_loss:  # d(z v lse**2)/dx_c = 2 z v lse p_c
+                z_mass = 2 * plan.z_loss * targets.weight * stats.lse * z_scale
+                mass = mass + torch.where(valid, z_mass, 0)
             grad_input = stats.exp_shifted * (mass / stats.sum_exp).unsqueeze(1)
-            # Ignored elements have no mass, but a row of NaN would still give 0 * NaN:
-            # zero them (by index: no pass over the whole gradient).
-            grad_input.movedim(1, -1).index_put_(
-                (~valid).nonzero(as_tuple=True), mass.new_zeros(())
-            )
         else:
             grad_input = nll_scale.new_zeros(shape3)
         if eps and targets.shard_weight is None:
@@ -597,17 +681,30 @@ class _ClassParallelLoss(torch.autograd.Function):
         elif eps:
             class_weight = targets.shard_weight.view(1, -1, 1)
             grad_input.addcmul_(smooth_scale.unsqueeze(1), class_weight, value=-1)
-        if layout.classes:
+        if plan.probabilities:
+            weighted = targets.weighted_probabilities
+            grad_input.addcmul_(nll_scale.unsqueeze(1), weighted, value=-1)
+        elif layout.classes:
             at_target = torch.where(targets.owned, -(targets.weight * nll_scale), 0)
             grad_input.scatter_add_(1, targets.index, at_target.unsqueeze(1))
+        if plan.softcap is not None:  # through the cap: 1 - tanh(x / c)**2
+            capped = _capped(input_shard.detach().reshape(shape3).to(plan.compute_dtype), plan)
+            grad_input.mul_(1 - (capped / plan.softcap).square())
+        if plan.from_logits:
+            # Ignored elements have no mass, but a row of NaN would still give 0 * NaN:
+            # zero them (by index: no pass over the whole gradient).
+            grad_input.movedim(1, -1).index_put_(
+                (~valid).nonzero(as_tuple=True), grad_input.new_zeros(())
+            )
         return grad_input.reshape(input_shard.shape).to(plan.dtype), None, None, None, None
 
 
 def _denominator(total_weight, targets: _Targets, plan: _Plan) -> torch.Tensor:
-    """The 'mean' denominator: ``total_weight``, or the count or weight sum of the target."""
+    """The 'mean' denominator: ``total_weight``, or the count or weight sum of the target
+    (the number of target elements for probabilities)."""
     if total_weight is not None:
         return total_weight.reshape(()).to(plan.compute_dtype)
-    if targets.shard_weight is None:
+    if targets.shard_weight is None or plan.probabilities:
         return targets.valid.sum().to(plan.compute_dtype)
     return targets.weight.sum()
 

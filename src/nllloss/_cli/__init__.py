@@ -87,7 +87,11 @@ def _parser() -> _Parser:
         ),
     )
     evaluate.add_argument("predictions", metavar="PRED", help="log-probabilities (or logits)")
-    evaluate.add_argument("targets", metavar="TARGET", help="class indices")
+    evaluate.add_argument(
+        "targets",
+        metavar="TARGET",
+        help="class indices, or class probabilities: a floating array of PRED's shape",
+    )
     evaluate.add_argument(
         "--weight", metavar="W", help="class weights: an array as above, or numbers as 1,2,0.5"
     )
@@ -105,6 +109,19 @@ def _parser() -> _Parser:
     )
     evaluate.add_argument(
         "--label-smoothing", type=float, default=0.0, metavar="E", help="0 <= E <= 1 (0)"
+    )
+    evaluate.add_argument(
+        "--z-loss",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help="with --from-logits: add Z * logsumexp**2 per target (0)",
+    )
+    evaluate.add_argument(
+        "--softcap",
+        type=float,
+        metavar="CAP",
+        help="with --from-logits: logits become CAP * tanh(logits / CAP) (default: none)",
     )
     evaluate.add_argument(
         "--per-class", action="store_true", help="count, weight, mean NLL and share per class"
@@ -304,7 +321,7 @@ def _check_inputs(predictions: Source, targets: Source) -> Layout:
     except (TypeError, ValueError) as error:
         raise UserError(f"{predictions.label}: {error}") from None
     try:
-        _validate.check_target(targets, predictions.shape, probabilities=False)
+        _validate.check_target(targets, predictions.shape)
         return layout_of(tuple(predictions.shape))
     except TypeError as error:
         raise UserError(f"{targets.label}: {error}") from None
@@ -415,15 +432,26 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.dashboard is not None and not args.dask:
         _usage_error("--dashboard serves the local cluster of --dask: add --dask")
     outputs = _outputs(args)
+    option = "--label-smoothing"
     try:
         label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
+        option = "--z-loss"
+        z_loss = _validate.check_z_loss(args.z_loss, args.from_logits)
+        option = "--softcap"
+        softcap = _validate.check_softcap(args.softcap, args.from_logits)
     except ValueError as error:
-        _usage_error(f"--label-smoothing: {error}")
+        _usage_error(f"{option}: {error}")
 
     limit = args.max_inflate
     predictions = open_array(args.predictions, "predictions", max_inflate=limit)
     targets = open_array(args.targets, "targets", text_dtype=np.int64, max_inflate=limit)
     layout = _check_inputs(predictions, targets)
+    probabilities = _validate.is_float_dtype(targets.dtype)
+    if probabilities and (args.per_class or args.plot is not None):
+        _usage_error(
+            f"{targets.label} holds class probabilities: the per-class table (--per-class, "
+            "--plot) needs class indices"
+        )
     work_dtype = compute_dtype(predictions.dtype)
     weight = _read_weight(args.weight, layout.classes, limit)
     if weight is not None:  # as the core casts it: to the predictions' dtype
@@ -431,10 +459,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     options = Options(
         classes=layout.classes,
         weight=weight,
-        ignore_index=_validate.check_ignore_index(args.ignore_index),
+        ignore_index=_validate.check_ignore_index(args.ignore_index, probabilities),
         reduction=args.reduction,
         from_logits=args.from_logits,
         label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        probabilities=probabilities,
         per_class=args.per_class or args.plot is not None,
     )
     if not args.from_logits:
@@ -489,6 +520,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         label_smoothing=label_smoothing,
         weighted=options.weight is not None,
         loss_file=outputs.losses,
+        z_loss=z_loss,
+        softcap=softcap,
+        probabilities=probabilities,
     )
     text = render(result, context, outputs.format)
     if outputs.report is None:

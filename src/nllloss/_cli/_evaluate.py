@@ -6,8 +6,10 @@ from the sums:
 
 * ``'sum'``: the sum of the blocks' ``reduction='sum'`` losses;
 * ``'mean'``: that sum divided by the sum of the blocks' total weights
-  (``nllloss.total_weight``: the sum of ``w[t]`` over non-ignored targets, or their count);
-  with label smoothing this is still torch's formula, whose two terms share the denominator;
+  (``nllloss.total_weight``: the sum of ``w[t]`` over non-ignored targets, or their count;
+  for targets of class probabilities, the number of target elements, as torch divides);
+  with label smoothing (and ``z_loss``) this is still torch's formula, whose terms share
+  the denominator;
 * ``'none'``: the blocks' element-wise losses, written in place.
 
 Sums across blocks are taken in float64 in block order, so the result does not depend on
@@ -53,7 +55,10 @@ class Options:
     reduction: str = "mean"
     from_logits: bool = False
     label_smoothing: float = 0.0
-    per_class: bool = False
+    z_loss: float = 0.0
+    softcap: float | None = None
+    probabilities: bool = False  # the targets are class probabilities, not indices
+    per_class: bool = False  # (class indices only)
 
 
 @dataclass
@@ -104,15 +109,19 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
     x = np.asarray(x).astype(compute_dtype(x.dtype), copy=False)
     t = np.asarray(t)
     weight, ignore_index = options.weight, options.ignore_index
-    loss_options = dict(
-        ignore_index=ignore_index,
-        from_logits=options.from_logits,
-        label_smoothing=options.label_smoothing,
+    # -log p at the targets, unweighted and unsmoothed (of the capped logits: the model's
+    # distribution), for the perplexity and the class table
+    unweighted = dict(
+        ignore_index=ignore_index, from_logits=options.from_logits, softcap=options.softcap
     )
+    loss_options = dict(unweighted, label_smoothing=options.label_smoothing, z_loss=options.z_loss)
     try:
-        if options.reduction == "none" or (options.per_class and options.label_smoothing):
+        if options.reduction == "none" or (
+            options.per_class and (options.label_smoothing or options.z_loss)
+        ):
             # Element-wise losses: the result of 'none'; and per class with label smoothing,
-            # which spreads a target's loss over every class, so only the element knows it.
+            # which spreads a target's loss over every class, or the z-loss, which is not
+            # w[c] times the NLL: only the element knows its loss.
             losses = nllloss.nll_loss(x, t, weight, reduction="none", **loss_options)
         else:
             losses = None
@@ -122,11 +131,16 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
             loss_sum = nllloss.nll_loss(x, t, weight, reduction="sum", **loss_options)
     except IndexError:
         raise _out_of_range(t, first_row, options) from None
-    count = int(nllloss.total_weight(t, ignore_index=ignore_index))
-    # -log p at the targets, unweighted and unsmoothed: the perplexity (from the core's sum,
-    # whatever the options) and the class table.
-    plain = weight is None and not options.label_smoothing
-    unweighted = dict(ignore_index=ignore_index, from_logits=options.from_logits)
+    if options.probabilities:  # every target element counts, with weight 1
+        count = math.prod((t.shape[0], *t.shape[2:]))
+        total_weight, ignored = float(count), 0
+    else:
+        count = int(nllloss.total_weight(t, ignore_index=ignore_index))
+        ignored = t.size - count
+        total_weight = float(
+            count if weight is None else nllloss.total_weight(t, weight, ignore_index)
+        )
+    plain = weight is None and not options.label_smoothing and not options.z_loss
     if plain and options.reduction != "none":
         nll_sum = loss_sum
     else:
@@ -137,11 +151,9 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
         nll = losses if reuse else nllloss.nll_loss(x, t, reduction="none", **unweighted)
     totals = Totals(
         loss_sum=float(loss_sum),
-        total_weight=float(
-            count if weight is None else nllloss.total_weight(t, weight, ignore_index)
-        ),
+        total_weight=total_weight,
         count=count,
-        ignored=t.size - count,
+        ignored=ignored,
         nll_sum=float(nll_sum),
         nan_count=int(np.count_nonzero(np.isnan(x))),
         losses=losses if options.reduction == "none" else None,

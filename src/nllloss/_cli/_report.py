@@ -28,6 +28,9 @@ class Context:
     label_smoothing: float
     weighted: bool
     loss_file: str | None  # where the losses were saved (--out FILE.npy)
+    z_loss: float = 0.0
+    softcap: float | None = None
+    probabilities: bool = False  # the targets are class probabilities
 
 
 def as_dict(result: Result, context: Context) -> dict[str, Any]:
@@ -94,6 +97,12 @@ def _table(result: Result, context: Context) -> str:
     what = ["weighted"] if context.weighted else []
     if context.label_smoothing:
         what.append(f"label smoothing {context.label_smoothing:g}")
+    if context.z_loss:
+        what.append(f"z-loss {context.z_loss:g}")
+    if context.softcap is not None:
+        what.append(f"softcap {context.softcap:g}")
+    if context.probabilities:
+        what.append("probability targets")
     what.append("from logits" if context.from_logits else "from log-probabilities")
     if context.reduction == "none":
         loss = f"one per target element, saved to {context.loss_file}"

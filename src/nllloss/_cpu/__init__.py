@@ -330,18 +330,31 @@ def forward_backward(problem: Problem, grad_output, out=None):
 
 @_generic.IEEE_RESULTS
 def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
-    """(loss, gradient or None) from logits or smoothed: the ``_softmax`` kernels give each
-    element's target and smoothing terms in float64 (and the gradient when ``grad_output``
-    is given); they are reduced here in float64 and rounded once."""
-    if problem.probabilities or problem.z_loss or problem.softcap is not None:
-        return _element_forward_backward(problem, grad_output, out)
+    """(loss, gradient or None) when rows are read whole (``Problem.over_rows``): the
+    ``_softmax`` kernels give each element's target, smoothing and z-loss terms in float64
+    (and the gradient when ``grad_output`` is given); they are reduced here in float64 and
+    rounded once."""
     softmax = load().softmax
     layout, x, ignore_index = problem.layout, problem.input, problem.ignore_index
-    x3, t2, dtype, table = _views(problem)
+    x3, dtype, table = _input_view(problem, x)
     weighted = problem.weight is not None
     weight = _weight(problem.weight, dtype) if weighted else np.ones(layout.classes, dtype)
-    total = _checked_total(problem, t2, weight if weighted else _no_weight(dtype))
+    if problem.probabilities:
+        t2 = np.empty((0, 0), dtype=np.int64)
+        p3 = _input_view(problem, problem.target)[0]  # in the input's dtype (_loss._problem)
+        if problem.total_weight is not None:
+            total = np.float64(_given_total(problem.total_weight, dtype))
+        else:  # torch's numel / C: NaN for an empty input
+            total = np.float64(layout.size if layout.classes else np.nan)
+    else:
+        t2 = _kernel_target(problem)
+        p3 = np.empty((0, 0, 0), dtype=x3.dtype)
+        total = _checked_total(problem, t2, weight if weighted else _no_weight(dtype))
     smoothing = problem.label_smoothing
+    if problem.probabilities and not layout.classes:
+        # the smoothed target (1 - eps) p + eps / C of no classes is empty: torch's loss
+        # is 0, where the share eps / C = inf would make it inf * 0
+        smoothing = 0.0
     target_scale = 1.0 - smoothing
     smooth_scale = _generic.smoothing_share(smoothing, layout.classes)
     want_grad = grad_output is not None
@@ -357,22 +370,26 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     size = layout.size
     nll = np.empty(size)
     smooth = np.empty(size)
+    z_terms = np.empty(size if problem.z_loss else 0)
     spatial = layout.spatial
-    kernel = softmax.softmax_rows if spatial == 1 else softmax.softmax_tiles
-    inputs = x3.reshape(layout.batch, layout.classes) if spatial == 1 else x3
-    targets = t2.reshape(-1) if spatial == 1 else t2
+    rows = spatial == 1
+    kernel = softmax.softmax_rows if rows else softmax.softmax_tiles
+    inputs = x3.reshape(layout.batch, layout.classes) if rows else x3
+    targets = t2.reshape(-1) if rows else t2
+    probabilities = p3.reshape(p3.shape[:2]) if rows else p3
     # The weight sum only scales the smoothing term: without smoothing it is not read (a
     # NaN weight of a class no target uses must not reach the gradient).
     weight_sum = float(np.sum(weight, dtype=np.float64)) if smoothing else 0.0
 
-    def run(rows: slice, grad_rows):
-        """The kernel on a block of rows (elements ``rows`` of the batch axis)."""
-        cells = slice(rows.start * spatial, rows.stop * spatial)
-        block_upstream = upstream if upstream.size == 1 else upstream[cells]
-        _sized(kernel, (rows.stop - rows.start) * layout.classes * spatial)(
-            inputs[rows], targets[rows], ignore_index, weight, weight_sum, table,
-            problem.from_logits, bool(smoothing), block_upstream, target_scale,
-            smooth_scale, nll[cells], smooth[cells], grad_rows,
+    def run(block: slice, grad_rows):
+        """The kernel on a block of rows (elements ``block`` of the batch axis)."""
+        cells = slice(block.start * spatial, block.stop * spatial)
+        _sized(kernel, (block.stop - block.start) * layout.classes * spatial)(
+            inputs[block], targets[block], probabilities[block], ignore_index,
+            weight, weight_sum, table, problem.from_logits, bool(smoothing), problem.z_loss,
+            problem.softcap or 0.0, upstream if upstream.size == 1 else upstream[cells],
+            target_scale, smooth_scale, nll[cells], smooth[cells],
+            z_terms[cells], grad_rows,
         )  # fmt: skip
 
     everything = slice(0, layout.batch)
@@ -389,13 +406,18 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
 
     if problem.elementwise:
         loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
+        if problem.z_loss:
+            loss = loss + z_terms
         loss = loss.reshape(layout.output_shape).astype(x.dtype)
     else:
         value, smooth_value = np.sum(nll), np.sum(smooth)
+        z_value = np.sum(z_terms)
         if problem.reduction == "mean":  # each term divided, as torch: 0/0 in one is NaN
-            value, smooth_value = value / total, smooth_value / total
+            value, smooth_value, z_value = value / total, smooth_value / total, z_value / total
         if smoothing:
             value = target_scale * value + smooth_scale * smooth_value
+        if problem.z_loss:
+            value = value + z_value
         loss = np.array(value, dtype=x.dtype)
     return loss, grad
 
@@ -413,67 +435,6 @@ def _checked_total(problem: Problem, t2, weight):
         return np.float64(np.count_nonzero(valid))
     # as the plain loss and total_weight() sum it: equal totals give equal results
     return np.float64(_weight_total(load().kernels, t2, problem.ignore_index, weight))
-
-
-def _element_forward_backward(problem: Problem, grad_output=None, out=None):
-    """(loss, gradient or None) for targets of class probabilities, and for class indices
-    with ``z_loss`` or ``softcap``: one kernel pass gives each element's loss in float64
-    (and the gradient); they are reduced here and rounded once."""
-    layout, x = problem.layout, problem.input
-    x3, dtype, table = _input_view(problem, x)
-    weight = _weight(problem.weight, dtype)
-    indices = not problem.probabilities
-    if indices:
-        t2 = _kernel_target(problem)
-        p3 = np.empty((0, 0, 0), dtype=x3.dtype)
-        denominator = _checked_total(problem, t2, weight)
-    else:
-        t2 = np.empty((0, 0), dtype=np.int64)
-        p3 = _input_view(problem, problem.target)[0]  # in the input's dtype (_loss._problem)
-        if problem.total_weight is not None:
-            denominator = np.float64(_given_total(problem.total_weight, dtype))
-        else:  # torch's numel / C: NaN for an empty input
-            denominator = np.float64(layout.size if layout.classes else np.nan)
-    smoothing = problem.label_smoothing
-    share = _generic.smoothing_share(smoothing, layout.classes) if smoothing else 0.0
-    mean = problem.reduction == "mean"
-    want_grad = grad_output is not None
-    upstream = np.zeros(1)
-    if want_grad:
-        upstream = np.asarray(grad_output, dtype=np.float64)
-        if problem.elementwise:
-            upstream = np.ascontiguousarray(np.broadcast_to(upstream, layout.output_shape))
-        upstream = upstream.reshape(-1)
-        if mean:
-            upstream = upstream / denominator
-    losses = np.empty(layout.size)
-    kernel = load().softmax.target_elements
-    spatial = layout.spatial
-
-    def run(rows: slice, grad_rows):
-        cells = slice(rows.start * spatial, rows.stop * spatial)
-        _sized(kernel, (rows.stop - rows.start) * layout.classes * spatial)(
-            x3[rows], p3 if indices else p3[rows], t2[rows] if indices else t2, indices,
-            problem.ignore_index, weight, table, problem.from_logits, 1.0 - smoothing, share,
-            problem.z_loss, problem.softcap or 0.0,
-            upstream if upstream.size == 1 else upstream[cells], losses[cells], grad_rows,
-        )  # fmt: skip
-
-    everything = slice(0, layout.batch)
-    if not want_grad:
-        run(everything, np.empty((0, 0, 0), dtype))
-        grad = None
-    elif x.dtype == dtype and (out is None or out.dtype == dtype):
-        grad = np.empty(x.shape, dtype=dtype) if out is None else out
-        run(everything, grad.reshape(x3.shape))
-    else:
-        grad = _gradient_in_blocks(run, problem, out, dtype, x3.shape)
-    if problem.elementwise:
-        return losses.reshape(layout.output_shape).astype(x.dtype), grad
-    value = np.sum(losses)
-    if mean:
-        value = value / denominator
-    return np.array(value, dtype=x.dtype), grad
 
 
 # Rows of a 16-bit (or non-native) gradient computed at a time in the compute dtype before
