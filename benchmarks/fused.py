@@ -1,7 +1,8 @@
 """From logits, fused: nllloss against torch's ``cross_entropy`` on CPU, time and memory.
 
 Usage: ``python benchmarks/fused.py [--quick] [--shapes 8192x32000 8x21x256x256]
-[--variants indices probabilities ...] [--memory-variants ...] [--out OUT]``.
+[--variants indices probabilities ...] [--memory-variants ...] [--memory-dtypes ...]
+[--out OUT]``.
 Prints the report; writes ``OUT.{md,json}`` only with ``--out`` (the committed results:
 ``--out benchmarks/results/fused-latest``).
 
@@ -21,7 +22,10 @@ once with ``out=`` the logits themselves, and autograd on torch tensors).
 Memory: each competitor runs once more in a fresh subprocess, after its inputs exist and
 a small warm-up call has compiled what it needs; the peak resident memory beyond that
 point (``VmHWM`` after resetting it, minus ``VmRSS`` before the call) is what the call
-itself needed (the gradient included), reported in units of the input's size.
+itself needed (the gradient included), reported in units of the input's size. Per input
+dtype (``--memory-dtypes``: float16, bfloat16, float32), the same for nllloss on NumPy with
+class indices at the first shape: 16-bit inputs compute in float32, and the promise is the
+same for every dtype (forward O(N), ``out=`` nothing of the input's size).
 The memory floor for the time: one read of the logits (forward), plus one write of the
 gradient (forward+backward), at the machine's measured copy bandwidth.
 """
@@ -53,6 +57,13 @@ VARIANTS = {
     "z_loss + softcap": {"z_loss": 1e-4, "softcap": 30.0},
 }
 MEMORY_VARIANTS = ("indices", "indices ε=0.1", "probabilities")
+MEMORY_DTYPES = ("float16", "bfloat16", "float32")
+# (label, competitor, kind) of the memory-by-dtype table
+DTYPE_MEMORY_CALLS = (
+    ("forward", "nllloss numpy", "forward"),
+    ("forward + backward", "nllloss numpy", "backward"),
+    ("forward + backward, out=", "nllloss numpy out=", "backward"),
+)
 OPTION_VARIANTS = ("indices", "z_loss", "softcap", "z_loss + softcap")
 
 
@@ -160,14 +171,16 @@ def copy_bandwidth(nbytes=1 << 28, repeats=5):
 _MEMORY_CODE = """
 import os, sys
 os.environ["KMP_BLOCKTIME"] = "0"
-import numpy as np, torch, nllloss
+import ml_dtypes, numpy as np, torch, nllloss
 sys.path.insert(0, {here!r})
 from fused import VARIANTS, loss_options, make_data, torch_loss
 shape, variant, who, kind = {shape!r}, {variant!r}, {who!r}, {kind!r}
+dtype = np.dtype(getattr(ml_dtypes, {dtype!r}, None) or {dtype!r})
 probabilities = VARIANTS[variant].get("probabilities", False)
 small = (4, *shape[1:3]) if len(shape) > 2 else (4, shape[1])
 small_x, small_t = make_data(small, probabilities=probabilities)
 x, t = make_data(shape, probabilities=probabilities)
+small_x, x = small_x.astype(dtype), x.astype(dtype)
 options = loss_options(variant)
 
 def status(field):
@@ -203,7 +216,7 @@ print((status("VmHWM") - before) / x.nbytes)
 """
 
 
-def peak_memory(shape, variant, who, kind):
+def peak_memory(shape, variant, who, kind, dtype="float32"):
     """Peak memory of one call beyond its inputs, in input sizes (subprocess, VmHWM)."""
     code = _MEMORY_CODE.format(
         here=str(Path(__file__).resolve().parent),
@@ -211,6 +224,7 @@ def peak_memory(shape, variant, who, kind):
         variant=variant,
         who=who,
         kind=kind,
+        dtype=dtype,
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=900
@@ -218,6 +232,13 @@ def peak_memory(shape, variant, who, kind):
     if done.returncode:
         return None
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def memory_by_dtype(shape, dtype):
+    """Peak memory of nllloss on NumPy (class indices) for an input of ``dtype``."""
+    peaks = {label: peak_memory(shape, "indices", who, kind, dtype)
+             for label, who, kind in DTYPE_MEMORY_CALLS}  # fmt: skip
+    return {"shape": list(shape), "dtype": dtype, "peak_memory_inputs": peaks}
 
 
 def main(argv=None):
@@ -231,6 +252,13 @@ def main(argv=None):
         choices=list(VARIANTS),
         default=list(MEMORY_VARIANTS),
         help="the variants whose peak memory is measured (a subprocess per competitor)",
+    )
+    parser.add_argument(
+        "--memory-dtypes",
+        nargs="*",
+        choices=MEMORY_DTYPES,
+        default=list(MEMORY_DTYPES),
+        help="input dtypes whose peak memory is measured (nllloss on NumPy, the first shape)",
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
@@ -249,6 +277,7 @@ def main(argv=None):
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cases": [],
         "option_costs": [],
+        "memory_by_dtype": [],
     }
     for shape in shapes:
         nbytes = int(np.prod(shape)) * 4
@@ -279,6 +308,10 @@ def main(argv=None):
             )
         report["option_costs"].append(option_costs(shape, settings, nllloss))
         print(json.dumps(report["option_costs"][-1]), flush=True)
+    if not args.no_memory:
+        for dtype in args.memory_dtypes:
+            report["memory_by_dtype"].append(memory_by_dtype(shapes[0], dtype))
+            print(json.dumps(report["memory_by_dtype"][-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
@@ -333,7 +366,28 @@ def markdown(report):
             )
         lines.append("")
     lines += _option_costs(report)
+    lines += _memory_by_dtype(report)
     return "\n".join(lines)
+
+
+def _memory_by_dtype(report):
+    rows = [
+        f"| {'x'.join(map(str, entry['shape']))} | {entry['dtype']} | "
+        + " | ".join("—" if v is None else f"{v:.2f}" for v in entry["peak_memory_inputs"].values())
+        + " |"
+        for entry in report.get("memory_by_dtype", [])
+    ]
+    if not rows:
+        return []
+    labels = [label for label, _, _ in DTYPE_MEMORY_CALLS]
+    return [
+        "## Peak memory by input dtype (nllloss on NumPy, class indices, in input sizes)",
+        "",
+        "| shape | dtype | " + " | ".join(labels) + " |",
+        "|" + "---|" * (2 + len(labels)),
+        *rows,
+        "",
+    ]
 
 
 def _option_costs(report):
