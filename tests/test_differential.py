@@ -312,3 +312,34 @@ def test_bitwise_beyond_the_first_cascade_levels(dtype, rng):
             for reduction in ("mean", "sum"):
                 problem.reduction = reduction
                 check_against_torch(problem, rng)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reduction"),
+    # (a float16 'sum' of millions of terms is inf, which the float64 oracle's cast warns of)
+    [(np.float32, "none"), (np.float32, "mean"), (np.float32, "sum"),
+     (np.float16, "none"), (np.float16, "mean")],
+)  # fmt: skip
+@pytest.mark.parametrize("spatial", [(), (64,)], ids=["2d", "3d"])
+def test_gradients_past_the_zeroed_allocation_size(dtype, reduction, spatial, rng):
+    """From ``_cpu.ZEROED_GRADIENT_MIN_BYTES`` on a new gradient starts as zeros and only
+    the targets are written: the same values as torch's, ignored and weighted elements
+    included (float16 covers the 16-bit bit patterns)."""
+    from nllloss import _cpu
+
+    classes = 8
+    elements = _cpu.ZEROED_GRADIENT_MIN_BYTES // np.dtype(dtype).itemsize
+    problem = make_problem(
+        rng,
+        kind="2d" if not spatial else "3d",
+        batch=elements // classes // (spatial[0] if spatial else 1) + 1,
+        classes=classes,
+        spatial=spatial,
+        dtype=np.dtype(dtype),
+        weight_mode="random",
+        ignore_mode="default",
+        ignored_fraction=0.3,
+        reduction=reduction,
+    )
+    assert problem.input.nbytes >= _cpu.ZEROED_GRADIENT_MIN_BYTES
+    check_against_torch(problem, rng)

@@ -344,18 +344,26 @@ def count_counted(t2, ignore_index, classes):
 
 
 @_parallel_and_serial
-def write_gradient(t2, ignore_index, class_values, upstream, grad3):
+def write_gradient(t2, ignore_index, class_values, upstream, grad3, zeroed):
     """Write every element of ``grad3`` (B, C, S) once: the gradient, zero off the targets.
 
     The value at ``(b, t, s)`` (flat element m) is ``class_values[t] * upstream[m]``; an
     empty ``upstream`` leaves ``class_values[t]``, an empty ``class_values`` leaves
     ``upstream[m]``, and a ``class_values`` of one entry serves every class. With one of
     the two empty no arithmetic is done, so 16-bit floats pass as their bit patterns (zero
-    is all-zero bits). Targets must have been checked.
+    is all-zero bits). With ``zeroed`` (``grad3`` holds zeros already) only the targets'
+    values are written. Targets must have been checked.
     """
     batch, classes, spatial = grad3.shape
     zero = grad3.dtype.type(0)
     for b in numba.prange(batch):
+        if zeroed:
+            for s in range(spatial):
+                target = np.int64(t2[b, s])
+                if target != ignore_index:
+                    value = _gradient_value(class_values, upstream, target, b * spatial + s)
+                    grad3[b, target, s] = value
+            continue
         if spatial == 1:  # (N, C): clear the row, then write its one value (same cache line)
             for c in range(classes):
                 grad3[b, c, 0] = zero
