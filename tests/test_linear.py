@@ -188,6 +188,19 @@ def test_empty_batch_and_all_ignored(reduction):
         _close(a, e, np.float32)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_of_no_class(reduction):
+    """C = 0 with probability targets: torch's 'mean' divides by numel / C (NaN), as
+    nll_loss does; a block loop that counted the rows instead gave 0."""
+    h = np.ones((3, 4))
+    w, p = np.zeros((0, 4)), np.zeros((3, 0))
+    expected = F.linear_cross_entropy(
+        torch.from_numpy(h), torch.from_numpy(w), torch.from_numpy(p), reduction=reduction
+    )
+    got = linear_cross_entropy(h, w, p, reduction=reduction, chunk_rows=2)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
 def test_upstream_gradient_per_element():
     h, w, b, t = _case(7, 4, 5, bias=True)
     g = np.linspace(-1.0, 2.0, 7).astype(np.float32)

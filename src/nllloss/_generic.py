@@ -526,12 +526,11 @@ def _probability_rows(xp, problem: Problem, dtype):
 
 def _probability_denominator(xp, problem: Problem, dtype):
     """The 'mean' denominator of probability targets: ``total_weight`` when given, else the
-    number of target elements, as torch's ``numel / C`` (NaN when the input is empty)."""
-    layout = problem.layout
+    number of target elements, as torch's ``numel / C`` (NaN without classes)."""
     if problem.total_weight is not None:
         return xp.astype(xp.reshape(problem.total_weight, ()), dtype)
-    count = float(layout.size) if layout.classes else float("nan")
-    return xp.asarray(count, dtype=dtype, device=array_api_compat.device(problem.input))
+    device = array_api_compat.device(problem.input)
+    return xp.asarray(problem.probability_count, dtype=dtype, device=device)
 
 
 @IEEE_RESULTS

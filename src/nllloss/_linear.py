@@ -204,10 +204,10 @@ def _denominator(backend, problem: Problem):
         return None
     if problem.total_weight is not None:
         return problem.total_weight
-    xp, layout = backend.xp, problem.layout
+    xp = backend.xp
     device = array_api_compat.device(problem.input)
     if problem.probabilities:
-        return xp.asarray(float(layout.size), device=device)
+        return xp.asarray(problem.probability_count, device=device)
     return backend.total_weight(problem.target, problem.weight, problem.ignore_index)
 
 

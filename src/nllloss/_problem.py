@@ -121,6 +121,12 @@ class Problem:
         return self.layout.output_shape if self.elementwise else ()
 
     @property
+    def probability_count(self) -> float:
+        """The 'mean' denominator of probability targets: the number of target elements,
+        torch's ``numel / C`` (NaN without classes, where torch divides 0 by 0)."""
+        return float(self.layout.size) if self.layout.classes else float("nan")
+
+    @property
     def over_rows(self) -> bool:
         """The loss reads whole rows of classes (log-softmax, smoothing or probability
         targets), not ``x[t]`` only."""

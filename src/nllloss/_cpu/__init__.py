@@ -363,8 +363,8 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         p3 = _input_view(problem, problem.target)[0]  # in the input's dtype (_loss._problem)
         if problem.total_weight is not None:
             total = np.float64(_given_total(problem.total_weight, dtype))
-        else:  # torch's numel / C: NaN for an empty input
-            total = np.float64(layout.size if layout.classes else np.nan)
+        else:
+            total = np.float64(problem.probability_count)
     else:
         t2 = _kernel_target(problem)
         p3 = np.empty((0, 0, 0), dtype=x3.dtype)
