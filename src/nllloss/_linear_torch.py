@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
 from ._loss import nll_loss
+from ._torch_ops import is_unit_upstream
 
 
 class TorchAlgebra:
@@ -127,8 +128,7 @@ class _LinearLoss(torch.autograd.Function):
         if unit is None:  # 'none', or a second backward: the blocks again, with grad
             _, *grads = _linear.run(ctx.linear, grad, ctx.wants)
             return (*grads, None)
-        # Reading grad's value is a host synchronisation on a GPU: there it multiplies.
-        if not (grad.is_cpu and bool(grad == 1)):
+        if not is_unit_upstream(grad):
             for g in unit:
                 if g is not None:
                     g.mul_(grad.to(g.dtype))

@@ -341,10 +341,15 @@ class _LossWithUnitGradient(torch.autograd.Function):
         unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may keep, not copy, it
         if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
             return _Loss.backward(ctx, grad)
-        # Reading grad's value is a host synchronisation on a GPU: there it is multiplied.
-        if grad.is_cpu and grad.dim() == 0 and bool(grad == 1):
+        if is_unit_upstream(grad):
             return unit, None
         return _scaled(unit, grad), None
+
+
+def is_unit_upstream(grad: torch.Tensor) -> bool:
+    """The upstream gradient is the scalar 1, so a unit gradient needs no scaling. Read on
+    the CPU only: reading a value is a host synchronisation on a GPU, where it multiplies."""
+    return grad.is_cpu and grad.dim() == 0 and bool(grad == 1)
 
 
 def _scaled(unit: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
