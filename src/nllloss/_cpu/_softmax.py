@@ -202,6 +202,13 @@ def _exp64(x):
     return 0.0 if x < _EXP64_FLOOR else y  # NaN is not below: it stays NaN
 
 
+# Below |y| = sqrt(eps), tanh(y) = y to the dtype's precision, so c tanh(x / c) = x: the
+# cap returns x itself (x / c may have underflowed there, for a large c). As _generic.
+_LINEAR_BELOW_32 = math.sqrt(np.finfo(np.float32).eps)
+_LINEAR_BELOW_64 = math.sqrt(np.finfo(np.float64).eps)
+_FLOAT64_LARGEST = float(np.finfo(np.float64).max)
+
+
 @numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
 def _cap_and_slope_in_float64(value, cap):
     """(``cap * tanh(value / cap)``, its derivative ``1 - tanh(value / cap)**2``) in
@@ -213,10 +220,14 @@ def _cap_and_slope_in_float64(value, cap):
     degree 11, truncation below 3e-10) and ``1 - tanh(y)**2 = 4e / (1 + e)**2``, which
     has no cancellation (``1 - t * t`` near ``|t| = 1`` loses float32's digits: 4 of them at
     ``|y| = 3``)."""
-    y = np.float64(value) / cap
+    # times 1 / c, the same for every value (hoisted out of the loops: a division per
+    # value costs 1.4x the whole), clamped to float64's largest: for a subnormal c (whose
+    # inverse is inf) every float32 value but 0 still meets |y| > 1e263, and 0 gives 0
+    y = np.float64(value) * min(1.0 / cap, _FLOAT64_LARGEST)
     a = abs(y)
     e = _exp64(-2.0 * a)
-    far = (1.0 - e) / (1.0 + e)
+    reciprocal = 1.0 / (1.0 + e)  # (one division for both)
+    far = (1.0 - e) * reciprocal
     s = a * a
     near = -1382.0 / 155925.0
     near = near * s + 62.0 / 2835.0
@@ -226,7 +237,8 @@ def _cap_and_slope_in_float64(value, cap):
     near = a + a * (near * s)
     t = near if a < 0.25 else far
     t = t if y >= 0.0 else -t  # (NaN stays NaN)
-    return np.float32(cap * t), np.float32(4.0 * e / ((1.0 + e) * (1.0 + e)))
+    capped = np.float32(cap * t) if a >= _LINEAR_BELOW_32 else value
+    return capped, np.float32((4.0 * e) * (reciprocal * reciprocal))
 
 
 @numba.njit(error_model="numpy", cache=True)
@@ -234,7 +246,8 @@ def _cap_and_slope_float64(value, cap):
     """As ``_cap_and_slope_in_float64``, for a float64 value, with libm's tanh and exp."""
     y = value / cap
     e = math.exp(-2.0 * abs(y))
-    return cap * math.tanh(y), 4.0 * e / ((1.0 + e) * (1.0 + e))
+    capped = cap * math.tanh(y) if abs(y) >= _LINEAR_BELOW_64 else value
+    return capped, 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 def _cap_and_slope(value, cap):
@@ -276,16 +289,20 @@ def _capped_sum_of_exp(row, decode, top, cap, capped, slopes):
     capped row into ``capped`` and, when it has room, its derivative into ``slopes``:
     the cap is computed once per value."""
     total = 0.0
-    want_slopes = slopes.shape[0] > 0
     for start in range(0, row.shape[0], SUM_BLOCK):
         stop = min(start + SUM_BLOCK, row.shape[0])
         block = _in_compute_type(0.0, capped)
-        for j in range(start, stop):
-            value, slope = _cap_and_slope(_decode(row[j], decode), cap)
-            capped[j] = value
-            if want_slopes:
+        if slopes.shape[0] > 0:  # (two loops: a test inside would keep them from vectorising)
+            for j in range(start, stop):
+                value, slope = _cap_and_slope(_decode(row[j], decode), cap)
+                capped[j] = value
                 slopes[j] = slope
-            block += _exp(value - top)
+                block += _exp(value - top)
+        else:
+            for j in range(start, stop):
+                value = _cap_and_slope(_decode(row[j], decode), cap)[0]
+                capped[j] = value
+                block += _exp(value - top)
         total += np.float64(block)
     return total
 
@@ -474,7 +491,8 @@ def _row_statistics(
     p_scale = _in_compute_type(target_scale, grad2)
     p_share = _in_compute_type(smooth_scale, grad2)
     out = grad2[i]
-    p_row = p2[i] if probabilities else row  # 1-D rows: the class loops vectorise
+    # 1-D rows: the class loops vectorise
+    p_row = p2[i] if probabilities else np.empty(0, dtype=p2.dtype)
     if from_logits:
         a = keep * mass
         if smoothing:  # (the weight sum only then: a NaN weight of an unused class
