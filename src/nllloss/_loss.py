@@ -242,6 +242,11 @@ def nll_loss(
         total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
     if _validate.check_return_lse(return_lse, problem.from_logits):
+        # the fused kernels give the log-sum-exp they compute (O(N) memory); other
+        # backends compute it apart
+        fused = getattr(backend, "forward_and_lse", None)
+        if fused is not None:
+            return fused(problem)
         return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
     return backend.forward(problem)
 

@@ -35,6 +35,7 @@ def load():
         forward=forward,
         backward=backward,
         forward_backward=forward_backward,
+        forward_and_lse=forward_and_lse,
         total_weight=_generic_numpy().total_weight,
         kernels=_kernels,
         softmax=_softmax,
