@@ -269,14 +269,21 @@ def softcap_parts(softcap: float, largest: float, smallest_normal: float):
 
 
 def _cap_argument(xp, x, softcap: float):
-    """``(x / c, (m, s1, s2))`` in x's dtype (see ``softcap_parts``)."""
+    """``(x / c, (m, s1, s2) as x's scalars, whether c is scaled)`` (see ``softcap_parts``).
+
+    Scaled, ``x / c`` is ``((x * s1) / m) * s2``: no step overflows unless ``x / c`` does,
+    and a subnormal step (which XLA flushes to 0) is below ``sqrt(eps)``, where the cap
+    returns x.
+    """
     info = xp.finfo(x.dtype)
     parts = softcap_parts(softcap, float(info.max), float(info.smallest_normal))
-    mantissa, first, second = (xp.asarray(v, dtype=x.dtype, device=array_api_compat.device(x)) for v in parts)
-    y = x / mantissa
-    if parts[1] != 1.0:
-        y = y * first * second
-    return y, (mantissa, first, second, parts[1] != 1.0)
+    device = array_api_compat.device(x)
+    mantissa, first, second = (xp.asarray(v, dtype=x.dtype, device=device) for v in parts)
+    scaled = parts[1] != 1.0
+    if not scaled:
+        return _ieee(operator.truediv, x, mantissa), (mantissa, first, second, scaled)
+    y = _ieee(operator.mul, _ieee(operator.truediv, _ieee(operator.mul, x, first), mantissa), second)
+    return y, (mantissa, first, second, scaled)
 
 
 def _logits(xp, problem: Problem, dtype):
@@ -290,7 +297,7 @@ def _logits(xp, problem: Problem, dtype):
     y, (mantissa, first, second, scaled) = _cap_argument(xp, x, problem.softcap)
     capped = mantissa * xp.tanh(y)
     if scaled:
-        capped = capped / first / second
+        capped = _ieee(operator.truediv, _ieee(operator.truediv, capped, first), second)
     linear = math.sqrt(float(xp.finfo(dtype).eps))
     return xp.where(xp.abs(y) < linear, x, capped)
 
@@ -506,6 +513,10 @@ class Backend:
             # nothing from an ignored element, not even its row's NaN or inf
             grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
         return _finish(xp, xp.astype(grad, x.dtype), x, out)
+
+    def forward_and_lse(self, problem: Problem):
+        """``(forward(...), log_normalizer(...))``."""
+        return self.forward(problem), log_normalizer(self.xp, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
         """``(forward(...), backward(...))``; the loss is computed before ``out`` is written."""

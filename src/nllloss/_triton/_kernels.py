@@ -61,7 +61,7 @@ def _cap_and_slope(v, cap, first, second):
     derivative is ``4e / (1 + e)**2``, with no cancellation (``1 - t * t`` near ``|t| = 1``
     loses float32's digits); below ``|y| = sqrt(eps)`` the cap is ``v`` itself (``v / c``
     may underflow there, for a large c)."""
-    y = (v / cap) * first * second
+    y = ((v * first) / cap) * second  # (v / cap may overflow where v / c does not)
     a = tl.abs(y)
     e = tl.exp(-2.0 * a)
     reciprocal = 1.0 / (1.0 + e)
