@@ -188,7 +188,7 @@ def test_out_that_partly_overlaps_the_input_is_refused():
     x = memory[:12].reshape(4, 3)
     x[...] = X
     before = memory.copy()
-    with pytest.raises(ValueError, match=r"out overlaps the input's memory"):
+    with pytest.raises(ValueError, match=r"out overlaps input's memory.*out=input itself"):
         nllloss.nll_loss_and_grad(x, T, from_logits=True, out=memory[1:].reshape(4, 3))
     np.testing.assert_array_equal(memory, before)  # nothing written
 
@@ -197,6 +197,135 @@ def test_out_that_is_the_upstream_gradient_is_refused():
     out = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match=r"out overlaps grad_output's memory"):
         nllloss.nll_loss_and_grad(X, T, reduction="none", grad_output=out[:, 0], out=out)
+
+
+def _torch_gradients(h, w, t, b=None, **options):
+    """torch 2.13's loss and gradients of cross_entropy(linear(h, w, b), t), as NumPy."""
+    th, tw = torch.from_numpy(h.copy()), torch.from_numpy(w.copy()).requires_grad_()
+    tb = None if b is None else torch.from_numpy(b.copy()).requires_grad_()
+    th.requires_grad_()
+    loss = F.cross_entropy(F.linear(th, tw, tb), torch.from_numpy(t), **options)
+    loss.backward()
+    grads = [th.grad.numpy(), tw.grad.numpy(), None if tb is None else tb.grad.numpy()]
+    return loss.detach().numpy(), *grads
+
+
+def _square_linear_case():
+    """Hidden states, an output layer and targets with N == C == in_features, where the
+    gradients of the input and of the layer have one shape."""
+    rng = np.random.default_rng(21)
+    h = rng.standard_normal((4, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 4)).astype(np.float32)
+    return h, w, np.array([0, 3, 1, 2])
+
+
+def _overlapping_out_calls():
+    """(name, call, the message's pattern): each call gives out= buffers that overlap each
+    other or an argument still to be read, each of which once gave a wrong gradient."""
+    h, w, t = _square_linear_case()
+    shared = np.empty_like(h)
+    class_weight = np.empty((4, 4), np.float32)
+    class_weight[0] = [1.0, 2.0, 0.5, 1.0]
+    layer_and_bias = np.empty(20, np.float32)
+    logits_and_target = np.empty((5, 3), np.float32)
+    logits_and_target[:] = np.random.default_rng(3).dirichlet(np.ones(3), 5)
+    x, p = logits_and_target[:4], logits_and_target[1:]  # p: x shifted by one row
+    total = np.zeros((4, 3), np.float32)
+    total[0, 0] = 4.0
+    f = nllloss.linear_cross_entropy_and_grad
+    return [
+        (
+            "linear-d_input-is-d_linear_weight",
+            lambda: f(h, w, t, out=(shared, shared, None)),
+            r"out's d_input and out's d_linear_weight overlap",
+        ),
+        (
+            "linear-d_linear_weight-holds-the-class-weight",
+            lambda: f(h, w, t, weight=class_weight[0], out=(None, class_weight, None)),
+            r"out's d_linear_weight overlaps weight's memory",
+        ),
+        (
+            "linear-d_linear_bias-inside-d_linear_weight",
+            lambda: f(
+                h, w, t, linear_bias=np.zeros(4, np.float32),
+                out=(None, layer_and_bias[:16].reshape(4, 4), layer_and_bias[12:16]),
+            ),  # fmt: skip
+            r"out's d_linear_weight and out's d_linear_bias overlap",
+        ),
+        (
+            "linear-d_linear_weight-is-linear_weight",
+            lambda: f(h, w, t, out=(None, w, None)),
+            r"out's d_linear_weight overlaps linear_weight's memory",
+        ),
+        (
+            "linear-d_input-is-the-target-probabilities",
+            lambda: f(h, w, shared, out=(shared, None, None)),
+            r"out's d_input overlaps target's memory",
+        ),
+        (
+            "and_grad-out-holds-the-class-weight",
+            lambda: nllloss.nll_loss_and_grad(
+                h, t, weight=class_weight[0], from_logits=True, out=class_weight
+            ),
+            r"out overlaps weight's memory",
+        ),
+        (
+            "and_grad-out=input-with-the-target-shifted-by-a-row",
+            lambda: nllloss.nll_loss_and_grad(x, p, from_logits=True, out=x),
+            r"out overlaps target's memory.*pass a separate array as out",
+        ),
+        (
+            "backward-out-holds-total_weight",
+            lambda: nllloss.nll_loss_backward(
+                1.0, x, np.array([0, 1, 2, 1]), total_weight=total[0, :1], out=total
+            ),
+            r"out overlaps total_weight's memory",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [pytest.param(call, message, id=name) for name, call, message in _overlapping_out_calls()],
+)
+def test_out_buffers_that_overlap_each_other_or_an_argument_are_refused(call, message):
+    """A ValueError naming both arrays, before anything is written."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_out_in_place_uses_stay_allowed_and_exact():
+    """The documented in-place uses: out=input (the gradient overwrites the logits) and
+    d_input=input; and buffers that interleave with an argument without sharing an element
+    (a bias gradient in the row padding of the hidden states), which a bounds test would
+    refuse. Against torch 2.13."""
+    h, w, t = _square_linear_case()
+    bias = np.array([0.5, -1.0, 0.0, 2.0], np.float32)
+    loss, d_input, d_weight, d_bias = _torch_gradients(h, w, t, bias)
+
+    padded = np.zeros((4, 8), np.float32)
+    padded[:, :4] = h
+    strided_h = padded[:, :4]  # rows 8 apart: padded[0, 4:] lies between two rows
+    got = nllloss.linear_cross_entropy_and_grad(
+        strided_h, w, t, linear_bias=bias, out=(None, None, padded[0, 4:])
+    )
+    np.testing.assert_allclose(got[0], loss, rtol=1e-6)
+    np.testing.assert_allclose(padded[0, 4:], d_bias, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[2], d_weight, rtol=1e-5, atol=1e-7)
+
+    overwritten = h.copy()
+    got = nllloss.linear_cross_entropy_and_grad(
+        overwritten, w, t, linear_bias=bias, out=(overwritten, None, None)
+    )
+    assert got[1] is overwritten
+    np.testing.assert_allclose(overwritten, d_input, rtol=1e-5, atol=1e-7)
+
+    logits = h @ w.T
+    expected = torch.from_numpy(logits.copy()).requires_grad_()
+    F.cross_entropy(expected, torch.from_numpy(t)).backward()
+    loss, grad = nllloss.nll_loss_and_grad(logits, t, from_logits=True, out=logits)
+    assert grad is logits
+    np.testing.assert_allclose(logits, expected.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("from_logits", [False, True])

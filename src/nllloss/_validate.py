@@ -347,40 +347,70 @@ def check_sequence(obj: Any, values: np.ndarray, name: str) -> None:
         )
 
 
-def check_out(out: Any, input: Any, grad_output: Any = None) -> None:
-    """``out=`` takes the gradient: a writeable, C-contiguous NumPy array like the input.
-
-    It may be the input itself (its values are read before it is written) but no other
-    view of the input's memory, and not of ``grad_output``'s: the gradient would be
-    written over values still to be read.
-    """
-    if not isinstance(input, np.ndarray):
+def check_out(out: Any, like: Any, name: str = "out") -> None:
+    """An ``out=`` buffer takes a gradient: a writeable, C-contiguous NumPy array of the
+    shape and dtype of the array ``like`` it is the gradient of. (Overlaps are
+    ``check_out_buffers``'s.)"""
+    if not isinstance(like, np.ndarray):
         raise TypeError(
-            f"out= is supported for NumPy input only, got input of type {type(input).__name__}"
+            f"out= is supported for NumPy input only, got input of type {type(like).__name__}"
         )
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != input.shape or out.dtype != input.dtype:
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype:
         raise ValueError(
-            f"out must have the input's shape {input.shape} and dtype {input.dtype}, "
-            f"got shape {out.shape} and dtype {out.dtype}"
+            f"{name} must have the shape {like.shape} and dtype {like.dtype} of the array it "
+            f"is the gradient of, got shape {out.shape} and dtype {out.dtype}"
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out must be a writeable, C-contiguous array")
-    same_as_input = (
-        out.__array_interface__["data"][0] == input.__array_interface__["data"][0]
-        and out.strides == input.strides
+        raise ValueError(f"{name} must be a writeable, C-contiguous array")
+
+
+def check_out_buffers(
+    outs: list[tuple[str, Any]], reads: list[tuple[str, Any]], in_place: frozenset = frozenset()
+) -> None:
+    """No ``out=`` buffer shares memory with another buffer or with an array the call reads.
+
+    ``outs`` and ``reads`` are ``(argument name, array)`` pairs (None skipped; a read
+    argument may appear twice, as given and as converted). A gradient written over values
+    still to be read -- the weight, a probability target, the upstream gradient, a row of
+    the input not yet visited, another gradient -- gives a wrong number, so every overlap
+    is refused, except that a buffer named with a read array in ``in_place`` may be that
+    array itself (the same address, shape, strides and dtype: the documented in-place
+    use, which reads each value before writing its gradient). ``np.shares_memory`` is
+    exact (not the bounds test of ``may_share_memory``): arrays that interleave without
+    touching, such as a bias stored in the row padding of the hidden states, are accepted.
+    """
+    outs = [(name, out) for name, out in outs if out is not None]
+    for i, (name, out) in enumerate(outs):
+        for other_name, other in outs[:i]:
+            if np.shares_memory(out, other):
+                raise ValueError(
+                    f"{other_name} and {name} overlap: each gradient needs an array of its own"
+                )
+        for read_name, read in reads:
+            if not isinstance(read, np.ndarray) or not np.shares_memory(out, read):
+                continue
+            if (name, read_name) in in_place and _same_memory(out, read):
+                continue
+            itself = (
+                f" (only {name}={read_name} itself is allowed)"
+                if (name, read_name) in in_place
+                else ""
+            )
+            raise ValueError(
+                f"{name} overlaps {read_name}'s memory: its gradient would be written over "
+                f"values still to be read{itself}; pass a separate array as {name}"
+            )
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype == b.dtype
     )
-    if not same_as_input and np.may_share_memory(out, input):
-        raise ValueError(
-            "out overlaps the input's memory without being the input itself: pass out=input "
-            "to overwrite the input, or a separate array"
-        )
-    if isinstance(grad_output, np.ndarray) and np.may_share_memory(out, grad_output):
-        raise ValueError(
-            "out overlaps grad_output's memory: the gradient would overwrite the upstream "
-            "gradient while it is read; pass a separate array"
-        )
 
 
 def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
@@ -591,11 +621,10 @@ def check_chunk_rows(chunk_rows: Any) -> int | None:
     return int(chunk_rows)
 
 
-def check_linear_out(out: Any, arrays: tuple, grad_output: Any) -> None:
+def check_linear_out(out: Any, arrays: tuple) -> list[tuple[str, Any]]:
     """``out=`` of ``linear_cross_entropy_and_grad``: three entries, each None or an array
-    for the gradient of (input, linear_weight, linear_bias) as ``check_out`` requires.
-    Only ``d_input`` may be its argument itself (each block of rows is read before its
-    gradient is written); the weights are read until the last block."""
+    for the gradient of (input, linear_weight, linear_bias) as ``check_out`` requires;
+    returned as ``(name, array)`` pairs for ``check_out_buffers``."""
     names = ("d_input", "d_linear_weight", "d_linear_bias")
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise TypeError(
@@ -607,10 +636,5 @@ def check_linear_out(out: Any, arrays: tuple, grad_output: Any) -> None:
             continue
         if like is None:
             raise ValueError(f"out gives {name} but there is no linear_bias")
-        try:
-            check_out(given, like, grad_output)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{name}: {error}") from None
-        others = [a for a in arrays if a is not None and (a is not like or name != "d_input")]
-        if any(np.may_share_memory(given, a) for a in others):
-            raise ValueError(f"out's {name} overlaps an argument that is still to be read")
+        check_out(given, like, f"out's {name}")
+    return [(f"out's {name}", given) for name, given in zip(names, out, strict=True)]
