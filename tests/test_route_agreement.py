@@ -161,6 +161,24 @@ def test_a_grad_output_of_the_wrong_shape_is_refused(library):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_an_unbatched_input_with_a_target_of_its_shape_is_torchs_value_error(
+    library, from_logits
+):
+    """An integer (C,) target of a (C,) input: torch's ValueError and its message, not a
+    TypeError (a target of the input's shape could also be meant as probabilities)."""
+    x, t = np.log(np.full(5, 0.2, np.float32)), np.arange(5)
+    with pytest.raises(ValueError) as theirs:
+        F.nll_loss(torch.from_numpy(x), torch.from_numpy(t))
+    expected = str(theirs.value)  # For 1D input, 1D target must have size 1, but got ...: 5
+    with pytest.raises(ValueError, match=expected):
+        to_numpy(nllloss.nll_loss(on(library, x), on(library, t), from_logits=from_logits))
+    if library in ("numpy", "torch", "jax"):  # the loss from hidden states of an unbatched h
+        h, w = np.ones(2, np.float32), np.ones((5, 2), np.float32)
+        with pytest.raises(ValueError, match=expected):
+            nllloss.linear_cross_entropy(on(library, h), on(library, w), on(library, t))
+
+
 # --- NumPy only: array subclasses and the out= buffer -------------------------------------
 
 X = np.log(np.full((4, 3), 1 / 3, np.float32))

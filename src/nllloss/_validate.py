@@ -166,8 +166,9 @@ def check_target(target: Any, input_shape: tuple[int, ...], probabilities: bool 
                     "need an integer dtype)"
                 )
             return
-        # (1,) is also the class index of an unbatched input of one class
-        if target_shape == input_shape and target_shape != (1,):
+        # Unbatched, the shape is the ValueError's below, as torch's (whose message names
+        # the size); (1,) is also the class index of an unbatched input of one class.
+        if target_shape == input_shape and ndim > 1:
             raise TypeError(
                 f"a target of the input's shape {input_shape} holds class probabilities and "
                 f"must be floating, got dtype {target.dtype} (class indices have shape "
@@ -181,9 +182,14 @@ def check_target(target: Any, input_shape: tuple[int, ...], probabilities: bool 
                 if len(target_shape) == 1
                 else "0D or 1D target tensor expected"
             )
+            probabilities_hint = (
+                " (a target of the input's shape holds class probabilities and must be floating)"
+                if probabilities and target_shape == input_shape
+                else ""
+            )
             raise ValueError(
                 f"{detail}: an unbatched input of shape {input_shape} needs a target of shape () "
-                f"or (1,), got {target_shape}"
+                f"or (1,), got {target_shape}{probabilities_hint}"
             )
         return
 
