@@ -162,13 +162,11 @@ def test_a_grad_output_of_the_wrong_shape_is_refused(library):
 
 
 @pytest.mark.parametrize("from_logits", [False, True])
-def test_an_unbatched_input_with_a_target_of_its_shape_is_torchs_value_error(
-    library, from_logits
-):
+def test_an_unbatched_input_with_a_target_of_its_shape_is_torchs_value_error(library, from_logits):
     """An integer (C,) target of a (C,) input: torch's ValueError and its message, not a
     TypeError (a target of the input's shape could also be meant as probabilities)."""
     x, t = np.log(np.full(5, 0.2, np.float32)), np.arange(5)
-    with pytest.raises(ValueError) as theirs:
+    with pytest.raises(ValueError, match="For 1D input, 1D target must have size 1") as theirs:
         F.nll_loss(torch.from_numpy(x), torch.from_numpy(t))
     expected = str(theirs.value)  # For 1D input, 1D target must have size 1, but got ...: 5
     with pytest.raises(ValueError, match=expected):
@@ -177,6 +175,81 @@ def test_an_unbatched_input_with_a_target_of_its_shape_is_torchs_value_error(
         h, w = np.ones(2, np.float32), np.ones((5, 2), np.float32)
         with pytest.raises(ValueError, match=expected):
             nllloss.linear_cross_entropy(on(library, h), on(library, w), on(library, t))
+
+
+# --- Dask: arrays of unknown chunk sizes ------------------------------------------------
+
+DASK = [library for library in LIBRARIES if library == "dask"]
+
+
+@pytest.mark.parametrize("library", DASK)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_dask_arrays_selected_by_a_mask_give_torchs_loss_and_gradient(library, reduction):
+    """Boolean indexing leaves Dask arrays of unknown chunk sizes (NaN) and empty chunks:
+    the loss, its gradient, total_weight and the loss from hidden states are torch's on the
+    selected rows, lazily, and the caller's arrays keep their unknown sizes."""
+    dask = BACKENDS["dask"]
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((10, 4, 2))
+    t = rng.integers(0, 4, (10, 2))
+    t[2, 1] = -100
+    p = rng.dirichlet(np.ones(4), (10, 2)).transpose(0, 2, 1)
+    w = np.array([1.0, 2.0, 0.5, 1.5])
+    keep = np.arange(10) % 3 != 0  # row 9 alone in its chunk of 3: an empty chunk
+    mask = dask.from_array(keep, chunks=3)
+
+    def selected(array):
+        return dask.from_array(array, chunks=3)[mask]
+
+    dx, dt, dp = selected(x), selected(t), selected(p)
+    assert np.isnan(dx.shape[0])
+    assert np.isnan(dt.shape[0])
+    tx = torch.from_numpy(x[keep]).requires_grad_()
+    for target, torch_target in ((dt, torch.from_numpy(t[keep])), (dp, torch.from_numpy(p[keep]))):
+        expected = F.cross_entropy(
+            tx, torch_target, weight=torch.from_numpy(w), reduction=reduction
+        )
+        upstream = torch.ones_like(expected)
+        (expected_grad,) = torch.autograd.grad(expected, tx, upstream)
+        loss = nllloss.nll_loss(dx, target, w, reduction=reduction, from_logits=True)
+        grad = nllloss.nll_loss_backward(1.0, dx, target, w, reduction=reduction, from_logits=True)
+        both = nllloss.nll_loss_and_grad(dx, target, w, reduction=reduction, from_logits=True)
+        for result in (loss, grad, *both):
+            assert isinstance(result, dask.Array)
+        np.testing.assert_allclose(loss.compute(), expected.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(both[0].compute(), expected.detach().numpy(), rtol=1e-12)
+        for gradient in (grad, both[1]):
+            np.testing.assert_allclose(
+                gradient.compute(), expected_grad.numpy(), rtol=1e-12, atol=1e-15
+            )
+    assert np.isnan(dx.shape[0])  # the caller's arrays keep their unknown sizes
+    assert np.isnan(dt.shape[0])
+
+    valid = t[keep] != -100
+    assert nllloss.total_weight(dt, w).compute() == pytest.approx(w[t[keep][valid]].sum())
+
+    h = rng.standard_normal((10, 3))
+    layer = rng.standard_normal((4, 3))
+    rows = t[:, 0]
+    expected = F.cross_entropy(
+        torch.from_numpy(h[keep] @ layer.T), torch.from_numpy(rows[keep]), reduction=reduction
+    )
+    loss = nllloss.linear_cross_entropy(
+        selected(h), dask.from_array(layer), selected(rows), reduction=reduction
+    )
+    np.testing.assert_allclose(np.asarray(loss), expected.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("library", DASK)
+def test_dask_targets_selected_by_another_mask_name_both_sizes(library):
+    """Input and target selected by masks of different counts: the batch sizes, computed,
+    in the ValueError (not 'nan')."""
+    dask = BACKENDS["dask"]
+    keep = dask.from_array(np.arange(10) % 3 != 0, chunks=3)  # 6 rows
+    x = dask.from_array(np.zeros((10, 4)), chunks=3)[keep]
+    t = dask.from_array(np.zeros(10, np.int64), chunks=3)[~keep]  # 4 rows
+    with pytest.raises(ValueError, match=r"batch_size \(6\) to match target batch_size \(4\)"):
+        nllloss.nll_loss(x, t)
 
 
 # --- NumPy only: array subclasses and the out= buffer -------------------------------------
@@ -245,6 +318,7 @@ def _overlapping_out_calls():
     class_weight = np.empty((4, 4), np.float32)
     class_weight[0] = [1.0, 2.0, 0.5, 1.0]
     layer_and_bias = np.empty(20, np.float32)
+    layer_and_bias_out = (None, layer_and_bias[:16].reshape(4, 4), layer_and_bias[12:16])
     logits_and_target = np.empty((5, 3), np.float32)
     logits_and_target[:] = np.random.default_rng(3).dirichlet(np.ones(3), 5)
     x, p = logits_and_target[:4], logits_and_target[1:]  # p: x shifted by one row
@@ -264,10 +338,7 @@ def _overlapping_out_calls():
         ),
         (
             "linear-d_linear_bias-inside-d_linear_weight",
-            lambda: f(
-                h, w, t, linear_bias=np.zeros(4, np.float32),
-                out=(None, layer_and_bias[:16].reshape(4, 4), layer_and_bias[12:16]),
-            ),  # fmt: skip
+            lambda: f(h, w, t, linear_bias=np.zeros(4, np.float32), out=layer_and_bias_out),
             r"out's d_linear_weight and out's d_linear_bias overlap",
         ),
         (
