@@ -494,10 +494,15 @@ def check_not_differentiable(name: str, requires_grad: bool) -> None:
         )
 
 
-def check_num_threads(n: Any, limit: int) -> int:
-    """A thread count for the compiled kernels: an int in ``[1, limit]``."""
+def check_num_threads(n: Any, limit: int | None) -> int:
+    """A thread count for the compiled kernels: an int in ``[1, limit]`` (``limit`` None:
+    1 or more, where numba, which fixes the limit, is not installed)."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, not {type(n).__name__}")
+    if limit is None:
+        if n < 1:
+            raise ValueError(f"n must be 1 or more, got {n}")
+        return int(n)
     if not 1 <= n <= limit:
         raise ValueError(
             f"n must be between 1 and NUMBA_NUM_THREADS={limit} (set that variable before "
