@@ -547,7 +547,8 @@ def linear_cross_entropy_and_grad(
     out : tuple of three arrays or None, optional
         NumPy only: ``(d_input, d_linear_weight, d_linear_bias)``, each None or a
         writeable C-contiguous array of its argument's shape and dtype, to write the
-        gradient into (``d_input`` may be ``input`` itself, read before it is written).
+        gradient into (``d_input`` may be ``input`` itself, read before it is written;
+        any other overlap between them or with an argument is a ``ValueError``).
 
     Returns
     -------

@@ -289,7 +289,8 @@ def nll_loss_backward(
         As in :func:`nll_loss`.
     out : array, optional
         NumPy only: a C-contiguous array of the input's shape and dtype to write the
-        gradient into (it may be ``input`` itself, which is then overwritten); returned.
+        gradient into (it may be ``input`` itself, which is then overwritten, but share
+        no memory with any other argument: a ``ValueError``); returned.
 
     Returns
     -------

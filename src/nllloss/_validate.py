@@ -21,6 +21,7 @@ import functools
 import math
 import operator
 import warnings
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -373,7 +374,9 @@ def check_out(out: Any, like: Any, name: str = "out") -> None:
 
 
 def check_out_buffers(
-    outs: list[tuple[str, Any]], reads: list[tuple[str, Any]], in_place: frozenset = frozenset()
+    outs: list[tuple[str, Any]],
+    reads: list[tuple[str, Any]],
+    in_place: Container[tuple[str, str]] = (),
 ) -> None:
     """No ``out=`` buffer shares memory with another buffer or with an array the call reads.
 
