@@ -604,8 +604,8 @@ def test_jax_total_weight_of_closed_over_arrays(rng):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_linear_cross_entropy_closed_over_and_grad_of_jit(reduction, rng):
     """The loss from hidden states with a closed-over target and class weight under jit,
-    and jax.grad of a jitted call (its custom_vjp once closed over the jit's tracers),
-    against torch's cross_entropy(linear(h, W), t)."""
+    jax.grad of a jitted call (its custom_vjp once closed over the jit's tracers) and
+    linear_cross_entropy_and_grad, against torch's cross_entropy(linear(h, W), t)."""
     h = rng.standard_normal((3, 6, 4)).astype(np.float32)
     layer = rng.standard_normal((CLASSES, 4)).astype(np.float32)
     t = rng.integers(0, CLASSES, 6)
@@ -630,6 +630,17 @@ def test_jax_linear_cross_entropy_closed_over_and_grad_of_jit(reduction, rng):
     for gradients in (gradient_of_jit(jh[0], jlayer), jit_of_gradient(jh[0], jlayer)):
         for a, e in zip(gradients, expected, strict=True):
             close_jax(a, e)
+
+    # the loss and gradients in one call (its blocks' gradients once written in place)
+    upstream = jnp.linspace(0.5, 1.5, 6, dtype=jnp.float32) if reduction == "none" else 1.0
+    both = jax.jit(
+        lambda a, b: nllloss.linear_cross_entropy_and_grad(
+            a, b, jt, weight=jw, reduction=reduction, grad_output=upstream
+        )
+    )(jh[0], jlayer)
+    close_jax(both[0], theirs(th[0], tlayer))
+    for a, e in zip(both[1:3], expected, strict=True):
+        close_jax(a, e)
 
     # every argument traced, as jax.grad(jax.jit(linear_cross_entropy))(h, W, t) is called
     whole = jax.grad(jax.jit(nllloss.linear_cross_entropy), argnums=(0, 1))(jh[0], jlayer, jt)

@@ -231,8 +231,11 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
         if grads is None:
             losses.append(linear.backend.forward(block))
             continue
+        # The gradient over the logits where they live in the algebra's own buffer; arrays
+        # of the functional algebra may be immutable (JAX)
+        in_buffer = block.input if buffer is not None else None
         loss, grad = linear.backend.forward_backward(
-            block, linear.upstream_rows(upstream, rows), out=block.input
+            block, linear.upstream_rows(upstream, rows), out=in_buffer
         )
         losses.append(loss)
         grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
