@@ -354,7 +354,7 @@ def check_sequence(obj: Any, values: np.ndarray, name: str) -> None:
         )
 
 
-def check_out(out: Any, like: Any, name: str = "out") -> None:
+def check_out(out: Any, like: Any, name: str = "out", like_name: str = "input") -> None:
     """An ``out=`` buffer takes a gradient: a writeable, C-contiguous NumPy array of the
     shape and dtype of the array ``like`` it is the gradient of. (Overlaps are
     ``check_out_buffers``'s.)"""
@@ -366,8 +366,8 @@ def check_out(out: Any, like: Any, name: str = "out") -> None:
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != like.shape or out.dtype != like.dtype:
         raise ValueError(
-            f"{name} must have the shape {like.shape} and dtype {like.dtype} of the array it "
-            f"is the gradient of, got shape {out.shape} and dtype {out.dtype}"
+            f"{name} must have the {like_name}'s shape {like.shape} and dtype {like.dtype}, "
+            f"got shape {out.shape} and dtype {out.dtype}"
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"{name} must be a writeable, C-contiguous array")
@@ -645,10 +645,11 @@ def check_linear_out(out: Any, arrays: tuple) -> list[tuple[str, Any]]:
             "out must be a tuple (d_input, d_linear_weight, d_linear_bias) of arrays or None, "
             f"got {type(out).__name__}"
         )
-    for name, given, like in zip(names, out, arrays, strict=True):
+    arguments = ("input", "linear_weight", "linear_bias")
+    for name, given, like, argument in zip(names, out, arrays, arguments, strict=True):
         if given is None:
             continue
         if like is None:
             raise ValueError(f"out gives {name} but there is no linear_bias")
-        check_out(given, like, f"out's {name}")
+        check_out(given, like, f"out's {name}", argument)
     return [(f"out's {name}", given) for name, given in zip(names, out, strict=True)]
