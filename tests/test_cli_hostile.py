@@ -382,7 +382,7 @@ def case_option_prefix(f):
     x, t = _pair(f)
     return (
         [x, t, "--from-logit"],
-        "unrecognized arguments: --from-logit (see nllloss eval --help)",
+        "unrecognized arguments: --from-logit (did you mean --from-logits?) (see nllloss eval --help)",
         2,
     )
 
