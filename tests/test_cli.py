@@ -532,15 +532,13 @@ def test_plot_of_many_classes_is_bounded(tmp_path, capsys):
         Context("mean", True, 0.0, weighted=False, loss_file=None),
         "x",
     )
-    reliability, mean_axes, share_axes = figure.axes
+    reliability, _, share_axes = figure.axes
     shares = sorted((row["share"] for row in result["per_class"]), reverse=True)
     heights = [bar.get_height() for bar in share_axes.patches]
     assert len(heights) == PLOT_CLASSES
     np.testing.assert_allclose(sorted(heights[:-1], reverse=True), np.multiply(shares[:23], 100))
     np.testing.assert_allclose(heights[-1], 100 * sum(shares[23:]))
-    assert share_axes.get_xticklabels()[-1].get_text().startswith(
-        f"others ({len(shares) - 23})"
-    )
+    assert share_axes.get_xticklabels()[-1].get_text().startswith(f"others ({len(shares) - 23})")
     used = [row for row in result["calibration"]["bins"] if row["count"]]
     assert [bar.get_height() for bar in reliability.patches] == [r["accuracy"] for r in used]
 

@@ -171,9 +171,7 @@ def test_bootstrap_intervals_follow_the_documented_resamples(files, name, capsys
         omega = np.array([poisson_weight(seed, r, int(i)) for i in position], dtype=float)
         stats["loss"].append((omega * w * nll).sum() / (omega * w).sum())
         stats["accuracy"].append((omega * correct).sum() / omega.sum())
-        gaps = [
-            abs((omega * (correct - confidence))[index == b].sum()) for b in range(bins)
-        ]
+        gaps = [abs((omega * (correct - confidence))[index == b].sum()) for b in range(bins)]
         stats["ece"].append(sum(gaps) / omega.sum())
     for result in results:
         section = result["calibration"]
@@ -256,7 +254,8 @@ def test_calibration_in_table_and_csv(files, tmp_path, capsys):
     assert float(summary["ece"]) == section["ece"]
     assert float(summary["top_3_accuracy"]) == section["top_k_accuracy"]["3"]
     assert float(summary["loss_low"]) == section["intervals"]["loss"][0]
-    assert rows[2] == [] and rows[3] == ["lower", "upper", "count", "confidence", "accuracy"]
+    assert rows[2] == []
+    assert rows[3] == ["lower", "upper", "count", "confidence", "accuracy"]
     assert len(rows) == 4 + len(section["bins"])
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import os
 import re
 import signal
 import sys

@@ -8,8 +8,8 @@ of ``C`` scores ``z``. The model's probabilities are ``p = softmax(z)`` for logi
 float64 sums (:class:`CalibrationSums`); the figures come from their totals, so they do not
 depend on the blocks, nor on where they were computed, beyond rounding.
 
-The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Σ_c exp(β z_ic) − β z_iy]``
-of ``softmax(z / T)``, ``β = 1 / T``. ``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[z] −
+The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Σ_c exp(β z_ic) - β z_iy]``
+of ``softmax(z / T)``, ``β = 1 / T``. ``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[z] -
 z_y)`` and ``f''(β) = mean_i Var_p(z) >= 0`` under ``p = softmax(β z)``. Newton's method runs
 on those sums (:class:`TemperatureSums`), first on a sample of rows held in memory
 (:func:`sample_elements`), then on the whole file, one streamed pass per step, until a step
@@ -40,12 +40,12 @@ MAX_TEMPERATURE_PASSES = 20
 # β = 1/T stays in [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]: predictions that separate the
 # classes perfectly drive T to 0, and constant ones leave it undetermined.
 MAX_TEMPERATURE = 1e4
-# Values (elements × classes) of the sample the fit starts on: 32 MiB of float32, whose
+# Values (elements x classes) of the sample the fit starts on: 32 MiB of float32, whose
 # float64 Newton steps are cheap; with 8192 elements of 1000 classes its β is within about
 # 1% of the whole file's, which one or two passes over the file then refine.
 SAMPLE_VALUES = 1 << 23
 SAMPLE_RUNS = 64  # contiguous row ranges the sample is read in, evenly spaced
-# Values (resamples × elements) of the bootstrap weights drawn at once (32 MiB of float64).
+# Values (resamples x elements) of the bootstrap weights drawn at once (32 MiB of float64).
 BOOTSTRAP_VALUES = 1 << 22
 INTERVAL = (2.5, 97.5)  # percentiles of the 95% bootstrap intervals
 
@@ -107,7 +107,7 @@ class Bins:
         self.correct += other.correct
 
     def errors(self) -> tuple[float, float]:
-        """ECE (Σ_b n_b/n |acc_b − conf_b|) and MCE (the largest gap of a non-empty bin)."""
+        """ECE (Σ_b n_b/n |acc_b - conf_b|) and MCE (the largest gap of a non-empty bin)."""
         used = self.count > 0
         gap = np.abs(self.correct[used] - self.confidence[used]) / self.count[used]
         total = self.count.sum()
@@ -318,8 +318,13 @@ def _resampled(
     one_hot = np.zeros((len(index), options.bins))
     one_hot[np.arange(len(index)), bin_of(confidence, options.bins)] = 1.0
     values = np.column_stack(
-        [np.ones(len(index)), *per_element, one_hot, one_hot * confidence[:, None],
-         one_hot * correct[:, None]]
+        [
+            np.ones(len(index)),
+            *per_element,
+            one_hot,
+            one_hot * confidence[:, None],
+            one_hot * correct[:, None],
+        ]
     )
     out = np.zeros((options.bootstrap, values.shape[1]))
     step = max(1, BOOTSTRAP_VALUES // options.bootstrap)
@@ -332,7 +337,7 @@ def _resampled(
 def intervals(resampled: np.ndarray, bins: int, mean_loss: bool) -> dict[str, list[float]]:
     """95% percentile intervals of the loss, the accuracy and the ECE over the resamples."""
     count, loss, denominator, correct = resampled[:, :4].T
-    bin_count, bin_confidence, bin_correct = np.split(resampled[:, 4:], 3, axis=1)
+    _, bin_confidence, bin_correct = np.split(resampled[:, 4:], 3, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         statistics = {
             "loss": loss / denominator if mean_loss else loss,

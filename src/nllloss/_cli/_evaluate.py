@@ -308,8 +308,12 @@ def evaluate(
     if sums is None:  # no rows: the figures of no element
         empty = np.empty((0, options.classes, *predictions.shape[2:]), predictions.dtype)
         sums = calibration_sums(
-            empty, np.empty((0, *targets.shape[1:]), np.int64), 0, options.calibration,
-            ignore_index=options.ignore_index, from_logits=options.from_logits,
+            empty,
+            np.empty((0, *targets.shape[1:]), np.int64),
+            0,
+            options.calibration,
+            ignore_index=options.ignore_index,
+            from_logits=options.from_logits,
             softcap=options.softcap,
         )
 
@@ -380,8 +384,7 @@ def _check_scheduler_answers(address: str) -> None:
         answer = asyncio.run(asyncio.wait_for(identity(), SCHEDULER_TIMEOUT))
     except (TimeoutError, asyncio.TimeoutError):
         raise UserError(
-            f"cannot reach the Dask scheduler at {address}: no answer within "
-            f"{SCHEDULER_TIMEOUT} s"
+            f"cannot reach the Dask scheduler at {address}: no answer within {SCHEDULER_TIMEOUT} s"
         ) from None
     except Exception as error:  # the comm's own errors for a peer that speaks no Dask
         raise UserError(

@@ -148,8 +148,15 @@ class FileRows(_Rows):
             )
 
     def __dask_tokenize__(self):
-        return (type(self).__name__, self.path, self.offset, self.shape, self.dtype.str,
-                self.stamp, self.fortran)
+        return (
+            type(self).__name__,
+            self.path,
+            self.offset,
+            self.shape,
+            self.dtype.str,
+            self.stamp,
+            self.fortran,
+        )
 
 
 def file_stamp(status: os.stat_result) -> tuple[int, int, int]:

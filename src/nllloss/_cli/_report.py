@@ -156,9 +156,7 @@ def _table(result: Result, context: Context) -> str:
 
 def _calibration_table(section: dict, context: Context) -> list[str]:
     """The calibration figures, then the reliability bins (empty bins left out)."""
-    top_k = "".join(
-        f", top-{k} {_number(value)}" for k, value in section["top_k_accuracy"].items()
-    )
+    top_k = "".join(f", top-{k} {_number(value)}" for k, value in section["top_k_accuracy"].items())
     probabilities = "softmax of the logits" if context.from_logits else "exp of PRED"
     lines = [
         f"calibration   {section['count']} targets, unweighted; p = {probabilities}",
