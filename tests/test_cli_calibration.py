@@ -268,3 +268,33 @@ def test_every_target_ignored_gives_null_figures(tmp_path, capsys):
     assert section["count"] == 0
     for key in ("accuracy", "brier", "ece", "mce", "temperature", "loss_at_temperature"):
         assert section[key] is None, key
+
+
+def test_evaluate_from_python_is_the_json_report(files, capsys):
+    import nllloss
+
+    folder = files["folder"]
+    argv = ["eval", folder / "spatial.npy", folder / "spatial_t.npy", "--from-logits"]
+    argv += ["--calibration", "--top-k", "2", "--bootstrap", "8", "--seed", "4", "--per-class"]
+    expected = report([*argv, "--chunk-rows", 16], capsys)
+    options = dict(from_logits=True, calibration=True, top_k=[2], bootstrap=8, seed=4)
+    from_paths = nllloss.evaluate(
+        folder / "spatial.npy",
+        str(folder / "spatial_t.npy"),
+        per_class=True,
+        chunk_rows=16,
+        **options,
+    )
+    assert from_paths == expected
+    from_arrays = nllloss.evaluate(
+        np.load(folder / "spatial.npy"),
+        np.load(folder / "spatial_t.npy"),
+        per_class=True,
+        chunk_rows=16,
+        **options,
+    )
+    assert from_arrays == expected
+    with pytest.raises(ValueError, match=r"top_k in 1\.\.7"):
+        nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), calibration=True, top_k=[8])
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), reduction="none")
