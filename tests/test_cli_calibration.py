@@ -298,3 +298,27 @@ def test_evaluate_from_python_is_the_json_report(files, capsys):
         nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), calibration=True, top_k=[8])
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
         nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), reduction="none")
+
+
+def test_readme_calibration_report_is_what_the_command_prints():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("### Calibration report", 1)[1]
+    command, shown = re.search(r"```bash\n(.*?)\n```\n\n```text\n(.*?)```", section, re.S).groups()
+    job = command.split()
+    assert job[:2] == ["nllloss", "eval"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nllloss", *job[1:]],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(root / "src")},
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == shown
+    assert (root / "docs" / "landcover-calibration.png").stat().st_size < 200_000
