@@ -236,7 +236,7 @@ def calibration_sums(
         lse = top + np.log(total) if from_logits else np.zeros(count)
         confidence = np.exp(top - lse)
         p_target = np.exp(z[rows, y] - lse)
-        squares = np.exp(2 * (shifted + (top - lse)[:, None])).sum(axis=1)
+        squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
         brier = float((squares - 2 * p_target + 1).sum())
         at_target = z[rows, y]
         correct = np.argmax(z, axis=1) == y  # ties: the first index, as argmax
