@@ -85,5 +85,7 @@ def total_weight(
     )
     _agreement.check_same(peers, [name for name, _ in arguments])
     totals = torch.tensor([peer.values[0] for peer in peers], dtype=torch.int64).view(exact)
-    total = totals.sum() if weight is None else torch.tensor(math.fsum(totals.tolist()))
+    total = (
+        totals.sum() if weight is None else torch.tensor(math.fsum(totals.tolist()), dtype=exact)
+    )
     return total.to(device=target.device, dtype=local.dtype)

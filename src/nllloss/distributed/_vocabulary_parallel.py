@@ -79,14 +79,14 @@ def linear_cross_entropy(
     -----
     One agreement per call (as :func:`nll_loss`'s, on the input, the target, the weight,
     every option, ``chunk_rows`` and whether the input requires a gradient): its SHA-256
-    digests read the input's N x D values on the host once per call. A bad target is reported at its place in
-    the whole target. Without ``chunk_rows``, every rank takes the rows per block that the
-    largest shard would (so that the ranks' blocks pair up). For 'mean' and 'sum' the
-    forward computes the gradients too and the backward communicates nothing; for 'none'
-    (or a second backward) the backward computes the blocks again, opening with an
-    agreement on the upstream gradient: every rank must call it. Class indices only
-    (``z_loss`` and ``softcap`` are not available here); second-order gradients are
-    refused with a RuntimeError.
+    digests read the input's N x D values on the host once per call. A bad target is
+    reported at its place in the whole target. Without ``chunk_rows``, every rank takes
+    the rows per block that the largest shard would (so that the ranks' blocks pair up).
+    For 'mean' and 'sum' the forward computes the gradients too and the backward
+    communicates nothing; for 'none' (or a second backward) the backward computes the
+    blocks again, opening with an agreement on the upstream gradient: every rank must call
+    it. Class indices only (``z_loss`` and ``softcap`` are not available here);
+    second-order gradients are refused with a RuntimeError.
 
     Examples
     --------
@@ -96,7 +96,7 @@ def linear_cross_entropy(
     >>> h = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
     >>> W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     >>> distributed.linear_cross_entropy(h, W, torch.tensor([0, 1]), class_start=0)
-    tensor(0.3955, grad_fn=<_LinearLossBackward>)
+    tensor(0.3955, grad_fn=<_VocabularyParallelLossBackward>)
     >>> dist.destroy_process_group()
     """
     error, shard, chunk_rows, requires_grad = None, None, None, False
