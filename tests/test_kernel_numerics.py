@@ -99,7 +99,9 @@ def test_every_cap_gives_the_capped_gradient(cap, rng):
     np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
     np.testing.assert_allclose(grad, expected_grad, rtol=2e-5, atol=1e-7)
     xt = torch.from_numpy(x).requires_grad_()
-    nllloss.nll_loss(xt, torch.from_numpy(t), from_logits=True, softcap=cap, reduction="sum").backward()
+    nllloss.nll_loss(
+        xt, torch.from_numpy(t), from_logits=True, softcap=cap, reduction="sum"
+    ).backward()
     np.testing.assert_allclose(xt.grad.numpy(), expected_grad, rtol=2e-5, atol=1e-7)
 
 
@@ -140,7 +142,9 @@ def test_a_cap_beyond_the_dtype_caps_an_infinite_logit_to_its_rounding_on_every_
     for route, (to, back) in ROUTES.items():
         if route == "dask":
             continue
-        loss = back(nllloss.nll_loss(to(x), to(t), from_logits=True, softcap=1e39, reduction="none"))
+        loss = back(
+            nllloss.nll_loss(to(x), to(t), from_logits=True, softcap=1e39, reduction="none")
+        )
         assert np.isnan(loss[0]), route
         np.testing.assert_allclose(loss[1:], expected_row, rtol=2e-6, err_msg=route)
 
@@ -279,7 +283,9 @@ def test_every_integer_target_dtype_on_every_fused_route(library, rng):
         typed = t.astype(dtype) if library == "numpy" else torch.from_numpy(t).to(dtype)
         results = fused_routes(convert(x), typed, convert(w), convert(h))
         for name, value in results.items():
-            np.testing.assert_array_equal(_as_numpy(value), expected[name], err_msg=f"{dtype} {name}")
+            np.testing.assert_array_equal(
+                _as_numpy(value), expected[name], err_msg=f"{dtype} {name}"
+            )
 
 
 @pytest.mark.parametrize("library", ["numpy", "torch"])

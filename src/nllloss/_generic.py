@@ -284,7 +284,9 @@ def _cap_argument(xp, x, softcap: float):
     scaled = parts[1] != 1.0
     if not scaled:
         return _ieee(operator.truediv, x, mantissa), (mantissa, first, second, scaled)
-    y = _ieee(operator.mul, _ieee(operator.truediv, _ieee(operator.mul, x, first), mantissa), second)
+    y = _ieee(
+        operator.mul, _ieee(operator.truediv, _ieee(operator.mul, x, first), mantissa), second
+    )
     return y, (mantissa, first, second, scaled)
 
 

@@ -119,7 +119,11 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
 def _triton_arguments(problem: Problem) -> tuple[tuple, dict]:
     """The Triton launchers' positional arguments and keywords for ``problem``."""
     arguments = (
-        problem.input, problem.target, problem.weight, problem.ignore_index, problem.reduction
+        problem.input,
+        problem.target,
+        problem.weight,
+        problem.ignore_index,
+        problem.reduction,
     )
     flags = {
         "from_logits": problem.from_logits,

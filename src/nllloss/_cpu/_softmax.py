@@ -511,7 +511,9 @@ def _row_statistics(
             out[j] = g
     elif probabilities:
         for j in range(classes):
-            out[j] = -(per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share)))
+            out[j] = -(
+                per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share))
+            )
     else:
         for j in range(classes):
             out[j] = -(per_weight * weight[j])
@@ -668,7 +670,9 @@ def softmax_tiles(
             for k in range(width):
                 if not from_logits:  # (as softmax_rows: -0.0 where the product is 0)
                     if probabilities:
-                        out[k] = -(per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share)))
+                        out[k] = -(
+                            per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share))
+                        )
                     else:
                         out[k] = -(per_weight[k] * w)
                     continue
