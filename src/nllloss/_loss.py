@@ -158,12 +158,17 @@ def nll_loss(
     softcap : float, optional
         From logits only: :math:`c > 0` replaces every logit by :math:`c \tanh(x / c)`
         before the softmax (Gemma 2's final-logit soft-capping), in the same pass; the
-        gradient goes through the tanh. Default: no cap.
+        gradient goes through the tanh. Any finite :math:`c > 0`, also beyond the dtype's
+        range (1e-50 caps every logit to about 0, so the loss is :math:`\log C`; 1e39
+        leaves float32 logits almost as they are); a capped value is rounded to the
+        dtype, so with :math:`c` above its largest value an infinite logit stays
+        infinite. Default: no cap.
     return_lse : bool, default False
         From logits only: also return :math:`\operatorname{lse}_n` of every target
         element (of the capped logits; ignored elements too), e.g. to log the z-loss's
-        quantity. Computed by one more read of the input, with the array library's own
-        operations (so differentiable by its autodiff), not by the fused kernels.
+        quantity. The fused kernels (NumPy; torch on the CPU or Triton when no gradient
+        is recorded) give the one they compute; otherwise one more read of the input
+        with the array library's own operations (so differentiable by its autodiff).
 
     Returns
     -------

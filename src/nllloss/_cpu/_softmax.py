@@ -4,24 +4,27 @@ and ``softcap``: one visit of each input row.
 For each target element the kernels compute, reading its row of C values once from
 memory (a row is re-read from cache, not from memory, by the later loops):
 
-* with logits (capped to ``c tanh(x / c)`` on the fly with ``softcap``), the row's
-  maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so ``log q_c = x_c - m -
-  log_norm``, never stored; ``lse = m + log_norm``;
-* the target term ``nll``: ``-w_t log q_t`` for a class index, ``-sum_c w_c p_c log q_c``
-  for probabilities; with smoothing, ``smooth = -sum_c w_c log q_c``; with ``z_loss``,
-  ``z v lse**2`` (``v = w_t``, 1 for probabilities); each in float64, for the caller to
-  reduce;
+* with logits (capped to ``c tanh(x / c)`` with ``softcap``: computed in float64 once per
+  logit, with its derivative, for every c > 0, and rounded to the compute dtype), the
+  row's maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so ``log q_c = (x_c - m)
+  - log_norm``, never stored; ``lse = m + log_norm``;
+* the target term ``nll``: ``-w_t log q_t`` for a class index, ``-sum_c w_c p'_c log q_c``
+  for probabilities smoothed first, as torch's ``p' = (1 - eps) p + eps / C`` (so a
+  ``-inf`` logit or an infinite ``p`` gives torch's inf, not ``inf * 0``); with smoothing
+  of class indices, ``smooth = -sum_c w_c log q_c``; with ``z_loss``, ``z v lse**2``
+  (``v = w_t``, 1 for probabilities); each in float64, for the caller to reduce;
 * optionally the gradient, written once per element (it may overwrite the input:
   each element is read before it is written):
   ``a * q_c - e * w_c - b_c``, times ``1 - tanh(x_c / c)**2`` with a cap, where
-  ``a = s ((1 - eps) sum_k w_k p_k + eps/C sum_k w_k + 2 z v lse)``, ``e = s eps/C`` and
-  ``b_c = s (1 - eps) w_c p_c`` (a one-hot p for a class index; ``a = 0`` for
-  log-probability input) and ``s`` the element's upstream gradient.
+  ``a = s ((1 - eps) w_t + eps/C sum_k w_k + 2 z v lse)``, ``e = s eps/C`` and
+  ``b_c = s (1 - eps) w_c [c = t]`` for a class index; for probabilities
+  ``a = s (sum_k w_k p'_k + 2 z lse)``, ``e = 0`` and ``b_c = s w_c p'_c``; ``a = 0`` for
+  log-probability input; ``s`` the element's upstream gradient.
 
-Sums accumulate in float64; ``exp`` and ``tanh`` of float32 values are polynomials that
-vectorise (within 2 and 3 ulp; numba's ``math.exp`` calls libm once per element). Rows are
-independent, so results do not depend on the thread count. Ignored elements get 0
-everywhere.
+Sums accumulate in float64; ``exp`` of float32 values, and the cap's ``exp`` in float64,
+are polynomials that vectorise (within 2 ulp; numba's ``math.exp`` calls libm once per
+element). Rows are independent, so results do not depend on the thread count. Ignored
+elements get 0 everywhere.
 """
 
 from __future__ import annotations
