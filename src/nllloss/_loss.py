@@ -221,7 +221,7 @@ def nll_loss(
     array(0.6314322, dtype=float32)
     >>> z = np.array([[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], dtype=np.float32)
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
-    array(2.5079715, dtype=float32)
+    array(2.5079718, dtype=float32)
     """
     if (
         size_average is reduce is total_weight is None
