@@ -25,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 240  # seconds for one layer's probes; a hang fails instead
 
-# Large enough for the parallel kernels (_cpu.PARALLEL_MIN elements and beyond).
+# Large enough for the parallel kernels (_cpu._threads.PARALLEL_MIN elements and beyond).
 N, C = 70_000, 4
 
 PROBES = textwrap.dedent(

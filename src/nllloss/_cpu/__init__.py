@@ -145,14 +145,10 @@ def _no_weight(dtype):
     return empty
 
 
-# Below this many elements written or gathered, kernels run serially: a parallel region
-# costs ~10 us to start here (more when idle workers sleep), as much as ~10**5 elements.
-PARALLEL_MIN = 1 << 16
-
-
 def _sized(kernel, work: int):
-    """The parallel kernel for large work, its serial twin for small."""
-    return kernel if work >= PARALLEL_MIN else kernel.serial
+    """The kernel for ``work`` elements: each call runs the twin (threads or one thread)
+    that has been faster lately for work of this size (``_threads.Guarded.run``)."""
+    return functools.partial(kernel.run, work)
 
 
 @_generic.IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
@@ -185,7 +181,7 @@ def forward(problem: Problem):
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
-        count, first_bad = kernels.block_sums(
+        count, first_bad = _sized(kernels.block_sums, size)(
             x3, t2, problem.ignore_index, weight, table, step, sums
         )
         _raise_if_bad(first_bad, problem)
