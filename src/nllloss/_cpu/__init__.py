@@ -145,10 +145,11 @@ def _no_weight(dtype):
     return empty
 
 
-def _sized(kernel, work: int):
+def _sized(kernel, work: int, variant=None):
     """The kernel for ``work`` elements: each call runs the twin (threads or one thread)
-    that has been faster lately for work of this size (``_threads.Guarded.run``)."""
-    return functools.partial(kernel.run, work)
+    that has been faster lately for work of this size and ``variant`` (what else changes
+    the cost per element; ``_threads.Guarded.run``)."""
+    return functools.partial(kernel.run, work, variant)
 
 
 @_generic.IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
@@ -278,11 +279,11 @@ def backward(problem: Problem, grad_output, out=None):
             values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
                 values = (values * upstream).astype(native)
-            _sized(kernels.write_gradient, grad.size)(
+            _sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, bits(no_values), bits(values), bits(grad), zeroed
             )
         else:
-            _sized(kernels.write_gradient, grad.size)(
+            _sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, negated, upstream, grad, zeroed
             )
         return _result(grad, x, out)
@@ -301,7 +302,7 @@ def backward(problem: Problem, grad_output, out=None):
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
         class_values = (weight * step if weight.size else np.full(1, step)).astype(native)
-    _sized(kernels.write_gradient, grad.size)(
+    _sized(kernels.write_gradient, grad.size, zeroed)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad), zeroed
     )
     return _result(grad, x, out)
@@ -399,7 +400,8 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     def run(block: slice, grad_rows):
         """The kernel on a block of rows (elements ``block`` of the batch axis)."""
         cells = slice(block.start * spatial, block.stop * spatial)
-        _sized(kernel, (block.stop - block.start) * layout.classes * spatial)(
+        work = (block.stop - block.start) * layout.classes * spatial
+        _sized(kernel, work, grad_rows.size > 0)(
             inputs[block], targets[block], probabilities[block], ignore_index,
             weight, weight_sum, table, problem.from_logits, bool(smoothing), problem.z_loss,
             problem.softcap or 0.0, upstream if upstream.size == 1 else upstream[cells],

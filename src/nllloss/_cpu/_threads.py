@@ -56,6 +56,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Hashable
 from typing import Any
 
 from .. import _validate
@@ -201,18 +202,21 @@ class Guarded:
         self.__name__ = getattr(parallel, "__name__", "kernel")
         self.__doc__ = getattr(parallel, "__doc__", None)
         self._numba = numba
-        self._paces: dict[int, _Pace] = {}
+        self._paces: dict[tuple[int, Hashable], _Pace] = {}
         self._one_thread = numba.config.NUMBA_NUM_THREADS == 1
 
-    def run(self, work: int, *args: Any):
+    def run(self, work: int, variant: Hashable, *args: Any):
         """The kernel on ``args``, ``work`` elements: the twin that has been faster lately
-        for work of this size (one thread below ``PARALLEL_MIN`` or with one thread set)."""
+        for work of this size and ``variant`` (calls of one kernel whose cost per element
+        differs, e.g. with and without a gradient, are timed apart). One thread below
+        ``PARALLEL_MIN`` or with one thread set."""
         if work < PARALLEL_MIN or _serial_only or _requested == 1 or self._one_thread:
             runs["serial"] += 1
             return self.serial(*args)
-        pace = self._paces.get(work.bit_length())
+        key = (work.bit_length(), variant)
+        pace = self._paces.get(key)
         if pace is None:
-            pace = self._paces[work.bit_length()] = _Pace()
+            pace = self._paces[key] = _Pace()
         threads = pace.use_threads()
         compiled = _compiled(self.parallel) + _compiled(self.serial)
         start = time.perf_counter()
