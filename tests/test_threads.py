@@ -306,7 +306,8 @@ def test_pace_retries_losing_threads_ever_less_often():
     while not pace.use_threads():
         pass
     pace.record(True, 0.5)  # the machine quieted down: this try wins
-    assert pace.use_threads() and pace.use_threads()
+    assert pace.use_threads()
+    assert pace.use_threads()
 
 
 def test_pace_ignores_one_slow_call():
@@ -375,7 +376,7 @@ WAIT_POLICY = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "user, shown",
+    ("user", "shown"),
     [
         ({}, "OMP_WAIT_POLICY = 'PASSIVE'"),
         ({"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT = '1000'"),

@@ -532,9 +532,7 @@ def _kernel_runs() -> dict[str, int]:
     return dict(threads.runs) if threads is not None else {}
 
 
-def run_case(
-    shape, dtype, reduction, settings, modules, seed=0, tail_calls=0
-) -> dict[str, Any]:
+def run_case(shape, dtype, reduction, settings, modules, seed=0, tail_calls=0) -> dict[str, Any]:
     torch, jax = modules.get("torch"), modules.get("jax")
     x, t = make_data(shape, dtype, seed)
     go = _grad_output(t, x.dtype, reduction)
@@ -589,7 +587,9 @@ def run_case(
         "forward_speedup_vs_torch": _ratio(med(fwd_timings, "torch"), med(fwd_timings, "nllloss")),
         "forward_backward_speedup_vs_torch": _ratio(med(fb_timings, "torch"), ours_fb),
         "forward_backward_over_floor": _ratio(ours_fb, floor),
-        "forward_over_one_thread": _ratio(med(fwd_timings, "nllloss"), med(fwd_timings, ONE_THREAD)),
+        "forward_over_one_thread": _ratio(
+            med(fwd_timings, "nllloss"), med(fwd_timings, ONE_THREAD)
+        ),
         "forward_backward_over_one_thread": _ratio(ours_fb, med(fb_timings, ONE_THREAD)),
     }
     if "nllloss_and_grad" in fb_timings:
@@ -999,7 +999,7 @@ def markdown(report: dict[str, Any]) -> str:
                 ]
             )
         header = ["shape", "dtype", "reduction", "impl", "p10", "median", "p90", "max"]
-        lines += _table(header + ["p90 / median", "max / median", "> 3x"], rows)
+        lines += _table([*header, "p90 / median", "max / median", "> 3x"], rows)
 
     lines += ["", "## All timings (ms per call)", ""]
     rows = []
@@ -1158,9 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"{_shape_label(shape)} {dtype} {reduction}"
                     print(f"bench: {label} ...", file=sys.stderr)
                     cases.append(
-                        run_case(
-                            shape, dtype, reduction, settings, modules, args.seed, args.tail
-                        )
+                        run_case(shape, dtype, reduction, settings, modules, args.seed, args.tail)
                     )
                     gc.collect()  # the case's arrays go before the next case allocates its own
                     print(f"bench:   {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -145,7 +145,7 @@ class _Pace:
     """The recent timings (seconds per element) of a kernel's two twins in one size class,
     and when to try the losing threads again."""
 
-    __slots__ = ("parallel", "serial", "wait", "interval")
+    __slots__ = ("interval", "parallel", "serial", "wait")
 
     def __init__(self) -> None:
         self.parallel: list[float] = []
@@ -178,11 +178,6 @@ class _Pace:
         else:  # the threads lost (again): try them less often
             self.wait = self.interval
             self.interval = min(self.interval * _PROBE_GROWTH, PROBE_MAX)
-
-
-def _compiled(dispatcher) -> int:
-    """How many argument types a numba dispatcher has machine code for."""
-    return len(getattr(dispatcher, "overloads", ()))
 
 
 def _median(values: list[float]) -> float:
@@ -218,7 +213,7 @@ class Guarded:
         if pace is None:
             pace = self._paces[key] = _Pace()
         threads = pace.use_threads()
-        compiled = _compiled(self.parallel) + _compiled(self.serial)
+        compiled = self._compiled()
         start = time.perf_counter()
         if threads:
             ran_parallel, result = self._parallel_if_safe(args)
@@ -227,13 +222,19 @@ class Guarded:
         seconds = time.perf_counter() - start
         # Not timed: a serial run forced by another thread's kernel, or a first call of
         # these argument types (compiled or loaded from numba's cache in the call).
-        if ran_parallel == threads and compiled == _compiled(self.parallel) + _compiled(self.serial):
+        if ran_parallel == threads and compiled == self._compiled():
             pace.record(threads, seconds / work)
         runs["parallel" if ran_parallel else "serial"] += 1
         return result
 
     def __call__(self, *args: Any):
         return self._parallel_if_safe(args)[1]
+
+    def _compiled(self) -> int:
+        """How many argument types the twins have machine code for (numba's dispatchers)."""
+        return len(getattr(self.parallel, "overloads", ())) + len(
+            getattr(self.serial, "overloads", ())
+        )
 
     def _parallel_if_safe(self, args) -> tuple[bool, Any]:
         """(whether the parallel kernel ran, the result)."""
