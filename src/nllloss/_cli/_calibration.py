@@ -101,31 +101,32 @@ def numpy_figures(
     out = np.full((len(y), len(FIGURES)), np.nan)
     if not len(y):
         return out
-    rows = np.arange(len(y))
-    at_target = z[rows, y]
-    higher = (z > at_target[:, None]).sum(axis=1)
-    tied_before = ((z == at_target[:, None]) & (np.arange(z.shape[1]) < y[:, None])).sum(axis=1)
-    out[:, RANK] = higher + tied_before
-    out[:, CORRECT] = np.argmax(z, axis=1) == y
-    top = z.max(axis=1)
-    shifted = z - top[:, None]  # <= 0: exp cannot overflow
-    if with_model:
-        exp_shifted = np.exp(shifted)
-        # log p = z - lse: lse = top + log Σ for logits, 0 for log-probabilities
-        lse = top + np.log(exp_shifted.sum(axis=1)) if from_logits else np.zeros(len(y))
-        out[:, CONFIDENCE] = np.exp(top - lse)
-        squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
-        out[:, BRIER] = squares - 2 * np.exp(at_target - lse) + 1
-    weights = np.exp(beta * shifted)
-    total = weights.sum(axis=1)
-    mean = (weights * shifted).sum(axis=1) / total
-    deviation = shifted - mean[:, None]
-    shifted_target = shifted[rows, y]
-    out[:, NLL] = np.log(total) - beta * shifted_target
-    out[:, SLOPE] = mean - shifted_target
-    out[:, CURVATURE] = (weights * deviation**2).sum(axis=1) / total
-    out[:, THIRD] = (weights * deviation**3).sum(axis=1) / total
-    out[:, CONFIDENCE_AT_BETA] = 1.0 / total
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite scores
+        rows = np.arange(len(y))
+        at_target = z[rows, y]
+        higher = (z > at_target[:, None]).sum(axis=1)
+        tied_before = ((z == at_target[:, None]) & (np.arange(z.shape[1]) < y[:, None])).sum(axis=1)
+        out[:, RANK] = higher + tied_before
+        out[:, CORRECT] = np.argmax(z, axis=1) == y
+        top = z.max(axis=1)
+        shifted = z - top[:, None]  # <= 0: exp cannot overflow
+        if with_model:
+            exp_shifted = np.exp(shifted)
+            # log p = z - lse: lse = top + log Σ for logits, 0 for log-probabilities
+            lse = top + np.log(exp_shifted.sum(axis=1)) if from_logits else np.zeros(len(y))
+            out[:, CONFIDENCE] = np.exp(top - lse)
+            squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
+            out[:, BRIER] = squares - 2 * np.exp(at_target - lse) + 1
+        weights = np.exp(beta * shifted)
+        total = weights.sum(axis=1)
+        mean = (weights * shifted).sum(axis=1) / total
+        deviation = shifted - mean[:, None]
+        shifted_target = shifted[rows, y]
+        out[:, NLL] = np.log(total) - beta * shifted_target
+        out[:, SLOPE] = mean - shifted_target
+        out[:, CURVATURE] = (weights * deviation**2).sum(axis=1) / total
+        out[:, THIRD] = (weights * deviation**3).sum(axis=1) / total
+        out[:, CONFIDENCE_AT_BETA] = 1.0 / total
     return out
 
 

@@ -90,6 +90,28 @@ def _fill(z, x3, b, s, softcap):
         z[c] = softcap * math.tanh(value / softcap) if softcap > 0 else value
 
 
+@numba.njit(fastmath={"nnan", "nsz", "reassoc"}, error_model="numpy", cache=True)
+def _finite_max(z):
+    """The largest of ``z``, which holds no NaN (the flags let the loop vectorise)."""
+    top = z[0]
+    for c in range(z.shape[0]):
+        top = max(top, z[c])
+    return top
+
+
+@numba.njit(error_model="numpy", cache=True)
+def _argmax_and_max(z):
+    """np.argmax and np.max of ``z``: the first NaN and NaN if it holds one, else the first
+    largest and its value."""
+    first = 0
+    for c in range(z.shape[0]):
+        if z[c] != z[c]:
+            return c, np.nan
+        if z[c] > z[first]:
+            first = c
+    return first, z[first]
+
+
 # Row sums may be reassociated: they vectorise, in a fixed order (the same bits every run).
 _FAST = {"contract", "reassoc"}
 
@@ -113,35 +135,31 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             y = target[i]
             at_target = z[y]
             # the target's rank: classes scored higher, and equal ones of a lower index
-            # (NaN compares false both ways, as in NumPy)
-            top = z[0]
-            higher = 0
-            tied_before = 0
-            nan = 0
-            nan_before = 0
+            # (NaN compares false both ways, as in NumPy); `finite` is NaN where a score
+            # is not finite
+            rank = 0.0
+            finite = 0.0
             for c in range(classes):
                 value = z[c]
-                top = value if value > top else top
-                higher += value > at_target
-                tied_before += (value == at_target) & (c < y)
-                nan += value != value
-                nan_before += (value != value) & (c < y)
-            # np.argmax: the first NaN if any, else the first maximum
-            if nan:
-                correct = at_target != at_target and nan_before == 0
-                top = np.nan  # np.max's: every shifted score is NaN
-            else:
-                correct = higher + tied_before == 0
+                rank += (value > at_target) | ((value == at_target) & (c < y))
+                finite += value - value
+            if finite == 0:
+                top = _finite_max(z)
+                correct = rank == 0  # the first largest is the target
+            else:  # a rare row: np.argmax's and np.max's rules for NaN, one value at a time
+                first, top = _argmax_and_max(z)
+                correct = first == y
             total = 0.0  # Σ exp(z - top)
             squares = 0.0  # Σ exp(z - top)²
+            if with_model:
+                for c in range(classes):
+                    e = exp64(z[c] - top)
+                    total += e
+                    squares += e * e
             total_beta = 0.0  # Σ exp(β (z - top))
             moment = 0.0  # Σ exp(β (z - top)) (z - top)
             for c in range(classes):
                 shifted = z[c] - top
-                if with_model:
-                    e = exp64(shifted)
-                    total += e
-                    squares += e * e
                 w = exp64(beta * shifted)
                 weights[c] = w
                 total_beta += w
@@ -155,7 +173,7 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                 second += term
                 third += term * deviation
             figures = out[i]
-            figures[RANK] = higher + tied_before
+            figures[RANK] = rank
             figures[CORRECT] = correct
             if with_model:
                 # log p = z - lse: lse = top + log Σ for logits, 0 for log-probabilities
