@@ -12,10 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bitwise
 from sklearn.metrics import log_loss
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
-
-from conftest import assert_bitwise
 
 from nllloss._cli import main
 
@@ -371,7 +370,11 @@ def _scores_with_edges(rng, shape, c):
 @pytest.mark.parametrize("c", [1, 2, 7, 300])
 @pytest.mark.parametrize("case", ["logits", "log_probs", "softcap", "temperature_only"])
 def test_kernel_figures_equal_the_numpy_definition(shape, c, case, rng):
-    x = _scores_with_edges(rng, shape, c) if c > 6 else rng.standard_normal((shape[0], c, *shape[1:]))
+    x = (
+        _scores_with_edges(rng, shape, c)
+        if c > 6
+        else rng.standard_normal((shape[0], c, *shape[1:]))
+    )
     t = rng.integers(0, c, shape)
     t.reshape(-1)[::5] = IGNORE
     if c > 6:  # targets at the tied, masked and non-finite classes

@@ -8,11 +8,18 @@ of ``C`` scores ``z``. The model's probabilities are ``p = softmax(z)`` for logi
 float64 sums (:class:`CalibrationSums`); the figures come from their totals, so they do not
 depend on the blocks, nor on where they were computed, beyond rounding.
 
+Each element's figures (``FIGURES``: its rank, whether it is right, confidence, Brier term,
+and its NLL at ``β`` with three derivatives) come from one numba kernel
+(``_calibration_kernel``) where the compiled NumPy backend loads, else from
+:func:`numpy_figures`, their float64 NumPy definition; the blocks' sums are taken over them.
+
 The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Σ_c exp(β z_ic) - β z_iy]``
 of ``softmax(z / T)``, ``β = 1 / T``. ``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[z] -
-z_y)`` and ``f''(β) = mean_i Var_p(z) >= 0`` under ``p = softmax(β z)``. Newton's method runs
-on those sums (:class:`TemperatureSums`), first on a sample of rows held in memory
-(:func:`sample_elements`), then on the whole file, one streamed pass per step, until a step
+z_y)``, ``f''(β) = mean_i Var_p(z) >= 0`` and ``f'''(β)`` the mean third central moment, under
+``p = softmax(β z)``. The fit steps to the root nearest ``β`` of the slope's second-order
+expansion ``f' + f'' h + f''' h² / 2`` (:meth:`TemperatureSums.step`: the error of a step
+cubes, where Newton's squares), first on a sample of rows held in memory
+(:func:`sample_rows`), then on the whole file, one streamed pass per step, until a step
 moves ``β`` by less than ``TEMPERATURE_RTOL / 2`` of itself; the loss and ECE at ``T`` are
 those of the last pass.
 
@@ -281,8 +288,8 @@ class TemperatureSums:
         return self
 
     def step(self) -> float:
-        """The step ``h`` that ``beta`` moves by minus: the root nearest 0 of the NLL's slope
-        to second order, ``f' - f'' h + f''' h² / 2``, where it has one, else Newton's
+        """The step ``h`` to ``beta - h``: the root nearest 0 of the NLL's slope there to
+        second order, ``f' - f'' h + f''' h² / 2``, where it has one, else Newton's
         ``f' / f''``; 0 where the NLL is flat (all scores equal)."""
         if not self.curvature > 0:
             return 0.0
@@ -529,7 +536,9 @@ def fit_on_sample(predictions, targets, ignore_index: int, softcap, bins: int) -
     def sums_at(beta: float) -> TemperatureSums:
         total = TemperatureSums(beta, 0, 0.0, 0.0, 0.0, 0.0, Bins.empty(bins))
         for x, t in runs:
-            total.add(temperature_sums(x, t, beta, bins, ignore_index=ignore_index, softcap=softcap))
+            total.add(
+                temperature_sums(x, t, beta, bins, ignore_index=ignore_index, softcap=softcap)
+            )
         return total
 
     start = sums_at(1.0)
