@@ -466,9 +466,10 @@ def intervals(resampled: np.ndarray, bins: int, mean_loss: bool) -> dict[str, li
 
 
 def newton(sums: TemperatureSums, sums_at, rtol: float, max_steps: int):
-    """Newton's method on β from ``sums`` (at its β); ``sums_at(beta)`` gives the sums at
-    another. Steps are kept within a factor 4 and β within the bounds of ``MAX_TEMPERATURE``.
-    Returns the last sums and whether a step fell under ``rtol / 2`` of β."""
+    """The fit's steps (:meth:`TemperatureSums.step`) on β from ``sums`` (at its β);
+    ``sums_at(beta)`` gives the sums at another. Steps are kept within a factor 4 and β
+    within the bounds of ``MAX_TEMPERATURE``. Returns the last sums and whether a step fell
+    under ``rtol / 2`` of β."""
     for _ in range(max_steps):
         step = sums.step()
         if abs(step) <= 0.5 * rtol * sums.beta:
