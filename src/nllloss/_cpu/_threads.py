@@ -39,10 +39,12 @@ imported after the pool started, torch uses the same GNU OpenMP runtime and its 
 sleep too; torch imported first brings its own runtime, which keeps its own policy.)
 
 **when threads pay**: whether a parallel region beats one thread depends on the machine
-and on what else runs on it: quiet, threads pay from some tens of thousands of elements;
-on 2 cores shared with other jobs (load average 16), a (1048576, 10) gradient took 7.6 ms
-in parallel and 1.9 ms on one thread (medians of 40 calls), because a region ends only
+and on what else runs on it. On 2 cores shared with other jobs (load average 16), writing a
+(1048576, 10) gradient took 7.6 ms on two threads and 1.9 ms on one (medians of 40 calls,
+sleeping workers; 32 ms on two threads with spinning ones), because a region ends only
 when its slowest thread has run, and a descheduled thread waits milliseconds for a core.
+numba's ``parallel_chunksize`` does not help: only its TBB layer hands chunks out as
+threads free up; OpenMP and ``workqueue`` split them between the threads in advance.
 No constant fits both, so each kernel times itself: per size class (work within a factor
 of 2), the twin with the lower median time per element over its last three calls runs;
 while one thread wins, the threads are tried again after 1, 4, 16, ... calls (at most
