@@ -45,7 +45,7 @@ def pair(name: str, seed: int = 0):
     """An unpatched model and a patched copy with the same weights, in training mode."""
     cls, config = ARCHITECTURES[name]
     torch.manual_seed(seed)
-    reference = cls(config).train()
+    reference = cls(copy.deepcopy(config)).train()  # trainers write into the config
     return reference, nt.apply(copy.deepcopy(reference))
 
 

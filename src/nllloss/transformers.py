@@ -224,6 +224,7 @@ class _Patch:
     softcap: Callable
     signature: inspect.Signature
     pending: _Pending | None = field(default=None)
+    forward: Any = None  # the bound forward it installed
 
 
 def _refuse(model, why: str) -> TypeError:
@@ -380,17 +381,28 @@ def apply(model, *, fused_linear: bool = True):
     (True, torch.Size([]))
     """
     patch = model.__dict__.get("_nllloss_patch")
-    if patch is not None:
-        patch.fused_linear = bool(fused_linear)
-        return model
-    scale, softcap = _head_rule(model)
-    signature = inspect.signature(type(model).forward)
-    patch = _Patch(bool(fused_linear), scale, softcap, signature)
-    inner_forward, inner_head = model.forward, model.lm_head.forward
+    if patch is None:
+        scale, softcap = _head_rule(model)
+        patch = _Patch(bool(fused_linear), scale, softcap, inspect.signature(type(model).forward))
+        _patch_head(model, patch)
+    patch.fused_linear = bool(fused_linear)
+    forward = model.__dict__.get("forward")
+    if forward is None or forward is not patch.forward:  # not yet, or wrapped since (TRL)
+        patch.forward = types.MethodType(_patched_forward(patch, model.forward), model)
+        model.forward = patch.forward
+    return model
 
-    @functools.wraps(type(model).forward)  # generate() and Trainer read the signature
+
+def _patched_forward(patch: _Patch, inner_forward):
+    """The forward of a patched model, around ``inner_forward`` (the class's, or the forward
+    that wrapped an earlier patch)."""
+
+    # generate() and Trainer read the signature: the class's, through __wrapped__
+    @functools.wraps(getattr(inner_forward, "__func__", inner_forward))
     def forward(self, *args, **kwargs):
         fused_lm_head = kwargs.pop("fused_lm_head", False)
+        if patch.pending is not None:  # inside an outer patched forward: it computes the loss
+            return inner_forward(*args, **kwargs)
         bound = patch.signature.bind_partial(self, *args, **kwargs).arguments
         extra = next(
             (bound[p.name] for p in patch.signature.parameters.values()
@@ -402,8 +414,6 @@ def apply(model, *, fused_linear: bool = True):
             return inner_forward(*args, **kwargs)
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels or shift_labels")
-        if patch.pending is not None:
-            raise RuntimeError(f"{type(self).__name__}.forward patched by nllloss was re-entered")
         pending = _Pending(
             labels, shift_labels, extra.get("num_items_in_batch"),
             extra.get("ignore_index", IGNORE_INDEX), per_token=bool(fused_lm_head),
@@ -423,6 +433,14 @@ def apply(model, *, fused_linear: bool = True):
             return output.to_tuple()
         return output
 
+    return forward
+
+
+def _patch_head(model, patch: _Patch) -> None:
+    """``lm_head`` computes the pending loss from its input instead of the logits, and
+    ``loss_function`` returns it (or :func:`causal_lm_loss` of the logits, with none)."""
+    inner_head = model.lm_head.forward
+
     def head_forward(self, input):
         pending = patch.pending
         if pending is None or pending.loss is not None:
@@ -439,11 +457,9 @@ def apply(model, *, fused_linear: bool = True):
             raise RuntimeError(f"{type(model).__name__}'s lm_head was not called before its loss")
         return pending.loss
 
-    model.forward = types.MethodType(forward, model)
     model.lm_head.forward = types.MethodType(head_forward, model.lm_head)
     model.loss_function = loss_function
     model.__dict__["_nllloss_patch"] = patch
-    return model
 
 
 def _trl_output(pending: _Pending, output):
