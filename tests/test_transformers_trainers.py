@@ -115,3 +115,13 @@ def test_trl_sft_trainer_takes_its_fused_head_loss_from_nllloss(tmp_path, monkey
     weights = dict(patched.named_parameters())
     for name, parameter in reference.named_parameters():
         torch.testing.assert_close(weights[name], parameter, rtol=1e-4, atol=1e-6)
+
+
+def test_the_example_script_trains_as_it_says():
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "hf_one_line.py"
+    expected, actual, difference = runpy.run_path(str(script))["main"](steps=1)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+    assert difference < 1e-2 * 1e-3  # 1% of one AdamW step at the example's learning rate
