@@ -85,7 +85,8 @@ for i in range(steps):
     if i == 0:
         peak = status("VmHWM") - before
 times.sort()
-print(statistics.median(times), times[min(len(times) - 1, round(0.9 * (len(times) - 1)))], peak, loss)
+p90 = times[round(0.9 * (len(times) - 1))]  # nearest rank
+print(statistics.median(times), p90, peak, loss)
 """
 
 
@@ -172,7 +173,9 @@ def markdown(report):
                 who,
                 "—" if median is None else f"{median:.3f}",
                 "—" if c["p90_s"] is None else f"{c['p90_s']:.3f}",
-                "—" if not (median and unpatched) or who == "body" else f"{unpatched / median:.2f}x",
+                "—"
+                if not (median and unpatched) or who == "body"
+                else f"{unpatched / median:.2f}x",
                 "—" if peak is None else f"{peak / 2**20:.0f}",
                 "—" if extra is None else f"{extra / 2**20:.0f}",
                 "—" if extra is None else f"{100 * extra / logits:.1f}%",

@@ -29,7 +29,9 @@ def examples(count: int = 16, length: int = 24, vocab: int = 500) -> list[dict]:
         ids = torch.randint(1, vocab, (length,), generator=generator)
         mask = (torch.arange(length) < used).long()
         ids = ids * mask  # pad with token 0
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        rows.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        )
     return rows
 
 
@@ -62,7 +64,8 @@ def main(steps: int = 2) -> tuple[list[float], list[float], float]:
     expected, actual = train(unpatched, rows, steps), train(model, rows, steps)
     weights = dict(unpatched.named_parameters())
     difference = max(
-        float((parameter - weights[name]).abs().max()) for name, parameter in model.named_parameters()
+        float((parameter - weights[name]).abs().max())
+        for name, parameter in model.named_parameters()
     )
     print("transformers losses:", expected)
     print("nllloss losses:     ", actual)

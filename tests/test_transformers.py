@@ -78,7 +78,8 @@ def test_loss_and_gradients_equal_the_unpatched_model(name):
     ids, mask, labels = batch()
     expected = reference(ids, attention_mask=mask, labels=labels)
     actual = patched(ids, attention_mask=mask, labels=labels)
-    assert actual.logits is None and expected.logits is not None
+    assert actual.logits is None
+    assert expected.logits is not None
     expected.loss.backward()
     actual.loss.backward()
     assert_same_step(reference, patched, (expected.loss, actual.loss))
@@ -101,7 +102,11 @@ def test_shift_labels_and_logits_to_keep():
     ids, mask, labels = batch()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     keep = 4  # the last 4 positions only, scored against their own shifted labels
-    kwargs = {"attention_mask": mask, "shift_labels": shifted[:, -keep:].contiguous(), "logits_to_keep": keep}
+    kwargs = {
+        "attention_mask": mask,
+        "shift_labels": shifted[:, -keep:].contiguous(),
+        "logits_to_keep": keep,
+    }
     expected = reference(ids, labels=labels, **kwargs)
     actual = patched(ids, labels=labels, **kwargs)
     expected.loss.backward()
@@ -145,6 +150,9 @@ def test_without_labels_outputs_and_generate_are_unchanged():
     with torch.no_grad():
         assert torch.equal(patched(ids, attention_mask=mask).logits,
                            reference(ids, attention_mask=mask).logits)  # fmt: skip
+        shifted = patched(ids, attention_mask=mask, shift_labels=ids)  # no labels: no loss
+        assert shifted.loss is None
+        assert shifted.logits is not None
         prompt = ids[:, :3]
         expected = reference.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
         actual = patched.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -156,7 +164,8 @@ def test_return_dict_false_gives_the_tuple_without_logits():
     ids, mask, labels = batch()
     expected = reference(ids, attention_mask=mask, labels=labels, return_dict=False)
     actual = patched(ids, attention_mask=mask, labels=labels, return_dict=False)
-    assert isinstance(actual, tuple) and len(actual) == len(expected) - 1  # no logits
+    assert isinstance(actual, tuple)
+    assert len(actual) == len(expected) - 1
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=0)
 
 
@@ -176,8 +185,10 @@ def test_apply_patches_one_instance_once():
     reference, patched = pair("llama")
     forward, head = patched.forward, patched.lm_head.forward
     assert nt.apply(patched) is patched
-    assert patched.forward == forward and patched.lm_head.forward == head  # not wrapped twice
-    assert "forward" not in reference.__dict__ and "forward" not in reference.lm_head.__dict__
+    assert patched.forward == forward
+    assert patched.lm_head.forward == head
+    assert "forward" not in reference.__dict__
+    assert "forward" not in reference.lm_head.__dict__
     assert reference.loss_function is ForCausalLMLoss
     # Trainer passes num_items_in_batch to forwards that take **kwargs; generate() reads it too
     assert inspect.signature(patched.forward) == inspect.signature(reference.forward)

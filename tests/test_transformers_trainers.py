@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from test_transformers import VOCAB, pair
 
 import nllloss.transformers as nt
-from test_transformers import VOCAB, pair
 
 
 @pytest.fixture(params=["compiled"], autouse=True)
@@ -47,7 +47,9 @@ def test_trainer_with_gradient_accumulation_trains_as_the_unpatched_model(tmp_pa
     for example in token_rows(12):
         ids = torch.tensor(example["input_ids"] + [0] * (12 - len(example["input_ids"])))
         mask = (torch.arange(12) < len(example["input_ids"])).long()
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        rows.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        )
 
     def train(model):
         arguments = transformers.TrainingArguments(
@@ -108,9 +110,11 @@ def test_trl_sft_trainer_takes_its_fused_head_loss_from_nllloss(tmp_path, monkey
 
     reference, patched = pair("llama")
     expected = train(reference, patch=False)
-    assert len(trl_heads) == 4 and not calls
+    assert len(trl_heads) == 4
+    assert not calls
     actual = train(patched, patch=True)
-    assert len(trl_heads) == 4 and calls == ["none"] * 4  # TRL's head not used again
+    assert len(trl_heads) == 4
+    assert calls == ["none"] * 4
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
     weights = dict(patched.named_parameters())
     for name, parameter in reference.named_parameters():

@@ -34,7 +34,7 @@ try:
     import torch
     import transformers
 except ModuleNotFoundError as error:
-    if error.name not in ("torch", "transformers"):  # they are there, but something they import is not
+    if error.name not in ("torch", "transformers"):  # there, but something they import is not
         raise
     raise ImportError(
         "nllloss.transformers needs torch and transformers (pip install 'nllloss[transformers]')"
@@ -212,7 +212,7 @@ class _Pending:
     per_token: bool = False  # also keep every position's loss (TRL's fused head)
     loss: Any = None
     token_losses: Any = None
-    hidden: Any = None  # for TRL's metrics
+    metrics_inputs: Any = None  # TRL's metrics: (hidden, weight, bias, target, softcap)
 
 
 @dataclass
@@ -310,7 +310,7 @@ def _from_hidden(model, patch: _Patch, pending: _Pending, hidden: torch.Tensor) 
         }
         target = target.to(hidden.device)
         if pending.per_token:
-            pending.hidden = (hidden, weight, bias, target, options["softcap"])
+            pending.metrics_inputs = (hidden, weight, bias, target, options["softcap"])
             losses = linear_cross_entropy(hidden, weight, target, reduction="none", **options)
             pending.token_losses = losses
             summed = losses.sum()
@@ -410,15 +410,15 @@ def _patched_forward(patch: _Patch, inner_forward):
             {},
         )  # fmt: skip
         labels, shift_labels = bound.get("labels"), extra.get("shift_labels")
-        if not fused_lm_head and (not patch.fused_linear or (labels is None and shift_labels is None)):
-            return inner_forward(*args, **kwargs)
+        if not fused_lm_head and (not patch.fused_linear or labels is None):
+            return inner_forward(*args, **kwargs)  # the logits, and transformers' rules
         if labels is None and shift_labels is None:
             raise ValueError("fused_lm_head=True needs labels or shift_labels")
         pending = _Pending(
             labels, shift_labels, extra.get("num_items_in_batch"),
             extra.get("ignore_index", IGNORE_INDEX), per_token=bool(fused_lm_head),
         )  # fmt: skip
-        if labels is None:  # the forward calls its loss only with labels
+        if labels is None:  # TRL scores shift_labels alone; the forward needs labels
             kwargs["labels"] = shift_labels
         return_dict = kwargs.pop("return_dict", None)
         patch.pending = pending
@@ -468,7 +468,7 @@ def _trl_output(pending: _Pending, output):
     entropy and whether the label is the most likely token (without gradient)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
-    hidden, weight, bias, target, softcap = pending.hidden
+    hidden, weight, bias, target, softcap = pending.metrics_inputs
     labels = pending.labels if pending.shift_labels is None else pending.shift_labels
     mask = target != pending.ignore_index
     entropy, is_top1 = _entropy_and_top1(hidden, weight, bias, target, mask, softcap)
