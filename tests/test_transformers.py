@@ -240,3 +240,18 @@ def test_causal_lm_loss_as_the_model_loss_function():
     expected = reference(ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(patched(ids, attention_mask=mask, labels=labels).loss, expected,
                                rtol=1e-5, atol=0)  # fmt: skip
+
+
+def test_bfloat16_model_gives_a_float32_loss():
+    """transformers upcasts bfloat16 logits to float32; the patched loss is float32 too,
+    computed from the hidden states in float32 (more precise than the bfloat16 logits)."""
+    reference, patched = pair("llama")
+    reference.to(torch.bfloat16)
+    patched.to(torch.bfloat16)
+    ids, mask, labels = batch()
+    expected = reference(ids, attention_mask=mask, labels=labels).loss
+    actual = patched(ids, attention_mask=mask, labels=labels).loss
+    assert expected.dtype == actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=0)  # bfloat16 logits' rounding
+    actual.backward()
+    assert patched.lm_head.weight.grad.dtype == torch.bfloat16
