@@ -7,10 +7,14 @@ Usage: ``python benchmarks/transformers_step.py [--vocab 32000 128256] [--tokens
 The model is a tiny random Llama (hidden size 64, 2 layers, 4 heads, untied embeddings)
 with a vocabulary of V, so that the head and its loss are most of the step: a batch of
 2 x (tokens / 2) token ids, 5% of the labels ignored. A step is ``zero_grad``, the forward
-with labels, ``backward`` and an SGD step, float32. Each competitor runs in a fresh
-subprocess: one warm-up step, then ``--steps`` timed steps (median and 90th percentile).
-Memory: the peak resident memory of the first timed step beyond what was resident before
-it (``VmHWM`` after resetting it, minus ``VmRSS``).
+with labels, ``backward`` and an SGD step, float32.
+
+Time: the competitors are built in one process (copies of the same weights), warmed up
+by one step each, then run ``--steps`` rounds of one step each, in a shuffled order, so
+that the load of a shared machine falls on all alike (median and 90th percentile).
+Memory: each competitor in a fresh process, the peak resident memory of one step after a
+warm-up step beyond what was resident before it (``VmHWM`` after resetting it, minus
+``VmRSS``).
 
 Competitors: ``body`` is the same model's body alone (``model.model``) with a loss that
 needs nothing more (the mean square of the final hidden states): the floor every step
@@ -36,11 +40,11 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must 
 VOCABS = (32000, 128256)
 COMPETITORS = ("body", "transformers", "nllloss", "nllloss logits")
 
-_CASE = r"""
-import os, statistics, time
+_SETUP = r"""
+import copy, os, random, statistics, time
 os.environ["KMP_BLOCKTIME"] = "0"
 import torch, transformers, nllloss.transformers
-who, vocab, tokens, steps = {who!r}, {vocab!r}, {tokens!r}, {steps!r}
+vocab, tokens, steps = {vocab!r}, {tokens!r}, {steps!r}
 transformers.logging.set_verbosity_error()
 
 def status(field):
@@ -53,55 +57,98 @@ config = transformers.LlamaConfig(
     vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
 )
-model = transformers.LlamaForCausalLM(config).train()
-if who == "nllloss":
-    nllloss.transformers.apply(model)
-elif who == "nllloss logits":
-    nllloss.transformers.apply(model, fused_linear=False)
-optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 ids = torch.randint(0, vocab, (2, tokens // 2))
 labels = ids.masked_fill(torch.rand(ids.shape) < 0.05, -100)
 
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    if who == "body":
-        loss = model.model(ids).last_hidden_state.square().mean()
-    else:
-        loss = model(ids, labels=labels).loss
-    loss.backward()
-    optimizer.step()
-    return float(loss)
+def competitor(who, model):
+    if who == "nllloss":
+        nllloss.transformers.apply(model)
+    elif who == "nllloss logits":
+        nllloss.transformers.apply(model, fused_linear=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if who == "body":
+            loss = model.model(ids).last_hidden_state.square().mean()
+        else:
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return step
+"""
+
+# Memory: one competitor in a fresh process, the peak of one step after a warm-up step.
+_MEMORY = (
+    _SETUP
+    + r"""
+step = competitor({who!r}, transformers.LlamaForCausalLM(config).train())
 step()  # imports, compiles, allocators warm
-optimizer.zero_grad(set_to_none=True)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) starts again from the current resident size
 before = status("VmRSS")
-times = []
-for i in range(steps):
-    start = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - start)
-    if i == 0:
-        peak = status("VmHWM") - before
-times.sort()
-p90 = times[round(0.9 * (len(times) - 1))]  # nearest rank
-print(statistics.median(times), p90, peak, loss)
+loss = step()
+print(status("VmHWM") - before, loss)
 """
+)
+
+# Time: every competitor in one process (the same weights), in rounds of one step each in a
+# shuffled order, so that the load of a shared machine falls on all of them alike.
+_TIME = (
+    _SETUP
+    + r"""
+model = transformers.LlamaForCausalLM(config).train()
+runs = {{who: competitor(who, copy.deepcopy(model)) for who in {competitors!r}}}
+for step in runs.values():
+    step()
+times = {{who: [] for who in runs}}
+order = list(runs)
+for _ in range(steps):
+    random.Random(len(times[order[0]])).shuffle(order)
+    for who in order:
+        start = time.perf_counter()
+        runs[who]()
+        times[who].append(time.perf_counter() - start)
+for who, seconds in times.items():
+    seconds.sort()
+    print(who, "|", statistics.median(seconds), seconds[round(0.9 * (len(seconds) - 1))])
+"""
+)
 
 
-def run_case(who, vocab, tokens, steps):
-    """(median s, p90 s, peak bytes, last loss) of one competitor, or Nones when its
-    subprocess fails (out of memory, say)."""
-    code = _CASE.format(who=who, vocab=vocab, tokens=tokens, steps=steps)
+def _python(code: str) -> list[str] | None:
+    """The stdout lines of ``code`` in a fresh interpreter, or None when it fails."""
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=3600
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=7200
     )
     if done.returncode:
-        print(who, vocab, "failed:", done.stderr[-800:], file=sys.stderr)
-        return None, None, None, None
-    median, p90, peak, loss = done.stdout.split()[-4:]
-    return float(median), float(p90), int(peak), float(loss)
+        print("failed:", done.stderr[-800:], file=sys.stderr)
+        return None
+    return done.stdout.splitlines()
+
+
+def run_vocab(vocab, tokens, steps) -> list[dict]:
+    """Every competitor's median and p90 seconds (one process), peak bytes and loss (one
+    fresh process each)."""
+    settings = {"vocab": vocab, "tokens": tokens, "steps": steps}
+    timed = _python(_TIME.format(competitors=COMPETITORS, **settings)) or []
+    seconds = {}
+    for line in timed:
+        who, numbers = line.split(" | ")
+        seconds[who] = [float(x) for x in numbers.split()]
+    cases = []
+    for who in COMPETITORS:
+        measured = _python(_MEMORY.format(who=who, **settings))
+        peak, loss = measured[-1].split() if measured else (None, None)
+        median, p90 = seconds.get(who, (None, None))
+        cases.append({
+            "vocab": vocab, "who": who, "median_s": median, "p90_s": p90,
+            "peak_bytes": None if peak is None else int(peak),
+            "loss": None if loss is None else float(loss),
+        })  # fmt: skip
+    return cases
 
 
 def main(argv=None):
@@ -122,10 +169,7 @@ def main(argv=None):
         "cases": [],
     }
     for vocab in args.vocab:
-        for who in COMPETITORS:
-            median, p90, peak, loss = run_case(who, vocab, args.tokens, args.steps)
-            case = {"vocab": vocab, "who": who, "median_s": median, "p90_s": p90}
-            case |= {"peak_bytes": peak, "loss": loss}
+        for case in run_vocab(vocab, args.tokens, args.steps):
             report["cases"].append(case)
             print(json.dumps(case), flush=True)
     report["environment"] = environment({"torch": torch}, None)  # the load at the end
@@ -147,10 +191,11 @@ def markdown(report):
         f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores, load average at "
         f"the end {env.get('load_average_at_end')}; torch {env['versions'].get('torch')}, "
         f"transformers {env['versions'].get('transformers')}. A tiny random Llama (hidden "
-        f"64, 2 layers) at {tokens} tokens (2 sequences), float32; each row a fresh process: "
-        f"median and 90th percentile of {report['steps']} steps (zero_grad, forward with "
-        "labels, backward, SGD step). Extra memory: the step's peak resident memory beyond "
-        "the body-only step's, in MiB and as a share of the float32 logits. Time ratio: the "
+        f"64, 2 layers) at {tokens} tokens (2 sequences), float32. Time: median and 90th "
+        f"percentile of {report['steps']} steps (zero_grad, forward with labels, backward, "
+        "SGD step), the competitors interleaved in one process. Extra memory: the step's "
+        "peak resident memory beyond the body-only step's (fresh processes), in MiB and as "
+        "a share of the float32 logits. Time ratio: the "
         "unpatched step's median over this one's (above 1: faster).",
         "",
     ]
