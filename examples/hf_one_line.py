@@ -64,7 +64,7 @@ def main(steps: int = 2) -> tuple[list[float], list[float], float]:
     expected, actual = train(unpatched, rows, steps), train(model, rows, steps)
     weights = dict(unpatched.named_parameters())
     difference = max(
-        float((parameter - weights[name]).abs().max())
+        float((parameter - weights[name]).detach().abs().max())
         for name, parameter in model.named_parameters()
     )
     print("transformers losses:", expected)

@@ -98,6 +98,7 @@ def test_trl_sft_trainer_takes_its_fused_head_loss_from_nllloss(tmp_path, monkey
             output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
             max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
             save_strategy="no", seed=0, disable_tqdm=True, max_length=16, optim="sgd",
+            activation_checkpointing=True,  # SFTConfig's default, by its current name
             bf16=False,  # SFTConfig's default: autocast, whose bfloat16 logits differ from float32
         )  # fmt: skip
         trainer = trl.SFTTrainer(
