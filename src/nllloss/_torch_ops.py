@@ -177,9 +177,7 @@ class TorchBackend:
             return nll_loss_op(*_to_schema(problem))
         if not training:
             return _compute("forward", problem)
-        if _gradient_with_the_loss(problem):
-            return _LossWithUnitGradient.apply(x, problem)
-        return _Loss.apply(x, problem)
+        return FusedLoss.apply(_ProblemLoss(problem, _gradient_with_the_loss(problem)), x)
 
     def backward(self, problem: Problem, grad_output, out=None):
         if _values_hidden():
@@ -302,18 +300,130 @@ def _torch_kernel(problem: Problem):
 # --- Eager autograd ---------------------------------------------------------------------
 
 
-class _Loss(torch.autograd.Function):
-    """The loss; its backward is :class:`_Backward` (differentiable again)."""
+class FusedLoss(torch.autograd.Function):
+    """A loss computed by our engines, as a differentiable torch function.
+
+    ``FusedLoss.apply(computation, *computation.arguments)``. The computation is a frozen
+    dataclass (its tensors, nested dataclasses' too, are kept by :func:`_keep`) that offers
+
+    * ``arguments``: the tensors the loss is differentiated with respect to;
+    * ``forward(wants)``: ``(loss, unit)``, with ``unit`` the gradients of ``arguments``
+      for an upstream gradient of 1 (None where ``wants`` is False) when the pass that
+      computes the loss writes them too, else None;
+    * ``gradients(grad, wants)``: the gradients for the upstream gradient ``grad``;
+    * ``differentiable()``: the loss as plain torch operations of its tensors (the generic
+      path), which autograd differentiates to any order.
+
+    The backward, written once for every such loss: when it builds a graph
+    (``create_graph=True``: grad mode is on inside it), the gradients come from autograd
+    through ``differentiable()``, so that they are differentiable again (a gradient penalty,
+    ``gradgradcheck``); else the unit gradients, scaled, the first time, and
+    ``gradients(grad)`` otherwise (no unit gradients, or a second backward with
+    ``retain_graph=True``).
+    """
 
     @staticmethod
-    def forward(ctx, input, problem: Problem):
-        _save_schema(ctx, _to_schema(problem))
-        return _compute("forward", problem)
+    def forward(ctx, computation, *arguments):
+        loss, ctx.unit = computation.forward(ctx.needs_input_grad[1:])
+        _keep(ctx, computation)
+        ctx.set_materialize_grads(False)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        problem = _checked_by_the_forward(_saved_problem(ctx))
-        return _Backward.apply(_upstream(problem, grad), problem.input, problem), None
+        computation = _kept(ctx)  # torch's error if a tensor was changed in place since
+        unit, ctx.unit = ctx.unit, None  # autograd may keep, not copy, them: used once
+        wants = ctx.needs_input_grad[1:]
+        if grad is None:  # nothing flows back through the loss
+            grads = (None,) * len(wants)
+        elif torch.is_grad_enabled():
+            grads = _differentiated(computation, grad, wants)
+        elif unit is None:
+            grads = computation.gradients(grad, wants)
+        elif is_unit_upstream(grad):
+            grads = unit
+        else:
+            grads = tuple(None if g is None else _scaled(g, grad, in_place=True) for g in unit)
+        return None, *grads
+
+
+def _differentiated(computation, grad, wants) -> tuple:
+    """The gradients, differentiable with respect to the arguments (their saved tensors
+    keep their graphs) and ``grad``: autograd through the computation's plain operations."""
+    inputs = [a for a, wanted in zip(computation.arguments, wants, strict=True) if wanted]
+    found = iter(
+        torch.autograd.grad(
+            computation.differentiable(), inputs, grad, create_graph=True, materialize_grads=True
+        )
+    )
+    return tuple(next(found) if wanted else None for wanted in wants)
+
+
+_SAVED = object()  # in a kept computation: a tensor that save_for_backward holds
+
+
+def _keep(ctx, computation) -> None:
+    """Keep a computation for the backward: every tensor it holds through
+    ``save_for_backward`` (so that torch's version counters and saved-tensor hooks apply to
+    each), the rest on ``ctx``."""
+    tensors: list = []
+    ctx.computation = _without_tensors(computation, tensors)
+    ctx.save_for_backward(*tensors)
+
+
+def _kept(ctx):
+    """The computation of :func:`_keep`, its tensors read back from autograd (which raises
+    "modified by an inplace operation" for one changed since)."""
+    return _with_tensors(ctx.computation, iter(ctx.saved_tensors))
+
+
+def _without_tensors(value, tensors: list):
+    changes = {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if isinstance(item, torch.Tensor):
+            tensors.append(item)
+            changes[field.name] = _SAVED
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            changes[field.name] = _without_tensors(item, tensors)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
+def _with_tensors(value, tensors):
+    changes = {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if item is _SAVED:
+            changes[field.name] = next(tensors)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            changes[field.name] = _with_tensors(item, tensors)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProblemLoss:
+    """``nll_loss`` of a problem, for :class:`FusedLoss`: differentiated with respect to the
+    input; ``unit``: the forward writes the gradient too (see ``_gradient_with_the_loss``)."""
+
+    problem: Problem
+    unit: bool
+
+    @property
+    def arguments(self) -> tuple:
+        return (self.problem.input,)
+
+    def forward(self, wants):
+        if not self.unit:
+            return _compute("forward", self.problem), None
+        loss, gradient = _compute("forward_backward", self.problem)
+        return loss, (gradient,)
+
+    def gradients(self, grad, wants):
+        problem = _checked_by_the_forward(self.problem)
+        return (_compute("backward", problem, _upstream(problem, grad)),)
+
+    def differentiable(self):
+        return GENERIC.forward(self.problem)
 
 
 def _checked_by_the_forward(problem: Problem) -> Problem:
@@ -323,40 +433,18 @@ def _checked_by_the_forward(problem: Problem) -> Problem:
     return problem.replace(check_targets=False)
 
 
-class _LossWithUnitGradient(torch.autograd.Function):
-    """The loss, with the gradient for an upstream gradient of 1 from the same pass over
-    the input (from logits: the softmax is computed once). The backward scales it."""
-
-    @staticmethod
-    def forward(ctx, input, problem: Problem):
-        loss, ctx.unit_gradient = _compute("forward_backward", problem)
-        _save_schema(ctx, _to_schema(problem))
-        ctx.set_materialize_grads(False)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is None:  # nothing flows back through the loss
-            return None, None
-        unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may keep, not copy, it
-        if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
-            return _Loss.backward(ctx, grad)
-        if is_unit_upstream(grad):
-            return unit, None
-        return _scaled(unit, grad), None
-
-
 def is_unit_upstream(grad: torch.Tensor) -> bool:
     """The upstream gradient is the scalar 1, so a unit gradient needs no scaling. Read on
     the CPU only: reading a value is a host synchronisation on a GPU, where it multiplies."""
     return grad.is_cpu and grad.dim() == 0 and bool(grad == 1)
 
 
-def _scaled(unit: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _scaled(unit: torch.Tensor, grad: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """The gradient is linear in the upstream one: the unit gradient scaled (per element
-    along the class axis for 'none')."""
+    along the class axis for 'none'); ``in_place`` overwrites ``unit``, ours to reuse."""
     grad = grad.to(unit.dtype)
-    return unit * (grad if grad.dim() == 0 else grad.unsqueeze(1))
+    factor = grad if grad.dim() == 0 else grad.unsqueeze(1)
+    return unit.mul_(factor) if in_place else unit * factor
 
 
 class _Backward(torch.autograd.Function):
