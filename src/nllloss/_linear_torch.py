@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
-from ._torch_ops import FusedLoss
+from ._torch_ops import FusedLoss, differentiated
 
 
 class TorchAlgebra:
@@ -130,5 +130,5 @@ class _Blocks:
     def gradients(self, grad, wants):
         return tuple(_linear.run(self.linear, grad, wants)[1:])
 
-    def differentiable(self):
-        return _composed(self.linear)
+    def differentiable_gradients(self, grad, wants):
+        return differentiated(_composed(self.linear), self.arguments, grad, wants)

@@ -311,15 +311,15 @@ class FusedLoss(torch.autograd.Function):
       for an upstream gradient of 1 (None where ``wants`` is False) when the pass that
       computes the loss writes them too, else None;
     * ``gradients(grad, wants)``: the gradients for the upstream gradient ``grad``;
-    * ``differentiable()``: the loss as plain torch operations of its tensors (the generic
-      path), which autograd differentiates to any order.
+    * ``differentiable_gradients(grad, wants)``: the same as differentiable tensors, of
+      the arguments (whose saved tensors keep their graphs) and ``grad``: an implemented
+      derivative, or autograd through plain torch operations (:func:`differentiated`).
 
     The backward, written once for every such loss: when it builds a graph
-    (``create_graph=True``: grad mode is on inside it), the gradients come from autograd
-    through ``differentiable()``, so that they are differentiable again (a gradient penalty,
-    ``gradgradcheck``); else the unit gradients, scaled, the first time, and
-    ``gradients(grad)`` otherwise (no unit gradients, or a second backward with
-    ``retain_graph=True``).
+    (``create_graph=True``: grad mode is on inside it), ``differentiable_gradients``, so
+    that the gradients can be differentiated again (a gradient penalty, ``gradgradcheck``);
+    else the unit gradients, scaled, the first time, and ``gradients`` otherwise (no unit
+    gradients, or a second backward with ``retain_graph=True``).
     """
 
     @staticmethod
@@ -337,7 +337,7 @@ class FusedLoss(torch.autograd.Function):
         if grad is None:  # nothing flows back through the loss
             grads = (None,) * len(wants)
         elif torch.is_grad_enabled():
-            grads = _differentiated(computation, grad, wants)
+            grads = computation.differentiable_gradients(grad, wants)
         elif unit is None:
             grads = computation.gradients(grad, wants)
         elif is_unit_upstream(grad):
@@ -347,15 +347,12 @@ class FusedLoss(torch.autograd.Function):
         return None, *grads
 
 
-def _differentiated(computation, grad, wants) -> tuple:
-    """The gradients, differentiable with respect to the arguments (their saved tensors
-    keep their graphs) and ``grad``: autograd through the computation's plain operations."""
-    inputs = [a for a, wanted in zip(computation.arguments, wants, strict=True) if wanted]
-    found = iter(
-        torch.autograd.grad(
-            computation.differentiable(), inputs, grad, create_graph=True, materialize_grads=True
-        )
-    )
+def differentiated(loss: torch.Tensor, arguments: tuple, grad, wants) -> tuple:
+    """The gradients of ``loss`` (made of differentiable operations of ``arguments``) for
+    the upstream gradient ``grad``, where ``wants`` says, as tensors that are
+    differentiable again with respect to ``arguments`` and ``grad``."""
+    inputs = [a for a, wanted in zip(arguments, wants, strict=True) if wanted]
+    found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True, materialize_grads=True))
     return tuple(next(found) if wanted else None for wanted in wants)
 
 
@@ -422,8 +419,9 @@ class _ProblemLoss:
         problem = _checked_by_the_forward(self.problem)
         return (_compute("backward", problem, _upstream(problem, grad)),)
 
-    def differentiable(self):
-        return GENERIC.forward(self.problem)
+    def differentiable_gradients(self, grad, wants):
+        problem = _checked_by_the_forward(self.problem)
+        return (_Backward.apply(_upstream(problem, grad), problem.input, problem),)
 
 
 def _checked_by_the_forward(problem: Problem) -> Problem:
