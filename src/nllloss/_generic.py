@@ -24,6 +24,7 @@ every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -204,6 +205,20 @@ def _take_classes(xp, x, index):
 IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
+def ieee_results(function):
+    """``function(backend, ...)`` under :data:`IEEE_RESULTS`, except on torch's namespace:
+    torch never warns, and ``torch.compile`` cannot trace NumPy's ``errstate``."""
+    quiet = IEEE_RESULTS(function)
+
+    @functools.wraps(function)
+    def run(backend, *arguments, **keywords):
+        if array_api_compat.is_torch_namespace(backend.xp):
+            return function(backend, *arguments, **keywords)
+        return quiet(backend, *arguments, **keywords)
+
+    return run
+
+
 def _ieee(operation, a, b):
     """``operation(a, b)`` with IEEE results and no NumPy warning, also for Dask, which
     computes after our ``errstate`` has ended: there the operation runs as a task that
@@ -297,7 +312,7 @@ class Backend:
         if self.scatter is None:
             object.__setattr__(self, "scatter", _one_hot_scatter(self.xp))
 
-    @IEEE_RESULTS
+    @ieee_results
     def forward(self, problem: Problem):
         """The loss: shape ``problem.loss_shape``, in the input's dtype."""
         if problem.probabilities:
@@ -371,7 +386,7 @@ class Backend:
             loss_sum = np.asarray(loss_sum)
         return xp.astype(loss_sum, x.dtype)
 
-    @IEEE_RESULTS
+    @ieee_results
     def backward(self, problem: Problem, grad_output, out=None):
         """The gradient of ``forward`` with respect to the input, for ``grad_output``.
 
@@ -448,7 +463,7 @@ class Backend:
         loss = self.forward(problem)
         return loss, self.backward(problem, grad_output, out)
 
-    @IEEE_RESULTS
+    @ieee_results
     def total_weight(self, target, weight, ignore_index: int):
         """See ``nllloss.total_weight``: the 'mean' denominator of ``target``."""
         xp = self.xp
@@ -533,7 +548,7 @@ def _probability_denominator(xp, problem: Problem, dtype):
     return xp.asarray(problem.probability_count, dtype=dtype, device=device)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_forward(backend: Backend, problem: Problem):
     """``l_n = -sum_c w_c p_{n,c} log q_{n,c}`` (+ ``z lse_n**2``), reduced; see ``forward``."""
     xp, layout, x = backend.xp, problem.layout, problem.input
@@ -558,7 +573,7 @@ def _probability_forward(backend: Backend, problem: Problem):
     return xp.astype(loss_sum, x.dtype)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_backward(backend: Backend, problem: Problem, grad_output, out=None):
     """The gradient of ``_probability_forward``: ``-u w_c p_c`` for log-probabilities; from
     logits ``u (q_c sum_k w_k p_k - w_c p_c + 2 z lse q_c)``, through the cap when given."""
