@@ -306,6 +306,11 @@ class Backend:
     # The shortcut of the commonest forward that fast backends offer; none here.
     quick_forward: ClassVar[Any] = None
 
+    @staticmethod
+    def autocast(array):
+        """The array itself: no mixed-precision context applies (torch's: ``_torch_ops``)."""
+        return array
+
     def __post_init__(self):
         if self.sums is None:
             object.__setattr__(self, "sums", _namespace_sums(self.xp))

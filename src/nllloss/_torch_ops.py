@@ -157,6 +157,21 @@ class TorchBackend:
 
     xp = torch_namespace
 
+    @staticmethod
+    def autocast(array: torch.Tensor) -> torch.Tensor:
+        """torch's autocast policy for ``nll_loss`` and ``cross_entropy``, which it runs in
+        float32: while autocast is on for the tensor's device, a floating tensor other than
+        float64 is used in float32 (a differentiable cast, as autocast's), so the loss and
+        its gradient are computed, and returned, in float32."""
+        if (
+            array.is_floating_point()
+            and array.dtype != torch.float64
+            and torch.amp.is_autocast_available(array.device.type)
+            and torch.is_autocast_enabled(array.device.type)
+        ):
+            return array.to(torch.float32)
+        return array
+
     def forward(self, problem: Problem):
         _check_weight(problem)
         if _values_hidden() or _target_needs_grad(problem):
