@@ -140,9 +140,10 @@ def _values_hidden() -> bool:
 # through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
 # (8, 21, 256, 256) and (8192, 32000)).
 TORCH_KERNEL_MAX = 1 << 22
-# Target dtypes torch's nll_loss reads as they are (uint8 for inputs of rank 1 and 2 only);
-# other integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values
-# from 2**63 on would wrap (to ignore_index, say).
+# The target dtype torch's nll_loss reads under torch.compile too (eager torch also reads
+# uint8 for inputs of rank 1 and 2; the meta kernel of torch.compile does not); other
+# integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values from
+# 2**63 on would wrap (to ignore_index, say).
 _TORCH_TARGETS = (torch.int64,)
 _WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
 
@@ -233,17 +234,19 @@ class TorchBackend:
         Float32/float64 CPU input (below ``TORCH_KERNEL_MAX`` elements when a gradient will
         be needed), an int ``ignore_index``, a reduction by its name, no weight that needs a
         gradient. This is the call ``F.nll_loss`` makes, so under ``torch.func`` transforms
-        and forward-mode AD too the result is torch's own. What torch's kernel refuses (a
-        target that is not int64, or uint8 for 2-D input; a weight of another dtype, rank
-        or device; a target elsewhere; a bad target value) returns None, and the full path
-        validates and raises nllloss's error. Only the checks torch's kernel does not make
-        are made here: each costs ~0.05 us, the whole call at (64, 10) ~1.5 us.
+        and forward-mode AD too the result is torch's own. A target that is not int64
+        returns None (torch.compile traces the kernel with no error to catch); so does what
+        torch's kernel refuses (a weight of another dtype, rank or device; a target
+        elsewhere; a bad target value), and the full path validates and raises nllloss's
+        error. Only the checks torch's kernel does not make are made here: each costs
+        ~0.05 us, the whole call at (64, 10) ~1.5 us.
         """
         enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
         if (
             enum is None
             or type(input) is not torch.Tensor
             or type(target) is not torch.Tensor
+            or target.dtype not in _TORCH_TARGETS
             or type(ignore_index) is not int
             or input.dtype not in _TORCH_KERNEL_DTYPES
             or not input.is_cpu
@@ -300,7 +303,7 @@ def _torch_kernel(problem: Problem):
     """torch's own nll_loss, with our argument forms: any integer target of up to 32 bits,
     the weight in x's dtype; a bad target is reported by our engine's IndexError."""
     x, t = problem.input, problem.target
-    if t.dtype not in _TORCH_TARGETS and not (t.dtype == torch.uint8 and x.dim() <= 2):
+    if t.dtype not in _TORCH_TARGETS:
         t = t.long()
     try:
         return torch.nn.functional.nll_loss(
