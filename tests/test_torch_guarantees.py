@@ -477,10 +477,9 @@ def compile_case(rng, target_form, option):
     if target_form.startswith("probabilities"):
         target = p.clone().requires_grad_(target_form.endswith("grad"))
     else:
-        target = t.to(getattr(torch, target_form)) if target_form != "int64" else t
-        if target.dtype != torch.int64:  # unsigned: no -100; the ignored row ignores a class
-            target = torch.where(t == IGNORE, 2, t).to(target.dtype)
+        if target_form != "int64":  # unsigned: no -100; the ignored row ignores a class
             options.setdefault("ignore_index", 2)
+        target = ignoring(t, options).to(getattr(torch, target_form))
     reductions = ("mean",) if "total_weight" in options else REDUCTIONS
     return x, target, w, options, reductions
 

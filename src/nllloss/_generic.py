@@ -80,8 +80,9 @@ def compare(xp, target, op: str, value: int):
 
 def values_hidden(array: Any) -> bool:
     """True when the array's values cannot be read now: JAX inside jit/grad/vmap, Dask
-    before compute, a tensor batched by ``torch.func.vmap``. A check of such values cannot
-    raise; what it finds becomes NaN in the result, as JAX does under ``jit``."""
+    before compute, a tensor batched by ``torch.func.vmap`` or traced by ``torch.compile``.
+    A check of such values cannot raise; what it finds becomes NaN in the result, as JAX
+    does under ``jit``."""
     if array_api_compat.is_jax_array(array):
         import jax  # already imported: the caller handed us a JAX array
 
@@ -91,6 +92,8 @@ def values_hidden(array: Any) -> bool:
     if array_api_compat.is_torch_array(array):
         import torch  # already imported: the caller handed us a torch tensor
 
+        if torch.compiler.is_compiling():
+            return True
         functorch = torch._C._functorch
         while functorch.is_functorch_wrapped_tensor(array):
             if functorch.is_batchedtensor(array):

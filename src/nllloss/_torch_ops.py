@@ -219,7 +219,8 @@ class TorchBackend:
         if (
             target.device.type == "cpu"
             and (weight is None or weight.dtype in _EXACT_ON_NUMPY)
-            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view
+            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view,
+            and not torch.compiler.is_compiling()  # nor traced ones
         ):
             # NumPy compares every integer dtype (torch's CPU kernels lack uint64 ones)
             weight = None if weight is None else _numpy_view(weight)
