@@ -5,14 +5,15 @@ The blocks run as for NumPy (``_linear.run``), with ``torch.matmul``/``addmm_`` 
 preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
 (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
 
-Autograd: for 'mean' and 'sum' the forward computes the gradients too, for an upstream
-gradient of 1, and the backward scales them (the three products and the one pass over the
-logits, once). For 'none' the upstream gradient differs per row: the backward recomputes
-the blocks with it. A second backward (``retain_graph=True``) recomputes too. Under
-``torch.func`` transforms and ``torch.compile``, where an ``autograd.Function`` with state
-does not compose, and for probability targets that require grad, the loss is the plain
-composition ``nll_loss(linear(...))``, which forms the logits. Imported only when torch
-tensors arrive.
+Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
+forward computes the gradients too, for an upstream gradient of 1, and the backward scales
+them (the three products and the one pass over the logits, once). For 'none' the upstream
+gradient differs per row: the backward recomputes the blocks with it. A second backward
+(``retain_graph=True``) recomputes too; one that builds a graph (``create_graph=True``)
+differentiates the composition. Under ``torch.func`` transforms and ``torch.compile``,
+where an ``autograd.Function`` with state does not compose, and for probability targets
+that require grad, the loss is the plain composition ``nll_loss(linear(...))``, which forms
+the logits. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ no gradient of ours to torch's own ``nll_loss`` (same bits, less dispatch), and 
 transform composes with; a target batched by ``vmap`` cannot be inspected, so an
 out-of-range value there gives NaN, as under ``jax.jit``).
 
-Differentiation: in eager mode ``torch.autograd.Function`` subclasses; under
-``torch.compile`` the custom operators ``nllloss::*`` (opaque to the compiler: no graph
-break, the target check runs inside), with their autograd registered. Both compute through
-:func:`_compute`. A problem crosses an operator's schema through :func:`_to_schema` and
+Differentiation: in eager mode :class:`FusedLoss` (also the loss from hidden states'),
+whose tensors autograd keeps under its version counters and whose backward, when it builds
+a graph, gives differentiable gradients; under ``torch.compile`` the custom operators
+``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside), with
+their autograd registered. Both compute through :func:`_compute`. Under ``torch.autocast``
+the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's schema through :func:`_to_schema` and
 :func:`_from_schema`, and nowhere else. Imported only when torch tensors arrive.
 """
 
