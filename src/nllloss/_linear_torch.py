@@ -108,10 +108,7 @@ def _composed(linear: _linear.Linear) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Blocks:
-    """The loss in blocks of rows (``_linear.run``), for :class:`FusedLoss`. For 'mean' and
-    'sum' the forward computes the gradients too, for an upstream gradient of 1, and the
-    backward scales them (the three products and the one pass over the logits, once); for
-    'none' the upstream gradient differs per row, and the backward runs the blocks with it."""
+    """The loss in blocks of rows (``_linear.run``), for ``FusedLoss`` (see the module)."""
 
     linear: _linear.Linear
 

@@ -18,8 +18,9 @@ whose tensors autograd keeps under its version counters and whose backward, when
 a graph, gives differentiable gradients; under ``torch.compile`` the custom operators
 ``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside), with
 their autograd registered. Both compute through :func:`_compute`. Under ``torch.autocast``
-the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's schema through :func:`_to_schema` and
-:func:`_from_schema`, and nowhere else. Imported only when torch tensors arrive.
+the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's
+schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere else. Imported only
+when torch tensors arrive.
 """
 
 from __future__ import annotations
@@ -361,7 +362,7 @@ class FusedLoss(torch.autograd.Function):
             grads = computation.differentiable_gradients(grad, wants)
         elif unit is None:
             grads = computation.gradients(grad, wants)
-        elif is_unit_upstream(grad):
+        elif _is_unit_upstream(grad):
             grads = unit
         else:
             grads = tuple(None if g is None else _scaled(g, grad, in_place=True) for g in unit)
@@ -385,36 +386,32 @@ def _keep(ctx, computation) -> None:
     ``save_for_backward`` (so that torch's version counters and saved-tensor hooks apply to
     each), the rest on ``ctx``."""
     tensors: list = []
-    ctx.computation = _without_tensors(computation, tensors)
+
+    def saved(tensor):
+        tensors.append(tensor)
+        return _SAVED
+
+    ctx.computation = _replaced(computation, lambda item: isinstance(item, torch.Tensor), saved)
     ctx.save_for_backward(*tensors)
 
 
 def _kept(ctx):
     """The computation of :func:`_keep`, its tensors read back from autograd (which raises
     "modified by an inplace operation" for one changed since)."""
-    return _with_tensors(ctx.computation, iter(ctx.saved_tensors))
+    tensors = iter(ctx.saved_tensors)
+    return _replaced(ctx.computation, lambda item: item is _SAVED, lambda _: next(tensors))
 
 
-def _without_tensors(value, tensors: list):
+def _replaced(value, chosen, replacement):
+    """The dataclass ``value`` with every field value for which ``chosen`` is true, nested
+    dataclasses' too, replaced by ``replacement(item)``, visited in field order."""
     changes = {}
     for field in dataclasses.fields(value):
         item = getattr(value, field.name)
-        if isinstance(item, torch.Tensor):
-            tensors.append(item)
-            changes[field.name] = _SAVED
+        if chosen(item):
+            changes[field.name] = replacement(item)
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            changes[field.name] = _without_tensors(item, tensors)
-    return dataclasses.replace(value, **changes) if changes else value
-
-
-def _with_tensors(value, tensors):
-    changes = {}
-    for field in dataclasses.fields(value):
-        item = getattr(value, field.name)
-        if item is _SAVED:
-            changes[field.name] = next(tensors)
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            changes[field.name] = _with_tensors(item, tensors)
+            changes[field.name] = _replaced(item, chosen, replacement)
     return dataclasses.replace(value, **changes) if changes else value
 
 
@@ -452,7 +449,7 @@ def _checked_by_the_forward(problem: Problem) -> Problem:
     return problem.replace(check_targets=False)
 
 
-def is_unit_upstream(grad: torch.Tensor) -> bool:
+def _is_unit_upstream(grad: torch.Tensor) -> bool:
     """The upstream gradient is the scalar 1, so a unit gradient needs no scaling. Read on
     the CPU only: reading a value is a host synchronisation on a GPU, where it multiplies."""
     return grad.is_cpu and grad.dim() == 0 and bool(grad == 1)
