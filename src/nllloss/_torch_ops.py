@@ -362,7 +362,7 @@ class FusedLoss(torch.autograd.Function):
             grads = computation.differentiable_gradients(grad, wants)
         elif unit is None:
             grads = computation.gradients(grad, wants)
-        elif _is_unit_upstream(grad):
+        elif is_unit_upstream(grad):
             grads = unit
         else:
             grads = tuple(None if g is None else _scaled(g, grad, in_place=True) for g in unit)
@@ -449,7 +449,7 @@ def _checked_by_the_forward(problem: Problem) -> Problem:
     return problem.replace(check_targets=False)
 
 
-def _is_unit_upstream(grad: torch.Tensor) -> bool:
+def is_unit_upstream(grad: torch.Tensor) -> bool:
     """The upstream gradient is the scalar 1, so a unit gradient needs no scaling. Read on
     the CPU only: reading a value is a host synchronisation on a GPU, where it multiplies."""
     return grad.is_cpu and grad.dim() == 0 and bool(grad == 1)
