@@ -5,12 +5,13 @@
 array(1.)
 """
 
-from ._cpu import set_num_threads
+from ._cpu._threads import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 
 __all__ = [
     "NLLLoss",
+    "evaluate",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",
     "nll_loss",
@@ -26,6 +27,10 @@ _FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
 
 
 def __getattr__(name: str):
+    if name == "evaluate":  # the command line's machinery, loaded when first used
+        from ._cli._python import evaluate
+
+        return evaluate
     if name in _FRAMEWORK_MODULES:
         import importlib
 
