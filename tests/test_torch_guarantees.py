@@ -449,6 +449,29 @@ def test_autocast_under_torch_compile(rng):
     torch.testing.assert_close(ours.grad, theirs.grad)
 
 
+def test_autocast_linear_cross_entropy_under_torch_compile(rng):
+    import torch._dynamo
+
+    h, W, b, t, w = linear_case(rng, torch.float32)
+
+    def loss(h, W):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, W, t, linear_bias=b, weight=w)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    ours = [v.clone().requires_grad_() for v in (h, W)]
+    theirs = [v.clone().requires_grad_() for v in (h, W)]
+    actual = compiled(*ours)
+    expected = F.cross_entropy(F.linear(theirs[0], theirs[1], b), t, w)  # all float32
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-7)
+    for got, want in zip(
+        torch.autograd.grad(actual, ours), torch.autograd.grad(expected, theirs), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+
+
 # torch.compile -----------------------------------------------------------------------------
 
 INTEGER_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,

@@ -24,7 +24,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
-from ._torch_ops import FusedLoss, differentiated
+from ._torch_ops import FusedLoss, differentiated, without_autocast
 
 
 class TorchAlgebra:
@@ -100,7 +100,7 @@ def _composed(linear: _linear.Linear) -> torch.Tensor:
     """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
     in the compute dtype (autocast would make the product 16-bit), through the backend."""
     problem = linear.problem
-    with torch.autocast(linear.hidden.device.type, enabled=False):
+    with without_autocast(linear.hidden.device.type):
         logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
     logits = logits.reshape(problem.layout.input_shape)
     return linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)

@@ -25,6 +25,7 @@ when torch tensors arrive.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import array_api_compat.torch as torch_namespace
@@ -170,8 +171,7 @@ class TorchBackend:
         if (
             array.is_floating_point()
             and array.dtype != torch.float64
-            and torch.amp.is_autocast_available(array.device.type)
-            and torch.is_autocast_enabled(array.device.type)
+            and _autocast_on(array.device.type)
         ):
             return array.to(torch.float32)
         return array
@@ -270,6 +270,18 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def without_autocast(device_type: str):
+    """A context in which autocast does not lower the precision of our own operations (the
+    loss from hidden states' product, in the float32 that ``TorchBackend.autocast`` chose)."""
+    if _autocast_on(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _gradient_with_the_loss(problem: Problem) -> bool:
