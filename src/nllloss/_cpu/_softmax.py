@@ -372,18 +372,22 @@ def _capped_sum_of_exp(row, decode, top, cap, capped, slopes):
     the cap is computed once per value."""
     total = 0.0
     for start in range(0, row.shape[0], SUM_BLOCK):
-        stop = min(start + SUM_BLOCK, row.shape[0])
+        # (loops over slices: indexing the whole rows from start to stop, they vectorise
+        # less well, 2.2x slower)
+        part = row[start : start + SUM_BLOCK]
+        part_capped = capped[start : start + SUM_BLOCK]
         block = _in_compute_type(0.0, capped)
         if slopes.shape[0] > 0:  # (two loops: a test inside would keep them from vectorising)
-            for j in range(start, stop):
-                value, slope = _cap_and_slope(_decode(row[j], decode), cap)
-                capped[j] = value
-                slopes[j] = slope
+            part_slopes = slopes[start : start + SUM_BLOCK]
+            for j in range(part.shape[0]):
+                value, slope = _cap_and_slope(_decode(part[j], decode), cap)
+                part_capped[j] = value
+                part_slopes[j] = slope
                 block += _exp(value - top)
         else:
-            for j in range(start, stop):
-                value = _cap_and_slope(_decode(row[j], decode), cap)[0]
-                capped[j] = value
+            for j in range(part.shape[0]):
+                value = _cap_and_slope(_decode(part[j], decode), cap)[0]
+                part_capped[j] = value
                 block += _exp(value - top)
         total += np.float64(block)
     return total
