@@ -294,6 +294,23 @@ def check_softcap(softcap: Any, from_logits: bool) -> float | None:
     return value
 
 
+def check_temperature(temperature: Any) -> float:
+    """The sampling temperature of the per-token statistics: a finite real number > 0."""
+    value = _real_number(temperature, "temperature", "a finite real number > 0")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"temperature must be a finite real number > 0, got {value}")
+    return value
+
+
+def check_classes_for_stats(classes: int) -> None:
+    """The per-token statistics need a class at least (the argmax of nothing is undefined)."""
+    if classes < 1:
+        raise ValueError(
+            f"token statistics need at least one class (the argmax of none is undefined), "
+            f"got C = {classes}"
+        )
+
+
 def check_return_lse(return_lse: Any, from_logits: bool) -> bool:
     """Whether to return the log-sum-exp of each element's logits (from logits only)."""
     value = check_flag(return_lse, "return_lse")
