@@ -26,12 +26,17 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 def test_public_names():
     assert nllloss.__all__ == [
         "NLLLoss",
+        "TokenStats",
         "linear_cross_entropy",
         "linear_cross_entropy_and_grad",
+        "linear_token_stats",
+        "linear_token_stats_and_grad",
         "nll_loss",
         "nll_loss_and_grad",
         "nll_loss_backward",
         "set_num_threads",
+        "token_stats",
+        "token_stats_and_grad",
         "total_weight",
     ]
     public = {name for name in dir(nllloss) if not name.startswith("_")}
