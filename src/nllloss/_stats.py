@@ -387,8 +387,8 @@ def _upstream(backend, stats: Stats, grads) -> Upstream:
             checked.append(None)
             continue
         grad = like_input(backend, grad, problem.input, name)
-        _validate.check_grad_output_dtype(grad.dtype)
-        _validate.check_grad_output_shape(tuple(grad.shape), shape)
+        _validate.check_grad_output_dtype(grad.dtype, name)
+        _validate.check_grad_output_shape(tuple(grad.shape), shape, name)
         checked.append(xp.broadcast_to(grad, shape))
     return Upstream(*checked)
 

@@ -113,12 +113,12 @@ def _numpy_upstream(upstream: Upstream) -> Upstream:
 
 
 def _as_tensors(result: TokenStats, dtype) -> TokenStats:
-    def tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    def tensor(a):  # the kernel's fresh arrays, shared with torch (0-d ones too)
+        return torch.from_numpy(np.asarray(a))
 
     return TokenStats(
-        tensor(result.logprob), tensor(result.entropy), tensor(result.lse),
-        torch.from_numpy(np.ascontiguousarray(result.argmax)),
+        tensor(result.logprob).to(dtype), tensor(result.entropy).to(dtype),
+        tensor(result.lse).to(dtype), tensor(result.argmax),
     )  # fmt: skip
 
 

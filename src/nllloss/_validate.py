@@ -400,9 +400,12 @@ def check_out(out: Any, input: Any, grad_output: Any = None) -> None:
         )
 
 
-def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
-    """``grad_output`` has the loss's shape, or holds one value that broadcasts to it (for a
-    0-d loss any shape of ones, for an element-wise loss one of at most its rank)."""
+def check_grad_output_shape(
+    grad_shape: tuple[int, ...], output_shape: tuple[int, ...], name: str = "grad_output"
+) -> None:
+    """``grad_output`` (or the upstream gradient ``name``) has the loss's shape, or holds one
+    value that broadcasts to it (for a 0-d loss any shape of ones, for an element-wise loss
+    one of at most its rank)."""
     grad_shape = tuple(grad_shape)
     output_shape = tuple(output_shape)
     one_value = all(d == 1 for d in grad_shape)
@@ -411,16 +414,17 @@ def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int
     ):
         return
     raise ValueError(
-        f"grad_output must have the loss's shape {output_shape} or be a scalar, "
+        f"{name} must have the loss's shape {output_shape} or be a scalar, "
         f"got shape {grad_shape}"
     )
 
 
-def check_grad_output_dtype(dtype: Any) -> None:
-    """``grad_output`` must be real: floating, or integer (cast to the input's dtype)."""
+def check_grad_output_dtype(dtype: Any, name: str = "grad_output") -> None:
+    """``grad_output`` (or ``name``) must be real: floating, or integer (cast to the input's
+    dtype)."""
     if is_float_dtype(dtype) or is_integer_dtype(dtype):
         return
-    raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
+    raise TypeError(f"{name} must be a real floating array or number, got dtype {dtype}")
 
 
 def check_paddle_reduction(reduction: Any) -> str:
