@@ -60,15 +60,23 @@ def _row_statistics(row, decode, cap, temperature):
     arg = 0
     for start in range(0, n, BLOCK):
         part = row[start : start + BLOCK]
-        if _tempered(_row_max(part, decode), cap, temperature) > top:
-            # a new maximum: its first index, by a scalar scan of this block only
-            best = _tempered(_decode(part[0], decode), cap, temperature)
-            where = 0
-            for j in range(1, part.shape[0]):
-                z = _tempered(_decode(part[j], decode), cap, temperature)
-                if z > best:
-                    best = z
-                    where = j
+        best = _tempered(_row_max(part, decode), cap, temperature)
+        if best > top:
+            # a new maximum: the first index where z equals it (a minimum over the block,
+            # which vectorises; z, not x: the cap and the division may tie distinct x)
+            size = part.shape[0]
+            where = size
+            for j in range(size):
+                hit = _tempered(_decode(part[j], decode), cap, temperature) == best
+                where = min(where, j if hit else size)
+            if where == size:  # (not met again: a scan that keeps the first largest z)
+                where = 0
+                best = _tempered(_decode(part[0], decode), cap, temperature)
+                for j in range(1, size):
+                    z = _tempered(_decode(part[j], decode), cap, temperature)
+                    if z > best:
+                        best = z
+                        where = j
             if total > 0.0:
                 shift = np.float64(top) - np.float64(best)
                 scale = math.exp(shift)
