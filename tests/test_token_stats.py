@@ -448,3 +448,63 @@ def test_bad_targets_and_classes():
         token_stats(np.zeros((2, 0)), np.array([IGNORE, IGNORE]))
     with pytest.raises(ValueError, match="grad_logprob"):
         nllloss.token_stats_and_grad(np.zeros((2, 3)), np.array([0, 1]), grad_logprob=np.ones(3))
+
+
+# --- Triton (under its interpreter without a GPU) ---------------------------------------------
+
+
+@pytest.fixture
+def triton_stats(monkeypatch):
+    """The Triton engine, with tiles of 16 classes so that rows span several tiles."""
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from nllloss._triton import _stats as triton_stats
+
+    monkeypatch.setattr(triton_stats, "BLOCK_C", 16)
+    return triton_stats
+
+
+@pytest.mark.parametrize(("temperature", "softcap"), OPTIONS)
+@pytest.mark.parametrize("shape", [(6, 37), (37,)])
+def test_triton_values_and_gradient(triton_stats, shape, temperature, softcap, rng):
+    from nllloss import _stats, _stats_torch
+
+    x, t = make_case(rng, shape)
+    x = x.astype(np.float32)
+    x.reshape(-1, shape[-1])[0, 20:23] = 9.0  # a tie across two tiles
+    xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+    stats = _stats._build(xt, tt, temperature, softcap, IGNORE)[1]
+    assert _stats_torch._triton_engine(stats) is triton_stats.ENGINE
+    result, saved = triton_stats.ENGINE.forward(stats)
+    expected = oracle(torch.from_numpy(x.astype(np.float64)), tt, temperature, softcap)
+    _check(result, expected, np.dtype(np.float32), "torch")
+    upstream = _upstream(rng, t.shape)
+    grad = triton_stats.ENGINE.backward(stats, saved, _stats.Upstream(
+        *(torch.from_numpy(u) for u in upstream)))  # fmt: skip
+    wanted = _oracle_gradient(x, t, upstream, temperature, softcap)
+    np.testing.assert_allclose(grad.numpy(), wanted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_sixteen_bit_and_bad_target(triton_stats, dtype, rng):
+    from nllloss import _stats
+
+    x, t = make_case(rng, (5, 20), extreme=False)
+    xt = torch.from_numpy(x).to(dtype)
+    stats = _stats._build(xt, torch.from_numpy(t), 0.8, None, IGNORE)[1]
+    assert triton_stats.ENGINE.supports(stats)
+    result, _ = triton_stats.ENGINE.forward(stats)
+    assert result.logprob.dtype == dtype
+    expected = oracle(xt.double(), torch.from_numpy(t), 0.8)
+    _check(result, expected, BFLOAT16 if dtype == torch.bfloat16 else np.dtype(np.float16), "torch")
+    t[1] = 20
+    stats = _stats._build(xt, torch.from_numpy(t), 1.0, None, IGNORE)[1]
+    with pytest.raises(IndexError, match=r"target\[1\] = 20"):
+        triton_stats.ENGINE.forward(stats)
+    # float64 and K-dim inputs are not the kernels': the generic path keeps their precision
+    assert not triton_stats.ENGINE.supports(_stats._build(torch.zeros(2, 3, dtype=torch.float64),
+                                                          torch.tensor([0, 1]), 1.0, None,
+                                                          IGNORE)[1])
+    assert not triton_stats.ENGINE.supports(_stats._build(torch.zeros(2, 3, 4),
+                                                          torch.zeros(2, 4, dtype=torch.int64),
+                                                          1.0, None, IGNORE)[1])
