@@ -37,7 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 _SETUP = r"""
 import numpy as np, torch, nllloss
@@ -97,7 +97,9 @@ def linear_step(who, h, w, t):
     return ht.grad, wt.grad
 """
 
-_MEMORY = _SETUP + r"""
+_MEMORY = (
+    _SETUP
+    + r"""
 import sys
 who, shape = sys.argv[1], tuple(int(v) for v in sys.argv[2].split("x"))
 h, w, t = linear_data(*shape)
@@ -115,6 +117,7 @@ grads = linear_step(who, h, w, t)
 peak = status("VmHWM")
 print(peak - before - sum(g.nbytes for g in grads))
 """
+)
 
 LOGITS = ("stats numpy", "loss numpy", "stats torch", "loss torch", "composed torch")
 LINEAR = ("stats numpy", "loss numpy", "stats torch", "loss torch")
@@ -143,6 +146,14 @@ def _summary(times):
     return {"median_s": statistics.median(times), "p90_s": p90, "runs_s": times}
 
 
+def _table(namespace, kind, shape, competitors, rounds):
+    """The race of ``competitors`` on data of ``shape`` (the data freed afterwards)."""
+    data = namespace[f"{kind}_data"](*_parse(shape))
+    step = namespace[f"{kind}_step"]
+    times = _race(lambda who: step(who, *data), competitors, rounds)
+    return {"shape": shape, **{who: _summary(t) for who, t in times.items()}}
+
+
 def _parse(text):
     return tuple(int(v) for v in text.split("x"))
 
@@ -155,20 +166,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     namespace: dict = {}
-    exec(_SETUP, namespace)  # noqa: S102 - the same source as the memory subprocesses
+    exec(_SETUP, namespace)  # the same source as the memory subprocesses
     report = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
 
-    x, t = namespace["logits_data"](*_parse(args.logits))
     small = namespace["logits_data"](64, 1000)
     for who in LOGITS:
         namespace["logits_step"](who, *small)  # compiles the kernels
-    times = _race(lambda who: namespace["logits_step"](who, x, t), LOGITS, args.rounds)
-    report["logits"] = {"shape": args.logits, **{w: _summary(v) for w, v in times.items()}}
-    del x, t
-
-    h, w, t = namespace["linear_data"](*_parse(args.linear))
-    times = _race(lambda who: namespace["linear_step"](who, h, w, t), LINEAR, args.rounds)
-    report["linear"] = {"shape": args.linear, **{c: _summary(v) for c, v in times.items()}}
+    report["logits"] = _table(namespace, "logits", args.logits, LOGITS, args.rounds)
+    report["linear"] = _table(namespace, "linear", args.linear, LINEAR, args.rounds)
     n, _, v = _parse(args.linear)
     logits_bytes = n * v * 4
     memory = {}
@@ -205,7 +210,12 @@ def markdown(report) -> str:
         ("linear", [("stats numpy", "loss numpy"), ("stats torch", "loss torch")]),
     ):  # fmt: skip
         table = report[key]
-        lines += [f"## {key} {table['shape']}", "", "| competitor | median | p90 |", "|---|---|---|"]
+        lines += [
+            f"## {key} {table['shape']}",
+            "",
+            "| competitor | median | p90 |",
+            "|---|---|---|",
+        ]
         for who, t in table.items():
             if who != "shape":
                 lines.append(f"| {who} | {ms(t['median_s'])} | {ms(t['p90_s'])} |")

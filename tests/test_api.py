@@ -25,6 +25,7 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 
 def test_public_names():
     assert nllloss.__all__ == [
+        "LossAndStats",
         "NLLLoss",
         "TokenStats",
         "linear_cross_entropy",
@@ -66,7 +67,11 @@ OPTIONS = [
 def test_signatures_match_torch():
     """torch's parameters in torch's order, then nllloss's options, keyword-only."""
     assert _positional(inspect.signature(nll_loss)) == _positional(inspect.signature(F.nll_loss))
-    assert _keyword_only(inspect.signature(nll_loss)) == [*OPTIONS, ("return_lse", False)]
+    assert _keyword_only(inspect.signature(nll_loss)) == [
+        *OPTIONS,
+        ("return_lse", False),
+        ("return_stats", False),
+    ]
     module = inspect.signature(NLLLoss)
     assert _positional(module) == _positional(inspect.signature(torch.nn.NLLLoss))
     assert _keyword_only(module) == OPTIONS[:2] + OPTIONS[-2:]

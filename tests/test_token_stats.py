@@ -82,9 +82,13 @@ def make_case(rng, shape, extreme=True):
         free = [c for c in range(classes) if not np.any(t2 == c)]
         if free:
             c = free[0]
-            x2[..., c] = np.where(np.arange(x2[..., c].size).reshape(x2[..., c].shape) % 3 == 0,
-                                  1e4, np.where(np.arange(x2[..., c].size).reshape(
-                                      x2[..., c].shape) % 3 == 1, -1e4, -np.inf))
+            x2[..., c] = np.where(
+                np.arange(x2[..., c].size).reshape(x2[..., c].shape) % 3 == 0,
+                1e4,
+                np.where(
+                    np.arange(x2[..., c].size).reshape(x2[..., c].shape) % 3 == 1, -1e4, -np.inf
+                ),
+            )
     return x, np.asarray(t)
 
 
@@ -113,8 +117,9 @@ def _check(result, expected, dtype, library):
             continue
         if library not in ("torch",):
             assert actual_np.dtype == dtype, (name, actual_np.dtype, dtype)
-        np.testing.assert_allclose(actual_np.astype(np.float64), wanted, err_msg=name,
-                                   **_tolerance(dtype))
+        np.testing.assert_allclose(
+            actual_np.astype(np.float64), wanted, err_msg=name, **_tolerance(dtype)
+        )
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
@@ -124,10 +129,15 @@ def test_values_equal_torch_composition(library, shape, temperature, softcap, rn
     x, t = make_case(rng, shape)
     for dtype in (np.float64, np.float32):
         xd = x.astype(dtype)
-        result = token_stats(to_library(library, xd), to_library(library, t),
-                             temperature=temperature, softcap=softcap)
-        expected = oracle(torch.from_numpy(xd.astype(np.float64)), torch.from_numpy(t),
-                          temperature, softcap)
+        result = token_stats(
+            to_library(library, xd),
+            to_library(library, t),
+            temperature=temperature,
+            softcap=softcap,
+        )
+        expected = oracle(
+            torch.from_numpy(xd.astype(np.float64)), torch.from_numpy(t), temperature, softcap
+        )
         _check(result, expected, np.dtype(dtype), library)
 
 
@@ -168,15 +178,16 @@ def test_long_rows_across_blocks(rng):
     t = np.array([3, 4000, IGNORE, 0, 4999])
     for dtype in (np.float64, np.float32):
         result = token_stats(x.astype(dtype), t, temperature=0.9, softcap=40.0)
-        expected = oracle(torch.from_numpy(x.astype(dtype).astype(np.float64)),
-                          torch.from_numpy(t), 0.9, 40.0)
+        expected = oracle(
+            torch.from_numpy(x.astype(dtype).astype(np.float64)), torch.from_numpy(t), 0.9, 40.0
+        )
         _check(result, expected, np.dtype(dtype), "numpy")
 
 
 def test_nan_row_gives_nan_and_its_argmax():
     x = np.array([[0.0, np.nan, 1.0, np.nan], [0.0, 1.0, 2.0, 3.0]])
     s = token_stats(x, np.array([0, 1]))
-    assert np.isnan(s.lse[0]) and np.isnan(s.entropy[0]) and np.isnan(s.logprob[0])
+    assert np.isnan([s.lse[0], s.entropy[0], s.logprob[0]]).all()
     assert s.argmax.tolist() == [1, 3] == torch.from_numpy(x).argmax(1).tolist()
 
 
@@ -329,8 +340,15 @@ def test_linear_values(library, chunk_rows, rng):
     h, w, b, t = _linear_case(rng, 10, 4, 7)
     for dtype in (np.float64, np.float32):
         args = [to_library(library, a.astype(dtype)) for a in (h, w, b)]
-        result = linear_token_stats(args[0], args[1], to_library(library, t), linear_bias=args[2],
-                                    temperature=0.7, softcap=3.0, chunk_rows=chunk_rows)
+        result = linear_token_stats(
+            args[0],
+            args[1],
+            to_library(library, t),
+            linear_bias=args[2],
+            temperature=0.7,
+            softcap=3.0,
+            chunk_rows=chunk_rows,
+        )
         logits = h.astype(dtype).astype(np.float64) @ w.astype(dtype).astype(np.float64).T
         logits = logits + b.astype(dtype)
         expected = oracle(torch.from_numpy(logits), torch.from_numpy(t), 0.7, 3.0)
@@ -338,11 +356,12 @@ def test_linear_values(library, chunk_rows, rng):
 
 
 def test_linear_unbatched_and_sixteen_bit(rng):
-    h, w, b, t = _linear_case(rng, 1, 4, 6)
-    result = linear_token_stats(h[0], w, np.asarray(t[0] if t[0] != IGNORE else 2))
-    expected = oracle(torch.from_numpy(h[0] @ w.T), torch.tensor(t[0] if t[0] != IGNORE else 2))
-    _check(result, expected, np.dtype(np.float64), "numpy")
-    h, w, b, t = _linear_case(rng, 9, 4, 6)
+    h, w, b, _ = _linear_case(rng, 1, 4, 6)
+    for target in (2, IGNORE):
+        result = linear_token_stats(h[0], w, np.asarray(target), linear_bias=b)
+        expected = oracle(torch.from_numpy(h[0] @ w.T + b), torch.tensor(target))
+        _check(result, expected, np.dtype(np.float64), "numpy")
+    h, w, _, t = _linear_case(rng, 9, 4, 6)
     for library in ("numpy", "torch"):
         args = [to_library(library, a.astype(BFLOAT16)) for a in (h, w)]
         result = linear_token_stats(*args, to_library(library, t), chunk_rows=4)
@@ -373,8 +392,9 @@ def test_linear_gradients(chunk_rows, rng):
     for grad, wanted in zip(grads, expected, strict=True):
         np.testing.assert_allclose(grad, wanted, rtol=1e-10, atol=1e-12)
     tensors = [torch.from_numpy(a.copy()).requires_grad_() for a in (h, w, b)]
-    s = linear_token_stats(tensors[0], tensors[1], torch.from_numpy(t), linear_bias=tensors[2],
-                           **options)
+    s = linear_token_stats(
+        tensors[0], tensors[1], torch.from_numpy(t), linear_bias=tensors[2], **options
+    )
     a, bb, g = (torch.from_numpy(u) for u in upstream)
     (s.logprob * a + s.entropy * bb + s.lse * g).sum().backward()
     for tensor, wanted in zip(tensors, expected, strict=True):
@@ -409,19 +429,17 @@ def test_linear_gradcheck_and_double_backward(rng):
 def test_target_out_of_range(library):
     x = to_library(library, np.zeros((3, 4)))
     with pytest.raises(IndexError, match=r"target\[1\] = 4 is not in the class range \[0, 4\)"):
-        result = token_stats(x, to_library(library, np.array([0, 4, IGNORE])))
-        np.asarray(result.logprob)  # Dask computes here
+        np.asarray(token_stats(x, to_library(library, np.array([0, 4, IGNORE]))).logprob)
+    hidden, weight = (to_library(library, np.zeros(shape)) for shape in ((3, 2), (4, 2)))
     with pytest.raises(IndexError, match=r"target\[2\] = -1"):
-        result = linear_token_stats(to_library(library, np.zeros((3, 2))),
-                                    to_library(library, np.zeros((4, 2))),
-                                    to_library(library, np.array([0, 1, -1])))
-        np.asarray(result.logprob)
+        np.asarray(linear_token_stats(hidden, weight, to_library(library, [0, 1, -1])).logprob)
 
 
 def test_hidden_targets_give_nan_under_jit():
     x = jnp.zeros((2, 3))
     logprob = jax.jit(lambda t: token_stats(x, t).logprob)(jnp.asarray([1, 3]))
-    assert np.isnan(np.asarray(logprob)[1]) and not np.isnan(np.asarray(logprob)[0])
+    assert np.isnan(np.asarray(logprob)[1])
+    assert not np.isnan(np.asarray(logprob)[0])
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
@@ -429,8 +447,9 @@ def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature must be a finite real number > 0"):
         token_stats(np.zeros((2, 3)), np.array([0, 1]), temperature=temperature)
     with pytest.raises(ValueError, match="temperature"):
-        linear_token_stats(np.zeros((2, 3)), np.zeros((4, 3)), np.array([0, 1]),
-                           temperature=temperature)
+        linear_token_stats(
+            np.zeros((2, 3)), np.zeros((4, 3)), np.array([0, 1]), temperature=temperature
+        )
     with pytest.raises(TypeError, match="temperature"):
         token_stats(np.zeros((2, 3)), np.array([0, 1]), temperature="hot")
 
@@ -502,9 +521,45 @@ def test_triton_sixteen_bit_and_bad_target(triton_stats, dtype, rng):
     with pytest.raises(IndexError, match=r"target\[1\] = 20"):
         triton_stats.ENGINE.forward(stats)
     # float64 and K-dim inputs are not the kernels': the generic path keeps their precision
-    assert not triton_stats.ENGINE.supports(_stats._build(torch.zeros(2, 3, dtype=torch.float64),
-                                                          torch.tensor([0, 1]), 1.0, None,
-                                                          IGNORE)[1])
-    assert not triton_stats.ENGINE.supports(_stats._build(torch.zeros(2, 3, 4),
-                                                          torch.zeros(2, 4, dtype=torch.int64),
-                                                          1.0, None, IGNORE)[1])
+    assert not triton_stats.ENGINE.supports(
+        _stats._build(
+            torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), 1.0, None, IGNORE
+        )[1]
+    )
+    assert not triton_stats.ENGINE.supports(
+        _stats._build(
+            torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.int64), 1.0, None, IGNORE
+        )[1]
+    )
+
+
+# --- nll_loss(..., return_stats=True) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_nll_loss_returns_the_statistics_of_its_logits(library, rng):
+    x, t = make_case(rng, (6, 9))
+    arrays = [to_library(library, a) for a in (x, t)]
+    result = nllloss.nll_loss(*arrays, from_logits=True, softcap=4.0, return_stats=True)
+    assert isinstance(result, nllloss.LossAndStats)
+    loss = nllloss.nll_loss(*arrays, from_logits=True, softcap=4.0)
+    np.testing.assert_array_equal(to_numpy(result.loss), to_numpy(loss))
+    expected = oracle(torch.from_numpy(x), torch.from_numpy(t), 1.0, 4.0)
+    _check(result.stats, expected, np.dtype(np.float64), library)
+
+
+@pytest.mark.parametrize(
+    ("options", "exception", "pattern"),
+    [
+        ({}, ValueError, r"return_stats=True acts on logits"),
+        ({"from_logits": True, "return_lse": True}, ValueError, r"pass one of them"),
+        ({"from_logits": True, "return_stats": 1}, TypeError, r"return_stats must be True"),
+    ],
+)
+def test_return_stats_needs_logits_and_class_indices(options, exception, pattern):
+    options = {"return_stats": True, **options}
+    with pytest.raises(exception, match=pattern):
+        nllloss.nll_loss(np.zeros((2, 3)), np.array([0, 1]), **options)
+    with pytest.raises(ValueError, match="needs class indices"):
+        nllloss.nll_loss(np.zeros((2, 3)), np.full((2, 3), 1 / 3), from_logits=True,
+                         return_stats=True)  # fmt: skip

@@ -9,6 +9,7 @@ from ._cpu import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 from ._stats import (
+    LossAndStats,
     TokenStats,
     linear_token_stats,
     linear_token_stats_and_grad,
@@ -17,6 +18,7 @@ from ._stats import (
 )
 
 __all__ = [
+    "LossAndStats",
     "NLLLoss",
     "TokenStats",
     "linear_cross_entropy",

@@ -78,6 +78,7 @@ def nll_loss(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_stats: bool = False,
 ) -> Array | tuple[Array, Array]:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
@@ -164,6 +165,13 @@ def nll_loss(
         element (of the capped logits; ignored elements too), e.g. to log the z-loss's
         quantity. Computed by one more read of the input, with the array library's own
         operations (so differentiable by its autodiff), not by the fused kernels.
+    return_stats : bool, default False
+        From logits with class indices: also return the per-token statistics of
+        :func:`token_stats` of the (capped) logits, ``ignore_index`` as the loss's, as
+        ``LossAndStats(loss, stats)``: e.g. to log token accuracy (``stats.argmax ==
+        target``) and entropy beside the loss. Computed by one more read of the input
+        (the fused statistics kernel on NumPy and torch CPU), differentiable as
+        :func:`token_stats`.
 
     Returns
     -------
@@ -173,6 +181,8 @@ def nll_loss(
     (array, array)
         With ``return_lse``: the loss, and :math:`\operatorname{lse}` of the target's
         shape (0-d unbatched) in the input's library and dtype.
+    LossAndStats
+        With ``return_stats``: ``(loss, stats)``, ``stats`` a :class:`TokenStats`.
 
     Raises
     ------
@@ -228,6 +238,7 @@ def nll_loss(
         and z_loss == 0.0
         and softcap is None
         and return_lse is False
+        and return_stats is False
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
@@ -241,6 +252,12 @@ def nll_loss(
         input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
         total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
+    if _validate.check_return_stats(
+        return_stats, problem.from_logits, problem.probabilities, return_lse
+    ):
+        from . import _stats
+
+        return _stats.LossAndStats(backend.forward(problem), _stats.of_loss(backend, problem))
     if _validate.check_return_lse(return_lse, problem.from_logits):
         return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
     return backend.forward(problem)

@@ -65,6 +65,14 @@ class Upstream(NamedTuple):
     lse: Any = None
 
 
+class LossAndStats(NamedTuple):
+    """``nll_loss(..., return_stats=True)``: the loss, and the per-token statistics of its
+    logits."""
+
+    loss: Any
+    stats: TokenStats
+
+
 @dataclass(frozen=True)
 class Stats:
     """One call of the statistics, validated: ``problem`` holds the logits (its input),
@@ -169,7 +177,8 @@ class GenericEngine:
             grad = grad / xp.asarray(stats.temperature, dtype=rows.dtype, device=rows.device)
         return xp.astype(xp.reshape(grad, tuple(problem.input.shape)), problem.input.dtype)
 
-    def forward_backward(self, stats: Stats, upstream: Upstream):
+    def forward_backward(self, stats: Stats, upstream: Upstream, out=None):
+        """(statistics, gradient); ``out`` is not written (arrays may be immutable)."""
         return self.forward(stats)[0], self.backward(stats, None, upstream)
 
 
@@ -289,7 +298,9 @@ def _kernel_arguments(stats: Stats, bits):
     dtype name) when the caller viewed the input itself (torch's bfloat16)."""
     problem = stats.problem
     layout = problem.layout
-    x, name = bits if bits is not None else (problem.input, _validate.dtype_name(problem.input.dtype))
+    x, name = (
+        bits if bits is not None else (problem.input, _validate.dtype_name(problem.input.dtype))
+    )
     table = _cpu._decode_table(name)
     x2 = _cpu._native(x).reshape(layout.batch, layout.classes)
     if table.size:
@@ -346,10 +357,6 @@ def numpy_engine(stats: Stats):
     return generic_engine(_cpu._generic_numpy().xp)
 
 
-def _namespace(backend):
-    return backend.xp
-
-
 def compute(stats: Stats, backend) -> TokenStats:
     """The statistics of a validated call, in the input's library."""
     x = stats.problem.input
@@ -359,7 +366,7 @@ def compute(stats: Stats, backend) -> TokenStats:
         from . import _stats_torch  # imports torch: the caller handed us torch tensors
 
         return _stats_torch.token_stats(stats)
-    return generic_engine(_namespace(backend)).forward(stats)[0]
+    return generic_engine(backend.xp).forward(stats)[0]
 
 
 def compute_with_gradient(stats: Stats, backend, upstream: Upstream):
@@ -373,7 +380,18 @@ def compute_with_gradient(stats: Stats, backend, upstream: Upstream):
         from . import _stats_torch
 
         return _stats_torch.token_stats_with_gradient(stats, upstream)
-    return generic_engine(_namespace(backend)).forward_backward(stats, upstream)
+    return generic_engine(backend.xp).forward_backward(stats, upstream)
+
+
+def of_loss(backend, problem: Problem) -> TokenStats:
+    """The statistics of a loss's logits (``nll_loss(..., return_stats=True)``): at
+    temperature 1, with its ``softcap`` and ``ignore_index``."""
+    _validate.check_classes_for_stats(problem.layout.classes)
+    logits = Problem(
+        problem.input, problem.target, None, problem.ignore_index, "none", problem.layout,
+        from_logits=True, softcap=problem.softcap,
+    )  # fmt: skip
+    return compute(Stats(logits), backend)
 
 
 def _upstream(backend, stats: Stats, grads) -> Upstream:
@@ -600,10 +618,8 @@ def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | 
             continue
         block_upstream = Upstream(*(None if a is None else _rows_of(linear, a, rows)
                                     for a in upstream))  # fmt: skip
-        if isinstance(engine, GenericEngine):
-            result, grad = engine.forward_backward(block, block_upstream)
-        else:  # the kernels write the gradient over the block's logits
-            result, grad = engine.forward_backward(block, block_upstream, out=logits)
+        # the kernels write the gradient over the block's logits
+        result, grad = engine.forward_backward(block, block_upstream, out=logits)
         parts.append(result)
         grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
     result = _joined(linear, parts)

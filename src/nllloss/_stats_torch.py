@@ -45,7 +45,9 @@ def _triton_engine(stats: Stats):
     enabled, CPU tensors under the interpreter switch) and it supports the call."""
     x = stats.problem.input
     device = x.device.type
-    if not ((device == "cuda" and _triton.enabled()) or (device == "cpu" and _triton.interpreted())):
+    if not (
+        (device == "cuda" and _triton.enabled()) or (device == "cpu" and _triton.interpreted())
+    ):
         return None
     if _triton._load() is None:  # no Triton
         return None
@@ -88,7 +90,9 @@ class OnNumpy:
         """``out``: a tensor of the compute dtype to write the gradient into (the block's
         logits of ``linear_token_stats``)."""
         viewed, bits = OnNumpy._numpy(stats)
-        grad_out = None if out is None else out.detach().numpy().reshape(viewed.problem.layout.batch, -1)
+        grad_out = (
+            None if out is None else out.detach().numpy().reshape(viewed.problem.layout.batch, -1)
+        )
         result, grad = NumbaEngine.forward_backward(
             viewed, _numpy_upstream(upstream), bits, out=grad_out
         )
@@ -164,7 +168,10 @@ def _stats_of(input, target, ignore_index, temperature, softcap, check_targets=T
 
 @torch.library.custom_op("nllloss::token_stats", mutates_args=())
 def token_stats_op(
-    input: torch.Tensor, target: torch.Tensor, ignore_index: int, temperature: float,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprob, entropy, lse, argmax, saved): ``saved`` is what the backward reads
@@ -190,9 +197,14 @@ def _(input, target, ignore_index, temperature, softcap):
 
 @torch.library.custom_op("nllloss::token_stats_backward", mutates_args=())
 def token_stats_backward_op(
-    input: torch.Tensor, target: torch.Tensor, saved: torch.Tensor,
-    grad_logprob: torch.Tensor | None, grad_entropy: torch.Tensor | None,
-    grad_lse: torch.Tensor | None, ignore_index: int, temperature: float,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    saved: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
     softcap: float | None,
 ) -> torch.Tensor:
     """The gradient with respect to the input (the targets were checked by the forward)."""
@@ -221,19 +233,18 @@ def _backward(ctx, grad_logprob, grad_entropy, grad_lse, _grad_argmax, _grad_sav
         return None, *none
     if torch.is_grad_enabled():  # a graph to build (double backward): the composition
         stats = _stats_of(input, target, *ctx.settings, check_targets=False)
-        return _composed_gradient(stats, (input,), upstream)[0], *none
+        return _composed_gradient(lambda: GENERIC.forward(stats)[0], (input,), upstream)[0], *none
     return token_stats_backward_op(input, target, saved, *upstream, *ctx.settings), *none
 
 
 token_stats_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _composed_gradient(stats: Stats | None, inputs, upstream: Upstream, compose=None):
-    """The gradients with respect to ``inputs`` of the generic composition (``compose()``,
-    default: the statistics of ``stats``), with a graph of their own."""
+def _composed_gradient(compose, inputs, upstream: Upstream):
+    """The gradients with respect to ``inputs`` of the statistics ``compose()`` makes of
+    plain torch operations, with a graph of their own (for a double backward)."""
     with torch.enable_grad():
-        result = GENERIC.forward(stats)[0] if compose is None else compose()
-        pairs = [(r, g) for r, g in zip(result[:3], upstream, strict=True) if g is not None]
+        pairs = [(r, g) for r, g in zip(compose()[:3], upstream, strict=True) if g is not None]
         return torch.autograd.grad(
             [r for r, _ in pairs], inputs, [g for _, g in pairs],
             create_graph=True, allow_unused=True, materialize_grads=True,
@@ -241,10 +252,6 @@ def _composed_gradient(stats: Stats | None, inputs, upstream: Upstream, compose=
 
 
 # --- From hidden states -----------------------------------------------------------------------
-
-
-def _block_engine(linear: _linear.Linear, stats: Stats):
-    return GENERIC if _transformed() else engine_for(stats)
 
 
 def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats:
@@ -256,13 +263,16 @@ def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
         return TokenStats(*_LinearStats.apply(*arguments, linear, temperature))
     with torch.no_grad():
-        return _blocks(linear, temperature)
+        return _blocks(linear, temperature)[0]
 
 
 def _blocks(linear, temperature, upstream=None, wants=(True, True, True)):
-    result, *grads = _stats.run_blocks(linear, temperature, upstream, wants, _block_engine)
-    return _stats._in_input_dtype(linear, result) if upstream is None else (
-        _stats._in_input_dtype(linear, result), *grads)  # fmt: skip
+    """``_stats.run_blocks`` with each block's engine for torch tensors; the statistics in
+    the input's dtype."""
+    result, *grads = _stats.run_blocks(
+        linear, temperature, upstream, wants, lambda _, stats: engine_for(stats)
+    )
+    return _stats._in_input_dtype(linear, result), *grads
 
 
 def linear_token_stats_and_grad(linear, temperature, upstream: Upstream, wants):
@@ -284,7 +294,7 @@ class _LinearStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, linear, temperature):
-        result = _blocks(linear, temperature)
+        result = _blocks(linear, temperature)[0]
         ctx.save_for_backward(input, linear_weight, linear_bias, linear.problem.target)
         ctx.linear = _without_tensors(linear)
         ctx.temperature = temperature
@@ -307,7 +317,7 @@ class _LinearStats(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph to build: differentiate the composition
             arguments = tuple(a for a in (input, linear_weight, linear_bias) if a is not None)
             grads = _composed_gradient(
-                None, arguments, upstream, lambda: _composed(linear, ctx.temperature)
+                lambda: _composed(linear, ctx.temperature), arguments, upstream
             )
             grads = list(grads) + [None] * (3 - len(grads))
             return (*grads, None, None)

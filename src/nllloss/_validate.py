@@ -319,6 +319,27 @@ def check_return_lse(return_lse: Any, from_logits: bool) -> bool:
     return value
 
 
+def check_return_stats(
+    return_stats: Any, from_logits: bool, probabilities: bool, return_lse: bool
+) -> bool:
+    """Whether to return the per-token statistics with the loss: from logits, with class
+    indices, and not together with ``return_lse`` (the statistics hold the lse)."""
+    value = check_flag(return_stats, "return_stats")
+    if value:
+        _needs_logits("return_stats=True", from_logits)
+        if probabilities:
+            raise ValueError(
+                "return_stats=True needs class indices as the target (the log-probability of "
+                "the target), got class probabilities"
+            )
+        if return_lse:
+            raise ValueError(
+                "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
+                "(stats.lse); pass one of them"
+            )
+    return value
+
+
 def check_total_weight(total_weight: Any, reduction: str) -> None:
     """``total_weight`` replaces the 'mean' denominator: a real scalar, with 'mean' only.
 
@@ -414,8 +435,7 @@ def check_grad_output_shape(
     ):
         return
     raise ValueError(
-        f"{name} must have the loss's shape {output_shape} or be a scalar, "
-        f"got shape {grad_shape}"
+        f"{name} must have the loss's shape {output_shape} or be a scalar, got shape {grad_shape}"
     )
 
 
