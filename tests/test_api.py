@@ -28,6 +28,7 @@ def test_public_names():
         "LossAndStats",
         "NLLLoss",
         "TokenStats",
+        "evaluate",
         "linear_cross_entropy",
         "linear_cross_entropy_and_grad",
         "linear_token_stats",

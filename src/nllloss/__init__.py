@@ -21,6 +21,7 @@ __all__ = [
     "LossAndStats",
     "NLLLoss",
     "TokenStats",
+    "evaluate",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",
     "linear_token_stats",
@@ -40,6 +41,10 @@ _FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
 
 
 def __getattr__(name: str):
+    if name == "evaluate":  # the command line's machinery, loaded when first used
+        from ._cli._python import evaluate
+
+        return evaluate
     if name in _FRAMEWORK_MODULES:
         import importlib
 
