@@ -85,24 +85,25 @@ class Stats:
         return Stats(self.problem.replace(**changes), self.temperature)
 
 
+def logits_problem(input, target, layout, ignore_index, softcap, check_targets=True) -> Problem:
+    """The problem of the statistics' logits: reduction 'none', no weight, from logits."""
+    return Problem(
+        input, target, None, ignore_index, "none", layout, from_logits=True,
+        check_targets=check_targets, softcap=softcap,
+    )  # fmt: skip
+
+
 def _stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None) -> Problem:
-    """The problem of the statistics' logits: every check of ``nll_loss``'s (a target of
+    """The problem of a call's logits, after every check of ``nll_loss``'s (a target of
     class indices only)."""
     target = like_input(backend, target, input, "target")
     shape = tuple(input.shape) if logits_shape is None else logits_shape
     _validate.check_target(target, shape, probabilities=False)
     layout = layout_of(shape)
     _validate.check_classes_for_stats(layout.classes)
-    return Problem(
-        input,
-        target,
-        None,
-        _validate.check_ignore_index(ignore_index),
-        "none",
-        layout,
-        from_logits=True,
-        softcap=_validate.check_softcap(softcap, True),
-    )
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    softcap = _validate.check_softcap(softcap, True)
+    return logits_problem(input, target, layout, ignore_index, softcap)
 
 
 # --- The generic engine: the specification ------------------------------------------------
@@ -246,13 +247,8 @@ class NumbaEngine:
 
     @staticmethod
     def forward(stats: Stats, bits=None):
-        x2, table, target, rows = _kernel_arguments(stats, bits)
-        saved = np.empty((rows, 3))
-        logprob, entropy, lse = np.empty(rows), np.empty(rows), np.empty(rows)
-        argmax = np.empty(rows, dtype=np.int64)
-        _run(stats, x2, table, target, False, saved, _NO_UPSTREAM, logprob, entropy, lse,
-             argmax, np.empty((0, 0), np.float32 if table.size else x2.dtype))  # fmt: skip
-        return _shaped(stats, bits, logprob, entropy, lse, argmax), saved
+        result, saved, _ = _statistics_pass(stats, bits)
+        return result, saved
 
     @staticmethod
     def backward(stats: Stats, saved, upstream: Upstream, bits=None, out=None):
@@ -265,14 +261,25 @@ class NumbaEngine:
 
     @staticmethod
     def forward_backward(stats: Stats, upstream: Upstream, bits=None, out=None):
-        x2, table, target, rows = _kernel_arguments(stats, bits)
-        grad = _gradient_array(x2, table, out)
-        saved = np.empty((rows, 3))
-        logprob, entropy, lse = np.empty(rows), np.empty(rows), np.empty(rows)
-        argmax = np.empty(rows, dtype=np.int64)
-        _run(stats, x2, table, target, False, saved, _upstream_rows(upstream, rows), logprob,
-             entropy, lse, argmax, grad)  # fmt: skip
-        return _shaped(stats, bits, logprob, entropy, lse, argmax), grad
+        result, _, grad = _statistics_pass(stats, bits, upstream, out)
+        return result, grad
+
+
+def _statistics_pass(stats: Stats, bits, upstream: Upstream | None = None, out=None):
+    """(TokenStats, saved, gradient or None): one call of the kernel, with the gradient
+    for ``upstream`` when given (into ``out`` when given)."""
+    x2, table, target, rows = _kernel_arguments(stats, bits)
+    if upstream is None:
+        grad, upstream_rows = np.empty((0, 0), np.float32 if table.size else x2.dtype), _NO_UPSTREAM
+    else:
+        grad, upstream_rows = _gradient_array(x2, table, out), _upstream_rows(upstream, rows)
+    saved = np.empty((rows, 3))
+    logprob, entropy, lse = np.empty(rows), np.empty(rows), np.empty(rows)
+    argmax = np.empty(rows, dtype=np.int64)
+    _run(stats, x2, table, target, False, saved, upstream_rows, logprob, entropy, lse, argmax,
+         grad)  # fmt: skip
+    result = _shaped(stats, bits, logprob, entropy, lse, argmax)
+    return result, saved, None if grad.shape[0] != rows else grad
 
 
 _NO_UPSTREAM = np.zeros((0, 3))
@@ -387,10 +394,9 @@ def of_loss(backend, problem: Problem) -> TokenStats:
     """The statistics of a loss's logits (``nll_loss(..., return_stats=True)``): at
     temperature 1, with its ``softcap`` and ``ignore_index``."""
     _validate.check_classes_for_stats(problem.layout.classes)
-    logits = Problem(
-        problem.input, problem.target, None, problem.ignore_index, "none", problem.layout,
-        from_logits=True, softcap=problem.softcap,
-    )  # fmt: skip
+    logits = logits_problem(
+        problem.input, problem.target, problem.layout, problem.ignore_index, problem.softcap
+    )
     return compute(Stats(logits), backend)
 
 

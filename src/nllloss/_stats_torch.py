@@ -19,7 +19,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear, _stats, _triton
-from ._problem import Problem, layout_of
+from ._problem import layout_of
 from ._stats import NumbaEngine, Stats, TokenStats, Upstream
 
 GENERIC = _stats.generic_engine(torch_namespace)
@@ -159,10 +159,8 @@ def token_stats_with_gradient(stats: Stats, upstream: Upstream):
 
 def _stats_of(input, target, ignore_index, temperature, softcap, check_targets=True) -> Stats:
     """A call from an operator's arguments (validated when the operator was called)."""
-    problem = Problem(
-        input, target, None, ignore_index, "none", layout_of(tuple(input.shape)),
-        from_logits=True, check_targets=check_targets, softcap=softcap,
-    )  # fmt: skip
+    layout = layout_of(tuple(input.shape))
+    problem = _stats.logits_problem(input, target, layout, ignore_index, softcap, check_targets)
     return Stats(problem, temperature)
 
 
