@@ -4,8 +4,9 @@ and ``softcap``: one visit of each input row.
 For each target element the kernels compute, reading its row of C values once from
 memory (a row is re-read from cache, not from memory, by the later loops):
 
-* with logits (capped to ``c tanh(x / c)`` with ``softcap``: computed in float64 once per
-  logit, with its derivative, for every c > 0, and rounded to the compute dtype), the
+* with logits (capped to ``c tanh(x / c)`` with ``softcap``: computed once per logit, with
+  its derivative, in float32 for float32 logits when c and 1 / c are normal float32
+  numbers, else in float64 and rounded to the compute dtype: right for every c > 0), the
   row's maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so ``log q_c = (x_c - m)
   - log_norm``, never stored; ``lse = m + log_norm``;
 * the target term ``nll``: ``-w_t log q_t`` for a class index, ``-sum_c w_c p'_c log q_c``
@@ -21,7 +22,7 @@ memory (a row is re-read from cache, not from memory, by the later loops):
   ``a = s (sum_k w_k p'_k + 2 z lse)``, ``e = 0`` and ``b_c = s w_c p'_c``; ``a = 0`` for
   log-probability input; ``s`` the element's upstream gradient.
 
-Sums accumulate in float64; ``exp`` of float32 values, and the cap's ``exp`` in float64,
+Sums accumulate in float64; ``exp`` of float32 values, and the float64 cap's ``exp``,
 are polynomials that vectorise (within 2 ulp; numba's ``math.exp`` calls libm once per
 element). Rows are independent, so results do not depend on the thread count. Ignored
 elements get 0 everywhere.
