@@ -715,7 +715,8 @@ def build(kernel, types, constants):
 positions = dict(C="i32", S="i32", blocks="i32", stride_b="i64", stride_c="i32", stride_s="i32",
                  t_stride_b="i64", t_stride_c="i32", t_stride_s="i32",
                  grad_stride_b="i64", grad_stride_c="i32", grad_stride_s="i32",
-                 ignore_index="i64", eps="fp32", z="fp32", cap="fp32")
+                 ignore_index="i64", eps="fp32", z="fp32", cap="fp32",
+                 cap_first="fp32", cap_second="fp32")
 for probs in (False, True):
     forward = dict(x_ptr="*bf16", t_ptr="*bf16" if probs else "*i32", w_ptr="*bf16",
                    loss_ptr="*bf16", lse_ptr="*fp32", mass_ptr="*fp32", part_loss_ptr="*fp32",
