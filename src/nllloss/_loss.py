@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from . import _generic, _validate
 from ._dispatch import as_array, backend_for, like_input, quick_forward_for
 from ._problem import Problem, layout_of, resolved_reduction
 
-# An array of the caller's library (NumPy, torch, JAX, ...): results come back in it.
-Array = TypeVar("Array")
+
+class _ArrayLike(Protocol):
+    """What every array library's array has: a NumPy ndarray, a torch Tensor, a JAX Array,
+    a Dask or CuPy array, an array-API array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+
+# An array of the caller's library: results come back in it, so a type checker gives the
+# loss of a torch.Tensor the type torch.Tensor, that of an ndarray the ndarray's.
+Array = TypeVar("Array", bound=_ArrayLike)
 Reduction = Literal["none", "mean", "sum"]
 
 # Deprecation warnings point at the line that called the public function: one frame up.
@@ -60,6 +73,66 @@ def _problem(
         softcap=_validate.check_softcap(softcap, from_logits),
     )
     return backend, problem
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[False] = ...,
+) -> Array: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[True],
+) -> tuple[Array, Array]: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool,
+) -> Array | tuple[Array, Array]: ...
 
 
 def nll_loss(
