@@ -144,8 +144,6 @@ def linear() -> str:
         ("torch chunked", "torch chunked"),
         ("nllloss torch", "nllloss torch"),
         ("nllloss numpy", "nllloss NumPy"),
-        ("GEMMs torch", "the three GEMMs alone (torch)"),
-        ("GEMMs numpy", "the three GEMMs alone (NumPy)"),
     ]
     shapes = []
     for case in data["cases"]:
@@ -160,11 +158,12 @@ def linear() -> str:
             for case in data["cases"]
             if case["shape"] == shape and case["chunk_rows"] is None
         }
+        gemms = f"{found['GEMMs torch']['seconds']:.1f} / {found['GEMMs numpy']['seconds']:.1f} s"
         rows.append([" x ".join(map(str, shape))] + [
             f"{found[who]['seconds']:.1f} s, {found[who]['peak_bytes'] / logits_bytes:.0%}"
             for who, _ in columns
-        ])  # fmt: skip
-    header = ["N x D x V"] + [title for _, title in columns]
+        ] + [gemms])  # fmt: skip
+    header = ["N x D x V", *(title for _, title in columns), "the three GEMMs (torch / NumPy)"]
     return _table(header, rows) + "\n\n" + _stamp(data, "linear-latest.json")
 
 
