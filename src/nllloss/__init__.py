@@ -11,6 +11,7 @@ from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, tota
 
 __all__ = [
     "NLLLoss",
+    "evaluate",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",
     "nll_loss",
@@ -26,6 +27,10 @@ _FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
 
 
 def __getattr__(name: str):
+    if name == "evaluate":  # the command line's machinery, loaded when first used
+        from ._cli._python import evaluate
+
+        return evaluate
     if name in _FRAMEWORK_MODULES:
         import importlib
 
