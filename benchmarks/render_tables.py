@@ -177,15 +177,25 @@ def summary() -> str:
     head = {case["who"]: case for case in linear_data["cases"]
             if case["shape"] == [1024, 768, 128256] and case["chunk_rows"] is None}  # fmt: skip
     fb = big["timings"]["forward_backward"]
-    bwd = logits["backward"]["median_ms"]
+    bwd, memory = logits["backward"]["median_ms"], logits["backward"]["peak_memory_inputs"]
+    n, _, v = head["nllloss torch"]["shape"]
+
+    def of_logits(who: str) -> str:
+        return f"{head[who]['peak_bytes'] / (n * v * 4):.0%}"
+
     rows = [
         ["`nll_loss` on NumPy, forward + backward, (8192, 32000)", "`F.nll_loss` + autograd",
-         _ratio(fb["torch"]["median_ms"], fb["nllloss"]["median_ms"])],
+         _ratio(fb["torch"]["median_ms"], fb["nllloss"]["median_ms"]), "-"],
         ["`nll_loss(..., from_logits=True)` on torch tensors, forward + backward, (8192, 32000)",
-         "`F.cross_entropy` + autograd", _ratio(bwd["torch"], bwd["nllloss torch"])],
-        ["`linear_cross_entropy` on torch tensors, training step, 1024 x 768 x 128256",
-         "torch's chunked `linear_cross_entropy`",
-         _ratio(head["torch chunked"]["seconds"], head["nllloss torch"]["seconds"])],
+         "`F.cross_entropy` + autograd", _ratio(bwd["torch"], bwd["nllloss torch"]),
+         f"{memory['nllloss torch']:.1f} vs {memory['torch']:.1f} input sizes"],
+    ] + [
+        ["`linear_cross_entropy` on torch tensors, training step, "
+         f"{' x '.join(map(str, head['nllloss torch']['shape']))}", title,
+         _ratio(head[who]["seconds"], head["nllloss torch"]["seconds"]),
+         f"{of_logits('nllloss torch')} vs {of_logits(who)} of the logits"]
+        for who, title in (("torch reference", "torch's `linear_cross_entropy`"),
+                           ("torch chunked", "torch's chunked `linear_cross_entropy`"))
     ]  # fmt: skip
     stamps = {
         file: _load(file)["environment"]
@@ -198,7 +208,8 @@ def summary() -> str:
         f"torch {env['versions']['torch']} in the same process. Runs ({when}) in "
         "`benchmarks/results/`.*"
     )
-    return _table(["what", "against", "speed-up"], rows) + "\n\n" + note
+    header = ["what", "against", "speed-up", "peak memory beyond the inputs"]
+    return _table(header, rows) + "\n\n" + note
 
 
 TABLES = {"cpu": cpu, "backends": backends, "fused": fused, "linear": linear, "summary": summary}
