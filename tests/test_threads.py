@@ -186,3 +186,85 @@ def test_fork_pool_dataloader_and_threads_on_each_layer(layer, inputs):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines == [f"layer {layer}", "fork ok", "pool ok", "dataloader ok", "threads ok"]
+
+
+# set_num_threads: one count for the process, with or without numba -----------------------
+
+PROCESS_WIDE = textwrap.dedent(
+    """
+    import threading
+    import numba
+    import numpy as np
+    import nllloss
+    from nllloss._cpu import _threads
+
+    # What a parallel kernel's region would use: numba's count in the calling thread.
+    probe = _threads.Guarded(numba.get_num_threads, lambda: "serial")
+    x = np.log(np.full((70_000, 4), 0.25, np.float32))
+    t = np.arange(70_000) % 4
+    before = nllloss.nll_loss_backward(1.0, x, t, reduction="sum")  # 2 threads, main thread
+
+    nllloss.set_num_threads(1)
+    seen = {}
+
+    def in_a_thread():
+        seen["kernel"] = probe()
+        seen["own"] = numba.get_num_threads()  # the thread's numba count, left as it was
+        seen["grad"] = nllloss.nll_loss_backward(1.0, x, t, reduction="sum")
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    print(seen["kernel"], seen["own"], probe(), numba.get_num_threads())
+    print(np.array_equal(seen["grad"], before))
+    """
+)
+
+
+def test_set_num_threads_holds_in_every_thread():
+    """After set_num_threads(1) on the main thread, a kernel called from another thread
+    runs with 1 thread too (numba's own count is per thread), the threads' numba counts
+    are left at NUMBA_NUM_THREADS, and the gradient has the same bits."""
+    env = {**_layer_environment("workqueue"), "NUMBA_NUM_THREADS": "2"}
+    env.pop("NUMBA_THREADING_LAYER")
+    done = subprocess.run(
+        [sys.executable, "-c", PROCESS_WIDE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["1 2 1 2", "True"]
+
+
+WITHOUT_NUMBA = textwrap.dedent(
+    """
+    import sys
+    sys.modules["numba"] = None  # as if numba were not installed: its import fails
+    import numpy as np
+    import nllloss
+
+    nllloss.set_num_threads(3)
+    for bad in (0, 1.5):
+        try:
+            nllloss.set_num_threads(bad)
+        except (TypeError, ValueError) as error:
+            print(type(error).__name__, error)
+    print(nllloss.nll_loss(np.log(np.array([[0.5, 0.5]])), np.array([1])))
+    """
+)
+
+
+def test_set_num_threads_without_numba_checks_and_records():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", WITHOUT_NUMBA], capture_output=True, text=True,
+        env=env, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "ValueError n must be 1 or more, got 0",
+        "TypeError n must be an int, not float",
+        "0.6931471805599453",
+    ]

@@ -5,7 +5,7 @@
 array(1.)
 """
 
-from ._cpu import set_num_threads
+from ._cpu._threads import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 

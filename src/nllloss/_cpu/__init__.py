@@ -487,13 +487,3 @@ def _weight_total(kernels, t2, ignore_index, weight):
         return weight.dtype.type(0)
     hit = np.where(valid, weight[np.where(valid, t2, 0)], weight.dtype.type(0)).reshape(-1)
     return kernels.cascade_sum(hit, valid.reshape(-1).view(np.uint8))
-
-
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in the compiled kernels (at most ``NUMBA_NUM_THREADS``, the default).
-
-    Results do not depend on it: the kernels' summation order is fixed.
-    """
-    import numba
-
-    numba.set_num_threads(_validate.check_num_threads(n, numba.config.NUMBA_NUM_THREADS))
