@@ -87,6 +87,7 @@ def test_typed_example_and_revealed_types_pass_mypy_strict(tmp_path):
     assert "Any" not in revealed
 
 
+@pytest.mark.slow
 def test_typed_example_runs():
     """The typed script is a real program: it runs and its checks hold."""
     done = subprocess.run(
