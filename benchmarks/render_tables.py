@@ -48,8 +48,8 @@ def _ratio(reference: float, ours: float) -> str:
 def _stamp(data: dict, file: str) -> str:
     env = data["environment"]
     versions = env["versions"]
-    names = ["numpy", "torch", "numba"] + (["jax"] if "jax" in versions else [])
-    listed = ", ".join(f"{name} {versions[name]}" for name in names if name in versions)
+    names = [name for name in ("numpy", "torch", "numba", "jax") if name in versions]
+    listed = ", ".join(f"{name} {versions[name]}" for name in names)
     load = env.get("load_average_at_end")
     loaded = f"; load average {load[0]:.1f} at the end" if load else ""
     return (
@@ -169,12 +169,12 @@ def linear() -> str:
 
 def summary() -> str:
     """The README's few lines: one row from each benchmark, the largest shape."""
-    fused_data, linear_data = _load("fused-latest.json"), _load("linear-latest.json")
-    cpu_data = _load("cpu-latest.json")
-    big = next(c for c in cpu_data["cases"] if c["shape"] == [8192, 32000])
-    logits = next(c for c in fused_data["cases"]
+    runs = {file: _load(file) for file in ("cpu-latest.json", "fused-latest.json",
+                                           "linear-latest.json")}  # fmt: skip
+    big = next(c for c in runs["cpu-latest.json"]["cases"] if c["shape"] == [8192, 32000])
+    logits = next(c for c in runs["fused-latest.json"]["cases"]
                   if c["shape"] == [8192, 32000] and c["variant"] == "indices")  # fmt: skip
-    head = {case["who"]: case for case in linear_data["cases"]
+    head = {case["who"]: case for case in runs["linear-latest.json"]["cases"]
             if case["shape"] == [1024, 768, 128256] and case["chunk_rows"] is None}  # fmt: skip
     fb = big["timings"]["forward_backward"]
     bwd, memory = logits["backward"]["median_ms"], logits["backward"]["peak_memory_inputs"]
@@ -197,15 +197,14 @@ def summary() -> str:
         for who, title in (("torch reference", "torch's `linear_cross_entropy`"),
                            ("torch chunked", "torch's chunked `linear_cross_entropy`"))
     ]  # fmt: skip
-    stamps = {
-        file: _load(file)["environment"]
-        for file in ("cpu-latest.json", "fused-latest.json", "linear-latest.json")
-    }
-    env = stamps["cpu-latest.json"]
-    when = ", ".join(f"`{f}` {e['date'][:10]} at {e['git_revision']}" for f, e in stamps.items())
+    env = runs["cpu-latest.json"]["environment"]
+    when = ", ".join(
+        f"`{file}` {run['environment']['date'][:10]} at {run['environment']['git_revision']}"
+        for file, run in runs.items()
+    )
     note = (
-        f"*float32, 'mean'; medians on {env['cpu_model']}, {env['cpus_usable']} shared cores, "
-        f"torch {env['versions']['torch']} in the same process. Runs ({when}) in "
+        f"*float32, 'mean'; on {env['cpu_model']}, {env['cpus_usable']} shared cores, "
+        f"against torch {env['versions']['torch']} in the same run. Runs ({when}) in "
         "`benchmarks/results/`.*"
     )
     header = ["what", "against", "speed-up", "peak memory beyond the inputs"]
