@@ -48,7 +48,7 @@ def _ratio(reference: float, ours: float) -> str:
 def _stamp(data: dict, file: str) -> str:
     env = data["environment"]
     versions = env["versions"]
-    names = [name for name in ("numpy", "torch", "numba", "jax") if name in versions]
+    names = [name for name in ("numpy", "torch", "numba", "jax", "transformers") if name in versions]
     listed = ", ".join(f"{name} {versions[name]}" for name in names)
     load = env.get("load_average_at_end")
     loaded = f"; load average {load[0]:.1f} at the end" if load else ""
@@ -167,6 +167,32 @@ def linear() -> str:
     return _table(header, rows) + "\n\n" + _stamp(data, "linear-latest.json")
 
 
+def transformers() -> str:
+    """A Hugging Face causal LM's training step, unpatched and patched by ``apply``."""
+    data = _load("transformers-step-latest.json")
+    rows = []
+    for vocab in dict.fromkeys(case["vocab"] for case in data["cases"]):
+        found = {case["who"]: case for case in data["cases"] if case["vocab"] == vocab}
+        logits = data["tokens"] * vocab * 4  # float32
+
+        def extra(who: str, found=found, logits=logits) -> str:
+            grown = found[who]["peak_bytes"] - found["body"]["peak_bytes"]
+            return f"{grown / 2**20:.0f} MiB ({grown / logits:.1%})"
+
+        plain, ours = found["transformers"], found["nllloss"]
+        rows.append([
+            f"{vocab:,} ({logits / 2**20:.0f} MiB)",
+            f"{extra('transformers')}, {plain['median_s']:.1f} s",
+            f"{extra('nllloss')}, {ours['median_s']:.1f} s ({ours['p90_s']:.1f} s)",
+            _ratio(plain["median_s"], ours["median_s"]),
+        ])  # fmt: skip
+    header = [
+        "V (logits)", "unpatched: extra memory, median step",
+        "nllloss: extra memory, median step (p90)", "unpatched / nllloss time",
+    ]  # fmt: skip
+    return _table(header, rows) + "\n\n" + _stamp(data, "transformers-step-latest.json")
+
+
 def summary() -> str:
     """The README's few lines: one row from each benchmark, the largest shape."""
     runs = {file: _load(file) for file in ("cpu-latest.json", "fused-latest.json",
@@ -211,7 +237,10 @@ def summary() -> str:
     return _table(header, rows) + "\n\n" + note
 
 
-TABLES = {"cpu": cpu, "backends": backends, "fused": fused, "linear": linear, "summary": summary}
+TABLES = {
+    "cpu": cpu, "backends": backends, "fused": fused, "linear": linear,
+    "transformers": transformers, "summary": summary,
+}  # fmt: skip
 
 
 def render(text: str) -> str:

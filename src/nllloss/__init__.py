@@ -23,7 +23,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Framework submodules load on first attribute access, so `import nllloss` imports none.
-_FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
+_FRAMEWORK_MODULES = ("torch", "paddle", "distributed", "transformers")
 
 
 def __getattr__(name: str):
