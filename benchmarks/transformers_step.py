@@ -30,19 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
 
 VOCABS = (32000, 128256)
 COMPETITORS = ("body", "transformers", "nllloss", "nllloss logits")
 
 _SETUP = r"""
 import copy, os, random, statistics, time
-os.environ["KMP_BLOCKTIME"] = "0"
 import torch, transformers, nllloss.transformers
 vocab, tokens, steps = {vocab!r}, {tokens!r}, {steps!r}
 transformers.logging.set_verbosity_error()

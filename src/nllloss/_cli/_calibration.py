@@ -185,9 +185,10 @@ def figures(
             out = numpy_figures(z, target, beta, from_logits, with_model)
         else:
             out = np.full((len(target), len(FIGURES)), np.nan)
-            kernel.element_figures(
-                x3, where, target, float(softcap or 0.0), from_logits, beta, with_model, out
-            )
+            kernel.element_figures.run(  # threads or one thread, whichever pays
+                len(target) * classes, None,
+                x3, where, target, float(softcap or 0.0), from_logits, beta, with_model, out,
+            )  # fmt: skip
         yield where, target, out
 
 
