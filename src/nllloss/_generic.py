@@ -24,6 +24,7 @@ every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -79,8 +80,9 @@ def compare(xp, target, op: str, value: int):
 
 def values_hidden(array: Any) -> bool:
     """True when the array's values cannot be read now: JAX inside jit/grad/vmap, Dask
-    before compute, a tensor batched by ``torch.func.vmap``. A check of such values cannot
-    raise; what it finds becomes NaN in the result, as JAX does under ``jit``."""
+    before compute, a tensor batched by ``torch.func.vmap`` or traced by ``torch.compile``.
+    A check of such values cannot raise; what it finds becomes NaN in the result, as JAX
+    does under ``jit``."""
     if array_api_compat.is_jax_array(array):
         import jax  # already imported: the caller handed us a JAX array
 
@@ -90,6 +92,8 @@ def values_hidden(array: Any) -> bool:
     if array_api_compat.is_torch_array(array):
         import torch  # already imported: the caller handed us a torch tensor
 
+        if torch.compiler.is_compiling():
+            return True
         functorch = torch._C._functorch
         while functorch.is_functorch_wrapped_tensor(array):
             if functorch.is_batchedtensor(array):
@@ -206,6 +210,20 @@ def _take_classes(xp, x, index):
 IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
+def ieee_results(function):
+    """``function(backend, ...)`` under :data:`IEEE_RESULTS`, except on torch's namespace:
+    torch never warns, and ``torch.compile`` cannot trace NumPy's ``errstate``."""
+    quiet = IEEE_RESULTS(function)
+
+    @functools.wraps(function)
+    def run(backend, *arguments, **keywords):
+        if array_api_compat.is_torch_namespace(backend.xp):
+            return function(backend, *arguments, **keywords)
+        return quiet(backend, *arguments, **keywords)
+
+    return run
+
+
 def _ieee(operation, a, b):
     """``operation(a, b)`` with IEEE results and no NumPy warning, also for Dask, which
     computes after our ``errstate`` has ended: there the operation runs as a task that
@@ -293,13 +311,18 @@ class Backend:
     # The shortcut of the commonest forward that fast backends offer; none here.
     quick_forward: ClassVar[Any] = None
 
+    @staticmethod
+    def autocast(array):
+        """The array itself: no mixed-precision context applies (torch's: ``_torch_ops``)."""
+        return array
+
     def __post_init__(self):
         if self.sums is None:
             object.__setattr__(self, "sums", _namespace_sums(self.xp))
         if self.scatter is None:
             object.__setattr__(self, "scatter", _one_hot_scatter(self.xp))
 
-    @IEEE_RESULTS
+    @ieee_results
     def forward(self, problem: Problem):
         """The loss: shape ``problem.loss_shape``, in the input's dtype."""
         if problem.probabilities:
@@ -373,7 +396,7 @@ class Backend:
             loss_sum = np.asarray(loss_sum)
         return xp.astype(loss_sum, x.dtype)
 
-    @IEEE_RESULTS
+    @ieee_results
     def backward(self, problem: Problem, grad_output, out=None):
         """The gradient of ``forward`` with respect to the input, for ``grad_output``.
 
@@ -450,7 +473,7 @@ class Backend:
         loss = self.forward(problem)
         return loss, self.backward(problem, grad_output, out)
 
-    @IEEE_RESULTS
+    @ieee_results
     def total_weight(self, target, weight, ignore_index: int):
         """See ``nllloss.total_weight``: the 'mean' denominator of ``target``."""
         xp = self.xp
@@ -535,7 +558,7 @@ def _probability_denominator(xp, problem: Problem, dtype):
     return xp.asarray(problem.probability_count, dtype=dtype, device=device)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_forward(backend: Backend, problem: Problem):
     """``l_n = -sum_c w_c p_{n,c} log q_{n,c}`` (+ ``z lse_n**2``), reduced; see ``forward``."""
     xp, layout, x = backend.xp, problem.layout, problem.input
@@ -560,7 +583,7 @@ def _probability_forward(backend: Backend, problem: Problem):
     return xp.astype(loss_sum, x.dtype)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_backward(backend: Backend, problem: Problem, grad_output, out=None):
     """The gradient of ``_probability_forward``: ``-u w_c p_c`` for log-probabilities; from
     logits ``u (q_c sum_k w_k p_k - w_c p_c + 2 z lse q_c)``, through the cap when given."""

@@ -134,9 +134,11 @@ def build(
     own); the :class:`Linear` of the call."""
     input = as_array(input, "input")
     backend = backend_for(input)
-    linear_weight = like_input(backend, linear_weight, input, "linear_weight")
+    # Under autocast the loss computes in float32 (see nll_loss): its matrix products too.
+    input = backend.autocast(input)
+    linear_weight = backend.autocast(like_input(backend, linear_weight, input, "linear_weight"))
     if linear_bias is not None:
-        linear_bias = like_input(backend, linear_bias, input, "linear_bias")
+        linear_bias = backend.autocast(like_input(backend, linear_bias, input, "linear_bias"))
     logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
     _, problem = _problem(

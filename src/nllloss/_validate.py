@@ -266,7 +266,15 @@ def check_label_smoothing(label_smoothing: Any) -> float:
 
 
 def _real_number(value: Any, name: str, expected: str) -> float:
-    """``value`` as a float, if it is a real number (not bool); else the TypeError."""
+    """``value`` as a float, if it is a real number (not bool) or a 0-d array of one, as
+    torch reads ``label_smoothing=torch.tensor(0.1)``; else the TypeError. A tensor that
+    requires grad is refused, as by torch: the option would get no gradient."""
+    if getattr(value, "shape", None) == () and (
+        is_float_dtype(value.dtype) or is_integer_dtype(value.dtype)
+    ):
+        if getattr(value, "requires_grad", False):
+            raise TypeError(f"{name} must be {expected}, got a tensor that requires grad")
+        return float(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):

@@ -32,6 +32,7 @@ def load():
     return SimpleNamespace(
         xp=_generic_numpy().xp,
         quick_forward=quick_forward,
+        autocast=_generic_numpy().autocast,
         forward=forward,
         backward=backward,
         forward_backward=forward_backward,
