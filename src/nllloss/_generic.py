@@ -25,6 +25,7 @@ every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -73,9 +74,26 @@ def compare(xp, target, op: str, value: int):
         result = (value > info.max) == (op == "<")
     elif op in ("==", "!=") and not info.min <= value <= info.max:
         result = op == "!="
+    elif info.min == 0 and info.bits > 8 and array_api_compat.is_torch_namespace(xp):
+        return _compare_widened(xp, target, op, value)
     else:
         return _COMPARISONS[op](target, value)
     return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _compare_widened(xp, target, op: str, value: int):
+    """``compare`` of a uint16/32/64 torch tensor, which torch compares on few devices (not
+    the CPU): in int64, where uint64 values from 2**63 on wrap to negative numbers, above
+    every ``value`` (an int64: ``compare`` answered the others)."""
+    wide = xp.astype(target, xp.int64)
+    result = _COMPARISONS[op](wide, value)
+    if xp.iinfo(target.dtype).max <= _INT64_MAX:
+        return result
+    wrapped = wide < 0
+    return (result | wrapped) if op in (">=", "!=") else (result & ~wrapped)
 
 
 def values_hidden(array: Any) -> bool:
@@ -174,7 +192,11 @@ def raise_first_bad(xp, target, bad, layout: Layout, ignore_index: int) -> None:
     """Raise the IndexError for the first target marked ``bad`` (row-major), if any."""
     if bool(xp.any(bad)):
         flat = int(xp.argmax(xp.astype(xp.reshape(bad, (-1,)), xp.int8)))
-        value = int(xp.reshape(target, (-1,))[flat])
+        element = xp.reshape(target, (-1,))[flat]
+        if xp.iinfo(target.dtype).max > _INT64_MAX:  # torch reads no int beyond int64's
+            value = int(xp.astype(element, xp.int64)) % 2**64
+        else:
+            value = int(element)
         raise layout.bad_target(flat, value, ignore_index)
 
 
@@ -241,13 +263,65 @@ def smoothing_share(label_smoothing: float, classes: int) -> float:
     return label_smoothing / classes if classes else float("inf")
 
 
+def softcap_parts(softcap: float, largest: float, smallest_normal: float):
+    """``softcap`` c as ``(m, s1, s2)`` with ``c = m / (s1 * s2)``, for a floating dtype of
+    largest value ``largest`` and smallest normal ``smallest_normal``: ``(c, 1, 1)`` when
+    the dtype holds c as a normal number; else c's mantissa and two powers of two that it
+    holds (float32 holds neither 1e39 nor 1e-50), so that ``x / c = (x / m) * s1 * s2``
+    and ``c t = (m t) / s1 / s2`` over- or underflow only where their values do.
+
+    Beyond ``2**±250`` in float32 the exponent is clamped: there every finite ``x / c`` is
+    below ``sqrt(eps)`` (the cap is the identity) or above float32's range (the cap is
+    ``±c``, which rounds to ±0), as it is at ``2**±250``.
+
+    >>> softcap_parts(30.0, 3.4e38, 1.2e-38)
+    (30.0, 1.0, 1.0)
+    >>> softcap_parts(2.0**130, 3.4e38, 1.2e-38)
+    (0.5, 2.710505431213761e-20, 1.3552527156068805e-20)
+    """
+    if smallest_normal <= softcap <= largest:
+        return softcap, 1.0, 1.0
+    mantissa, exponent = math.frexp(softcap)
+    limit = 2 * (math.frexp(largest)[1] - 3)  # each half stays a normal number
+    exponent = max(-limit, min(limit, exponent))
+    first = exponent // 2
+    return mantissa, 2.0**-first, 2.0 ** -(exponent - first)
+
+
+def _cap_argument(xp, x, softcap: float):
+    """``(x / c, (m, s1, s2) as x's scalars, whether c is scaled)`` (see ``softcap_parts``).
+
+    Scaled, ``x / c`` is ``((x * s1) / m) * s2``: no step overflows unless ``x / c`` does,
+    and a subnormal step (which XLA flushes to 0) is below ``sqrt(eps)``, where the cap
+    returns x.
+    """
+    info = xp.finfo(x.dtype)
+    parts = softcap_parts(softcap, float(info.max), float(info.smallest_normal))
+    device = array_api_compat.device(x)
+    mantissa, first, second = (xp.asarray(v, dtype=x.dtype, device=device) for v in parts)
+    scaled = parts[1] != 1.0
+    if not scaled:
+        return _ieee(operator.truediv, x, mantissa), (mantissa, first, second, scaled)
+    y = _ieee(
+        operator.mul, _ieee(operator.truediv, _ieee(operator.mul, x, first), mantissa), second
+    )
+    return y, (mantissa, first, second, scaled)
+
+
 def _logits(xp, problem: Problem, dtype):
-    """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``."""
+    """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``:
+    ``x`` itself where ``|x / c| < sqrt(eps)`` (there ``tanh y = y`` to the dtype's
+    precision, and ``x / c`` may underflow when c is large), for every c > 0 (see
+    ``softcap_parts``)."""
     x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
     if problem.softcap is None:
         return x
-    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
-    return cap * xp.tanh(x / cap)
+    y, (mantissa, first, second, scaled) = _cap_argument(xp, x, problem.softcap)
+    capped = mantissa * xp.tanh(y)
+    if scaled:
+        capped = _ieee(operator.truediv, _ieee(operator.truediv, capped, first), second)
+    linear = math.sqrt(float(xp.finfo(dtype).eps))
+    return xp.where(xp.abs(y) < linear, x, capped)
 
 
 def _log_softmax(xp, x, classes: int):
@@ -267,8 +341,7 @@ def _cap_gradient(xp, grad, problem: Problem, dtype):
     if problem.softcap is None:
         return grad
     x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
-    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
-    slope = xp.tanh(x / cap)
+    slope = xp.tanh(_cap_argument(xp, x, problem.softcap)[0])
     return grad * (xp.asarray(1.0, dtype=dtype, device=array_api_compat.device(x)) - slope * slope)
 
 
@@ -467,6 +540,10 @@ class Backend:
             # nothing from an ignored element, not even its row's NaN or inf
             grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
         return _finish(xp, xp.astype(grad, x.dtype), x, out)
+
+    def forward_and_lse(self, problem: Problem):
+        """``(forward(...), log_normalizer(...))``."""
+        return self.forward(problem), log_normalizer(self.xp, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
         """``(forward(...), backward(...))``; the loss is computed before ``out`` is written."""

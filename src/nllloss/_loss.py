@@ -232,12 +232,17 @@ def nll_loss(
     softcap : float, optional
         From logits only: :math:`c > 0` replaces every logit by :math:`c \tanh(x / c)`
         before the softmax (Gemma 2's final-logit soft-capping), in the same pass; the
-        gradient goes through the tanh. Default: no cap.
+        gradient goes through the tanh. Any finite :math:`c > 0`, also beyond the dtype's
+        range (1e-50 caps every logit to about 0, so the loss is :math:`\log C`; 1e39
+        leaves float32 logits almost as they are); a capped value is rounded to the
+        dtype, so with :math:`c` above its largest value an infinite logit stays
+        infinite. Default: no cap.
     return_lse : bool, default False
         From logits only: also return :math:`\operatorname{lse}_n` of every target
         element (of the capped logits; ignored elements too), e.g. to log the z-loss's
-        quantity. Computed by one more read of the input, with the array library's own
-        operations (so differentiable by its autodiff), not by the fused kernels.
+        quantity. The fused kernels (NumPy; torch on the CPU or Triton when no gradient
+        is recorded) give the one they compute; otherwise one more read of the input
+        with the array library's own operations (so differentiable by its autodiff).
 
     Returns
     -------
@@ -290,7 +295,7 @@ def nll_loss(
     array(0.6314322, dtype=float32)
     >>> z = np.array([[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], dtype=np.float32)
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
-    array(2.5079715, dtype=float32)
+    array(2.5079718, dtype=float32)
     """
     if (
         size_average is reduce is total_weight is None
@@ -316,6 +321,11 @@ def nll_loss(
         total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
     if _validate.check_return_lse(return_lse, problem.from_logits):
+        # the fused kernels give the log-sum-exp they compute (O(N) memory); other
+        # backends compute it apart
+        fused = getattr(backend, "forward_and_lse", None)
+        if fused is not None:
+            return fused(problem)
         return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
     return backend.forward(problem)
 

@@ -110,7 +110,25 @@ def _as_tensor(result):
 def _triton_compute(kind: str, problem: Problem, grad_output):
     """CUDA tensors: the Triton kernels (``nllloss._triton``), deterministic, no atomics."""
     launcher = _triton.launcher_for(problem.input, problem.target, problem.weight)
-    arguments = (problem.input, problem.target, problem.weight, problem.ignore_index)
+    arguments, flags = _triton_arguments(problem)
+    if kind == "forward":
+        return launcher.forward(*arguments, **flags)[0]
+    if kind == "backward":
+        return launcher.backward(grad_output, *arguments, **flags)
+    # One pass writes the loss and the unit gradient; another upstream gradient scales it.
+    loss, unit = launcher.forward_backward(*arguments, **flags)
+    return loss, unit if grad_output is None else _scaled(unit, grad_output)
+
+
+def _triton_arguments(problem: Problem) -> tuple[tuple, dict]:
+    """The Triton launchers' positional arguments and keywords for ``problem``."""
+    arguments = (
+        problem.input,
+        problem.target,
+        problem.weight,
+        problem.ignore_index,
+        problem.reduction,
+    )
     flags = {
         "from_logits": problem.from_logits,
         "label_smoothing": problem.label_smoothing,
@@ -119,13 +137,7 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
         "z_loss": problem.z_loss,
         "softcap": problem.softcap,
     }
-    if kind == "forward":
-        return launcher.forward(*arguments, problem.reduction, **flags)[0]
-    if kind == "backward":
-        return launcher.backward(grad_output, *arguments, problem.reduction, **flags)
-    # One pass writes the loss and the unit gradient; another upstream gradient scales it.
-    loss, unit = launcher.forward_backward(*arguments, problem.reduction, **flags)
-    return loss, unit if grad_output is None else _scaled(unit, grad_output)
+    return arguments, flags
 
 
 # --- The backend ----------------------------------------------------------------------------
@@ -197,6 +209,27 @@ class TorchBackend:
         if not training:
             return _compute("forward", problem)
         return FusedLoss.apply(_ProblemLoss(problem, _gradient_with_the_loss(problem)), x)
+
+    def forward_and_lse(self, problem: Problem):
+        """(the loss, each element's log-sum-exp), from one pass of the fused kernels when no
+        gradient is wanted; else the loss and ``log_normalizer``'s differentiable operations."""
+        x = problem.input
+        if (
+            _values_hidden()
+            or _target_needs_grad(problem)
+            or torch.compiler.is_compiling()
+            or (x.requires_grad and torch.is_grad_enabled())
+            or _engine(problem) == "generic"
+        ):
+            return self.forward(problem), _generic.log_normalizer(self.xp, problem)
+        _check_weight(problem)
+        if _engine(problem) == "triton":
+            launcher = _triton.launcher_for(x, problem.target, problem.weight)
+            arguments, flags = _triton_arguments(problem)
+            loss, saved = launcher.forward(*arguments, **flags)
+            return loss, saved.lse.reshape(problem.layout.output_shape).to(x.dtype)
+        loss, lse = _cpu.backend().forward_and_lse(problem.with_arrays(_numpy_view))
+        return _as_tensor(loss), _as_tensor(lse)
 
     def backward(self, problem: Problem, grad_output, out=None):
         if _values_hidden():

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import triton
 
-from .. import _validate
+from .. import _generic, _validate
 from . import _kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -169,10 +169,17 @@ def _targets(t: torch.Tensor, geometry: _Geometry) -> tuple[torch.Tensor, tuple[
     return flat, (geometry.spatial, 0, 1)
 
 
-def _options(z_loss: float, softcap: float | None) -> tuple[dict, tuple[float, float]]:
-    """The constexpr flags and runtime values (z, c) of z_loss and softcap."""
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _options(z_loss: float, softcap: float | None) -> tuple[dict, tuple[float, ...]]:
+    """The constexpr flags and runtime values of z_loss and softcap: z, and the cap as the
+    float32 numbers (m, s1, s2) of ``_generic.softcap_parts``."""
     flags = {"Z_LOSS": z_loss != 0.0, "SOFTCAP": softcap is not None}
-    return flags, (float(z_loss), 1.0 if softcap is None else float(softcap))
+    cap = (1.0, 1.0, 1.0)
+    if softcap is not None:
+        cap = _generic.softcap_parts(float(softcap), _FLOAT32.max, _FLOAT32.smallest_normal)
+    return flags, (float(z_loss), *cap)
 
 
 def _weight(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
