@@ -48,7 +48,7 @@ def _ratio(reference: float, ours: float) -> str:
 def _stamp(data: dict, file: str) -> str:
     env = data["environment"]
     versions = env["versions"]
-    names = [name for name in ("numpy", "torch", "numba", "jax", "transformers") if name in versions]
+    names = [n for n in ("numpy", "torch", "numba", "jax", "transformers") if n in versions]
     listed = ", ".join(f"{name} {versions[name]}" for name in names)
     load = env.get("load_average_at_end")
     loaded = f"; load average {load[0]:.1f} at the end" if load else ""
@@ -193,6 +193,51 @@ def transformers() -> str:
     return _table(header, rows) + "\n\n" + _stamp(data, "transformers-step-latest.json")
 
 
+def token_stats() -> str:
+    """Per-token statistics against the loss: forward + backward, float32."""
+    data = _load("token-stats-latest.json")
+    logits, linear = data["logits"], data["linear"]
+
+    def shape(text: str) -> str:
+        return _shape([int(s) for s in text.split("x")])
+
+    def median(case: dict, who: str) -> str:
+        return f"{case[who]['median_s']:.1f} s"
+
+    def of_logits(who: str) -> str:
+        return f"{data['linear_extra_memory_bytes'][who] / data['logits_bytes']:.1%} of the logits"
+
+    rows = [
+        [f"from logits {shape(logits['shape'])}, {lib}",
+         f"`{ours}` {median(logits, f'stats {key}')}", f"{against} {median(logits, other)}",
+         f"{logits[f'stats {key}']['median_s'] / logits[other]['median_s']:.2f}x"]
+        for lib, key, ours, against, other in (
+            ("NumPy", "numpy", "token_stats_and_grad", "`nll_loss_and_grad(from_logits=True)`",
+             "loss numpy"),
+            ("torch CPU", "torch", "token_stats", "`nll_loss(from_logits=True)`", "loss torch"),
+            ("torch CPU", "torch", "token_stats", "`log_softmax`, `gather`, `softmax`, `sum`",
+             "composed torch"),
+        )
+    ] + [
+        [f"hidden states {shape(linear['shape'])}, {lib}",
+         f"{median(linear, f'stats {key}')}, {of_logits(f'stats {key}')}",
+         f"`{against}` {median(linear, f'loss {key}')}, {of_logits(f'loss {key}')}",
+         f"{linear[f'stats {key}']['median_s'] / linear[f'loss {key}']['median_s']:.2f}x"]
+        for lib, key, against in (
+            ("NumPy", "numpy", "linear_cross_entropy_and_grad"),
+            ("torch", "torch", "linear_cross_entropy"),
+        )
+    ]  # fmt: skip
+    header = ["step", "nllloss statistics", "against", "time ratio (statistics / against)"]
+    before, after = data["load_average_before"][0], data["load_average_after"][0]
+    note = (
+        f"*Results: `benchmarks/results/token-stats-latest.json`, {data['cpus']} cores, load "
+        f"average {before:.1f} before and {after:.1f} after; that file records no date, "
+        "revision or versions.*"
+    )
+    return _table(header, rows) + "\n\n" + note
+
+
 def summary() -> str:
     """The README's few lines: one row from each benchmark, the largest shape."""
     runs = {file: _load(file) for file in ("cpu-latest.json", "fused-latest.json",
@@ -239,7 +284,7 @@ def summary() -> str:
 
 TABLES = {
     "cpu": cpu, "backends": backends, "fused": fused, "linear": linear,
-    "transformers": transformers, "summary": summary,
+    "transformers": transformers, "token-stats": token_stats, "summary": summary,
 }  # fmt: skip
 
 

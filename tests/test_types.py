@@ -29,6 +29,10 @@ REVEALS = [
     ("nllloss.nll_loss(x, t, from_logits=True, return_lse=True)", "(x, x)"),
     ("nllloss.nll_loss(x, t, from_logits=True, return_lse=False)", "x"),
     ("nllloss.nll_loss(x, t, from_logits=True, return_lse=flag)", "x if flag else (x, x)"),
+    (
+        "nllloss.nll_loss(x, t, from_logits=True, return_stats=True)",
+        "nllloss.LossAndStats(x, nllloss.token_stats(x, t))",
+    ),
     ("nllloss.nll_loss_backward(1.0, x, t)", "x"),
     ("nllloss.nll_loss_and_grad(x, t)", "(x, x)"),
     ("nllloss.total_weight(t)", "t"),

@@ -200,13 +200,16 @@ def raise_first_bad(xp, target, bad, layout: Layout, ignore_index: int) -> None:
         raise layout.bad_target(flat, value, ignore_index)
 
 
-def _pick(xp, x, targets: _Targets, layout: Layout):
-    """(x[t] per target element, flat, in the compute dtype and 0 where ignored; the same
-    gather unmasked, or None when there is nothing to gather)."""
+def _pick(xp, x, targets: _Targets, layout: Layout, minus=()):
+    """(x[t] per target element (less each of ``minus``, arrays with the class axis kept,
+    in turn), flat, in the compute dtype and 0 where ignored; the same unmasked, or None
+    when there is nothing to gather)."""
     zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
         return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device), None
     raw = _take_classes(xp, _batched(xp, x, layout), targets.index)
+    for term in minus:
+        raw = raw - term
     raw = xp.astype(xp.reshape(raw, (-1,)), targets.dtype)
     return xp.where(targets.valid, raw, zero), raw
 
@@ -329,10 +332,25 @@ def _log_softmax(xp, x, classes: int):
     the log-sum-exp ``max + log(sum(...))``, keeping the class axis, or None without classes)."""
     if classes == 0:
         return x, None
-    top = xp.max(x, axis=1, keepdims=True)
-    shifted = x - top
-    log_norm = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    shifted, log_norm, top = _normalised(xp, x)
     return shifted - log_norm, top + log_norm
+
+
+def _normalised(xp, x, constant=None):
+    """``(x - max, log(sum(exp(x - max))), max)`` over the class axis (kept): the parts of
+    the log-softmax (at least one class).
+
+    The maximum only keeps ``exp`` in range: the log-softmax and log-sum-exp do not depend
+    on it (their derivatives with respect to it are ``-1 + 1`` and ``1 - 1``), so
+    ``constant`` (``Backend.constant``) may mark it as a constant of differentiation: a
+    traced derivative then has no term for it, which would cost passes over every class
+    (its ties mask, their count) to add what is zero but for rounding.
+    """
+    top = xp.max(x, axis=1, keepdims=True)
+    if constant is not None:
+        top = constant(top)
+    shifted = x - top
+    return shifted, xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True)), top
 
 
 def _cap_gradient(xp, grad, problem: Problem, dtype):
@@ -376,11 +394,14 @@ class Backend:
     ``scatter(shape, dtype, index, values)`` gives zeros of ``shape`` with ``values``
     written at ``index`` along axis 1. Both default to the namespace's ``sum`` and a
     compare-and-select that needs no in-place writes (lazy and traced arrays have none).
+    ``constant(x)`` is ``x`` marked as a constant for a library that differentiates
+    ``forward`` by tracing it (``jax.lax.stop_gradient``); by default ``x`` itself.
     """
 
     xp: Any
     sums: Any = None
     scatter: Any = None
+    constant: Any = None
     # The shortcut of the commonest forward that fast backends offer; none here.
     quick_forward: ClassVar[Any] = None
 
@@ -394,6 +415,8 @@ class Backend:
             object.__setattr__(self, "sums", _namespace_sums(self.xp))
         if self.scatter is None:
             object.__setattr__(self, "scatter", _one_hot_scatter(self.xp))
+        if self.constant is None:
+            object.__setattr__(self, "constant", _unchanged)
 
     @ieee_results
     def forward(self, problem: Problem):
@@ -403,9 +426,18 @@ class Backend:
         xp, layout, x = self.xp, problem.layout, problem.input
         g = _select(self, problem)
         log_probs, lse = x, None
-        if problem.from_logits:
-            log_probs, lse = _log_softmax(xp, _logits(xp, problem, g.dtype), layout.classes)
-        picked, unmasked = _pick(xp, log_probs, g, layout)
+        if problem.from_logits and layout.classes:
+            # The target's log-probability as (x[t] - max) - log_norm: the bits of gathering
+            # the log-softmax, without forming it for every class (nor, differentiated, its
+            # gradient's sum over the classes); formed only for label smoothing
+            logits = _logits(xp, problem, g.dtype)
+            shifted, log_norm, top = _normalised(xp, logits, self.constant)
+            lse = top + log_norm
+            picked, unmasked = _pick(xp, logits, g, layout, (top, log_norm))
+            if problem.label_smoothing:
+                log_probs = shifted - log_norm
+        else:
+            picked, unmasked = _pick(xp, log_probs, g, layout)
         losses = -picked if g.weight is None else -(picked * g.weight)
         losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
         if g.bad is not None and unmasked is not None:
@@ -711,6 +743,10 @@ def _namespace_sums(xp):
         return tuple(xp.sum(v) for v in values)
 
     return sums
+
+
+def _unchanged(x):
+    return x
 
 
 def _one_hot_scatter(xp):

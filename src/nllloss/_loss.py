@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from . import _generic, _validate
 from ._dispatch import as_array, backend_for, like_input, quick_forward_for
 from ._problem import Problem, layout_of, resolved_reduction
+
+if TYPE_CHECKING:  # _stats imports this module
+    from ._stats import LossAndStats
 
 
 class _ArrayLike(Protocol):
@@ -93,6 +96,7 @@ def nll_loss(
     z_loss: float = ...,
     softcap: float | None = ...,
     return_lse: Literal[False] = ...,
+    return_stats: Literal[False] = ...,
 ) -> Array: ...
 
 
@@ -113,6 +117,7 @@ def nll_loss(
     z_loss: float = ...,
     softcap: float | None = ...,
     return_lse: Literal[True],
+    return_stats: Literal[False] = ...,
 ) -> tuple[Array, Array]: ...
 
 
@@ -132,8 +137,30 @@ def nll_loss(
     check_targets: bool = ...,
     z_loss: float = ...,
     softcap: float | None = ...,
-    return_lse: bool,
-) -> Array | tuple[Array, Array]: ...
+    return_lse: Literal[False] = ...,
+    return_stats: Literal[True],
+) -> LossAndStats: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool = ...,
+    return_stats: bool = ...,
+) -> Array | tuple[Array, Array] | LossAndStats: ...
 
 
 def nll_loss(
@@ -152,7 +179,8 @@ def nll_loss(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
-) -> Array | tuple[Array, Array]:
+    return_stats: bool = False,
+) -> Array | tuple[Array, Array] | LossAndStats:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
     For each target element :math:`n` with class :math:`y_n \ne` ``ignore_index``,
@@ -243,6 +271,13 @@ def nll_loss(
         quantity. The fused kernels (NumPy; torch on the CPU or Triton when no gradient
         is recorded) give the one they compute; otherwise one more read of the input
         with the array library's own operations (so differentiable by its autodiff).
+    return_stats : bool, default False
+        From logits with class indices: also return the per-token statistics of
+        :func:`token_stats` of the (capped) logits, ``ignore_index`` as the loss's, as
+        ``LossAndStats(loss, stats)``: e.g. to log token accuracy (``stats.argmax ==
+        target``) and entropy beside the loss. Computed by one more read of the input
+        (the fused statistics kernel on NumPy and torch CPU), differentiable as
+        :func:`token_stats`.
 
     Returns
     -------
@@ -252,6 +287,8 @@ def nll_loss(
     (array, array)
         With ``return_lse``: the loss, and :math:`\operatorname{lse}` of the target's
         shape (0-d unbatched) in the input's library and dtype.
+    LossAndStats
+        With ``return_stats``: ``(loss, stats)``, ``stats`` a :class:`TokenStats`.
 
     Raises
     ------
@@ -307,6 +344,7 @@ def nll_loss(
         and z_loss == 0.0
         and softcap is None
         and return_lse is False
+        and return_stats is False
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
@@ -320,6 +358,12 @@ def nll_loss(
         input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
         total_weight, check_targets, z_loss, softcap,
     )  # fmt: skip
+    if _validate.check_return_stats(
+        return_stats, problem.from_logits, problem.probabilities, return_lse
+    ):
+        from . import _stats
+
+        return _stats.LossAndStats(backend.forward(problem), _stats.of_loss(backend, problem))
     if _validate.check_return_lse(return_lse, problem.from_logits):
         # the fused kernels give the log-sum-exp they compute (O(N) memory); other
         # backends compute it apart
