@@ -34,7 +34,8 @@ import numba
 import numpy as np
 
 from ._kernels import _decode, _parallel_and_serial
-from ._softmax import _cap, _exp, _in_compute_type, _row_max
+from ._softmax import _capped as _cap  # cap * tanh(value / cap), the value itself for cap = 0
+from ._softmax import _exp, _in_compute_type, _row_max
 
 # Values of a row per block: 4 KiB of float32, in L1 for the block's second loop; the
 # same as the loss kernels' sum blocks (``_softmax.SUM_BLOCK``).

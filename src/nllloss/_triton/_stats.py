@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._stats import Stats, TokenStats, Upstream
-from ._kernels import _rounded, _tanh
+from ._kernels import _cap_and_slope, _rounded
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -30,7 +30,7 @@ def _tempered(x_ptr, offsets, mask, temperature, cap, HAS_CAP: tl.constexpr):
     """(z = cap(x) / T, cap(x)) of a tile (-inf outside ``mask``)."""
     v = tl.load(x_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_CAP:
-        v = tl.where(mask, cap * _tanh(v / cap), float("-inf"))
+        v = tl.where(mask, _cap_and_slope(v, cap, 1.0, 1.0)[0], float("-inf"))  # c = cap
     return v / temperature, v
 
 
