@@ -159,6 +159,27 @@ def nll_loss(
     z_loss: float = ...,
     softcap: float | None = ...,
     return_lse: bool = ...,
+    return_stats: Literal[False] = ...,
+) -> Array | tuple[Array, Array]: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool = ...,
     return_stats: bool = ...,
 ) -> Array | tuple[Array, Array] | LossAndStats: ...
 
