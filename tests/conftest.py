@@ -41,8 +41,9 @@ settings.load_profile("default")
 # function of every file once or twice, on the compiled engine; what it leaves out is
 # declared here, once. Left out: the second NumPy engine (the generic path, which the
 # other routes are compared with all the same), hypothesis searches, the files whose tests
-# start processes, threads or Triton's interpreter, the tests in SLOW_TESTS or marked
-# `@pytest.mark.slow`, and every parameter set of a test function after its first QUICK_CASES.
+# start processes, threads or Triton's interpreter or train models, the tests in SLOW_TESTS
+# or marked `@pytest.mark.slow`, and every parameter set of a test function after its first
+# QUICK_CASES.
 SLOW_FILES = frozenset({
     "test_bench.py",
     "test_cli_hostile.py",
@@ -52,10 +53,11 @@ SLOW_FILES = frozenset({
     "test_linear_distributed.py",
     "test_packaging.py",
     "test_threads.py",
+    "test_transformers_trainers.py",
     "test_triton.py",
 })  # fmt: skip
-# Each took 10 s or more in a run of the quick tier on a loaded 2-core machine (together 40%
-# of its 400 s).
+# Each took 10 s or more in a run of the quick tier on a loaded 2-core machine (together
+# 40% of its 400 s; the last two, 40 s of 240 s in a later run).
 SLOW_TESTS = frozenset({
     "tests/test_cli.py::test_dask_local_cluster_in_a_subprocess",
     "tests/test_cli.py::test_peak_memory_stays_bounded_by_the_block",
@@ -66,6 +68,8 @@ SLOW_TESTS = frozenset({
     "tests/test_logit_options.py::test_jax_jit_and_grad",
     "tests/test_logit_options.py::test_every_dtype_computes_in_float32_or_wider",
     "tests/test_options.py::test_own_total_weight_gives_the_same_bits",
+    "tests/test_api.py::test_results_do_not_depend_on_the_thread_count",
+    "tests/test_kernel_numerics.py::test_every_integer_target_dtype_on_every_fused_route",
 })  # fmt: skip
 QUICK_CASES = 2
 
