@@ -470,7 +470,7 @@ def markdown(env, rows, copy_gbs) -> str:
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     lines += [
         "",
-        "## Goals (issue 16)",
+        "## Goals",
         "",
         "| goal | worst value | case | met |",
         "|---|---|---|---|",

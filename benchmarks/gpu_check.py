@@ -17,7 +17,7 @@ runs, each step in its own process with its own time limit:
 4. ``sweep``: a short sweep of the launchers' tile settings (each setting's results
    checked against the defaults' too: tile edges at real sizes);
 5. ``bench``: ``benchmarks/gpu.py`` (against ``F.nll_loss``, ``F.cross_entropy``,
-   ``torch.compile`` and Liger-Kernel) until its time budget is spent, with the issue's goals.
+   ``torch.compile`` and Liger-Kernel) until its time budget is spent, with its speed goals.
 
 It writes, only under ``--out``: ``gpu-check.md`` and ``gpu-check.json`` (every step's
 result, device name, versions, revision), ``gpu-check.log`` (every step's output),
@@ -58,7 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
-# The versions carried: array-api-compat as pinned by the CI environment's resolution
+# The wheels for the GPU machine: array-api-compat as pinned by the CI environment's resolution
 # when this was written, Liger-Kernel its latest release then (2026-10).
 WHEEL_REQUIREMENTS = ("array-api-compat==1.16.0", "liger-kernel==0.8.5")
 
@@ -119,7 +119,7 @@ def prepare() -> int:
 
     (WHEELS / "revision.txt").write_text(git_revision() + "\n")
     print(f"{WHEELS}: {sorted(p.name for p in WHEELS.iterdir())}")
-    print("carry '.whl' to the GPU machine (the run tool's carry list)")
+    print("copy '.whl' to the GPU machine beside the checkout")
     return 0
 
 
@@ -139,8 +139,8 @@ class Check:
         if smoke:
             # before triton is first imported; also opts the kernels in for CPU tensors
             self.environ.update(TRITON_INTERPRET="1", NLLLOSS_TRITON_INTERPRET="1")
-        self.carried = self.install_wheels()
-        if self.carried:
+        self.wheels = self.install_wheels()
+        if self.wheels:
             paths.insert(0, str(self.scratch / "site"))
         self.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
 
@@ -166,7 +166,7 @@ class Check:
     def run(self, steps=STEPS) -> int:
         try:
             return self.run_steps(steps)
-        finally:  # the carried wheels' site and the steps' partial files
+        finally:  # the copied wheels' site and the steps' partial files
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     def run_steps(self, steps) -> int:
@@ -239,7 +239,7 @@ class Check:
 
     def env(self, limit: float) -> None:
         data = self.child("env", limit)
-        self.environment = {**data.get("environment", {}), "carried wheels": self.carried}
+        self.environment = {**data.get("environment", {}), "wheels": self.wheels}
         self.steps["env"] = {k: v for k, v in data.items() if k != "environment"}
 
     def tests(self, limit: float) -> None:

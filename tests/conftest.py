@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import zlib
 
@@ -35,6 +36,63 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("default")
+
+# The quick tier, `python -m pytest -m "not slow"` (times in docs/testing.md): every test
+# function of every file once or twice, on the compiled engine; what it leaves out is
+# declared here, once. Left out: the second NumPy engine (the generic path, which the
+# other routes are compared with all the same), hypothesis searches, the files whose tests
+# start processes, threads or Triton's interpreter or train models, the tests in SLOW_TESTS
+# or marked `@pytest.mark.slow`, and every parameter set of a test function after its first
+# QUICK_CASES.
+SLOW_FILES = frozenset({
+    "test_bench.py",
+    "test_cli_hostile.py",
+    "test_distributed.py",
+    "test_distributed_protocol.py",
+    "test_gpu_check.py",
+    "test_linear_distributed.py",
+    "test_packaging.py",
+    "test_threads.py",
+    "test_transformers_trainers.py",
+    "test_triton.py",
+})  # fmt: skip
+# Each took 10 s or more in a run of the quick tier on a loaded 2-core machine (together
+# 40% of its 400 s; the last two, 40 s of 240 s in a later run).
+SLOW_TESTS = frozenset({
+    "tests/test_cli.py::test_dask_local_cluster_in_a_subprocess",
+    "tests/test_cli.py::test_peak_memory_stays_bounded_by_the_block",
+    "tests/test_cli.py::test_plot_of_many_classes_is_bounded",
+    "tests/test_cli_calibration.py::test_any_blocks_and_dask_give_the_same_report",
+    "tests/test_differential.py::test_bitwise_beyond_the_first_cascade_levels",
+    "tests/test_differential.py::test_bitwise_on_thousands_of_random_problems",
+    "tests/test_logit_options.py::test_jax_jit_and_grad",
+    "tests/test_logit_options.py::test_every_dtype_computes_in_float32_or_wider",
+    "tests/test_options.py::test_own_total_weight_gives_the_same_bits",
+    "tests/test_api.py::test_results_do_not_depend_on_the_thread_count",
+    "tests/test_kernel_numerics.py::test_every_integer_target_dtype_on_every_fused_route",
+})  # fmt: skip
+QUICK_CASES = 2
+
+
+def pytest_collection_modifyitems(items):
+    kept = collections.Counter()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        engine = callspec.params.get("numpy_engine") if callspec else None
+        function = item.nodeid.split("[", 1)[0]
+        slow = (
+            item.path.name in SLOW_FILES
+            or function in SLOW_TESTS
+            or engine == "generic"
+            or getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+            or item.get_closest_marker("slow") is not None
+            or kept[function] >= QUICK_CASES
+        )
+        if slow:
+            item.add_marker(pytest.mark.slow)
+        else:
+            kept[function] += 1
+
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = [np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64)]

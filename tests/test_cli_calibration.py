@@ -301,14 +301,15 @@ def test_evaluate_from_python_is_the_json_report(files, capsys):
         nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), reduction="none")
 
 
-def test_readme_calibration_report_is_what_the_command_prints():
+def test_documented_calibration_report_is_what_the_command_prints():
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    section = (root / "README.md").read_text().split("### Calibration report", 1)[1]
+    page = root / "docs" / "guide" / "command-line.md"
+    section = page.read_text().split("## Calibration report", 1)[1]
     command, shown = re.search(r"```bash\n(.*?)\n```\n\n```text\n(.*?)```", section, re.S).groups()
     job = command.split()
     assert job[:2] == ["nllloss", "eval"]

@@ -35,7 +35,7 @@ import nllloss.distributed
 WORLD_SIZES = (2, 4)
 # Seconds for a whole group: start, every case, exit (about 10 s on 2 busy cores).
 GROUP_TIMEOUT = 240
-README = pathlib.Path(__file__).parents[1] / "README.md"
+GUIDE = pathlib.Path(__file__).parents[1] / "docs" / "guide" / "training-at-scale.md"
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     for case in CLASS_PARALLEL + DATA_PARALLEL:
         if case not in DATA_PARALLEL or world in case.rows:
             attempt(case.name, case.run, rank, world, groups)
-    attempt("readme", _readme_train_step, rank, world)
+    attempt("documented", _documented_train_step, rank, world)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(outcomes, f)
     dist.destroy_process_group()
@@ -839,10 +839,11 @@ def test_attribute_of_nllloss_that_imports_torch_when_first_touched():
 
 
 # ---------------------------------------------------------------------------------------
-# The README's data-parallel training step, run as written on every rank.
+# The documented data-parallel training step (docs/guide/training-at-scale.md), run as
+# written on every rank.
 
 
-def _readme_problem():
+def _documented_problem():
     """A model, a 12-row batch whose first 5 targets are ignored, class weights."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 5).double()
@@ -854,13 +855,13 @@ def _readme_problem():
     return model, x, t, weight
 
 
-def _readme_train_step(rank: int, world: int) -> dict:
-    """The README's ``train_step`` on this rank's rows, in micro-batches of up to 2 rows."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _documented_train_step(rank: int, world: int) -> dict:
+    """The guide's ``train_step`` on this rank's rows, in micro-batches of up to 2 rows."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
     (block,) = [b for b in blocks if "def train_step" in b]
     namespace: dict = {}
     exec(block, namespace)
-    model, x, t, weight = _readme_problem()
+    model, x, t, weight = _documented_problem()
     a, b = np.array_split(np.arange(len(t)), world)[rank][[0, -1]].tolist()
     micro_batches = [
         (x[i : min(i + 2, b + 1)], t[i : min(i + 2, b + 1)]) for i in range(a, b + 1, 2)
@@ -870,9 +871,9 @@ def _readme_train_step(rank: int, world: int) -> dict:
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"{w} ranks")
-def test_readme_train_step_gives_the_full_batch_loss_and_gradient(group, world):
-    results = _results(group(world), "readme")
-    model, x, t, weight = _readme_problem()
+def test_documented_train_step_gives_the_full_batch_loss_and_gradient(group, world):
+    results = _results(group(world), "documented")
+    model, x, t, weight = _documented_problem()
     loss = F.cross_entropy(model(x), t, weight=weight)
     loss.backward()
     for result in results:

@@ -9,7 +9,7 @@ Where the numbers come from
   same numbers as NumPy arrays. The C22/C100 inputs probe the summation order
   (``docs/semantics.md``, "The summation order").
 * The OneFlow and Paddle rows are the examples of those frameworks' documents, restated
-  with their sources and torch's exact float32 values in ``docs/seeds.md``.
+  with their sources and torch's exact float32 values in ``docs/framework-examples.md``.
 
 Floats are compared bit for bit in the result's dtype (signed zeros included), except that
 any NaN matches any NaN. The dtype and the shape are checked too.
@@ -648,7 +648,7 @@ def test_b15_mean_grad_matches_torch_bitwise(seed):
     assert_bitwise(grad, xt.grad.numpy(), F32, (n, c))
 
 
-# --------------------------------------------------------------------------- seed documents
+# ------------------------------------------------------------- frameworks' documents
 
 # OneFlow's NLLLoss example: a 3x3 input, int32 targets.
 ONEFLOW_X = (

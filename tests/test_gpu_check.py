@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py, the one command a GPU session runs: rehearsed here on the CPU.
+"""benchmarks/gpu_check.py, the one command of the GPU check: rehearsed here on the CPU.
 
 ``--smoke`` runs every step under Triton's interpreter at tiny sizes, so that the call on
 the GPU machine cannot fail on a typo; the orchestration (a failed step fails the command,

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from . import _generic, _validate
 from ._dispatch import as_array, backend_for, like_input, quick_forward_for
 from ._problem import Problem, layout_of, resolved_reduction
 
-# An array of the caller's library (NumPy, torch, JAX, ...): results come back in it.
-Array = TypeVar("Array")
+if TYPE_CHECKING:  # _stats imports this module
+    from ._stats import LossAndStats
+
+
+class _ArrayLike(Protocol):
+    """What every array library's array has: a NumPy ndarray, a torch Tensor, a JAX Array,
+    a Dask or CuPy array, an array-API array."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+
+# An array of the caller's library: results come back in it, so a type checker gives the
+# loss of a torch.Tensor the type torch.Tensor, that of an ndarray the ndarray's.
+Array = TypeVar("Array", bound=_ArrayLike)
 Reduction = Literal["none", "mean", "sum"]
 
 # Deprecation warnings point at the line that called the public function: one frame up.
@@ -63,6 +79,111 @@ def _problem(
     return backend, problem
 
 
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[False] = ...,
+    return_stats: Literal[False] = ...,
+) -> Array: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[True],
+    return_stats: Literal[False] = ...,
+) -> tuple[Array, Array]: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[False] = ...,
+    return_stats: Literal[True],
+) -> LossAndStats: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool = ...,
+    return_stats: Literal[False] = ...,
+) -> Array | tuple[Array, Array]: ...
+
+
+@overload
+def nll_loss(
+    input: Array,
+    target: Any,
+    weight: Any = ...,
+    size_average: Any = ...,
+    ignore_index: int = ...,
+    reduce: Any = ...,
+    reduction: Reduction = ...,
+    *,
+    from_logits: bool = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    check_targets: bool = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool = ...,
+    return_stats: bool = ...,
+) -> Array | tuple[Array, Array] | LossAndStats: ...
+
+
 def nll_loss(
     input: Array,
     target: Any,
@@ -80,7 +201,7 @@ def nll_loss(
     softcap: float | None = None,
     return_lse: bool = False,
     return_stats: bool = False,
-) -> Array | tuple[Array, Array]:
+) -> Array | tuple[Array, Array] | LossAndStats:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
     For each target element :math:`n` with class :math:`y_n \ne` ``ignore_index``,

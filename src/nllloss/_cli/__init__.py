@@ -228,7 +228,8 @@ def _parser() -> _Parser:
         add_help=False,
     )
     examples = commands.add_parser(
-        "examples", help="the seed documents' examples beside nllloss's values"
+        "examples",
+        help="the worked examples of torch's, Paddle's and OneFlow's docs, with nllloss's values",
     )
     examples.set_defaults(run=lambda args: _run_examples())
     return parser

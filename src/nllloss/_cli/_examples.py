@@ -1,7 +1,9 @@
-"""``nllloss examples``: the seed documents' examples, computed by nllloss beside their values.
+"""``nllloss examples``: the worked examples of three frameworks' documentation, computed by
+nllloss beside their values.
 
 The documented values are those printed in the OneFlow and Paddle ``NLLLoss`` documents and
-PyTorch 2.13's results for the same inputs, restated with their sources in ``docs/seeds.md``.
+PyTorch 2.13's results for the same inputs, restated with their sources in
+``docs/framework-examples.md``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _format(value) -> str:
 
 
 def print_examples() -> int:
-    """Print each seed example: documented value, its source, and nllloss's value."""
+    """Print each worked example: documented value, its source, and nllloss's value."""
     rows = [("example", "documented", "source", "nllloss")]
     rows += [
         (name, documented, source, _format(value))
