@@ -801,6 +801,8 @@ def _losses_run(folder: Path, *extra) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a run under nohup ignores SIGHUP, and children inherit that: the tests send it
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
 
 
