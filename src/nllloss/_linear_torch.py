@@ -21,7 +21,6 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
-from ._loss import nll_loss
 from ._torch_ops import is_unit_upstream
 
 
@@ -95,16 +94,12 @@ def loss(linear: _linear.Linear) -> torch.Tensor:
 
 
 def _composed(linear: _linear.Linear) -> torch.Tensor:
-    """``nll_loss(linear(input, W, b), from_logits=True)``: plain torch operations."""
+    """The loss of the problem on the logits ``linear(input, W, b)``, formed whole: the
+    torch route then differentiates it with plain torch operations."""
     problem = linear.problem
-    shape = problem.layout.input_shape
     logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
-    return nll_loss(
-        logits.reshape(shape), problem.target, problem.weight, ignore_index=problem.ignore_index,
-        reduction="none" if problem.elementwise else problem.reduction, from_logits=True,
-        label_smoothing=problem.label_smoothing, total_weight=problem.total_weight,
-        z_loss=problem.z_loss, softcap=problem.softcap,
-    ).to(linear.input.dtype)  # fmt: skip
+    whole = problem.replace(input=logits.reshape(problem.layout.input_shape))
+    return linear.backend.forward(whole).to(linear.input.dtype)
 
 
 class _LinearLoss(torch.autograd.Function):

@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _cpu, _generic, _triton, _validate
+from ._options import Options
 from ._problem import Problem, layout_of
 
 GENERIC = _generic.Backend(torch_namespace)
@@ -397,10 +398,12 @@ def _backward_backward(problem: Problem, grad_output, grad):
 
 
 # --- Custom operators, for torch.compile -------------------------------------------------
-# The schema is Problem's fields (the layout is derived from the shapes): its tensors first,
-# then its values, so that a new field of Problem reaches the operators with no edit here.
+# The schema is Problem's fields and its options' (the layout is derived from the shapes):
+# the tensors first, then the values, so that a new option reaches the operators with no
+# edit here.
 
-# Problem's annotations (strings, as written there) in the operators' schema language.
+# The annotations of Problem and Options (strings, as written there) in the operators'
+# schema language.
 _SCHEMA_TYPES = {
     "Any": "Tensor",
     "Any | None": "Tensor?",
@@ -410,8 +413,11 @@ _SCHEMA_TYPES = {
     "float": "float",
     "float | None": "float?",
 }
+_OPTION_FIELDS = dataclasses.fields(Options)
+_OPTION_NAMES = frozenset(f.name for f in _OPTION_FIELDS)
 _FIELDS = sorted(  # sorted is stable: the tensors in their order, then the values
-    (f for f in dataclasses.fields(Problem) if f.name != "layout"),
+    [f for f in dataclasses.fields(Problem) if f.name not in ("layout", "options")]
+    + list(_OPTION_FIELDS),
     key=lambda f: not _SCHEMA_TYPES[f.type].startswith("Tensor"),
 )
 _TENSORS = sum(_SCHEMA_TYPES[f.type].startswith("Tensor") for f in _FIELDS)
@@ -426,13 +432,19 @@ _NO_GRADIENTS = (None,) * (len(_FIELDS) - 1)  # for every schema argument but th
 
 
 def _to_schema(problem: Problem) -> tuple:
-    return tuple(getattr(problem, f.name) for f in _FIELDS)
+    if type(problem.options) is not Options:  # options the schema was not made from
+        raise TypeError(f"no operator schema for {type(problem.options).__qualname__}")
+    options = problem.options
+    return tuple(
+        getattr(options if f.name in _OPTION_NAMES else problem, f.name) for f in _FIELDS
+    )
 
 
 def _from_schema(*schema) -> Problem:
     fields = dict(zip((f.name for f in _FIELDS), schema, strict=True))
+    options = Options(**{name: fields.pop(name) for name in _OPTION_NAMES})
     layout = layout_of(tuple(fields["input"].shape))
-    return Problem(layout=layout, **fields)
+    return Problem(layout=layout, options=options, **fields)
 
 
 def _operator(name: str, compute, returns: str, leading: str = ""):

@@ -51,10 +51,10 @@ import array_api_compat.torch
 import torch
 import torch.distributed as dist
 
-from . import _generic, _linear, _linear_torch, _validate
+from . import _generic, _linear, _linear_torch, _options, _validate
 from ._dispatch import backend_for, like_input
 from ._loss import total_weight as _local_total_weight
-from ._problem import Layout, Problem, layout_of, resolved_reduction
+from ._problem import Layout, Problem, layout_of, mean_denominator, resolved_reduction
 
 __all__ = ["linear_cross_entropy", "nll_loss", "total_weight"]
 
@@ -247,12 +247,12 @@ def nll_loss(
     tensor(0.2056, grad_fn=<NllLossBackward0>)
     >>> dist.destroy_process_group()
     """
+    options = _options.given(locals())
     error, args = None, None
     try:
         args = _check_locally(
-            input_shard, target, weight, class_start, ignore_index, reduction,
-            from_logits, label_smoothing, total_weight, z_loss, softcap,
-        )  # fmt: skip
+            input_shard, target, weight, class_start, ignore_index, reduction, options
+        )
     except Exception as exc:  # raised after the all-gather, once the other ranks know
         error = exc
     rows = _all_gather_rows(_row(args, input_shard), group)
@@ -303,10 +303,16 @@ class _Arguments:
 _CALLER = 3
 
 
+# The options the class-parallel loss computes (its partial sums); it has no generic path
+# to send others to, so it refuses them.
+_SUPPORTED_OPTIONS = frozenset(
+    {"from_logits", "label_smoothing", "total_weight", "z_loss", "softcap"}
+)
+
+
 def _check_locally(
-    input, target, weight, class_start, ignore_index, reduction, from_logits, smoothing, total,
-    z_loss, softcap,
-) -> _Arguments:  # fmt: skip
+    input, target, weight, class_start, ignore_index, reduction, given: dict
+) -> _Arguments:
     """Every check that needs no other rank (those against C follow the all-gather)."""
     _validate.check_torch_tensor(input, "input_shard")
     engine = backend_for(input)
@@ -320,24 +326,29 @@ def _check_locally(
     if weight is not None:
         weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
-    if total is not None:
-        total = like_input(engine, total, input, "total_weight")
-        _validate.check_total_weight(total, reduction)
+    options = _options.checked(
+        given, reduction, lambda value, name: like_input(engine, value, input, name)
+    )
+    unsupported = options.in_use() - _SUPPORTED_OPTIONS
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(sorted(unsupported))}: not available in the class-parallel loss"
+        )
     dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
     plan = _Plan(
         layout=layout,
         class_start=_validate.check_class_start(class_start),
         ignore_index=_validate.check_ignore_index(ignore_index, probabilities),
         reduction=resolved_reduction(reduction, layout),
-        from_logits=_validate.check_flag(from_logits, "from_logits"),
-        smoothing=_validate.check_label_smoothing(smoothing),
+        from_logits=options.from_logits,
+        smoothing=options.label_smoothing,
         probabilities=probabilities,
-        z_loss=_validate.check_z_loss(z_loss, from_logits),
-        softcap=_validate.check_softcap(softcap, from_logits),
+        z_loss=options.z_loss,
+        softcap=options.softcap,
         dtype=input.dtype,
         compute_dtype=dtype,
     )
-    return _Arguments(engine, target, weight, total, plan)
+    return _Arguments(engine, target, weight, options.total_weight, plan)
 
 
 # One row per rank in the all-gather: the shard, a failure flag, then the fingerprint of each
@@ -702,11 +713,14 @@ class _ClassParallelLoss(torch.autograd.Function):
 def _denominator(total_weight, targets: _Targets, plan: _Plan) -> torch.Tensor:
     """The 'mean' denominator: ``total_weight``, or the count or weight sum of the target
     (the number of target elements for probabilities)."""
-    if total_weight is not None:
-        return total_weight.reshape(()).to(plan.compute_dtype)
-    if targets.shard_weight is None or plan.probabilities:
-        return targets.valid.sum().to(plan.compute_dtype)
-    return targets.weight.sum()
+    denominator = mean_denominator(
+        plan.layout._replace(classes=plan.classes), total_weight, plan.probabilities,
+        targets.shard_weight is not None, lambda: targets.valid.sum(),
+        lambda: targets.weight.sum(),
+    )  # fmt: skip
+    return torch.as_tensor(denominator, device=targets.valid.device).reshape(()).to(
+        plan.compute_dtype
+    )
 
 
 def linear_cross_entropy(
@@ -780,6 +794,7 @@ def linear_cross_entropy(
     tensor(0.3955, grad_fn=<_LinearLossBackward>)
     >>> dist.destroy_process_group()
     """
+    given = _options.given(locals())
     for name, value in (("input", input), ("linear_weight_shard", linear_weight_shard)):
         _validate.check_torch_tensor(value, name)
     _validate.check_linear(input, linear_weight_shard, linear_bias_shard)
@@ -791,10 +806,14 @@ def linear_cross_entropy(
     reduction = _validate.check_reduction(reduction, stacklevel=2)
     ignore_index = _validate.check_ignore_index(-100 if ignore_index is None else ignore_index)
     layout = layout_of((*input.shape[:-1], linear_weight_shard.shape[0]))
+    options = _options.checked(
+        {**given, "from_logits": True},
+        reduction,
+        lambda value, name: like_input(backend_for(input), value, input, name),
+    )
     problem = Problem(
         input, target, weight, ignore_index, resolved_reduction(reduction, layout), layout,
-        from_logits=True, label_smoothing=_validate.check_label_smoothing(label_smoothing),
-        total_weight=total_weight,
+        options,
     )  # fmt: skip
     denominator = None
     if reduction == "mean":  # the target is the same on every rank: its total is global
@@ -821,8 +840,7 @@ class _ShardBackend:
         return nll_loss(
             problem.input, problem.target, class_start=self.class_start, group=self.group,
             weight=problem.weight, ignore_index=problem.ignore_index,
-            reduction=problem.reduction, from_logits=True,
-            label_smoothing=problem.label_smoothing, total_weight=problem.total_weight,
+            reduction=problem.reduction, **problem.options.as_keywords(),
         )  # fmt: skip
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
