@@ -25,6 +25,7 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 
 def test_public_names():
     assert nllloss.__all__ == [
+        "FallbackWarning",
         "NLLLoss",
         "linear_cross_entropy",
         "linear_cross_entropy_and_grad",

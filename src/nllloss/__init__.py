@@ -8,8 +8,10 @@ array(1.)
 from ._cpu import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
+from ._validate import FallbackWarning
 
 __all__ = [
+    "FallbackWarning",
     "NLLLoss",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",

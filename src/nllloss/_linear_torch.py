@@ -18,10 +18,9 @@ tensors arrive.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
-from ._torch_ops import is_unit_upstream
+from ._torch_ops import composed, is_unit_upstream
 
 
 class TorchAlgebra:
@@ -78,14 +77,7 @@ ALGEBRA = TorchAlgebra()
 def loss(linear: _linear.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
     arguments = (linear.input, linear.linear_weight, linear.linear_bias)
-    target = linear.problem.target
-    if (
-        torch._C._are_functorch_transforms_active()
-        or _forward_ad._current_level >= 0
-        or torch.compiler.is_compiling()
-        # probabilities that need a gradient: nll_loss's generic path gives it
-        or (linear.problem.probabilities and target.requires_grad and torch.is_grad_enabled())
-    ):
+    if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
         return _LinearLoss.apply(*arguments, linear)

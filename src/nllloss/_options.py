@@ -88,9 +88,7 @@ class Options:
     def in_use(self) -> frozenset[str]:
         """The names of the options not at their defaults (an array option: given)."""
         return frozenset(
-            f.name
-            for f in dataclasses.fields(self)
-            if not _at_default(getattr(self, f.name), f)
+            f.name for f in _fields(self) if not _at_default(getattr(self, f.name), f)
         )
 
     def as_keywords(self) -> dict:
@@ -105,7 +103,7 @@ class Options:
         """The same options with every array option passed through ``convert`` (None stays)."""
         changes = {
             f.name: convert(getattr(self, f.name))
-            for f in dataclasses.fields(self)
+            for f in _fields(self)
             if f.metadata["array"] and getattr(self, f.name) is not None
         }
         return self.replace(**changes) if changes else self
@@ -115,9 +113,15 @@ class Options:
         rows takes of them (a dict of arrays, so that ``lax.scan`` can cut it too)."""
         return {
             f.name: cut(getattr(self, f.name))
-            for f in dataclasses.fields(self)
+            for f in _fields(self)
             if f.metadata["per_element"] and getattr(self, f.name) is not None
         }
+
+
+def _fields(options) -> Any:
+    """The fields of an options value or class, read as compilers can trace (no
+    ``dataclasses.fields`` call): its own class's, an extended declaration's included."""
+    return options.__dataclass_fields__.values()
 
 
 def _at_default(value: Any, f: dataclasses.Field) -> bool:
@@ -126,13 +130,9 @@ def _at_default(value: Any, f: dataclasses.Field) -> bool:
     return type(value) is type(f.default) and value == f.default
 
 
-def _declared_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(Options)}
-
-
 # The default objects themselves, by name: ``keywords`` puts them into the public
 # signatures, so that ``untouched`` compares identities.
-_DEFAULTS = _declared_defaults()
+_DEFAULTS = {f.name: f.default for f in _fields(Options)}
 
 
 def names() -> tuple[str, ...]:
@@ -151,7 +151,7 @@ def checked(values: dict, reduction: str | None = None, to_array=None) -> Option
     defaults) into one :class:`Options`; the errors are ``_validate``'s."""
     context = Context(reduction, to_array)
     done: dict[str, Any] = {}
-    for f in dataclasses.fields(Options):
+    for f in _fields(Options):
         value = values.get(f.name, f.default)
         done[f.name] = f.metadata["check"](value, done, context)
     unknown = set(values) - set(done)

@@ -1,23 +1,29 @@
 """torch tensors: the route of a problem, and the loss as a differentiable torch function.
 
-One function, :func:`_engine`, says which engine computes a problem of torch tensors:
+The route is written once, top to bottom, in :func:`engine`: which engine computes a
+problem of torch tensors, the first of these that supports it:
 
-* float16/float32/float64 CPU tensors: the NumPy backend on zero-copy views (the bits of
-  torch's own CPU kernels, float16 accumulated in float32);
-* CUDA tensors, when the Triton kernels are enabled and support them: ``_triton``;
-* anything else (other devices, bfloat16 on the CPU): the generic path on torch's namespace.
+1. ``'composed'``, the generic path's plain torch operations differentiated by torch
+   itself, when torch must see them: under ``torch.func``
+   transforms and forward-mode AD (every transform composes with them; a target batched
+   by ``vmap`` cannot be inspected, so an out-of-range value there gives NaN, as under
+   ``jax.jit``), or for probability targets that require grad;
+2. ``'torch'``: torch's own ``nll_loss`` for a plain small float32/float64 CPU problem
+   (same bits, less dispatch; its autograd is torch's);
+3. ``'numpy'``: the NumPy route on zero-copy views of float16/float32/float64 CPU tensors
+   (the bits of torch's CPU kernels, float16 accumulated in float32), when its kernels
+   ``supports`` the problem;
+4. ``'triton'``: CUDA tensors, when the Triton kernels are enabled and support the problem
+   (``_triton.launcher_for``, which raises when ``NLLLOSS_TRITON=1`` asked for them and
+   they cannot take it);
+5. ``'generic'``: anything else (other devices, bfloat16 on the CPU, other options).
 
-Before that, :meth:`TorchBackend.forward` sends a plain float32/float64 CPU call that needs
-no gradient of ours to torch's own ``nll_loss`` (same bits, less dispatch), and calls under
-``torch.func`` transforms to the generic path (plain torch operations, which every
-transform composes with; a target batched by ``vmap`` cannot be inspected, so an
-out-of-range value there gives NaN, as under ``jax.jit``).
-
-Differentiation: in eager mode ``torch.autograd.Function`` subclasses; under
-``torch.compile`` the custom operators ``nllloss::*`` (opaque to the compiler: no graph
-break, the target check runs inside), with their autograd registered. Both compute through
-:func:`_compute`. A problem crosses an operator's schema through :func:`_to_schema` and
-:func:`_from_schema`, and nowhere else. Imported only when torch tensors arrive.
+Differentiation for the last three: in eager mode
+``torch.autograd.Function`` subclasses; under ``torch.compile`` the custom operators
+``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside),
+with their autograd registered. Both compute through :func:`_compute`. A problem crosses
+an operator's schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere
+else. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations
@@ -40,31 +46,91 @@ _EXACT_ON_NUMPY = (torch.float16, torch.float32, torch.float64)
 # --- Which engine computes a problem ------------------------------------------------------
 
 
-def _engine(problem: Problem) -> str:
-    """'numpy', 'triton' or 'generic' for a problem of torch tensors (see the module)."""
-    x = problem.input
-    if x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY:
+def engine(problem: Problem, *, torch_kernel: bool = True) -> str:
+    """'composed', 'torch', 'numpy', 'triton' or 'generic': the route of a problem of torch
+    tensors (see the module). ``torch_kernel=False`` leaves torch's own kernel out (a
+    gradient of ours is asked for)."""
+    if composed(problem):
+        return "composed"
+    if torch_kernel and _torch_kernel_supports(problem):
+        return "torch"
+    if _numpy_views_support(problem):
         return "numpy"
-    if _triton.launcher_for(x, problem.target, problem.weight) is not None:
+    if _triton.launcher_for(problem) is not None:
         return "triton"
     return "generic"
 
 
+def composed(problem: Problem) -> bool:
+    """torch must differentiate the loss as plain operations (see the module): under
+    ``torch.func`` transforms and forward-mode AD, or probabilities that require grad."""
+    return _values_hidden() or _target_needs_grad(problem)
+
+
+def _values_hidden() -> bool:
+    # Under torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD the loss is made
+    # of plain torch operations, which every transform composes with; autograd.Function
+    # and custom operators would need a rule per transform.
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _target_needs_grad(problem: Problem) -> bool:
+    """A target of class probabilities that requires grad (as torch's ``cross_entropy``,
+    the loss is differentiable with respect to it): the generic path, of plain torch
+    operations, gives autograd both gradients."""
+    target = problem.target
+    return problem.probabilities and target.requires_grad and torch.is_grad_enabled()
+
+
+# Below this many input elements, float32/float64 CPU tensors run torch's own kernel: its
+# results are the bits our engine reproduces, and our dispatch costs more than the whole
+# call there (measured: (64, 10) forward+backward 0.14 ms through the operator, 0.02 ms
+# through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
+# (8, 21, 256, 256) and (8192, 32000)).
+TORCH_KERNEL_MAX = 1 << 22
+# Target dtypes torch's nll_loss reads as they are (uint8 for inputs of rank 1 and 2 only);
+# other integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values
+# from 2**63 on would wrap (to ignore_index, say).
+_TORCH_TARGETS = (torch.int64,)
+_WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
+_TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _torch_kernel_supports(problem: Problem) -> bool:
+    """torch's own nll_loss computes the problem: plain, float32/float64 on the CPU, small
+    (``TORCH_KERNEL_MAX``), a target dtype it reads or that widens exactly."""
+    x = problem.input
+    return (
+        problem.plain
+        and x.device.type == "cpu"
+        and x.dtype in _TORCH_KERNEL_DTYPES
+        and x.numel() < TORCH_KERNEL_MAX
+        and problem.target.dtype in _TORCH_TARGETS + _WIDENED_TARGETS
+    )
+
+
+def _numpy_views_support(problem: Problem) -> bool:
+    """The NumPy route on views: CPU tensors of a dtype NumPy holds, options it computes."""
+    x = problem.input
+    return x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY and _cpu.supports(problem)
+
+
 def _compute(kind: str, problem: Problem, grad_output=None, out=None):
-    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine.
+    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine
+    (torch's own kernel aside: this is a gradient of ours).
 
     'forward_backward' without ``grad_output`` gives the gradient for an upstream gradient
     of 1 (ones for 'none'), from the pass that computes the loss. ``out`` (a contiguous
     tensor of the input's shape and dtype) receives the gradient where the engine writes
     in place (NumPy's kernels, the generic path); the result is the gradient either way.
     """
-    engine = _engine(problem)
-    if engine == "triton":
+    chosen = engine(problem, torch_kernel=False)  # (an autograd Function's: never 'composed')
+    if chosen == "triton":
         return _triton_compute(kind, problem, grad_output)
     if grad_output is None and kind == "forward_backward":
         x = problem.input
         grad_output = torch.ones((), dtype=x.dtype, device=x.device)
-    if engine == "generic":
+    if chosen in ("generic", "composed"):
         backend = GENERIC
         problem = _with_comparable_target(problem)
     else:
@@ -106,50 +172,20 @@ def _as_tensor(result):
 
 def _triton_compute(kind: str, problem: Problem, grad_output):
     """CUDA tensors: the Triton kernels (``nllloss._triton``), deterministic, no atomics."""
-    launcher = _triton.launcher_for(problem.input, problem.target, problem.weight)
-    arguments = (problem.input, problem.target, problem.weight, problem.ignore_index)
-    flags = {
-        "from_logits": problem.from_logits,
-        "label_smoothing": problem.label_smoothing,
-        "total_weight": problem.total_weight,
-        "check_targets": problem.check_targets,
-        "z_loss": problem.z_loss,
-        "softcap": problem.softcap,
-    }
+    launcher = _triton.launcher_for(problem)
     if kind == "forward":
-        return launcher.forward(*arguments, problem.reduction, **flags)[0]
+        return launcher.forward(problem)[0]
     if kind == "backward":
-        return launcher.backward(grad_output, *arguments, problem.reduction, **flags)
+        return launcher.backward(problem, grad_output)
     # One pass writes the loss and the unit gradient; another upstream gradient scales it.
-    loss, unit = launcher.forward_backward(*arguments, problem.reduction, **flags)
+    loss, unit = launcher.forward_backward(problem)
     return loss, unit if grad_output is None else _scaled(unit, grad_output)
 
 
 # --- The backend ----------------------------------------------------------------------------
 
 
-def _values_hidden() -> bool:
-    # Under torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD the loss is made
-    # of plain torch operations, which every transform composes with; autograd.Function
-    # and custom operators would need a rule per transform.
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
-
-
-# Below this many input elements, float32/float64 CPU tensors run torch's own kernel: its
-# results are the bits our engine reproduces, and our dispatch costs more than the whole
-# call there (measured: (64, 10) forward+backward 0.14 ms through the operator, 0.02 ms
-# through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
-# (8, 21, 256, 256) and (8192, 32000)).
-TORCH_KERNEL_MAX = 1 << 22
-# Target dtypes torch's nll_loss reads as they are (uint8 for inputs of rank 1 and 2 only);
-# other integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values
-# from 2**63 on would wrap (to ignore_index, say).
-_TORCH_TARGETS = (torch.int64,)
-_WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
-
-
 _REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
-_TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
 _nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
 
 
@@ -160,30 +196,28 @@ class TorchBackend:
 
     def forward(self, problem: Problem):
         _check_weight(problem)
-        if _values_hidden() or _target_needs_grad(problem):
+        chosen = engine(problem)
+        if chosen == "composed":
             return GENERIC.forward(problem)
-        x = problem.input
-        if (
-            problem.plain
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and x.numel() < TORCH_KERNEL_MAX
-            and problem.target.dtype in _TORCH_TARGETS + _WIDENED_TARGETS
-        ):
+        if chosen == "torch":
             return _torch_kernel(problem)
+        x = problem.input
         training = x.requires_grad and torch.is_grad_enabled()
+        # Rows read whole: the NumPy and Triton engines write the gradient in the loss's
+        # pass (the backward would read the input again for the softmax) and keep it.
+        fused = problem.over_rows and chosen != "generic"
         if torch.compiler.is_compiling():
-            if training and _gradient_with_the_loss(problem):
+            if training and fused:
                 return nll_loss_with_unit_gradient_op(*_to_schema(problem))[0]
             return nll_loss_op(*_to_schema(problem))
         if not training:
             return _compute("forward", problem)
-        if _gradient_with_the_loss(problem):
+        if fused:
             return _LossWithUnitGradient.apply(x, problem)
         return _Loss.apply(x, problem)
 
     def backward(self, problem: Problem, grad_output, out=None):
-        if _values_hidden():
+        if engine(problem, torch_kernel=False) == "composed":
             return GENERIC.backward(problem, grad_output)
         grad_output = _upstream(problem, grad_output)
         if torch.compiler.is_compiling():
@@ -194,10 +228,9 @@ class TorchBackend:
         _check_weight(problem)
         x = problem.input
         if (
-            _values_hidden()
+            engine(problem, torch_kernel=False) == "composed"
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
-            or _target_needs_grad(problem)
         ):  # the loss must be differentiable (or traced): the two calls
             return self.forward(problem), self.backward(problem, grad_output)
         return _compute("forward_backward", problem, _upstream(problem, grad_output), out)
@@ -253,27 +286,12 @@ class TorchBackend:
 BACKEND = TorchBackend()
 
 
-def _gradient_with_the_loss(problem: Problem) -> bool:
-    """Whether a training forward also writes the gradient, so that the backward only
-    scales it: from logits or smoothed (the backward would read the input again for the
-    softmax) on the engines with a fused pass, NumPy's kernels and Triton's."""
-    return problem.over_rows and _engine(problem) in ("numpy", "triton")
-
-
 def _check_weight(problem: Problem) -> None:
     weight = problem.weight
     if weight is not None:
         _validate.check_not_differentiable(
             "weight", weight.requires_grad and torch.is_grad_enabled()
         )
-
-
-def _target_needs_grad(problem: Problem) -> bool:
-    """A target of class probabilities that requires grad (as torch's ``cross_entropy``,
-    the loss is differentiable with respect to it): the generic path, of plain torch
-    operations, gives autograd both gradients."""
-    target = problem.target
-    return problem.probabilities and target.requires_grad and torch.is_grad_enabled()
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:
