@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import nllloss
 from nllloss import _triton, _validate
 from nllloss._builder import build
-from nllloss._options import Options, option
+from nllloss._options import Options, declaration, option
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -487,6 +487,7 @@ def _fake_problem(x, target):
     )
 
 
+@declaration
 @dataclasses.dataclass(frozen=True)
 class _Canary(Options):
     """The declaration with one more option, which no engine declares it computes."""

@@ -51,6 +51,28 @@ def option(default: Any, check, *, array: bool = False, per_element: bool = Fals
     return dataclasses.field(default=default, metadata=metadata)
 
 
+class Field(NamedTuple):
+    """One declared option, as the code reads it."""
+
+    name: str
+    default: Any
+    check: Any
+    array: bool
+    per_element: bool
+
+
+def declaration(cls):
+    """Class decorator (after ``@dataclass``): read the declared fields once into
+    ``cls._fields``, a tuple of :class:`Field` that compilers trace (they trace neither
+    ``dataclasses.fields`` nor the metadata's mapping proxies)."""
+    cls._fields = tuple(
+        Field(f.name, f.default, f.metadata["check"], f.metadata["array"],
+              f.metadata["per_element"])
+        for f in dataclasses.fields(cls)
+    )  # fmt: skip
+    return cls
+
+
 def _flag(name):
     return lambda value, options, context: _validate.check_flag(value, name)
 
@@ -64,6 +86,7 @@ def _total_weight(value, options, context):
     return value
 
 
+@declaration
 @dataclass(frozen=True)
 class Options:
     """The options of one loss computation (all at their defaults: torch's ``nll_loss``).
@@ -104,7 +127,7 @@ class Options:
         changes = {
             f.name: convert(getattr(self, f.name))
             for f in _fields(self)
-            if f.metadata["array"] and getattr(self, f.name) is not None
+            if f.array and getattr(self, f.name) is not None
         }
         return self.replace(**changes) if changes else self
 
@@ -114,18 +137,17 @@ class Options:
         return {
             f.name: cut(getattr(self, f.name))
             for f in _fields(self)
-            if f.metadata["per_element"] and getattr(self, f.name) is not None
+            if f.per_element and getattr(self, f.name) is not None
         }
 
 
-def _fields(options) -> Any:
-    """The fields of an options value or class, read as compilers can trace (no
-    ``dataclasses.fields`` call): its own class's, an extended declaration's included."""
-    return options.__dataclass_fields__.values()
+def _fields(options) -> tuple[Field, ...]:
+    """The fields of an options value or class (an extended declaration's included)."""
+    return options._fields
 
 
-def _at_default(value: Any, f: dataclasses.Field) -> bool:
-    if f.default is None or f.metadata["array"]:
+def _at_default(value: Any, f: Field) -> bool:
+    if f.default is None or f.array:
         return value is None
     return type(value) is type(f.default) and value == f.default
 
@@ -153,7 +175,7 @@ def checked(values: dict, reduction: str | None = None, to_array=None) -> Option
     done: dict[str, Any] = {}
     for f in _fields(Options):
         value = values.get(f.name, f.default)
-        done[f.name] = f.metadata["check"](value, done, context)
+        done[f.name] = f.check(value, done, context)
     unknown = set(values) - set(done)
     if unknown:
         raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
