@@ -27,6 +27,7 @@ def test_public_names():
     assert nllloss.__all__ == [
         "FallbackWarning",
         "NLLLoss",
+        "evaluate",
         "linear_cross_entropy",
         "linear_cross_entropy_and_grad",
         "nll_loss",

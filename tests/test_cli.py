@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss._cli import Progress, _evaluate, _io, main
-from nllloss._cli._report import Context, per_class_figure
+from nllloss._cli._report import PLOT_CLASSES, Context, report_figure
 
 N, C = 300, 5
 IGNORE = -100
@@ -494,19 +494,53 @@ def test_plot_draws_the_class_table(data, tmp_path, capsys):
     png = tmp_path / "classes.png"
     argv = ["eval", data["logits"], data["target"], "--from-logits", "--per-class"]
     code, out, err = run([*argv, "--plot", png, "--format", "json", "--quiet"], capsys)
-    assert (code, err) == (0, f"nllloss: wrote the per-class chart to {png}\n")
+    assert (code, err) == (0, f"nllloss: wrote the chart to {png}\n")
     result = json.loads(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     context = Context("mean", True, 0.0, weighted=False, loss_file=None)
-    figure = per_class_figure(result["per_class"], context, "x.npy against t.npy")
-    assert figure.get_suptitle() == "Per-class loss: x.npy against t.npy"
+    rows = result["per_class"]
+    figure = report_figure(_evaluate.Result(0, 0, 0, 0, 0, 0, rows), context, "x against t")
+    assert figure.get_suptitle() == "x against t"
     mean_axes, share_axes = figure.axes
-    assert [bar.get_height() for bar in mean_axes.patches] == [
-        row["mean_nll"] for row in result["per_class"]
-    ]
-    assert [bar.get_height() for bar in share_axes.patches] == [
-        100 * row["share"] for row in result["per_class"]
-    ]
+    assert [bar.get_height() for bar in mean_axes.patches] == [row["mean_nll"] for row in rows]
+    assert [bar.get_height() for bar in share_axes.patches] == [100 * r["share"] for r in rows]
+
+
+@once
+def test_plot_of_many_classes_is_bounded(tmp_path, capsys):
+    """20,000 classes: the classes with the largest shares, the rest as one bar; a chart
+    of fixed size, drawn in seconds."""
+    import time
+
+    rng = np.random.default_rng(5)
+    classes, rows = 20_000, 4_000
+    x = rng.standard_normal((rows, classes)).astype(np.float32)
+    t = rng.integers(0, classes, rows)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    png = tmp_path / "plot.png"
+    started = time.monotonic()
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--from-logits", "--calibration"]
+    result = report([*argv, "--plot", png, "--per-class"], capsys)
+    assert time.monotonic() - started < 60
+    from matplotlib.image import imread
+
+    height, width, _ = imread(png).shape
+    assert (width, height) == (1300, 550)  # 13 x 5.5 inches at 100 dpi, whatever C is
+    figure = report_figure(
+        _evaluate.Result(0, 0, 0, 0, 0, 0, result["per_class"], result["calibration"]),
+        Context("mean", True, 0.0, weighted=False, loss_file=None),
+        "x",
+    )
+    reliability, _, share_axes = figure.axes
+    shares = sorted((row["share"] for row in result["per_class"]), reverse=True)
+    heights = [bar.get_height() for bar in share_axes.patches]
+    assert len(heights) == PLOT_CLASSES
+    np.testing.assert_allclose(sorted(heights[:-1], reverse=True), np.multiply(shares[:23], 100))
+    np.testing.assert_allclose(heights[-1], 100 * sum(shares[23:]))
+    assert share_axes.get_xticklabels()[-1].get_text().startswith(f"others ({len(shares) - 23})")
+    used = [row for row in result["calibration"]["bins"] if row["count"]]
+    assert [bar.get_height() for bar in reliability.patches] == [r["accuracy"] for r in used]
 
 
 @once
@@ -592,7 +626,7 @@ def test_every_container_reads_the_same_rows(tmp_path):
         source = _io.open_array(str(tmp_path / spec), "targets", text_dtype=np.int64)
         np.testing.assert_array_equal(source.rows(0, 23), t, err_msg=spec)
     stored = _io.open_array(str(tmp_path / "stored.npz:x"), "predictions")
-    assert isinstance(stored, _io.MappedRows)  # memory-mapped, not read whole
+    assert isinstance(stored, _io.FileRows)  # read a block at a time, not whole
 
 
 @once
@@ -1053,27 +1087,27 @@ ERRORS = {
     "bad-smoothing": (
         ["{log_probs}", "{target}", "--label-smoothing", "1.5"],
         2,
-        "--label-smoothing: label_smoothing must be between 0.0 and 1.0, got 1.5",
+        "--label-smoothing must be between 0.0 and 1.0, got 1.5",
     ),
     "z-loss-without-logits": (
         ["{log_probs}", "{target}", "--z-loss", "0.1"],
         2,
-        "--z-loss: z_loss=0.1 acts on logits: it needs from_logits=True",
+        "--z-loss 0.1 acts on logits: add --from-logits (see",
     ),
     "negative-z-loss": (
         ["{logits}", "{target}", "--from-logits", "--z-loss", "-1"],
         2,
-        "--z-loss: z_loss must be a finite real number >= 0, got -1.0",
+        "--z-loss must be a finite real number >= 0, got -1.0",
     ),
     "softcap-without-logits": (
         ["{log_probs}", "{target}", "--softcap", "30"],
         2,
-        "--softcap: softcap=30.0 acts on logits: it needs from_logits=True",
+        "--softcap 30.0 acts on logits: add --from-logits (see",
     ),
     "zero-softcap": (
         ["{logits}", "{target}", "--from-logits", "--softcap", "0"],
         2,
-        "--softcap: softcap must be None or a finite real number > 0, got 0.0",
+        "--softcap must be None or a finite real number > 0, got 0.0",
     ),
     "bad-z-loss": (
         ["{logits}", "{target}", "--z-loss", "x"],
@@ -1083,7 +1117,65 @@ ERRORS = {
     "probabilities-per-class": (
         ["{logits}", "{prob_t}", "--from-logits", "--per-class"],
         2,
-        "holds class probabilities: the per-class table (--per-class, --plot) needs class indices",
+        "holds class probabilities: the per-class table (--per-class, --plot) and "
+        "--calibration need class indices",
+    ),
+    "probabilities-calibration": (
+        ["{logits}", "{prob_t}", "--from-logits", "--calibration"],
+        2,
+        "holds class probabilities: the per-class table (--per-class, --plot) and "
+        "--calibration need class indices",
+    ),
+    "zero-bins": (
+        ["{logits}", "{target}", "--calibration", "--bins", "0"],
+        2,
+        "argument --bins: expected a positive integer, got 0",
+    ),
+    "zero-top-k": (
+        ["{logits}", "{target}", "--calibration", "--top-k", "1,0"],
+        2,
+        "argument --top-k: expected a positive integer, got 0",
+    ),
+    "top-k-over-classes": (
+        ["{logits}", "{target}", "--calibration", "--top-k", "2,6"],
+        2,
+        "--top-k 6: expected at most the 5 classes",
+    ),
+    "bins-without-calibration": (
+        ["{logits}", "{target}", "--bins", "10"],
+        2,
+        "--bins is a setting of the calibration report: add --calibration",
+    ),
+    "seed-without-bootstrap": (
+        ["{logits}", "{target}", "--calibration", "--seed", "3"],
+        2,
+        "--seed seeds the resamples of --bootstrap: add --bootstrap R",
+    ),
+    "empty-out": (["{logits}", "{target}", "--out", ""], 2, "--out: expected a file name, got ''"),
+    "empty-plot": (
+        ["{logits}", "{target}", "--plot", ""],
+        2,
+        "--plot: expected a file name, got ''",
+    ),
+    "misspelled-option": (
+        ["{logits}", "{target}", "--from-logit"],
+        2,
+        "unrecognized arguments: --from-logit (did you mean --from-logits?)",
+    ),
+    "misspelled-option-with-value": (
+        ["{logits}", "{target}", "--chunk-row", "5"],
+        2,
+        "unrecognized arguments: --chunk-row 5 (did you mean --chunk-rows?)",
+    ),
+    "inproc-scheduler": (
+        ["{logits}", "{target}", "--scheduler", "inproc://x"],
+        2,
+        "argument --scheduler: 'inproc://x': inproc:// names a scheduler inside one process",
+    ),
+    "scheduler-port-not-a-number": (
+        ["{logits}", "{target}", "--scheduler", "localhost:notaport"],
+        2,
+        "argument --scheduler: 'localhost:notaport': expected an address as tcp://HOST:PORT",
     ),
     "bad-ignore-index": (
         ["{log_probs}", "{target}", "--ignore-index", "x"],

@@ -382,7 +382,8 @@ def case_option_prefix(f):
     x, t = _pair(f)
     return (
         [x, t, "--from-logit"],
-        "unrecognized arguments: --from-logit (see nllloss eval --help)",
+        "unrecognized arguments: --from-logit (did you mean --from-logits?) "
+        "(see nllloss eval --help)",
         2,
     )
 
@@ -701,3 +702,147 @@ def test_fuzzed_npz_members(tmp_path_factory, capsys, compressed, method, flags,
         data[position % len(data)] = value
     path.write_bytes(bytes(data[:cut] if cut is not None else data))
     _fuzz_run(folder, str(path), capsys)
+
+
+# --- what changes under the reader, peers that are no scheduler, signals ---------------------
+
+
+@once
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_file_changed_while_read_is_one_line(tmp_path, capsys, monkeypatch, change):
+    """The first block is read, then the file is cut short or saved over (as np.save does,
+    in place): the next block is refused in one line, where a memory map gave SIGBUS."""
+    from nllloss._cli import _io
+
+    x, t = _pair(tmp_path)
+    read = _io.FileRows.rows
+    blocks = []
+
+    def rows_then_change(self, start, stop):
+        out = read(self, start, stop)
+        if self.path == str(x) and not blocks:
+            blocks.append(start)
+            if change == "truncate":
+                os.truncate(x, 200)
+            else:
+                time.sleep(0.01)  # a new modification time on coarse clocks too
+                np.save(x, log_probs(seed=5))
+        return out
+
+    monkeypatch.setattr(_io.FileRows, "rows", rows_then_change)
+    result = run(["eval", x, t, "--chunk-rows", 50, "--quiet"], capsys)
+    assert_one_line(*result, "x.npy: the file changed while it was read")
+
+
+class _Peer:
+    """A TCP peer on the loopback interface that accepts and then says ``reply`` (or nothing)."""
+
+    def __init__(self, reply: bytes | None):
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.reply, self.connections = reply, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            if self.reply is not None:
+                connection.sendall(self.reply)
+
+    def close(self):
+        self.server.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@once
+@pytest.mark.parametrize(
+    ("reply", "text"),
+    [
+        (None, "no answer within 2 s"),
+        (b"\xff" * 64 + b"garbage" * 100, "the peer does not answer as one"),
+    ],
+)
+def test_a_peer_that_is_no_scheduler_is_one_line(tmp_path, capsys, monkeypatch, reply, text):
+    from nllloss._cli import _evaluate
+
+    monkeypatch.setattr(_evaluate, "SCHEDULER_TIMEOUT", 2)
+    peer = _Peer(reply)
+    try:
+        x, t = _pair(tmp_path)
+        started = time.monotonic()
+        result = run(["eval", x, t, "--scheduler", peer.address], capsys)
+        assert time.monotonic() - started < 10
+    finally:
+        peer.close()
+    assert_one_line(*result, f"cannot reach the Dask scheduler at {peer.address}: {text}")
+
+
+def _losses_run(folder: Path, *extra) -> subprocess.Popen:
+    """--reduction none --out of a file large enough to take a while, in a subprocess."""
+    rows, classes = 20000, 200
+    x = np.lib.format.open_memmap(folder / "x.npy", "w+", np.float32, (rows, classes))
+    x[:] = np.random.default_rng(0).standard_normal((1, classes))
+    del x
+    np.save(folder / "t.npy", np.zeros(rows, np.int64))
+    (folder / "losses.npy").write_bytes(b"the old losses")
+    argv = ["eval", folder / "x.npy", folder / "t.npy", "--from-logits", "--reduction", "none"]
+    argv += ["--out", folder / "losses.npy", "--chunk-rows", "16", "--quiet", *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "nllloss", *map(str, argv)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@once
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopping_signal_leaves_no_temporary(tmp_path, signum):
+    process = _losses_run(tmp_path)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".losses.npy.*.partial.npy")):  # writing has begun
+        assert time.monotonic() < deadline, "no temporary file after 60 s"
+        assert process.poll() is None, process.stderr
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err
+    assert (tmp_path / "losses.npy").read_bytes() == b"the old losses"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.npy", "t.npy", "x.npy"]
+
+
+@once
+def test_a_file_size_limit_leaves_no_temporary(tmp_path):
+    import resource
+
+    def limit():  # 40 KB: the 20000 float32 losses need 80 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    process = _losses_run(tmp_path)
+    process.kill()
+    process.wait()
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--from-logits", "--reduction"]
+    argv += ["none", "--out", tmp_path / "losses.npy", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nllloss", *map(str, argv)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "File too large" in done.stderr, done.stderr
+    assert (tmp_path / "losses.npy").read_bytes() == b"the old losses"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.npy", "t.npy", "x.npy"]

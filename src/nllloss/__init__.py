@@ -13,6 +13,7 @@ from ._validate import FallbackWarning
 __all__ = [
     "FallbackWarning",
     "NLLLoss",
+    "evaluate",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",
     "nll_loss",
@@ -28,6 +29,10 @@ _FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
 
 
 def __getattr__(name: str):
+    if name == "evaluate":  # the command line's machinery, loaded when first used
+        from ._cli._python import evaluate
+
+        return evaluate
     if name in _FRAMEWORK_MODULES:
         import importlib
 

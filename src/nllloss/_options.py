@@ -111,7 +111,7 @@ class Options:
     def in_use(self) -> frozenset[str]:
         """The names of the options not at their defaults (an array option: given)."""
         return frozenset(
-            f.name for f in _fields(self) if not _at_default(getattr(self, f.name), f)
+            f.name for f in fields(self) if not _at_default(getattr(self, f.name), f)
         )
 
     def as_keywords(self) -> dict:
@@ -126,7 +126,7 @@ class Options:
         """The same options with every array option passed through ``convert`` (None stays)."""
         changes = {
             f.name: convert(getattr(self, f.name))
-            for f in _fields(self)
+            for f in fields(self)
             if f.array and getattr(self, f.name) is not None
         }
         return self.replace(**changes) if changes else self
@@ -136,12 +136,12 @@ class Options:
         rows takes of them (a dict of arrays, so that ``lax.scan`` can cut it too)."""
         return {
             f.name: cut(getattr(self, f.name))
-            for f in _fields(self)
+            for f in fields(self)
             if f.per_element and getattr(self, f.name) is not None
         }
 
 
-def _fields(options) -> tuple[Field, ...]:
+def fields(options) -> tuple[Field, ...]:
     """The fields of an options value or class (an extended declaration's included)."""
     return options._fields
 
@@ -154,7 +154,7 @@ def _at_default(value: Any, f: Field) -> bool:
 
 # The default objects themselves, by name: ``keywords`` puts them into the public
 # signatures, so that ``untouched`` compares identities.
-_DEFAULTS = {f.name: f.default for f in _fields(Options)}
+_DEFAULTS = {f.name: f.default for f in fields(Options)}
 
 
 def names() -> tuple[str, ...]:
@@ -173,7 +173,7 @@ def checked(values: dict, reduction: str | None = None, to_array=None) -> Option
     defaults) into one :class:`Options`; the errors are ``_validate``'s."""
     context = Context(reduction, to_array)
     done: dict[str, Any] = {}
-    for f in _fields(Options):
+    for f in fields(Options):
         value = values.get(f.name, f.default)
         done[f.name] = f.check(value, done, context)
     unknown = set(values) - set(done)

@@ -518,7 +518,7 @@ def check_shards(starts: list[int], sizes: list[int]) -> int:
     classes = sum(sizes)
     shards = list(zip(starts, sizes, strict=True))
     covered = sorted((start, start + size) for start, size in shards if size)
-    previous_ends = [0] + [end for _, end in covered[:-1]]
+    previous_ends = [0, *(end for _, end in covered)][: len(covered)]
     if any(start != end for (start, _), end in zip(covered, previous_ends, strict=True)):
         listing = ", ".join(
             f"rank {rank}: [{start}, {start + size})" for rank, (start, size) in enumerate(shards)

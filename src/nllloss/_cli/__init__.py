@@ -8,8 +8,10 @@ benchmark's competitors) are imported only by the command and option that need t
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,20 +22,20 @@ import numpy as np
 
 from .. import __version__, _validate
 from .._problem import Layout, layout_of
+from ._calibration import CalibrationOptions
 from ._evaluate import (
     Options,
     Totals,
+    check_scheduler_address,
     compute_dtype,
     dask_client,
     default_chunk_rows,
-    evaluate_here,
-    evaluate_on_dask,
-    finish,
+    evaluate,
     log_prob_excess,
 )
 from ._io import MAX_INFLATE, Source, UserError, open_array
 from ._outputs import Pending, check_outputs, write_replacing
-from ._report import Context, per_class_figure, render, require_matplotlib
+from ._report import Context, render, report_figure, require_matplotlib
 
 PROG = "nllloss"
 EXIT_ERROR = 1
@@ -115,7 +117,8 @@ def _parser() -> _Parser:
         type=float,
         default=0.0,
         metavar="Z",
-        help="with --from-logits: add Z * logsumexp**2 per target (0)",
+        help="with --from-logits: add Z * w[y] * logsumexp**2 per target, w[y] its class "
+        "weight (0)",
     )
     evaluate.add_argument(
         "--softcap",
@@ -125,6 +128,40 @@ def _parser() -> _Parser:
     )
     evaluate.add_argument(
         "--per-class", action="store_true", help="count, weight, mean NLL and share per class"
+    )
+    evaluate.add_argument(
+        "--calibration",
+        action="store_true",
+        help="accuracy, Brier score, calibration error (ECE, MCE), reliability bins and the "
+        "fitted temperature (class-index targets)",
+    )
+    evaluate.add_argument(
+        "--bins",
+        type=_positive_int,
+        default=15,
+        metavar="B",
+        help="with --calibration: equal-width confidence bins (15)",
+    )
+    evaluate.add_argument(
+        "--top-k",
+        type=_positive_ints,
+        default=(),
+        metavar="K[,K...]",
+        help="with --calibration: also the top-K accuracy for each K",
+    )
+    evaluate.add_argument(
+        "--bootstrap",
+        type=_positive_int,
+        metavar="R",
+        help="with --calibration: 95%% intervals of the loss, accuracy and ECE over R "
+        "Poisson-bootstrap resamples",
+    )
+    evaluate.add_argument(
+        "--seed",
+        type=_natural_int,
+        default=0,
+        metavar="S",
+        help="with --bootstrap: the resamples' seed (0)",
     )
     evaluate.add_argument(
         "--format",
@@ -137,7 +174,10 @@ def _parser() -> _Parser:
         help="write the report to FILE; FILE.npy receives the loss array instead",
     )
     evaluate.add_argument(
-        "--plot", metavar="FILE.png", help="bar chart of the per-class table (matplotlib)"
+        "--plot",
+        metavar="FILE.png",
+        help="bar charts of the classes with the most loss, and with --calibration the "
+        "reliability diagram (matplotlib)",
     )
     evaluate.add_argument(
         "--chunk-rows",
@@ -159,7 +199,7 @@ def _parser() -> _Parser:
     )
     scale.add_argument(
         "--scheduler",
-        type=_address,
+        type=_scheduler_address,
         metavar="ADDRESS",
         help="evaluate on the Dask scheduler at ADDRESS",
     )
@@ -210,6 +250,28 @@ def _address(text: str) -> str:
     return text
 
 
+def _scheduler_address(text: str) -> str:
+    try:
+        return check_scheduler_address(_address(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _natural_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """Positive integers separated by commas, in increasing order without repeats."""
+    return tuple(sorted({_positive_int(item) for item in text.split(",")}))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -221,7 +283,12 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``nllloss`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run ``nllloss`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    SIGTERM and SIGHUP stop the run as an exception does, so its temporary files go, and
+    are then raised again with their default action; with SIGXFSZ ignored, a file-size limit
+    (``ulimit -f``) is an error of the write that meets it.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options
         from .._bench import main as bench_main
@@ -231,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(argv)
     except _Exit as exit:
         return exit.code
+    previous = _catch_signals()
     try:
         return args.run(args)
     except _Exit as exit:
@@ -241,15 +309,63 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except _Signalled as caught:
+        print(f"{PROG}: stopped by {signal.Signals(caught.signum).name}", file=sys.stderr)
+        _restore_signals(previous)
+        previous = {}
+        signal.raise_signal(caught.signum)  # its own action: the caller sees the signal
+        return 128 + caught.signum  # where that action does not end the process
+    finally:
+        _restore_signals(previous)
+
+
+class _Signalled(BaseException):
+    """A terminating signal, raised where the run is so that ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+# Signals that end a run; SIGXFSZ (a file-size limit reached) is ignored, so the write fails.
+_STOPPING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+def _catch_signals() -> dict:
+    """Install the run's handlers (in the main thread only); return the previous ones."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {signum: signal.signal(signum, _raise_signalled) for signum in _STOPPING}
+    if hasattr(signal, "SIGXFSZ"):
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    """The arguments; an option the command does not know is reported with its help."""
+    """The arguments; an option the command does not know is reported with its help, and
+    with the closest option it does know."""
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command = commands.choices[args.command]
+        known = [o for action in command._actions for o in action.option_strings]
+        guesses = []
+        for word in unknown:
+            if word.startswith("-"):
+                guesses += difflib.get_close_matches(word.split("=", 1)[0], known, n=1)
+        hint = f" (did you mean {' '.join(guesses)}?)" if guesses else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return args
 
 
@@ -420,7 +536,10 @@ def _outputs(args: argparse.Namespace) -> _Outputs:
     if args.weight is not None and not _weight_is_a_list(args.weight):
         inputs["weight"] = args.weight
     paths = {"--out": out, "--plot": args.plot}
-    check_outputs({option: path for option, path in paths.items() if path}, inputs)
+    for option, path in paths.items():
+        if path is not None and not path.strip():
+            _usage_error(f"{option}: expected a file name, got {path!r}")
+    check_outputs({option: path for option, path in paths.items() if path is not None}, inputs)
     if report is None and sys.stdout is None:
         raise UserError("stdout is closed: name a report file with --out FILE")
     if args.plot is not None:
@@ -428,30 +547,71 @@ def _outputs(args: argparse.Namespace) -> _Outputs:
     return _Outputs(report, format, losses, args.plot)
 
 
+# The core's words for an option, as the command line spells it.
+_OPTION_WORDS = {
+    "it needs from_logits=True, got from_logits=False": "add --from-logits",
+    "z_loss=": "--z-loss ",
+    "softcap=": "--softcap ",
+    "label_smoothing": "--label-smoothing",
+    "z_loss": "--z-loss",
+    "softcap": "--softcap",
+}
+
+
+def _in_option_words(message: str) -> str:
+    for python, option in _OPTION_WORDS.items():
+        message = message.replace(python, option)
+    return message
+
+
+def _calibration_options(args: argparse.Namespace, classes: int) -> CalibrationOptions | None:
+    """--calibration's settings, or None; its sub-options without it are a usage error."""
+    if not args.calibration:
+        given = [
+            option
+            for option, value in (
+                ("--bins", args.bins != 15),
+                ("--top-k", args.top_k),
+                ("--bootstrap", args.bootstrap is not None),
+                ("--seed", args.seed != 0),
+            )
+            if value
+        ]
+        if given:
+            _usage_error(f"{given[0]} is a setting of the calibration report: add --calibration")
+        return None
+    too_many = [k for k in args.top_k if k > classes]
+    if too_many:
+        _usage_error(f"--top-k {too_many[0]}: expected at most the {classes} classes")
+    return CalibrationOptions(
+        bins=args.bins, top_k=args.top_k, bootstrap=args.bootstrap or 0, seed=args.seed
+    )
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     if args.dashboard is not None and not args.dask:
         _usage_error("--dashboard serves the local cluster of --dask: add --dask")
+    if args.bootstrap is None and args.seed != 0 and args.calibration:
+        _usage_error("--seed seeds the resamples of --bootstrap: add --bootstrap R")
     outputs = _outputs(args)
-    option = "--label-smoothing"
     try:
         label_smoothing = _validate.check_label_smoothing(args.label_smoothing)
-        option = "--z-loss"
         z_loss = _validate.check_z_loss(args.z_loss, args.from_logits)
-        option = "--softcap"
         softcap = _validate.check_softcap(args.softcap, args.from_logits)
     except ValueError as error:
-        _usage_error(f"{option}: {error}")
+        _usage_error(_in_option_words(str(error)))
 
     limit = args.max_inflate
     predictions = open_array(args.predictions, "predictions", max_inflate=limit)
     targets = open_array(args.targets, "targets", text_dtype=np.int64, max_inflate=limit)
     layout = _check_inputs(predictions, targets)
     probabilities = _validate.is_float_dtype(targets.dtype)
-    if probabilities and (args.per_class or args.plot is not None):
+    if probabilities and (args.per_class or args.plot is not None or args.calibration):
         _usage_error(
             f"{targets.label} holds class probabilities: the per-class table (--per-class, "
-            "--plot) needs class indices"
+            "--plot) and --calibration need class indices"
         )
+    calibration = _calibration_options(args, layout.classes)
     work_dtype = compute_dtype(predictions.dtype)
     weight = _read_weight(args.weight, layout.classes, limit)
     if weight is not None:  # as the core casts it: to the predictions' dtype
@@ -467,6 +627,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         softcap=softcap,
         probabilities=probabilities,
         per_class=args.per_class or args.plot is not None,
+        calibration=calibration,
     )
     if not args.from_logits:
         _warn_if_not_log_probabilities(predictions)
@@ -478,39 +639,41 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     progress = Progress(layout.batch, sys.stderr, enabled=not args.quiet)
     loss_file = pending_losses = None
-    if args.reduction == "none":
-        pending_losses = Pending(outputs.losses)
-        loss_file = _LossFile(pending_losses.temp, layout.output_shape, work_dtype)
-
-    def on_block(block: Totals, start: int, stop: int) -> None:
-        if loss_file is not None:
-            loss_file.write(block.losses, start)
-        progress.update(stop - start)
-
     completed = False
     try:
+        if args.reduction == "none":
+            pending_losses = Pending(outputs.losses)
+            loss_file = _LossFile(pending_losses.temp, layout.output_shape, work_dtype)
+
+        def on_block(block: Totals, start: int, stop: int) -> None:
+            if loss_file is not None:
+                loss_file.write(block.losses, start)
+            progress.update(stop - start)
+
         if args.dask or args.scheduler is not None:
             with dask_client(args.scheduler, args.dashboard) as client:
-                totals = evaluate_on_dask(
-                    client, predictions, targets, options, chunk_rows, on_block=on_block
+                result = evaluate(
+                    predictions, targets, options, chunk_rows, client=client, on_block=on_block
                 )
         else:
-            totals = evaluate_here(predictions, targets, options, chunk_rows, on_block=on_block)
+            result = evaluate(predictions, targets, options, chunk_rows, on_block=on_block)
+        if loss_file is not None:
+            loss_file.close()
+            pending_losses.commit()
         completed = True
     except IndexError as error:  # the core's message for an out-of-range target
         raise UserError(f"{targets.label}: {error}") from None
     finally:
         progress.close()
-        if loss_file is not None:  # the losses replace the old file only when all are in
-            loss_file.close()
-            if completed:
-                pending_losses.commit()
-            else:
-                pending_losses.discard()
+        if not completed and pending_losses is not None:  # the old file stays as it was
+            if loss_file is not None:
+                loss_file.close()
+            pending_losses.discard()
 
-    result = finish(totals, options, predictions.dtype)
     if result.nan_count:
         _warn(f"{predictions.label} holds {result.nan_count} NaN values")
+    for warning in result.warnings:
+        _warn(warning)
     if outputs.losses is not None and args.reduction != "none":
         loss = np.asarray(result.loss, dtype=work_dtype)
         write_replacing(outputs.losses, lambda temp: np.save(temp, loss))
@@ -531,10 +694,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         write_replacing(outputs.report, lambda temp: Path(temp).write_text(text))
     if outputs.plot is not None:
         title = f"{args.predictions} against {args.targets}"
-        figure = per_class_figure(result.per_class, context, title)
+        figure = report_figure(result, context, title)
         format = Path(outputs.plot).suffix[1:].lower() or "png"  # savefig's own default
         write_replacing(outputs.plot, lambda temp: figure.savefig(temp, format=format))
-        print(f"{PROG}: wrote the per-class chart to {outputs.plot}", file=sys.stderr)
+        print(f"{PROG}: wrote the chart to {outputs.plot}", file=sys.stderr)
     return 0
 
 

@@ -27,13 +27,26 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 import nllloss
 
 from .. import _validate
+from ._calibration import (
+    MAX_TEMPERATURE_PASSES,
+    TEMPERATURE_RTOL,
+    CalibrationOptions,
+    CalibrationSums,
+    TemperatureSums,
+    calibration_sums,
+    elements,
+    fit_on_sample,
+    newton,
+    report,
+    temperature_sums,
+)
 from ._io import Source, UserError
 
 # Where --chunk-rows is not given, blocks hold about this many bytes of predictions.
@@ -59,6 +72,7 @@ class Options:
     softcap: float | None = None
     probabilities: bool = False  # the targets are class probabilities, not indices
     per_class: bool = False  # (class indices only)
+    calibration: CalibrationOptions | None = None  # (class indices only)
 
 
 @dataclass
@@ -76,8 +90,9 @@ class Totals:
     class_nll: np.ndarray | None = None
     class_loss: np.ndarray | None = None
     losses: np.ndarray | None = field(default=None, repr=False)  # a block's, for 'none'
+    calibration: CalibrationSums | None = None
 
-    def add(self, other: Totals) -> None:
+    def add(self, other: Totals) -> Totals:
         self.loss_sum += other.loss_sum
         self.total_weight += other.total_weight
         self.count += other.count
@@ -93,6 +108,12 @@ class Totals:
                 self.class_count += other.class_count
                 self.class_nll += other.class_nll
                 self.class_loss += other.class_loss
+        if other.calibration is not None:
+            if self.calibration is None:
+                self.calibration = other.calibration
+            else:
+                self.calibration.add(other.calibration)
+        return self
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
@@ -115,9 +136,12 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
         ignore_index=ignore_index, from_logits=options.from_logits, softcap=options.softcap
     )
     loss_options = dict(unweighted, label_smoothing=options.label_smoothing, z_loss=options.z_loss)
+    bootstrap = options.calibration is not None and options.calibration.bootstrap
     try:
-        if options.reduction == "none" or (
-            options.per_class and (options.label_smoothing or options.z_loss)
+        if (
+            options.reduction == "none"
+            or bootstrap
+            or (options.per_class and (options.label_smoothing or options.z_loss))
         ):
             # Element-wise losses: the result of 'none'; and per class with label smoothing,
             # which spreads a target's loss over every class, or the z-loss, which is not
@@ -158,6 +182,23 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
         nan_count=int(np.count_nonzero(np.isnan(x))),
         losses=losses if options.reduction == "none" else None,
     )
+    if options.calibration is not None:
+        denominators = None
+        if bootstrap:  # each element's share of the 'mean' denominator: w[t], or 1
+            counted = t != ignore_index
+            denominators = np.zeros(t.shape)
+            denominators[counted] = 1.0 if weight is None else weight[t[counted]]
+        totals.calibration = calibration_sums(
+            x,
+            t,
+            first_row,
+            options.calibration,
+            ignore_index=ignore_index,
+            from_logits=options.from_logits,
+            softcap=options.softcap,
+            losses=losses,
+            denominators=denominators,
+        )
     if options.per_class:
         counted = t != ignore_index
         classes = t[counted].astype(np.intp)
@@ -193,28 +234,167 @@ def default_chunk_rows(predictions: Source) -> int:
     return max(1, DEFAULT_BLOCK_BYTES // max(row_bytes, 1))
 
 
-def evaluate_here(
+def temperature_block(x: np.ndarray, t: np.ndarray, first_row: int, options: Options):
+    """The :class:`TemperatureSums` of one block at ``options.calibration.beta``."""
+    x = np.asarray(x).astype(compute_dtype(x.dtype), copy=False)
+    z, y, _ = elements(x, t, options.ignore_index, options.classes, options.softcap)
+    calibration = options.calibration
+    return temperature_sums(z, y, calibration.beta, calibration.bins)
+
+
+def stream(
+    compute: Callable,
     predictions: Source,
     targets: Source,
     options: Options,
     chunk_rows: int,
     *,
-    on_block: Callable[[Totals, int, int], None],
-) -> Totals:
-    """Stream the rows through :func:`block_totals` in this process, one block in memory."""
-    totals = Totals()
-    for start, stop in row_ranges(predictions.shape[0], chunk_rows):
-        block = block_totals(
-            predictions.rows(start, stop), targets.rows(start, stop), start, options
+    client=None,
+    on_block: Callable | None = None,
+):
+    """``compute(x, t, first_row, options)`` of every block of rows, added in row order
+    (None for no rows); here, one block in memory at a time, or on the Dask ``client``
+    (:func:`on_dask`). ``on_block(block, start, stop)`` sees each block as it is done, in
+    any order; the sums are taken in row order, so they do not depend on where blocks ran."""
+    ranges = row_ranges(predictions.shape[0], chunk_rows)
+    if client is not None:
+        blocks = on_dask(client, compute, predictions, targets, options, ranges, chunk_rows)
+    else:
+        blocks = (
+            (i, compute(predictions.rows(*r), targets.rows(*r), r[0], options))
+            for i, r in enumerate(ranges)
         )
-        on_block(block, start, stop)
-        block.losses = None
-        totals.add(block)
-    return totals
+    total, waiting, next_block = None, {}, 0
+    for i, block in blocks:
+        if on_block is not None:
+            on_block(block, *ranges[i])
+        if isinstance(block, Totals):
+            block.losses = None
+        waiting[i] = block
+        while next_block in waiting:
+            block = waiting.pop(next_block)
+            total = block if total is None else total.add(block)
+            next_block += 1
+    return total
 
 
-# Seconds to wait for a scheduler named by --scheduler to answer.
+def evaluate(
+    predictions: Source,
+    targets: Source,
+    options: Options,
+    chunk_rows: int,
+    *,
+    client=None,
+    on_block: Callable[[Totals, int, int], None] | None = None,
+) -> Result:
+    """The report's numbers: one pass of :func:`block_totals` over the file; with
+    ``options.calibration``, first the temperature's fit on a sample of rows (at whose β the
+    pass takes the temperature sums), then Newton's steps, one pass each, until it is fitted.
+    """
+    calibration = options.calibration
+    if calibration is not None:
+        beta = fit_on_sample(
+            predictions, targets, options.ignore_index, options.softcap, calibration.bins
+        )
+        options = replace(options, calibration=replace(calibration, beta=beta))
+    totals = stream(
+        block_totals, predictions, targets, options, chunk_rows, client=client, on_block=on_block
+    )
+    totals = totals or Totals()
+    result = finish(totals, options, predictions.dtype)
+    if calibration is None:
+        return result
+    sums = totals.calibration
+    if sums is None:  # no rows: the figures of no element
+        empty = np.empty((0, options.classes, *predictions.shape[2:]), predictions.dtype)
+        sums = calibration_sums(
+            empty,
+            np.empty((0, *targets.shape[1:]), np.int64),
+            0,
+            options.calibration,
+            ignore_index=options.ignore_index,
+            from_logits=options.from_logits,
+            softcap=options.softcap,
+        )
+
+    def sums_at(beta: float) -> TemperatureSums:
+        at = replace(options, calibration=replace(options.calibration, beta=beta))
+        return stream(temperature_block, predictions, targets, at, chunk_rows, client=client)
+
+    at_temperature = sums.at_beta
+    if at_temperature.count:
+        at_temperature, fitted = newton(
+            at_temperature, sums_at, TEMPERATURE_RTOL, MAX_TEMPERATURE_PASSES
+        )
+        if not fitted:
+            result.warnings.append(
+                f"the temperature fit stopped at T = {1 / at_temperature.beta:.6g} without "
+                f"converging ({MAX_TEMPERATURE_PASSES} passes, or at the bound T = "
+                "1e-4 or 1e4 of predictions that separate the classes perfectly)"
+            )
+    result.calibration = report(
+        sums, at_temperature, options.calibration, mean_loss=options.reduction != "sum"
+    )
+    return result
+
+
+# Seconds a scheduler named by --scheduler has to connect and answer who it is.
 SCHEDULER_TIMEOUT = 30
+# Address schemes of dask.distributed's comms that name a scheduler in another process.
+SCHEDULER_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+
+
+def check_scheduler_address(address: str) -> str:
+    """``[SCHEME://]HOST:PORT`` with a scheme of ``SCHEDULER_SCHEMES`` and a port number;
+    ValueError otherwise."""
+    scheme, sep, location = address.partition("://")
+    if not sep:
+        scheme, location = "tcp", address
+    host, colon, port = location.rpartition(":")
+    expected = "expected an address as tcp://HOST:PORT"
+    if scheme not in SCHEDULER_SCHEMES:
+        why = (
+            "inproc:// names a scheduler inside one process"
+            if scheme == "inproc"
+            else f"unknown scheme {scheme}://"
+        )
+        raise ValueError(f"{address!r}: {why}; {expected}")
+    if not (colon and host and port.isdigit() and int(port) < 2**16):
+        raise ValueError(f"{address!r}: {expected}, PORT a number from 0 to 65535")
+    return address
+
+
+def _check_scheduler_answers(address: str) -> None:
+    """Connect to ``address`` and ask its identity, all within ``SCHEDULER_TIMEOUT``: a peer
+    that is no scheduler (one that never answers, or answers garbage) is refused here, where
+    ``Client`` would wait for ever or fail with the reader's own error."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def identity():
+        comm = await connect(address, timeout=SCHEDULER_TIMEOUT)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        answer = asyncio.run(asyncio.wait_for(identity(), SCHEDULER_TIMEOUT))
+    except (TimeoutError, asyncio.TimeoutError):
+        raise UserError(
+            f"cannot reach the Dask scheduler at {address}: no answer within {SCHEDULER_TIMEOUT} s"
+        ) from None
+    except Exception as error:  # the comm's own errors for a peer that speaks no Dask
+        raise UserError(
+            f"cannot reach the Dask scheduler at {address}: the peer does not answer as one "
+            f"({type(error).__name__}: {' '.join(str(error).split())})"
+        ) from None
+    if not (isinstance(answer, dict) and answer.get("type") == "Scheduler"):
+        raise UserError(
+            f"cannot reach the Dask scheduler at {address}: the peer does not answer as one"
+        )
 
 
 @contextmanager
@@ -246,6 +426,7 @@ def dask_client(scheduler: str | None, dashboard: str | None = None) -> Iterator
         ):
             yield client
         return
+    _check_scheduler_answers(scheduler)
     try:
         client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError) as error:
@@ -254,20 +435,12 @@ def dask_client(scheduler: str | None, dashboard: str | None = None) -> Iterator
         yield client
 
 
-def evaluate_on_dask(
-    client,
-    predictions: Source,
-    targets: Source,
-    options: Options,
-    chunk_rows: int,
-    *,
-    on_block: Callable[[Totals, int, int], None],
-) -> Totals:
-    """The same blocks as :func:`evaluate_here`, read and computed by Dask workers.
+def on_dask(client, compute, predictions, targets, options, ranges, chunk_rows):
+    """The blocks of :func:`stream`, read and computed by Dask workers; yields (index, block)
+    as they finish.
 
     The inputs become ``dask.array`` arrays chunked along rows; the workers read their rows
-    from the files themselves (the sources travel as path and offset). Blocks are added in
-    row order, whatever order they finish in, so the totals equal ``evaluate_here``'s.
+    from the files themselves (the sources travel as path and offset).
     """
     import dask
     import dask.array as da
@@ -278,29 +451,20 @@ def evaluate_on_dask(
         meta = np.empty((0,) * source.ndim, dtype=source.dtype)
         return da.from_array(source, chunks=chunks, lock=False, asarray=True, meta=meta)
 
-    ranges = row_ranges(predictions.shape[0], chunk_rows)
     if not ranges:  # no rows: dask.array would still make one empty block
-        return Totals()
+        return
     x_blocks = rows_of(predictions).to_delayed().ravel()
     t_blocks = rows_of(targets).to_delayed().ravel()
     shared = dask.delayed(options)
     tasks = [
-        dask.delayed(block_totals)(x, t, start, shared)
+        dask.delayed(compute)(x, t, start, shared)
         for x, t, (start, _) in zip(x_blocks, t_blocks, ranges, strict=True)
     ]
     futures = client.compute(tasks)
     position = {future.key: i for i, future in enumerate(futures)}
-    blocks: list[Totals | None] = [None] * len(futures)
     for future, block in as_completed(futures, with_results=True):
-        i = position[future.key]
-        on_block(block, *ranges[i])
-        block.losses = None
-        blocks[i] = block
         future.release()
-    totals = Totals()
-    for block in blocks:
-        totals.add(block)
-    return totals
+        yield position[future.key], block
 
 
 @dataclass
@@ -314,6 +478,8 @@ class Result:
     perplexity: float
     nan_count: int
     per_class: list[dict] | None
+    calibration: dict | None = None  # with --calibration: the report's section
+    warnings: list[str] = field(default_factory=list)
 
 
 def finish(totals: Totals, options: Options, dtype: np.dtype) -> Result:

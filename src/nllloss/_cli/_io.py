@@ -6,11 +6,11 @@ the basic slicing ``dask.array.from_array`` needs. Nothing is read until rows ar
 so a 50 GB file costs only the rows being evaluated; the sources travel to Dask workers as
 descriptions (path and offset), never as data.
 
-Files whose bytes lie in C order in one piece (``.npy``, uncompressed ``.npz`` members,
-``.safetensors`` tensors) are memory-mapped one row range at a time: the mapping is dropped
-with the rows, so the pages it touched leave the process's resident memory too (a mapping of
-the whole file would keep every page read so far resident). Compressed ``.npz`` members and
-text files are read whole, Fortran-ordered arrays mapped whole.
+Arrays stored as raw bytes (``.npy``, uncompressed ``.npz`` members, ``.safetensors``
+tensors, in C or Fortran order) are read one row range at a time with plain reads, never
+memory-mapped: memory holds one block, and a file cut short or rewritten while it is read
+ends the run with a message instead of a SIGBUS. Compressed ``.npz`` members and text files
+are read whole.
 
 Nothing a file says is trusted beyond the bytes it holds: only regular files (and Zarr
 directories) are opened, so a FIFO or a device cannot block or stream without end; a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import stat
 import struct
@@ -85,33 +86,88 @@ class _Rows:
 
 
 @dataclass(frozen=True)
-class MappedRows(_Rows):
-    """A C-ordered array stored as raw bytes at ``offset`` in the file at ``path``."""
+class FileRows(_Rows):
+    """An array stored as raw bytes at ``offset`` in the file at ``path`` (C order, or
+    Fortran order with ``fortran``), read a block of rows at a time with plain reads.
+
+    Plain reads, not a memory map: a file cut short while it is read ends the read with a
+    message, where a mapped page past the new end would kill the process (SIGBUS). ``stamp``
+    is the file's (inode, size, modification time) when it was opened; a block read from a
+    file whose stamp changed is refused, so a file rewritten under the reader (``np.save``
+    over it) cannot mix old and new rows.
+    """
 
     path: str
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
     label: str  # how the user named it, for messages
+    stamp: tuple[int, int, int]
+    fortran: bool = False
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop``, memory-mapped (read-only) for as long as they are referenced."""
+        """Rows ``start:stop``, read into a new C-ordered array."""
         stop = min(stop, self.shape[0])
-        shape = (max(stop - start, 0), *self.shape[1:])
-        if 0 in shape:  # mmap cannot map zero bytes
-            return np.empty(shape, dtype=self.dtype)
-        row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-        return np.memmap(
-            self.path, self.dtype, mode="r", offset=self.offset + start * row_bytes, shape=shape
-        )
+        start = min(start, stop)
+        rows, tail = stop - start, math.prod(self.shape[1:])
+        out = np.empty((rows, *self.shape[1:]), dtype=self.dtype)
+        if out.size == 0:
+            return out
+        itemsize = self.dtype.itemsize
+        with open(self.path, "rb", buffering=0) as file:
+            self._check_unchanged(file)
+            if not self.fortran:
+                self._read(file, out, self.offset + start * tail * itemsize)
+            else:  # element (i, J) of the rows and the trailing (Fortran) index J
+                columns = np.empty((tail, rows), dtype=self.dtype)
+                for j in range(tail):
+                    position = self.offset + (j * self.shape[0] + start) * itemsize
+                    self._read(file, columns[j], position)
+                out[...] = columns.T.reshape(out.shape, order="F")
+            self._check_unchanged(file)
+        return out
+
+    def _read(self, file, into: np.ndarray, position: int) -> None:
+        view = memoryview(into.reshape(-1).view(np.uint8))
+        file.seek(position)
+        done = 0
+        while done < len(view):
+            count = file.readinto(view[done:])
+            if not count:
+                raise UserError(
+                    f"{self.label}: the file changed while it was read (it ends at byte "
+                    f"{position + done}, before the array's end)"
+                )
+            done += count
+
+    def _check_unchanged(self, file) -> None:
+        if file_stamp(os.fstat(file.fileno())) != self.stamp:
+            raise UserError(
+                f"{self.label}: the file changed while it was read (rewritten, cut short or "
+                "grown); evaluate it once it is complete"
+            )
 
     def __dask_tokenize__(self):
-        return (type(self).__name__, self.path, self.offset, self.shape, self.dtype.str)
+        return (
+            type(self).__name__,
+            self.path,
+            self.offset,
+            self.shape,
+            self.dtype.str,
+            self.stamp,
+            self.fortran,
+        )
+
+
+def file_stamp(status: os.stat_result) -> tuple[int, int, int]:
+    """What tells a file's versions apart: inode, size and modification time."""
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 @dataclass(frozen=True, eq=False)
 class InMemory(_Rows):
-    """An array read (or mapped) whole: text, compressed ``.npz`` members, Fortran order."""
+    """An array held in memory: text, compressed ``.npz`` members, arrays given to
+    :func:`nllloss.evaluate`."""
 
     array: np.ndarray
     label: str
@@ -153,7 +209,7 @@ class ZarrRows(_Rows):
         return (type(self).__name__, self.path, self.key, self.shape, self.dtype.str)
 
 
-Source = MappedRows | InMemory | ZarrRows
+Source = FileRows | InMemory | ZarrRows
 
 
 def split_spec(spec: str) -> tuple[Path, str | None]:
@@ -269,10 +325,11 @@ def _require_bytes(path: Path, offset: int, shape, dtype: np.dtype, label: str) 
         )
 
 
-def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, label: str):
-    """A MappedRows, once the file is known to hold all of its bytes."""
+def _file_rows(path: Path, offset: int, shape, dtype: np.dtype, label: str, fortran=False):
+    """A FileRows, once the file is known to hold all of its bytes."""
     _require_bytes(path, offset, shape, dtype, label)
-    return MappedRows(str(path), offset, shape, dtype, label)
+    stamp = file_stamp(path.stat())
+    return FileRows(str(path), offset, shape, dtype, label, stamp, fortran and len(shape) > 1)
 
 
 def _npy_source(path: Path, label: str) -> Source:
@@ -280,17 +337,7 @@ def _npy_source(path: Path, label: str) -> Source:
         shape, fortran, dtype = _npy_header(file, label)
         offset = file.tell()
     dtype = _checked_dtype(dtype, label)
-    if fortran and len(shape) > 1:
-        return _fortran(path, offset, shape, dtype, label)
-    return _mapped(path, offset, shape, dtype, label)
-
-
-def _fortran(path: Path, offset: int, shape, dtype: np.dtype, label: str) -> InMemory:
-    """A Fortran-ordered array, whose rows are not contiguous: mapped whole."""
-    _require_bytes(path, offset, shape, dtype, label)
-    if 0 in shape:  # mmap cannot map zero bytes
-        return InMemory(np.empty(shape, dtype, order="F"), label)
-    return InMemory(np.memmap(path, dtype, "r", offset, shape, order="F"), label)
+    return _file_rows(path, offset, shape, dtype, label, fortran)
 
 
 def _pick_key(names: list[str], key: str | None, label: str, path: Path) -> str:
@@ -351,9 +398,7 @@ def _npz_source(path: Path, key: str | None, label: str, max_inflate: int) -> So
             f"{label}: the member is cut short ({max(held, 0)} bytes; {dtype} {shape} needs "
             f"{nbytes(shape, dtype)})"
         )
-    if fortran and len(shape) > 1:
-        return _fortran(path, offset, shape, dtype, label)
-    return _mapped(path, offset, shape, dtype, label)
+    return _file_rows(path, offset, shape, dtype, label, fortran)
 
 
 def _member_error(error: Exception, label: str) -> UserError:
@@ -453,7 +498,7 @@ def _safetensors_source(path: Path, key: str | None, label: str) -> Source:
             f"{label}: not a valid .safetensors file ({dtype_name} {list(shape)} needs "
             f"{expected} bytes, the header gives bytes {begin}..{end})"
         )
-    return MappedRows(str(path), 8 + length + begin, shape, dtype, label)
+    return _file_rows(path, 8 + length + begin, shape, dtype, label)
 
 
 def _safetensors_dtype(name: str, label: str) -> np.dtype:

@@ -1,0 +1,324 @@
+"""``nllloss eval --calibration``: every figure against an independent computation.
+
+torchmetrics (``MulticlassCalibrationError``, ``MulticlassAccuracy``), scikit-learn
+(``log_loss``) and float64 NumPy written here, on files the tests write: 2-D and K-dim
+predictions, ignored targets, several blocks, and on Dask.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from nllloss._cli import main
+
+IGNORE = -100
+once = pytest.mark.parametrize("numpy_engine", ["compiled"], indirect=True)
+
+
+def report(argv, capsys) -> dict:
+    code = main([str(a) for a in [*argv, "--format", "json", "--quiet"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """Logits (2-D and (N, C, 3, 2)) of a miscalibrated model, log-probabilities, targets with
+    ignored elements; ``arrays`` holds each as elements: scores (M, C) float64 and targets."""
+    rng = np.random.default_rng(11)
+    folder = tmp_path_factory.mktemp("calibration")
+    n, c = 400, 7
+    out = {"folder": folder, "classes": c}
+    for name, shape in (("flat", (n,)), ("spatial", (60, 3, 2))):
+        t = rng.integers(0, c, shape)
+        # overconfident: the true class gets a bump, everything is scaled up
+        scores = rng.standard_normal((*shape, c)) + 1.5 * np.eye(c)[t]
+        logits = (2.5 * scores).astype(np.float32)
+        t[rng.random(shape) < 0.1] = IGNORE
+        x = np.moveaxis(logits, -1, 1)  # (N, C, ...)
+        np.save(folder / f"{name}.npy", x)
+        np.save(folder / f"{name}_t.npy", t)
+        log_probs = torch.from_numpy(x).log_softmax(1).numpy()
+        np.save(folder / f"{name}_lp.npy", log_probs)
+        keep = t.reshape(-1) != IGNORE
+        z = logits.reshape(-1, c).astype(np.float64)
+        out[name] = dict(
+            z=z[keep],
+            lp=np.moveaxis(log_probs, 1, -1).reshape(-1, c).astype(np.float64)[keep],
+            y=t.reshape(-1)[keep],
+            position=np.flatnonzero(keep),
+        )
+    return out
+
+
+def softmax(z, temperature=1.0):
+    z = z / temperature
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def fitted_temperature(z, y) -> float:
+    """The minimiser of the mean NLL of softmax(z / T), by bisection on the derivative in
+    beta = 1/T (float64)."""
+
+    def slope(beta):
+        p = softmax(z * beta)
+        return np.mean((p * z).sum(1) - z[np.arange(len(y)), y])
+
+    low, high = 1e-3, 1e3
+    for _ in range(200):
+        mid = np.sqrt(low * high)
+        low, high = (mid, high) if slope(mid) < 0 else (low, mid)
+    return 1 / np.sqrt(low * high)
+
+
+def ece(p, y, bins, norm="l1"):
+    metric = MulticlassCalibrationError(num_classes=p.shape[1], n_bins=bins, norm=norm)
+    return float(metric(torch.from_numpy(p), torch.from_numpy(y)))
+
+
+@once
+@pytest.mark.parametrize("name", ["flat", "spatial"])
+@pytest.mark.parametrize("logits", [True, False])
+def test_every_figure_against_torchmetrics_sklearn_and_numpy(files, name, logits, capsys):
+    elements = files[name]
+    z, y, c = elements["z" if logits else "lp"], elements["y"], files["classes"]
+    pred = files["folder"] / f"{name}{'' if logits else '_lp'}.npy"
+    argv = ["eval", pred, files["folder"] / f"{name}_t.npy", "--calibration", "--bins", 10]
+    argv += ["--top-k", "2,3", "--from-logits"] if logits else ["--top-k", "2,3"]
+    result = report(argv, capsys)
+    section = result["calibration"]
+    p = softmax(z) if logits else np.exp(z)
+    assert section["count"] == len(y) == result["count"]
+    for k, key in ((1, "accuracy"), (2, "top_k_accuracy"), (3, "top_k_accuracy")):
+        metric = MulticlassAccuracy(num_classes=c, top_k=k, average="micro")
+        expected = float(metric(torch.from_numpy(p), torch.from_numpy(y)))
+        value = section[key] if k == 1 else section[key][str(k)]
+        assert value == pytest.approx(expected, rel=1e-7)  # torchmetrics gives float32
+    brier = np.mean(((p - np.eye(c)[y]) ** 2).sum(1))
+    assert section["brier"] == pytest.approx(brier, rel=1e-9)
+    assert section["ece"] == pytest.approx(ece(p, y, 10), rel=1e-5)  # in float32
+    assert section["mce"] == pytest.approx(ece(p, y, 10, "max"), rel=1e-5)
+    # the bins, by NumPy
+    confidence, correct = p.max(1), p.argmax(1) == y
+    index = np.minimum((confidence * 10).astype(int), 9)
+    for b, row in enumerate(section["bins"]):
+        assert (row["lower"], row["upper"]) == pytest.approx((b / 10, (b + 1) / 10))
+        assert row["count"] == np.count_nonzero(index == b)
+        if row["count"]:
+            assert row["confidence"] == pytest.approx(confidence[index == b].mean(), rel=1e-9)
+            assert row["accuracy"] == pytest.approx(correct[index == b].mean(), rel=1e-12)
+        else:
+            assert row["confidence"] is row["accuracy"] is None
+    # the temperature: a bisection's minimiser; the loss and ECE at the reported T
+    temperature = section["temperature"]
+    assert temperature == pytest.approx(fitted_temperature(z, y), rel=1e-4)
+    at_t = softmax(z, temperature)
+    expected = log_loss(y, at_t, labels=range(c))
+    assert section["loss_at_temperature"] == pytest.approx(expected, rel=1e-9)
+    assert section["ece_at_temperature"] == pytest.approx(ece(at_t, y, 10), rel=1e-5)
+    assert section["loss_at_temperature"] <= -np.mean(np.log(p[np.arange(len(y)), y]))
+
+
+# The bootstrap's weights, from the generator's definition (SplitMix64, Poisson(1) by the
+# inverse of its distribution function), in Python integers.
+def splitmix64(seed: int, i: int) -> int:
+    mask = 2**64 - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def poisson_weight(seed: int, r: int, i: int) -> int:
+    u = (splitmix64(splitmix64(seed, r), i) >> 11) / 2.0**53
+    k, term = 0, np.exp(-1.0)
+    total = term
+    while u >= total:
+        k += 1
+        term /= k
+        total += term
+    return k
+
+
+@once
+@pytest.mark.parametrize("name", ["flat", "spatial"])
+def test_bootstrap_intervals_follow_the_documented_resamples(files, name, capsys):
+    elements = files[name]
+    z, y, position = elements["z"], elements["y"], elements["position"]
+    c, resamples, seed, bins = files["classes"], 40, 12345, 15
+    weight = np.random.default_rng(0).uniform(0.5, 2, c).astype(np.float32)
+    np.save(files["folder"] / "w.npy", weight)
+    argv = ["eval", files["folder"] / f"{name}.npy", files["folder"] / f"{name}_t.npy"]
+    argv += ["--from-logits", "--calibration", "--bootstrap", resamples, "--seed", seed]
+    argv += ["--weight", files["folder"] / "w.npy"]
+    results = [report([*argv, "--chunk-rows", rows], capsys) for rows in (7, 1000)]
+    p = softmax(z)
+    nll = -np.log(p[np.arange(len(y)), y])
+    w = weight.astype(np.float64)[y]
+    correct = (p.argmax(1) == y).astype(float)
+    confidence = p.max(1)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    stats = {"loss": [], "accuracy": [], "ece": []}
+    for r in range(resamples):
+        omega = np.array([poisson_weight(seed, r, int(i)) for i in position], dtype=float)
+        stats["loss"].append((omega * w * nll).sum() / (omega * w).sum())
+        stats["accuracy"].append((omega * correct).sum() / omega.sum())
+        gaps = [abs((omega * (correct - confidence))[index == b].sum()) for b in range(bins)]
+        stats["ece"].append(sum(gaps) / omega.sum())
+    for result in results:
+        section = result["calibration"]
+        assert (section["resamples"], section["seed"]) == (resamples, seed)
+        for key, values in stats.items():
+            expected = np.percentile(values, [2.5, 97.5])
+            np.testing.assert_allclose(section["intervals"][key], expected, rtol=1e-5)
+        assert section["intervals"]["loss"][0] < result["loss"] < section["intervals"]["loss"][1]
+    _close(results[0]["calibration"]["intervals"], results[1]["calibration"]["intervals"])
+    # another seed, other resamples
+    other = report([*argv[:-4], "--seed", seed + 1, *argv[-2:]], capsys)
+    assert other["calibration"]["intervals"] != results[0]["calibration"]["intervals"]
+
+
+def _close(a, b, rel=1e-9):
+    """Reports equal within ``rel`` (numbers), exactly (the rest)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _close(a[key], b[key], rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _close(x, y, rel)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-300)
+    else:
+        assert a == b
+
+
+@once
+def test_any_blocks_and_dask_give_the_same_report(files, capsys):
+    argv = ["eval", files["folder"] / "spatial.npy", files["folder"] / "spatial_t.npy"]
+    argv += ["--from-logits", "--calibration", "--top-k", "2", "--bootstrap", "20"]
+    argv += ["--per-class"]
+    whole = report([*argv, "--chunk-rows", 1000], capsys)
+    for extra in (["--chunk-rows", 1], ["--chunk-rows", 13], ["--chunk-rows", 13, "--dask"]):
+        blocks = report([*argv, *extra], capsys)
+        _close(blocks.pop("calibration"), whole["calibration"])
+        # the loss's float32 block sums round apart
+        _close(blocks, {key: v for key, v in whole.items() if key != "calibration"}, 1e-6)
+
+
+@once
+def test_scheduler_on_a_cluster_of_threads(files, capsys):
+    import logging
+
+    from distributed import LocalCluster
+
+    argv = ["eval", files["folder"] / "flat.npy", files["folder"] / "flat_t.npy"]
+    argv += ["--from-logits", "--calibration", "--bootstrap", "10", "--chunk-rows", 64]
+    here = report(argv, capsys)
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
+        on_dask = report([*argv, "--scheduler", cluster.scheduler_address], capsys)
+    assert on_dask == here  # the same blocks, added in the same order
+
+
+@once
+def test_calibration_in_table_and_csv(files, tmp_path, capsys):
+    import csv
+
+    argv = ["eval", files["folder"] / "flat.npy", files["folder"] / "flat_t.npy"]
+    argv += ["--from-logits", "--calibration", "--top-k", "3", "--bootstrap", "10"]
+    section = report(argv, capsys)["calibration"]
+    assert main([*map(str, argv), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert f"accuracy      {section['accuracy']:.6g}  (top-1, top-3 " in table
+    assert f"temperature   {section['temperature']:.6g}  (mean NLL" in table
+    assert main([*map(str, argv), "--out", str(tmp_path / "r.csv")]) == 0
+    rows = list(csv.reader((tmp_path / "r.csv").read_text().splitlines()))
+    summary = dict(zip(rows[0], rows[1], strict=True))
+    assert float(summary["ece"]) == section["ece"]
+    assert float(summary["top_3_accuracy"]) == section["top_k_accuracy"]["3"]
+    assert float(summary["loss_low"]) == section["intervals"]["loss"][0]
+    assert rows[2] == []
+    assert rows[3] == ["lower", "upper", "count", "confidence", "accuracy"]
+    assert len(rows) == 4 + len(section["bins"])
+
+
+@once
+def test_every_target_ignored_gives_null_figures(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
+    np.save(tmp_path / "t.npy", np.full(4, IGNORE))
+    argv = ["eval", tmp_path / "x.npy", tmp_path / "t.npy", "--from-logits", "--calibration"]
+    section = report([*argv, "--bootstrap", "5"], capsys)["calibration"]
+    assert section["count"] == 0
+    for key in ("accuracy", "brier", "ece", "mce", "temperature", "loss_at_temperature"):
+        assert section[key] is None, key
+
+
+def test_evaluate_from_python_is_the_json_report(files, capsys):
+    import nllloss
+
+    folder = files["folder"]
+    argv = ["eval", folder / "spatial.npy", folder / "spatial_t.npy", "--from-logits"]
+    argv += ["--calibration", "--top-k", "2", "--bootstrap", "8", "--seed", "4", "--per-class"]
+    expected = report([*argv, "--chunk-rows", 16], capsys)
+    options = dict(from_logits=True, calibration=True, top_k=[2], bootstrap=8, seed=4)
+    from_paths = nllloss.evaluate(
+        folder / "spatial.npy",
+        str(folder / "spatial_t.npy"),
+        per_class=True,
+        chunk_rows=16,
+        **options,
+    )
+    assert from_paths == expected
+    from_arrays = nllloss.evaluate(
+        np.load(folder / "spatial.npy"),
+        np.load(folder / "spatial_t.npy"),
+        per_class=True,
+        chunk_rows=16,
+        **options,
+    )
+    assert from_arrays == expected
+    with pytest.raises(ValueError, match=r"top_k in 1\.\.7"):
+        nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), calibration=True, top_k=[8])
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        nllloss.evaluate(np.zeros((2, 7)), np.zeros(2, int), reduction="none")
+
+
+def test_readme_calibration_report_is_what_the_command_prints():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("### Calibration report", 1)[1]
+    command, shown = re.search(r"```bash\n(.*?)\n```\n\n```text\n(.*?)```", section, re.S).groups()
+    job = command.split()
+    assert job[:2] == ["nllloss", "eval"]
+    done = subprocess.run(
+        [sys.executable, "-m", "nllloss", *job[1:]],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(root / "src")},
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == shown
+    assert (root / "docs" / "landcover-calibration.png").stat().st_size < 200_000
