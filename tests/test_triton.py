@@ -79,7 +79,7 @@ def test_kernels_are_served(monkeypatch):
     t = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     assert _triton.launcher_for(_fake_problem(x, t)) is launch
     if CUDA:  # asked for by name: what the kernels do not compute is refused
-        with pytest.raises(ValueError, match="which do not compute input dtype torch.float64"):
+        with pytest.raises(ValueError, match=r"which do not compute input dtype torch\.float64"):
             _triton.launcher_for(_fake_problem(x.double(), t))
     else:  # the interpreter switch: another engine computes it
         assert _triton.launcher_for(_fake_problem(x.double(), t)) is None

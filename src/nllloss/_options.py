@@ -99,7 +99,7 @@ class Options:
     label_smoothing: float = option(
         0.0, lambda value, options, context: _validate.check_label_smoothing(value)
     )
-    total_weight: Any | None = option(None, _total_weight, array=True)
+    total_weight: Any | None = option(None, _total_weight, array=True)  # noqa: RUF009
     check_targets: bool = option(True, _flag("check_targets"))
     z_loss: float = option(
         0.0, lambda value, options, context: _validate.check_z_loss(value, options["from_logits"])

@@ -109,7 +109,7 @@ class Problem:
     ignore_index: int
     reduction: str
     layout: Layout
-    options: Options = Options()
+    options: Options = Options()  # noqa: RUF009 (frozen: one shared default is safe)
 
     @property
     def probabilities(self) -> bool:

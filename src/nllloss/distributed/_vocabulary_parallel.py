@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from .. import _linear, _linear_torch, _options, _validate
-from .._dispatch import backend_for
 from .._builder import build
+from .._dispatch import backend_for
 from .._problem import Problem
 from .._torch_ops import is_unit_upstream
 from . import _agreement, _class_parallel
