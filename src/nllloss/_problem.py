@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validate
-from ._options import Options
+from ._options import Options, fields
 
 _SIXTEEN_BIT = ("float16", "bfloat16")
 
@@ -154,7 +154,8 @@ class Problem:
 
     def replace(self, **changes: Any) -> Problem:
         """A copy with ``changes``, of fields or of options (by their names)."""
-        option_changes = {k: changes.pop(k) for k in list(changes) if k in _OPTION_NAMES}
+        names = {f.name for f in fields(self.options)}
+        option_changes = {k: changes.pop(k) for k in list(changes) if k in names}
         if option_changes:
             changes["options"] = changes.get("options", self.options).replace(**option_changes)
         return dataclasses.replace(self, **changes)

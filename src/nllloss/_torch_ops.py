@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _cpu, _generic, _triton, _validate
+from . import _cpu, _generic, _options, _triton, _validate
 from ._options import Options
 from ._problem import Problem, layout_of
 
@@ -326,12 +326,12 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, problem: Problem):
-        _save_schema(ctx, _to_schema(problem))
+        _save_problem(ctx, problem)
         return _compute("forward", problem)
 
     @staticmethod
     def backward(ctx, grad):
-        problem = _checked_by_the_forward(_saved_problem(ctx))
+        problem = _checked_by_the_forward(_saved_problem(ctx)[0])
         return _Backward.apply(_upstream(problem, grad), problem.input, problem), None
 
 
@@ -349,7 +349,7 @@ class _LossWithUnitGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, problem: Problem):
         loss, ctx.unit_gradient = _compute("forward_backward", problem)
-        _save_schema(ctx, _to_schema(problem))
+        _save_problem(ctx, problem)
         ctx.set_materialize_grads(False)
         return loss
 
@@ -383,13 +383,13 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_output, input, problem: Problem):
-        _save_schema(ctx, _to_schema(problem), grad_output)
+        _save_problem(ctx, problem, grad_output)
         return _compute("backward", problem, grad_output)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_output = ctx.saved_tensors[_TENSORS]
-        return (*_backward_backward(_saved_problem(ctx), grad_output, grad), None)
+        problem, grad_output = _saved_problem(ctx)
+        return (*_backward_backward(problem, grad_output, grad), None)
 
 
 def _backward_backward(problem: Problem, grad_output, grad):
@@ -438,7 +438,6 @@ _FIELDS = sorted(  # sorted is stable: the tensors in their order, then the valu
     + list(_OPTION_FIELDS),
     key=lambda f: not _SCHEMA_TYPES[f.type].startswith("Tensor"),
 )
-_TENSORS = sum(_SCHEMA_TYPES[f.type].startswith("Tensor") for f in _FIELDS)
 
 
 def _schema_argument(field: dataclasses.Field) -> str:
@@ -511,39 +510,49 @@ def _(*schema):
     return input.new_empty(_from_schema(*schema).loss_shape), torch.empty_like(input)
 
 
-def _save_schema(ctx, schema, *more_tensors) -> None:
-    """Keep a problem (and ``more_tensors`` after its own) for the backward."""
-    ctx.save_for_backward(*schema[:_TENSORS], *more_tensors)
-    ctx.values = tuple(schema[_TENSORS:])
+def _save_problem(ctx, problem: Problem, *more_tensors) -> None:
+    """Keep a problem (and ``more_tensors``) for the backward: its arrays (the array
+    options' too) through ``save_for_backward``, the rest as it is."""
+    names = ["input", "target", "weight"] + [
+        f.name for f in _options.fields(problem.options) if f.array
+    ]
+    arrays = [getattr(problem, name) for name in names[:3]]
+    arrays += [getattr(problem.options, name) for name in names[3:]]
+    ctx.save_for_backward(*arrays, *more_tensors)
+    ctx.problem_names = names
+    ctx.problem = problem.replace(**dict.fromkeys(names))
 
 
-def _saved_problem(ctx) -> Problem:
-    return _from_schema(*ctx.saved_tensors[:_TENSORS], *ctx.values)
+def _saved_problem(ctx) -> tuple:
+    """The problem ``_save_problem`` kept, then the tensors kept after it."""
+    saved = ctx.saved_tensors
+    names = ctx.problem_names
+    return (ctx.problem.replace(**dict(zip(names, saved, strict=False))), *saved[len(names):])
 
 
 def _op_setup(ctx, inputs, output):
-    _save_schema(ctx, inputs)
+    _save_problem(ctx, _from_schema(*inputs))
 
 
 def _op_backward(ctx, grad):
-    problem = _checked_by_the_forward(_saved_problem(ctx))
+    problem = _checked_by_the_forward(_saved_problem(ctx)[0])
     grad_input = nll_loss_backward_op(_upstream(problem, grad), *_to_schema(problem))
     return grad_input, *_NO_GRADIENTS
 
 
 def _backward_op_setup(ctx, inputs, output):
     grad_output, *schema = inputs
-    _save_schema(ctx, schema, grad_output)
+    _save_problem(ctx, _from_schema(*schema), grad_output)
 
 
 def _backward_op_backward(ctx, grad):
-    grad_output = ctx.saved_tensors[_TENSORS]
-    grad_grad_output, grad_input = _backward_backward(_saved_problem(ctx), grad_output, grad)
+    problem, grad_output = _saved_problem(ctx)
+    grad_grad_output, grad_input = _backward_backward(problem, grad_output, grad)
     return grad_grad_output, grad_input, *_NO_GRADIENTS
 
 
 def _unit_setup(ctx, inputs, output):
-    _save_schema(ctx, inputs)
+    _save_problem(ctx, _from_schema(*inputs))
     ctx.unit_gradient = output[1]
     ctx.mark_non_differentiable(output[1])
 
