@@ -61,6 +61,8 @@ def _with_canary(monkeypatch):
     monkeypatch.setattr(_options, "Options", Canary)
     given = _options.given
     monkeypatch.setattr(_options, "given", lambda arguments: {**given(arguments), "canary": 0.5})
+    # the quick path's guard reads the same arguments: with canary=0.5 among them, it fails
+    monkeypatch.setattr(_options, "untouched", lambda arguments: False)
     forward, backward = _generic.Backend.forward, _generic.Backend.backward
     monkeypatch.setattr(
         _generic.Backend, "forward", lambda self, problem: _scaled(forward(self, problem), problem)

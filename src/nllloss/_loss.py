@@ -173,8 +173,8 @@ def nll_loss(
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
     array(2.5079715, dtype=float32)
     """
-    options = _options.given(locals())
-    if size_average is reduce is None and return_lse is False and _options.untouched(options):
+    arguments = locals()
+    if size_average is reduce is None and return_lse is False and _options.untouched(arguments):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
         quick = quick_forward_for(input)
@@ -183,6 +183,7 @@ def nll_loss(
             if result is not None:
                 return result
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
+    options = _options.given(arguments)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
     if _validate.check_return_lse(return_lse, problem.from_logits):
         return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
