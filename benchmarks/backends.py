@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
 
 import numpy as np
 

@@ -34,17 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
-
 import numpy as np
 
-from nllloss._bench import FULL, QUICK, Competitor, environment, race
+from nllloss._bench import FULL, QUICK, BusyMachine, Competitor, environment, race, write_results
 
 SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))
 # name: the options of nll_loss besides from_logits=True ("probabilities": the target form)
@@ -170,7 +167,6 @@ def copy_bandwidth(nbytes=1 << 28, repeats=5):
 
 _MEMORY_CODE = """
 import os, sys
-os.environ["KMP_BLOCKTIME"] = "0"
 import ml_dtypes, numpy as np, torch, nllloss
 sys.path.insert(0, {here!r})
 from fused import VARIANTS, loss_options, make_data, torch_loss
@@ -262,6 +258,9 @@ def main(argv=None):
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
+        "--busy", action="store_true", help="one competing process keeps a core busy meanwhile"
+    )
+    parser.add_argument(
         "--out", type=Path, help="write OUT.json and OUT.md (default: print the report only)"
     )
     args = parser.parse_args(argv)
@@ -272,8 +271,12 @@ def main(argv=None):
 
     settings = QUICK if args.quick else FULL
     bandwidth = copy_bandwidth()
+    busy = BusyMachine(args.busy)
+    busy.__enter__()
     report = {
         "environment": environment({"torch": torch}, None),
+        "busy": args.busy,
+        "load": busy.describe(),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "cases": [],
         "option_costs": [],
@@ -290,8 +293,11 @@ def main(argv=None):
             ):
                 timings, first = race(group, settings)
                 medians = {name: timing.median() for name, timing in timings.items()}
+                spread = {name: timing.as_dict() for name, timing in timings.items()}
                 case[kind] = {
                     "median_ms": {k: None if v is None else 1e3 * v for k, v in medians.items()},
+                    "p10_ms": {k: v.get("p10_ms") for k, v in spread.items()},
+                    "p90_ms": {k: v.get("p90_ms") for k, v in spread.items()},
                     "floor_ms": 1e3 * floor_bytes / bandwidth,
                     "check": first,
                 }
@@ -312,10 +318,12 @@ def main(argv=None):
         for dtype in args.memory_dtypes:
             report["memory_by_dtype"].append(memory_by_dtype(shapes[0], dtype))
             print(json.dumps(report["memory_by_dtype"][-1]), flush=True)
+    busy.__exit__(None, None, None)
+    report["environment"]["load_average_at_end"] = environment({"torch": torch}, None)[
+        "load_average_at_end"
+    ]
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(markdown(report))
+        write_results(args.out, report, markdown(report))
     print(markdown(report))
     return 0
 
@@ -329,9 +337,12 @@ def markdown(report):
     lines = [
         "# From logits, fused: nllloss vs torch `cross_entropy` (CPU, float32, mean)",
         "",
-        f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores; torch "
-        f"{env.get('versions', {}).get('torch')}; copy bandwidth "
-        f"{report['copy_bandwidth_gb_s']:.1f} GB/s (read + write). Medians of interleaved "
+        f"{env.get('date')}, revision {env.get('git_revision')}. Machine: "
+        f"{env.get('cpu_model')}, {env.get('cpu_count')} cores, load average at the end "
+        f"{env.get('load_average_at_end')}; {report.get('load', '')}; torch "
+        f"{env.get('versions', {}).get('torch')}, numba {env.get('versions', {}).get('numba')}; "
+        f"copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s (read + write). "
+        "p10 and p90 of every timing are in the JSON. Medians of interleaved "
         "rounds; ratio = torch's time / ours (above 1: ours faster). Memory: peak resident "
         "memory of one call beyond its inputs, in units of the input's size (subprocess). "
         "torch for z_loss and softcap: `cross_entropy` of `c * tanh(x / c)` plus "

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-os.environ.setdefault("KMP_BLOCKTIME", "0")  # torch's idle OpenMP threads must not spin
 
 SHAPES = ("2048x512x32000",)
 COMPETITORS = (
@@ -46,7 +43,6 @@ SWEEP_ROWS = (32, 64, 128, 256, 512)
 
 _CASE = r"""
 import os, statistics, sys, time
-os.environ["KMP_BLOCKTIME"] = "0"
 import numpy as np, torch, nllloss
 F = torch.nn.functional
 who, (N, D, V), chunk_rows = {who!r}, {shape!r}, {chunk_rows!r}
@@ -123,12 +119,34 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="nllloss at several chunk_rows")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument(
+        "--busy", action="store_true", help="one competing process keeps a core busy meanwhile"
+    )
     args = parser.parse_args(argv)
     import torch
 
-    from nllloss._bench import environment
+    from nllloss._bench import BusyMachine, environment, write_results
 
-    report = {"environment": environment({"torch": torch}, None), "cases": []}
+    busy = BusyMachine(args.busy)
+    report = {
+        "environment": environment({"torch": torch}, None),
+        "busy": args.busy,
+        "load": busy.describe(),
+        "cases": [],
+    }
+    with busy:
+        _run_cases(args, report)
+    report["environment"]["load_average_at_end"] = environment({"torch": torch}, None)[
+        "load_average_at_end"
+    ]
+    text = markdown(report)
+    if args.out is not None:
+        write_results(args.out, report, text)
+    print(text)
+    return 0
+
+
+def _run_cases(args, report):
     for text in args.shapes:
         shape = tuple(int(d) for d in text.split("x"))
         runs = [(who, None) for who in COMPETITORS]
@@ -142,13 +160,6 @@ def main(argv=None):
             case |= {"seconds": seconds, "peak_bytes": peak}
             report["cases"].append(case)
             print(json.dumps(case), flush=True)
-    text = markdown(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(text)
-    print(text)
-    return 0
 
 
 def markdown(report):
@@ -156,8 +167,10 @@ def markdown(report):
     lines = [
         "# The loss from hidden states: fwd+bwd, float32, 'mean' (CPU)",
         "",
-        f"Machine: {env.get('cpu_model')}, {env.get('cpu_count')} cores, load average at "
-        f"the end {env.get('load_average_at_end')}; torch {env['versions'].get('torch')}, "
+        f"{env.get('date')}, revision {env.get('git_revision')}. Machine: "
+        f"{env.get('cpu_model')}, {env.get('cpu_count')} cores, load average at "
+        f"the end {env.get('load_average_at_end')}; {report.get('load', '')}; torch "
+        f"{env['versions'].get('torch')}, numba {env['versions'].get('numba')}, "
         f"numpy {env['versions'].get('numpy')}. Each row is a fresh process: median of 3 "
         "training steps (loss and gradients with respect to hidden states and weight); "
         "memory is the peak beyond inputs and the two gradients, in MiB and as a share of "

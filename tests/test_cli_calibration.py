@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bitwise
 from sklearn.metrics import log_loss
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
@@ -322,3 +323,112 @@ def test_readme_calibration_report_is_what_the_command_prints():
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == shown
     assert (root / "docs" / "landcover-calibration.png").stat().st_size < 200_000
+
+
+# The numba kernel of the per-element figures against their float64 NumPy definition
+# (``numpy_figures``), on scores that try its edges.
+
+
+def _kernel_and_numpy(x, t, beta, softcap=None, from_logits=True, with_model=True):
+    from nllloss._cli import _calibration, _calibration_kernel
+
+    position, y = _calibration.counted(t, IGNORE, x.shape[1])
+    x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
+    out = np.full((len(y), len(_calibration.FIGURES)), np.nan)
+    _calibration_kernel.element_figures(
+        x3, position, y, float(softcap or 0.0), from_logits, beta, with_model, out
+    )
+    rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+    z = _calibration.scores(rows, position, softcap)
+    return out, _calibration.numpy_figures(z, y, beta, from_logits, with_model)
+
+
+def _assert_figures_close(actual, expected, rel=1e-9):
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(actual[finite], expected[finite], rtol=rel, atol=1e-300)
+
+
+def _scores_with_edges(rng, shape, c):
+    """float32 scores (N, C, ...) with tied rows, tied targets, ±inf and NaN rows."""
+    x = rng.standard_normal((shape[0], c, *shape[1:])).astype(np.float32) * 4
+    flat = np.moveaxis(x, 1, -1).reshape(-1, c)  # a copy: edit, then put back
+    flat[0] = 1.5  # every class tied
+    flat[1, ::2] = flat[1].max()  # the largest value at several classes
+    flat[2, 3] = -np.inf  # a masked class
+    flat[3, 1] = np.nan
+    flat[4, 0] = np.inf
+    flat[5] = -np.inf
+    flat[6, :] = -1e30  # a huge spread: exp underflows
+    flat[6, 2] = 50.0
+    return np.moveaxis(flat.reshape(*shape, c), -1, 1).copy()
+
+
+@once
+@pytest.mark.parametrize("shape", [(40,), (9, 3, 2)])
+@pytest.mark.parametrize("c", [1, 2, 7, 300])
+@pytest.mark.parametrize("case", ["logits", "log_probs", "softcap", "temperature_only"])
+def test_kernel_figures_equal_the_numpy_definition(shape, c, case, rng):
+    x = (
+        _scores_with_edges(rng, shape, c)
+        if c > 6
+        else rng.standard_normal((shape[0], c, *shape[1:]))
+    )
+    t = rng.integers(0, c, shape)
+    t.reshape(-1)[::5] = IGNORE
+    if c > 6:  # targets at the tied, masked and non-finite classes
+        t.reshape(-1)[1] = 2
+        t.reshape(-1)[2:5] = (3, 1, 0)
+    options = {
+        "logits": {},
+        "log_probs": {"from_logits": False},
+        "softcap": {"softcap": 3.0},
+        "temperature_only": {"with_model": False},
+    }[case]
+    for beta in (1.0, 0.37, 5.5):
+        actual, expected = _kernel_and_numpy(x, t, beta, **options)
+        assert len(actual) == np.count_nonzero(t != IGNORE)
+        if case == "temperature_only":  # the model's columns are not computed
+            actual, expected = actual[:, [0, 1, 4, 5, 6, 7, 8]], expected[:, [0, 1, 4, 5, 6, 7, 8]]
+        _assert_figures_close(actual, expected)
+
+
+@once
+def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
+    import numba
+
+    from nllloss._cli import _calibration_kernel
+
+    x = _scores_with_edges(rng, (3000,), 50)
+    t = rng.integers(0, 50, 3000)
+    x3 = x.reshape(3000, 50, 1)
+    position = np.flatnonzero(t >= 0)
+    results = []
+    kernel = _calibration_kernel.element_figures
+    runs = [(kernel.parallel, n) for n in (1, 2, numba.config.NUMBA_NUM_THREADS)]
+    runs.append((kernel.serial, 1))
+    before = numba.get_num_threads()
+    try:
+        for function, threads in runs:
+            numba.set_num_threads(threads)
+            out = np.zeros((len(position), 9))
+            function(x3, position, t.astype(np.int64), 0.0, True, 0.8, True, out)
+            results.append(out)
+    finally:
+        numba.set_num_threads(before)
+    for out in results[1:]:
+        assert_bitwise(out, results[0])
+
+
+@once
+def test_exp64_is_within_two_ulp_of_numpy():
+    from nllloss._cli._calibration_kernel import exp64
+
+    x = np.concatenate([-np.geomspace(1e-300, 745, 20001), [0.0, -0.0, -np.inf, np.nan]])
+    actual = np.array([exp64(v) for v in x])
+    expected = np.exp(x)
+    normal = expected > 1e-307
+    np.testing.assert_allclose(actual[normal], expected[normal], rtol=4.5e-16, atol=0)
+    assert np.all(actual[~normal & ~np.isnan(x)] <= 1e-307)
+    assert np.isnan(actual[-1])

@@ -34,6 +34,12 @@ def _python(code: str) -> subprocess.CompletedProcess:
     [
         ("torch", "torch", "nllloss.torch needs PyTorch (pip install torch)"),
         ("paddle", "paddle", "nllloss.paddle needs PaddlePaddle (pip install paddlepaddle)"),
+        (
+            "transformers",
+            "transformers",
+            "nllloss.transformers needs torch and transformers "
+            "(pip install 'nllloss[transformers]')",
+        ),
     ],
 )
 def test_framework_module_without_its_framework_says_what_to_install(module, framework, advice):

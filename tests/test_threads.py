@@ -25,7 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 240  # seconds for one layer's probes; a hang fails instead
 
-# Large enough for the parallel kernels (_cpu.PARALLEL_MIN elements and beyond).
+# Large enough for the parallel kernels (_cpu._threads.PARALLEL_MIN elements and beyond).
 N, C = 70_000, 4
 
 PROBES = textwrap.dedent(
@@ -186,3 +186,226 @@ def test_fork_pool_dataloader_and_threads_on_each_layer(layer, inputs):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines == [f"layer {layer}", "fork ok", "pool ok", "dataloader ok", "threads ok"]
+
+
+# set_num_threads: one count for the process, with or without numba -----------------------
+
+PROCESS_WIDE = textwrap.dedent(
+    """
+    import threading
+    import numba
+    import numpy as np
+    import nllloss
+    from nllloss._cpu import _threads
+
+    # What a parallel kernel's region would use: numba's count in the calling thread.
+    probe = _threads.Guarded(numba.get_num_threads, lambda: "serial")
+    x = np.log(np.full((70_000, 4), 0.25, np.float32))
+    t = np.arange(70_000) % 4
+    before = nllloss.nll_loss_backward(1.0, x, t, reduction="sum")  # 2 threads, main thread
+
+    nllloss.set_num_threads(1)
+    seen = {}
+
+    def in_a_thread():
+        seen["kernel"] = probe()
+        seen["own"] = numba.get_num_threads()  # the thread's numba count, left as it was
+        seen["grad"] = nllloss.nll_loss_backward(1.0, x, t, reduction="sum")
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    print(seen["kernel"], seen["own"], probe(), numba.get_num_threads())
+    print(np.array_equal(seen["grad"], before))
+    """
+)
+
+
+def test_set_num_threads_holds_in_every_thread():
+    """After set_num_threads(1) on the main thread, a kernel called from another thread
+    runs with 1 thread too (numba's own count is per thread), the threads' numba counts
+    are left at NUMBA_NUM_THREADS, and the gradient has the same bits."""
+    env = {**_layer_environment("workqueue"), "NUMBA_NUM_THREADS": "2"}
+    env.pop("NUMBA_THREADING_LAYER")
+    done = subprocess.run(
+        [sys.executable, "-c", PROCESS_WIDE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["1 2 1 2", "True"]
+
+
+WITHOUT_NUMBA = textwrap.dedent(
+    """
+    import sys
+    sys.modules["numba"] = None  # as if numba were not installed: its import fails
+    import numpy as np
+    import nllloss
+
+    nllloss.set_num_threads(3)
+    for bad in (0, 1.5):
+        try:
+            nllloss.set_num_threads(bad)
+        except (TypeError, ValueError) as error:
+            print(type(error).__name__, error)
+    print(nllloss.nll_loss(np.log(np.array([[0.5, 0.5]])), np.array([1])))
+    """
+)
+
+
+def test_set_num_threads_without_numba_checks_and_records():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", WITHOUT_NUMBA], capture_output=True, text=True,
+        env=env, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "ValueError n must be 1 or more, got 0",
+        "TypeError n must be an int, not float",
+        "0.6931471805599453",
+    ]
+
+
+# When threads pay: each kernel times its two twins -------------------------------------
+
+
+def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
+    from nllloss._cpu._threads import _Pace
+
+    pace = _Pace()
+    assert pace.use_threads()  # nothing timed: the threads first
+    pace.record(True, 1.0)
+    assert not pace.use_threads()  # then one thread, once
+    pace.record(False, 2.0)
+    for _ in range(5):  # the threads were faster: they keep running
+        assert pace.use_threads()
+        pace.record(True, 1.0)
+
+
+def test_pace_retries_losing_threads_ever_less_often():
+    """While one thread wins, the threads are tried after 1, 4, 16, ... calls, at most
+    PROBE_MAX; a try that wins brings them back at once."""
+    from nllloss._cpu._threads import PROBE_MAX, _Pace
+
+    pace = _Pace()
+    pace.record(True, 5.0)
+    pace.record(False, 1.0)
+    waits = []
+    for _ in range(7):
+        calls = 0
+        while not pace.use_threads():
+            calls += 1
+        waits.append(calls)
+        pace.record(True, 5.0)  # the try loses
+    assert waits == [0, 1, 4, 16, 64, 256, 256]
+    assert PROBE_MAX == 256
+    while not pace.use_threads():
+        pass
+    pace.record(True, 0.5)  # the machine quieted down: this try wins
+    assert pace.use_threads()
+    assert pace.use_threads()
+
+
+def test_pace_ignores_one_slow_call():
+    """The median of the last three timings decides: one slow call (a page fault, a
+    preemption) does not hand the kernel to one thread."""
+    from nllloss._cpu._threads import _Pace
+
+    pace = _Pace()
+    pace.record(True, 1.0)
+    pace.record(False, 2.0)
+    for seconds in (1.0, 1.0, 50.0):
+        assert pace.use_threads()
+        pace.record(True, seconds)
+    assert pace.use_threads()
+
+
+RUN_CHOICES = textwrap.dedent(
+    """
+    import numpy as np
+    import nllloss
+    from nllloss._cpu import _threads
+
+    x = np.log(np.full((70_000, 4), 0.25, np.float32))
+    t = np.arange(70_000) % 4
+    small = (x[:100], t[:100])
+
+    def runs(call):
+        before = dict(_threads.runs)
+        call()
+        return {k: _threads.runs[k] - before[k] for k in before}
+
+    print(runs(lambda: nllloss.nll_loss(x, t, reduction="none")))  # threads tried first
+    print(runs(lambda: nllloss.nll_loss(*small, reduction="none")))  # below PARALLEL_MIN
+    nllloss.set_num_threads(1)
+    print(runs(lambda: nllloss.nll_loss(x, t, reduction="none")))  # one thread asked for
+    """
+)
+
+
+def test_small_work_and_one_thread_never_start_threads():
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_CHOICES], capture_output=True, text=True,
+        env=_layer_environment("workqueue"), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "{'parallel': 1, 'serial': 0}",
+        "{'parallel': 0, 'serial': 1}",
+        "{'parallel': 0, 'serial': 1}",
+    ]
+
+
+# How idle workers wait: sleeping, unless the user chose --------------------------------
+
+WAIT_POLICY = textwrap.dedent(
+    """
+    import os
+    import numpy as np
+    import nllloss
+
+    x = np.log(np.full((70_000, 4), 0.25, np.float32))
+    nllloss.nll_loss(x, np.arange(70_000) % 4, reduction="none")  # the pool starts
+    print("OMP_WAIT_POLICY" in os.environ)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "shown"),
+    [
+        ({}, "OMP_WAIT_POLICY = 'PASSIVE'"),
+        ({"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT = '1000'"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY = 'ACTIVE'"),
+    ],
+)
+def test_openmp_workers_sleep_unless_the_user_chose(user, shown):
+    """GNU OpenMP shows the policy it read at load (OMP_DISPLAY_ENV): the library's
+    PASSIVE, or the user's own setting untouched; the environment is left as it was."""
+    if not _layer_loads("omp"):
+        pytest.skip("numba's OpenMP layer does not load here")
+    env = {**_layer_environment("omp"), "OMP_DISPLAY_ENV": "VERBOSE", **user}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        if name not in user:
+            env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", WAIT_POLICY], capture_output=True, text=True, env=env,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    if "GNU" not in _openmp_vendor(env):
+        pytest.skip("numba's OpenMP runtime here is not GNU's")
+    assert shown in done.stderr, done.stderr
+    assert done.stdout.split() == [str("OMP_WAIT_POLICY" in user)]
+
+
+def _openmp_vendor(env) -> str:
+    code = "import numba.np.ufunc.omppool as o; print(o.openmp_vendor)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    return done.stdout

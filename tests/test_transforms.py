@@ -22,6 +22,8 @@ loss, and that row's gradient -- while the other examples of the batch stay exac
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -487,3 +489,172 @@ def test_jax_out_of_range_target(option, reduction, rng):
         ours(jx[1], jbad[1])
     with pytest.raises(IndexError, match=match):
         jax.grad(lambda a: jax_scalar(ours(a, jbad[1])))(jx[1])
+
+
+# JAX: arrays closed over by the transformed function --------------------------------------
+
+CLOSED_OVER_CASES = [
+    pytest.param(kind, reduction, total, id=f"{kind}-{reduction}{'-total_weight' * total}")
+    for kind in ("indices", "probabilities")
+    for reduction in REDUCTIONS
+    for total in ((False, True) if reduction == "mean" else (False,))
+]
+
+
+def _jax_transforms_of(ours, jx):
+    """Every transform of ``ours`` (a function of the input alone, closing over the rest):
+    jit, grad, grad of jit, jit of grad, vmap and jit of vmap over three inputs."""
+    loss = jax.jit(ours)(jx[0])
+    gradient = jax.grad(lambda a: jax_scalar(ours(a)))
+    return [
+        loss,
+        gradient(jx[0]),
+        jax.grad(lambda a: jax_scalar(jax.jit(ours)(a)))(jx[0]),
+        jax.jit(gradient)(jx[0]),
+        jax.vmap(ours)(jx),
+        jax.jit(jax.vmap(ours))(jx),
+        jax.jit(jax.vmap(gradient))(jx),
+    ]
+
+
+def _torch_transforms_of(theirs, x):
+    """What ``_jax_transforms_of`` gives, from eager torch calls."""
+    gradient = grad(lambda a: scalar(theirs(a)))(x[0])
+    return [
+        theirs(x[0]),
+        gradient,
+        gradient,
+        gradient,
+        torch.stack([theirs(a) for a in x]),
+        torch.stack([theirs(a) for a in x]),
+        torch.stack([grad(lambda a: scalar(theirs(a)))(a) for a in x]),
+    ]
+
+
+@pytest.mark.parametrize("from_logits", [False, True], ids=["log_probs", "from_logits"])
+@pytest.mark.parametrize(("kind", "reduction", "total"), CLOSED_OVER_CASES)
+def test_jax_closed_over_target_weight_and_total_weight(kind, reduction, total, from_logits, rng):
+    """A target, weight and total_weight held as concrete arrays by a jitted function
+    (inside jit every operation on them is traced, so no branch may read their values):
+    nll_loss, nll_loss_backward and nll_loss_and_grad under jit, grad, vmap and their
+    compositions, against eager torch."""
+    x, t, w = batch(rng, "rows")
+    if kind == "indices":
+        target = t[0]
+    else:
+        target = torch.softmax(torch.from_numpy(rng.standard_normal((4, CLASSES))).float(), 1)
+    jx, jt, jw = (jnp.asarray(a.numpy()) for a in (x, target, w))
+    options = {"reduction": reduction, "from_logits": from_logits}
+    jax_options = dict(options)
+    if total:
+        options["total_weight"] = 7.5
+        jax_options["total_weight"] = jnp.asarray(7.5, jnp.float32)
+    if kind == "indices":
+        theirs = functools.partial(torch_loss, target=target, weight=w, **options)
+    else:
+        theirs = functools.partial(_torch_probability_loss, p=target, weight=w, **options)
+
+    def ours(a):
+        return nllloss.nll_loss(a, jt, jw, **jax_options)
+
+    actual = _jax_transforms_of(ours, jx)
+    for a, e in zip(actual, _torch_transforms_of(theirs, x), strict=True):
+        close_jax(a, e)
+
+    upstream = jnp.linspace(0.5, 1.5, actual[0].size, dtype=jnp.float32).reshape(actual[0].shape)
+    torch_x = x[0].clone().requires_grad_()
+    expected_loss = theirs(torch_x)
+    expected_loss.backward(torch.from_numpy(np.array(upstream)))
+    backward = jax.jit(lambda a: nllloss.nll_loss_backward(upstream, a, jt, jw, **jax_options))
+    close_jax(backward(jx[0]), torch_x.grad)
+    both = jax.jit(
+        lambda a: nllloss.nll_loss_and_grad(a, jt, jw, grad_output=upstream, **jax_options)
+    )
+    loss, gradient = both(jx[0])
+    close_jax(loss, expected_loss.detach())
+    close_jax(gradient, torch_x.grad)
+
+
+def _torch_probability_loss(
+    input, p, weight, reduction, from_logits, total_weight=None
+):  # fmt: skip
+    """torch's loss of probability targets: cross_entropy's from logits; on
+    log-probabilities (or divided by total_weight) cross_entropy's formula, -sum w p x."""
+    if from_logits and total_weight is None:
+        return F.cross_entropy(input, p, weight=weight, reduction=reduction)
+    log_probs = torch.log_softmax(input, 1) if from_logits else input
+    losses = -(log_probs * p * weight).sum(1)
+    if reduction == "none":
+        return losses
+    if total_weight is not None:
+        return losses.sum() / total_weight
+    return losses.sum() if reduction == "sum" else losses.sum() / losses.numel()
+
+
+def test_jax_total_weight_of_closed_over_arrays(rng):
+    _, t, w = batch(rng, "rows")
+    jt, jw = jnp.asarray(t[0].numpy()), jnp.asarray(w.numpy())
+    valid = t[0] != IGNORE
+    expected = w[t[0][valid]].sum()
+    close_jax(jax.jit(lambda: nllloss.total_weight(jt, jw))(), expected)
+    close_jax(jax.jit(lambda weight: nllloss.total_weight(jt, weight))(jw), expected)
+    close_jax(jax.jit(lambda: nllloss.total_weight(jt))(), valid.sum())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_linear_cross_entropy_closed_over_and_grad_of_jit(reduction, rng):
+    """The loss from hidden states with a closed-over target and class weight under jit,
+    jax.grad of a jitted call (its custom_vjp once closed over the jit's tracers) and
+    linear_cross_entropy_and_grad, against torch's cross_entropy(linear(h, W), t)."""
+    h = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    layer = rng.standard_normal((CLASSES, 4)).astype(np.float32)
+    t = rng.integers(0, CLASSES, 6)
+    t[1] = IGNORE
+    w = rng.uniform(0.2, 2.0, CLASSES).astype(np.float32)
+    jh, jlayer, jt, jw = map(jnp.asarray, (h, layer, t, w))
+    th, tlayer, tt, tw = map(torch.from_numpy, (h, layer, t, w))
+
+    def ours(a, b):
+        return nllloss.linear_cross_entropy(a, b, jt, weight=jw, reduction=reduction)
+
+    def theirs(a, b):
+        return F.cross_entropy(a @ b.T, tt, weight=tw, reduction=reduction)
+
+    close_jax(jax.jit(lambda a: ours(a, jlayer))(jh[0]), theirs(th[0], tlayer))
+    close_jax(jax.vmap(lambda a: ours(a, jlayer))(jh), torch.stack([theirs(a, tlayer) for a in th]))
+    expected = grad(lambda a, b: scalar(theirs(a, b)), argnums=(0, 1))(th[0], tlayer)
+    jitted = jax.jit(ours)
+    close_jax(jitted(jh[0], jlayer), theirs(th[0], tlayer))
+    gradient_of_jit = jax.grad(lambda a, b: jax_scalar(jitted(a, b)), argnums=(0, 1))
+    jit_of_gradient = jax.jit(jax.grad(lambda a, b: jax_scalar(ours(a, b)), argnums=(0, 1)))
+    for gradients in (gradient_of_jit(jh[0], jlayer), jit_of_gradient(jh[0], jlayer)):
+        for a, e in zip(gradients, expected, strict=True):
+            close_jax(a, e)
+
+    # the loss and gradients in one call (its blocks' gradients once written in place)
+    upstream = jnp.linspace(0.5, 1.5, 6, dtype=jnp.float32) if reduction == "none" else 1.0
+    both = jax.jit(
+        lambda a, b: nllloss.linear_cross_entropy_and_grad(
+            a, b, jt, weight=jw, reduction=reduction, grad_output=upstream
+        )
+    )(jh[0], jlayer)
+    close_jax(both[0], theirs(th[0], tlayer))
+    for a, e in zip(both[1:3], expected, strict=True):
+        close_jax(a, e)
+
+    # every argument traced, as jax.grad(jax.jit(linear_cross_entropy))(h, W, t) is called
+    whole = jax.grad(jax.jit(nllloss.linear_cross_entropy), argnums=(0, 1))(jh[0], jlayer, jt)
+    unweighted = grad(lambda a, b: F.cross_entropy(a @ b.T, tt), argnums=(0, 1))(th[0], tlayer)
+    for a, e in zip(whole, unweighted, strict=True):
+        close_jax(a, e)
+
+
+def test_jax_closed_over_out_of_range_target_is_nan_under_jit(rng):
+    """A bad target closed over by a jitted function cannot raise there: NaN, as for a
+    traced one, in nll_loss, total_weight and the loss from hidden states."""
+    x, bad, _, w = bad_batch(rng, "rows", CLASSES)
+    jx, jbad, jw = jnp.asarray(x[1].numpy()), jnp.asarray(bad[1].numpy()), jnp.asarray(w.numpy())
+    assert np.isnan(jax.jit(lambda a: nllloss.nll_loss(a, jbad, from_logits=True))(jx))
+    assert np.isnan(jax.jit(lambda: nllloss.total_weight(jbad, jw))())
+    layer = jnp.asarray(rng.standard_normal((CLASSES, CLASSES)).astype(np.float32))
+    assert np.isnan(jax.jit(lambda a: nllloss.linear_cross_entropy(a, layer, jbad))(jx))

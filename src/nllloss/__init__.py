@@ -5,7 +5,7 @@
 array(1.)
 """
 
-from ._cpu import set_num_threads
+from ._cpu._threads import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
 from ._validate import FallbackWarning
@@ -25,7 +25,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Framework submodules load on first attribute access, so `import nllloss` imports none.
-_FRAMEWORK_MODULES = ("torch", "paddle", "distributed")
+_FRAMEWORK_MODULES = ("torch", "paddle", "distributed", "transformers")
 
 
 def __getattr__(name: str):

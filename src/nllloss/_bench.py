@@ -89,12 +89,19 @@ class Timing:
             return {"error": self.error}
         return {
             "median_ms": 1e3 * statistics.median(self.runs),
+            "p10_ms": 1e3 * _percentile(self.runs, 10),
+            "p90_ms": 1e3 * _percentile(self.runs, 90),
             "min_ms": 1e3 * min(self.runs),
             "max_ms": 1e3 * max(self.runs),
             "runs": len(self.runs),
             "calls_per_run": self.calls_per_run,
             "runs_ms": [round(1e3 * r, 6) for r in self.runs],  # in the order they ran
         }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated (NumPy's default)."""
+    return float(np.percentile(values, q))
 
 
 # --------------------------------------------------------------------------- timing
@@ -188,6 +195,93 @@ def race(
     return timings, first
 
 
+# The tail-latency goal: over consecutive calls, p90 at most this much over the median...
+TAIL_P90_OVER_MEDIAN = 1.25
+# ...and no call over this multiple of the median.
+TAIL_MAX_OVER_MEDIAN = 3.0
+
+
+def tail_latency(c: Competitor, calls: int) -> dict[str, Any]:
+    """``calls`` consecutive calls of a warm competitor, each timed: what a training loop
+    sees, where one slow call in ten is a slow step in ten (the races' runs average many
+    calls and hide it). Percentiles, the worst call, and how many calls took more than
+    ``TAIL_MAX_OVER_MEDIAN`` times the median."""
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        times = [_timed_call(c)[0] for _ in range(calls)]
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    median = statistics.median(times)
+    return {
+        "calls": calls,
+        "p10_ms": 1e3 * _percentile(times, 10),
+        "median_ms": 1e3 * median,
+        "p90_ms": 1e3 * _percentile(times, 90),
+        "max_ms": 1e3 * max(times),
+        "p90_over_median": _percentile(times, 90) / median,
+        "max_over_median": max(times) / median,
+        "over_3x_median": sum(t > TAIL_MAX_OVER_MEDIAN * median for t in times),
+        "calls_ms": [round(1e3 * t, 4) for t in times],  # in the order they ran
+    }
+
+
+_SPIN = "while True:\n    pass\n"
+
+
+class BusyMachine:
+    """One competing process that keeps a core busy while the benchmark runs (a context
+    manager): the benchmark's "busy machine", as a DataLoader worker or another job makes
+    it. Without ``enabled``, nothing is started."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> BusyMachine:
+        if self.enabled:
+            self._process = subprocess.Popen([sys.executable, "-c", _SPIN])
+            time.sleep(0.2)  # started and spinning before the first timing
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def describe(self) -> str:
+        return (
+            "busy: one competing process spins on a core for the whole run"
+            if self.enabled
+            else "quiet: no competing process started by the benchmark"
+        )
+
+
+def write_results(prefix: Path, report: dict[str, Any], text: str) -> list[Path]:
+    """Write ``prefix.md`` and ``prefix.json`` (the latest results), and the same two under
+    ``history/`` beside them, named after the date and the revision, so that earlier runs
+    are kept. Returns the paths written."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    env = report.get("environment", {})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    revision = (env.get("git_revision") or "unknown").replace("+", "-")
+    name = prefix.name.removesuffix("-latest")
+    dated = prefix.parent / "history" / f"{name}-{stamp}-{revision}"
+    dated.parent.mkdir(exist_ok=True)
+    written = []
+    for target in (prefix, dated):
+        md, js = target.with_name(target.name + ".md"), target.with_name(target.name + ".json")
+        md.write_text(text, encoding="utf-8")
+        js.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+        written += [md, js]
+    return written
+
+
 class CpuMeter:
     """CPU time the rest of the machine used while we timed: the noise we could not avoid.
 
@@ -254,15 +348,37 @@ def _grad_output(t: np.ndarray, dtype: np.dtype, reduction: str) -> Any:
     return np.ones(t.shape, dtype=dtype) if reduction == "none" else 1.0
 
 
+def _one_thread(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` with nllloss's kernels on one thread (the process's count restored after)."""
+    from nllloss._cpu import _threads
+
+    def run():
+        saved = _threads._requested
+        nllloss.set_num_threads(1)
+        try:
+            return call()
+        finally:
+            _threads._requested = saved
+
+    return run
+
+
+# The twin of nllloss's competitors that runs on one thread: the library must never be
+# slower than it (the busy-machine goal), which a same-race ratio shows.
+ONE_THREAD = "nllloss 1 thread"
+
+
 def _nllloss_competitors(x, t, reduction, go):
-    fwd = [Competitor("nllloss", lambda: nllloss.nll_loss(x, t, reduction=reduction))]
+    def forward():
+        return nllloss.nll_loss(x, t, reduction=reduction)
 
     def fwd_bwd():
         loss = nllloss.nll_loss(x, t, reduction=reduction)
         g = nllloss.nll_loss_backward(go, x, t, reduction=reduction)
         return loss, _read(g), g
 
-    fb = [Competitor("nllloss", fwd_bwd)]
+    fwd = [Competitor("nllloss", forward), Competitor(ONE_THREAD, _one_thread(forward))]
+    fb = [Competitor("nllloss", fwd_bwd), Competitor(ONE_THREAD, _one_thread(fwd_bwd))]
     if hasattr(nllloss, "nll_loss_and_grad"):
 
         def and_grad():
@@ -406,7 +522,17 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-def run_case(shape, dtype, reduction, settings, modules, seed=0) -> dict[str, Any]:
+# f+b competitors whose consecutive calls are timed for the tail (--tail)
+TAIL_COMPETITORS = ("nllloss", ONE_THREAD, "torch")
+
+
+def _kernel_runs() -> dict[str, int]:
+    """Kernel calls so far by the twin that ran ({} without the compiled kernels)."""
+    threads = sys.modules.get("nllloss._cpu._threads")
+    return dict(threads.runs) if threads is not None else {}
+
+
+def run_case(shape, dtype, reduction, settings, modules, seed=0, tail_calls=0) -> dict[str, Any]:
     torch, jax = modules.get("torch"), modules.get("jax")
     x, t = make_data(shape, dtype, seed)
     go = _grad_output(t, x.dtype, reduction)
@@ -430,8 +556,16 @@ def run_case(shape, dtype, reduction, settings, modules, seed=0) -> dict[str, An
     fb.append(_floor_competitor(x))
 
     meter = CpuMeter()
+    runs_before = _kernel_runs()
     fwd_timings, fwd_first = race(fwd, settings, seed)
     fb_timings, fb_first = race(fb, settings, seed)
+    tail = {}
+    if tail_calls:
+        for c in fb:
+            if c.name in TAIL_COMPETITORS and not fb_timings[c.name].error:
+                tail[c.name] = tail_latency(c, tail_calls)
+    runs_after = _kernel_runs()
+    kernel_runs = {k: runs_after[k] - runs_before.get(k, 0) for k in runs_after}
     background = meter.share()
     checks = {
         "forward": _check(fwd_first, dtype),
@@ -453,6 +587,10 @@ def run_case(shape, dtype, reduction, settings, modules, seed=0) -> dict[str, An
         "forward_speedup_vs_torch": _ratio(med(fwd_timings, "torch"), med(fwd_timings, "nllloss")),
         "forward_backward_speedup_vs_torch": _ratio(med(fb_timings, "torch"), ours_fb),
         "forward_backward_over_floor": _ratio(ours_fb, floor),
+        "forward_over_one_thread": _ratio(
+            med(fwd_timings, "nllloss"), med(fwd_timings, ONE_THREAD)
+        ),
+        "forward_backward_over_one_thread": _ratio(ours_fb, med(fb_timings, ONE_THREAD)),
     }
     if "nllloss_and_grad" in fb_timings:
         and_grad = med(fb_timings, "nllloss_and_grad")
@@ -464,6 +602,8 @@ def run_case(shape, dtype, reduction, settings, modules, seed=0) -> dict[str, An
         "reduction": reduction,
         "input_bytes": int(x.nbytes),
         "background_cpu_share": background,
+        "kernel_runs": kernel_runs,
+        "tail": tail,
         "timings": {
             "forward": {k: v.as_dict() for k, v in fwd_timings.items()},
             "forward_backward": {k: v.as_dict() for k, v in fb_timings.items()},
@@ -585,6 +725,15 @@ def _numba_threading_layer() -> str | None:
         return None
 
 
+def _kernel_wait_policy() -> str:
+    """How numba's idle workers wait: the user's setting, or the library's (``_threads``)."""
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    chosen = {k: os.environ[k] for k in names if k in os.environ}
+    if chosen:
+        return f"the user's {chosen}"
+    return "OMP_WAIT_POLICY=PASSIVE, set by nllloss for numba's pool only"
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -617,6 +766,7 @@ def environment(modules: dict[str, Any], requested_threads: int | None) -> dict[
         },
         "git_revision": _git_revision(),
         "numba_threading_layer": _numba_threading_layer(),
+        "kernel_wait_policy": _kernel_wait_policy(),
         "threads": {
             "requested": requested_threads,
             "torch": torch.get_num_threads() if torch is not None else None,
@@ -707,6 +857,11 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _share(runs: dict[str, int]) -> str:
+    total = runs.get("parallel", 0) + runs.get("serial", 0)
+    return f"{100 * runs['parallel'] / total:.0f}%" if total else "-"
+
+
 def _shape_label(shape) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -742,6 +897,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"numba {th['numba'] if th['numba'] is not None else 'n/a'} "
         f"(threading layer {env['numba_threading_layer'] or 'n/a'})"
         + (f"; environment {env['env']}" if env["env"] else ""),
+        f"- idle kernel threads: {env['kernel_wait_policy']}",
+        f"- load: {report['load']}",
         "- allocator: "
         + (
             "every allocation over 128 KiB gets fresh pages (--fresh-pages)"
@@ -755,8 +912,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Summary",
         "",
-        "Medians in ms; speed-up = torch / nllloss; other CPU = share of the machine's CPU time"
-        " that other processes used during the case.",
+        "Medians in ms; speed-up = torch / nllloss; `/ 1 thread` = nllloss / nllloss on one"
+        " thread (above 1: the threads cost time); threads = share of kernel calls that ran"
+        " on threads (the rest chose one thread, `_cpu._threads`); other CPU = share of the"
+        " machine's CPU time that other processes used during the case.",
         "",
     ]
     and_grad = any("nllloss_and_grad" in c["timings"]["forward_backward"] for c in report["cases"])
@@ -772,6 +931,9 @@ def markdown(report: dict[str, Any]) -> str:
         "f+b speed-up",
         "floor",
         "f+b / floor",
+        "fwd / 1 thread",
+        "f+b / 1 thread",
+        "threads",
     ]
     if and_grad:
         header += ["and_grad", "and_grad speed-up", "and_grad / floor"]
@@ -792,6 +954,9 @@ def markdown(report: dict[str, Any]) -> str:
             _x(r["forward_backward_speedup_vs_torch"]),
             _ms(_median_ms(c, fb, "floor")),
             _x(r["forward_backward_over_floor"]),
+            _x(r.get("forward_over_one_thread")),
+            _x(r.get("forward_backward_over_one_thread")),
+            _share(c.get("kernel_runs", {})),
         ]
         if and_grad:
             row += [
@@ -804,6 +969,38 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append(row)
     lines += _table(header, rows)
 
+    tails = [(c, name, t) for c in report["cases"] for name, t in c.get("tail", {}).items()]
+    if tails:
+        calls = next((t["calls"] for _, _, t in tails if "calls" in t), 0)
+        lines += [
+            "",
+            f"## Tail latency: {calls} consecutive forward+backward calls (ms)",
+            "",
+            f"Goal: p90 / median at most {TAIL_P90_OVER_MEDIAN}, and no call over "
+            f"{TAIL_MAX_OVER_MEDIAN:g}x the median (`> 3x`: how many were).",
+            "",
+        ]
+        rows = []
+        for c, name, t in tails:
+            prefix = [_shape_label(c["shape"]), c["dtype"], c["reduction"], name]
+            if "error" in t:
+                rows.append([*prefix, "error", "", "", "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    *prefix,
+                    _ms(t["p10_ms"]),
+                    _ms(t["median_ms"]),
+                    _ms(t["p90_ms"]),
+                    _ms(t["max_ms"]),
+                    _x(t["p90_over_median"]),
+                    _x(t["max_over_median"]),
+                    str(t["over_3x_median"]),
+                ]
+            )
+        header = ["shape", "dtype", "reduction", "impl", "p10", "median", "p90", "max"]
+        lines += _table([*header, "p90 / median", "max / median", "> 3x"], rows)
+
     lines += ["", "## All timings (ms per call)", ""]
     rows = []
     for c in report["cases"]:
@@ -811,18 +1008,21 @@ def markdown(report: dict[str, Any]) -> str:
             for name, t in c["timings"][op].items():
                 prefix = [_shape_label(c["shape"]), c["dtype"], c["reduction"], label, name]
                 if "error" in t:
-                    rows.append([*prefix, "error", "", "", ""])
+                    rows.append([*prefix, "error", "", "", "", "", ""])
                     continue
                 rows.append(
                     [
                         *prefix,
+                        _ms(t["p10_ms"]),
                         _ms(t["median_ms"]),
+                        _ms(t["p90_ms"]),
                         _ms(t["min_ms"]),
                         _ms(t["max_ms"]),
                         f"{t['runs']} x {t['calls_per_run']}",
                     ]
                 )
-    header = ["shape", "dtype", "reduction", "op", "impl", "median", "min", "max", "runs x calls"]
+    header = ["shape", "dtype", "reduction", "op", "impl", "p10", "median", "p90", "min", "max"]
+    header.append("runs x calls")
     lines += _table(header, rows)
 
     if report["first_call"]:
@@ -900,6 +1100,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="glibc: every allocation over 128 KiB gets fresh pages (steadier mid-size cases)",
     )
+    p.add_argument(
+        "--busy",
+        action="store_true",
+        help="start one competing process that keeps a core busy for the whole run",
+    )
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=60,
+        metavar="N",
+        help="time N consecutive forward+backward calls of nllloss (default threads and one "
+        "thread) and torch after each race, for the tail latency (default 60; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and run order")
     p.add_argument("--no-jax", action="store_true", help="leave jax out even if installed")
     p.add_argument("--no-numpy", action="store_true", help="leave the plain NumPy code out")
@@ -909,23 +1122,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Two thread pools share the cores here: torch's (Intel OpenMP, whose idle workers spin for
-# 200 ms after every parallel region) and numba's. Spinning workers steal cores from the
-# other pool: on 2 cores, (1048576, 10) forwards took 4.0 ms (nllloss) and 4.5 ms (torch)
-# interleaved with default spinning, 2.2 ms and 2.7 ms with KMP_BLOCKTIME=0. Each library is
-# timed without the other's lingering spin unless the caller set the variable; it must be
-# set before torch loads its OpenMP runtime. (OMP_WAIT_POLICY=PASSIVE would go further and
-# make every parallel region wake sleeping threads: 64x10 calls then cost 10x more.)
-QUIET_POOLS = {"KMP_BLOCKTIME": "0"}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if "torch" not in sys.modules:
-        for key, value in QUIET_POOLS.items():
-            os.environ.setdefault(key, value)
     if args.threads is not None and args.threads < 1:
         print("--threads must be at least 1", file=sys.stderr)
+        return 2
+    if args.tail < 0:
+        print("--tail must be 0 or more", file=sys.stderr)
         return 2
     settings = QUICK if args.quick else FULL
     shapes = args.shapes or [s for s in SHAPES if not (args.quick and s in QUICK_SKIPPED)]
@@ -946,23 +1149,30 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     load_at_start = _load_average()
     started = time.perf_counter()
-    for shape in shapes:
-        for dtype in args.dtype:
-            for reduction in args.reduction:
-                t0 = time.perf_counter()
-                print(f"bench: {_shape_label(shape)} {dtype} {reduction} ...", file=sys.stderr)
-                cases.append(run_case(shape, dtype, reduction, settings, modules, args.seed))
-                gc.collect()  # the case's arrays go before the next case allocates its own
-                print(f"bench:   {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    first_call = []
-    if not args.no_first_call:
-        print("bench: first call in fresh processes ...", file=sys.stderr)
-        first_call = first_call_latency(2)
+    busy = BusyMachine(args.busy)
+    with busy:
+        for shape in shapes:
+            for dtype in args.dtype:
+                for reduction in args.reduction:
+                    t0 = time.perf_counter()
+                    label = f"{_shape_label(shape)} {dtype} {reduction}"
+                    print(f"bench: {label} ...", file=sys.stderr)
+                    cases.append(
+                        run_case(shape, dtype, reduction, settings, modules, args.seed, args.tail)
+                    )
+                    gc.collect()  # the case's arrays go before the next case allocates its own
+                    print(f"bench:   {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        first_call = []
+        if not args.no_first_call:
+            print("bench: first call in fresh processes ...", file=sys.stderr)
+            first_call = first_call_latency(2)
 
     report = {
         "environment": environment(modules, args.threads),
         "load_average_at_start": load_at_start,
         "fresh_pages": fresh_pages,
+        "busy": args.busy,
+        "load": busy.describe(),
         "quick": args.quick,
         "settings": {
             "warmup": settings.warmup,
@@ -979,8 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cpu-latest.md").write_text(text, encoding="utf-8")
-        (args.out / "cpu-latest.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
-        print(f"bench: wrote {args.out / 'cpu-latest.md'} and cpu-latest.json", file=sys.stderr)
+        prefix = args.out / ("cpu-busy-latest" if args.busy else "cpu-latest")
+        written = write_results(prefix, report, text)
+        print("bench: wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ a torch tensor arrives.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -112,12 +113,17 @@ def _as_dask(result):
 
 def as_array(obj: Any, name: str) -> Any:
     """Arrays pass through; Python scalars and sequences become NumPy arrays."""
-    if type(obj) in _BACKENDS:  # an array type already routed (asking array-api-compat
-        return obj  # costs a fifth of a small torch call)
+    # An array type already routed is known without asking array-api-compat (which costs
+    # a fifth of a small torch call).
+    routed = _BACKENDS.get(type(obj))
+    if routed is not None:
+        return _sizes_known(obj) if isinstance(routed, _DaskBackend) else obj
     if isinstance(obj, np.ndarray):
         if type(obj) is not np.ndarray:
             _validate.check_array_type(obj, name)
         return obj
+    if array_api_compat.is_dask_array(obj):
+        return _sizes_known(obj)
     if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic):
         return obj  # another library's array: its backend decides (or refuses it)
     array = np.asarray(obj)
@@ -138,6 +144,8 @@ def like_input(backend, obj: Any, input: Any, name: str, sequence_dtype: Any = N
         if sequence_dtype is not None and not hasattr(obj, "dtype"):
             return array.astype(sequence_dtype)
         return array
+    if isinstance(backend, _DaskBackend) and array_api_compat.is_dask_array(obj):
+        return _sizes_known(obj)
     if type(obj) is type(input) and _same_device(obj, input):
         return obj  # the common case, decided without asking array-api-compat
     if array_api_compat.is_array_api_obj(obj) and not isinstance(obj, (np.ndarray, np.generic)):
@@ -160,6 +168,23 @@ def like_input(backend, obj: Any, input: Any, name: str, sequence_dtype: Any = N
     values = as_array(obj, name)
     dtype = sequence_dtype if not hasattr(obj, "dtype") else None
     return backend.xp.asarray(values, dtype=dtype, device=array_api_compat.device(input))
+
+
+def _sizes_known(array: Any) -> Any:
+    """A Dask array with every chunk's size known and no chunk without an element.
+
+    Sizes are unknown (NaN) after boolean indexing or another selection that depends on
+    values, and every shape rule of the loss needs them: they are computed, which runs
+    the array's graph once more (Dask's own ``compute_chunk_sizes``, called on a copy: it
+    works in place, and the caller's array keeps its own). Such selections also leave
+    empty chunks, on which Dask's ``max`` fails (the log-softmax's, Dask 2026.11): those
+    are merged away. Other arrays are returned as they are."""
+    if any(math.isnan(size) for size in array.shape):
+        array = array.copy()  # a new Array object over the same graph
+        array.compute_chunk_sizes()
+    if any(0 in sizes and len(sizes) > 1 for sizes in array.chunks):
+        array = array.rechunk(tuple(tuple(s for s in sizes if s) or (0,) for sizes in array.chunks))
+    return array
 
 
 def _same_device(a: Any, b: Any) -> bool:

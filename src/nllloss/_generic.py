@@ -125,7 +125,9 @@ def checked_valid(xp, target, layout: Layout, ignore_index: int):
     """(target != ignore_index, out-of-range targets or None).
 
     Readable arrays raise the IndexError for the first bad target; Dask raises it when
-    computed; arrays whose values are hidden otherwise return where the bad targets are."""
+    computed; arrays whose values are hidden otherwise return where the bad targets are.
+    Whether they are hidden is asked of the computed mask, not of the target: inside
+    ``jax.jit`` a target closed over as a concrete array gives a traced mask too."""
     if array_api_compat.is_dask_array(target):
         # Lazy: the mask is computed by a task that raises the IndexError, so that every
         # result depends on the check (a mask that does not read the target, as for an
@@ -140,7 +142,7 @@ def checked_valid(xp, target, layout: Layout, ignore_index: int):
         return valid, None
     valid = compare(xp, target, "!=", ignore_index)
     bad = valid & (compare(xp, target, "<", 0) | compare(xp, target, ">=", layout.classes))
-    if values_hidden(target):
+    if values_hidden(bad):
         return valid, bad
     raise_first_bad(xp, target, bad, layout, ignore_index)
     return valid, None

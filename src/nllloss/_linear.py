@@ -241,8 +241,11 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
         if grads is None:
             losses.append(linear.backend.forward(block))
             continue
+        # The gradient over the logits where they live in the algebra's own buffer; arrays
+        # of the functional algebra may be immutable (JAX)
+        in_buffer = block.input if buffer is not None else None
         loss, grad = linear.backend.forward_backward(
-            block, linear.upstream_rows(upstream, rows), out=block.input
+            block, linear.upstream_rows(upstream, rows), out=in_buffer
         )
         losses.append(loss)
         grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
@@ -560,7 +563,8 @@ def linear_cross_entropy_and_grad(
     out : tuple of three arrays or None, optional
         NumPy only: ``(d_input, d_linear_weight, d_linear_bias)``, each None or a
         writeable C-contiguous array of its argument's shape and dtype, to write the
-        gradient into (``d_input`` may be ``input`` itself, read before it is written).
+        gradient into (``d_input`` may be ``input`` itself, read before it is written;
+        any other overlap between them or with an argument is a ``ValueError``).
 
     Returns
     -------
@@ -593,9 +597,22 @@ def linear_cross_entropy_and_grad(
     _validate.check_grad_output_dtype(upstream.dtype)
     _validate.check_grad_output_shape(upstream.shape, problem.loss_shape)
     upstream = xp.broadcast_to(upstream, problem.loss_shape) if problem.elementwise else upstream
-    arguments = (linear.input, linear.linear_weight, linear.linear_bias)
     if out is not None:
-        _validate.check_linear_out(out, arguments, upstream)
+        outs = _validate.check_linear_out(
+            out, (linear.input, linear.linear_weight, linear.linear_bias)
+        )
+        reads = [
+            ("input", input), ("linear_weight", linear_weight), ("target", target),
+            ("linear_bias", linear_bias), ("weight", weight), ("total_weight", total_weight),
+            ("grad_output", grad_output),  # as given
+            ("input", linear.input), ("linear_weight", linear.linear_weight),
+            ("linear_bias", linear.linear_bias), ("target", problem.target),
+            ("weight", problem.weight), ("total_weight", problem.total_weight),
+            ("grad_output", upstream),  # as used
+        ]  # fmt: skip
+        # d_input may be the input itself: each block of rows is read before its gradient
+        # is written; the weights are read until the last block
+        _validate.check_out_buffers(outs, reads, in_place={("out's d_input", "input")})
     else:
         out = (None, None, None)
     wants = (True, True, linear.bias is not None)

@@ -21,22 +21,36 @@ from . import _linear
 
 
 def loss(linear: _linear.Linear):
-    """The loss, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and bias."""
+    """The loss, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and bias.
+
+    Every array the blocks read is an argument of the ``custom_vjp`` function, the target,
+    class weight and denominator too (with no cotangent): a function under ``jax.grad``
+    of ``jax.jit`` may not close over the jit's traced arrays.
+    """
 
     @jax.custom_vjp
-    def blocks(hidden, weight, bias):
-        return _blocks(dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias))[0]
+    def blocks(hidden, weight, bias, constants):
+        return _blocks(_rebuilt(linear, hidden, weight, bias, constants))[0]
 
-    def forward(hidden, weight, bias):
-        return blocks(hidden, weight, bias), (hidden, weight, bias)
+    def forward(hidden, weight, bias, constants):
+        return blocks(hidden, weight, bias, constants), (hidden, weight, bias, constants)
 
     def backward(saved, upstream):
-        hidden, weight, bias = saved
-        again = dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias)
-        return _blocks(again, upstream)[1:]
+        return (*_blocks(_rebuilt(linear, *saved), upstream)[1:], None)
 
     blocks.defvjp(forward, backward)
-    return blocks(linear.hidden, linear.weight, linear.bias).astype(linear.input.dtype)
+    problem = linear.problem
+    constants = (problem.target, problem.weight, linear.denominator)
+    return blocks(linear.hidden, linear.weight, linear.bias, constants).astype(linear.input.dtype)
+
+
+def _rebuilt(linear: _linear.Linear, hidden, weight, bias, constants) -> _linear.Linear:
+    """``linear`` with the arrays the ``custom_vjp`` function was given."""
+    target, class_weight, denominator = constants
+    problem = linear.problem.replace(target=target, weight=class_weight)
+    return dataclasses.replace(
+        linear, problem=problem, hidden=hidden, weight=weight, bias=bias, denominator=denominator
+    )
 
 
 def _blocks(linear: _linear.Linear, upstream=None):

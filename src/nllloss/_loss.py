@@ -234,7 +234,8 @@ def nll_loss_backward(
         As in :func:`nll_loss`.
     out : array, optional
         NumPy only: a C-contiguous array of the input's shape and dtype to write the
-        gradient into (it may be ``input`` itself, which is then overwritten); returned.
+        gradient into (it may be ``input`` itself, which is then overwritten, but share
+        no memory with any other argument: a ``ValueError``); returned.
 
     Returns
     -------
@@ -336,11 +337,22 @@ def _with_gradient(
     input's backend ('backward' or 'forward_backward')."""
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER + 1)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
+    given_upstream = grad_output
     grad_output = like_input(backend, grad_output, problem.input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     _validate.check_grad_output_shape(grad_output.shape, problem.loss_shape)
     if out is not None:
-        _validate.check_out(out, problem.input, grad_output)
+        _validate.check_out(out, problem.input)
+        array_options = [f.name for f in _options.fields(problem.options) if f.array]
+        reads = [
+            ("input", input), ("target", target), ("weight", weight),
+            *((name, options.get(name)) for name in array_options),
+            ("grad_output", given_upstream),  # as given
+            ("input", problem.input), ("target", problem.target), ("weight", problem.weight),
+            *((name, getattr(problem.options, name)) for name in array_options),
+            ("grad_output", grad_output),  # as used
+        ]  # fmt: skip
+        _validate.check_out_buffers([("out", out)], reads, in_place={("out", "input")})
     return getattr(backend, method)(problem, grad_output, out)
 
 

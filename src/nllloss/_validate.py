@@ -21,6 +21,7 @@ import functools
 import math
 import operator
 import warnings
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -178,8 +179,9 @@ def check_target(target: Any, input_shape: tuple[int, ...], probabilities: bool 
                     "need an integer dtype)"
                 )
             return
-        # (1,) is also the class index of an unbatched input of one class
-        if target_shape == input_shape and target_shape != (1,):
+        # Unbatched, the shape is the ValueError's below, as torch's (whose message names
+        # the size); (1,) is also the class index of an unbatched input of one class.
+        if target_shape == input_shape and ndim > 1:
             raise TypeError(
                 f"a target of the input's shape {input_shape} holds class probabilities and "
                 f"must be floating, got dtype {target.dtype} (class indices have shape "
@@ -193,9 +195,14 @@ def check_target(target: Any, input_shape: tuple[int, ...], probabilities: bool 
                 if len(target_shape) == 1
                 else "0D or 1D target tensor expected"
             )
+            probabilities_hint = (
+                " (a target of the input's shape holds class probabilities and must be floating)"
+                if probabilities and target_shape == input_shape
+                else ""
+            )
             raise ValueError(
                 f"{detail}: an unbatched input of shape {input_shape} needs a target of shape () "
-                f"or (1,), got {target_shape}"
+                f"or (1,), got {target_shape}{probabilities_hint}"
             )
         return
 
@@ -359,40 +366,72 @@ def check_sequence(obj: Any, values: np.ndarray, name: str) -> None:
         )
 
 
-def check_out(out: Any, input: Any, grad_output: Any = None) -> None:
-    """``out=`` takes the gradient: a writeable, C-contiguous NumPy array like the input.
-
-    It may be the input itself (its values are read before it is written) but no other
-    view of the input's memory, and not of ``grad_output``'s: the gradient would be
-    written over values still to be read.
-    """
-    if not isinstance(input, np.ndarray):
+def check_out(out: Any, like: Any, name: str = "out", like_name: str = "input") -> None:
+    """An ``out=`` buffer takes a gradient: a writeable, C-contiguous NumPy array of the
+    shape and dtype of the array ``like`` it is the gradient of. (Overlaps are
+    ``check_out_buffers``'s.)"""
+    if not isinstance(like, np.ndarray):
         raise TypeError(
-            f"out= is supported for NumPy input only, got input of type {type(input).__name__}"
+            f"out= is supported for NumPy input only, got input of type {type(like).__name__}"
         )
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != input.shape or out.dtype != input.dtype:
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype:
         raise ValueError(
-            f"out must have the input's shape {input.shape} and dtype {input.dtype}, "
+            f"{name} must have the {like_name}'s shape {like.shape} and dtype {like.dtype}, "
             f"got shape {out.shape} and dtype {out.dtype}"
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out must be a writeable, C-contiguous array")
-    same_as_input = (
-        out.__array_interface__["data"][0] == input.__array_interface__["data"][0]
-        and out.strides == input.strides
+        raise ValueError(f"{name} must be a writeable, C-contiguous array")
+
+
+def check_out_buffers(
+    outs: list[tuple[str, Any]],
+    reads: list[tuple[str, Any]],
+    in_place: Container[tuple[str, str]] = (),
+) -> None:
+    """No ``out=`` buffer shares memory with another buffer or with an array the call reads.
+
+    ``outs`` and ``reads`` are ``(argument name, array)`` pairs (None skipped; a read
+    argument may appear twice, as given and as converted). A gradient written over values
+    still to be read -- the weight, a probability target, the upstream gradient, a row of
+    the input not yet visited, another gradient -- gives a wrong number, so every overlap
+    is refused, except that a buffer named with a read array in ``in_place`` may be that
+    array itself (the same address, shape, strides and dtype: the documented in-place
+    use, which reads each value before writing its gradient). ``np.shares_memory`` is
+    exact (not the bounds test of ``may_share_memory``): arrays that interleave without
+    touching, such as a bias stored in the row padding of the hidden states, are accepted.
+    """
+    outs = [(name, out) for name, out in outs if out is not None]
+    for i, (name, out) in enumerate(outs):
+        for other_name, other in outs[:i]:
+            if np.shares_memory(out, other):
+                raise ValueError(
+                    f"{other_name} and {name} overlap: each gradient needs an array of its own"
+                )
+        for read_name, read in reads:
+            if not isinstance(read, np.ndarray) or not np.shares_memory(out, read):
+                continue
+            if (name, read_name) in in_place and _same_memory(out, read):
+                continue
+            itself = (
+                f" (only {name}={read_name} itself is allowed)"
+                if (name, read_name) in in_place
+                else ""
+            )
+            raise ValueError(
+                f"{name} overlaps {read_name}'s memory: its gradient would be written over "
+                f"values still to be read{itself}; pass a separate array as {name}"
+            )
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype == b.dtype
     )
-    if not same_as_input and np.may_share_memory(out, input):
-        raise ValueError(
-            "out overlaps the input's memory without being the input itself: pass out=input "
-            "to overwrite the input, or a separate array"
-        )
-    if isinstance(grad_output, np.ndarray) and np.may_share_memory(out, grad_output):
-        raise ValueError(
-            "out overlaps grad_output's memory: the gradient would overwrite the upstream "
-            "gradient while it is read; pass a separate array"
-        )
 
 
 def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
@@ -470,10 +509,15 @@ def check_not_differentiable(name: str, requires_grad: bool) -> None:
         )
 
 
-def check_num_threads(n: Any, limit: int) -> int:
-    """A thread count for the compiled kernels: an int in ``[1, limit]``."""
+def check_num_threads(n: Any, limit: int | None) -> int:
+    """A thread count for the compiled kernels: an int in ``[1, limit]`` (``limit`` None:
+    1 or more, where numba, which fixes the limit, is not installed)."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, not {type(n).__name__}")
+    if limit is None:
+        if n < 1:
+            raise ValueError(f"n must be 1 or more, got {n}")
+        return int(n)
     if not 1 <= n <= limit:
         raise ValueError(
             f"n must be between 1 and NUMBA_NUM_THREADS={limit} (set that variable before "
@@ -603,26 +647,21 @@ def check_chunk_rows(chunk_rows: Any) -> int | None:
     return int(chunk_rows)
 
 
-def check_linear_out(out: Any, arrays: tuple, grad_output: Any) -> None:
+def check_linear_out(out: Any, arrays: tuple) -> list[tuple[str, Any]]:
     """``out=`` of ``linear_cross_entropy_and_grad``: three entries, each None or an array
-    for the gradient of (input, linear_weight, linear_bias) as ``check_out`` requires.
-    Only ``d_input`` may be its argument itself (each block of rows is read before its
-    gradient is written); the weights are read until the last block."""
+    for the gradient of (input, linear_weight, linear_bias) as ``check_out`` requires;
+    returned as ``(name, array)`` pairs for ``check_out_buffers``."""
     names = ("d_input", "d_linear_weight", "d_linear_bias")
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise TypeError(
             "out must be a tuple (d_input, d_linear_weight, d_linear_bias) of arrays or None, "
             f"got {type(out).__name__}"
         )
-    for name, given, like in zip(names, out, arrays, strict=True):
+    arguments = ("input", "linear_weight", "linear_bias")
+    for name, given, like, argument in zip(names, out, arrays, arguments, strict=True):
         if given is None:
             continue
         if like is None:
             raise ValueError(f"out gives {name} but there is no linear_bias")
-        try:
-            check_out(given, like, grad_output)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{name}: {error}") from None
-        others = [a for a in arrays if a is not None and (a is not like or name != "d_input")]
-        if any(np.may_share_memory(given, a) for a in others):
-            raise ValueError(f"out's {name} overlaps an argument that is still to be read")
+        check_out(given, like, f"out's {name}", argument)
+    return [(f"out's {name}", given) for name, given in zip(names, out, strict=True)]

@@ -8,11 +8,18 @@ of ``C`` scores ``z``. The model's probabilities are ``p = softmax(z)`` for logi
 float64 sums (:class:`CalibrationSums`); the figures come from their totals, so they do not
 depend on the blocks, nor on where they were computed, beyond rounding.
 
+Each element's figures (``FIGURES``: its rank, whether it is right, confidence, Brier term,
+and its NLL at ``β`` with three derivatives) come from one numba kernel
+(``_calibration_kernel``) where the compiled NumPy backend loads, else from
+:func:`numpy_figures`, their float64 NumPy definition; the blocks' sums are taken over them.
+
 The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Σ_c exp(β z_ic) - β z_iy]``
 of ``softmax(z / T)``, ``β = 1 / T``. ``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[z] -
-z_y)`` and ``f''(β) = mean_i Var_p(z) >= 0`` under ``p = softmax(β z)``. Newton's method runs
-on those sums (:class:`TemperatureSums`), first on a sample of rows held in memory
-(:func:`sample_elements`), then on the whole file, one streamed pass per step, until a step
+z_y)``, ``f''(β) = mean_i Var_p(z) >= 0`` and ``f'''(β)`` the mean third central moment, under
+``p = softmax(β z)``. The fit steps to the root nearest ``β`` of the slope's second-order
+expansion ``f' + f'' h + f''' h² / 2`` (:meth:`TemperatureSums.step`: the error of a step
+cubes, where Newton's squares), first on a sample of rows held in memory
+(:func:`sample_rows`), then on the whole file, one streamed pass per step, until a step
 moves ``β`` by less than ``TEMPERATURE_RTOL / 2`` of itself; the loss and ECE at ``T`` are
 those of the last pass.
 
@@ -29,6 +36,7 @@ Poisson(1) distribution function.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,20 +69,127 @@ class CalibrationOptions:
     beta: float = 1.0
 
 
-def elements(
-    x: np.ndarray, t: np.ndarray, ignore_index: int, classes: int, softcap: float | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The scores ``z`` (float64, one row per element), targets and positions in the target
-    array of the elements whose target is a class (not ``ignore_index``, not out of range:
-    the loss reports those)."""
-    z = np.moveaxis(np.asarray(x), 1, -1).reshape(-1, classes)
+def counted(t: np.ndarray, ignore_index: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (in the target array, C order) and classes of the elements whose target
+    is a class: not ``ignore_index``, not out of range (the loss reports those)."""
     y = np.asarray(t).reshape(-1)
-    keep = (y != ignore_index) & (y >= 0) & (y < classes)
-    position = np.flatnonzero(keep)
-    z = z[position].astype(np.float64)
-    if softcap is not None:  # the capped logits are the model's
-        z = softcap * np.tanh(z / softcap)
-    return z, y[position].astype(np.intp), position
+    position = np.flatnonzero((y != ignore_index) & (y >= 0) & (y < classes))
+    return position, y[position].astype(np.int64)
+
+
+def scores(rows: np.ndarray, position: np.ndarray, softcap: float | None) -> np.ndarray:
+    """The float64 scores ``z`` of the elements at ``position`` of ``rows`` (``(elements,
+    C)``), capped to ``softcap * tanh(z / softcap)``: the capped logits are the model's."""
+    z = rows[position].astype(np.float64)
+    return softcap * np.tanh(z / softcap) if softcap is not None else z
+
+
+# The figures of an element, the columns of the arrays that :func:`figures` returns:
+# the target's rank (classes scored higher, and equal ones of a lower index), whether the
+# top-1 class (np.argmax: the first maximum, or the first NaN) is the target, the model's
+# confidence and Brier term Σ_c (p_c - [c = y])²; at β: the NLL of softmax(β z), its first,
+# second and third derivatives in β (the cumulants of z under softmax(β z) less z_y for the
+# first), and the confidence 1 / Σ_c exp(β (z_c - max z)).
+FIGURES = (
+    "rank", "correct", "confidence", "brier",
+    "nll", "slope", "curvature", "third", "confidence_at_beta",
+)  # fmt: skip
+(RANK, CORRECT, CONFIDENCE, BRIER, NLL, SLOPE, CURVATURE, THIRD, CONFIDENCE_AT_BETA) = range(
+    len(FIGURES)
+)
+
+
+def numpy_figures(
+    z: np.ndarray, y: np.ndarray, beta: float, from_logits: bool, with_model: bool = True
+) -> np.ndarray:
+    """The figures (``FIGURES``) of the elements ``z`` (float64 rows of scores), targets
+    ``y``, in float64 NumPy: their definition. Without ``with_model``, the model's own
+    columns (confidence, Brier) are NaN."""
+    out = np.full((len(y), len(FIGURES)), np.nan)
+    if not len(y):
+        return out
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite scores
+        rows = np.arange(len(y))
+        at_target = z[rows, y]
+        higher = (z > at_target[:, None]).sum(axis=1)
+        tied_before = ((z == at_target[:, None]) & (np.arange(z.shape[1]) < y[:, None])).sum(axis=1)
+        out[:, RANK] = higher + tied_before
+        out[:, CORRECT] = np.argmax(z, axis=1) == y
+        top = z.max(axis=1)
+        shifted = z - top[:, None]  # <= 0: exp cannot overflow
+        if with_model:
+            exp_shifted = np.exp(shifted)
+            # log p = z - lse: lse = top + log Σ for logits, 0 for log-probabilities
+            lse = top + np.log(exp_shifted.sum(axis=1)) if from_logits else np.zeros(len(y))
+            out[:, CONFIDENCE] = np.exp(top - lse)
+            squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
+            out[:, BRIER] = squares - 2 * np.exp(at_target - lse) + 1
+        weights = np.exp(beta * shifted)
+        total = weights.sum(axis=1)
+        mean = (weights * shifted).sum(axis=1) / total
+        deviation = shifted - mean[:, None]
+        shifted_target = shifted[rows, y]
+        out[:, NLL] = np.log(total) - beta * shifted_target
+        out[:, SLOPE] = mean - shifted_target
+        out[:, CURVATURE] = (weights * deviation**2).sum(axis=1) / total
+        out[:, THIRD] = (weights * deviation**3).sum(axis=1) / total
+        out[:, CONFIDENCE_AT_BETA] = 1.0 / total
+    return out
+
+
+def compiled_kernel():
+    """The numba kernel module where the NumPy backend is the compiled one (``_cpu``),
+    else None: the figures are then :func:`numpy_figures`'."""
+    from .. import _cpu
+
+    if _cpu.load() is None or _cpu.backend() is not _cpu.load():
+        return None
+    from . import _calibration_kernel
+
+    return _calibration_kernel
+
+
+# Elements whose figures are computed at once: their figures take 4.5 MiB, whatever the
+# block (a block of few classes holds millions of elements).
+PIECE_ELEMENTS = 1 << 16
+
+
+def figures(
+    x: np.ndarray,
+    t: np.ndarray,
+    beta: float,
+    *,
+    ignore_index: int,
+    from_logits: bool,
+    softcap: float | None,
+    with_model: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(position, target, figures)`` of the counted elements (:func:`counted`) of the
+    predictions ``x`` ``(n, C, ...)`` and targets ``t``, ``PIECE_ELEMENTS`` at a time: by
+    the numba kernel (``_calibration_kernel``) where it loads, else :func:`numpy_figures`."""
+    x = np.asarray(x)
+    classes = x.shape[1]
+    position, y = counted(t, ignore_index, classes)
+    kernel = compiled_kernel()
+    if kernel is None:
+        rows = np.moveaxis(x, 1, -1).reshape(-1, classes)  # one row of C scores per element
+    else:
+        if x.dtype not in (np.float32, np.float64):  # 16-bit: widened exactly
+            x = x.astype(np.float32)
+        x3 = np.ascontiguousarray(x).reshape(x.shape[0], classes, math.prod(x.shape[2:]))
+        x3 = x3 if x3.dtype.isnative else x3.astype(x3.dtype.newbyteorder("="))
+    for start in range(0, max(len(y), 1), PIECE_ELEMENTS):
+        where, target = position[start : start + PIECE_ELEMENTS], y[start : start + PIECE_ELEMENTS]
+        if kernel is None:
+            z = scores(rows, where, softcap)
+            out = numpy_figures(z, target, beta, from_logits, with_model)
+        else:
+            out = np.full((len(target), len(FIGURES)), np.nan)
+            kernel.element_figures.run(  # threads or one thread, whichever pays
+                len(target) * classes, None,
+                x3, where, target, float(softcap or 0.0), from_logits, beta, with_model, out,
+            )  # fmt: skip
+        yield where, target, out
 
 
 def bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
@@ -93,6 +208,10 @@ class Bins:
     correct: np.ndarray
 
     @classmethod
+    def empty(cls, bins: int) -> Bins:
+        return cls(np.zeros(bins), np.zeros(bins), np.zeros(bins))
+
+    @classmethod
     def of(cls, confidence: np.ndarray, correct: np.ndarray, bins: int) -> Bins:
         index = bin_of(confidence, bins)
         return cls(
@@ -101,10 +220,11 @@ class Bins:
             np.bincount(index, correct, minlength=bins),
         )
 
-    def add(self, other: Bins) -> None:
+    def add(self, other: Bins) -> Bins:
         self.count += other.count
         self.confidence += other.confidence
         self.correct += other.correct
+        return self
 
     def errors(self) -> tuple[float, float]:
         """ECE (Σ_b n_b/n |acc_b - conf_b|) and MCE (the largest gap of a non-empty bin)."""
@@ -133,53 +253,69 @@ class Bins:
 
 @dataclass
 class TemperatureSums:
-    """At ``beta``: Σ of the NLL of ``softmax(beta z)``, its first and second derivatives in
-    ``beta``, over ``count`` elements, and the confidence bins of those probabilities."""
+    """At ``beta``: Σ of the NLL of ``softmax(beta z)`` and of its first, second and third
+    derivatives in ``beta``, over ``count`` elements, and the confidence bins of those
+    probabilities."""
 
     beta: float
     count: int
     nll: float
     slope: float
     curvature: float
+    third: float
     bins: Bins
+
+    @classmethod
+    def of(cls, figures: np.ndarray, beta: float, bins: int) -> TemperatureSums:
+        """The sums of the elements of ``figures`` (a :func:`figures` array)."""
+        nll, slope, curvature, third = figures[:, NLL : THIRD + 1].sum(axis=0)
+        return cls(
+            beta=beta,
+            count=len(figures),
+            nll=float(nll),
+            slope=float(slope),
+            curvature=float(curvature),
+            third=float(third),
+            bins=Bins.of(figures[:, CONFIDENCE_AT_BETA], figures[:, CORRECT], bins),
+        )
 
     def add(self, other: TemperatureSums) -> TemperatureSums:
         self.count += other.count
         self.nll += other.nll
         self.slope += other.slope
         self.curvature += other.curvature
+        self.third += other.third
         self.bins.add(other.bins)
         return self
 
-    def newton_step(self) -> float:
-        """The Newton step of ``beta`` (0 where the NLL is flat: all scores equal)."""
-        return self.slope / self.curvature if self.curvature > 0 else 0.0
+    def step(self) -> float:
+        """The step ``h`` to ``beta - h``: the root nearest 0 of the NLL's slope there to
+        second order, ``f' - f'' h + f''' h² / 2``, where it has one, else Newton's
+        ``f' / f''``; 0 where the NLL is flat (all scores equal)."""
+        if not self.curvature > 0:
+            return 0.0
+        discriminant = self.curvature**2 - 2 * self.slope * self.third
+        if not discriminant >= 0:
+            return self.slope / self.curvature
+        # 2 f' / (f'' + sqrt(..)): the root nearest 0, without cancellation
+        return 2 * self.slope / (self.curvature + math.sqrt(discriminant))
 
 
 def temperature_sums(
-    z: np.ndarray, y: np.ndarray, beta: float, bins: int, correct: np.ndarray | None = None
+    x: np.ndarray,
+    t: np.ndarray,
+    beta: float,
+    bins: int,
+    *,
+    ignore_index: int,
+    softcap: float | None,
 ) -> TemperatureSums:
-    """:class:`TemperatureSums` of the elements ``z`` (rows of scores), targets ``y``."""
-    rows = np.arange(len(y))
-    if correct is None:
-        correct = np.argmax(z, axis=1) == y if len(y) else np.zeros(0, bool)
-    if not len(y):
-        return TemperatureSums(beta, 0, 0.0, 0.0, 0.0, Bins.of(np.zeros(0), correct, bins))
-    shifted = z - z.max(axis=1, keepdims=True)  # <= 0: exp cannot overflow
-    weights = np.exp(beta * shifted)
-    total = weights.sum(axis=1)
-    mean = (weights * shifted).sum(axis=1) / total
-    variance = (weights * (shifted - mean[:, None]) ** 2).sum(axis=1) / total
-    at_target = shifted[rows, y]
-    nll = np.log(total) - beta * at_target
-    return TemperatureSums(
-        beta=beta,
-        count=len(y),
-        nll=float(nll.sum()),
-        slope=float((mean - at_target).sum()),
-        curvature=float(variance.sum()),
-        bins=Bins.of(1.0 / total, correct, bins),
-    )
+    """:class:`TemperatureSums` of the predictions ``x`` ``(n, C, ...)``, targets ``t``."""
+    total = TemperatureSums(beta, 0, 0.0, 0.0, 0.0, 0.0, Bins.empty(bins))
+    options = dict(ignore_index=ignore_index, from_logits=True, softcap=softcap)
+    for _, _, piece in figures(x, t, beta, **options, with_model=False):
+        total.add(TemperatureSums.of(piece, beta, bins))
+    return total
 
 
 @dataclass
@@ -223,51 +359,31 @@ def calibration_sums(
     """The sums of one block: predictions ``x`` ``(n, C, ...)``, targets ``t``, from row
     ``first_row``; ``losses`` and ``denominators`` (per target element, as the loss reduces
     them) are needed for the bootstrap only."""
-    classes = x.shape[1]
-    z, y, position = elements(x, t, ignore_index, classes, softcap)
-    rows = np.arange(len(y))
-    count = len(y)
-    if count:
-        top = z.max(axis=1)
-        shifted = z - top[:, None]
-        exp_shifted = np.exp(shifted)
-        total = exp_shifted.sum(axis=1)
-        # log p = z - lse: lse = top + log(total) for logits, 0 for log-probabilities
-        lse = top + np.log(total) if from_logits else np.zeros(count)
-        confidence = np.exp(top - lse)
-        p_target = np.exp(z[rows, y] - lse)
-        squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
-        brier = float((squares - 2 * p_target + 1).sum())
-        at_target = z[rows, y]
-        correct = np.argmax(z, axis=1) == y  # ties: the first index, as argmax
-        # the target's rank: classes scored higher, and equal ones of a lower index
-        higher = (z > at_target[:, None]).sum(axis=1)
-        tied_before = ((z == at_target[:, None]) & (np.arange(classes) < y[:, None])).sum(axis=1)
-        rank = higher + tied_before
-        top_k = np.array([np.count_nonzero(rank < k) for k in options.top_k], dtype=np.float64)
-    else:
-        confidence = np.zeros(0)
-        correct = np.zeros(0, bool)
-        brier, top_k = 0.0, np.zeros(len(options.top_k))
-    at_beta = temperature_sums(z, y, options.beta, options.bins, correct)
-    sums = CalibrationSums(
-        count=count,
-        correct=float(np.count_nonzero(correct)),
-        top_k=top_k,
-        brier=brier,
-        bins=Bins.of(confidence, correct, options.bins),
-        at_beta=at_beta,
+    total = None
+    pieces = figures(
+        x, t, options.beta, ignore_index=ignore_index, from_logits=from_logits, softcap=softcap
     )
-    if options.bootstrap:
-        elements_per_row = math.prod(t.shape[1:])
-        index = first_row * elements_per_row + position
-        per_element = (
-            np.asarray(losses, dtype=np.float64).reshape(-1)[position],
-            np.asarray(denominators, dtype=np.float64).reshape(-1)[position],
-            correct.astype(np.float64),
+    for position, _, piece in pieces:
+        confidence, correct = piece[:, CONFIDENCE], piece[:, CORRECT]
+        sums = CalibrationSums(
+            count=len(piece),
+            correct=float(correct.sum()),
+            top_k=np.array([np.count_nonzero(piece[:, RANK] < k) for k in options.top_k], float),
+            brier=float(piece[:, BRIER].sum()),
+            bins=Bins.of(confidence, correct, options.bins),
+            at_beta=TemperatureSums.of(piece, options.beta, options.bins),
         )
-        sums.resampled = _resampled(options, index, per_element, confidence)
-    return sums
+        if options.bootstrap:
+            elements_per_row = math.prod(t.shape[1:])
+            index = first_row * elements_per_row + position
+            per_element = (
+                np.asarray(losses, dtype=np.float64).reshape(-1)[position],
+                np.asarray(denominators, dtype=np.float64).reshape(-1)[position],
+                correct,
+            )
+            sums.resampled = _resampled(options, index, per_element, confidence)
+        total = sums if total is None else total.add(sums)
+    return total
 
 
 # SplitMix64's increment and output mix (Steele, Lea and Flood 2014; Vigna's splitmix64.c).
@@ -351,11 +467,12 @@ def intervals(resampled: np.ndarray, bins: int, mean_loss: bool) -> dict[str, li
 
 
 def newton(sums: TemperatureSums, sums_at, rtol: float, max_steps: int):
-    """Newton's method on β from ``sums`` (at its β); ``sums_at(beta)`` gives the sums at
-    another. Steps are kept within a factor 4 and β within the bounds of ``MAX_TEMPERATURE``.
-    Returns the last sums and whether a step fell under ``rtol / 2`` of β."""
+    """The fit's steps (:meth:`TemperatureSums.step`) on β from ``sums`` (at its β);
+    ``sums_at(beta)`` gives the sums at another. Steps are kept within a factor 4 and β
+    within the bounds of ``MAX_TEMPERATURE``. Returns the last sums and whether a step fell
+    under ``rtol / 2`` of β."""
     for _ in range(max_steps):
-        step = sums.newton_step()
+        step = sums.step()
         if abs(step) <= 0.5 * rtol * sums.beta:
             return sums, True
         beta = min(max(sums.beta - step, sums.beta / 4), sums.beta * 4)
@@ -363,7 +480,7 @@ def newton(sums: TemperatureSums, sums_at, rtol: float, max_steps: int):
         if beta == sums.beta:  # at a bound, still pushed beyond it
             return sums, False
         sums = sums_at(beta)
-    return sums, abs(sums.newton_step()) <= 0.5 * rtol * sums.beta
+    return sums, abs(sums.step()) <= 0.5 * rtol * sums.beta
 
 
 def sample_rows(rows: int, row_values: int) -> list[tuple[int, int]]:
@@ -409,30 +526,24 @@ def report(
     return section
 
 
-# Values of the sample taken at once by the fit's Newton steps (8 MiB of float64).
-PIECE_VALUES = 1 << 20
-
-
 def fit_on_sample(predictions, targets, ignore_index: int, softcap, bins: int) -> float:
     """β fitted (to float64 precision, within the bounds) on the rows of :func:`sample_rows`,
     read here; 1 where they hold no element."""
-    classes = predictions.shape[1]
     row_values = math.prod(predictions.shape[1:])
-    pieces = []
-    for start, stop in sample_rows(predictions.shape[0], row_values):
-        x, t = predictions.rows(start, stop), targets.rows(start, stop)
-        z, y, _ = elements(x, t, ignore_index, classes, softcap)
-        step = max(1, PIECE_VALUES // max(classes, 1))
-        pieces += [(z[i : i + step], y[i : i + step]) for i in range(0, len(y), step)]
-    if not pieces or not any(len(y) for _, y in pieces):
-        return 1.0
+    runs = [
+        (predictions.rows(start, stop), targets.rows(start, stop))
+        for start, stop in sample_rows(predictions.shape[0], row_values)
+    ]
 
     def sums_at(beta: float) -> TemperatureSums:
-        total = None
-        for z, y in pieces:
-            piece = temperature_sums(z, y, beta, bins)
-            total = piece if total is None else total.add(piece)
+        total = TemperatureSums(beta, 0, 0.0, 0.0, 0.0, 0.0, Bins.empty(bins))
+        for x, t in runs:
+            total.add(
+                temperature_sums(x, t, beta, bins, ignore_index=ignore_index, softcap=softcap)
+            )
         return total
 
-    sums, _ = newton(sums_at(1.0), sums_at, 1e-9, 100)
-    return sums.beta
+    start = sums_at(1.0)
+    if not start.count:
+        return 1.0
+    return newton(start, sums_at, 1e-9, 100)[0].beta

@@ -41,7 +41,6 @@ from ._calibration import (
     CalibrationSums,
     TemperatureSums,
     calibration_sums,
-    elements,
     fit_on_sample,
     newton,
     report,
@@ -237,9 +236,15 @@ def default_chunk_rows(predictions: Source) -> int:
 def temperature_block(x: np.ndarray, t: np.ndarray, first_row: int, options: Options):
     """The :class:`TemperatureSums` of one block at ``options.calibration.beta``."""
     x = np.asarray(x).astype(compute_dtype(x.dtype), copy=False)
-    z, y, _ = elements(x, t, options.ignore_index, options.classes, options.softcap)
     calibration = options.calibration
-    return temperature_sums(z, y, calibration.beta, calibration.bins)
+    return temperature_sums(
+        x,
+        t,
+        calibration.beta,
+        calibration.bins,
+        ignore_index=options.ignore_index,
+        softcap=options.softcap,
+    )
 
 
 def stream(

@@ -194,14 +194,11 @@ def _no_weight(dtype):
     return empty
 
 
-# Below this many elements written or gathered, kernels run serially: a parallel region
-# costs ~10 us to start here (more when idle workers sleep), as much as ~10**5 elements.
-PARALLEL_MIN = 1 << 16
-
-
-def _sized(kernel, work: int):
-    """The parallel kernel for large work, its serial twin for small."""
-    return kernel if work >= PARALLEL_MIN else kernel.serial
+def _sized(kernel, work: int, variant=None):
+    """The kernel for ``work`` elements: each call runs the twin (threads or one thread)
+    that has been faster lately for work of this size and ``variant`` (what else changes
+    the cost per element; ``_threads.Guarded.run``)."""
+    return functools.partial(kernel.run, work, variant)
 
 
 @_generic.IEEE_RESULTS  # 16-bit results overflow to inf, as torch's
@@ -234,7 +231,7 @@ def forward(problem: Problem):
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
-        count, first_bad = kernels.block_sums(
+        count, first_bad = _sized(kernels.block_sums, size)(
             x3, t2, problem.ignore_index, weight, table, step, sums
         )
         _raise_if_bad(first_bad, problem)
@@ -331,11 +328,11 @@ def backward(problem: Problem, grad_output, out=None):
             values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
                 values = (values * upstream).astype(native)
-            _sized(kernels.write_gradient, grad.size)(
+            _sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, bits(no_values), bits(values), bits(grad), zeroed
             )
         else:
-            _sized(kernels.write_gradient, grad.size)(
+            _sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, negated, upstream, grad, zeroed
             )
         return _result(grad, x, out)
@@ -354,7 +351,7 @@ def backward(problem: Problem, grad_output, out=None):
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
         class_values = (weight * step if weight.size else np.full(1, step)).astype(native)
-    _sized(kernels.write_gradient, grad.size)(
+    _sized(kernels.write_gradient, grad.size, zeroed)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad), zeroed
     )
     return _result(grad, x, out)
@@ -452,7 +449,8 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     def run(block: slice, grad_rows):
         """The kernel on a block of rows (elements ``block`` of the batch axis)."""
         cells = slice(block.start * spatial, block.stop * spatial)
-        _sized(kernel, (block.stop - block.start) * layout.classes * spatial)(
+        work = (block.stop - block.start) * layout.classes * spatial
+        _sized(kernel, work, grad_rows.size > 0)(
             inputs[block], targets[block], probabilities[block], ignore_index,
             weight, weight_sum, table, problem.from_logits, bool(smoothing), problem.z_loss,
             problem.softcap or 0.0, upstream if upstream.size == 1 else upstream[cells],
@@ -536,16 +534,6 @@ def _weight_total(kernels, t2, ignore_index, weight):
         return weight.dtype.type(0)
     hit = np.where(valid, weight[np.where(valid, t2, 0)], weight.dtype.type(0)).reshape(-1)
     return kernels.cascade_sum(hit, valid.reshape(-1).view(np.uint8))
-
-
-def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in the compiled kernels (at most ``NUMBA_NUM_THREADS``, the default).
-
-    Results do not depend on it: the kernels' summation order is fixed.
-    """
-    import numba
-
-    numba.set_num_threads(_validate.check_num_threads(n, numba.config.NUMBA_NUM_THREADS))
 
 
 # The engine of these kernels, as NumpyBackend.engine names it.

@@ -35,10 +35,10 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 def _parallel_and_serial(function=None, **options):
     """The kernel with prange over threads, and its serial twin (same source) as ``.serial``.
 
-    Starting a parallel region costs microseconds with busy-waiting workers and far more
-    when they sleep, so small work runs serially (see ``_cpu.PARALLEL_MIN``). Where the
-    parallel kernel is unsafe (a forked child, another thread in a parallel kernel), calling
-    it runs the twin (``_threads``). ``options`` (keywords only) replace numba's, e.g.
+    Called through ``run(work, ...)``, the kernel runs the twin that has lately been faster
+    for work of that size (``_threads``: threads do not pay for small work, nor on a busy
+    machine). Where the parallel kernel is unsafe (a forked child, another thread in a
+    parallel kernel), the twin runs too. ``options`` (keywords only) replace numba's, e.g.
     ``fastmath``.
     """
     if function is None:
