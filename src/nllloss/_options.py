@@ -163,7 +163,6 @@ def names() -> tuple[str, ...]:
 
 
 _NAMES = tuple(_DEFAULTS)
-_READ_ALL = operator.itemgetter(*_NAMES)
 
 
 def given(arguments: dict) -> dict:
@@ -192,9 +191,10 @@ _DEFAULT_VALUES = tuple(_DEFAULTS.values())
 def untouched(arguments: dict) -> bool:
     """Whether every option among the ``arguments`` (the ``locals()``) of a function that
     takes them all is its declared default, the very object of the signature (an explicit
-    ``0.0`` takes the full path): the quick path's guard, one read, cheaper than a check.
-    A function without one of the options raises ``KeyError``."""
-    return all(map(operator.is_, _READ_ALL(arguments), _DEFAULT_VALUES))
+    ``0.0`` takes the full path): the quick path's guard, cheaper than a check (and
+    traceable by torch.compile, which ``operator.itemgetter`` is not). A function without
+    one of the options raises ``KeyError``."""
+    return all(map(operator.is_, map(arguments.__getitem__, _NAMES), _DEFAULT_VALUES))
 
 
 def keywords(function):
