@@ -22,7 +22,6 @@ signatures (``_api``, ``_linear``) with its documentation.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -188,13 +187,19 @@ def checked(values: dict, reduction: str | None = None, to_array=None) -> Option
 _DEFAULT_VALUES = tuple(_DEFAULTS.values())
 
 
-def untouched(arguments: dict) -> bool:
-    """Whether every option among the ``arguments`` (the ``locals()``) of a function that
-    takes them all is its declared default, the very object of the signature (an explicit
-    ``0.0`` takes the full path): the quick path's guard, cheaper than a check (and
-    traceable by torch.compile, which ``operator.itemgetter`` is not). A function without
-    one of the options raises ``KeyError``."""
-    return all(map(operator.is_, map(arguments.__getitem__, _NAMES), _DEFAULT_VALUES))
+def _untouched_guard():
+    """``untouched``, written out from the declaration: one identity test per option, the
+    fastest guard Python has (a loop or ``map`` over the names costs 2-3x as much, about
+    0.3 us more per call: a seventh of the quick path)."""
+    tests = " and ".join(f"arguments[{name!r}] is DEFAULTS[{i}]" for i, name in enumerate(_NAMES))
+    return eval(f"lambda arguments: {tests}", {"DEFAULTS": _DEFAULT_VALUES})
+
+
+# untouched(arguments): whether every option among the ``arguments`` (the ``locals()``) of
+# a function that takes them all is its declared default, the very object of the signature
+# (an explicit ``0.0`` takes the full path). The quick path's guard: cheaper than a check,
+# traceable by torch.compile; a function without one of the options raises KeyError.
+untouched = _untouched_guard()
 
 
 def keywords(function):
