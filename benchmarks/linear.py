@@ -17,7 +17,8 @@ is ``F.linear_cross_entropy`` (``options=None``), ``torch chunked`` the same wit
 ``linear_cross_entropy_and_grad``, ``nllloss torch`` ``linear_cross_entropy`` with
 autograd; ``GEMMs`` are the three matrix products alone (``h @ W.T``, ``L @ W``,
 ``L.T @ h``) in torch and in NumPy, the floor of any method that does them. ``--sweep``
-adds nllloss at several ``chunk_rows``: the measurement behind ``_linear.CHUNK_BYTES``.
+adds nllloss at several ``chunk_rows``: the measurement behind ``_linear.MIN_CHUNK_ROWS``
+and ``MAX_CHUNK_ROWS``.
 The machine may be shared: compare within one run only.
 """
 

@@ -26,14 +26,20 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 def test_public_names():
     assert nllloss.__all__ == [
         "FallbackWarning",
+        "LossAndStats",
         "NLLLoss",
+        "TokenStats",
         "evaluate",
         "linear_cross_entropy",
         "linear_cross_entropy_and_grad",
+        "linear_token_stats",
+        "linear_token_stats_and_grad",
         "nll_loss",
         "nll_loss_and_grad",
         "nll_loss_backward",
         "set_num_threads",
+        "token_stats",
+        "token_stats_and_grad",
         "total_weight",
     ]
     public = {name for name in dir(nllloss) if not name.startswith("_")}
@@ -63,7 +69,11 @@ OPTIONS = [
 def test_signatures_match_torch():
     """torch's parameters in torch's order, then nllloss's options, keyword-only."""
     assert _positional(inspect.signature(nll_loss)) == _positional(inspect.signature(F.nll_loss))
-    assert _keyword_only(inspect.signature(nll_loss)) == [*OPTIONS, ("return_lse", False)]
+    assert _keyword_only(inspect.signature(nll_loss)) == [
+        *OPTIONS,
+        ("return_lse", False),
+        ("return_stats", False),
+    ]
     module = inspect.signature(NLLLoss)
     assert _positional(module) == _positional(inspect.signature(torch.nn.NLLLoss))
     assert _keyword_only(module) == OPTIONS[:2] + OPTIONS[-2:]

@@ -8,18 +8,32 @@ array(1.)
 from ._cpu._threads import set_num_threads
 from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
+from ._stats import (
+    LossAndStats,
+    TokenStats,
+    linear_token_stats,
+    linear_token_stats_and_grad,
+    token_stats,
+    token_stats_and_grad,
+)
 from ._validate import FallbackWarning
 
 __all__ = [
     "FallbackWarning",
+    "LossAndStats",
     "NLLLoss",
+    "TokenStats",
     "evaluate",
     "linear_cross_entropy",
     "linear_cross_entropy_and_grad",
+    "linear_token_stats",
+    "linear_token_stats_and_grad",
     "nll_loss",
     "nll_loss_and_grad",
     "nll_loss_backward",
     "set_num_threads",
+    "token_stats",
+    "token_stats_and_grad",
     "total_weight",
 ]
 __version__ = "0.1.0"

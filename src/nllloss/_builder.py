@@ -30,6 +30,7 @@ def build(
     """
     input = as_array(input, "input")
     backend = backend_for(input)
+    input = backend.autocast(input)  # before the weight and probabilities take its dtype
     target = like_input(backend, target, input, "target")
     _validate.check_input(input)
     shape = tuple(input.shape) if logits_shape is None else logits_shape

@@ -3,8 +3,10 @@
 A backend offers ``forward(problem)``, ``backward(problem, grad_output, out=None)``,
 ``forward_backward(problem, grad_output, out=None)`` and ``total_weight(target, weight,
 ignore_index)`` (see ``_generic.Backend``, the specification every backend agrees with),
-``xp``, the namespace that arguments are converted to, and ``quick_forward``: None, or a
-shortcut for the commonest forward that returns its result or None (then the full path).
+``xp``, the namespace that arguments are converted to, ``quick_forward``: None, or a
+shortcut for the commonest forward that returns its result or None (then the full path),
+and ``autocast(array)``: the array that the loss computes with under the library's
+mixed-precision context (torch's ``autocast``: float32), the array itself elsewhere.
 The routes, in order:
 
 * NumPy arrays: the compiled kernels (``_cpu``), or the generic path on NumPy when numba
@@ -61,6 +63,11 @@ def _route(array_type: type, array: Any):
         raise _validate.unsupported_array_error(array_type) from None
     if array_api_compat.is_dask_array(array):
         return _DaskBackend(_generic.Backend(xp))
+    if array_api_compat.is_jax_array(array):
+        import jax  # already imported: the caller handed us a JAX array
+
+        # jax.grad differentiates the forward as traced
+        return _generic.Backend(xp, constant=jax.lax.stop_gradient)
     return _generic.Backend(xp)
 
 
@@ -75,6 +82,7 @@ class _DaskBackend:
     def __init__(self, generic: _generic.Backend):
         self.generic = generic
         self.xp = generic.xp
+        self.autocast = generic.autocast
 
     def forward(self, problem):
         if not _empty(problem.input):

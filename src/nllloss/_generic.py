@@ -24,6 +24,8 @@ every partial sum to 16 bits, which loses the count of rows beyond 2048 (float16
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -72,15 +74,33 @@ def compare(xp, target, op: str, value: int):
         result = (value > info.max) == (op == "<")
     elif op in ("==", "!=") and not info.min <= value <= info.max:
         result = op == "!="
+    elif info.min == 0 and info.bits > 8 and array_api_compat.is_torch_namespace(xp):
+        return _compare_widened(xp, target, op, value)
     else:
         return _COMPARISONS[op](target, value)
     return xp.full(target.shape, result, dtype=xp.bool, device=array_api_compat.device(target))
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _compare_widened(xp, target, op: str, value: int):
+    """``compare`` of a uint16/32/64 torch tensor, which torch compares on few devices (not
+    the CPU): in int64, where uint64 values from 2**63 on wrap to negative numbers, above
+    every ``value`` (an int64: ``compare`` answered the others)."""
+    wide = xp.astype(target, xp.int64)
+    result = _COMPARISONS[op](wide, value)
+    if xp.iinfo(target.dtype).max <= _INT64_MAX:
+        return result
+    wrapped = wide < 0
+    return (result | wrapped) if op in (">=", "!=") else (result & ~wrapped)
+
+
 def values_hidden(array: Any) -> bool:
     """True when the array's values cannot be read now: JAX inside jit/grad/vmap, Dask
-    before compute, a tensor batched by ``torch.func.vmap``. A check of such values cannot
-    raise; what it finds becomes NaN in the result, as JAX does under ``jit``."""
+    before compute, a tensor batched by ``torch.func.vmap`` or traced by ``torch.compile``.
+    A check of such values cannot raise; what it finds becomes NaN in the result, as JAX
+    does under ``jit``."""
     if array_api_compat.is_jax_array(array):
         import jax  # already imported: the caller handed us a JAX array
 
@@ -90,6 +110,8 @@ def values_hidden(array: Any) -> bool:
     if array_api_compat.is_torch_array(array):
         import torch  # already imported: the caller handed us a torch tensor
 
+        if torch.compiler.is_compiling():
+            return True
         functorch = torch._C._functorch
         while functorch.is_functorch_wrapped_tensor(array):
             if functorch.is_batchedtensor(array):
@@ -170,17 +192,24 @@ def raise_first_bad(xp, target, bad, layout: Layout, ignore_index: int) -> None:
     """Raise the IndexError for the first target marked ``bad`` (row-major), if any."""
     if bool(xp.any(bad)):
         flat = int(xp.argmax(xp.astype(xp.reshape(bad, (-1,)), xp.int8)))
-        value = int(xp.reshape(target, (-1,))[flat])
+        element = xp.reshape(target, (-1,))[flat]
+        if xp.iinfo(target.dtype).max > _INT64_MAX:  # torch reads no int beyond int64's
+            value = int(xp.astype(element, xp.int64)) % 2**64
+        else:
+            value = int(element)
         raise layout.bad_target(flat, value, ignore_index)
 
 
-def _pick(xp, x, targets: _Targets, layout: Layout):
-    """(x[t] per target element, flat, in the compute dtype and 0 where ignored; the same
-    gather unmasked, or None when there is nothing to gather)."""
+def _pick(xp, x, targets: _Targets, layout: Layout, minus=()):
+    """(x[t] per target element (less each of ``minus``, arrays with the class axis kept,
+    in turn), flat, in the compute dtype and 0 where ignored; the same unmasked, or None
+    when there is nothing to gather)."""
     zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
         return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device), None
     raw = _take_classes(xp, _batched(xp, x, layout), targets.index)
+    for term in minus:
+        raw = raw - term
     raw = xp.astype(xp.reshape(raw, (-1,)), targets.dtype)
     return xp.where(targets.valid, raw, zero), raw
 
@@ -206,6 +235,20 @@ def _take_classes(xp, x, index):
 IEEE_RESULTS = np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
+def ieee_results(function):
+    """``function(backend, ...)`` under :data:`IEEE_RESULTS`, except on torch's namespace:
+    torch never warns, and ``torch.compile`` cannot trace NumPy's ``errstate``."""
+    quiet = IEEE_RESULTS(function)
+
+    @functools.wraps(function)
+    def run(backend, *arguments, **keywords):
+        if array_api_compat.is_torch_namespace(backend.xp):
+            return function(backend, *arguments, **keywords)
+        return quiet(backend, *arguments, **keywords)
+
+    return run
+
+
 def _ieee(operation, a, b):
     """``operation(a, b)`` with IEEE results and no NumPy warning, also for Dask, which
     computes after our ``errstate`` has ended: there the operation runs as a task that
@@ -223,13 +266,65 @@ def smoothing_share(label_smoothing: float, classes: int) -> float:
     return label_smoothing / classes if classes else float("inf")
 
 
+def softcap_parts(softcap: float, largest: float, smallest_normal: float):
+    """``softcap`` c as ``(m, s1, s2)`` with ``c = m / (s1 * s2)``, for a floating dtype of
+    largest value ``largest`` and smallest normal ``smallest_normal``: ``(c, 1, 1)`` when
+    the dtype holds c as a normal number; else c's mantissa and two powers of two that it
+    holds (float32 holds neither 1e39 nor 1e-50), so that ``x / c = (x / m) * s1 * s2``
+    and ``c t = (m t) / s1 / s2`` over- or underflow only where their values do.
+
+    Beyond ``2**±250`` in float32 the exponent is clamped: there every finite ``x / c`` is
+    below ``sqrt(eps)`` (the cap is the identity) or above float32's range (the cap is
+    ``±c``, which rounds to ±0), as it is at ``2**±250``.
+
+    >>> softcap_parts(30.0, 3.4e38, 1.2e-38)
+    (30.0, 1.0, 1.0)
+    >>> softcap_parts(2.0**130, 3.4e38, 1.2e-38)
+    (0.5, 2.710505431213761e-20, 1.3552527156068805e-20)
+    """
+    if smallest_normal <= softcap <= largest:
+        return softcap, 1.0, 1.0
+    mantissa, exponent = math.frexp(softcap)
+    limit = 2 * (math.frexp(largest)[1] - 3)  # each half stays a normal number
+    exponent = max(-limit, min(limit, exponent))
+    first = exponent // 2
+    return mantissa, 2.0**-first, 2.0 ** -(exponent - first)
+
+
+def _cap_argument(xp, x, softcap: float):
+    """``(x / c, (m, s1, s2) as x's scalars, whether c is scaled)`` (see ``softcap_parts``).
+
+    Scaled, ``x / c`` is ``((x * s1) / m) * s2``: no step overflows unless ``x / c`` does,
+    and a subnormal step (which XLA flushes to 0) is below ``sqrt(eps)``, where the cap
+    returns x.
+    """
+    info = xp.finfo(x.dtype)
+    parts = softcap_parts(softcap, float(info.max), float(info.smallest_normal))
+    device = array_api_compat.device(x)
+    mantissa, first, second = (xp.asarray(v, dtype=x.dtype, device=device) for v in parts)
+    scaled = parts[1] != 1.0
+    if not scaled:
+        return _ieee(operator.truediv, x, mantissa), (mantissa, first, second, scaled)
+    y = _ieee(
+        operator.mul, _ieee(operator.truediv, _ieee(operator.mul, x, first), mantissa), second
+    )
+    return y, (mantissa, first, second, scaled)
+
+
 def _logits(xp, problem: Problem, dtype):
-    """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``."""
+    """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``:
+    ``x`` itself where ``|x / c| < sqrt(eps)`` (there ``tanh y = y`` to the dtype's
+    precision, and ``x / c`` may underflow when c is large), for every c > 0 (see
+    ``softcap_parts``)."""
     x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
     if problem.softcap is None:
         return x
-    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
-    return cap * xp.tanh(x / cap)
+    y, (mantissa, first, second, scaled) = _cap_argument(xp, x, problem.softcap)
+    capped = mantissa * xp.tanh(y)
+    if scaled:
+        capped = _ieee(operator.truediv, _ieee(operator.truediv, capped, first), second)
+    linear = math.sqrt(float(xp.finfo(dtype).eps))
+    return xp.where(xp.abs(y) < linear, x, capped)
 
 
 def _log_softmax(xp, x, classes: int):
@@ -237,10 +332,25 @@ def _log_softmax(xp, x, classes: int):
     the log-sum-exp ``max + log(sum(...))``, keeping the class axis, or None without classes)."""
     if classes == 0:
         return x, None
-    top = xp.max(x, axis=1, keepdims=True)
-    shifted = x - top
-    log_norm = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    shifted, log_norm, top = _normalised(xp, x)
     return shifted - log_norm, top + log_norm
+
+
+def _normalised(xp, x, constant=None):
+    """``(x - max, log(sum(exp(x - max))), max)`` over the class axis (kept): the parts of
+    the log-softmax (at least one class).
+
+    The maximum only keeps ``exp`` in range: the log-softmax and log-sum-exp do not depend
+    on it (their derivatives with respect to it are ``-1 + 1`` and ``1 - 1``), so
+    ``constant`` (``Backend.constant``) may mark it as a constant of differentiation: a
+    traced derivative then has no term for it, which would cost passes over every class
+    (its ties mask, their count) to add what is zero but for rounding.
+    """
+    top = xp.max(x, axis=1, keepdims=True)
+    if constant is not None:
+        top = constant(top)
+    shifted = x - top
+    return shifted, xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True)), top
 
 
 def _cap_gradient(xp, grad, problem: Problem, dtype):
@@ -249,8 +359,7 @@ def _cap_gradient(xp, grad, problem: Problem, dtype):
     if problem.softcap is None:
         return grad
     x = xp.astype(_batched(xp, problem.input, problem.layout), dtype)
-    cap = xp.asarray(problem.softcap, dtype=dtype, device=array_api_compat.device(x))
-    slope = xp.tanh(x / cap)
+    slope = xp.tanh(_cap_argument(xp, x, problem.softcap)[0])
     return grad * (xp.asarray(1.0, dtype=dtype, device=array_api_compat.device(x)) - slope * slope)
 
 
@@ -285,21 +394,31 @@ class Backend:
     ``scatter(shape, dtype, index, values)`` gives zeros of ``shape`` with ``values``
     written at ``index`` along axis 1. Both default to the namespace's ``sum`` and a
     compare-and-select that needs no in-place writes (lazy and traced arrays have none).
+    ``constant(x)`` is ``x`` marked as a constant for a library that differentiates
+    ``forward`` by tracing it (``jax.lax.stop_gradient``); by default ``x`` itself.
     """
 
     xp: Any
     sums: Any = None
     scatter: Any = None
+    constant: Any = None
     # The shortcut of the commonest forward that fast backends offer; none here.
     quick_forward: ClassVar[Any] = None
+
+    @staticmethod
+    def autocast(array):
+        """The array itself: no mixed-precision context applies (torch's: ``_torch_ops``)."""
+        return array
 
     def __post_init__(self):
         if self.sums is None:
             object.__setattr__(self, "sums", _namespace_sums(self.xp))
         if self.scatter is None:
             object.__setattr__(self, "scatter", _one_hot_scatter(self.xp))
+        if self.constant is None:
+            object.__setattr__(self, "constant", _unchanged)
 
-    @IEEE_RESULTS
+    @ieee_results
     def forward(self, problem: Problem):
         """The loss: shape ``problem.loss_shape``, in the input's dtype."""
         if problem.probabilities:
@@ -307,9 +426,18 @@ class Backend:
         xp, layout, x = self.xp, problem.layout, problem.input
         g = _select(self, problem)
         log_probs, lse = x, None
-        if problem.from_logits:
-            log_probs, lse = _log_softmax(xp, _logits(xp, problem, g.dtype), layout.classes)
-        picked, unmasked = _pick(xp, log_probs, g, layout)
+        if problem.from_logits and layout.classes:
+            # The target's log-probability as (x[t] - max) - log_norm: the bits of gathering
+            # the log-softmax, without forming it for every class (nor, differentiated, its
+            # gradient's sum over the classes); formed only for label smoothing
+            logits = _logits(xp, problem, g.dtype)
+            shifted, log_norm, top = _normalised(xp, logits, self.constant)
+            lse = top + log_norm
+            picked, unmasked = _pick(xp, logits, g, layout, (top, log_norm))
+            if problem.label_smoothing:
+                log_probs = shifted - log_norm
+        else:
+            picked, unmasked = _pick(xp, log_probs, g, layout)
         losses = -picked if g.weight is None else -(picked * g.weight)
         losses = xp.where(g.valid, losses, xp.zeros((), dtype=g.dtype, device=g.device))  # +0.0
         if g.bad is not None and unmasked is not None:
@@ -373,7 +501,7 @@ class Backend:
             loss_sum = np.asarray(loss_sum)
         return xp.astype(loss_sum, x.dtype)
 
-    @IEEE_RESULTS
+    @ieee_results
     def backward(self, problem: Problem, grad_output, out=None):
         """The gradient of ``forward`` with respect to the input, for ``grad_output``.
 
@@ -445,12 +573,16 @@ class Backend:
             grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
         return _finish(xp, xp.astype(grad, x.dtype), x, out)
 
+    def forward_and_lse(self, problem: Problem):
+        """``(forward(...), log_normalizer(...))``."""
+        return self.forward(problem), log_normalizer(self.xp, problem)
+
     def forward_backward(self, problem: Problem, grad_output, out=None):
         """``(forward(...), backward(...))``; the loss is computed before ``out`` is written."""
         loss = self.forward(problem)
         return loss, self.backward(problem, grad_output, out)
 
-    @IEEE_RESULTS
+    @ieee_results
     def total_weight(self, target, weight, ignore_index: int):
         """See ``nllloss.total_weight``: the 'mean' denominator of ``target``."""
         xp = self.xp
@@ -535,7 +667,7 @@ def _probability_denominator(xp, problem: Problem, dtype):
     return xp.asarray(problem.probability_count, dtype=dtype, device=device)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_forward(backend: Backend, problem: Problem):
     """``l_n = -sum_c w_c p_{n,c} log q_{n,c}`` (+ ``z lse_n**2``), reduced; see ``forward``."""
     xp, layout, x = backend.xp, problem.layout, problem.input
@@ -560,7 +692,7 @@ def _probability_forward(backend: Backend, problem: Problem):
     return xp.astype(loss_sum, x.dtype)
 
 
-@IEEE_RESULTS
+@ieee_results
 def _probability_backward(backend: Backend, problem: Problem, grad_output, out=None):
     """The gradient of ``_probability_forward``: ``-u w_c p_c`` for log-probabilities; from
     logits ``u (q_c sum_k w_k p_k - w_c p_c + 2 z lse q_c)``, through the cap when given."""
@@ -611,6 +743,10 @@ def _namespace_sums(xp):
         return tuple(xp.sum(v) for v in values)
 
     return sums
+
+
+def _unchanged(x):
+    return x
 
 
 def _one_hot_scatter(xp):

@@ -42,22 +42,34 @@ from ._dispatch import as_array, backend_for, like_input
 from ._loss import Array, Reduction
 from ._problem import Problem, layout_of
 
-# A block of logits of about this many bytes (128 rows at V = 32000). Chosen by the chunk
-# sweep in benchmarks/results/linear-latest.md (fwd+bwd, float32, 2 shared cores): at
-# (2048, 512, 32000), 32 and 64 rows took 1.6-3.2x as long as 128 for torch and NumPy
-# (small-M GEMMs), while 256 and 512 were no faster beyond the machine's noise and cost
-# 1.6-2.8x the memory.
-CHUNK_BYTES = 16 << 20
-# At least this many rows per block, whatever the vocabulary (same sweep, at (1024, 768,
-# 128256), where 16 MiB is 32 rows): 32 rows took 1.4-1.6x as long as 64 (torch, NumPy).
-MIN_CHUNK_ROWS = 64
+# Rows per block. Each block reads the weight twice and the weight's gradient once and
+# writes it once (the three products), whatever its rows: below some rows that traffic,
+# and the matrix library's packing of the weight per product, outweigh the block's own
+# work, whatever the hidden size (both grow with it). Measured on 2 shared cores, float32:
+# the Hugging Face step at hidden size 64, 2048 tokens, V = 128256 took 1.3x the unpatched
+# model's with 64-row blocks, matched it with 128 and was faster with 256; NumPy at
+# (2048, 512, 32000) took 1.79x its three full-size products with 64 rows, 1.24x with 128,
+# 0.98x with 256 (benchmarks/linear.py --sweep). Hence at least MIN_CHUNK_ROWS...
+MIN_CHUNK_ROWS = 128
+# ...and at most MAX_CHUNK_ROWS (512 rows were no faster than 256 in the same sweeps, at
+# twice the memory)...
+MAX_CHUNK_ROWS = 256
+# ...and between them, as many rows as keep the block of logits (the memory beyond the
+# arguments and results) within this share of the whole logits: 5% with the rest of the
+# call's scratch.
+LOGITS_SHARE = 0.04
 
 
-def chunk_rows_for(rows: int, classes: int, itemsize: int) -> int:
-    """Rows per block: ``CHUNK_BYTES`` of logits, at least ``MIN_CHUNK_ROWS``, at most
-    every row (and at least 1)."""
-    by_bytes = CHUNK_BYTES // max(1, classes * itemsize)
-    return max(1, min(rows, max(MIN_CHUNK_ROWS, by_bytes)))
+def chunk_rows_for(rows: int) -> int:
+    """Rows per block of a batch of ``rows``: ``LOGITS_SHARE`` of them, within
+    ``MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``, at most every row (and at least 1).
+
+    The block's share of the logits is that of its rows whatever the vocabulary; below
+    ``MIN_CHUNK_ROWS / LOGITS_SHARE`` rows (3200) the floor wins, and the block is a
+    larger share (6.25% at 2048 rows).
+    """
+    share = int(rows * LOGITS_SHARE)
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, share))))
 
 
 @dataclass(frozen=True)
@@ -143,9 +155,11 @@ def build(
     own, with ``options`` from logits); the :class:`Linear` of the call."""
     input = as_array(input, "input")
     backend = backend_for(input)
-    linear_weight = like_input(backend, linear_weight, input, "linear_weight")
+    # Under autocast the loss computes in float32 (see nll_loss): its matrix products too.
+    input = backend.autocast(input)
+    linear_weight = backend.autocast(like_input(backend, linear_weight, input, "linear_weight"))
     if linear_bias is not None:
-        linear_bias = like_input(backend, linear_bias, input, "linear_bias")
+        linear_bias = backend.autocast(like_input(backend, linear_bias, input, "linear_bias"))
     logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
     _, problem = build_problem(
@@ -188,7 +202,7 @@ def assemble(
         input=input,
         linear_weight=linear_weight,
         linear_bias=linear_bias,
-        chunk_rows=chunk_rows or chunk_rows_for(rows, outputs, 4 if dtype == xp.float32 else 8),
+        chunk_rows=chunk_rows or chunk_rows_for(rows),
         denominator=denominator,
         algebra=algebra,
     )
@@ -479,7 +493,7 @@ def linear_cross_entropy(
     ignore_index : int or None, default -100
         As in :func:`nll_loss`; None means -100, as in torch's ``linear_cross_entropy``.
     chunk_rows : int, optional
-        Rows of logits made at a time; default: about 16 MiB of logits, at least 64 rows.
+        Rows of logits made at a time; default: 4% of the rows, within 128 and 256.
         Results agree to rounding whatever it is.
 
     Returns

@@ -5,22 +5,25 @@ The blocks run as for NumPy (``_linear.run``), with ``torch.matmul``/``addmm_`` 
 preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
 (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
 
-Autograd: for 'mean' and 'sum' the forward computes the gradients too, for an upstream
-gradient of 1, and the backward scales them (the three products and the one pass over the
-logits, once). For 'none' the upstream gradient differs per row: the backward recomputes
-the blocks with it. A second backward (``retain_graph=True``) recomputes too. Under
-``torch.func`` transforms and ``torch.compile``, where an ``autograd.Function`` with state
-does not compose, and for probability targets that require grad, the loss is the plain
-composition ``nll_loss(linear(...))``, which forms the logits. Imported only when torch
-tensors arrive.
+Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
+forward computes the gradients too, for an upstream gradient of 1, and the backward scales
+them (the three products and the one pass over the logits, once). For 'none' the upstream
+gradient differs per row: the backward recomputes the blocks with it. A second backward
+(``retain_graph=True``) recomputes too; one that builds a graph (``create_graph=True``)
+differentiates the composition. Under ``torch.func`` transforms and ``torch.compile``,
+where an ``autograd.Function`` with state does not compose, and for probability targets
+that require grad, the loss is the plain composition ``nll_loss(linear(...))``, which forms
+the logits. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import _linear
-from ._torch_ops import composed, is_unit_upstream
+from ._torch_ops import FusedLoss, composed, differentiated, without_autocast
 
 
 class TorchAlgebra:
@@ -76,47 +79,46 @@ ALGEBRA = TorchAlgebra()
 
 def loss(linear: _linear.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
-    arguments = (linear.input, linear.linear_weight, linear.linear_bias)
     if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
-        return _LinearLoss.apply(*arguments, linear)
+    blocks = _Blocks(linear)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):
+        return FusedLoss.apply(blocks, *blocks.arguments)
     with torch.no_grad():
         return _linear.run(linear)[0]
 
 
 def _composed(linear: _linear.Linear) -> torch.Tensor:
-    """The loss of the problem on the logits ``linear(input, W, b)``, formed whole: the
-    torch route then differentiates it with plain torch operations."""
+    """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
+    in the compute dtype (autocast would make the product 16-bit), through the backend."""
     problem = linear.problem
-    logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
-    whole = problem.replace(input=logits.reshape(problem.layout.input_shape))
-    return linear.backend.forward(whole).to(linear.input.dtype)
+    with without_autocast(linear.hidden.device.type):
+        logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
+    logits = logits.reshape(problem.layout.input_shape)
+    return linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
 
 
-class _LinearLoss(torch.autograd.Function):
-    """The loss; for 'mean' and 'sum' the forward keeps the unit gradients."""
+@dataclass(frozen=True)
+class _Blocks:
+    """The loss in blocks of rows (``_linear.run``), for ``FusedLoss`` (see the module)."""
 
-    @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, linear):
-        ctx.linear = linear
-        ctx.wants = ctx.needs_input_grad[:3]
-        ctx.unit = None
+    linear: _linear.Linear
+
+    @property
+    def arguments(self) -> tuple:
+        linear = self.linear
+        return (linear.input, linear.linear_weight, linear.linear_bias)
+
+    def forward(self, wants):
+        linear = self.linear
         if linear.problem.elementwise:
-            return _linear.run(linear)[0]
+            return _linear.run(linear)[0], None
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
-        loss, *ctx.unit = _linear.run(linear, one, ctx.wants)
-        return loss
+        loss, *unit = _linear.run(linear, one, wants)
+        return loss, tuple(unit)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        unit, ctx.unit = ctx.unit, None  # autograd may keep, not copy, them: used once
-        if unit is None:  # 'none', or a second backward: the blocks again, with grad
-            _, *grads = _linear.run(ctx.linear, grad, ctx.wants)
-            return (*grads, None)
-        if not is_unit_upstream(grad):
-            for g in unit:
-                if g is not None:
-                    g.mul_(grad.to(g.dtype))
-        return (*unit, None)
+    def gradients(self, grad, wants):
+        return tuple(_linear.run(self.linear, grad, wants)[1:])
+
+    def differentiable_gradients(self, grad, wants):
+        return differentiated(_composed(self.linear), self.arguments, grad, wants)

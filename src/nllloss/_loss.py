@@ -33,6 +33,7 @@ def nll_loss(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_stats: bool = False,
 ) -> Array | tuple[Array, Array]:
     r"""The negative log-likelihood loss, exactly as ``torch.nn.functional.nll_loss``.
 
@@ -113,12 +114,24 @@ def nll_loss(
     softcap : float, optional
         From logits only: :math:`c > 0` replaces every logit by :math:`c \tanh(x / c)`
         before the softmax (Gemma 2's final-logit soft-capping), in the same pass; the
-        gradient goes through the tanh. Default: no cap.
+        gradient goes through the tanh. Any finite :math:`c > 0`, also beyond the dtype's
+        range (1e-50 caps every logit to about 0, so the loss is :math:`\log C`; 1e39
+        leaves float32 logits almost as they are); a capped value is rounded to the
+        dtype, so with :math:`c` above its largest value an infinite logit stays
+        infinite. Default: no cap.
     return_lse : bool, default False
         From logits only: also return :math:`\operatorname{lse}_n` of every target
         element (of the capped logits; ignored elements too), e.g. to log the z-loss's
-        quantity. Computed by one more read of the input, with the array library's own
-        operations (so differentiable by its autodiff), not by the fused kernels.
+        quantity. The fused kernels (NumPy; torch on the CPU or Triton when no gradient
+        is recorded) give the one they compute; otherwise one more read of the input
+        with the array library's own operations (so differentiable by its autodiff).
+    return_stats : bool, default False
+        From logits with class indices: also return the per-token statistics of
+        :func:`token_stats` of the (capped) logits, ``ignore_index`` as the loss's, as
+        ``LossAndStats(loss, stats)``: e.g. to log token accuracy (``stats.argmax ==
+        target``) and entropy beside the loss. Computed by one more read of the input
+        (the fused statistics kernel on NumPy and torch CPU), differentiable as
+        :func:`token_stats`.
 
     Returns
     -------
@@ -128,6 +141,8 @@ def nll_loss(
     (array, array)
         With ``return_lse``: the loss, and :math:`\operatorname{lse}` of the target's
         shape (0-d unbatched) in the input's library and dtype.
+    LossAndStats
+        With ``return_stats``: ``(loss, stats)``, ``stats`` a :class:`TokenStats`.
 
     Raises
     ------
@@ -171,10 +186,15 @@ def nll_loss(
     array(0.6314322, dtype=float32)
     >>> z = np.array([[2.0, 0.0, 0.0], [0.0, 9.0, 0.0]], dtype=np.float32)
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
-    array(2.5079715, dtype=float32)
+    array(2.5079718, dtype=float32)
     """
     arguments = locals()
-    if size_average is reduce is None and return_lse is False and _options.untouched(arguments):
+    if (
+        size_average is reduce is None
+        and return_lse is False
+        and return_stats is False
+        and _options.untouched(arguments)
+    ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
         quick = quick_forward_for(input)
@@ -185,7 +205,18 @@ def nll_loss(
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
     options = _options.given(arguments)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
+    if _validate.check_return_stats(
+        return_stats, problem.from_logits, problem.probabilities, return_lse
+    ):
+        from . import _stats
+
+        return _stats.LossAndStats(backend.forward(problem), _stats.of_loss(backend, problem))
     if _validate.check_return_lse(return_lse, problem.from_logits):
+        # the fused kernels give the log-sum-exp they compute (O(N) memory); other
+        # backends compute it apart
+        fused = getattr(backend, "forward_and_lse", None)
+        if fused is not None:
+            return fused(problem)
         return backend.forward(problem), _generic.log_normalizer(backend.xp, problem)
     return backend.forward(problem)
 

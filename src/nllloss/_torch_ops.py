@@ -18,16 +18,19 @@ problem of torch tensors, the first of these that supports it:
    they cannot take it);
 5. ``'generic'``: anything else (other devices, bfloat16 on the CPU, other options).
 
-Differentiation for the last three: in eager mode
-``torch.autograd.Function`` subclasses; under ``torch.compile`` the custom operators
-``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside),
-with their autograd registered. Both compute through :func:`_compute`. A problem crosses
-an operator's schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere
-else. Imported only when torch tensors arrive.
+Differentiation for the last three: in eager mode :class:`FusedLoss` (also the loss from
+hidden states'), whose tensors autograd keeps under its version counters and whose
+backward, when it builds a graph, gives differentiable gradients; under ``torch.compile``
+the custom operators ``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside), with
+their autograd registered. Both compute through :func:`_compute`. Under ``torch.autocast``
+the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's
+schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere else. Imported only
+when torch tensors arrive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import array_api_compat.torch as torch_namespace
@@ -88,9 +91,10 @@ def _target_needs_grad(problem: Problem) -> bool:
 # through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
 # (8, 21, 256, 256) and (8192, 32000)).
 TORCH_KERNEL_MAX = 1 << 22
-# Target dtypes torch's nll_loss reads as they are (uint8 for inputs of rank 1 and 2 only);
-# other integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values
-# from 2**63 on would wrap (to ignore_index, say).
+# The target dtype torch's nll_loss reads under torch.compile too (eager torch also reads
+# uint8 for inputs of rank 1 and 2; the meta kernel of torch.compile does not); other
+# integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values from
+# 2**63 on would wrap (to ignore_index, say).
 _TORCH_TARGETS = (torch.int64,)
 _WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
 _TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -116,8 +120,7 @@ def _numpy_views_support(problem: Problem) -> bool:
 
 
 def _compute(kind: str, problem: Problem, grad_output=None, out=None):
-    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine
-    (torch's own kernel aside: this is a gradient of ours).
+    """Run ``kind`` ('forward', 'backward' or 'forward_backward') on the problem's engine.
 
     'forward_backward' without ``grad_output`` gives the gradient for an upstream gradient
     of 1 (ones for 'none'), from the pass that computes the loss. ``out`` (a contiguous
@@ -194,6 +197,20 @@ class TorchBackend:
 
     xp = torch_namespace
 
+    @staticmethod
+    def autocast(array: torch.Tensor) -> torch.Tensor:
+        """torch's autocast policy for ``nll_loss`` and ``cross_entropy``, which it runs in
+        float32: while autocast is on for the tensor's device, a floating tensor other than
+        float64 is used in float32 (a differentiable cast, as autocast's), so the loss and
+        its gradient are computed, and returned, in float32."""
+        if (
+            array.is_floating_point()
+            and array.dtype != torch.float64
+            and _autocast_on(array.device.type)
+        ):
+            return array.to(torch.float32)
+        return array
+
     def forward(self, problem: Problem):
         _check_weight(problem)
         chosen = engine(problem)
@@ -203,18 +220,32 @@ class TorchBackend:
             return _torch_kernel(problem)
         x = problem.input
         training = x.requires_grad and torch.is_grad_enabled()
-        # Rows read whole: the NumPy and Triton engines write the gradient in the loss's
-        # pass (the backward would read the input again for the softmax) and keep it.
-        fused = problem.over_rows and chosen != "generic"
+        fused = _gradient_with_the_loss(problem, chosen)
         if torch.compiler.is_compiling():
             if training and fused:
                 return nll_loss_with_unit_gradient_op(*_to_schema(problem))[0]
             return nll_loss_op(*_to_schema(problem))
         if not training:
             return _compute("forward", problem)
-        if fused:
-            return _LossWithUnitGradient.apply(x, problem)
-        return _Loss.apply(x, problem)
+        return FusedLoss.apply(_ProblemLoss(problem, fused), x)
+
+    def forward_and_lse(self, problem: Problem):
+        """(the loss, each element's log-sum-exp), from one pass of the fused kernels when no
+        gradient is wanted; else the loss and ``log_normalizer``'s differentiable operations."""
+        x = problem.input
+        chosen = engine(problem, torch_kernel=False)
+        if (
+            chosen in ("composed", "generic")
+            or torch.compiler.is_compiling()
+            or (x.requires_grad and torch.is_grad_enabled())
+        ):
+            return self.forward(problem), _generic.log_normalizer(self.xp, problem)
+        _check_weight(problem)
+        if chosen == "triton":
+            loss, saved = _triton.launcher_for(problem).forward(problem)
+            return loss, saved.lse.reshape(problem.layout.output_shape).to(x.dtype)
+        loss, lse = _cpu.backend().forward_and_lse(problem.with_arrays(_numpy_view))
+        return _as_tensor(loss), _as_tensor(lse)
 
     def backward(self, problem: Problem, grad_output, out=None):
         if engine(problem, torch_kernel=False) == "composed":
@@ -239,7 +270,8 @@ class TorchBackend:
         if (
             target.device.type == "cpu"
             and (weight is None or weight.dtype in _EXACT_ON_NUMPY)
-            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view
+            and not _values_hidden()  # torch.func's wrapped tensors have no NumPy view,
+            and not torch.compiler.is_compiling()  # nor traced ones
         ):
             # NumPy compares every integer dtype (torch's CPU kernels lack uint64 ones)
             weight = None if weight is None else _numpy_view(weight)
@@ -254,17 +286,19 @@ class TorchBackend:
         Float32/float64 CPU input (below ``TORCH_KERNEL_MAX`` elements when a gradient will
         be needed), an int ``ignore_index``, a reduction by its name, no weight that needs a
         gradient. This is the call ``F.nll_loss`` makes, so under ``torch.func`` transforms
-        and forward-mode AD too the result is torch's own. What torch's kernel refuses (a
-        target that is not int64, or uint8 for 2-D input; a weight of another dtype, rank
-        or device; a target elsewhere; a bad target value) returns None, and the full path
-        validates and raises nllloss's error. Only the checks torch's kernel does not make
-        are made here: each costs ~0.05 us, the whole call at (64, 10) ~1.5 us.
+        and forward-mode AD too the result is torch's own. A target that is not int64
+        returns None (torch.compile traces the kernel with no error to catch); so does what
+        torch's kernel refuses (a weight of another dtype, rank or device; a target
+        elsewhere; a bad target value), and the full path validates and raises nllloss's
+        error. Only the checks torch's kernel does not make are made here: each costs
+        ~0.05 us, the whole call at (64, 10) ~1.5 us.
         """
         enum = _REDUCTION_ENUMS.get(reduction) if type(reduction) is str else None
         if (
             enum is None
             or type(input) is not torch.Tensor
             or type(target) is not torch.Tensor
+            or target.dtype not in _TORCH_TARGETS
             or type(ignore_index) is not int
             or input.dtype not in _TORCH_KERNEL_DTYPES
             or not input.is_cpu
@@ -284,6 +318,25 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def without_autocast(device_type: str):
+    """A context in which autocast does not lower the precision of our own operations (the
+    loss from hidden states' product, in the float32 that ``TorchBackend.autocast`` chose)."""
+    if _autocast_on(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _gradient_with_the_loss(problem: Problem, chosen: str) -> bool:
+    """Whether a training forward on the ``chosen`` engine also writes the gradient, so
+    that the backward only scales it: from logits or smoothed (the backward would read the
+    input again for the softmax) on the engines with a fused pass, NumPy's and Triton's."""
+    return problem.over_rows and chosen in ("numpy", "triton")
 
 
 def _check_weight(problem: Problem) -> None:
@@ -306,7 +359,7 @@ def _torch_kernel(problem: Problem):
     """torch's own nll_loss, with our argument forms: any integer target of up to 32 bits,
     the weight in x's dtype; a bad target is reported by our engine's IndexError."""
     x, t = problem.input, problem.target
-    if t.dtype not in _TORCH_TARGETS and not (t.dtype == torch.uint8 and x.dim() <= 2):
+    if t.dtype not in _TORCH_TARGETS:
         t = t.long()
     try:
         return torch.nn.functional.nll_loss(
@@ -321,18 +374,124 @@ def _torch_kernel(problem: Problem):
 # --- Eager autograd ---------------------------------------------------------------------
 
 
-class _Loss(torch.autograd.Function):
-    """The loss; its backward is :class:`_Backward` (differentiable again)."""
+class FusedLoss(torch.autograd.Function):
+    """A loss computed by our engines, as a differentiable torch function.
+
+    ``FusedLoss.apply(computation, *computation.arguments)``. The computation is a frozen
+    dataclass (its tensors, nested dataclasses' too, are kept by :func:`_keep`) that offers
+
+    * ``arguments``: the tensors the loss is differentiated with respect to;
+    * ``forward(wants)``: ``(loss, unit)``, with ``unit`` the gradients of ``arguments``
+      for an upstream gradient of 1 (None where ``wants`` is False) when the pass that
+      computes the loss writes them too, else None;
+    * ``gradients(grad, wants)``: the gradients for the upstream gradient ``grad``;
+    * ``differentiable_gradients(grad, wants)``: the same as differentiable tensors, of
+      the arguments (whose saved tensors keep their graphs) and ``grad``: an implemented
+      derivative, or autograd through plain torch operations (:func:`differentiated`).
+
+    The backward, written once for every such loss: when it builds a graph
+    (``create_graph=True``: grad mode is on inside it), ``differentiable_gradients``, so
+    that the gradients can be differentiated again (a gradient penalty, ``gradgradcheck``);
+    else the unit gradients, scaled, the first time, and ``gradients`` otherwise (no unit
+    gradients, or a second backward with ``retain_graph=True``).
+    """
 
     @staticmethod
-    def forward(ctx, input, problem: Problem):
-        _save_problem(ctx, problem)
-        return _compute("forward", problem)
+    def forward(ctx, computation, *arguments):
+        loss, ctx.unit = computation.forward(ctx.needs_input_grad[1:])
+        _keep(ctx, computation)
+        ctx.set_materialize_grads(False)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        problem = _checked_by_the_forward(_saved_problem(ctx)[0])
-        return _Backward.apply(_upstream(problem, grad), problem.input, problem), None
+        computation = _kept(ctx)  # torch's error if a tensor was changed in place since
+        unit, ctx.unit = ctx.unit, None  # autograd may keep, not copy, them: used once
+        wants = ctx.needs_input_grad[1:]
+        if grad is None:  # nothing flows back through the loss
+            grads = (None,) * len(wants)
+        elif torch.is_grad_enabled():
+            grads = computation.differentiable_gradients(grad, wants)
+        elif unit is None:
+            grads = computation.gradients(grad, wants)
+        elif is_unit_upstream(grad):
+            grads = unit
+        else:
+            grads = tuple(None if g is None else _scaled(g, grad, in_place=True) for g in unit)
+        return None, *grads
+
+
+def differentiated(loss: torch.Tensor, arguments: tuple, grad, wants) -> tuple:
+    """The gradients of ``loss`` (made of differentiable operations of ``arguments``) for
+    the upstream gradient ``grad``, where ``wants`` says, as tensors that are
+    differentiable again with respect to ``arguments`` and ``grad``."""
+    inputs = [a for a, wanted in zip(arguments, wants, strict=True) if wanted]
+    found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True, materialize_grads=True))
+    return tuple(next(found) if wanted else None for wanted in wants)
+
+
+_SAVED = object()  # in a kept computation: a tensor that save_for_backward holds
+
+
+def _keep(ctx, computation) -> None:
+    """Keep a computation for the backward: every tensor it holds through
+    ``save_for_backward`` (so that torch's version counters and saved-tensor hooks apply to
+    each), the rest on ``ctx``."""
+    tensors: list = []
+
+    def saved(tensor):
+        tensors.append(tensor)
+        return _SAVED
+
+    ctx.computation = _replaced(computation, lambda item: isinstance(item, torch.Tensor), saved)
+    ctx.save_for_backward(*tensors)
+
+
+def _kept(ctx):
+    """The computation of :func:`_keep`, its tensors read back from autograd (which raises
+    "modified by an inplace operation" for one changed since)."""
+    tensors = iter(ctx.saved_tensors)
+    return _replaced(ctx.computation, lambda item: item is _SAVED, lambda _: next(tensors))
+
+
+def _replaced(value, chosen, replacement):
+    """The dataclass ``value`` with every field value for which ``chosen`` is true, nested
+    dataclasses' too, replaced by ``replacement(item)``, visited in field order."""
+    changes = {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if chosen(item):
+            changes[field.name] = replacement(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            changes[field.name] = _replaced(item, chosen, replacement)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProblemLoss:
+    """``nll_loss`` of a problem, for :class:`FusedLoss`: differentiated with respect to the
+    input; ``unit``: the forward writes the gradient too (see ``_gradient_with_the_loss``)."""
+
+    problem: Problem
+    unit: bool
+
+    @property
+    def arguments(self) -> tuple:
+        return (self.problem.input,)
+
+    def forward(self, wants):
+        if not self.unit:
+            return _compute("forward", self.problem), None
+        loss, gradient = _compute("forward_backward", self.problem)
+        return loss, (gradient,)
+
+    def gradients(self, grad, wants):
+        problem = _checked_by_the_forward(self.problem)
+        return (_compute("backward", problem, _upstream(problem, grad)),)
+
+    def differentiable_gradients(self, grad, wants):
+        problem = _checked_by_the_forward(self.problem)
+        return (_Backward.apply(_upstream(problem, grad), problem.input, problem),)
 
 
 def _checked_by_the_forward(problem: Problem) -> Problem:
@@ -342,40 +501,18 @@ def _checked_by_the_forward(problem: Problem) -> Problem:
     return problem.replace(check_targets=False)
 
 
-class _LossWithUnitGradient(torch.autograd.Function):
-    """The loss, with the gradient for an upstream gradient of 1 from the same pass over
-    the input (from logits: the softmax is computed once). The backward scales it."""
-
-    @staticmethod
-    def forward(ctx, input, problem: Problem):
-        loss, ctx.unit_gradient = _compute("forward_backward", problem)
-        _save_problem(ctx, problem)
-        ctx.set_materialize_grads(False)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is None:  # nothing flows back through the loss
-            return None, None
-        unit, ctx.unit_gradient = ctx.unit_gradient, None  # autograd may keep, not copy, it
-        if torch.is_grad_enabled() or unit is None:  # a graph to build, or a second backward
-            return _Loss.backward(ctx, grad)
-        if is_unit_upstream(grad):
-            return unit, None
-        return _scaled(unit, grad), None
-
-
 def is_unit_upstream(grad: torch.Tensor) -> bool:
     """The upstream gradient is the scalar 1, so a unit gradient needs no scaling. Read on
     the CPU only: reading a value is a host synchronisation on a GPU, where it multiplies."""
     return grad.is_cpu and grad.dim() == 0 and bool(grad == 1)
 
 
-def _scaled(unit: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _scaled(unit: torch.Tensor, grad: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """The gradient is linear in the upstream one: the unit gradient scaled (per element
-    along the class axis for 'none')."""
+    along the class axis for 'none'); ``in_place`` overwrites ``unit``, ours to reuse."""
     grad = grad.to(unit.dtype)
-    return unit * (grad if grad.dim() == 0 else grad.unsqueeze(1))
+    factor = grad if grad.dim() == 0 else grad.unsqueeze(1)
+    return unit.mul_(factor) if in_place else unit * factor
 
 
 class _Backward(torch.autograd.Function):

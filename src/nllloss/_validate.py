@@ -278,7 +278,15 @@ def check_label_smoothing(label_smoothing: Any) -> float:
 
 
 def _real_number(value: Any, name: str, expected: str) -> float:
-    """``value`` as a float, if it is a real number (not bool); else the TypeError."""
+    """``value`` as a float, if it is a real number (not bool) or a 0-d array of one, as
+    torch reads ``label_smoothing=torch.tensor(0.1)``; else the TypeError. A tensor that
+    requires grad is refused, as by torch: the option would get no gradient."""
+    if getattr(value, "shape", None) == () and (
+        is_float_dtype(value.dtype) or is_integer_dtype(value.dtype)
+    ):
+        if getattr(value, "requires_grad", False):
+            raise TypeError(f"{name} must be {expected}, got a tensor that requires grad")
+        return float(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (int, float, np.integer, np.floating)
     ):
@@ -313,11 +321,49 @@ def check_softcap(softcap: Any, from_logits: bool) -> float | None:
     return value
 
 
+def check_temperature(temperature: Any) -> float:
+    """The sampling temperature of the per-token statistics: a finite real number > 0."""
+    value = _real_number(temperature, "temperature", "a finite real number > 0")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"temperature must be a finite real number > 0, got {value}")
+    return value
+
+
+def check_classes_for_stats(classes: int) -> None:
+    """The per-token statistics need a class at least (the argmax of nothing is undefined)."""
+    if classes < 1:
+        raise ValueError(
+            f"token statistics need at least one class (the argmax of none is undefined), "
+            f"got C = {classes}"
+        )
+
+
 def check_return_lse(return_lse: Any, from_logits: bool) -> bool:
     """Whether to return the log-sum-exp of each element's logits (from logits only)."""
     value = check_flag(return_lse, "return_lse")
     if value:
         _needs_logits("return_lse=True", from_logits)
+    return value
+
+
+def check_return_stats(
+    return_stats: Any, from_logits: bool, probabilities: bool, return_lse: bool
+) -> bool:
+    """Whether to return the per-token statistics with the loss: from logits, with class
+    indices, and not together with ``return_lse`` (the statistics hold the lse)."""
+    value = check_flag(return_stats, "return_stats")
+    if value:
+        _needs_logits("return_stats=True", from_logits)
+        if probabilities:
+            raise ValueError(
+                "return_stats=True needs class indices as the target (the log-probability of "
+                "the target), got class probabilities"
+            )
+        if return_lse:
+            raise ValueError(
+                "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
+                "(stats.lse); pass one of them"
+            )
     return value
 
 
@@ -434,9 +480,12 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
-    """``grad_output`` has the loss's shape, or holds one value that broadcasts to it (for a
-    0-d loss any shape of ones, for an element-wise loss one of at most its rank)."""
+def check_grad_output_shape(
+    grad_shape: tuple[int, ...], output_shape: tuple[int, ...], name: str = "grad_output"
+) -> None:
+    """``grad_output`` (or the upstream gradient ``name``) has the loss's shape, or holds one
+    value that broadcasts to it (for a 0-d loss any shape of ones, for an element-wise loss
+    one of at most its rank)."""
     grad_shape = tuple(grad_shape)
     output_shape = tuple(output_shape)
     one_value = all(d == 1 for d in grad_shape)
@@ -445,16 +494,16 @@ def check_grad_output_shape(grad_shape: tuple[int, ...], output_shape: tuple[int
     ):
         return
     raise ValueError(
-        f"grad_output must have the loss's shape {output_shape} or be a scalar, "
-        f"got shape {grad_shape}"
+        f"{name} must have the loss's shape {output_shape} or be a scalar, got shape {grad_shape}"
     )
 
 
-def check_grad_output_dtype(dtype: Any) -> None:
-    """``grad_output`` must be real: floating, or integer (cast to the input's dtype)."""
+def check_grad_output_dtype(dtype: Any, name: str = "grad_output") -> None:
+    """``grad_output`` (or ``name``) must be real: floating, or integer (cast to the input's
+    dtype)."""
     if is_float_dtype(dtype) or is_integer_dtype(dtype):
         return
-    raise TypeError(f"grad_output must be a real floating array or number, got dtype {dtype}")
+    raise TypeError(f"{name} must be a real floating array or number, got dtype {dtype}")
 
 
 def check_paddle_reduction(reduction: Any) -> str:

@@ -494,7 +494,7 @@ def _entropy_and_top1(hidden, weight, bias, target, mask, softcap):
     from ._linear import chunk_rows_for
 
     rows = int(hidden.shape[0])
-    step = chunk_rows_for(rows, int(weight.shape[0]), 4)
+    step = chunk_rows_for(rows)
     entropy = hidden.new_zeros(rows)
     top1 = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
     for start in range(0, rows, step):

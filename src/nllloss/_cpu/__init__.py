@@ -44,6 +44,7 @@ class NumpyBackend:
         self.kernels, self.softmax = kernels, softmax
         self.xp = _generic_numpy().xp
         self.total_weight = _generic_numpy().total_weight
+        self.autocast = _generic_numpy().autocast
         self.quick_forward = quick_forward
 
     @staticmethod
@@ -59,6 +60,9 @@ class NumpyBackend:
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
         return self.engine(problem).forward_backward(problem, grad_output, out)
+
+    def forward_and_lse(self, problem: Problem):
+        return self.engine(problem).forward_and_lse(problem)
 
 
 @functools.cache
@@ -155,17 +159,20 @@ def _native(a):
 
 
 def _kernel_target(problem: Problem):
-    """The target as (B, S) for the kernels, which read it as int64.
+    """The target as (B, S) for the kernels; uint64 as int64 (numba's arithmetic of uint64
+    with int64 is float64, which indexes nothing).
 
     uint64 values above the int64 range are no class index and never ``ignore_index``; they
     become an int64 value that is neither, so the kernels report them where they are.
     """
     layout, ignore_index = problem.layout, problem.ignore_index
     t2 = _native(problem.target).reshape(layout.batch, layout.spatial)
-    if t2.dtype == np.uint64 and t2.size and t2.max() > np.iinfo(np.int64).max:
+    if t2.dtype != np.uint64:
+        return t2
+    if t2.size and t2.max() > np.iinfo(np.int64).max:
         out_of_range = np.iinfo(np.int64).min + (ignore_index == np.iinfo(np.int64).min)
-        t2 = np.where(t2 > np.iinfo(np.int64).max, out_of_range, t2.astype(np.int64))
-    return t2
+        return np.where(t2 > np.iinfo(np.int64).max, out_of_range, t2.astype(np.int64))
+    return t2.view(np.int64)  # the same values, not copied
 
 
 def _raise_if_bad(first_bad: int, problem: Problem) -> None:
@@ -393,12 +400,19 @@ def forward_backward(problem: Problem, grad_output, out=None):
     return loss, backward(problem, grad_output, out)
 
 
+def forward_and_lse(problem: Problem):
+    """(the loss, each target element's log-sum-exp) from logits, in one pass: see
+    ``_generic.log_normalizer`` for the second (O(N) memory beyond the input)."""
+    loss, _, lse = _softmax_forward_backward(problem, want_lse=True)
+    return loss, lse
+
+
 @_generic.IEEE_RESULTS
-def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
+def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want_lse=False):
     """(loss, gradient or None) when rows are read whole (``Problem.over_rows``): the
     ``_softmax`` kernels give each element's target, smoothing and z-loss terms in float64
     (and the gradient when ``grad_output`` is given); they are reduced here in float64 and
-    rounded once."""
+    rounded once. With ``want_lse``, (loss, None, each element's log-sum-exp)."""
     softmax = load().softmax
     layout, x, ignore_index = problem.layout, problem.input, problem.ignore_index
     x3, dtype, table = _input_view(problem, x)
@@ -422,6 +436,9 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         smoothing = 0.0
     target_scale = 1.0 - smoothing
     smooth_scale = _generic.smoothing_share(smoothing, layout.classes)
+    # Probabilities are smoothed before they meet the log-probabilities, as torch's
+    # p' = (1 - eps) p + eps / C: the kernels' smoothing term is for class indices.
+    separate_smoothing = bool(smoothing) and not problem.probabilities
     want_grad = grad_output is not None
     upstream = np.zeros(1)
     if want_grad:
@@ -436,6 +453,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     nll = np.empty(size)
     smooth = np.empty(size)
     z_terms = np.empty(size if problem.z_loss else 0)
+    lse = np.empty(size if want_lse else 0)
     spatial = layout.spatial
     rows = spatial == 1
     kernel = softmax.softmax_rows if rows else softmax.softmax_tiles
@@ -444,7 +462,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
     probabilities = p3.reshape(p3.shape[:2]) if rows else p3
     # The weight sum only scales the smoothing term: without smoothing it is not read (a
     # NaN weight of a class no target uses must not reach the gradient).
-    weight_sum = float(np.sum(weight, dtype=np.float64)) if smoothing else 0.0
+    weight_sum = float(np.sum(weight, dtype=np.float64)) if separate_smoothing else 0.0
 
     def run(block: slice, grad_rows):
         """The kernel on a block of rows (elements ``block`` of the batch axis)."""
@@ -452,10 +470,10 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         work = (block.stop - block.start) * layout.classes * spatial
         _sized(kernel, work, grad_rows.size > 0)(
             inputs[block], targets[block], probabilities[block], ignore_index,
-            weight, weight_sum, table, problem.from_logits, bool(smoothing), problem.z_loss,
+            weight, weight_sum, table, problem.from_logits, separate_smoothing, problem.z_loss,
             problem.softcap or 0.0, upstream if upstream.size == 1 else upstream[cells],
             target_scale, smooth_scale, nll[cells], smooth[cells],
-            z_terms[cells], grad_rows,
+            z_terms[cells], lse[cells] if want_lse else lse, grad_rows,
         )  # fmt: skip
 
     everything = slice(0, layout.batch)
@@ -471,7 +489,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         grad = _gradient_in_blocks(run, problem, out, dtype, inputs.shape)
 
     if problem.elementwise:
-        loss = target_scale * nll + smooth_scale * smooth if smoothing else nll
+        loss = target_scale * nll + smooth_scale * smooth if separate_smoothing else nll
         if problem.z_loss:
             loss = loss + z_terms
         loss = loss.reshape(layout.output_shape).astype(x.dtype)
@@ -480,11 +498,13 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None):
         z_value = np.sum(z_terms)
         if problem.reduction == "mean":  # each term divided, as torch: 0/0 in one is NaN
             value, smooth_value, z_value = value / total, smooth_value / total, z_value / total
-        if smoothing:
+        if separate_smoothing:
             value = target_scale * value + smooth_scale * smooth_value
         if problem.z_loss:
             value = value + z_value
         loss = np.array(value, dtype=x.dtype)
+    if want_lse:
+        return loss, grad, lse.reshape(layout.output_shape).astype(x.dtype)
     return loss, grad
 
 
@@ -538,5 +558,8 @@ def _weight_total(kernels, t2, ignore_index, weight):
 
 # The engine of these kernels, as NumpyBackend.engine names it.
 _COMPILED = SimpleNamespace(
-    forward=forward, backward=backward, forward_backward=forward_backward
+    forward=forward,
+    backward=backward,
+    forward_backward=forward_backward,
+    forward_and_lse=forward_and_lse,
 )

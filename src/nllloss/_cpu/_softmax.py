@@ -4,24 +4,27 @@ and ``softcap``: one visit of each input row.
 For each target element the kernels compute, reading its row of C values once from
 memory (a row is re-read from cache, not from memory, by the later loops):
 
-* with logits (capped to ``c tanh(x / c)`` on the fly with ``softcap``), the row's
-  maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so ``log q_c = x_c - m -
-  log_norm``, never stored; ``lse = m + log_norm``;
-* the target term ``nll``: ``-w_t log q_t`` for a class index, ``-sum_c w_c p_c log q_c``
-  for probabilities; with smoothing, ``smooth = -sum_c w_c log q_c``; with ``z_loss``,
-  ``z v lse**2`` (``v = w_t``, 1 for probabilities); each in float64, for the caller to
-  reduce;
+* with logits (capped to ``c tanh(x / c)`` with ``softcap``: computed in float64 once per
+  logit, with its derivative, for every c > 0, and rounded to the compute dtype), the
+  row's maximum ``m`` and ``log_norm = log(sum_c exp(x_c - m))``, so ``log q_c = (x_c - m)
+  - log_norm``, never stored; ``lse = m + log_norm``;
+* the target term ``nll``: ``-w_t log q_t`` for a class index, ``-sum_c w_c p'_c log q_c``
+  for probabilities smoothed first, as torch's ``p' = (1 - eps) p + eps / C`` (so a
+  ``-inf`` logit or an infinite ``p`` gives torch's inf, not ``inf * 0``); with smoothing
+  of class indices, ``smooth = -sum_c w_c log q_c``; with ``z_loss``, ``z v lse**2``
+  (``v = w_t``, 1 for probabilities); each in float64, for the caller to reduce;
 * optionally the gradient, written once per element (it may overwrite the input:
   each element is read before it is written):
   ``a * q_c - e * w_c - b_c``, times ``1 - tanh(x_c / c)**2`` with a cap, where
-  ``a = s ((1 - eps) sum_k w_k p_k + eps/C sum_k w_k + 2 z v lse)``, ``e = s eps/C`` and
-  ``b_c = s (1 - eps) w_c p_c`` (a one-hot p for a class index; ``a = 0`` for
-  log-probability input) and ``s`` the element's upstream gradient.
+  ``a = s ((1 - eps) w_t + eps/C sum_k w_k + 2 z v lse)``, ``e = s eps/C`` and
+  ``b_c = s (1 - eps) w_c [c = t]`` for a class index; for probabilities
+  ``a = s (sum_k w_k p'_k + 2 z lse)``, ``e = 0`` and ``b_c = s w_c p'_c``; ``a = 0`` for
+  log-probability input; ``s`` the element's upstream gradient.
 
-Sums accumulate in float64; ``exp`` and ``tanh`` of float32 values are polynomials that
-vectorise (within 2 and 3 ulp; numba's ``math.exp`` calls libm once per element). Rows are
-independent, so results do not depend on the thread count. Ignored elements get 0
-everywhere.
+Sums accumulate in float64; ``exp`` of float32 values, and the cap's ``exp`` in float64,
+are polynomials that vectorise (within 2 ulp; numba's ``math.exp`` calls libm once per
+element). Rows are independent, so results do not depend on the thread count. Ignored
+elements get 0 everywhere.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from ._kernels import _decode, _parallel_and_serial
 TILE = 256
 # Classes summed in the compute dtype before their sum joins the float64 total.
 CLASS_BLOCK = 32
+# Tasks that softmax_rows's rows are shared into, at least (when there are as many rows):
+# several per thread, so that threads finishing early find work.
+ROW_TASKS = 64
 
 
 @intrinsic
@@ -155,74 +161,177 @@ def _row_max(row, decode):
     return m4 if m4 > m0 else m0
 
 
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """The float64 whose bit pattern is the int64 ``bits`` (a no-op reinterpretation)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+_LOG2E64 = 1.4426950408889634
+# ln 2 split in two (fdlibm's): k * _LN2_HIGH64 is exact for |k| < 2**20
+_LN2_HIGH64 = 6.93147180369123816490e-01
+_LN2_LOW64 = 1.90821492927058770002e-10
+# Below this, exp underflows float64's normal range: 0
+_EXP64_FLOOR = -708.0
+
+
 @numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
-def _tanh32(y):
-    """tanh(y) for float32 y, in a form that vectorises (numba's ``math.tanh`` calls libm
-    once per element): an odd Taylor polynomial of degree 9 below ``|y| = 1/4`` (truncation
-    below 0.2 ulp), else ``(1 - e) / (1 + e)`` with ``e = exp(-2|y|)`` (within 3 ulp)."""
+def _exp64(x):
+    """exp(x) for float64 x <= 0 (or -inf, NaN), in a form that vectorises: 2**k * e**r,
+    |r| <= ln2 / 2, with e**r by its Taylor polynomial of degree 13 (truncation below
+    0.05 ulp)."""
+    k = np.floor(x * _LOG2E64 + 0.5)
+    k = k if k > -1022.0 else -1022.0  # also maps NaN to a number
+    r = (x - k * _LN2_HIGH64) - k * _LN2_LOW64
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    y = p * _float64_from_bits(np.int64(k + 1023.0) << 52)
+    return 0.0 if x < _EXP64_FLOOR else y  # NaN is not below: it stays NaN
+
+
+# Below |y| = sqrt(eps), tanh(y) = y to the dtype's precision, so c tanh(x / c) = x: the
+# cap returns x itself (x / c may have underflowed there, for a large c). As _generic.
+_LINEAR_BELOW_32 = math.sqrt(np.finfo(np.float32).eps)
+_LINEAR_BELOW_64 = math.sqrt(np.finfo(np.float64).eps)
+_FLOAT64_LARGEST = float(np.finfo(np.float64).max)
+
+
+@numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
+def _cap_and_slope_in_float64(value, cap):
+    """(``cap * tanh(value / cap)``, its derivative ``1 - tanh(value / cap)**2``) in
+    float64, rounded to float32, for a float32 value and a float64 cap: right for every
+    cap > 0 (1e-50 and 1e39 too), in a form that vectorises.
+
+    With ``y = value / cap`` and ``e = exp(-2|y|)``: ``tanh |y| = (1 - e) / (1 + e)``
+    (from ``|y| = 1/4`` on; below, where ``1 - e`` would cancel, its odd Taylor polynomial of
+    degree 11, truncation below 3e-10) and ``1 - tanh(y)**2 = 4e / (1 + e)**2``, which
+    has no cancellation (``1 - t * t`` near ``|t| = 1`` loses float32's digits: 4 of them at
+    ``|y| = 3``)."""
+    # times 1 / c, the same for every value (hoisted out of the loops: a division per
+    # value costs 1.4x the whole), clamped to float64's largest: for a subnormal c (whose
+    # inverse is inf) every float32 value but 0 still meets |y| > 1e263, and 0 gives 0
+    y = np.float64(value) * min(1.0 / cap, _FLOAT64_LARGEST)
     a = abs(y)
-    e = _exp32(np.float32(-2.0) * a)
-    far = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    e = _exp64(-2.0 * a)
+    reciprocal = 1.0 / (1.0 + e)  # (one division for both)
+    far = (1.0 - e) * reciprocal
     s = a * a
-    near = np.float32(62.0 / 2835.0)
-    near = near * s - np.float32(17.0 / 315.0)
-    near = near * s + np.float32(2.0 / 15.0)
-    near = near * s - np.float32(1.0 / 3.0)
+    near = -1382.0 / 155925.0
+    near = near * s + 62.0 / 2835.0
+    near = near * s - 17.0 / 315.0
+    near = near * s + 2.0 / 15.0
+    near = near * s - 1.0 / 3.0
     near = a + a * (near * s)
-    r = near if a < np.float32(0.25) else far
-    return r if y >= np.float32(0.0) else -r
+    t = near if a < 0.25 else far
+    t = t if y >= 0.0 else -t  # (NaN stays NaN)
+    capped = np.float32(cap * t) if a >= _LINEAR_BELOW_32 else value
+    return capped, np.float32((4.0 * e) * (reciprocal * reciprocal))
 
 
-def _tanh(x):
-    """tanh in the value's own precision."""
+@numba.njit(error_model="numpy", cache=True)
+def _cap_and_slope_float64(value, cap):
+    """As ``_cap_and_slope_in_float64``, for a float64 value, with libm's tanh and exp."""
+    y = value / cap
+    e = math.exp(-2.0 * abs(y))
+    capped = cap * math.tanh(y) if abs(y) >= _LINEAR_BELOW_64 else value
+    return capped, 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
-@overload(_tanh)
-def _tanh_by_type(x):
-    if x == types.float32:
-        return lambda x: _tanh32(x)
-    return lambda x: math.tanh(x)
+def _cap_and_slope(value, cap):
+    """(``cap * tanh(value / cap)``, ``1 - tanh(value / cap)**2``), computed in float64 and
+    given in the value's own precision (Gemma 2's logit soft-capping and its derivative);
+    ``cap`` is a float64 > 0."""
+
+
+@overload(_cap_and_slope, inline="always")
+def _cap_and_slope_by_type(value, cap):
+    if value == types.float32:
+        return lambda value, cap: _cap_and_slope_in_float64(value, cap)
+    return lambda value, cap: _cap_and_slope_float64(value, cap)
 
 
 @numba.njit(inline="always", error_model="numpy")
-def _cap(value, cap):
-    """``cap * tanh(value / cap)`` (Gemma 2's logit soft-capping); the value itself for
-    ``cap = 0``, no cap. ``cap`` is in the value's compute type."""
-    return cap * _tanh(value / cap) if cap > 0 else value
+def _capped(value, cap):
+    """The capped value ``cap * tanh(value / cap)`` in the value's precision; the value itself
+    for ``cap = 0``, no cap."""
+    return _cap_and_slope(value, cap)[0] if cap > 0 else value
 
 
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
-def _sum_of_exp(row, decode, top, cap):
-    """sum_j exp(row[j] - top) of the (capped) row, in float64 over blocks of ``SUM_BLOCK``."""
+def _sum_of_exp(row, decode, top):
+    """sum_j exp(row[j] - top), in float64 over blocks of ``SUM_BLOCK``."""
     total = 0.0
     for start in range(0, row.shape[0], SUM_BLOCK):
         part = row[start : start + SUM_BLOCK]
         block = _in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            block += _exp(_cap(_decode(part[j], decode), cap) - top)
+            block += _exp(_decode(part[j], decode) - top)
         total += np.float64(block)
     return total
 
 
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
-def _weighted_sum(row, decode, weight, shift, cap):
-    """sum_j weight[j] * (row[j] - shift) of the (capped) row, in float64 over blocks of
-    ``SUM_BLOCK`` terms."""
+def _capped_sum_of_exp(row, decode, top, cap, capped, slopes):
+    """sum_j exp(capped[j] - top), in float64 over blocks of ``SUM_BLOCK``, writing the
+    capped row into ``capped`` and, when it has room, its derivative into ``slopes``:
+    the cap is computed once per value."""
+    total = 0.0
+    for start in range(0, row.shape[0], SUM_BLOCK):
+        stop = min(start + SUM_BLOCK, row.shape[0])
+        block = _in_compute_type(0.0, capped)
+        if slopes.shape[0] > 0:  # (two loops: a test inside would keep them from vectorising)
+            for j in range(start, stop):
+                value, slope = _cap_and_slope(_decode(row[j], decode), cap)
+                capped[j] = value
+                slopes[j] = slope
+                block += _exp(value - top)
+        else:
+            for j in range(start, stop):
+                value = _cap_and_slope(_decode(row[j], decode), cap)[0]
+                capped[j] = value
+                block += _exp(value - top)
+        total += np.float64(block)
+    return total
+
+
+@numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
+def _weighted_sum(row, decode, weight, shift):
+    """sum_j weight[j] * (row[j] - shift), in float64 over blocks of ``SUM_BLOCK`` terms."""
     total = 0.0
     for start in range(0, row.shape[0], SUM_BLOCK):
         part = row[start : start + SUM_BLOCK]
         part_weight = weight[start : start + SUM_BLOCK]
         block = _in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            block += part_weight[j] * (_cap(_decode(part[j], decode), cap) - shift)
+            block += part_weight[j] * (_decode(part[j], decode) - shift)
         total += np.float64(block)
     return total
 
 
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
-def _probability_sums(row, p, decode, weight, shift, cap):
-    """(sum_j w_j p_j (row[j] - shift) of the (capped) row, sum_j w_j p_j), each in float64
-    over blocks of ``SUM_BLOCK`` terms; ``p`` is decoded as the row is."""
+def _probability_sums(row, p, decode, weight, scale, share, shift, log_norm):
+    """(sum_j w_j p'_j ((row[j] - shift) - log_norm), sum_j w_j p'_j) with the smoothed
+    probabilities ``p' = scale * p + share`` (``p`` decoded as the row is), each in float64
+    over blocks of ``SUM_BLOCK`` terms. The log-probability is formed before it is weighted,
+    as torch's ``-(log_softmax(x) * p').sum()``: an infinite ``p'`` at the row's maximum
+    meets ``log q < 0`` (not ``x - max = 0``) and a ``-inf`` logit meets the smoothed
+    ``p' > 0``, so the loss is inf where torch's is."""
     dot = 0.0
     mass = 0.0
     for start in range(0, row.shape[0], SUM_BLOCK):
@@ -232,8 +341,8 @@ def _probability_sums(row, p, decode, weight, shift, cap):
         block_dot = _in_compute_type(0.0, row)
         block_mass = _in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            wp = part_weight[j] * _decode(part_p[j], decode)
-            block_dot += wp * (_cap(_decode(part[j], decode), cap) - shift)
+            wp = part_weight[j] * (scale * _decode(part_p[j], decode) + share)
+            block_dot += wp * ((_decode(part[j], decode) - shift) - log_norm)
             block_mass += wp
         dot += np.float64(block_dot)
         mass += np.float64(block_mass)
@@ -247,113 +356,195 @@ _FAST = {"contract", "reassoc"}
 @_parallel_and_serial(fastmath=_FAST)
 def softmax_rows(
     x2, t1, p2, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
-    softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, grad2,
+    softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2,
 ):  # fmt: skip
     """(N, C) input: per row, the statistics above; the gradient when ``grad2`` is (N, C).
 
     The targets are the class indices ``t1`` or, when ``p2`` is (N, C), the probabilities
-    ``p2`` (decoded as ``x2``). ``weight`` holds C values (ones when unweighted) in the
-    gradient's dtype, ``weight_sum`` their sum; ``upstream`` is one value per row or a
-    single one. ``softcap`` is 0 for no cap; ``z_terms`` gets ``z v lse**2`` per row when
-    ``z_loss`` > 0 (and has no values otherwise).
+    ``p2`` (decoded as ``x2``), smoothed to ``target_scale * p + smooth_scale`` (then
+    ``smoothing`` is False: the smoothing is in the probabilities). ``weight`` holds C
+    values (ones when unweighted) in the gradient's dtype, ``weight_sum`` their sum;
+    ``upstream`` is one value per row or a single one. ``softcap`` is 0 for no cap;
+    ``z_terms`` gets ``z v lse**2`` per row when ``z_loss`` > 0 and ``lse_out`` the row's
+    log-sum-exp when it has room (each has no values otherwise).
+
+    With a cap, each row is capped once into a buffer of C values (and the cap's
+    derivative into a second one for the gradient), which the passes then read.
     """
     rows, classes = x2.shape
     want_grad = grad2.shape[0] == rows
-    one_upstream = upstream.shape[0] == 1
-    probabilities = p2.shape[0] == rows
+    capped = softcap > 0.0
+    # Rows per task: a cap's buffers are allocated per task (at most 16 rows, so that an
+    # allocation costs little beside the task's work); at least ROW_TASKS tasks when there
+    # are rows enough, to share out among the threads.
+    per_task = max(1, min(16, rows // ROW_TASKS))
+    for task in numba.prange((rows + per_task - 1) // per_task):
+        values = _compute_buffer(classes if capped else 0, x2)
+        slopes = _compute_buffer(classes if capped and want_grad else 0, x2)
+        for i in range(task * per_task, min((task + 1) * per_task, rows)):
+            _softmax_row(
+                i, x2[i], t1, p2, ignore_index, weight, weight_sum, decode, from_logits,
+                smoothing, z_loss, softcap, upstream, target_scale, smooth_scale, nll, smooth,
+                z_terms, lse_out, grad2, values, slopes,
+            )  # fmt: skip
+
+
+@numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _softmax_row(
+    i, row, t1, p2, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
+    softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2,
+    values, slopes,
+):  # fmt: skip
+    """Row ``i`` of ``softmax_rows``; ``values`` and ``slopes`` are its buffers for a cap."""
+    classes = row.shape[0]
+    want_grad = grad2.shape[0] > 0
+    probabilities = p2.shape[0] > 0
     with_z = z_loss > 0.0
-    cap = _in_compute_type(softcap, x2)
-    for i in numba.prange(rows):
-        target = 0 if probabilities else t1[i]
-        if classes == 0 or (not probabilities and target == ignore_index):
-            nll[i] = 0.0
-            smooth[i] = 0.0
-            if with_z:
-                z_terms[i] = 0.0
-            if want_grad:
-                for j in range(classes):
-                    grad2[i, j] = 0.0
-            continue
-        row = x2[i]
-        top = _in_compute_type(0.0, x2)
-        log_norm = 0.0
-        if from_logits:
-            top = _cap(_row_max(row, decode), cap)  # the cap keeps the order
-            log_norm = math.log(_sum_of_exp(row, decode, top, cap))
-        lse = np.float64(top) + log_norm
-        at_logit = top  # the target's (capped) logit, for a class index
-        if probabilities:
-            dot, mass = _probability_sums(row, p2[i], decode, weight, top, cap)
-            nll[i] = -(dot - log_norm * mass)
-            element_weight = 1.0
-        else:
-            mass = np.float64(weight[target])
-            at_logit = _cap(_decode(row[target], decode), cap)
-            nll[i] = -(mass * (np.float64(at_logit) - lse))
-            element_weight = mass
-        if smoothing:
-            smooth[i] = -(_weighted_sum(row, decode, weight, top, cap) - log_norm * weight_sum)
-        else:
-            smooth[i] = 0.0
+    target = 0 if probabilities else t1[i]
+    if classes == 0 or (not probabilities and target == ignore_index):
+        nll[i] = 0.0
+        smooth[i] = 0.0
         if with_z:
-            z_terms[i] = z_loss * element_weight * lse * lse
-        if not want_grad:
-            continue
-        s = upstream[0] if one_upstream else upstream[i]
-        keep = s * target_scale  # times w_t at the target, or w_c p_c everywhere
-        per_weight = _in_compute_type(s * smooth_scale, grad2)
-        per_probability = _in_compute_type(keep, grad2)
-        out = grad2[i]
-        p_row = p2[i] if probabilities else row  # 1-D rows: the class loops vectorise
-        if from_logits:
-            a = keep * mass
-            if smoothing:  # (the weight sum only then: a NaN weight of an unused class
-                a += s * smooth_scale * weight_sum  # must not reach the gradient)
-            if with_z:  # d(z v lse**2)/dx_c = 2 z v lse q_c
-                a += 2.0 * z_loss * element_weight * lse * s
-            a = _in_compute_type(a, grad2)
-            # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to
-            # float32 would be off by its ulp (0.001 at 1e4)
-            row_log_norm = _in_compute_type(log_norm, x2)
+            z_terms[i] = 0.0
+        if lse_out.shape[0] > 0:
+            lse_out[i] = -np.inf if classes == 0 else _row_lse(row, decode, softcap, values)
+        if want_grad:
             for j in range(classes):
-                value = _cap(_decode(row[j], decode), cap)
-                g = a * _exp((value - top) - row_log_norm)
-                if smoothing:  # (a NaN weight must not reach the gradient without it)
-                    g -= per_weight * weight[j]
-                if probabilities:
-                    g -= per_probability * (weight[j] * _decode(p_row[j], decode))
-                if cap > 0:  # through the cap: d(c tanh(x / c))/dx = 1 - tanh(x / c)**2
-                    slope = value / cap
-                    g *= 1 - slope * slope
-                out[j] = g
-        else:
-            for j in range(classes):
-                g = -(per_weight * weight[j])
-                if probabilities:
-                    g -= per_probability * (weight[j] * _decode(p_row[j], decode))
-                out[j] = g
-        if not probabilities:
-            at_target = _in_compute_type(keep * mass, grad2)
-            if cap > 0:  # (the target's logit read before its row was written)
-                slope = at_logit / cap
-                at_target *= 1 - slope * slope
-            out[target] -= at_target
+                grad2[i, j] = 0.0
+        return
+    if softcap > 0.0:
+        # the cap keeps the order: the capped row's maximum is the capped maximum
+        top = _capped(_row_max(row, decode), softcap)
+        log_norm = math.log(_capped_sum_of_exp(row, decode, top, softcap, values, slopes))
+        _row_statistics(
+            i, values, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss,
+            upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2, slopes,
+            True,
+        )  # fmt: skip
+        return
+    top = _in_compute_type(0.0, row)
+    log_norm = 0.0
+    if from_logits:
+        top = _row_max(row, decode)
+        log_norm = math.log(_sum_of_exp(row, decode, top))
+    _row_statistics(
+        i, row, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss,
+        upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2, slopes,
+        from_logits,
+    )  # fmt: skip
+
+
+@numba.njit(error_model="numpy", cache=True)
+def _row_lse(row, decode, softcap, values):
+    """The log-sum-exp of a (capped) row, for ``return_lse`` at an ignored element."""
+    if softcap > 0.0:
+        top = _capped(_row_max(row, decode), softcap)
+        no_slopes = values[:0]
+        return np.float64(top) + math.log(
+            _capped_sum_of_exp(row, decode, top, softcap, values, no_slopes)
+        )
+    top = _row_max(row, decode)
+    return np.float64(top) + math.log(_sum_of_exp(row, decode, top))
+
+
+@numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _row_statistics(
+    i, row, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss, upstream,
+    target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2, slopes, from_logits,
+):  # fmt: skip
+    """Row ``i``'s target, smoothing and z-loss terms, and its gradient when ``grad2`` has
+    rows, from the (capped) ``row``, its maximum ``top`` and ``log_norm = log sum_j
+    exp(row[j] - top)``. ``slopes`` holds the cap's derivative (nothing without a cap)."""
+    classes = row.shape[0]
+    want_grad = grad2.shape[0] > 0
+    probabilities = p2.shape[0] > 0
+    with_z = z_loss > 0.0
+    through_cap = slopes.shape[0] > 0
+    lse = np.float64(top) + log_norm
+    if lse_out.shape[0] > 0:
+        lse_out[i] = lse
+    # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to float32
+    # would be off by its ulp (0.001 at 1e4)
+    row_log_norm = _in_compute_type(log_norm, row)
+    target = 0
+    if probabilities:
+        dot, mass = _probability_sums(
+            row, p2[i], decode, weight, _in_compute_type(target_scale, row),
+            _in_compute_type(smooth_scale, row), top, row_log_norm,
+        )  # fmt: skip
+        nll[i] = -dot
+        element_weight = 1.0
+    else:
+        target = t1[i]
+        mass = np.float64(weight[target])
+        nll[i] = -(mass * (np.float64(_decode(row[target], decode)) - lse))
+        element_weight = mass
+    if smoothing:
+        smooth[i] = -(_weighted_sum(row, decode, weight, top) - log_norm * weight_sum)
+    else:
+        smooth[i] = 0.0
+    if with_z:
+        z_terms[i] = z_loss * element_weight * lse * lse
+    if not want_grad:
+        return
+    s = upstream[0] if upstream.shape[0] == 1 else upstream[i]
+    keep = s if probabilities else s * target_scale  # times w_t at the target, or w_c p'_c
+    per_weight = _in_compute_type(s * smooth_scale, grad2)
+    per_probability = _in_compute_type(keep, grad2)
+    p_scale = _in_compute_type(target_scale, grad2)
+    p_share = _in_compute_type(smooth_scale, grad2)
+    out = grad2[i]
+    # 1-D rows: the class loops vectorise
+    p_row = p2[i] if probabilities else np.empty(0, dtype=p2.dtype)
+    if from_logits:
+        a = keep * mass
+        if smoothing:  # (the weight sum only then: a NaN weight of an unused class
+            a += s * smooth_scale * weight_sum  # must not reach the gradient)
+        if with_z:  # d(z v lse**2)/dx_c = 2 z v lse q_c
+            a += 2.0 * z_loss * element_weight * lse * s
+        a = _in_compute_type(a, grad2)
+        for j in range(classes):
+            g = a * _exp((_decode(row[j], decode) - top) - row_log_norm)
+            if smoothing:  # (a NaN weight must not reach the gradient without it)
+                g -= per_weight * weight[j]
+            if probabilities:
+                g -= per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share))
+            if through_cap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2
+                g *= slopes[j]
+            out[j] = g
+    elif probabilities:
+        for j in range(classes):
+            out[j] = -(
+                per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share))
+            )
+    else:
+        for j in range(classes):
+            out[j] = -(per_weight * weight[j])
+    if not probabilities:
+        at_target = _in_compute_type(keep * mass, grad2)
+        if through_cap:
+            at_target *= slopes[target]
+        out[target] -= at_target
 
 
 @_parallel_and_serial(fastmath=_FAST)
 def softmax_tiles(
     x3, t2, p3, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
-    softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, grad3,
+    softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad3,
 ):  # fmt: skip
     """(B, C, S) input with S > 1: as ``softmax_rows``, over tiles of ``TILE`` elements of
-    the spatial axis (``nll``, ``smooth``, ``z_terms`` and ``upstream`` are flat over
-    (B, S); ``p3`` is (B, C, S) for probabilities)."""
+    the spatial axis (``nll``, ``smooth``, ``z_terms``, ``lse_out`` and ``upstream`` are
+    flat over (B, S); ``p3`` is (B, C, S) for probabilities). A cap is computed again by
+    each pass that reads the logits (a tile of capped values would be C * TILE)."""
     batch, classes, spatial = x3.shape
     want_grad = grad3.shape[0] == batch
     one_upstream = upstream.shape[0] == 1
     probabilities = p3.shape[0] == batch
     with_z = z_loss > 0.0
-    cap = _in_compute_type(softcap, x3)
+    with_lse = lse_out.shape[0] > 0
+    capped = softcap > 0.0
+    p_scale = _in_compute_type(target_scale, x3)
+    p_share = _in_compute_type(smooth_scale, x3)
     tiles = (spatial + TILE - 1) // TILE
     for job in numba.prange(batch * tiles):
         b = job // tiles
@@ -366,7 +557,9 @@ def softmax_tiles(
         top = _compute_buffer(width, x3)
         partial = _compute_buffer(width, x3)
         second = _compute_buffer(width, x3)
+        log_norms = _compute_buffer(width, x3)
         top[:] = 0.0
+        log_norms[:] = 0.0
         total = np.zeros(width, dtype=np.float64)
         weighted = np.zeros(width, dtype=np.float64)
         dots = np.zeros(width, dtype=np.float64)
@@ -380,17 +573,19 @@ def softmax_tiles(
                     value = _decode(xs[k], decode)
                     top[k] = value if value > top[k] else top[k]
             for k in range(width):
-                top[k] = _cap(top[k], cap)  # the cap keeps the order
+                top[k] = _capped(top[k], softcap)  # the cap keeps the order
             # sums over blocks of classes in the compute dtype, each block's added in float64
             for first in range(0, classes, CLASS_BLOCK):
                 partial[:] = 0.0
                 for j in range(first, min(first + CLASS_BLOCK, classes)):
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = _cap(_decode(xs[k], decode), cap)
+                        value = _capped(_decode(xs[k], decode), softcap)
                         partial[k] += _exp(value - top[k])
                 for k in range(width):
                     total[k] += np.float64(partial[k])
+            for k in range(width):
+                log_norms[k] = math.log(total[k])  # subtracted after top, as in softmax_rows
         if smoothing:
             for first in range(0, classes, CLASS_BLOCK):
                 partial[:] = 0.0
@@ -398,11 +593,11 @@ def softmax_tiles(
                     w = weight[j]
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = _cap(_decode(xs[k], decode), cap)
+                        value = _capped(_decode(xs[k], decode), softcap)
                         partial[k] += w * (value - top[k])
                 for k in range(width):
                     weighted[k] += np.float64(partial[k])
-        if probabilities:
+        if probabilities:  # as _probability_sums
             for first in range(0, classes, CLASS_BLOCK):
                 partial[:] = 0.0
                 second[:] = 0.0
@@ -411,15 +606,14 @@ def softmax_tiles(
                     xs = x3[b, j, cells]
                     ps = p3[b, j, cells]
                     for k in range(width):
-                        wp = w * _decode(ps[k], decode)
-                        value = _cap(_decode(xs[k], decode), cap)
-                        partial[k] += wp * (value - top[k])
+                        wp = w * (p_scale * _decode(ps[k], decode) + p_share)
+                        value = _capped(_decode(xs[k], decode), softcap)
+                        partial[k] += wp * ((value - top[k]) - log_norms[k])
                         second[k] += wp
                 for k in range(width):
                     dots[k] += np.float64(partial[k])
                     masses[k] += np.float64(second[k])
         # per element: statistics, and the gradient's coefficients (0 where ignored)
-        log_norms = _compute_buffer(width, x3)
         a = np.zeros(width, dtype=grad3.dtype)
         per_weight = np.zeros(width, dtype=grad3.dtype)
         per_probability = np.zeros(width, dtype=grad3.dtype)
@@ -427,6 +621,10 @@ def softmax_tiles(
         any_ignored = False
         for k in range(width):
             m = b * spatial + start + k
+            log_norm = np.float64(log_norms[k]) if from_logits and classes > 0 else 0.0
+            lse = np.float64(top[k]) + log_norm
+            if with_lse:
+                lse_out[m] = lse if classes > 0 else -np.inf
             target = 0 if probabilities else t2[b, start + k]
             if not probabilities and target == ignore_index:
                 nll[m] = 0.0
@@ -435,30 +633,27 @@ def softmax_tiles(
                     z_terms[m] = 0.0
                 any_ignored = True
                 continue
-            log_norm = 0.0
-            if from_logits and classes > 0:
-                log_norm = math.log(total[k])
-            log_norms[k] = log_norm  # subtracted after top, as in softmax_rows
-            lse = np.float64(top[k]) + log_norm
-            value = top[k]  # the target's (capped) logit, for a class index
+            slope = 1.0
             if probabilities:
                 mass = masses[k]
-                nll[m] = -(dots[k] - log_norm * mass)
+                nll[m] = -dots[k]
                 element_weight = 1.0
+                keep = s = upstream[0] if one_upstream else upstream[m]
             else:
                 mass = np.float64(weight[target])
-                value = _cap(_decode(x3[b, target, start + k], decode), cap)
+                value = _decode(x3[b, target, start + k], decode)
+                if capped:  # read now: the gradient may overwrite x
+                    value, slope = _cap_and_slope(value, softcap)
                 nll[m] = -(mass * (np.float64(value) - lse))
                 element_weight = mass
+                s = upstream[0] if one_upstream else upstream[m]
+                keep = s * target_scale
+                at_target[k] = keep * mass
+                if capped:
+                    at_target[k] *= slope
             smooth[m] = -(weighted[k] - log_norm * weight_sum) if smoothing else 0.0
             if with_z:
                 z_terms[m] = z_loss * element_weight * lse * lse if classes > 0 else 0.0
-            s = upstream[0] if one_upstream else upstream[m]
-            keep = s * target_scale
-            at_target[k] = keep * mass
-            if cap > 0 and not probabilities:  # read now: the gradient may overwrite x
-                slope = value / cap
-                at_target[k] *= 1 - slope * slope
             per_weight[k] = s * smooth_scale
             per_probability[k] = keep
             if from_logits:
@@ -476,19 +671,24 @@ def softmax_tiles(
             ps = p3[b, j, cells] if probabilities else xs
             out = grad3[b, j, cells]
             for k in range(width):
-                g = _in_compute_type(0.0, grad3)
-                value = top[k]  # (read with a cap only, which needs logits)
-                if from_logits:
-                    value = _cap(_decode(xs[k], decode), cap)
-                    g = a[k] * _exp((value - top[k]) - log_norms[k])
+                if not from_logits:  # (as softmax_rows: -0.0 where the product is 0)
+                    if probabilities:
+                        out[k] = -(
+                            per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share))
+                        )
+                    else:
+                        out[k] = -(per_weight[k] * w)
+                    continue
+                value = _decode(xs[k], decode)
+                slope = _in_compute_type(1.0, grad3)
+                if capped:
+                    value, slope = _cap_and_slope(value, softcap)
+                g = a[k] * _exp((value - top[k]) - log_norms[k])
                 if smoothing:
                     g -= per_weight[k] * w
                 if probabilities:
-                    g -= per_probability[k] * (w * _decode(ps[k], decode))
-                if cap > 0:
-                    slope = value / cap
-                    g *= 1 - slope * slope
-                out[k] = g
+                    g -= per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share))
+                out[k] = g * slope if capped else g
         if not probabilities:
             for k in range(width):
                 target = t2[b, start + k]

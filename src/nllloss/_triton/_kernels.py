@@ -23,7 +23,8 @@ weight (1 without one), ``eps`` the label smoothing and ``W = sum_c w_c``, per p
   position (0 where ignored, NaN where the target is out of range) and ``q = exp(logp)``:
   index ``s * (A * q_c - (1 - eps) * w_t * [c == t] - (eps / C) * w_c)`` with
   ``A = (1 - eps) * w_t + (eps / C) * W + 2 z lse w_t``; probabilities
-  ``s * ((P + 2 z lse) * q_c - w_c p'_c)``; then times ``1 - tanh(x / c)**2`` with a cap.
+  ``s * ((P + 2 z lse) * q_c - w_c p'_c)``; then times ``1 - tanh(x / c)**2`` with a cap
+  (``_cap_and_slope``).
   For log-probabilities the same without the ``q_c`` terms.
 
 Sums never use atomics: each program writes its partial sums, and ``finish`` adds them in
@@ -52,16 +53,25 @@ def _rounded(value, ptr):
 
 
 @triton.jit
-def _tanh(v):
-    """tanh in float32 to a few ulp: a series near 0 (where ``1 - exp(-2|v|)`` would
-    cancel), else ``(1 - e) / (1 + e)`` with ``e = exp(-2|v|)``; odd, and +-1 at +-inf."""
-    a = tl.abs(v)
+def _cap_and_slope(v, cap, first, second):
+    """(``c * tanh(v / c)``, its derivative ``1 - tanh(v / c)**2``) in float32, for every
+    cap c = ``cap / (first * second)`` (``_generic.softcap_parts``: float32 holds neither
+    1e39 nor 1e-50). With ``y = v / c`` and ``e = exp(-2|y|)``: ``tanh |y|`` is a series
+    below ``|y| = 1/4`` (where ``1 - e`` would cancel), else ``(1 - e) / (1 + e)``; the
+    derivative is ``4e / (1 + e)**2``, with no cancellation (``1 - t * t`` near ``|t| = 1``
+    loses float32's digits); below ``|y| = sqrt(eps)`` the cap is ``v`` itself (``v / c``
+    may underflow there, for a large c)."""
+    y = ((v * first) / cap) * second  # (v / cap may overflow where v / c does not)
+    a = tl.abs(y)
     e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    s = v * v
+    reciprocal = 1.0 / (1.0 + e)
+    big = (1.0 - e) * reciprocal
+    s = y * y
     series = s * (-1382.0 / 155925.0) + 62.0 / 2835.0
     series = s * (s * (s * (s * series - 17.0 / 315.0) + 2.0 / 15.0) - 1.0 / 3.0) + 1.0
-    return tl.where(a < 0.25, v * series, tl.where(v < 0, -big, big))
+    t = tl.where(a < 0.25, y * series, tl.where(y < 0, -big, big))
+    capped = tl.where(a < 0.00034526698300124393, v, ((cap * t) / first) / second)
+    return capped, (4.0 * e) * (reciprocal * reciprocal)
 
 
 @triton.jit
@@ -135,7 +145,7 @@ def forward_kernel(
     part_bad_ptr, grad_ptr, denominator_ptr,
     M, C, S, blocks, stride_b, stride_c, stride_s, t_stride_b, t_stride_c, t_stride_s,
     grad_stride_b, grad_stride_c, grad_stride_s,
-    ignore_index, eps, z, cap,
+    ignore_index, eps, z, cap, cap_first, cap_second,
     FULL_ROW: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     SMOOTH: tl.constexpr, PROBS: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
     WRITE_LOSS: tl.constexpr, WRITE_LSE: tl.constexpr,
@@ -165,7 +175,7 @@ def forward_kernel(
     if LOAD_X and not PROBS:
         x_t = tl.load(x_ptr + base + t * stride_c, mask=ok, other=0.0).to(tl.float32)
         if SOFTCAP:
-            x_t = cap * _tanh(x_t / cap)
+            x_t = _cap_and_slope(x_t, cap, cap_first, cap_second)[0]
     if FULL_ROW:
         run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -177,7 +187,7 @@ def forward_kernel(
                 x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0
             ).to(tl.float32)
             if SOFTCAP:
-                xs = cap * _tanh(xs / cap)
+                xs = _cap_and_slope(xs, cap, cap_first, cap_second)[0]
             if PROBS:
                 ps = _target_tile(
                     t_ptr, w_ptr, t_base, c, in_c, tile_mask, t_stride_c, C, eps,
@@ -244,7 +254,7 @@ def forward_kernel(
         _row_gradient(
             x_ptr, t_ptr, w_ptr, lse, mass, grad_ptr, base, t_base, grad_base,
             tl.where(ok, t, -1), w_t, scale, in_m, C, stride_c, t_stride_c, grad_stride_c,
-            eps, z, cap,
+            eps, z, cap, cap_first, cap_second,
             FROM_LOGITS, HAS_WEIGHT, SMOOTH, PROBS, Z_LOSS, SOFTCAP, BLOCK_M, BLOCK_C,
         )  # fmt: skip
 
@@ -288,7 +298,7 @@ def finish_kernel(
 @triton.jit
 def _row_gradient(
     x_ptr, t_ptr, w_ptr, lse, mass, grad_ptr, base, t_base, grad_base, t, w_t, scale, in_m,
-    C, stride_c, t_stride_c, grad_stride_c, eps, z, cap,
+    C, stride_c, t_stride_c, grad_stride_c, eps, z, cap, cap_first, cap_second,
     FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     PROBS: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -322,8 +332,7 @@ def _row_gradient(
             xs = tl.load(x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0)
             xs = xs.to(tl.float32)
             if SOFTCAP:
-                slope = _tanh(xs / cap)
-                xs = cap * slope
+                xs, slope = _cap_and_slope(xs, cap, cap_first, cap_second)
             p = tl.exp(xs - lse[:, None])
             grad += softmax_scale[:, None] * p
         if SMOOTH and not PROBS:
@@ -333,7 +342,7 @@ def _row_gradient(
             else:
                 grad -= (eps / C) * scale[:, None]
         if SOFTCAP:  # back through the cap: d(c tanh(x / c))/dx = 1 - tanh(x / c)**2
-            grad = grad * (1.0 - slope * slope)
+            grad = grad * slope
         tl.store(
             grad_ptr + grad_base[:, None] + c[None, :] * grad_stride_c,
             _rounded(grad, grad_ptr),
@@ -346,7 +355,7 @@ def backward_kernel(
     x_ptr, t_ptr, w_ptr, g_ptr, denominator_ptr, lse_ptr, mass_ptr, grad_ptr,
     C, S, blocks, stride_b, stride_c, stride_s, t_stride_b, t_stride_c, t_stride_s,
     grad_stride_b, grad_stride_c, grad_stride_s,
-    ignore_index, eps, z, cap,
+    ignore_index, eps, z, cap, cap_first, cap_second,
     FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     PROBS: tl.constexpr, Z_LOSS: tl.constexpr, SOFTCAP: tl.constexpr,
     PER_POSITION: tl.constexpr, MEAN: tl.constexpr,
@@ -377,6 +386,6 @@ def backward_kernel(
     _row_gradient(
         x_ptr, t_ptr, w_ptr, lse, mass, grad_ptr, base, t_base, grad_base,
         tl.where(ok, t, -1), w_t, scale, in_m, C, stride_c, t_stride_c, grad_stride_c,
-        eps, z, cap,
+        eps, z, cap, cap_first, cap_second,
         FROM_LOGITS, HAS_WEIGHT, SMOOTH, PROBS, Z_LOSS, SOFTCAP, BLOCK_M, BLOCK_C,
     )  # fmt: skip

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import triton
 
+from .. import _generic
 from .._options import Options
 from .._problem import Problem
 from . import _kernels
@@ -186,11 +187,18 @@ def _targets(t: torch.Tensor, geometry: _Geometry) -> tuple[torch.Tensor, tuple[
     return flat, (geometry.spatial, 0, 1)
 
 
-def _options(options: Options) -> tuple[dict, tuple[float, float]]:
-    """The constexpr flags and runtime values (z, c) of z_loss and softcap."""
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _options(options: Options) -> tuple[dict, tuple[float, ...]]:
+    """The constexpr flags and runtime values of z_loss and softcap: z, and the cap as the
+    float32 numbers (m, s1, s2) of ``_generic.softcap_parts``."""
     z_loss, softcap = options.z_loss, options.softcap
     flags = {"Z_LOSS": z_loss != 0.0, "SOFTCAP": softcap is not None}
-    return flags, (float(z_loss), 1.0 if softcap is None else float(softcap))
+    cap = (1.0, 1.0, 1.0)
+    if softcap is not None:
+        cap = _generic.softcap_parts(float(softcap), _FLOAT32.max, _FLOAT32.smallest_normal)
+    return flags, (float(z_loss), *cap)
 
 
 def _weight(problem: Problem) -> torch.Tensor:

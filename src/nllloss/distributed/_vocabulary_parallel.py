@@ -118,15 +118,13 @@ def linear_cross_entropy(
         # whether the input's gradient (summed over the ranks) is all-reduced
         ("input.requires_grad", requires_grad and input.requires_grad),
     )
-    shard, peers = _class_parallel.agreed(
+    shard, _ = _class_parallel.agreed(
         shard, error, group, "linear_cross_entropy", _agreement.device_of(input), extra
     )
     problem = shard.problem
     rows = int(input.shape[0]) if input.ndim == 2 else 1
-    if chunk_rows is None:  # the same blocks on every rank: those of the largest shard
-        itemsize = 4 if problem.computes_in_float32 or input.dtype == torch.float32 else 8
-        largest = max(peer.values[1] for peer in peers)
-        chunk_rows = _linear.chunk_rows_for(rows, largest, itemsize)
+    if chunk_rows is None:  # the same blocks on every rank: the rule reads the rows only
+        chunk_rows = _linear.chunk_rows_for(rows)
     linear = _linear.assemble(
         _ShardBackend(shard, group), problem, input, linear_weight_shard, linear_bias_shard,
         chunk_rows, _linear._denominator(backend_for(input), shard.whole), _ShardAlgebra(group),
