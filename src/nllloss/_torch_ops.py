@@ -21,11 +21,11 @@ problem of torch tensors, the first of these that supports it:
 Differentiation for the last three: in eager mode :class:`FusedLoss` (also the loss from
 hidden states'), whose tensors autograd keeps under its version counters and whose
 backward, when it builds a graph, gives differentiable gradients; under ``torch.compile``
-the custom operators ``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside), with
-their autograd registered. Both compute through :func:`_compute`. Under ``torch.autocast``
-the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's
-schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere else. Imported only
-when torch tensors arrive.
+the custom operators ``nllloss::*`` (opaque to the compiler: no graph break, the target
+check runs inside), with their autograd registered. Both compute through :func:`_compute`.
+Under ``torch.autocast`` the loss runs in float32 (:meth:`TorchBackend.autocast`). A
+problem crosses an operator's schema through :func:`_to_schema` and :func:`_from_schema`,
+and nowhere else. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations
