@@ -335,11 +335,14 @@ def _upstream_rows(upstream: Upstream, rows: int):
 
 
 def _run(stats: Stats, x2, table, target, reuse, saved, upstream, *outputs):
+    from ._cpu import _softmax
     from ._cpu import _stats as kernels  # compiles on first use (cached on disk)
 
     problem = stats.problem
     kernel = _cpu._sized(kernels.stats_rows, x2.size)
-    kernel(x2, target, problem.ignore_index, table, problem.softcap or 0.0,
+    compute_dtype = np.float64 if x2.dtype == np.float64 else np.float32
+    softcap = _softmax.kernel_softcap(problem.softcap, compute_dtype)
+    kernel(x2, target, problem.ignore_index, table, softcap,
            stats.temperature, reuse, saved, upstream, *outputs)  # fmt: skip
 
 

@@ -464,6 +464,8 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want
     # NaN weight of a class no target uses must not reach the gradient).
     weight_sum = float(np.sum(weight, dtype=np.float64)) if separate_smoothing else 0.0
 
+    softcap = softmax.kernel_softcap(problem.softcap, dtype)
+
     def run(block: slice, grad_rows):
         """The kernel on a block of rows (elements ``block`` of the batch axis)."""
         cells = slice(block.start * spatial, block.stop * spatial)
@@ -471,7 +473,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want
         _sized(kernel, work, grad_rows.size > 0)(
             inputs[block], targets[block], probabilities[block], ignore_index,
             weight, weight_sum, table, problem.from_logits, separate_smoothing, problem.z_loss,
-            problem.softcap or 0.0, upstream if upstream.size == 1 else upstream[cells],
+            softcap, upstream if upstream.size == 1 else upstream[cells],
             target_scale, smooth_scale, nll[cells], smooth[cells],
             z_terms[cells], lse[cells] if want_lse else lse, grad_rows,
         )  # fmt: skip

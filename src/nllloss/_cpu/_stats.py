@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from ._kernels import _decode, _parallel_and_serial
-from ._softmax import _cap, _exp, _in_compute_type, _row_max
+from ._softmax import _cap_and_slope, _capped, _exp, _in_compute_type, _row_max
 
 # Values of a row per block: 4 KiB of float32, in L1 for the block's second loop; the
 # same as the loss kernels' sum blocks (``_softmax.SUM_BLOCK``).
@@ -46,7 +46,7 @@ _FAST = {"contract", "reassoc"}
 @numba.njit(inline="always", error_model="numpy")
 def _tempered(value, cap, temperature):
     """``z = cap(x) / T`` in the value's compute type."""
-    return _cap(value, cap) / temperature
+    return _capped(value, cap) / temperature
 
 
 @numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
@@ -156,18 +156,17 @@ def stats_rows(
         if not ignored:  # read now: the gradient may be written over the logits
             at_target = _in_compute_type(a / temperature, grad2)
             if c > 0:
-                slope = _cap(_decode(row[target], decode), c) / c
-                at_target *= 1 - slope * slope
+                at_target *= _cap_and_slope(_decode(row[target], decode), c)[1]
         out = grad2[i]
         for j in range(classes):
-            value = _cap(_decode(row[j], decode), c)
+            x = _decode(row[j], decode)
+            value = _capped(x, c)
             d = value / t - top
             p = _exp(d - row_log_norm)
             g = p * (common + slope_b * (d - row_shift))
             g = zero if p == zero else g
-            if c > 0:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2
-                slope = value / c
-                g *= 1 - slope * slope
+            if c > 0:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, without cancellation
+                g *= _cap_and_slope(x, c)[1]
             out[j] = -(g * inverse)
         if not ignored:
             out[target] += at_target

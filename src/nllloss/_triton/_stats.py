@@ -20,24 +20,28 @@ import triton
 import triton.language as tl
 
 from .._stats import Stats, TokenStats, Upstream
-from ._kernels import _rounded, _tanh
+from . import _launch
+from ._kernels import _cap_and_slope, _rounded
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _tempered(x_ptr, offsets, mask, temperature, cap, HAS_CAP: tl.constexpr):
-    """(z = cap(x) / T, cap(x)) of a tile (-inf outside ``mask``)."""
+def _tempered(x_ptr, offsets, mask, temperature, cap, cap_first, cap_second, HAS_CAP: tl.constexpr):
+    """(z = cap(x) / T, the cap's slope 1 - tanh(x / c)**2) of a tile (-inf outside
+    ``mask``; the slope is 1 without a cap). The cap is the loss kernels' (every c > 0)."""
     v = tl.load(x_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+    slope = tl.full(v.shape, 1.0, tl.float32)
     if HAS_CAP:
-        v = tl.where(mask, cap * _tanh(v / cap), float("-inf"))
-    return v / temperature, v
+        capped, slope = _cap_and_slope(v, cap, cap_first, cap_second)
+        v = tl.where(mask, capped, float("-inf"))
+    return v / temperature, slope
 
 
 @triton.jit
 def stats_forward_kernel(
     x_ptr, t_ptr, logprob_ptr, entropy_ptr, lse_ptr, argmax_ptr, saved_ptr,
-    C, stride_row, stride_c, ignore_index, temperature, cap,
+    C, stride_row, stride_c, ignore_index, temperature, cap, cap_first, cap_second,
     HAS_CAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -49,7 +53,16 @@ def stats_forward_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
-        z, _ = _tempered(base, cols.to(tl.int64) * stride_c, mask, temperature, cap, HAS_CAP)
+        z, _ = _tempered(
+            base,
+            cols.to(tl.int64) * stride_c,
+            mask,
+            temperature,
+            cap,
+            cap_first,
+            cap_second,
+            HAS_CAP,
+        )
         block_max = tl.max(z, 0)
         block_arg = tl.min(tl.where(z == block_max, cols, C), 0)
         arg = tl.where(block_max > m, block_arg, arg)
@@ -68,7 +81,9 @@ def stats_forward_kernel(
     target = tl.load(t_ptr + row).to(tl.int64)
     ignored = target == ignore_index
     safe = tl.where(ignored, 0, target)
-    z_t, _ = _tempered(base, safe * stride_c, True, temperature, cap, HAS_CAP)
+    z_t, _ = _tempered(
+        base, safe * stride_c, True, temperature, cap, cap_first, cap_second, HAS_CAP
+    )
     logprob = tl.where(ignored, 0.0, (z_t - m) - log_norm)
     tl.store(logprob_ptr + row, logprob)
     tl.store(entropy_ptr + row, log_norm - shift_mean)
@@ -82,7 +97,7 @@ def stats_forward_kernel(
 @triton.jit
 def stats_backward_kernel(
     x_ptr, t_ptr, saved_ptr, upstream_ptr, grad_ptr,
-    C, stride_row, stride_c, ignore_index, temperature, cap,
+    C, stride_row, stride_c, ignore_index, temperature, cap, cap_first, cap_second,
     HAS_CAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -98,15 +113,23 @@ def stats_backward_kernel(
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
-        z, capped = _tempered(base, cols.to(tl.int64) * stride_c, mask, temperature, cap, HAS_CAP)
+        z, slope = _tempered(
+            base,
+            cols.to(tl.int64) * stride_c,
+            mask,
+            temperature,
+            cap,
+            cap_first,
+            cap_second,
+            HAS_CAP,
+        )
         d = z - m
         p = tl.exp(d - log_norm)
         grad = -(p * ((a - g) + b * (d - shift_mean)))
         grad = tl.where(p == 0, 0.0, grad)
         grad += tl.where(cols == target, a, 0.0)
         if HAS_CAP:
-            slope = capped / cap
-            grad = grad * (1.0 - slope * slope)
+            grad = grad * slope
         grad = grad / temperature
         out = grad_ptr + row * C + cols
         tl.store(out, _rounded(grad, grad_ptr), mask=mask)
@@ -157,8 +180,9 @@ class TritonEngine:
 
     @staticmethod
     def _options(stats: Stats):
-        cap = stats.problem.softcap
-        return {"temperature": stats.temperature, "cap": cap or 1.0, "HAS_CAP": cap is not None}
+        flags, (_, cap, cap_first, cap_second) = _launch._options(0.0, stats.problem.softcap)
+        return {"temperature": stats.temperature, "cap": cap, "cap_first": cap_first,
+                "cap_second": cap_second, "HAS_CAP": flags["SOFTCAP"]}  # fmt: skip
 
     @staticmethod
     def forward(stats: Stats):
