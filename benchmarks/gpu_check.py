@@ -491,12 +491,13 @@ def _same(a, b) -> bool:
 
 def child_determinism(data, save, smoke, budget):
     """20 runs of each case bitwise equal, in both modes, and equal across the modes."""
+    import gpu
     import torch
     import torch.nn.functional as F
 
     from nllloss import _triton
 
-    launch = _triton._load()
+    launch = gpu.Unpacked(_triton._load())
     device = "cpu" if smoke else "cuda"
     cases = [
         ("2-D from logits, weight, smoothing 0.1, mean", (16384, 32000), torch.bfloat16,
@@ -594,7 +595,7 @@ def child_sweep(data, save, smoke, budget):
     from nllloss import _triton
     from nllloss._triton import _launch
 
-    launch = _triton._load()
+    launch = gpu.Unpacked(_triton._load())
     device = "cpu" if smoke else "cuda"
     bench = gpu.Bench(torch, launch, 1 if smoke else 10, False, False, device)
     two_d, kdim = ((16384, 32000), torch.bfloat16), ((16, 21, 512, 512), torch.float32)

@@ -25,6 +25,7 @@ W = np.array([0.2, 1.5, 0.7], dtype=np.float32)
 
 def test_public_names():
     assert nllloss.__all__ == [
+        "FallbackWarning",
         "LossAndStats",
         "NLLLoss",
         "TokenStats",

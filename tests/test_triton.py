@@ -14,6 +14,7 @@ probability targets ``F.cross_entropy`` with probabilities (from logits) or
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import types
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss import _triton, _validate
+from nllloss._builder import build
+from nllloss._options import Options, declaration, option
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -45,6 +48,26 @@ TOLERANCE = {
 }
 
 
+def _problem(x, target, weight, ignore_index, reduction, **options):
+    """The Problem of these arguments, as nllloss.nll_loss builds it (``total_weight``, the
+    'mean' denominator, only with 'mean': the tests pass one option set to every reduction)."""
+    if reduction != "mean":
+        options.pop("total_weight", None)
+    return build(x, target, weight, ignore_index, reduction, options)[1]
+
+
+def _forward(*arguments, **options):
+    return launch.forward(_problem(*arguments, **options))
+
+
+def _backward(grad_output, *arguments, saved=None, **options):
+    return launch.backward(_problem(*arguments, **options), grad_output, saved)
+
+
+def _forward_backward(*arguments, **options):
+    return launch.forward_backward(_problem(*arguments, **options))
+
+
 @pytest.fixture(autouse=True)
 def numpy_engine():
     """Overrides conftest's: the NumPy engines play no part here, one run per test."""
@@ -56,8 +79,13 @@ def test_kernels_are_served(monkeypatch):
     assert launch is not None
     monkeypatch.setenv(*OPT_IN)
     x = torch.zeros(2, 3, device=DEVICE)
-    assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64, device=DEVICE)) is launch
-    assert _triton.launcher_for(x.double(), torch.zeros(2, device=DEVICE).long()) is None
+    t = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    if CUDA:  # asked for by name: what the kernels do not compute is refused
+        with pytest.raises(ValueError, match=r"which do not compute input dtype torch\.float64"):
+            _triton.launcher_for(_fake_problem(x.double(), t))
+    else:  # the interpreter switch: another engine computes it
+        assert _triton.launcher_for(_fake_problem(x.double(), t)) is None
 
 
 def _input(layout: str, dtype, from_logits: bool, generator):
@@ -137,7 +165,7 @@ def test_matches_torch(layout, dtype, from_logits, label_smoothing, weighted, re
     x, target, weight, _ = _input(layout, dtype, from_logits, generator)
     weight = weight if weighted else None
     options = {"from_logits": from_logits, "label_smoothing": label_smoothing}
-    loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+    loss, saved = _forward(x, target, weight, -100, reduction, **options)
     x64, expected = _reference(x, target, weight, reduction, from_logits, label_smoothing)
     assert loss.dtype == dtype
     assert loss.shape == expected.shape
@@ -146,18 +174,18 @@ def test_matches_torch(layout, dtype, from_logits, label_smoothing, weighted, re
     upstream = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
     expected.backward(upstream, retain_graph=True)
     g = upstream.to(dtype).to(DEVICE)
-    grad = launch.backward(g, x, target, weight, -100, reduction, **options, saved=saved)
+    grad = _backward(g, x, target, weight, -100, reduction, **options, saved=saved)
     assert grad.dtype == dtype
     assert grad.shape == x.shape
     _close(grad, x64.grad, dtype)
     # recomputed without what the forward saved: the same bits
-    again = launch.backward(g, x, target, weight, -100, reduction, **options)
+    again = _backward(g, x, target, weight, -100, reduction, **options)
     assert torch.equal(grad, again)
     # written during the forward for grad_output = 1
-    loss_fused, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+    loss_fused, fused = _forward_backward(x, target, weight, -100, reduction, **options)
     assert torch.equal(loss_fused, loss)
     ones = torch.ones(expected.shape, dtype=dtype, device=DEVICE)
-    assert torch.equal(fused, launch.backward(ones, x, target, weight, -100, reduction, **options))
+    assert torch.equal(fused, _backward(ones, x, target, weight, -100, reduction, **options))
     x64.grad = None
     expected.backward(torch.ones_like(expected))
     _close(fused, x64.grad, dtype)
@@ -182,12 +210,12 @@ def test_many_class_and_position_blocks(monkeypatch):
         for from_logits in (False, True):
             for reduction in ("none", "mean", "sum"):
                 options = {"from_logits": from_logits, "label_smoothing": 0.2}
-                loss, _ = launch.forward(x, target, weight, -100, reduction, **options)
+                loss, _ = _forward(x, target, weight, -100, reduction, **options)
                 x64, expected = _reference(x, target, weight, reduction, from_logits, 0.2)
                 _close(loss, expected, torch.float32)
                 expected.backward(torch.ones_like(expected))
                 ones = torch.ones(expected.shape, device=DEVICE)
-                grad = launch.backward(ones, x, target, weight, -100, reduction, **options)
+                grad = _backward(ones, x, target, weight, -100, reduction, **options)
                 _close(grad, x64.grad, torch.float32)
 
 
@@ -206,7 +234,7 @@ def test_bitwise_equal_to_torch_where_the_order_allows(layout, dtype):
     x, target, weight, _ = _input(layout, dtype, False, generator)
     for w in (None, weight):
         expected = F.nll_loss(x, target, weight=w, reduction="none")
-        loss, _ = launch.forward(x, target, w, -100, "none")
+        loss, _ = _forward(x, target, w, -100, "none")
         assert torch.equal(_bits(loss), _bits(expected))
         for reduction in ("none", "sum", "mean"):
             if reduction == "mean" and w is not None:
@@ -215,7 +243,7 @@ def test_bitwise_equal_to_torch_where_the_order_allows(layout, dtype):
             out = F.nll_loss(leaf, target, weight=w, reduction=reduction)
             g = torch.rand(out.shape, generator=generator).to(dtype).to(DEVICE) + 0.5
             out.backward(g)
-            grad = launch.backward(g, x, target, w, -100, reduction)
+            grad = _backward(g, x, target, w, -100, reduction)
             assert torch.equal(_bits(grad), _bits(leaf.grad)), reduction
 
 
@@ -239,7 +267,7 @@ def test_target_dtypes(dtype, ignore_index):
         target[::3] = ignore_index
     for reduction in ("none", "mean", "sum"):
         for from_logits in (False, True):
-            loss, _ = launch.forward(
+            loss, _ = _forward(
                 x, target.to(dtype).to(DEVICE), None, ignore_index, reduction,
                 from_logits=from_logits,
             )  # fmt: skip
@@ -259,7 +287,7 @@ def test_strided_target_and_weight():
     assert not target.is_contiguous()
     assert not weight.is_contiguous()
     for from_logits in (False, True):
-        loss, _ = launch.forward(x, target, weight, -100, "none", from_logits=from_logits)
+        loss, _ = _forward(x, target, weight, -100, "none", from_logits=from_logits)
         _, expected = _reference(x, target, weight.float(), "none", from_logits, 0.0)
         _close(loss, expected, torch.float32)
 
@@ -288,9 +316,9 @@ def test_twenty_runs_are_bitwise_equal_in_deterministic_mode():
         for x_, t_, w_, options in cases:
             runs = []
             for _ in range(20):
-                loss, saved = launch.forward(x_, t_, w_, -100, "mean", **options)
+                loss, saved = _forward(x_, t_, w_, -100, "mean", **options)
                 g = torch.ones((), device=DEVICE)
-                grad = launch.backward(g, x_, t_, w_, -100, "mean", **options, saved=saved)
+                grad = _backward(g, x_, t_, w_, -100, "mean", **options, saved=saved)
                 runs.append((loss, grad))
             for loss, grad in runs[1:]:
                 assert torch.equal(loss, runs[0][0])
@@ -308,23 +336,23 @@ def test_any_split_of_the_batch_with_a_global_total_weight(from_logits):
     valid = target != -100
     total = weight[target[valid]].sum()  # the global denominator, from the targets
     options = {"from_logits": from_logits, "label_smoothing": 0.1, "total_weight": total}
-    whole, saved = launch.forward(x, target, weight, -100, "mean", **options)
+    whole, saved = _forward(x, target, weight, -100, "mean", **options)
     one = torch.ones((), device=DEVICE)
-    whole_grad = launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+    whole_grad = _backward(one, x, target, weight, -100, "mean", **options, saved=saved)
     for bounds in ([0, 1, 6], [0, 2, 3, 6], [0, 5, 6], list(range(7))):
         losses, grads = [], []
         for start, stop in itertools.pairwise(bounds):
             piece = (x[start:stop], target[start:stop], weight, -100, "mean")
-            loss, saved = launch.forward(*piece, **options)
+            loss, saved = _forward(*piece, **options)
             losses.append(loss.double())
-            grads.append(launch.backward(one, *piece, **options, saved=saved))
+            grads.append(_backward(one, *piece, **options, saved=saved))
         torch.testing.assert_close(sum(losses), whole.double(), rtol=1e-6, atol=0)
         assert torch.equal(torch.cat(grads), whole_grad)
     # the float64 oracle, for the whole batch with the given denominator
     _, expected = _reference(x, target, weight, "mean", from_logits, 0.1, total_weight=total)
     _close(whole, expected, torch.float32)
     # without total_weight the denominator is the same sum of w[t]: the same loss
-    local, _ = launch.forward(x, target, weight, -100, "mean", from_logits=from_logits,
+    local, _ = _forward(x, target, weight, -100, "mean", from_logits=from_logits,
                               label_smoothing=0.1)  # fmt: skip
     torch.testing.assert_close(local, whole, rtol=1e-6, atol=0)
 
@@ -341,14 +369,14 @@ def test_total_weight_replaces_the_mean_denominator():
     ]
     for value, given in givens:
         for from_logits in (False, True):
-            loss, saved = launch.forward(
+            loss, saved = _forward(
                 x, target, None, -100, "mean", from_logits=from_logits, total_weight=given
             )
             x64, expected = _reference(x, target, None, "mean", from_logits, 0.0, value)
             _close(loss, expected, torch.float32)
             assert float(saved.denominator) == value
             expected.backward()
-            grad = launch.backward(
+            grad = _backward(
                 torch.ones((), device=DEVICE), x, target, None, -100, "mean",
                 from_logits=from_logits, total_weight=given,
             )  # fmt: skip
@@ -362,20 +390,20 @@ def test_out_of_range_targets_raise_the_core_error(from_logits):
     message = str(_validate.out_of_bounds_error(7, (2,), 4, -100))
     for reduction in ("none", "mean", "sum"):
         with pytest.raises(IndexError) as raised:
-            launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
+            _forward(x, target, None, -100, reduction, from_logits=from_logits)
         assert str(raised.value) == message
         with pytest.raises(IndexError) as raised:
-            launch.backward(torch.ones(()), x, target, None, -100, reduction)
+            _backward(torch.ones(()), x, target, None, -100, reduction)
         assert str(raised.value) == message
     kdim = torch.zeros(2, 3, 4, 5, device=DEVICE)
     kdim_target = torch.zeros(2, 4, 5, dtype=torch.int32, device=DEVICE)
     kdim_target[1, 2, 3] = 3
     kdim_target[1, 3, 0] = -1
     with pytest.raises(IndexError) as raised:
-        launch.forward(kdim, kdim_target, None, -100, "mean", from_logits=from_logits)
+        _forward(kdim, kdim_target, None, -100, "mean", from_logits=from_logits)
     assert str(raised.value) == str(_validate.out_of_bounds_error(3, (1, 2, 3), 3, -100))
     with pytest.raises(IndexError, match=r"target\[\] = 4 is not in the class range \[0, 4\)"):
-        launch.forward(x[0], target[4:].abs() + 1, None, -100, "mean")
+        _forward(x[0], target[4:].abs() + 1, None, -100, "mean")
 
 
 @pytest.mark.parametrize("from_logits", [False, True])
@@ -385,16 +413,16 @@ def test_unchecked_out_of_range_targets_give_nan(from_logits):
     target = torch.tensor([0, 9, 2, -100, -2, 4], device=DEVICE)
     bad = torch.tensor([False, True, False, False, True, False], device=DEVICE)
     options = {"from_logits": from_logits, "check_targets": False, "label_smoothing": 0.1}
-    per_row, _ = launch.forward(x, target, None, -100, "none", **options)
+    per_row, _ = _forward(x, target, None, -100, "none", **options)
     assert torch.isnan(per_row[bad]).all()
     good = torch.where(bad, -100, target)
-    expected, _ = launch.forward(x, good, None, -100, "none", **options)
+    expected, _ = _forward(x, good, None, -100, "none", **options)
     assert torch.equal(per_row[~bad], expected[~bad])
     for reduction in ("mean", "sum"):
-        loss, _ = launch.forward(x, target, None, -100, reduction, **options)
+        loss, _ = _forward(x, target, None, -100, reduction, **options)
         assert torch.isnan(loss)
         one = torch.ones((), device=DEVICE)
-        grad = launch.backward(one, x, target, None, -100, reduction, **options)
+        grad = _backward(one, x, target, None, -100, reduction, **options)
         assert torch.isnan(grad[bad]).all()
         assert torch.isfinite(grad[~bad]).all()
 
@@ -406,9 +434,9 @@ def test_offsets_beyond_two_to_the_31():
     x = torch.empty((3, classes), dtype=torch.float16, device=DEVICE)
     target = torch.tensor([5, classes - 1, 7], device=DEVICE)
     x[0, 5], x[1, classes - 1], x[2, 7] = -1.0, -2.0, -4.0
-    loss, _ = launch.forward(x, target, None, -100, "none")
+    loss, _ = _forward(x, target, None, -100, "none")
     assert loss.tolist() == [1.0, 2.0, 4.0]
-    loss, _ = launch.forward(x, target, None, -100, "sum")
+    loss, _ = _forward(x, target, None, -100, "sum")
     assert float(loss) == 7.0
 
 
@@ -418,12 +446,12 @@ def test_gradient_beyond_two_to_the_31():
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn((rows, classes), dtype=torch.bfloat16, device=DEVICE, generator=generator)
     target = torch.randint(0, classes, (rows,), device=DEVICE, generator=generator)
-    loss, saved = launch.forward(x, target, None, -100, "none", from_logits=True)
+    loss, saved = _forward(x, target, None, -100, "none", from_logits=True)
     last = slice(rows - 3, rows)
     lse = torch.logsumexp(x[last].double(), dim=1)
     expected = lse - x[last].double().gather(1, target[last, None]).squeeze(1)
     torch.testing.assert_close(loss[last].double(), expected, rtol=1.6e-2, atol=0)
-    grad = launch.backward(
+    grad = _backward(
         torch.ones(rows, device=DEVICE), x, target, None, -100, "none",
         from_logits=True, saved=saved,
     )  # fmt: skip
@@ -440,18 +468,34 @@ def test_unchecked_loss_is_captured_in_a_cuda_graph():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up: compile outside the capture
-        loss, saved = launch.forward(x, target, weight, -100, "mean", **options)
-        launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+        loss, saved = _forward(x, target, weight, -100, "mean", **options)
+        _backward(one, x, target, weight, -100, "mean", **options, saved=saved)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss, saved = launch.forward(x, target, weight, -100, "mean", **options)
-        grad = launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+        loss, saved = _forward(x, target, weight, -100, "mean", **options)
+        grad = _backward(one, x, target, weight, -100, "mean", **options, saved=saved)
     graph.replay()
-    eager, _ = launch.forward(x, target, weight, -100, "mean", **options)
+    eager, _ = _forward(x, target, weight, -100, "mean", **options)
     assert torch.equal(loss, eager)
-    eager_grad = launch.backward(one, x, target, weight, -100, "mean", **options)
+    eager_grad = _backward(one, x, target, weight, -100, "mean", **options)
     assert torch.equal(grad, eager_grad)
+
+
+def _fake_problem(x, target):
+    """What launcher_for and supports read of a problem (x may only look like a tensor)."""
+    probabilities = target.dtype.is_floating_point
+    return types.SimpleNamespace(
+        input=x, target=target, weight=None, options=Options(), probabilities=probabilities
+    )
+
+
+@declaration
+@dataclasses.dataclass(frozen=True)
+class _Canary(Options):
+    """The declaration with one more option, which no engine declares it computes."""
+
+    canary: float = option(0.0, lambda value, options, context: value)
 
 
 def _cuda_looking(dtype=torch.float32):
@@ -469,33 +513,35 @@ def test_cuda_tensors_take_the_kernels_only_when_opted_in(monkeypatch):
     # flipped (with this line) in the change that commits a passing GPU check
     assert _triton._DEFAULT is False
     assert not _triton.enabled()
-    assert _triton.launcher_for(x, t) is None
+    assert _triton.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "")
-    assert _triton.launcher_for(x, t) is None
+    assert _triton.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
-    assert _triton.launcher_for(x, t) is None
+    assert _triton.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "1")
     assert _triton.enabled()
-    assert _triton.launcher_for(x, t) is launch
-    assert _triton.launcher_for(_cuda_looking(torch.float64), t) is None  # not served
+    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    # asked for by name, the kernels refuse what they do not compute rather than hand it on
+    with pytest.raises(ValueError, match=r"NLLLOSS_TRITON=1 asks for the Triton kernels, which do not compute input dtype torch.float64"):  # noqa: E501
+        _triton.launcher_for(_fake_problem(_cuda_looking(torch.float64), t))
     # the interpreter switch is the tests' way in: it enables the kernels too
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
-    assert _triton.launcher_for(x, t) is launch
+    assert _triton.launcher_for(_fake_problem(x, t)) is launch
     # when the default flips, unset means yes and 0 still opts out
     monkeypatch.setattr(_triton, "_DEFAULT", True)
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET")
     monkeypatch.delenv("NLLLOSS_TRITON")
-    assert _triton.launcher_for(x, t) is launch
+    assert _triton.launcher_for(_fake_problem(x, t)) is launch
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
-    assert _triton.launcher_for(x, t) is None
+    assert _triton.launcher_for(_fake_problem(x, t)) is None
 
 
 def test_a_misspelt_switch_is_refused(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("NLLLOSS_TRITON", "yes")
     with pytest.raises(ValueError, match="NLLLOSS_TRITON must be '0', '1' or unset, got 'yes'"):
-        _triton.launcher_for(_cuda_looking(), torch.zeros(2, dtype=torch.int64))
+        _triton.launcher_for(_fake_problem(_cuda_looking(), torch.zeros(2, dtype=torch.int64)))
 
 
 @pytest.mark.skipif(not CUDA, reason="the default route of real CUDA tensors")
@@ -519,24 +565,30 @@ def test_cuda_tensors_do_not_reach_the_kernels_by_default(monkeypatch):
 
 def test_refuses_what_it_does_not_serve():
     t = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    assert not launch.supports(torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), t, None)
-    assert not launch.supports(torch.zeros(0, 3, device=DEVICE), t[:0], None)
-    assert launch.supports(torch.zeros(2, 3, dtype=torch.bfloat16, device=DEVICE), t, None)
+    def supports(x, t):
+        return launch.supports(_problem(x, t, None, -100, "mean"))
+
+    assert not supports(torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), t)
+    assert not supports(torch.zeros(0, 3, device=DEVICE), t[:0])
+    assert supports(torch.zeros(2, 3, dtype=torch.bfloat16, device=DEVICE), t)
+    # an option the kernels do not declare is not theirs
+    problem = _problem(torch.zeros(2, 3, device=DEVICE), t, None, -100, "mean")
+    assert not launch.supports(problem.replace(options=_Canary(canary=1.0)))
 
 
 def test_a_saved_state_from_other_arguments_is_refused():
     x = torch.randn(4, 3, device=DEVICE)
     t = torch.tensor([0, 2, 1, -100], device=DEVICE)
     one = torch.ones((), device=DEVICE)
-    _, of_log_probabilities = launch.forward(x, t, None, -100, "mean")
+    _, of_log_probabilities = _forward(x, t, None, -100, "mean")
     with pytest.raises(ValueError, match=r"saved.lse has 0 elements, but from logits the input"):
-        launch.backward(one, x, t, None, -100, "mean", from_logits=True,
+        _backward(one, x, t, None, -100, "mean", from_logits=True,
                         saved=of_log_probabilities)  # fmt: skip
-    _, unchecked_none = launch.forward(x, t, None, -100, "none", check_targets=False)
+    _, unchecked_none = _forward(x, t, None, -100, "none", check_targets=False)
     with pytest.raises(ValueError, match=r"saved\.denominator is empty, but 'mean' needs it"):
-        launch.backward(one, x, t, None, -100, "mean", saved=unchecked_none)
+        _backward(one, x, t, None, -100, "mean", saved=unchecked_none)
     with pytest.raises(TypeError, match="saved must be the Saved that forward returned"):
-        launch.backward(one, x, t, None, -100, "mean", saved=(x, one))
+        _backward(one, x, t, None, -100, "mean", saved=(x, one))
 
 
 class _CountingKernels:
@@ -577,15 +629,15 @@ def test_a_training_step_reads_the_logits_once_and_syncs_at_most_once(
     t = torch.randint(0, 7, (10,), generator=generator).to(DEVICE)
     w = (torch.rand(7, generator=generator) + 0.5).to(DEVICE)
     options = {"from_logits": True, "label_smoothing": 0.1, "check_targets": check_targets}
-    loss, saved = launch.forward(x, t, w, -100, reduction, **options)
+    loss, saved = _forward(x, t, w, -100, reduction, **options)
     g = torch.ones(loss.shape, device=DEVICE)
-    grad = launch.backward(g, x, t, w, -100, reduction, **options, saved=saved)
+    grad = _backward(g, x, t, w, -100, reduction, **options, saved=saved)
     reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
     assert reads_of_x == [("forward_kernel", True, False), ("backward_kernel", None, None)]
     assert len(syncs) == check_targets
     log.clear()
     syncs.clear()
-    fused_loss, fused_grad = launch.forward_backward(x, t, w, -100, reduction, **options)
+    fused_loss, fused_grad = _forward_backward(x, t, w, -100, reduction, **options)
     reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
     assert reads_of_x == [("forward_kernel", True, True)]
     assert len(syncs) == check_targets
@@ -648,19 +700,19 @@ def test_unchecked_training_step_never_syncs_the_host():
     options = {"from_logits": True, "label_smoothing": 0.1, "check_targets": False}
     one = torch.ones((), device=DEVICE)
     for reduction in ("mean", "none"):  # compiled before the watch starts
-        loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
-        launch.backward(torch.ones_like(loss), x, target, weight, -100, reduction, **options,
+        loss, saved = _forward(x, target, weight, -100, reduction, **options)
+        _backward(torch.ones_like(loss), x, target, weight, -100, reduction, **options,
                         saved=saved)  # fmt: skip
-        launch.forward_backward(x, target, weight, -100, reduction, **options)
+        _forward_backward(x, target, weight, -100, reduction, **options)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, saved = launch.forward(x, target, weight, -100, "mean", **options)
-        launch.backward(one, x, target, weight, -100, "mean", **options, saved=saved)
-        launch.forward_backward(x, target, weight, -100, "mean", **options)
-        loss, saved = launch.forward(x, target, weight, -100, "none", **options)
-        launch.backward(torch.ones_like(loss), x, target, weight, -100, "none", **options,
-                        saved=saved)  # fmt: skip
+        loss, saved = _forward(x, target, weight, -100, "mean", **options)
+        _backward(one, x, target, weight, -100, "mean", **options, saved=saved)
+        _forward_backward(x, target, weight, -100, "mean", **options)
+        loss, saved = _forward(x, target, weight, -100, "none", **options)
+        _backward(torch.ones_like(loss), x, target, weight, -100, "none", **options,
+                  saved=saved)  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -669,7 +721,7 @@ def test_cpu_tensors_are_not_served_without_the_interpreter_switch(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("NLLLOSS_TRITON", "1")  # CUDA tensors only
     x = torch.zeros(2, 3)
-    assert _triton.launcher_for(x, torch.zeros(2, dtype=torch.int64)) is None
+    assert _triton.launcher_for(_fake_problem(x, torch.zeros(2, dtype=torch.int64))) is None
 
 
 def test_importing_nllloss_imports_no_triton():
@@ -686,12 +738,12 @@ def test_all_ignored(from_logits):
     x = torch.randn(4, 3).to(DEVICE)
     target = torch.full((4,), -100, device=DEVICE)
     for reduction in ("mean", "sum"):
-        loss, _ = launch.forward(x, target, None, -100, reduction, from_logits=from_logits)
+        loss, _ = _forward(x, target, None, -100, reduction, from_logits=from_logits)
         expected = F.cross_entropy(x.cpu(), target.cpu(), reduction=reduction)
         assert torch.equal(loss.cpu().isnan(), expected.isnan())
         assert reduction == "mean" or float(loss) == 0.0
         one = torch.ones((), device=DEVICE)
-        grad = launch.backward(one, x, target, None, -100, reduction, from_logits=from_logits)
+        grad = _backward(one, x, target, None, -100, reduction, from_logits=from_logits)
         assert torch.equal(grad, torch.zeros_like(x))
 
 
@@ -921,7 +973,7 @@ def test_options_match_torch(case, shape, dtype, reduction, request):
     forward's saved state, and the fused unit gradient, against float64 torch."""
     generator = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
     x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
-    loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+    loss, saved = _forward(x, target, weight, -100, reduction, **options)
     x64, expected = _option_oracle(x, target, weight, reduction, options)
     assert loss.dtype == dtype
     assert loss.shape == expected.shape
@@ -930,16 +982,16 @@ def test_options_match_torch(case, shape, dtype, reduction, request):
     upstream = torch.rand(expected.shape, generator=generator, dtype=torch.float64) + 0.5
     expected.backward(upstream, retain_graph=True)
     g = upstream.to(dtype).to(DEVICE)
-    grad = launch.backward(g, x, target, weight, -100, reduction, **options, saved=saved)
+    grad = _backward(g, x, target, weight, -100, reduction, **options, saved=saved)
     assert grad.dtype == dtype
     assert grad.shape == x.shape
     _close(grad, x64.grad, dtype)
-    again = launch.backward(g, x, target, weight, -100, reduction, **options)
+    again = _backward(g, x, target, weight, -100, reduction, **options)
     assert torch.equal(grad, again)
-    loss_fused, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+    loss_fused, fused = _forward_backward(x, target, weight, -100, reduction, **options)
     assert torch.equal(loss_fused, loss)
     ones = torch.ones(expected.shape, dtype=dtype, device=DEVICE)
-    assert torch.equal(fused, launch.backward(ones, x, target, weight, -100, reduction, **options))
+    assert torch.equal(fused, _backward(ones, x, target, weight, -100, reduction, **options))
     x64.grad = None
     expected.backward(torch.ones_like(expected))
     _close(fused, x64.grad, dtype)
@@ -1028,14 +1080,14 @@ def test_options_over_many_class_and_position_blocks(case, monkeypatch):
         x, target = x.to(DEVICE), target.to(DEVICE)
         weight = None if weight is None else weight.to(DEVICE)
         for reduction in ("none", "mean", "sum"):
-            loss, saved = launch.forward(x, target, weight, -100, reduction, **options)
+            loss, saved = _forward(x, target, weight, -100, reduction, **options)
             x64, expected = _option_oracle(x, target, weight, reduction, options)
             _close(loss, expected, torch.float32)
             expected.backward(torch.ones_like(expected))
             ones = torch.ones(expected.shape, device=DEVICE)
-            grad = launch.backward(ones, x, target, weight, -100, reduction, **options, saved=saved)
+            grad = _backward(ones, x, target, weight, -100, reduction, **options, saved=saved)
             _close(grad, x64.grad, torch.float32)
-            _, fused = launch.forward_backward(x, target, weight, -100, reduction, **options)
+            _, fused = _forward_backward(x, target, weight, -100, reduction, **options)
             assert torch.equal(fused, grad)
 
 
@@ -1052,13 +1104,13 @@ def test_probability_targets_read_the_logits_once_and_never_sync(reduction, monk
     x = torch.randn(10, 7, generator=generator).to(DEVICE)
     p = torch.softmax(torch.randn(10, 7, generator=generator), dim=1).to(DEVICE)
     options = {"from_logits": True, "label_smoothing": 0.1, "z_loss": 0.1, "softcap": 3.0}
-    loss, saved = launch.forward(x, p, None, -100, reduction, **options)
+    loss, saved = _forward(x, p, None, -100, reduction, **options)
     g = torch.ones(loss.shape, device=DEVICE)
-    grad = launch.backward(g, x, p, None, -100, reduction, **options, saved=saved)
+    grad = _backward(g, x, p, None, -100, reduction, **options, saved=saved)
     reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
     assert reads_of_x == [("forward_kernel", True, False), ("backward_kernel", None, None)]
     log.clear()
-    fused_loss, fused_grad = launch.forward_backward(x, p, None, -100, reduction, **options)
+    fused_loss, fused_grad = _forward_backward(x, p, None, -100, reduction, **options)
     reads_of_x = [entry for entry in log if entry[0] != "finish_kernel" and entry[1] is not False]
     assert reads_of_x == [("forward_kernel", True, True)]
     assert syncs == []
@@ -1069,9 +1121,8 @@ def test_probability_targets_read_the_logits_once_and_never_sync(reduction, monk
 def test_probability_targets_are_served_only_of_the_input_shape():
     x = torch.zeros(4, 3, device=DEVICE)
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        assert launch.supports(x, torch.zeros(4, 3, dtype=dtype, device=DEVICE), None)
-    assert not launch.supports(x, torch.zeros(4, dtype=torch.float32, device=DEVICE), None)
-    assert not launch.supports(x[:0], torch.zeros(0, 3, device=DEVICE), None)  # empty
+        assert launch.supports(_fake_problem(x, torch.zeros(4, 3, dtype=dtype, device=DEVICE)))
+    assert not launch.supports(_fake_problem(x[:0], torch.zeros(0, 3, device=DEVICE)))  # empty
 
 
 def test_empty_probability_targets_take_the_generic_path(monkeypatch):
@@ -1093,7 +1144,7 @@ def test_a_saved_state_of_class_indices_is_refused_for_probabilities():
     x = torch.randn(4, 3, device=DEVICE)
     t = torch.tensor([0, 2, 1, -100], device=DEVICE)
     p = torch.softmax(torch.randn(4, 3), dim=1).to(DEVICE)
-    _, of_indices = launch.forward(x, t, None, -100, "sum", from_logits=True)
+    _, of_indices = _forward(x, t, None, -100, "sum", from_logits=True)
     with pytest.raises(ValueError, match=r"saved\.mass has 0 elements, but probability"):
-        launch.backward(torch.ones((), device=DEVICE), x, p, None, -100, "sum",
+        _backward(torch.ones((), device=DEVICE), x, p, None, -100, "sum",
                         from_logits=True, saved=of_indices)  # fmt: skip

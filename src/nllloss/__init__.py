@@ -16,8 +16,10 @@ from ._stats import (
     token_stats,
     token_stats_and_grad,
 )
+from ._validate import FallbackWarning
 
 __all__ = [
+    "FallbackWarning",
     "LossAndStats",
     "NLLLoss",
     "TokenStats",

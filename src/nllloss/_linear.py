@@ -36,9 +36,10 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import _generic, _validate
+from . import _generic, _options, _validate
+from ._builder import build as build_problem
 from ._dispatch import as_array, backend_for, like_input
-from ._loss import Array, Reduction, _problem
+from ._loss import Array, Reduction
 from ._problem import Problem, layout_of
 
 # Rows per block. Each block reads the weight twice and the weight's gradient once and
@@ -114,23 +115,31 @@ class Linear:
             slice(0, 0)
         ]
 
-    def block_target(self, rows: slice):
-        """The target of the block ``rows`` (the whole target of an unbatched input)."""
-        target = self.problem.target
-        return target if self.problem.layout.unbatched else target[rows, ...]
+    def block_arrays(self, rows: slice):
+        """What the block ``rows`` cuts from the problem: ``(target, {name: array})``, its
+        target and its ``per_element`` options (the whole of them for an unbatched input)."""
+        problem = self.problem
 
-    def block_problem(self, logits, target) -> Problem:
-        """The loss of a block of the logits (``logits``, 2-D) against its ``target``."""
+        def cut(array):
+            return array if problem.layout.unbatched else array[rows, ...]
+
+        return cut(problem.target), problem.options.per_element(cut)
+
+    def block_problem(self, logits, arrays) -> Problem:
+        """The loss of a block of the logits (``logits``, 2-D) against its ``arrays``
+        (``block_arrays``); 'mean' divides by the whole batch's denominator."""
         problem = self.problem
         if problem.layout.unbatched:  # one row: the whole problem
             shape = problem.layout.input_shape
         else:
             shape = (int(logits.shape[0]), *problem.layout.input_shape[1:])
+        target, per_element = arrays
         return problem.replace(
             input=self.xp.reshape(logits, shape),
             target=target,
             layout=layout_of(shape),
             total_weight=self.denominator,
+            **per_element,
         )
 
     def upstream_rows(self, upstream, rows: slice):
@@ -139,11 +148,11 @@ class Linear:
 
 
 def build(
-    input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-    label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options: dict,
+    chunk_rows,
 ) -> Linear:  # fmt: skip
-    """Validate every argument once (``_validate``, and ``_loss._problem`` for the loss's
-    own); the :class:`Linear` of the call."""
+    """Validate every argument once (``_validate``, and ``_builder.build`` for the loss's
+    own, with ``options`` from logits); the :class:`Linear` of the call."""
     input = as_array(input, "input")
     backend = backend_for(input)
     # Under autocast the loss computes in float32 (see nll_loss): its matrix products too.
@@ -153,9 +162,9 @@ def build(
         linear_bias = backend.autocast(like_input(backend, linear_bias, input, "linear_bias"))
     logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
-    _, problem = _problem(
+    _, problem = build_problem(
         input, target, weight, -100 if ignore_index is None else ignore_index, reduction,
-        True, label_smoothing, total_weight, True, z_loss, softcap, logits_shape=logits_shape,
+        {**options, "from_logits": True}, logits_shape=logits_shape,
     )  # fmt: skip
     _check_targets(backend, problem)
     return assemble(
@@ -211,18 +220,19 @@ def _check_targets(backend, problem: Problem) -> None:
 
 
 def _denominator(backend, problem: Problem):
-    """What every block's 'mean' divides by: ``total_weight`` when given, else the whole
-    batch's (the weight of its non-ignored targets; for probability targets the number of
-    target elements, as torch's ``numel / C``); None for 'sum' and 'none'."""
+    """What every block's 'mean' divides by: the whole batch's (``Problem.denominator``),
+    as an array; None for 'sum' and 'none'."""
     if problem.reduction != "mean":
         return None
-    if problem.total_weight is not None:
-        return problem.total_weight
-    xp = backend.xp
-    device = array_api_compat.device(problem.input)
-    if problem.probabilities:
-        return xp.asarray(problem.probability_count, device=device)
-    return backend.total_weight(problem.target, problem.weight, problem.ignore_index)
+
+    def whole():
+        return backend.total_weight(problem.target, problem.weight, problem.ignore_index)
+
+    denominator = problem.denominator(whole, whole)
+    if isinstance(denominator, float):  # the count of probability targets
+        device = array_api_compat.device(problem.input)
+        return backend.xp.asarray(denominator, device=device)
+    return denominator
 
 
 # --- The blocks ---------------------------------------------------------------------------
@@ -241,7 +251,7 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     for rows in linear.blocks():
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
-        block = linear.block_problem(logits, linear.block_target(rows))
+        block = linear.block_problem(logits, linear.block_arrays(rows))
         if grads is None:
             losses.append(linear.backend.forward(block))
             continue
@@ -432,6 +442,7 @@ class FunctionalAlgebra:
 # --- The public functions ----------------------------------------------------------------
 
 
+@_options.keywords
 def linear_cross_entropy(
     input: Array,
     linear_weight: Any,
@@ -507,10 +518,11 @@ def linear_cross_entropy(
     >>> linear_cross_entropy(h, W, np.array([0, 1]), reduction="none", chunk_rows=1)
     array([0.55144465, 0.23954484], dtype=float32)
     """
+    options = _options.given(locals())
     reduction = _validate.check_reduction(reduction, stacklevel=2)
     linear = build(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-        label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options,
+        chunk_rows,
     )  # fmt: skip
     if array_api_compat.is_torch_array(linear.input):
         from . import _linear_torch  # imports torch: the caller handed us torch tensors
@@ -523,6 +535,7 @@ def linear_cross_entropy(
     return run(linear)[0]
 
 
+@_options.keywords
 def linear_cross_entropy_and_grad(
     input: Array,
     linear_weight: Any,
@@ -587,10 +600,11 @@ def linear_cross_entropy_and_grad(
            [ 0.106 , -0.213 ],
            [ 0.106 ,  0.1065]], dtype=float32)
     """
+    options = _options.given(locals())
     reduction = _validate.check_reduction(reduction, stacklevel=2)
     linear = build(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-        label_smoothing, total_weight, z_loss, softcap, chunk_rows,
+        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options,
+        chunk_rows,
     )  # fmt: skip
     xp, problem = linear.xp, linear.problem
     upstream = like_input(linear.backend, grad_output, linear.input, "grad_output")

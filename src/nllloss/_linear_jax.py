@@ -63,16 +63,17 @@ def _blocks(linear: _linear.Linear, upstream=None):
         upstream = jnp.broadcast_to(upstream, problem.loss_shape)
 
     def cut(start, stop):
-        """What the rows [start, stop) need: hidden states, targets, upstream or None."""
+        """What the rows [start, stop) need: hidden states, the cut arrays of the problem
+        (``Linear.block_arrays``), upstream or None."""
         rows = slice(start, stop)
-        return linear.hidden[rows], linear.block_target(rows), upstream[rows] if per_row else None
+        return linear.hidden[rows], linear.block_arrays(rows), upstream[rows] if per_row else None
 
     def step(carry, block):
-        hidden, target, block_upstream = block
+        hidden, arrays, block_upstream = block
         logits = hidden @ linear.weight.T
         if linear.bias is not None:
             logits = logits + linear.bias
-        block_problem = linear.block_problem(logits, target)
+        block_problem = linear.block_problem(logits, arrays)
         if carry is None:
             return carry, (linear.backend.forward(block_problem), None)
         block_loss, grad = linear.backend.forward_backward(

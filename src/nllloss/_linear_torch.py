@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import _linear
-from ._torch_ops import FusedLoss, differentiated, without_autocast
+from ._torch_ops import FusedLoss, composed, differentiated, without_autocast
 
 
 class TorchAlgebra:
@@ -80,14 +79,7 @@ ALGEBRA = TorchAlgebra()
 
 def loss(linear: _linear.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
-    target = linear.problem.target
-    if (
-        torch._C._are_functorch_transforms_active()
-        or _forward_ad._current_level >= 0
-        or torch.compiler.is_compiling()
-        # probabilities that need a gradient: nll_loss's generic path gives it
-        or (linear.problem.probabilities and target.requires_grad and torch.is_grad_enabled())
-    ):
+    if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear)
     blocks = _Blocks(linear)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
-from . import _generic, _validate
+from . import _generic, _options, _validate
+from ._builder import build
 from ._dispatch import as_array, backend_for, like_input, quick_forward_for
-from ._problem import Problem, layout_of, resolved_reduction
 
 if TYPE_CHECKING:  # _stats imports this module
     from ._stats import LossAndStats
@@ -30,53 +30,6 @@ Reduction = Literal["none", "mean", "sum"]
 
 # Deprecation warnings point at the line that called the public function: one frame up.
 _CALLER = 2
-
-
-def _problem(
-    input, target, weight, ignore_index, reduction, from_logits=False, label_smoothing=0.0,
-    total_weight=None, check_targets=True, z_loss=0.0, softcap=None, logits_shape=None,
-):  # fmt: skip
-    """Validate every argument once; the backend for the input and the Problem it solves.
-
-    ``logits_shape`` is given by the loss from hidden states (``_linear``): the input is
-    then the hidden states, which fix the library, device and dtype, and the problem is
-    that of logits of this shape, which are never formed whole.
-    """
-    input = as_array(input, "input")
-    backend = backend_for(input)
-    input = backend.autocast(input)  # before the weight and probabilities take its dtype
-    target = like_input(backend, target, input, "target")
-    _validate.check_input(input)
-    shape = tuple(input.shape) if logits_shape is None else logits_shape
-    _validate.check_target(target, shape)
-    if _validate.is_float_dtype(target.dtype) and target.dtype != input.dtype:
-        # class probabilities, used in the input's dtype as the weight is
-        target = backend.xp.astype(target, input.dtype)
-    layout = layout_of(shape)
-    if weight is not None:
-        # A sequence has no dtype of its own: read it in the input's.
-        weight = like_input(backend, weight, input, "weight", sequence_dtype=input.dtype)
-        _validate.check_weight(weight, layout.classes)
-        if weight.dtype != input.dtype:  # torch computes with the weight in x's dtype
-            weight = backend.xp.astype(weight, input.dtype)
-    if total_weight is not None:
-        total_weight = like_input(backend, total_weight, input, "total_weight")
-        _validate.check_total_weight(total_weight, reduction)
-    problem = Problem(
-        input,
-        target,
-        weight,
-        _validate.check_ignore_index(ignore_index, _validate.is_float_dtype(target.dtype)),
-        resolved_reduction(reduction, layout),
-        layout,
-        from_logits=_validate.check_flag(from_logits, "from_logits"),
-        label_smoothing=_validate.check_label_smoothing(label_smoothing),
-        total_weight=total_weight,
-        check_targets=_validate.check_flag(check_targets, "check_targets"),
-        z_loss=_validate.check_z_loss(z_loss, from_logits),
-        softcap=_validate.check_softcap(softcap, from_logits),
-    )
-    return backend, problem
 
 
 @overload
@@ -184,6 +137,7 @@ def nll_loss(
 ) -> Array | tuple[Array, Array] | LossAndStats: ...
 
 
+@_options.keywords
 def nll_loss(
     input: Array,
     target: Any,
@@ -355,17 +309,12 @@ def nll_loss(
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
     array(2.5079718, dtype=float32)
     """
+    arguments = locals()
     if (
-        size_average is reduce is total_weight is None
-        and from_logits is False
-        and check_targets is True
-        and type(label_smoothing) is float
-        and label_smoothing == 0.0
-        and type(z_loss) is float
-        and z_loss == 0.0
-        and softcap is None
+        size_average is reduce is None
         and return_lse is False
         and return_stats is False
+        and _options.untouched(arguments)
     ):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
@@ -375,10 +324,8 @@ def nll_loss(
             if result is not None:
                 return result
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
-    backend, problem = _problem(
-        input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
-        total_weight, check_targets, z_loss, softcap,
-    )  # fmt: skip
+    options = _options.given(arguments)
+    backend, problem = build(input, target, weight, ignore_index, reduction, options)
     if _validate.check_return_stats(
         return_stats, problem.from_logits, problem.probabilities, return_lse
     ):
@@ -395,6 +342,7 @@ def nll_loss(
     return backend.forward(problem)
 
 
+@_options.keywords
 def nll_loss_backward(
     grad_output: Any,
     input: Array,
@@ -469,12 +417,13 @@ def nll_loss_backward(
     array([[-2.,  1.,  1.],
            [ 1.,  1., -2.]], dtype=float32)
     """
+    options = _options.given(locals())
     return _with_gradient(
-        "backward", grad_output, input, target, weight, ignore_index, reduction,
-        from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
-    )  # fmt: skip
+        "backward", grad_output, input, target, weight, ignore_index, reduction, options, out
+    )
 
 
+@_options.keywords
 def nll_loss_and_grad(
     input: Array,
     target: Any,
@@ -526,34 +475,34 @@ def nll_loss_and_grad(
     >>> grad.shape
     (2, 3)
     """
+    options = _options.given(locals())
     return _with_gradient(
         "forward_backward", grad_output, input, target, weight, ignore_index, reduction,
-        from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
+        options, out,
     )  # fmt: skip
 
 
 def _with_gradient(
-    method, grad_output, input, target, weight, ignore_index, reduction,
-    from_logits, label_smoothing, total_weight, check_targets, z_loss, softcap, out,
-):  # fmt: skip
+    method, grad_output, input, target, weight, ignore_index, reduction, options: dict, out
+):
     """Validate the arguments of a call that returns the gradient, and run ``method`` of the
     input's backend ('backward' or 'forward_backward')."""
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER + 1)
-    backend, problem = _problem(
-        input, target, weight, ignore_index, reduction, from_logits, label_smoothing,
-        total_weight, check_targets, z_loss, softcap,
-    )  # fmt: skip
+    backend, problem = build(input, target, weight, ignore_index, reduction, options)
     given_upstream = grad_output
     grad_output = like_input(backend, grad_output, problem.input, "grad_output")
     _validate.check_grad_output_dtype(grad_output.dtype)
     _validate.check_grad_output_shape(grad_output.shape, problem.loss_shape)
     if out is not None:
         _validate.check_out(out, problem.input)
+        array_options = [f.name for f in _options.fields(problem.options) if f.array]
         reads = [
             ("input", input), ("target", target), ("weight", weight),
-            ("total_weight", total_weight), ("grad_output", given_upstream),  # as given
+            *((name, options.get(name)) for name in array_options),
+            ("grad_output", given_upstream),  # as given
             ("input", problem.input), ("target", problem.target), ("weight", problem.weight),
-            ("total_weight", problem.total_weight), ("grad_output", grad_output),  # as used
+            *((name, getattr(problem.options, name)) for name in array_options),
+            ("grad_output", grad_output),  # as used
         ]  # fmt: skip
         _validate.check_out_buffers([("out", out)], reads, in_place={("out", "input")})
     return getattr(backend, method)(problem, grad_output, out)
@@ -637,6 +586,7 @@ class NLLLoss:
     array(2.5)
     """
 
+    @_options.keywords
     def __init__(
         self,
         weight: Any = None,
@@ -650,6 +600,7 @@ class NLLLoss:
         z_loss: float = 0.0,
         softcap: float | None = None,
     ) -> None:
+        given = _options.given(locals())
         if size_average is not None or reduce is not None:
             reduction = _validate.resolve_reduction(
                 size_average, reduce, reduction, stacklevel=_CALLER
@@ -657,10 +608,10 @@ class NLLLoss:
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.from_logits = _validate.check_flag(from_logits, "from_logits")
-        self.label_smoothing = _validate.check_label_smoothing(label_smoothing)
-        self.z_loss = _validate.check_z_loss(z_loss, self.from_logits)
-        self.softcap = _validate.check_softcap(softcap, self.from_logits)
+        checked = _options.checked(given)  # early errors; checked again at each call
+        self._option_names = tuple(given)
+        for name in given:
+            setattr(self, name, getattr(checked, name))
 
     def __call__(self, input: Array, target: Any, *, total_weight: Any = None) -> Array:
         """The loss of ``input`` against ``target`` (class indices or probabilities); see
@@ -671,11 +622,8 @@ class NLLLoss:
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
-            from_logits=self.from_logits,
-            label_smoothing=self.label_smoothing,
             total_weight=total_weight,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
+            **{name: getattr(self, name) for name in self._option_names},
         )
 
     forward = __call__
@@ -687,12 +635,9 @@ class NLLLoss:
         if self.ignore_index != -100:
             options.append(f"ignore_index={self.ignore_index!r}")
         options.append(f"reduction={self.reduction!r}")
-        if self.from_logits:
-            options.append("from_logits=True")
-        if self.label_smoothing:
-            options.append(f"label_smoothing={self.label_smoothing!r}")
-        if self.z_loss:
-            options.append(f"z_loss={self.z_loss!r}")
-        if self.softcap is not None:
-            options.append(f"softcap={self.softcap!r}")
+        defaults = _options.Options()
+        for name in self._option_names:
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                options.append(f"{name}={value!r}")
         return f"NLLLoss({', '.join(options)})"

@@ -1,19 +1,21 @@
 """The description of one loss computation, built once per call and handed to every backend.
 
 A :class:`Problem` holds the validated arrays (in the input's library), where the classes
-and target elements are (:class:`Layout`), the resolved reduction and every option. The
-rules that several backends need are written here once, as its properties and methods:
+and target elements are (:class:`Layout`), the resolved reduction and the options (one
+:class:`~nllloss._options.Options`, carried whole). The rules that several routes need are
+written here once, as its properties and methods:
 
-* an unbatched input is reduced even for ``'none'`` (as torch): :func:`build` resolves
-  its reduction to ``'sum'`` of its single element, so no backend special-cases it;
+* an unbatched input is reduced even for ``'none'`` (as torch): :func:`resolved_reduction`
+  makes its reduction ``'sum'`` of its single element, so no backend special-cases it;
 * the shape of the loss (``loss_shape``) and whether it is element-wise;
 * float16 and bfloat16 compute in float32 (``computes_in_float32``);
-* the weight is used in the input's dtype (cast once, by :func:`build`'s caller);
+* the weight is used in the input's dtype (cast once, by ``_builder.build``);
+* the 'mean' denominator (``denominator``): ``total_weight`` when given, the number of
+  target elements for probabilities, else the count or the weight sum of the counted ones;
 * the first target that is neither a class nor ``ignore_index`` is reported by one
-  ``IndexError`` (``Layout.bad_target``).
+  ``IndexError`` (``Layout.bad_target``, ``Problem.bad_target``).
 
-Adding an option means a field here (with its default), its check in ``_validate``, the
-keyword of the public functions in ``_loss``, and the kernels that read it.
+Adding an option: see ``_options``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _validate
+from ._options import Options, fields
 
 _SIXTEEN_BIT = ("float16", "bfloat16")
 
@@ -58,6 +61,12 @@ class Layout(NamedTuple):
         """Number of target elements, M."""
         return self.batch * self.spatial
 
+    @property
+    def probability_count(self) -> float:
+        """The 'mean' denominator of probability targets: the number of target elements,
+        torch's ``numel / C`` (NaN without classes, where torch divides 0 by 0)."""
+        return float(self.size) if self.classes else float("nan")
+
     def bad_target(self, flat_index: int, value: int, ignore_index: int) -> IndexError:
         """The error for target element ``flat_index`` (row-major), of value ``value``."""
         position = np.unravel_index(flat_index, self.output_shape) if self.output_shape else ()
@@ -87,10 +96,11 @@ def layout_of(input_shape: tuple[int, ...]) -> Layout:
 class Problem:
     """One call of the loss: validated arrays, their layout, the reduction and the options.
 
-    ``input``, ``target``, ``weight`` and ``total_weight`` are arrays of one library (the
-    weight already in the input's dtype; ``total_weight`` a 0-d or ``(1,)`` array).
-    ``reduction`` is ``'none'``, ``'mean'`` or ``'sum'``, with an unbatched ``'none'``
-    resolved to ``'sum'``.
+    ``input``, ``target`` and ``weight`` are arrays of one library (the weight already in
+    the input's dtype), as are the ``array`` options (``total_weight``: a 0-d or ``(1,)``
+    array). ``reduction`` is ``'none'``, ``'mean'`` or ``'sum'``, with an unbatched
+    ``'none'`` resolved to ``'sum'``. Each option reads as an attribute too
+    (``problem.z_loss`` is ``problem.options.z_loss``).
     """
 
     input: Any
@@ -99,12 +109,7 @@ class Problem:
     ignore_index: int
     reduction: str
     layout: Layout
-    from_logits: bool = False
-    label_smoothing: float = 0.0
-    total_weight: Any | None = None  # the 'mean' denominator given by the caller
-    check_targets: bool = True  # False: no host sync for the range check (Triton)
-    z_loss: float = 0.0  # from logits: z * logsumexp**2 added per element
-    softcap: float | None = None  # from logits: softcap * tanh(x / softcap) replaces x
+    options: Options = Options()  # noqa: RUF009 (frozen: one shared default is safe)
 
     @property
     def probabilities(self) -> bool:
@@ -122,43 +127,78 @@ class Problem:
 
     @property
     def probability_count(self) -> float:
-        """The 'mean' denominator of probability targets: the number of target elements,
-        torch's ``numel / C`` (NaN without classes, where torch divides 0 by 0)."""
-        return float(self.layout.size) if self.layout.classes else float("nan")
+        return self.layout.probability_count
+
+    def denominator(self, count, weight_sum):
+        """The 'mean' denominator (:func:`mean_denominator`) of this problem."""
+        return mean_denominator(
+            self.layout, self.options.total_weight, self.probabilities,
+            self.weight is not None, count, weight_sum,
+        )  # fmt: skip
 
     @property
     def over_rows(self) -> bool:
         """The loss reads whole rows of classes (log-softmax, smoothing or probability
         targets), not ``x[t]`` only."""
-        return self.from_logits or self.label_smoothing > 0 or self.probabilities
+        options = self.options
+        return options.from_logits or options.label_smoothing > 0 or self.probabilities
 
     @property
     def plain(self) -> bool:
-        """torch's ``nll_loss`` itself: no option of ours in use."""
-        return not self.over_rows and self.total_weight is None and self.check_targets
+        """torch's ``nll_loss`` itself: class indices and every option at its default."""
+        return not self.probabilities and not self.options.in_use()
 
     @property
     def computes_in_float32(self) -> bool:
         return computes_in_float32(self.input.dtype)
 
     def replace(self, **changes: Any) -> Problem:
+        """A copy with ``changes``, of fields or of options (by their names)."""
+        names = {f.name for f in fields(self.options)}
+        option_changes = {k: changes.pop(k) for k in list(changes) if k in names}
+        if option_changes:
+            changes["options"] = changes.get("options", self.options).replace(**option_changes)
         return dataclasses.replace(self, **changes)
 
     def with_arrays(self, convert) -> Problem:
-        """The same problem with every array passed through ``convert`` (None stays None)."""
-
-        def apply(a):
-            return None if a is None else convert(a)
-
-        return self.replace(
-            input=apply(self.input),
-            target=apply(self.target),
-            weight=apply(self.weight),
-            total_weight=apply(self.total_weight),
+        """The same problem with every array (the array options too) passed through
+        ``convert`` (None stays None)."""
+        return dataclasses.replace(
+            self,
+            input=convert(self.input),
+            target=convert(self.target),
+            weight=None if self.weight is None else convert(self.weight),
+            options=self.options.with_arrays(convert),
         )
 
     def bad_target(self, flat_index: int, value: int) -> IndexError:
         return self.layout.bad_target(flat_index, value, self.ignore_index)
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Options))
+
+
+def _option_reader(name: str) -> property:
+    return property(lambda problem: getattr(problem.options, name), doc=f"``options.{name}``")
+
+
+for _name in _OPTION_NAMES:  # problem.z_loss reads problem.options.z_loss, and so on
+    setattr(Problem, _name, _option_reader(_name))
+
+
+def mean_denominator(layout: Layout, total_weight, probabilities: bool, weighted: bool,
+                     count, weight_sum):  # fmt: skip
+    """The 'mean' denominator, by the one rule of every route: ``total_weight`` when given
+    (the array, as given); for probability targets the number of target elements
+    (``Layout.probability_count``, a float); else ``count()``, the number of non-ignored
+    targets, unweighted, or ``weight_sum()``, the sum of ``w[t]`` over them, weighted. The
+    two callables are the route's (its summation order and dtype); only the one needed is
+    called."""
+    if total_weight is not None:
+        return total_weight
+    if probabilities:
+        return layout.probability_count
+    return weight_sum() if weighted else count()
 
 
 def resolved_reduction(reduction: str, layout: Layout) -> str:

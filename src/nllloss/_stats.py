@@ -32,6 +32,7 @@ import numpy as np
 
 from . import _cpu, _generic, _linear, _validate
 from ._dispatch import as_array, backend_for, like_input
+from ._options import Options
 from ._problem import Problem, layout_of
 
 
@@ -87,10 +88,8 @@ class Stats:
 
 def logits_problem(input, target, layout, ignore_index, softcap, check_targets=True) -> Problem:
     """The problem of the statistics' logits: reduction 'none', no weight, from logits."""
-    return Problem(
-        input, target, None, ignore_index, "none", layout, from_logits=True,
-        check_targets=check_targets, softcap=softcap,
-    )  # fmt: skip
+    options = Options(from_logits=True, check_targets=check_targets, softcap=softcap)
+    return Problem(input, target, None, ignore_index, "none", layout, options)
 
 
 def _stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None) -> Problem:
@@ -620,7 +619,7 @@ def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | 
     for rows in linear.blocks():
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
-        block = Stats(linear.block_problem(logits, linear.block_target(rows)), temperature)
+        block = Stats(linear.block_problem(logits, linear.block_arrays(rows)), temperature)
         engine = engine_for(linear, block)
         if grads is None:
             parts.append(engine.forward(block)[0])

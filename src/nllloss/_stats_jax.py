@@ -54,17 +54,18 @@ def _blocks(linear: _linear.Linear, temperature: float, engine, upstream: Upstre
     with_grad = upstream is not None
 
     def cut(start, stop):
-        """The rows [start, stop): hidden states, targets, upstream gradients."""
+        """The rows [start, stop): hidden states, the cut arrays of the problem
+        (``Linear.block_arrays``), upstream gradients."""
         rows = slice(start, stop)
         grads = () if not with_grad else tuple(a if unbatched else a[rows] for a in upstream)
-        return linear.hidden[rows], linear.block_target(rows), grads
+        return linear.hidden[rows], linear.block_arrays(rows), grads
 
     def step(carry, block):
-        hidden, target, grads = block
+        hidden, arrays, grads = block
         logits = hidden @ linear.weight.T
         if linear.bias is not None:
             logits = logits + linear.bias
-        stats = Stats(linear.block_problem(logits, target), temperature)
+        stats = Stats(linear.block_problem(logits, arrays), temperature)
         if not with_grad:
             return carry, (engine.forward(stats)[0], None)
         result, grad = engine.forward_backward(stats, Upstream(*grads))

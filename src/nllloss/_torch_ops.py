@@ -1,26 +1,31 @@
 """torch tensors: the route of a problem, and the loss as a differentiable torch function.
 
-One function, :func:`_engine`, says which engine computes a problem of torch tensors:
+The route is written once, top to bottom, in :func:`engine`: which engine computes a
+problem of torch tensors, the first of these that supports it:
 
-* float16/float32/float64 CPU tensors: the NumPy backend on zero-copy views (the bits of
-  torch's own CPU kernels, float16 accumulated in float32);
-* CUDA tensors, when the Triton kernels are enabled and support them: ``_triton``;
-* anything else (other devices, bfloat16 on the CPU): the generic path on torch's namespace.
+1. ``'composed'``, the generic path's plain torch operations differentiated by torch
+   itself, when torch must see them: under ``torch.func``
+   transforms and forward-mode AD (every transform composes with them; a target batched
+   by ``vmap`` cannot be inspected, so an out-of-range value there gives NaN, as under
+   ``jax.jit``), or for probability targets that require grad;
+2. ``'torch'``: torch's own ``nll_loss`` for a plain small float32/float64 CPU problem
+   (same bits, less dispatch; its autograd is torch's);
+3. ``'numpy'``: the NumPy route on zero-copy views of float16/float32/float64 CPU tensors
+   (the bits of torch's CPU kernels, float16 accumulated in float32), when its kernels
+   ``supports`` the problem;
+4. ``'triton'``: CUDA tensors, when the Triton kernels are enabled and support the problem
+   (``_triton.launcher_for``, which raises when ``NLLLOSS_TRITON=1`` asked for them and
+   they cannot take it);
+5. ``'generic'``: anything else (other devices, bfloat16 on the CPU, other options).
 
-Before that, :meth:`TorchBackend.forward` sends a plain float32/float64 CPU call that needs
-no gradient of ours to torch's own ``nll_loss`` (same bits, less dispatch), and calls under
-``torch.func`` transforms to the generic path (plain torch operations, which every
-transform composes with; a target batched by ``vmap`` cannot be inspected, so an
-out-of-range value there gives NaN, as under ``jax.jit``).
-
-Differentiation: in eager mode :class:`FusedLoss` (also the loss from hidden states'),
-whose tensors autograd keeps under its version counters and whose backward, when it builds
-a graph, gives differentiable gradients; under ``torch.compile`` the custom operators
-``nllloss::*`` (opaque to the compiler: no graph break, the target check runs inside), with
-their autograd registered. Both compute through :func:`_compute`. Under ``torch.autocast``
-the loss runs in float32 (:meth:`TorchBackend.autocast`). A problem crosses an operator's
-schema through :func:`_to_schema` and :func:`_from_schema`, and nowhere else. Imported only
-when torch tensors arrive.
+Differentiation for the last three: in eager mode :class:`FusedLoss` (also the loss from
+hidden states'), whose tensors autograd keeps under its version counters and whose
+backward, when it builds a graph, gives differentiable gradients; under ``torch.compile``
+the custom operators ``nllloss::*`` (opaque to the compiler: no graph break, the target
+check runs inside), with their autograd registered. Both compute through :func:`_compute`.
+Under ``torch.autocast`` the loss runs in float32 (:meth:`TorchBackend.autocast`). A
+problem crosses an operator's schema through :func:`_to_schema` and :func:`_from_schema`,
+and nowhere else. Imported only when torch tensors arrive.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _cpu, _generic, _triton, _validate
+from . import _cpu, _generic, _options, _triton, _validate
+from ._options import Options
 from ._problem import Problem, layout_of
 
 GENERIC = _generic.Backend(torch_namespace)
@@ -43,14 +49,74 @@ _EXACT_ON_NUMPY = (torch.float16, torch.float32, torch.float64)
 # --- Which engine computes a problem ------------------------------------------------------
 
 
-def _engine(problem: Problem) -> str:
-    """'numpy', 'triton' or 'generic' for a problem of torch tensors (see the module)."""
-    x = problem.input
-    if x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY:
+def engine(problem: Problem, *, torch_kernel: bool = True) -> str:
+    """'composed', 'torch', 'numpy', 'triton' or 'generic': the route of a problem of torch
+    tensors (see the module). ``torch_kernel=False`` leaves torch's own kernel out (a
+    gradient of ours is asked for)."""
+    if composed(problem):
+        return "composed"
+    if torch_kernel and _torch_kernel_supports(problem):
+        return "torch"
+    if _numpy_views_support(problem):
         return "numpy"
-    if _triton.launcher_for(x, problem.target, problem.weight) is not None:
+    if _triton.launcher_for(problem) is not None:
         return "triton"
     return "generic"
+
+
+def composed(problem: Problem) -> bool:
+    """torch must differentiate the loss as plain operations (see the module): under
+    ``torch.func`` transforms and forward-mode AD, or probabilities that require grad."""
+    return _values_hidden() or _target_needs_grad(problem)
+
+
+def _values_hidden() -> bool:
+    # Under torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD the loss is made
+    # of plain torch operations, which every transform composes with; autograd.Function
+    # and custom operators would need a rule per transform.
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _target_needs_grad(problem: Problem) -> bool:
+    """A target of class probabilities that requires grad (as torch's ``cross_entropy``,
+    the loss is differentiable with respect to it): the generic path, of plain torch
+    operations, gives autograd both gradients."""
+    target = problem.target
+    return problem.probabilities and target.requires_grad and torch.is_grad_enabled()
+
+
+# Below this many input elements, float32/float64 CPU tensors run torch's own kernel: its
+# results are the bits our engine reproduces, and our dispatch costs more than the whole
+# call there (measured: (64, 10) forward+backward 0.14 ms through the operator, 0.02 ms
+# through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
+# (8, 21, 256, 256) and (8192, 32000)).
+TORCH_KERNEL_MAX = 1 << 22
+# The target dtype torch's nll_loss reads under torch.compile too (eager torch also reads
+# uint8 for inputs of rank 1 and 2; the meta kernel of torch.compile does not); other
+# integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values from
+# 2**63 on would wrap (to ignore_index, say).
+_TORCH_TARGETS = (torch.int64,)
+_WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
+_TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _torch_kernel_supports(problem: Problem) -> bool:
+    """torch's own nll_loss computes the problem: plain, float32/float64 on the CPU, small
+    (``TORCH_KERNEL_MAX``), a target dtype it reads or that widens exactly."""
+    x = problem.input
+    return (
+        problem.plain
+        and x.device.type == "cpu"
+        and x.dtype in _TORCH_KERNEL_DTYPES
+        and x.numel() < TORCH_KERNEL_MAX
+        and problem.target.dtype in _TORCH_TARGETS + _WIDENED_TARGETS
+    )
+
+
+def _numpy_views_support(problem: Problem) -> bool:
+    """The NumPy route on views: CPU tensors of a dtype NumPy holds, options it computes."""
+    x = problem.input
+    return x.device.type == "cpu" and x.dtype in _EXACT_ON_NUMPY and _cpu.supports(problem)
 
 
 def _compute(kind: str, problem: Problem, grad_output=None, out=None):
@@ -61,13 +127,13 @@ def _compute(kind: str, problem: Problem, grad_output=None, out=None):
     tensor of the input's shape and dtype) receives the gradient where the engine writes
     in place (NumPy's kernels, the generic path); the result is the gradient either way.
     """
-    engine = _engine(problem)
-    if engine == "triton":
+    chosen = engine(problem, torch_kernel=False)  # (an autograd Function's: never 'composed')
+    if chosen == "triton":
         return _triton_compute(kind, problem, grad_output)
     if grad_output is None and kind == "forward_backward":
         x = problem.input
         grad_output = torch.ones((), dtype=x.dtype, device=x.device)
-    if engine == "generic":
+    if chosen in ("generic", "composed"):
         backend = GENERIC
         problem = _with_comparable_target(problem)
     else:
@@ -109,63 +175,20 @@ def _as_tensor(result):
 
 def _triton_compute(kind: str, problem: Problem, grad_output):
     """CUDA tensors: the Triton kernels (``nllloss._triton``), deterministic, no atomics."""
-    launcher = _triton.launcher_for(problem.input, problem.target, problem.weight)
-    arguments, flags = _triton_arguments(problem)
+    launcher = _triton.launcher_for(problem)
     if kind == "forward":
-        return launcher.forward(*arguments, **flags)[0]
+        return launcher.forward(problem)[0]
     if kind == "backward":
-        return launcher.backward(grad_output, *arguments, **flags)
+        return launcher.backward(problem, grad_output)
     # One pass writes the loss and the unit gradient; another upstream gradient scales it.
-    loss, unit = launcher.forward_backward(*arguments, **flags)
+    loss, unit = launcher.forward_backward(problem)
     return loss, unit if grad_output is None else _scaled(unit, grad_output)
-
-
-def _triton_arguments(problem: Problem) -> tuple[tuple, dict]:
-    """The Triton launchers' positional arguments and keywords for ``problem``."""
-    arguments = (
-        problem.input,
-        problem.target,
-        problem.weight,
-        problem.ignore_index,
-        problem.reduction,
-    )
-    flags = {
-        "from_logits": problem.from_logits,
-        "label_smoothing": problem.label_smoothing,
-        "total_weight": problem.total_weight,
-        "check_targets": problem.check_targets,
-        "z_loss": problem.z_loss,
-        "softcap": problem.softcap,
-    }
-    return arguments, flags
 
 
 # --- The backend ----------------------------------------------------------------------------
 
 
-def _values_hidden() -> bool:
-    # Under torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD the loss is made
-    # of plain torch operations, which every transform composes with; autograd.Function
-    # and custom operators would need a rule per transform.
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
-
-
-# Below this many input elements, float32/float64 CPU tensors run torch's own kernel: its
-# results are the bits our engine reproduces, and our dispatch costs more than the whole
-# call there (measured: (64, 10) forward+backward 0.14 ms through the operator, 0.02 ms
-# through torch; ours wins from (4096, 1000) on, 1.3-1.9x at (1048576, 10),
-# (8, 21, 256, 256) and (8192, 32000)).
-TORCH_KERNEL_MAX = 1 << 22
-# The target dtype torch's nll_loss reads under torch.compile too (eager torch also reads
-# uint8 for inputs of rank 1 and 2; the meta kernel of torch.compile does not); other
-# integer dtypes up to 32 bits are widened to int64 exactly. uint64 is not: values from
-# 2**63 on would wrap (to ignore_index, say).
-_TORCH_TARGETS = (torch.int64,)
-_WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
-
-
 _REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
-_TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
 _nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
 
 
@@ -190,49 +213,42 @@ class TorchBackend:
 
     def forward(self, problem: Problem):
         _check_weight(problem)
-        if _values_hidden() or _target_needs_grad(problem):
+        chosen = engine(problem)
+        if chosen == "composed":
             return GENERIC.forward(problem)
-        x = problem.input
-        if (
-            problem.plain
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and x.numel() < TORCH_KERNEL_MAX
-            and problem.target.dtype in _TORCH_TARGETS + _WIDENED_TARGETS
-        ):
+        if chosen == "torch":
             return _torch_kernel(problem)
+        x = problem.input
         training = x.requires_grad and torch.is_grad_enabled()
+        fused = _gradient_with_the_loss(problem, chosen)
         if torch.compiler.is_compiling():
-            if training and _gradient_with_the_loss(problem):
+            if training and fused:
                 return nll_loss_with_unit_gradient_op(*_to_schema(problem))[0]
             return nll_loss_op(*_to_schema(problem))
         if not training:
             return _compute("forward", problem)
-        return FusedLoss.apply(_ProblemLoss(problem, _gradient_with_the_loss(problem)), x)
+        return FusedLoss.apply(_ProblemLoss(problem, fused), x)
 
     def forward_and_lse(self, problem: Problem):
         """(the loss, each element's log-sum-exp), from one pass of the fused kernels when no
         gradient is wanted; else the loss and ``log_normalizer``'s differentiable operations."""
         x = problem.input
+        chosen = engine(problem, torch_kernel=False)
         if (
-            _values_hidden()
-            or _target_needs_grad(problem)
+            chosen in ("composed", "generic")
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
-            or _engine(problem) == "generic"
         ):
             return self.forward(problem), _generic.log_normalizer(self.xp, problem)
         _check_weight(problem)
-        if _engine(problem) == "triton":
-            launcher = _triton.launcher_for(x, problem.target, problem.weight)
-            arguments, flags = _triton_arguments(problem)
-            loss, saved = launcher.forward(*arguments, **flags)
+        if chosen == "triton":
+            loss, saved = _triton.launcher_for(problem).forward(problem)
             return loss, saved.lse.reshape(problem.layout.output_shape).to(x.dtype)
         loss, lse = _cpu.backend().forward_and_lse(problem.with_arrays(_numpy_view))
         return _as_tensor(loss), _as_tensor(lse)
 
     def backward(self, problem: Problem, grad_output, out=None):
-        if _values_hidden():
+        if engine(problem, torch_kernel=False) == "composed":
             return GENERIC.backward(problem, grad_output)
         grad_output = _upstream(problem, grad_output)
         if torch.compiler.is_compiling():
@@ -243,10 +259,9 @@ class TorchBackend:
         _check_weight(problem)
         x = problem.input
         if (
-            _values_hidden()
+            engine(problem, torch_kernel=False) == "composed"
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
-            or _target_needs_grad(problem)
         ):  # the loss must be differentiable (or traced): the two calls
             return self.forward(problem), self.backward(problem, grad_output)
         return _compute("forward_backward", problem, _upstream(problem, grad_output), out)
@@ -317,11 +332,11 @@ def without_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _gradient_with_the_loss(problem: Problem) -> bool:
-    """Whether a training forward also writes the gradient, so that the backward only
-    scales it: from logits or smoothed (the backward would read the input again for the
-    softmax) on the engines with a fused pass, NumPy's kernels and Triton's."""
-    return problem.over_rows and _engine(problem) in ("numpy", "triton")
+def _gradient_with_the_loss(problem: Problem, chosen: str) -> bool:
+    """Whether a training forward on the ``chosen`` engine also writes the gradient, so
+    that the backward only scales it: from logits or smoothed (the backward would read the
+    input again for the softmax) on the engines with a fused pass, NumPy's and Triton's."""
+    return problem.over_rows and chosen in ("numpy", "triton")
 
 
 def _check_weight(problem: Problem) -> None:
@@ -330,14 +345,6 @@ def _check_weight(problem: Problem) -> None:
         _validate.check_not_differentiable(
             "weight", weight.requires_grad and torch.is_grad_enabled()
         )
-
-
-def _target_needs_grad(problem: Problem) -> bool:
-    """A target of class probabilities that requires grad (as torch's ``cross_entropy``,
-    the loss is differentiable with respect to it): the generic path, of plain torch
-    operations, gives autograd both gradients."""
-    target = problem.target
-    return problem.probabilities and target.requires_grad and torch.is_grad_enabled()
 
 
 def _upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor:
@@ -513,13 +520,13 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_output, input, problem: Problem):
-        _save_schema(ctx, _to_schema(problem), grad_output)
+        _save_problem(ctx, problem, grad_output)
         return _compute("backward", problem, grad_output)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_output = ctx.saved_tensors[_TENSORS]
-        return (*_backward_backward(_saved_problem(ctx), grad_output, grad), None)
+        problem, grad_output = _saved_problem(ctx)
+        return (*_backward_backward(problem, grad_output, grad), None)
 
 
 def _backward_backward(problem: Problem, grad_output, grad):
@@ -546,10 +553,12 @@ def _backward_backward(problem: Problem, grad_output, grad):
 
 
 # --- Custom operators, for torch.compile -------------------------------------------------
-# The schema is Problem's fields (the layout is derived from the shapes): its tensors first,
-# then its values, so that a new field of Problem reaches the operators with no edit here.
+# The schema is Problem's fields and its options' (the layout is derived from the shapes):
+# the tensors first, then the values, so that a new option reaches the operators with no
+# edit here.
 
-# Problem's annotations (strings, as written there) in the operators' schema language.
+# The annotations of Problem and Options (strings, as written there) in the operators'
+# schema language.
 _SCHEMA_TYPES = {
     "Any": "Tensor",
     "Any | None": "Tensor?",
@@ -559,11 +568,13 @@ _SCHEMA_TYPES = {
     "float": "float",
     "float | None": "float?",
 }
+_OPTION_FIELDS = dataclasses.fields(Options)
+_OPTION_NAMES = frozenset(f.name for f in _OPTION_FIELDS)
 _FIELDS = sorted(  # sorted is stable: the tensors in their order, then the values
-    (f for f in dataclasses.fields(Problem) if f.name != "layout"),
+    [f for f in dataclasses.fields(Problem) if f.name not in ("layout", "options")]
+    + list(_OPTION_FIELDS),
     key=lambda f: not _SCHEMA_TYPES[f.type].startswith("Tensor"),
 )
-_TENSORS = sum(_SCHEMA_TYPES[f.type].startswith("Tensor") for f in _FIELDS)
 
 
 def _schema_argument(field: dataclasses.Field) -> str:
@@ -575,13 +586,19 @@ _NO_GRADIENTS = (None,) * (len(_FIELDS) - 1)  # for every schema argument but th
 
 
 def _to_schema(problem: Problem) -> tuple:
-    return tuple(getattr(problem, f.name) for f in _FIELDS)
+    if type(problem.options) is not Options:  # options the schema was not made from
+        raise TypeError(f"no operator schema for {type(problem.options).__qualname__}")
+    options = problem.options
+    return tuple(
+        getattr(options if f.name in _OPTION_NAMES else problem, f.name) for f in _FIELDS
+    )
 
 
 def _from_schema(*schema) -> Problem:
     fields = dict(zip((f.name for f in _FIELDS), schema, strict=True))
+    options = Options(**{name: fields.pop(name) for name in _OPTION_NAMES})
     layout = layout_of(tuple(fields["input"].shape))
-    return Problem(layout=layout, **fields)
+    return Problem(layout=layout, options=options, **fields)
 
 
 def _operator(name: str, compute, returns: str, leading: str = ""):
@@ -630,39 +647,49 @@ def _(*schema):
     return input.new_empty(_from_schema(*schema).loss_shape), torch.empty_like(input)
 
 
-def _save_schema(ctx, schema, *more_tensors) -> None:
-    """Keep a problem (and ``more_tensors`` after its own) for the backward."""
-    ctx.save_for_backward(*schema[:_TENSORS], *more_tensors)
-    ctx.values = tuple(schema[_TENSORS:])
+def _save_problem(ctx, problem: Problem, *more_tensors) -> None:
+    """Keep a problem (and ``more_tensors``) for the backward: its arrays (the array
+    options' too) through ``save_for_backward``, the rest as it is."""
+    names = ["input", "target", "weight"] + [
+        f.name for f in _options.fields(problem.options) if f.array
+    ]
+    arrays = [getattr(problem, name) for name in names[:3]]
+    arrays += [getattr(problem.options, name) for name in names[3:]]
+    ctx.save_for_backward(*arrays, *more_tensors)
+    ctx.problem_names = names
+    ctx.problem = problem.replace(**dict.fromkeys(names))
 
 
-def _saved_problem(ctx) -> Problem:
-    return _from_schema(*ctx.saved_tensors[:_TENSORS], *ctx.values)
+def _saved_problem(ctx) -> tuple:
+    """The problem ``_save_problem`` kept, then the tensors kept after it."""
+    saved = ctx.saved_tensors
+    names = ctx.problem_names
+    return (ctx.problem.replace(**dict(zip(names, saved, strict=False))), *saved[len(names):])
 
 
 def _op_setup(ctx, inputs, output):
-    _save_schema(ctx, inputs)
+    _save_problem(ctx, _from_schema(*inputs))
 
 
 def _op_backward(ctx, grad):
-    problem = _checked_by_the_forward(_saved_problem(ctx))
+    problem = _checked_by_the_forward(_saved_problem(ctx)[0])
     grad_input = nll_loss_backward_op(_upstream(problem, grad), *_to_schema(problem))
     return grad_input, *_NO_GRADIENTS
 
 
 def _backward_op_setup(ctx, inputs, output):
     grad_output, *schema = inputs
-    _save_schema(ctx, schema, grad_output)
+    _save_problem(ctx, _from_schema(*schema), grad_output)
 
 
 def _backward_op_backward(ctx, grad):
-    grad_output = ctx.saved_tensors[_TENSORS]
-    grad_grad_output, grad_input = _backward_backward(_saved_problem(ctx), grad_output, grad)
+    problem, grad_output = _saved_problem(ctx)
+    grad_grad_output, grad_input = _backward_backward(problem, grad_output, grad)
     return grad_grad_output, grad_input, *_NO_GRADIENTS
 
 
 def _unit_setup(ctx, inputs, output):
-    _save_schema(ctx, inputs)
+    _save_problem(ctx, _from_schema(*inputs))
     ctx.unit_gradient = output[1]
     ctx.mark_non_differentiable(output[1])
 

@@ -33,6 +33,18 @@ _INT64_MAX = 2**63 - 1
 _FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
+class FallbackWarning(UserWarning):
+    """A fast engine could not load, so the generic path computes instead (same results,
+    slower). Given once per process, with the reason and the remedy."""
+
+
+def fallback_message(reason: str) -> str:
+    return (
+        f"nllloss's compiled NumPy kernels cannot load: {reason}. The generic path computes "
+        "instead (the same results, slower)."
+    )
+
+
 def resolve_reduction(size_average: Any, reduce: Any, reduction: Any, *, stacklevel: int) -> str:
     """Map the legacy ``size_average``/``reduce`` pair and ``reduction`` to one reduction name.
 

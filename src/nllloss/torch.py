@@ -13,7 +13,7 @@ except ModuleNotFoundError as error:
         raise
     raise ImportError("nllloss.torch needs PyTorch (pip install torch)") from None
 
-from . import _validate
+from . import _options, _validate
 from ._linear import linear_cross_entropy
 from ._loss import nll_loss
 
@@ -72,6 +72,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     CrossEntropyLoss(z_loss=0.0001, softcap=30.0)
     """
 
+    @_options.keywords
     def __init__(
         self,
         weight: torch.Tensor | None = None,
@@ -84,9 +85,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
     ) -> None:
+        given = _options.given(locals())
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        self.z_loss = _validate.check_z_loss(z_loss, from_logits=True)
-        self.softcap = _validate.check_softcap(softcap, from_logits=True)
+        _keep_options(self, given)
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, *, total_weight=None
@@ -98,17 +99,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             from_logits=True,
-            label_smoothing=self.label_smoothing,
             total_weight=total_weight,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
+            **_kept_options(self),
         )
 
     def extra_repr(self) -> str:
-        options = [f"z_loss={self.z_loss!r}"] if self.z_loss else []
-        if self.softcap is not None:
-            options.append(f"softcap={self.softcap!r}")
-        return ", ".join(options)
+        return _options_repr(self)
 
 
 class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
@@ -134,6 +130,7 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
     torch.Size([10, 4])
     """
 
+    @_options.keywords
     def __init__(
         self,
         in_features: int,
@@ -152,13 +149,13 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
         softcap: float | None = None,
         chunk_rows: int | None = None,
     ) -> None:
+        given = _options.given(locals())
         super().__init__(
             in_features, num_classes, out_features=out_features, bias=bias, device=device,
             dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
             label_smoothing=label_smoothing, options=options,
         )  # fmt: skip
-        self.z_loss = _validate.check_z_loss(z_loss, from_logits=True)
-        self.softcap = _validate.check_softcap(softcap, from_logits=True)
+        _keep_options(self, given)
         self.chunk_rows = _validate.check_chunk_rows(chunk_rows)
 
     def forward(
@@ -174,9 +171,36 @@ class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
             weight=self.weight,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
             total_weight=total_weight,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
             chunk_rows=self.chunk_rows,
+            **_kept_options(self),
         )
+
+
+def _keep_options(module: torch.nn.Module, given: dict) -> None:
+    """Check the options a module's constructor took (from logits) and keep them as its
+    attributes: those torch's own module keeps as torch kept them, ours as checked."""
+    checked = _options.checked({**given, "from_logits": True})
+    module._option_names = tuple(given)
+    for name in given:
+        if not hasattr(module, name):
+            setattr(module, name, getattr(checked, name))
+
+
+def _kept_options(module: torch.nn.Module) -> dict:
+    """The options a module passes to each call, by name."""
+    return {name: getattr(module, name) for name in module._option_names}
+
+
+def _options_repr(module: torch.nn.Module) -> str:
+    """Our options that torch's module lacks, where not at their defaults."""
+    defaults = _options.Options()
+    return ", ".join(
+        f"{name}={getattr(module, name)!r}"
+        for name in module._option_names
+        if name not in _TORCH_OWN and getattr(module, name) != getattr(defaults, name)
+    )
+
+
+# Options that torch's modules keep themselves (and print in their own repr)
+_TORCH_OWN = ("label_smoothing",)

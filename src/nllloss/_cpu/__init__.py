@@ -1,15 +1,21 @@
-"""The compiled NumPy backend: numba kernels with the semantics (and bits) of ``_generic``.
+"""The NumPy route: numba kernels with the semantics (and bits) of ``_generic``.
 
 ``forward``, ``backward`` and ``forward_backward`` take a ``Problem`` of NumPy arrays, as
 ``_generic.Backend``'s methods do, and give bit-identical results; the test-suite checks
-both against torch and each other. ``load()`` returns this backend, or None when numba
-cannot be imported, in which case NumPy arrays are served by the generic path.
+both against torch and each other. :func:`backend` is the route of NumPy arrays: its
+``engine(problem)`` is the one decision, these kernels when they load and ``supports``
+the problem, else the generic path on NumPy. The kernels do not load without numba, with
+``NUMBA_DISABLE_JIT`` set (they would run as slow Python, and some not at all) or without
+a writable cache location (numba refuses to compile them): each gives one
+:class:`~nllloss._validate.FallbackWarning`, and the generic path computes every call.
+``NLLLOSS_DISABLE_NUMBA=1`` asks for the generic path, silently.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,33 +24,78 @@ from .. import _generic, _validate
 from .._problem import Problem
 from .._reduction import level_power
 
+# The options these kernels compute (see ``Options``): a problem using any other takes the
+# generic path.
+OPTIONS = frozenset(
+    {"from_logits", "label_smoothing", "total_weight", "check_targets", "z_loss", "softcap"}
+)
+
+
+def supports(problem: Problem) -> bool:
+    """Whether these kernels compute ``problem`` (of NumPy arrays: every float and integer
+    dtype, both target forms, any shape): when its options are theirs."""
+    return problem.options.in_use() <= OPTIONS
+
+
+class NumpyBackend:
+    """The route of NumPy arrays, with the backend protocol of ``_generic.Backend``."""
+
+    def __init__(self, kernels, softmax):
+        self.kernels, self.softmax = kernels, softmax
+        self.xp = _generic_numpy().xp
+        self.total_weight = _generic_numpy().total_weight
+        self.autocast = _generic_numpy().autocast
+        self.quick_forward = quick_forward
+
+    @staticmethod
+    def engine(problem: Problem):
+        """These kernels if they compute the problem, else the generic path on NumPy."""
+        return _COMPILED if supports(problem) else _generic_numpy()
+
+    def forward(self, problem: Problem):
+        return self.engine(problem).forward(problem)
+
+    def backward(self, problem: Problem, grad_output, out=None):
+        return self.engine(problem).backward(problem, grad_output, out)
+
+    def forward_backward(self, problem: Problem, grad_output, out=None):
+        return self.engine(problem).forward_backward(problem, grad_output, out)
+
+    def forward_and_lse(self, problem: Problem):
+        return self.engine(problem).forward_and_lse(problem)
+
 
 @functools.cache
-def load():
-    """The backend, its kernels compiled lazily (and cached on disk by numba); None without
-    numba or with ``NLLLOSS_DISABLE_NUMBA`` set."""
+def load() -> NumpyBackend | None:
+    """The route with its kernels compiled lazily (and cached on disk by numba); None
+    (after one warning where the kernels should have loaded) when they cannot load."""
     if os.environ.get("NLLLOSS_DISABLE_NUMBA"):
         return None
+    reason = None
     try:
-        from . import _kernels, _softmax
-    except ImportError:
+        import numba
+
+        if numba.config.DISABLE_JIT:
+            reason = "NUMBA_DISABLE_JIT is set"
+        else:
+            from . import _kernels, _softmax
+    except ImportError as error:
+        reason = f"numba does not import ({error})"
+    except RuntimeError as error:  # numba's "cannot cache function ...: no locator available"
+        if "cannot cache" not in str(error):
+            raise
+        reason = (
+            "numba has no writable cache location for them (set NUMBA_CACHE_DIR to a "
+            f"writable directory): {error}"
+        )
+    if reason is not None:
+        warnings.warn(_validate.fallback_message(reason), _validate.FallbackWarning, stacklevel=2)
         return None
-    return SimpleNamespace(
-        xp=_generic_numpy().xp,
-        quick_forward=quick_forward,
-        autocast=_generic_numpy().autocast,
-        forward=forward,
-        backward=backward,
-        forward_backward=forward_backward,
-        forward_and_lse=forward_and_lse,
-        total_weight=_generic_numpy().total_weight,
-        kernels=_kernels,
-        softmax=_softmax,
-    )
+    return NumpyBackend(_kernels, _softmax)
 
 
 def backend():
-    """The NumPy backend: these kernels when numba loads, else the generic path on NumPy."""
+    """The NumPy route: these kernels when numba loads, else the generic path on NumPy."""
     return load() or _generic_numpy()
 
 
@@ -505,3 +556,12 @@ def _weight_total(kernels, t2, ignore_index, weight):
         return weight.dtype.type(0)
     hit = np.where(valid, weight[np.where(valid, t2, 0)], weight.dtype.type(0)).reshape(-1)
     return kernels.cascade_sum(hit, valid.reshape(-1).view(np.uint8))
+
+
+# The engine of these kernels, as NumpyBackend.engine names it.
+_COMPILED = SimpleNamespace(
+    forward=forward,
+    backward=backward,
+    forward_backward=forward_backward,
+    forward_and_lse=forward_and_lse,
+)

@@ -60,15 +60,39 @@ def _load():
     return _launcher
 
 
-def launcher_for(x: Any, target: Any, weight: Any = None):
-    """The launch module if the Triton kernels serve these torch tensors, else None.
+def named() -> bool:
+    """``NLLLOSS_TRITON=1``: the caller asked for the kernels by name, so a CUDA problem
+    they cannot take is an error, not a quiet fallback."""
+    return os.environ.get("NLLLOSS_TRITON", "") == "1"
+
+
+def launcher_for(problem: Any):
+    """The launch module if the Triton kernels compute this problem of torch tensors, else
+    None (another engine does).
 
     CUDA tensors only when ``enabled()``; CPU tensors only under the interpreter switch.
+    With ``NLLLOSS_TRITON=1`` (``named()``), a CUDA problem that the kernels cannot take
+    (Triton does not import, or ``_launch.unsupported`` names why) raises instead.
     """
-    device = x.device.type
+    device = problem.input.device.type
     if not ((device == "cuda" and enabled()) or (device == "cpu" and interpreted())):
         return None
     launcher = _load()
-    if launcher is None or not launcher.supports(x, target, weight):
+    required = device == "cuda" and named()
+    if launcher is None:
+        if required:
+            raise RuntimeError(
+                "NLLLOSS_TRITON=1 asks for the Triton kernels, but triton (3.6 or later) "
+                "does not import: install it (pip install nllloss[gpu]) or unset "
+                "NLLLOSS_TRITON to let the default engine compute"
+            )
         return None
-    return launcher
+    reason = launcher.unsupported(problem)
+    if reason is None:
+        return launcher
+    if required:
+        raise ValueError(
+            f"NLLLOSS_TRITON=1 asks for the Triton kernels, which do not compute {reason}: "
+            "unset NLLLOSS_TRITON to let the default engine compute this problem"
+        )
+    return None

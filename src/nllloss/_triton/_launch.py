@@ -1,26 +1,28 @@
-"""Launchers of the Triton kernels: torch tensors in, torch tensors out.
+"""Launchers of the Triton kernels: a ``Problem`` of torch tensors in, torch tensors out.
 
-Arguments are already validated by ``_validate`` (the caller's job) and on one device.
+The problem is validated (``_builder.build``) and on one device; its layout, resolved
+reduction, weight (in the input's dtype) and options are read from it, never re-derived.
 The API, for the torch glue (custom operators and autograd):
 
-``forward(x, t, w, ignore_index, reduction, *, from_logits=False, label_smoothing=0.0,
-total_weight=None, check_targets=True, z_loss=0.0, softcap=None) -> (loss, saved)``
+``forward(problem) -> (loss, saved)``
     The loss and ``saved``, a ``Saved`` of three tensors (the row log-sum-exp, the 'mean'
     denominator, and for probability targets from logits ``P = sum_c w_c p'_c`` per
     position) that ``backward`` reuses: a custom operator can return them as extra
     outputs and ``save_for_backward`` them. One pass over x (only x[t] is read for
     log-probabilities without label smoothing).
-``backward(grad_output, x, t, w, ignore_index, reduction, *, <the same options>,
-saved=None) -> grad``
-    With ``saved`` (from ``forward`` on the same arguments): one pass, no forward
+``backward(problem, grad_output, saved=None) -> grad``
+    With ``saved`` (from ``forward`` on the same problem): one pass, no forward
     recomputed, no host synchronisation, no target check (the forward did it). Without
     it (a standalone ``nll_loss_backward``), what it needs is recomputed and the targets
     are checked unless ``check_targets=False``.
-``forward_backward(x, t, w, ignore_index, reduction, *, <the same options>) -> (loss, grad)``
+``forward_backward(problem) -> (loss, grad)``
     The loss and the gradient for ``grad_output = 1`` (ones for 'none'), written in the
     pass that reads x: one read of x and one write of the gradient, the floor of a
     training step. A caller with another ``grad_output`` scales the gradient (per position
     along the class axis for 'none'), as the NumPy engine's unit-gradient path does.
+``supports(problem)``, ``unsupported(problem)``
+    Whether the kernels compute this problem (its dtypes, targets and options), and if
+    not, why (for the error when the caller asked for these kernels by name).
 
 A training step (``forward`` then ``backward(saved=...)``, or ``forward_backward``)
 synchronises the host at most once: the optional target check (``check_targets=True``,
@@ -47,7 +49,9 @@ import numpy as np
 import torch
 import triton
 
-from .. import _generic, _validate
+from .. import _generic
+from .._options import Options
+from .._problem import Problem
 from . import _kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,18 +99,35 @@ class Saved(NamedTuple):
     mass: torch.Tensor
 
 
-def supports(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor | None) -> bool:
-    """True when the kernels serve these tensors (else the generic path should)."""
-    if t.dtype.is_floating_point:  # class probabilities, of x's shape
-        targets_served = t.dtype in _PROBABILITY_DTYPES and t.shape == x.shape
-    else:
-        targets_served = t.dtype not in (torch.uint16, torch.uint32, torch.uint64)
-    return (
-        x.dtype in SUPPORTED_DTYPES
-        and x.numel() > 0
-        and (w is None or w.dtype.is_floating_point)
-        and targets_served
-    )
+# The options the kernels compute (see ``Options``); a problem using any other takes
+# another engine.
+OPTIONS = frozenset(
+    {"from_logits", "label_smoothing", "total_weight", "check_targets", "z_loss", "softcap"}
+)
+
+
+def unsupported(problem: Problem) -> str | None:
+    """Why the kernels do not compute ``problem``, or None when they do."""
+    x, t, w = problem.input, problem.target, problem.weight
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"input dtype {x.dtype} (the kernels take {', '.join(map(str, SUPPORTED_DTYPES))})"
+    if x.numel() == 0:
+        return "an input without elements"
+    if w is not None and not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype}"
+    if t.dtype.is_floating_point and t.dtype not in _PROBABILITY_DTYPES:
+        return f"probability target dtype {t.dtype}"
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return f"target dtype {t.dtype}"
+    others = problem.options.in_use() - OPTIONS
+    if others:
+        return f"option(s) {', '.join(sorted(others))}"
+    return None
+
+
+def supports(problem: Problem) -> bool:
+    """True when the kernels compute ``problem`` (else another engine should)."""
+    return unsupported(problem) is None
 
 
 class _Geometry(NamedTuple):
@@ -118,8 +139,6 @@ class _Geometry(NamedTuple):
     spatial: int  # S
     strides: tuple[int, int, int]  # of x along (B, C, S)
     grad_strides: tuple[int, int, int]  # of a contiguous gradient of x's shape
-    unbatched: bool
-    output_shape: tuple[int, ...]
 
     @property
     def positions(self) -> int:
@@ -128,16 +147,15 @@ class _Geometry(NamedTuple):
 
 def _geometry(x: torch.Tensor) -> _Geometry:
     if x.dim() == 1:
-        return _Geometry(x, 1, x.shape[0], 1, (0, x.stride(0), 0), (0, 1, 0), True, ())
+        return _Geometry(x, 1, x.shape[0], 1, (0, x.stride(0), 0), (0, 1, 0))
     rows, classes = x.shape[0], x.shape[1]
     if x.dim() == 2:
         strides = (0, x.stride(1), x.stride(0))
-        return _Geometry(x, 1, classes, rows, strides, (0, 1, classes), False, (rows,))
+        return _Geometry(x, 1, classes, rows, strides, (0, 1, classes))
     spatial = math.prod(x.shape[2:])
     view = x.reshape(rows, classes, spatial)
     grad_strides = (classes * spatial, spatial, 1)
-    output_shape = (rows, *x.shape[2:])
-    return _Geometry(view, rows, classes, spatial, view.stride(), grad_strides, False, output_shape)
+    return _Geometry(view, rows, classes, spatial, view.stride(), grad_strides)
 
 
 def _interpreted(x: torch.Tensor) -> bool:
@@ -172,9 +190,10 @@ def _targets(t: torch.Tensor, geometry: _Geometry) -> tuple[torch.Tensor, tuple[
 _FLOAT32 = torch.finfo(torch.float32)
 
 
-def _options(z_loss: float, softcap: float | None) -> tuple[dict, tuple[float, ...]]:
+def _options(options: Options) -> tuple[dict, tuple[float, ...]]:
     """The constexpr flags and runtime values of z_loss and softcap: z, and the cap as the
     float32 numbers (m, s1, s2) of ``_generic.softcap_parts``."""
+    z_loss, softcap = options.z_loss, options.softcap
     flags = {"Z_LOSS": z_loss != 0.0, "SOFTCAP": softcap is not None}
     cap = (1.0, 1.0, 1.0)
     if softcap is not None:
@@ -182,9 +201,10 @@ def _options(z_loss: float, softcap: float | None) -> tuple[dict, tuple[float, .
     return flags, (float(z_loss), *cap)
 
 
-def _weight(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    # as torch: the weight takes the input's dtype (then float32 inside the kernels)
-    return x if w is None else w.to(x.dtype).contiguous()
+def _weight(problem: Problem) -> torch.Tensor:
+    # already in the input's dtype (the Problem's rule); float32 inside the kernels
+    w = problem.weight
+    return problem.input if w is None else w.contiguous()
 
 
 def _device_guard(x: torch.Tensor):
@@ -194,49 +214,18 @@ def _device_guard(x: torch.Tensor):
     return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
 
-def forward(
-    x: torch.Tensor,
-    t: torch.Tensor,
-    w: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    *,
-    from_logits: bool = False,
-    label_smoothing: float = 0.0,
-    total_weight: torch.Tensor | float | None = None,
-    check_targets: bool = True,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, Saved]:
+def forward(problem: Problem) -> tuple[torch.Tensor, Saved]:
     """The loss and what ``backward`` reuses.
 
-    ``x`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` of float16/bfloat16/float32 (any
-    strides: the class axis is read where it is); ``t`` any integer dtype, or class
-    probabilities of x's shape; ``w`` None or ``(C,)``; ``total_weight`` (a number or a
-    0-d tensor) replaces the 'mean' denominator; ``z_loss`` and ``softcap`` from logits.
-    Returns ``(loss, saved)``: loss of shape ``(N, d1..dK)`` for 'none' (``()`` for
-    unbatched input), else 0-d, in x's dtype.
+    ``problem.input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1..dK)`` of
+    float16/bfloat16/float32 (any strides: the class axis is read where it is); the
+    target any integer dtype up to 32 bits or int64, or class probabilities of x's shape.
+    Returns ``(loss, saved)``: the loss of ``problem.loss_shape`` in x's dtype.
     """
-    return _forward(
-        x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True, z_loss=z_loss, softcap=softcap,
-    )  # fmt: skip
+    return _forward(problem, load_x=True)
 
 
-def forward_backward(
-    x: torch.Tensor,
-    t: torch.Tensor,
-    w: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    *,
-    from_logits: bool = False,
-    label_smoothing: float = 0.0,
-    total_weight: torch.Tensor | float | None = None,
-    check_targets: bool = True,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward``'s loss and the gradient for ``grad_output = 1`` (ones for 'none'),
     written while each tile of x is in registers: no second read of x from memory.
 
@@ -245,68 +234,66 @@ def forward_backward(
     from the targets alone (a pass over ``t``, not x; for probability targets their
     count or ``total_weight``), on the device.
     """
+    x = problem.input
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     denominator = None
-    if reduction == "mean":
-        _, stats = _forward(
-            x, t, w, ignore_index, reduction, False, 0.0, total_weight, False, load_x=False
-        )
-        denominator = stats.denominator
-    loss, _ = _forward(
-        x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight,
-        check_targets, load_x=True, grad_out=grad, denominator=denominator, z_loss=z_loss,
-        softcap=softcap,
-    )  # fmt: skip
+    if problem.reduction == "mean":
+        denominator = _forward(_denominator_only(problem), load_x=False)[1].denominator
+    loss, _ = _forward(problem, load_x=True, grad_out=grad, denominator=denominator)
     return loss, grad
 
 
-def _forward(
-    x, t, w, ignore_index, reduction, from_logits, label_smoothing, total_weight, check_targets,
-    *, load_x: bool, grad_out=None, denominator=None, z_loss=0.0, softcap=None,
-):  # fmt: skip
+def _denominator_only(problem: Problem) -> Problem:
+    """The problem whose pass over the targets alone gives the 'mean' denominator: the
+    options that change it kept (``total_weight``), the others at their defaults, the
+    targets left to the pass that reads x."""
+    return problem.replace(
+        options=Options(total_weight=problem.options.total_weight, check_targets=False)
+    )
+
+
+def _forward(problem: Problem, *, load_x: bool, grad_out=None, denominator=None):
+    x, t, options = problem.input, problem.target, problem.options
+    reduction = problem.reduction  # an unbatched 'none' is already 'sum'
     geometry = _geometry(x)
-    probabilities = t.dtype.is_floating_point
-    if geometry.unbatched and reduction == "none":
-        reduction = "sum"  # torch: an unbatched input's single loss comes back 0-d
+    probabilities = problem.probabilities
     positions, classes = geometry.positions, geometry.classes
-    smooth = label_smoothing > 0.0
+    from_logits = options.from_logits
+    smooth = options.label_smoothing > 0.0
     fused = grad_out is not None
-    full_row = load_x and (from_logits or smooth or probabilities)
+    full_row = load_x and problem.over_rows
     interpreted = _interpreted(x)
     block_m, block_c, warps = _blocks(geometry, full_row or fused, interpreted)
     blocks = triton.cdiv(geometry.spatial, block_m)  # programs per b
     parts = geometry.batch * blocks
     device = x.device
     f32 = torch.float32
-    if reduction == "none":
-        loss = torch.empty(geometry.output_shape, dtype=x.dtype, device=device)
-    else:
-        loss = torch.empty((), dtype=x.dtype, device=device)
+    loss = torch.empty(problem.loss_shape, dtype=x.dtype, device=device)
     lse = torch.empty(positions if from_logits else 0, dtype=f32, device=device)
     mass = torch.empty(positions if from_logits and probabilities else 0, dtype=f32, device=device)
     part_sums = torch.empty((2, parts), dtype=f32, device=device)
     part_bad = torch.empty(parts, dtype=torch.int64, device=device)
     targets, target_strides = _targets(t, geometry)
-    weight = _weight(w, x)
-    flags, values = _options(z_loss, softcap)
+    flags, values = _options(options)
     with _device_guard(x):
         _kernels.forward_kernel[(parts,)](
-            geometry.x, targets, weight, loss, lse, mass, part_sums[0], part_sums[1], part_bad,
-            grad_out if fused else loss, denominator if denominator is not None else lse,
+            geometry.x, targets, _weight(problem), loss, lse, mass, part_sums[0], part_sums[1],
+            part_bad, grad_out if fused else loss,
+            denominator if denominator is not None else lse,
             positions, classes, geometry.spatial, blocks, *geometry.strides, *target_strides,
-            *geometry.grad_strides, ignore_index, float(label_smoothing), *values,
-            FULL_ROW=full_row, FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None,
-            SMOOTH=smooth and load_x, PROBS=probabilities, **flags,
-            WRITE_LOSS=reduction == "none", WRITE_LSE=from_logits, LOAD_X=load_x,
-            FUSED_GRAD=fused, MEAN=denominator is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
+            *geometry.grad_strides, problem.ignore_index, float(options.label_smoothing),
+            *values, FULL_ROW=full_row, FROM_LOGITS=from_logits,
+            HAS_WEIGHT=problem.weight is not None, SMOOTH=smooth and load_x,
+            PROBS=probabilities, **flags, WRITE_LOSS=reduction == "none",
+            WRITE_LSE=from_logits, LOAD_X=load_x, FUSED_GRAD=fused,
+            MEAN=denominator is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
-        check_targets = check_targets and not probabilities  # nothing to check
+        check_targets = options.check_targets and not probabilities  # nothing to check
         if reduction == "none" and not check_targets:
             return loss, Saved(lse, torch.empty(0, dtype=f32, device=device), mass)
         denominator = torch.empty((), dtype=f32, device=device)
         first_bad = torch.empty((), dtype=torch.int64, device=device)
-        mode, given = _total_weight_mode(total_weight, reduction, device)
+        mode, given = _total_weight_mode(options.total_weight, reduction, device)
         _kernels.finish_kernel[(1,)](
             part_sums[0], part_sums[1], part_bad, parts, loss, denominator, first_bad,
             given if mode == 2 else denominator, given if mode == 1 else 0.0, positions,
@@ -314,7 +301,7 @@ def _forward(
             BLOCK_P=min(_FINISH_BLOCK, triton.next_power_of_2(parts)),
         )  # fmt: skip
     if check_targets:
-        _raise_first_bad(first_bad, targets, geometry, ignore_index)
+        _raise_first_bad(first_bad, targets, problem)
     return loss, Saved(lse, denominator, mass)
 
 
@@ -327,56 +314,35 @@ def _total_weight_mode(total_weight, reduction: str, device):
     return 1, float(total_weight)
 
 
-def _raise_first_bad(first_bad: torch.Tensor, targets: torch.Tensor, geometry, ignore_index):
+def _raise_first_bad(first_bad: torch.Tensor, targets: torch.Tensor, problem: Problem):
     position = int(first_bad)  # the one host synchronisation
-    if position < geometry.positions:
-        value = int(targets[position])
-        where = np.unravel_index(position, geometry.output_shape) if geometry.output_shape else ()
-        raise _validate.out_of_bounds_error(
-            value, tuple(int(p) for p in where), geometry.classes, ignore_index
-        )
+    if position < problem.layout.size:
+        raise problem.bad_target(position, int(targets[position]))
 
 
-def backward(
-    grad_output: torch.Tensor,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    w: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    *,
-    from_logits: bool = False,
-    label_smoothing: float = 0.0,
-    total_weight: torch.Tensor | float | None = None,
-    check_targets: bool = True,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    saved: Saved | None = None,
-) -> torch.Tensor:
-    """The gradient with respect to ``x`` for the upstream ``grad_output``.
+def backward(problem: Problem, grad_output: torch.Tensor, saved: Saved | None = None):
+    """The gradient with respect to ``problem.input`` for the upstream ``grad_output``.
 
     ``grad_output`` has the loss's shape or one element. ``saved`` is ``forward``'s (from
-    the same arguments); without it, what is needed is recomputed (and the targets are
+    the same problem); without it, what is needed is recomputed (and the targets are
     checked unless ``check_targets=False``). The gradient is a fresh contiguous tensor of
     x's shape and dtype, every element written once.
     """
+    x, options, reduction = problem.input, problem.options, problem.reduction
     geometry = _geometry(x)
-    if geometry.unbatched and reduction == "none":
-        reduction = "sum"
-    probabilities = t.dtype.is_floating_point
+    probabilities = problem.probabilities
+    from_logits = options.from_logits
     needs = from_logits or reduction == "mean"
     if saved is not None:
         _check_saved(saved, geometry, from_logits, reduction, probabilities)
-    elif needs or (check_targets and not probabilities):
-        _, saved = _forward(
-            x, t, w, ignore_index, "sum" if reduction == "none" else reduction,
-            from_logits, label_smoothing, total_weight, check_targets, load_x=from_logits,
-            z_loss=z_loss, softcap=softcap,
-        )  # fmt: skip
+    elif needs or (options.check_targets and not probabilities):
+        # the statistics of the whole, reduced: 'none' checks (and sums) as 'sum' would
+        whole = problem.replace(reduction="sum") if reduction == "none" else problem
+        _, saved = _forward(whole, load_x=from_logits)
     device = x.device
     per_position = reduction == "none"
     if per_position:
-        g = grad_output.broadcast_to(geometry.output_shape).reshape(-1).contiguous()
+        g = grad_output.broadcast_to(problem.loss_shape).reshape(-1).contiguous()
     else:
         g = grad_output.reshape(-1)[:1]
     grad = torch.empty(x.shape, dtype=x.dtype, device=device)
@@ -386,15 +352,16 @@ def backward(
     lse = saved.lse if from_logits else x
     mass = saved.mass if from_logits and probabilities else lse
     denominator = saved.denominator if reduction == "mean" else g
-    targets, target_strides = _targets(t, geometry)
-    flags, values = _options(z_loss, softcap)
+    targets, target_strides = _targets(problem.target, geometry)
+    flags, values = _options(options)
     with _device_guard(x):
         _kernels.backward_kernel[(geometry.batch * blocks,)](
-            geometry.x, targets, _weight(w, x), g, denominator, lse, mass, grad,
+            geometry.x, targets, _weight(problem), g, denominator, lse, mass, grad,
             geometry.classes, geometry.spatial, blocks, *geometry.strides, *target_strides,
-            *geometry.grad_strides, ignore_index, float(label_smoothing), *values,
-            FROM_LOGITS=from_logits, HAS_WEIGHT=w is not None, SMOOTH=label_smoothing > 0.0,
-            PROBS=probabilities, **flags, PER_POSITION=per_position, MEAN=reduction == "mean",
+            *geometry.grad_strides, problem.ignore_index, float(options.label_smoothing),
+            *values, FROM_LOGITS=from_logits, HAS_WEIGHT=problem.weight is not None,
+            SMOOTH=options.label_smoothing > 0.0, PROBS=probabilities, **flags,
+            PER_POSITION=per_position, MEAN=reduction == "mean",
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return grad

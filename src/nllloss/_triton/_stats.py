@@ -180,7 +180,7 @@ class TritonEngine:
 
     @staticmethod
     def _options(stats: Stats):
-        flags, (_, cap, cap_first, cap_second) = _launch._options(0.0, stats.problem.softcap)
+        flags, (_, cap, cap_first, cap_second) = _launch._options(stats.problem.options)
         return {"temperature": stats.temperature, "cap": cap, "cap_first": cap_first,
                 "cap_second": cap_second, "HAS_CAP": flags["SOFTCAP"]}  # fmt: skip
 

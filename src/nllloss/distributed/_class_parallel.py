@@ -10,9 +10,9 @@ import array_api_compat.torch
 import torch
 import torch.distributed as dist
 
-from .. import _generic, _validate
+from .. import _generic, _options, _validate
+from .._builder import build
 from .._dispatch import like_input
-from .._loss import _problem
 from .._problem import Layout, Problem
 from . import _agreement
 
@@ -142,12 +142,12 @@ def nll_loss(
     tensor(0.2056, grad_fn=<NllLossBackward0>)
     >>> dist.destroy_process_group()
     """
+    options = _options.given(locals())
     error, shard = None, None
     try:
         shard = _local_shard(
-            input_shard, target, weight, class_start, ignore_index, reduction, from_logits,
-            label_smoothing, total_weight, z_loss, softcap,
-        )  # fmt: skip
+            input_shard, target, weight, class_start, ignore_index, reduction, options
+        )
     except Exception as exc:  # raised by the agreement, on every rank
         error = exc
     shard, _ = agreed(shard, error, group, "nll_loss", _agreement.device_of(input_shard))
@@ -190,19 +190,30 @@ class Shard:
 _CALLER = 3
 
 
+# The options the class-parallel loss computes (its partial sums, ``_shard_sums``): it has
+# no generic path to hand others to, so it refuses them (see ``Options``).
+OPTIONS = frozenset({"from_logits", "label_smoothing", "total_weight", "z_loss", "softcap"})
+
+
+def check_supported(problem: Problem) -> None:
+    """The class-parallel loss computes the problem's options, or refuses it."""
+    unsupported = problem.options.in_use() - OPTIONS
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(sorted(unsupported))}: not available in the class-parallel loss"
+        )
+
+
 def _local_shard(
-    input, target, weight, class_start, ignore_index, reduction, from_logits, smoothing, total,
-    z_loss, softcap,
-) -> Shard:  # fmt: skip
+    input, target, weight, class_start, ignore_index, reduction, options: dict
+) -> Shard:
     """Every check that needs no other rank (the weight's length against C follows the
     agreement): the core's checks, with the weight set aside."""
     _validate.check_torch_tensor(input, "input_shard")
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
     class_start = _validate.check_class_start(class_start)
-    engine, problem = _problem(
-        input, target, None, ignore_index, reduction, from_logits, smoothing, total, True,
-        z_loss, softcap,
-    )  # fmt: skip
+    engine, problem = build(input, target, None, ignore_index, reduction, options)
+    check_supported(problem)
     return Shard(with_weight(engine, problem, weight), class_start)
 
 
@@ -261,10 +272,12 @@ def _agreed_arguments(problem: Problem) -> list[tuple[str, Any]]:
         elif field.name == "target":
             form = "probabilities" if problem.probabilities else value.to(torch.int64)
             arguments.append(("target", form))
-        elif field.name == "total_weight":
-            arguments.append(("total_weight", _as_float64(value)))
-        elif dataclasses.is_dataclass(value):  # a group of options: each its own argument
-            arguments += [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        elif field.name == "options":  # each its own argument; an array as its number
+            arguments += [
+                (f.name, _as_float64(option) if f.array else option)
+                for f in _options.fields(value)
+                for option in [getattr(value, f.name)]
+            ]
         else:
             arguments.append((field.name, value))
     return arguments
@@ -571,11 +584,8 @@ def _without_arrays(problem: Problem) -> Problem:
 def _denominator(targets: _Targets, shard: Shard) -> torch.Tensor:
     """The 'mean' denominator: ``total_weight``, or the count or weight sum of the target
     (for probabilities the whole problem's rule, the number of target elements)."""
-    problem, dtype = shard.problem, shard.compute_dtype
-    if problem.total_weight is not None:
-        return problem.total_weight.reshape(()).to(dtype)
-    if problem.probabilities:
-        return torch.tensor(shard.whole.probability_count, dtype=dtype, device=targets.valid.device)
-    if targets.shard_weight is None:
-        return targets.valid.sum().to(dtype)
-    return targets.weight.sum()
+    dtype, device = shard.compute_dtype, targets.valid.device
+    denominator = shard.whole.denominator(
+        lambda: targets.valid.sum(), lambda: targets.weight.sum()
+    )
+    return torch.as_tensor(denominator, device=device).reshape(()).to(dtype)

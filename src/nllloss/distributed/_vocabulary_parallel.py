@@ -11,9 +11,9 @@ import array_api_compat.torch
 import torch
 import torch.distributed as dist
 
-from .. import _linear, _linear_torch, _validate
+from .. import _linear, _linear_torch, _options, _validate
+from .._builder import build
 from .._dispatch import backend_for
-from .._loss import _problem
 from .._problem import Problem
 from .._torch_ops import is_unit_upstream
 from . import _agreement, _class_parallel
@@ -99,11 +99,12 @@ def linear_cross_entropy(
     tensor(0.3955, grad_fn=<_VocabularyParallelLossBackward>)
     >>> dist.destroy_process_group()
     """
-    error, shard, chunk_rows, requires_grad = None, None, None, False
+    options = _options.given(locals())
+    error, shard, requires_grad = None, None, False
     try:
         shard, chunk_rows = _local_shard(
             input, linear_weight_shard, target, linear_bias_shard, class_start, weight,
-            ignore_index, reduction, label_smoothing, total_weight, chunk_rows,
+            ignore_index, reduction, options, chunk_rows,
         )  # fmt: skip
         requires_grad = torch.is_grad_enabled() and any(
             a is not None and a.requires_grad
@@ -142,7 +143,7 @@ _CALLER = 3
 
 def _local_shard(
     input, linear_weight_shard, target, linear_bias_shard, class_start, weight, ignore_index,
-    reduction, label_smoothing, total_weight, chunk_rows,
+    reduction, options: dict, chunk_rows,
 ) -> tuple[_class_parallel.Shard, int | None]:  # fmt: skip
     """Every check that needs no other rank: the shard of the whole logits' problem (its
     input the hidden states, its layout that of this rank's logits), and ``chunk_rows``."""
@@ -156,10 +157,11 @@ def _local_shard(
         )
     reduction = _validate.check_reduction(reduction, stacklevel=_CALLER)
     class_start = _validate.check_class_start(class_start)
-    engine, problem = _problem(
-        input, target, None, -100 if ignore_index is None else ignore_index, reduction, True,
-        label_smoothing, total_weight, logits_shape=logits_shape,
+    engine, problem = build(
+        input, target, None, -100 if ignore_index is None else ignore_index, reduction,
+        {**options, "from_logits": True}, logits_shape=logits_shape,
     )  # fmt: skip
+    _class_parallel.check_supported(problem)
     if problem.probabilities:
         raise TypeError(
             "target must hold class indices of an integer dtype (the loss over sharded classes "
