@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from . import _validate
 
@@ -202,11 +202,14 @@ def _untouched_guard():
 untouched = _untouched_guard()
 
 
-def keywords(function):
+_Function = TypeVar("_Function")  # the decorated function's own type, kept for type checkers
+
+
+def keywords(function: _Function) -> _Function:
     """Give ``function``'s option keywords the declared defaults (the same objects, for
     :func:`untouched`); a keyword whose default differs from the declaration is an error
     at import."""
-    defaults = function.__kwdefaults__ or {}
+    defaults = function.__kwdefaults__ or {}  # type: ignore[attr-defined]
     for name, default in _DEFAULTS.items():
         if name in defaults:
             if defaults[name] != default:
