@@ -350,13 +350,15 @@ def test_return_lse_from_the_kernels_needs_no_copy_of_the_input(library, softcap
 @pytest.mark.parametrize("cap", CAPS)
 def test_triton_kernels_give_every_cap(cap, rng):
     from nllloss import _triton
+    from nllloss._builder import build
 
     launch = _triton._load()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, t = finite_logits(rng)
     expected_loss, expected_grad = capped_reference(x, t, cap)
     xs, ts = to_torch(x).to(device), torch.from_numpy(t).to(device)
-    loss, _ = launch.forward(xs, ts, None, -100, "mean", from_logits=True, softcap=cap)
+    _, problem = build(xs, ts, None, -100, "mean", {"from_logits": True, "softcap": cap})
+    loss, _ = launch.forward(problem)
     assert float(loss) == pytest.approx(expected_loss, rel=2e-6)
-    loss, grad = launch.forward_backward(xs, ts, None, -100, "mean", from_logits=True, softcap=cap)
+    loss, grad = launch.forward_backward(problem)
     np.testing.assert_allclose(grad.cpu().numpy(), expected_grad, rtol=2e-5, atol=1e-7)
