@@ -137,7 +137,11 @@ def nll_loss(
 ) -> Array | tuple[Array, Array] | LossAndStats: ...
 
 
-@_options.keywords
+# The commonest call (every other argument at its default), on a backend with a shortcut
+# for it, is answered by the shortcut (or None: the full path, which then raises nllloss's
+# errors).
+@_options.quick_path(quick_forward_for, takes=("input", "target", "weight", "ignore_index",
+                                                "reduction"))  # fmt: skip
 def nll_loss(
     input: Array,
     target: Any,
@@ -309,22 +313,11 @@ def nll_loss(
     >>> nll_loss(z, t, from_logits=True, z_loss=1e-4, softcap=5.0)
     array(2.5079718, dtype=float32)
     """
-    arguments = locals()
-    if (
-        size_average is reduce is None
-        and return_lse is False
-        and return_stats is False
-        and _options.untouched(arguments)
-    ):
-        # The commonest call, on a backend with a shortcut for it: the result, or None to
-        # take the full path (which then raises nllloss's errors).
-        quick = quick_forward_for(input)
-        if quick is not None:
-            result = quick(input, target, weight, ignore_index, reduction)
-            if result is not None:
-                return result
-    reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
-    options = _options.given(arguments)
+    options = _options.given(locals())
+    # one frame more: the quick path's guard in front (``_options.quick_path``)
+    reduction = _validate.resolve_reduction(
+        size_average, reduce, reduction, stacklevel=_CALLER + 1
+    )
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
     if _validate.check_return_stats(
         return_stats, problem.from_logits, problem.probabilities, return_lse
