@@ -1148,3 +1148,39 @@ def test_a_saved_state_of_class_indices_is_refused_for_probabilities():
     with pytest.raises(ValueError, match=r"saved\.mass has 0 elements, but probability"):
         _backward(torch.ones((), device=DEVICE), x, p, None, -100, "sum",
                         from_logits=True, saved=of_indices)  # fmt: skip
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize(
+    "case", ["inf probability at the maximum", "inf probability at the maximum, smoothed"]
+)
+def test_non_finite_probability_cases_match_torch(case, reduction, blocks, monkeypatch):
+    """An infinite probability at a row's largest logit: the loss is torch's inf (not
+    NaN), the gradient torch's, also when the row spans several class blocks and a weight
+    and a cap apply."""
+    from test_kernel_numerics import NON_FINITE_CASES
+
+    from nllloss._triton import _launch
+
+    if blocks == "many":
+        for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
+            monkeypatch.setattr(_launch, name, 16)
+        monkeypatch.setattr(_launch, "_STRIDED_CLASS_BLOCK", 2)
+    logits, p, smoothing = NON_FINITE_CASES[case]
+    x, target = torch.tensor(logits), torch.tensor(p)
+    weight = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    for options, w in [({}, None), ({"softcap": 50.0}, weight)]:
+        x64 = x.double().requires_grad_()
+        capped = x64 if not options else 50.0 * torch.tanh(x64 / 50.0)
+        expected = F.cross_entropy(capped, target.double(), None if w is None else w.double(),
+                                   reduction=reduction, label_smoothing=smoothing)  # fmt: skip
+        expected.sum().backward()
+        arguments = (x.to(DEVICE), target.to(DEVICE), None if w is None else w.to(DEVICE))
+        options = {**options, "from_logits": True, "label_smoothing": smoothing}
+        loss, grad = _forward_backward(*arguments, -100, reduction, **options)
+        torch.testing.assert_close(loss.double().cpu(), expected.detach(), rtol=1e-6, atol=0,
+                                   equal_nan=True)  # fmt: skip
+        if reduction != "none":  # the fused gradient is that of grad_output = 1
+            torch.testing.assert_close(grad.double().cpu(), x64.grad, rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)  # fmt: skip

@@ -128,6 +128,39 @@ def _target_tile(
 
 
 @triton.jit
+def _infinite_mass_rows(
+    x_ptr, t_ptr, w_ptr, weighted, mass, lse, base, t_base, in_m, C, stride_c, t_stride_c,
+    eps, cap, cap_first, cap_second,
+    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``weighted`` with the rows of an infinite ``P`` summed again as torch sums them,
+    ``sum_c w_c p'_c logp_c`` with ``logp_c`` formed first: an infinite ``p'_c`` at the
+    row's maximum then meets ``logp_c < 0`` (the loss is inf), where the one-pass sum meets
+    ``x_c - max = 0`` (NaN). A second read of those rows only, taken by a program only
+    when it holds one (no other row is read again)."""
+    again = in_m & (tl.abs(mass) == float("inf"))
+    if tl.max(again.to(tl.int32), axis=0) > 0:
+        exact = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, C, BLOCK_C):
+            c = start + tl.arange(0, BLOCK_C).to(tl.int64)
+            in_c = c < C
+            tile_mask = again[:, None] & in_c[None, :]
+            xs = tl.load(
+                x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0
+            ).to(tl.float32)
+            if SOFTCAP:
+                xs = _cap_and_slope(xs, cap, cap_first, cap_second)[0]
+            ps = _target_tile(
+                t_ptr, w_ptr, t_base, c, in_c, tile_mask, t_stride_c, C, eps, HAS_WEIGHT,
+                SMOOTH,
+            )  # fmt: skip
+            exact += tl.sum(tl.where(tile_mask, ps * (xs - lse[:, None]), 0.0), axis=1)
+        weighted = tl.where(again, exact, weighted)
+    return weighted
+
+
+@triton.jit
 def _total_weight(w_ptr, C, HAS_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr):
     """``W = sum_c w_c`` (C without a weight)."""
     if HAS_WEIGHT:
@@ -226,6 +259,11 @@ def forward_kernel(
             if PROBS:
                 safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
                 weighted = weighted - mass * (lse - safe_max)  # sum_c w_c p'_c logp_c
+                weighted = _infinite_mass_rows(
+                    x_ptr, t_ptr, w_ptr, weighted, mass, lse, base, t_base, in_m, C,
+                    stride_c, t_stride_c, eps, cap, cap_first, cap_second,
+                    HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK_M, BLOCK_C,
+                )  # fmt: skip
             else:
                 x_t = x_t - lse
                 if SMOOTH:
