@@ -269,11 +269,30 @@ def check_flag(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+# The smallest label smoothing taken besides 0: eps / C (and the smoothed p' = eps / C of a
+# class of p = 0) stays a normal float32 number for every C up to 2**62, so a -inf logit
+# meets a smoothing weight > 0 and gives the loss of the float64 formula, inf, on every
+# route (a weight that underflowed, or that a library flushes to 0 as JAX does subnormals,
+# gives 0 * inf = NaN: torch's own float32 cross_entropy does at 1e-50). Smaller values
+# change no finite loss by more than float64's rounding.
+SMALLEST_LABEL_SMOOTHING = 2.0**-64
+
+# The largest z_loss: the largest float32 number (the kernels' compute type for every
+# input but float64); beyond it the coefficient is inf there and the gradient 0 * inf.
+LARGEST_Z_LOSS = float(np.finfo(np.float32).max)
+
+
 def check_label_smoothing(label_smoothing: Any) -> float:
-    """A real number in [0, 1], as torch's ``cross_entropy`` requires."""
+    """A real number in [0, 1], as torch's ``cross_entropy`` requires, and 0 or at least
+    ``SMALLEST_LABEL_SMOOTHING``."""
     value = _real_number(label_smoothing, "label_smoothing", "a real number between 0.0 and 1.0")
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {value}")
+    if 0.0 < value < SMALLEST_LABEL_SMOOTHING:
+        raise ValueError(
+            f"label_smoothing must be 0.0 or between 2**-64 ({SMALLEST_LABEL_SMOOTHING:.3g}) "
+            f"and 1.0, got {value}"
+        )
     return value
 
 
@@ -301,10 +320,16 @@ def _needs_logits(name: str, from_logits: bool) -> None:
 
 
 def check_z_loss(z_loss: Any, from_logits: bool) -> float:
-    """The z-loss coefficient: a finite real number >= 0, used from logits only."""
+    """The z-loss coefficient: a real number in [0, ``LARGEST_Z_LOSS``], used from logits
+    only."""
     value = _real_number(z_loss, "z_loss", "a finite real number >= 0")
     if not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"z_loss must be a finite real number >= 0, got {value}")
+    if value > LARGEST_Z_LOSS:
+        raise ValueError(
+            f"z_loss must be at most the largest float32 number ({LARGEST_Z_LOSS:.8g}), "
+            f"got {value}"
+        )
     if value:
         _needs_logits(f"z_loss={value}", from_logits)
     return value
