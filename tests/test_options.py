@@ -174,7 +174,10 @@ def cases(draw):
         "shape": shape,
         "dtype": draw(st.sampled_from(FLOAT_DTYPES)),
         "reduction": draw(st.sampled_from(["none", "mean", "sum"])),
-        "smoothing": draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]) | st.floats(0.0, 1.0)),
+        # every value taken: 0, or at least 2**-64 (smaller ones are refused)
+        "smoothing": draw(
+            st.sampled_from([0.0, 2.0**-64, 0.05, 0.5, 1.0]) | st.floats(2.0**-64, 1.0)
+        ),
         "from_logits": draw(st.booleans()),
         "weighted": draw(st.booleans()),
         "ignored": draw(st.sampled_from([0.0, 0.3, 1.0])),

@@ -381,8 +381,15 @@ def _scalar(xp, value, g: _Targets):
     return xp.asarray(value, dtype=g.dtype, device=g.device)
 
 
-def _given_total(xp, problem: Problem, g: _Targets):
-    return xp.astype(xp.reshape(problem.total_weight, ()), g.dtype)
+def _denominator(backend, problem: Problem, g: _Targets):
+    """The 'mean' denominator of class indices (``Problem.denominator``), in ``g.dtype``:
+    the count or the sum of ``w[t]`` over the counted elements, or ``total_weight``."""
+    xp = backend.xp
+    return problem.denominator(
+        count=lambda: xp.astype(xp.sum(xp.astype(g.valid, _index_dtype(xp))), g.dtype),
+        weight_sum=lambda: backend.sums(g.valid, g.weight)[0],
+        given=lambda given: xp.astype(xp.reshape(given, ()), g.dtype),
+    )
 
 
 @dataclass(frozen=True)
@@ -475,17 +482,16 @@ class Backend:
             empty_sum = 0.0 * smoothing_share(smoothing, layout.classes) if smoothing else 0.0
             if mean and given is not None:
                 quotient = _ieee(
-                    operator.truediv, _scalar(xp, empty_sum, g), _given_total(xp, problem, g)
+                    operator.truediv, _scalar(xp, empty_sum, g), _denominator(self, problem, g)
                 )
                 return xp.astype(quotient, x.dtype)
             return xp.asarray(float("nan") if mean else empty_sum, dtype=x.dtype, device=g.device)
         if mean and g.weight is not None and given is None:
-            loss_sum, total = self.sums(g.valid, losses, g.weight)  # one pass, one order
+            # the denominator's weight sum (``_denominator``) in the loss's pass
+            loss_sum, total = self.sums(g.valid, losses, g.weight)
         else:
             (loss_sum,) = self.sums(g.valid, losses)
-            total = None
-            if mean:
-                total = _total_weight(self, g) if given is None else _given_total(xp, problem, g)
+            total = _denominator(self, problem, g) if mean else None
         smooth_sum = None if smooth is None else self.sums(g.valid, smooth)[0]
         z_sum = None if z_terms is None else self.sums(g.valid, z_terms)[0]
         if total is not None:
@@ -527,10 +533,7 @@ class Backend:
             values = -target_upstream if g.weight is None else (-g.weight) * target_upstream
         else:
             if problem.reduction == "mean":
-                if problem.total_weight is None:
-                    total = _total_weight(self, g)
-                else:
-                    total = _given_total(xp, problem, g)
+                total = _denominator(self, problem, g)
                 step = -_ieee(operator.truediv, target_upstream, total)
             else:
                 step = -target_upstream
@@ -659,12 +662,12 @@ def _probability_rows(xp, problem: Problem, dtype):
 
 
 def _probability_denominator(xp, problem: Problem, dtype):
-    """The 'mean' denominator of probability targets: ``total_weight`` when given, else the
-    number of target elements, as torch's ``numel / C`` (NaN without classes)."""
-    if problem.total_weight is not None:
-        return xp.astype(xp.reshape(problem.total_weight, ()), dtype)
-    device = array_api_compat.device(problem.input)
-    return xp.asarray(problem.probability_count, dtype=dtype, device=device)
+    """The 'mean' denominator of probability targets (``Problem.denominator``) in
+    ``dtype``: ``total_weight`` when given, else the number of target elements."""
+    total = problem.denominator(given=lambda given: xp.astype(xp.reshape(given, ()), dtype))
+    if isinstance(total, float):  # the count, converted once (exact in float64)
+        return xp.asarray(total, dtype=dtype, device=array_api_compat.device(problem.input))
+    return total
 
 
 @ieee_results
@@ -719,14 +722,6 @@ def _probability_backward(backend: Backend, problem: Problem, grad_output, out=N
     grad = upstream * (q * coefficient - weighted)
     grad = _cap_gradient(xp, grad, problem, dtype)
     return _finish(xp, xp.astype(grad, x.dtype), x, out)
-
-
-def _total_weight(backend: Backend, g: _Targets):
-    """The 'mean' denominator: the sum of w[t], or the count, over non-ignored elements."""
-    xp = backend.xp
-    if g.weight is None:
-        return xp.astype(xp.sum(xp.astype(g.valid, _index_dtype(xp))), g.dtype)
-    return backend.sums(g.valid, g.weight)[0]
 
 
 def _finish(xp, grad, x, out):

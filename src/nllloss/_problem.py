@@ -129,11 +129,11 @@ class Problem:
     def probability_count(self) -> float:
         return self.layout.probability_count
 
-    def denominator(self, count, weight_sum):
+    def denominator(self, count=None, weight_sum=None, given=None):
         """The 'mean' denominator (:func:`mean_denominator`) of this problem."""
         return mean_denominator(
             self.layout, self.options.total_weight, self.probabilities,
-            self.weight is not None, count, weight_sum,
+            self.weight is not None, count, weight_sum, given,
         )  # fmt: skip
 
     @property
@@ -187,15 +187,16 @@ for _name in _OPTION_NAMES:  # problem.z_loss reads problem.options.z_loss, and 
 
 
 def mean_denominator(layout: Layout, total_weight, probabilities: bool, weighted: bool,
-                     count, weight_sum):  # fmt: skip
+                     count, weight_sum, given=None):  # fmt: skip
     """The 'mean' denominator, by the one rule of every route: ``total_weight`` when given
-    (the array, as given); for probability targets the number of target elements
-    (``Layout.probability_count``, a float); else ``count()``, the number of non-ignored
-    targets, unweighted, or ``weight_sum()``, the sum of ``w[t]`` over them, weighted. The
-    two callables are the route's (its summation order and dtype); only the one needed is
-    called."""
+    (the array as given, or ``given(total_weight)``: the route's conversion); for
+    probability targets the number of target elements (``Layout.probability_count``, a
+    float); else ``count()``, the number of non-ignored targets, unweighted, or
+    ``weight_sum()``, the sum of ``w[t]`` over them, weighted. The callables are the
+    route's (its summation order and dtype); only the one needed is called (a route that
+    cannot meet a case passes None for its callable)."""
     if total_weight is not None:
-        return total_weight
+        return total_weight if given is None else given(total_weight)
     if probabilities:
         return layout.probability_count
     return weight_sum() if weighted else count()

@@ -34,6 +34,7 @@ except ModuleNotFoundError as error:
 from . import _validate
 from ._loss import nll_loss as _nll_loss
 from ._loss import nll_loss_backward as _nll_loss_backward
+from ._loss import total_weight as _total_weight
 
 __all__ = ["NLLLoss", "nll_loss"]
 
@@ -54,7 +55,7 @@ class _NLLLoss(paddle.autograd.PyLayer):
         w = None if weight is None else weight.numpy()
         ctx.arguments = (x.shape, x.dtype, t, w, ignore_index, reduction)
         loss = _nll_loss(x, t, weight=w, ignore_index=ignore_index, reduction=reduction)
-        if reduction == "mean" and _total_weight(t, w, ignore_index, x.dtype) == 0:
+        if reduction == "mean" and _mean_denominator(x, t, w, ignore_index) == 0:
             # Paddle divides only by a non-zero total weight; otherwise it returns the sum.
             loss = _nll_loss(x, t, weight=w, ignore_index=ignore_index, reduction="sum")
         return paddle.to_tensor(loss, place=input.place)
@@ -73,12 +74,10 @@ class _NLLLoss(paddle.autograd.PyLayer):
         return paddle.to_tensor(grad, place=grad_output.place)
 
 
-def _total_weight(t, w, ignore_index, dtype):
-    """The 'mean' denominator (targets already checked): the count, or the sum of w[t]."""
-    counted = t != ignore_index
-    if w is None:
-        return np.count_nonzero(counted)
-    return np.sum(np.where(counted, w.astype(dtype)[np.where(counted, t, 0)], 0))
+def _mean_denominator(x, t, w, ignore_index):
+    """The 'mean' denominator of nllloss's rule (targets already checked), with the weight
+    in the input's dtype as the loss uses it."""
+    return _total_weight(t, None if w is None else w.astype(x.dtype), ignore_index)
 
 
 def nll_loss(input, label, weight=None, ignore_index=-100, reduction="mean", name=None):

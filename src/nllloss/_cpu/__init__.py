@@ -348,12 +348,11 @@ def backward(problem: Problem, grad_output, out=None):
     # step = -(g / total) or -g, computed once per class (bit-identical to per element).
     upstream = upstream.reshape(())
     if problem.reduction == "mean":
-        if problem.total_weight is not None:
-            total = _given_total(problem.total_weight, dtype)
-        elif problem.weight is None:
-            total = count
-        else:
-            total = _weight_total(kernels, t2, ignore_index, weight)
+        total = problem.denominator(
+            count=lambda: count,
+            weight_sum=lambda: _weight_total(kernels, t2, ignore_index, weight),
+            given=lambda given: _given_total(given, dtype),
+        )
         upstream = upstream.dtype.type(kernels.divide(upstream, dtype.type(total)))
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
@@ -421,10 +420,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want
     if problem.probabilities:
         t2 = np.empty((0, 0), dtype=np.int64)
         p3 = _input_view(problem, problem.target)[0]  # in the input's dtype (_loss._problem)
-        if problem.total_weight is not None:
-            total = np.float64(_given_total(problem.total_weight, dtype))
-        else:
-            total = np.float64(problem.probability_count)
+        total = np.float64(problem.denominator(given=lambda given: _given_total(given, dtype)))
     else:
         t2 = _kernel_target(problem)
         p3 = np.empty((0, 0, 0), dtype=x3.dtype)
@@ -517,12 +513,14 @@ def _checked_total(problem: Problem, t2, weight):
     bad = valid & ((t2 < 0) | (t2 >= problem.layout.classes))
     if bad.any():
         _raise_if_bad(int(np.argmax(bad.reshape(-1))), problem)
-    if problem.total_weight is not None:
-        return np.float64(_given_total(problem.total_weight, weight.dtype))
-    if not weight.size:
-        return np.float64(np.count_nonzero(valid))
-    # as the plain loss and total_weight() sum it: equal totals give equal results
-    return np.float64(_weight_total(load().kernels, t2, problem.ignore_index, weight))
+    # weighted: as the plain loss and total_weight() sum it (equal totals, equal results)
+    return np.float64(
+        problem.denominator(
+            count=lambda: np.count_nonzero(valid),
+            weight_sum=lambda: _weight_total(load().kernels, t2, problem.ignore_index, weight),
+            given=lambda given: _given_total(given, weight.dtype),
+        )
+    )
 
 
 # Rows of a 16-bit (or non-native) gradient computed at a time in the compute dtype before
