@@ -56,7 +56,7 @@ def _with_canary(monkeypatch):
     # schema): loaded first, they keep the real one.
     import nllloss._linear_jax
     import nllloss._linear_torch
-    import nllloss._torch_ops  # noqa: F401
+    import nllloss._torch_ops
 
     monkeypatch.setattr(_options, "Options", Canary)
     given = _options.given

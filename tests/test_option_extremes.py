@@ -37,10 +37,7 @@ def _reference(x, target, eps):
     top = x.max(axis=1, keepdims=True)
     log_q = x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
     classes = x.shape[1]
-    if target.ndim == 1:
-        p = np.eye(classes)[target]
-    else:
-        p = target.astype(np.float64)
+    p = np.eye(classes)[target] if target.ndim == 1 else target.astype(np.float64)
     smoothed = (1 - eps) * p + eps / classes
     with np.errstate(invalid="ignore"):  # 0 * -inf where a weight is 0: not in these cases
         return -(smoothed * np.where(smoothed > 0, log_q, 0.0)).sum(axis=1)

@@ -315,9 +315,7 @@ def nll_loss(
     """
     options = _options.given(locals())
     # one frame more: the quick path's guard in front (``_options.quick_path``)
-    reduction = _validate.resolve_reduction(
-        size_average, reduce, reduction, stacklevel=_CALLER + 1
-    )
+    reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER + 1)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
     if _validate.check_return_stats(
         return_stats, problem.from_logits, problem.probabilities, return_lse

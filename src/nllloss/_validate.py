@@ -327,8 +327,7 @@ def check_z_loss(z_loss: Any, from_logits: bool) -> float:
         raise ValueError(f"z_loss must be a finite real number >= 0, got {value}")
     if value > LARGEST_Z_LOSS:
         raise ValueError(
-            f"z_loss must be at most the largest float32 number ({LARGEST_Z_LOSS:.8g}), "
-            f"got {value}"
+            f"z_loss must be at most the largest float32 number ({LARGEST_Z_LOSS:.8g}), got {value}"
         )
     if value:
         _needs_logits(f"z_loss={value}", from_logits)
