@@ -33,7 +33,7 @@ import numpy as np
 
 import nllloss
 
-from .. import _validate
+from .._problem import computes_in_float32, layout_of, mean_denominator
 from ._calibration import (
     MAX_TEMPERATURE_PASSES,
     TEMPERATURE_RTOL,
@@ -116,8 +116,9 @@ class Totals:
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float32 for 16-bit predictions (see the module's docstring), else their dtype."""
-    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+    """float32 for 16-bit predictions (the core's rule, ``computes_in_float32``), else
+    their dtype."""
+    return np.dtype(np.float32) if computes_in_float32(dtype) else dtype
 
 
 def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options) -> Totals:
@@ -154,15 +155,20 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
             loss_sum = nllloss.nll_loss(x, t, weight, reduction="sum", **loss_options)
     except IndexError:
         raise _out_of_range(t, first_row, options) from None
+    # The block's share of the 'mean' denominator, by the core's rule: the blocks' shares
+    # add up to the whole file's (a count, a sum of w[t], or the number of elements)
     if options.probabilities:  # every target element counts, with weight 1
-        count = math.prod((t.shape[0], *t.shape[2:]))
-        total_weight, ignored = float(count), 0
+        count = layout_of(x.shape).size
     else:
         count = int(nllloss.total_weight(t, ignore_index=ignore_index))
-        ignored = t.size - count
-        total_weight = float(
-            count if weight is None else nllloss.total_weight(t, weight, ignore_index)
+    total_weight = float(
+        mean_denominator(
+            layout_of(x.shape), None, options.probabilities, weight is not None,
+            count=lambda: count,
+            weight_sum=lambda: nllloss.total_weight(t, weight, ignore_index),
         )
+    )  # fmt: skip
+    ignored = 0 if options.probabilities else t.size - count
     plain = weight is None and not options.label_smoothing and not options.z_loss
     if plain and options.reduction != "none":
         nll_sum = loss_sum
@@ -213,15 +219,14 @@ def block_totals(x: np.ndarray, t: np.ndarray, first_row: int, options: Options)
 
 
 def _out_of_range(t: np.ndarray, first_row: int, options: Options) -> IndexError:
-    """The core's IndexError for the block's first bad target, positioned in the whole file."""
+    """The core's IndexError for the block's first bad target, positioned in the whole file
+    (the core's ``Layout.bad_target``, over the rows up to this block's last)."""
     t = t if t.dtype == np.uint64 else t.astype(np.int64)  # exact; compares with negatives
     bad = (t != options.ignore_index) & ((t < 0) | (t >= options.classes))
-    position = np.unravel_index(int(np.argmax(bad)), t.shape)
-    value = int(t[position])
-    global_position = (first_row + int(position[0]), *(int(p) for p in position[1:]))
-    return _validate.out_of_bounds_error(
-        value, global_position, options.classes, options.ignore_index
-    )
+    flat = int(np.argmax(bad))
+    rows_so_far = layout_of((first_row + t.shape[0], options.classes, *t.shape[1:]))
+    return rows_so_far.bad_target(first_row * (t.size // max(t.shape[0], 1)) + flat,
+                                  int(t.reshape(-1)[flat]), options.ignore_index)  # fmt: skip
 
 
 def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
