@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _options, _validate
 from ._dispatch import as_array, backend_for, like_input
-from ._problem import Problem, layout_of, resolved_reduction
+from ._problem import Problem, layout_of, resolved_reduction, weight_as_used
 
 
 def build(
@@ -44,8 +44,7 @@ def build(
         # A sequence has no dtype of its own: read it in the input's.
         weight = like_input(backend, weight, input, "weight", sequence_dtype=input.dtype)
         _validate.check_weight(weight, layout.classes)
-        if weight.dtype != input.dtype:  # torch computes with the weight in x's dtype
-            weight = backend.xp.astype(weight, input.dtype)
+        weight = weight_as_used(backend.xp, weight, input.dtype)
 
     def to_array(value, name):
         return like_input(backend, value, input, name)

@@ -9,7 +9,8 @@ written here once, as its properties and methods:
   makes its reduction ``'sum'`` of its single element, so no backend special-cases it;
 * the shape of the loss (``loss_shape``) and whether it is element-wise;
 * float16 and bfloat16 compute in float32 (``computes_in_float32``);
-* the weight is used in the input's dtype (cast once, by ``_builder.build``);
+* the weight is used in the input's dtype (``weight_as_used``, cast once by
+  ``_builder.build``);
 * the 'mean' denominator (``denominator``): ``total_weight`` when given, the number of
   target elements for probabilities, else the count or the weight sum of the counted ones;
 * the first target that is neither a class nor ``ignore_index`` is reported by one
@@ -200,6 +201,12 @@ def mean_denominator(layout: Layout, total_weight, probabilities: bool, weighted
     if probabilities:
         return layout.probability_count
     return weight_sum() if weighted else count()
+
+
+def weight_as_used(xp, weight: Any, input_dtype: Any) -> Any:
+    """The class weight as every route computes with it: in the input's dtype, as torch
+    computes (a 16-bit input then widens both to float32, ``computes_in_float32``)."""
+    return weight if weight.dtype == input_dtype else xp.astype(weight, input_dtype)
 
 
 def resolved_reduction(reduction: str, layout: Layout) -> str:

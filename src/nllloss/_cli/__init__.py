@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from .. import __version__, _validate
-from .._problem import Layout, layout_of
+from .._problem import Layout, layout_of, weight_as_used
 from ._calibration import CalibrationOptions
 from ._evaluate import (
     Options,
@@ -615,8 +615,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     calibration = _calibration_options(args, layout.classes)
     work_dtype = compute_dtype(predictions.dtype)
     weight = _read_weight(args.weight, layout.classes, limit)
-    if weight is not None:  # as the core casts it: to the predictions' dtype
-        weight = weight.astype(predictions.dtype).astype(work_dtype)
+    if weight is not None:  # as the core casts it, then widened as the predictions are
+        weight = weight_as_used(np, weight, predictions.dtype).astype(work_dtype)
     options = Options(
         classes=layout.classes,
         weight=weight,

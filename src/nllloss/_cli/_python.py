@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import _validate
+from .._problem import weight_as_used
 from ._calibration import CalibrationOptions
 from ._evaluate import Options, compute_dtype, default_chunk_rows
 from ._evaluate import evaluate as _evaluate
@@ -93,7 +94,8 @@ def evaluate(
     if weight is not None:
         weight = np.asarray(_source(weight, "weight", np.float64).rows(0, layout.classes))
         _validate.check_weight(weight, layout.classes)
-        weight = weight.astype(x.dtype).astype(compute_dtype(x.dtype))
+        # as the core casts it, then widened as the predictions are
+        weight = weight_as_used(np, weight, x.dtype).astype(compute_dtype(x.dtype))
     settings = None
     if calibration:
         top_k = tuple(sorted({int(k) for k in top_k}))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .. import _generic, _options, _validate
 from .._builder import build
 from .._dispatch import like_input
-from .._problem import Layout, Problem
+from .._problem import Layout, Problem, weight_as_used
 from . import _agreement
 
 __all__ = ["nll_loss"]
@@ -223,7 +223,7 @@ def with_weight(engine, problem: Problem, weight) -> Problem:
         return problem
     input = problem.input
     weight = like_input(engine, weight, input, "weight", sequence_dtype=input.dtype)
-    return problem.replace(weight=weight.to(input.dtype))
+    return problem.replace(weight=weight_as_used(engine.xp, weight, input.dtype))
 
 
 def agreed(
