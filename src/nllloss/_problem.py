@@ -76,6 +76,13 @@ class Layout(NamedTuple):
         )
 
 
+def out_of_range(target: Any, classes: int, ignore_index: int) -> Any:
+    """The range check of every route, element-wise (NumPy arrays and torch tensors): a
+    target that is neither ``ignore_index`` nor a class in ``[0, classes)``. The first
+    one (row-major) is reported by ``Layout.bad_target``."""
+    return (target != ignore_index) & ((target < 0) | (target >= classes))
+
+
 def layout_of(input_shape: tuple[int, ...]) -> Layout:
     """The layout of an input, whose target fits it (see ``_validate.check_target``).
 

@@ -33,7 +33,7 @@ import numpy as np
 
 import nllloss
 
-from .._problem import computes_in_float32, layout_of, mean_denominator
+from .._problem import computes_in_float32, layout_of, mean_denominator, out_of_range
 from ._calibration import (
     MAX_TEMPERATURE_PASSES,
     TEMPERATURE_RTOL,
@@ -222,8 +222,7 @@ def _out_of_range(t: np.ndarray, first_row: int, options: Options) -> IndexError
     """The core's IndexError for the block's first bad target, positioned in the whole file
     (the core's ``Layout.bad_target``, over the rows up to this block's last)."""
     t = t if t.dtype == np.uint64 else t.astype(np.int64)  # exact; compares with negatives
-    bad = (t != options.ignore_index) & ((t < 0) | (t >= options.classes))
-    flat = int(np.argmax(bad))
+    flat = int(np.argmax(out_of_range(t, options.classes, options.ignore_index)))
     rows_so_far = layout_of((first_row + t.shape[0], options.classes, *t.shape[1:]))
     return rows_so_far.bad_target(first_row * (t.size // max(t.shape[0], 1)) + flat,
                                   int(t.reshape(-1)[flat]), options.ignore_index)  # fmt: skip

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .. import _generic, _validate
-from .._problem import Problem
+from .._problem import Problem, out_of_range
 from .._reduction import level_power
 
 # The options these kernels compute (see ``Options``): a problem using any other takes the
@@ -510,7 +510,7 @@ def _checked_total(problem: Problem, t2, weight):
     """The 'mean' denominator of class-index targets in float64, after raising the
     IndexError of the first bad target (``weight`` empty when unweighted)."""
     valid = t2 != problem.ignore_index
-    bad = valid & ((t2 < 0) | (t2 >= problem.layout.classes))
+    bad = out_of_range(t2, problem.layout.classes, problem.ignore_index)
     if bad.any():
         _raise_if_bad(int(np.argmax(bad.reshape(-1))), problem)
     # weighted: as the plain loss and total_weight() sum it (equal totals, equal results)
