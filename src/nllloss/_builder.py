@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import _options, _validate
-from ._dispatch import as_array, backend_for, like_input
 from ._problem import Problem, layout_of, resolved_reduction
+from ._routes import as_array, backend_for, like_input
 
 
 def build(

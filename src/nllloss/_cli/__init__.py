@@ -426,7 +426,7 @@ def _check_weight(weight, classes: int, label: str) -> None:
         raise UserError(f"{label}: {error}") from None
 
 
-def _check_inputs(predictions: Source, targets: Source) -> Layout:
+def check_inputs(predictions: Source, targets: Source) -> Layout:
     """The core's checks, on shapes and dtypes only: nothing is read yet."""
     if len(predictions.shape) < 2:
         raise UserError(
@@ -605,7 +605,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     limit = args.max_inflate
     predictions = open_array(args.predictions, "predictions", max_inflate=limit)
     targets = open_array(args.targets, "targets", text_dtype=np.int64, max_inflate=limit)
-    layout = _check_inputs(predictions, targets)
+    layout = check_inputs(predictions, targets)
     probabilities = _validate.is_float_dtype(targets.dtype)
     if probabilities and (args.per_class or args.plot is not None or args.calibration):
         _usage_error(

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _linear
+from . import blocks
 
 
-def loss(linear: _linear.Linear):
+def loss(linear: blocks.Linear):
     """The loss, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and bias.
 
     Every array the blocks read is an argument of the ``custom_vjp`` function, the target,
@@ -44,7 +44,7 @@ def loss(linear: _linear.Linear):
     return blocks(linear.hidden, linear.weight, linear.bias, constants).astype(linear.input.dtype)
 
 
-def _rebuilt(linear: _linear.Linear, hidden, weight, bias, constants) -> _linear.Linear:
+def _rebuilt(linear: blocks.Linear, hidden, weight, bias, constants) -> blocks.Linear:
     """``linear`` with the arrays the ``custom_vjp`` function was given."""
     target, class_weight, denominator = constants
     problem = linear.problem.replace(target=target, weight=class_weight)
@@ -53,7 +53,7 @@ def _rebuilt(linear: _linear.Linear, hidden, weight, bias, constants) -> _linear
     )
 
 
-def _blocks(linear: _linear.Linear, upstream=None):
+def _blocks(linear: blocks.Linear, upstream=None):
     """(loss, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
     size, rows, problem = linear.chunk_rows, linear.rows, linear.problem

@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _linear, _stats
-from ._stats import Stats, TokenStats, Upstream
+from .. import _token_stats
+from .._hidden_states import blocks
+from .._token_stats import Stats, TokenStats, Upstream
 
 
-def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats:
+def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
     """The statistics, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and
     bias through ``logprob``, ``entropy`` and ``lse``."""
-    engine = _stats.generic_engine(linear.xp)
+    engine = _token_stats.generic_engine(linear.xp)
 
     def again(hidden, weight, bias):
         return dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias)
@@ -45,7 +46,7 @@ def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats
     return TokenStats(logprob.astype(dtype), entropy.astype(dtype), lse.astype(dtype), argmax)
 
 
-def _blocks(linear: _linear.Linear, temperature: float, engine, upstream: Upstream | None = None):
+def _blocks(linear: blocks.Linear, temperature: float, engine, upstream: Upstream | None = None):
     """(TokenStats, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
     size, rows = linear.chunk_rows, linear.rows
