@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import nllloss
 import nllloss.distributed
-from nllloss._bench import CpuMeter, _cpu_model, _git_revision, _load_average
+from harness import CpuMeter, _cpu_model, _git_revision, _load_average
 
 VARIANTS = {
     "logits": {"from_logits": True},

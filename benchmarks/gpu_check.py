@@ -593,7 +593,7 @@ def child_sweep(data, save, smoke, budget):
     import gpu
 
     from nllloss import _triton
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     launch = gpu.Unpacked(_triton._load())
     device = "cpu" if smoke else "cuda"

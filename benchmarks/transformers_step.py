@@ -157,7 +157,7 @@ def main(argv=None):
     import torch
     import transformers
 
-    from nllloss._bench import environment
+    from harness import environment
 
     report = {
         "tokens": args.tokens,

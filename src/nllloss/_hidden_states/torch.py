@@ -5,7 +5,7 @@ The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` i
 preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
 (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
 
-Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
+Autograd: :class:`_Blocks` through ``nllloss._torch.autograd.FusedLoss``: for 'mean' and 'sum' the
 forward computes the gradients too, for an upstream gradient of 1, and the backward scales
 them (the three products and the one pass over the logits, once). For 'none' the upstream
 gradient differs per row: the backward recomputes the blocks with it. A second backward

@@ -587,7 +587,7 @@ def token_stats_and_grad(
 
 def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap,
                  ignore_index, chunk_rows):  # fmt: skip
-    """Validate a call of ``linear_token_stats``: its :class:`~nllloss._linear.Linear`
+    """Validate a call of ``linear_token_stats``: its :class:`~nllloss._hidden_states.blocks.Linear`
     (whose problem is that of the logits) and temperature."""
     input = as_array(input, "input")
     backend = backend_for(input)
