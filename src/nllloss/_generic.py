@@ -407,7 +407,7 @@ class Backend:
 
     @staticmethod
     def autocast(array):
-        """The array itself: no mixed-precision context applies (torch's: ``nllloss._routes.torch``)."""
+        """The array itself: no mixed-precision context applies (torch's: ``_routes.torch``)."""
         return array
 
     def __post_init__(self):

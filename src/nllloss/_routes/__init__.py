@@ -9,8 +9,8 @@ and ``autocast(array)``: the array that the loss computes with under the library
 mixed-precision context (torch's ``autocast``: float32), the array itself elsewhere.
 The routes, in order:
 
-* NumPy arrays: the compiled kernels (``nllloss._kernels.cpu``), or the generic path on NumPy when numba
-  does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
+* NumPy arrays: the compiled kernels (``nllloss._kernels.cpu``), or the generic path on
+  NumPy when numba does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
 * torch tensors: ``nllloss._routes.torch``, whose engine choice
   (``nllloss._torch.engines``) picks torch's kernel, NumPy views, the
   Triton kernels or the generic path per call;

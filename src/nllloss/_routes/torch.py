@@ -14,22 +14,7 @@ import torch
 from .. import _generic
 from .._kernels import cpu, triton
 from .._problem import Problem
-from .._torch import autograd
-from .._torch.engines import (
-    EXACT_ON_NUMPY,
-    GENERIC,
-    TORCH_KERNEL_DTYPES,
-    TORCH_KERNEL_MAX,
-    TORCH_TARGETS,
-    as_tensor,
-    autocast_on,
-    check_weight,
-    compute,
-    engine,
-    numpy_view,
-    shaped_upstream,
-    values_hidden,
-)
+from .._torch import autograd, engines
 
 _REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
 _nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
@@ -49,7 +34,7 @@ class TorchBackend:
         if (
             array.is_floating_point()
             and array.dtype != torch.float64
-            and autocast_on(array.device.type)
+            and engines.autocast_on(array.device.type)
         ):
             return array.to(torch.float32)
         return array
@@ -61,51 +46,53 @@ class TorchBackend:
         """(the loss, each element's log-sum-exp), from one pass of the fused kernels when no
         gradient is wanted; else the loss and ``log_normalizer``'s differentiable operations."""
         x = problem.input
-        chosen = engine(problem, torch_kernel=False)
+        chosen = engines.engine(problem, torch_kernel=False)
         if (
             chosen in ("composed", "generic")
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
         ):
             return self.forward(problem), _generic.log_normalizer(self.xp, problem)
-        check_weight(problem)
+        engines.check_weight(problem)
         if chosen == "triton":
             loss, saved = triton.launcher_for(problem).forward(problem)
             return loss, saved.lse.reshape(problem.layout.output_shape).to(x.dtype)
-        loss, lse = cpu.backend().forward_and_lse(problem.with_arrays(numpy_view))
-        return as_tensor(loss), as_tensor(lse)
+        loss, lse = cpu.backend().forward_and_lse(problem.with_arrays(engines.numpy_view))
+        return engines.as_tensor(loss), engines.as_tensor(lse)
 
     def backward(self, problem: Problem, grad_output, out=None):
-        if engine(problem, torch_kernel=False) == "composed":
-            return GENERIC.backward(problem, grad_output)
-        grad_output = shaped_upstream(problem, grad_output)
+        if engines.engine(problem, torch_kernel=False) == "composed":
+            return engines.GENERIC.backward(problem, grad_output)
+        grad_output = engines.shaped_upstream(problem, grad_output)
         if torch.compiler.is_compiling():
             return autograd.nll_loss_backward_op(grad_output, *autograd.to_schema(problem))
         return autograd.Backward.apply(grad_output, problem.input, problem)
 
     def forward_backward(self, problem: Problem, grad_output, out=None):
-        check_weight(problem)
+        engines.check_weight(problem)
         x = problem.input
         if (
-            engine(problem, torch_kernel=False) == "composed"
+            engines.engine(problem, torch_kernel=False) == "composed"
             or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())
         ):  # the loss must be differentiable (or traced): the two calls
             return self.forward(problem), self.backward(problem, grad_output)
-        return compute("forward_backward", problem, shaped_upstream(problem, grad_output), out)
+        grad_output = engines.shaped_upstream(problem, grad_output)
+        return engines.compute("forward_backward", problem, grad_output, out)
 
     def total_weight(self, target, weight, ignore_index: int):
         if (
             target.device.type == "cpu"
-            and (weight is None or weight.dtype in EXACT_ON_NUMPY)
-            and not values_hidden()  # torch.func's wrapped tensors have no NumPy view,
+            and (weight is None or weight.dtype in engines.EXACT_ON_NUMPY)
+            and not engines.values_hidden()  # torch.func's wrapped tensors have no NumPy view,
             and not torch.compiler.is_compiling()  # nor traced ones
         ):
             # NumPy compares every integer dtype (torch's CPU kernels lack uint64 ones)
-            weight = None if weight is None else numpy_view(weight)
-            numpy_total = cpu.backend().total_weight(numpy_view(target), weight, ignore_index)
+            weight = None if weight is None else engines.numpy_view(weight)
+            target = engines.numpy_view(target)
+            numpy_total = cpu.backend().total_weight(target, weight, ignore_index)
             return torch.from_numpy(np.asarray(numpy_total))
-        return GENERIC.total_weight(target, weight, ignore_index)
+        return engines.GENERIC.total_weight(target, weight, ignore_index)
 
     @staticmethod
     def quick_forward(input, target, weight, ignore_index, reduction):
@@ -126,14 +113,14 @@ class TorchBackend:
             enum is None
             or type(input) is not torch.Tensor
             or type(target) is not torch.Tensor
-            or target.dtype not in TORCH_TARGETS
+            or target.dtype not in engines.TORCH_TARGETS
             or type(ignore_index) is not int
-            or input.dtype not in TORCH_KERNEL_DTYPES
+            or input.dtype not in engines.TORCH_KERNEL_DTYPES
             or not input.is_cpu
             # large inputs that need a gradient take ours: our backward is the faster one
             or (
                 input.requires_grad
-                and input.numel() >= TORCH_KERNEL_MAX
+                and input.numel() >= engines.TORCH_KERNEL_MAX
                 and torch.is_grad_enabled()
             )
             or (weight is not None and (type(weight) is not torch.Tensor or weight.requires_grad))
