@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from harness import FULL, QUICK, Competitor, environment, race
 
 SHAPES = ((64, 10), (4096, 1000), (8192, 32000), (8, 21, 256, 256))

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from harness import FULL, QUICK, BusyMachine, Competitor, environment, race, write_results
 
 SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))

@@ -68,9 +68,9 @@ def main(argv=None):
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     import jax
     import optax
+    from harness import FULL, QUICK, BusyMachine, environment, write_results
 
     import nllloss
-    from harness import FULL, QUICK, BusyMachine, environment, write_results
 
     busy = BusyMachine(args.busy)
     report = {"environment": None, "busy": args.busy, "load": busy.describe(), "cases": []}

@@ -125,7 +125,6 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     import torch
-
     from harness import BusyMachine, environment, write_results
 
     busy = BusyMachine(args.busy)

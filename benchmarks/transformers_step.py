@@ -156,7 +156,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
     import transformers
-
     from harness import environment
 
     report = {

@@ -906,7 +906,8 @@ def test_examples_subcommand_and_the_benchmark_outside_the_package(capsys):
     # the benchmark is a script of the repository, not a command of the installed package
     code, out, err = run(["bench", "--quick"], capsys)
     assert (code, out) == (2, "")
-    assert err.startswith("nllloss: error: ") and err.count("\n") == 1
+    assert err.startswith("nllloss: error: ")
+    assert err.count("\n") == 1
     assert "python benchmarks/cpu.py" in err
 
 

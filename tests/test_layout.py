@@ -133,7 +133,7 @@ def _cycle() -> list[str] | None:
         path.append(module)
         for dependency in sorted(graph[module]):
             if state.get(dependency) == 1:
-                return [*path[path.index(dependency):], dependency]
+                return [*path[path.index(dependency) :], dependency]
             if dependency not in state and (cycle := visit(dependency)):
                 return cycle
         path.pop()

@@ -3,9 +3,9 @@
 Each layer runs in its own subprocess (numba picks its layer once per process): the parent
 of the probes first runs parallel kernels (the pool starts), then computes the same losses
 and gradients in a forked child, a fork ``multiprocessing.Pool``, torch ``DataLoader``
-workers and 8 concurrent threads. Without ``nllloss._kernels.cpu._threads``, GNU OpenMP kills the forked
-child (and hangs the pool), and ``workqueue`` aborts the process under the threads. Every
-result must equal torch's, computed here in the test process.
+workers and 8 concurrent threads. Without ``nllloss._kernels.cpu._threads``, GNU OpenMP
+kills the forked child (and hangs the pool), and ``workqueue`` aborts the process under the
+threads. Every result must equal torch's, computed here in the test process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 240  # seconds for one layer's probes; a hang fails instead
 
-# Large enough for the parallel kernels (nllloss._kernels.cpu._threads.PARALLEL_MIN elements and beyond).
+# Large enough for the parallel kernels (``_kernels.cpu._threads.PARALLEL_MIN`` elements and
+# beyond).
 N, C = 70_000, 4
 
 PROBES = textwrap.dedent(

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss import _validate
-from nllloss._kernels import triton as triton_kernels
 from nllloss._builder import build
+from nllloss._kernels import triton as triton_kernels
 from nllloss._options import Options, declaration, option
 
 CUDA = torch.cuda.is_available()
@@ -541,8 +541,9 @@ def test_cuda_tensors_take_the_kernels_only_when_opted_in(monkeypatch):
 def test_a_misspelt_switch_is_refused(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("NLLLOSS_TRITON", "yes")
+    target = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="NLLLOSS_TRITON must be '0', '1' or unset, got 'yes'"):
-        triton_kernels.launcher_for(_fake_problem(_cuda_looking(), torch.zeros(2, dtype=torch.int64)))
+        triton_kernels.launcher_for(_fake_problem(_cuda_looking(), target))
 
 
 @pytest.mark.skipif(not CUDA, reason="the default route of real CUDA tensors")
@@ -729,7 +730,10 @@ def test_importing_nllloss_imports_no_triton():
     import subprocess
     import sys
 
-    code = "import sys, nllloss, nllloss._kernels.triton; assert 'triton' not in sys.modules, 'triton'"
+    code = (
+        "import sys, nllloss, nllloss._kernels.triton; "
+        "assert 'triton' not in sys.modules, 'triton'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -45,7 +45,6 @@ def build(
     )  # fmt: skip
 
 
-
 def algebra_for(input):
     """The matrix products of the blocks for the input's library."""
     if isinstance(input, np.ndarray):
@@ -55,7 +54,6 @@ def algebra_for(input):
 
         return torch_route.ALGEBRA
     return blocks.FunctionalAlgebra()
-
 
 
 # --- The public functions ----------------------------------------------------------------

@@ -48,9 +48,7 @@ def _triton_engine(stats: Stats):
     enabled, CPU tensors under the interpreter switch) and it supports the call."""
     x = stats.problem.input
     device = x.device.type
-    if not (
-        (device == "cuda" and triton.enabled()) or (device == "cpu" and triton.interpreted())
-    ):
+    if not ((device == "cuda" and triton.enabled()) or (device == "cpu" and triton.interpreted())):
         return None
     if triton.load() is None:  # no Triton
         return None

@@ -184,7 +184,6 @@ def _triton_compute(kind: str, problem: Problem, grad_output):
     return loss, unit if grad_output is None else scaled(unit, grad_output)
 
 
-
 def autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
@@ -234,7 +233,6 @@ def torch_nll_loss(problem: Problem):
     except IndexError:
         compute("forward", problem)  # raises the IndexError with value and position
         raise
-
 
 
 def scaled(unit: torch.Tensor, grad: torch.Tensor, in_place: bool = False) -> torch.Tensor:
