@@ -29,19 +29,20 @@ def loss(linear: blocks.Linear):
     """
 
     @jax.custom_vjp
-    def blocks(hidden, weight, bias, constants):
+    def blocks_loss(hidden, weight, bias, constants):
         return _blocks(_rebuilt(linear, hidden, weight, bias, constants))[0]
 
     def forward(hidden, weight, bias, constants):
-        return blocks(hidden, weight, bias, constants), (hidden, weight, bias, constants)
+        return blocks_loss(hidden, weight, bias, constants), (hidden, weight, bias, constants)
 
     def backward(saved, upstream):
         return (*_blocks(_rebuilt(linear, *saved), upstream)[1:], None)
 
-    blocks.defvjp(forward, backward)
+    blocks_loss.defvjp(forward, backward)
     problem = linear.problem
     constants = (problem.target, problem.weight, linear.denominator)
-    return blocks(linear.hidden, linear.weight, linear.bias, constants).astype(linear.input.dtype)
+    result = blocks_loss(linear.hidden, linear.weight, linear.bias, constants)
+    return result.astype(linear.input.dtype)
 
 
 def _rebuilt(linear: blocks.Linear, hidden, weight, bias, constants) -> blocks.Linear:
@@ -92,8 +93,8 @@ def _blocks(linear: blocks.Linear, upstream=None):
         carry = (jnp.zeros_like(linear.weight), d_bias)
     losses, d_hidden = [], []
     if scanned:
-        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
-        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, blocks)
+        stacked = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, stacked)
         if problem.elementwise:
             losses.append(jnp.reshape(block_losses, (scanned, *block_losses.shape[2:])))
         else:

@@ -1,4 +1,4 @@
-"""torch tensors for the loss from hidden states (``_linear``): the blocks' matrix products
+"""torch tensors for the loss from hidden states (``nllloss._hidden_states``): the blocks' matrix products
 in torch, and the loss as a differentiable torch function.
 
 The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` into
@@ -82,9 +82,10 @@ def loss(linear: blocks.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
     if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear)
-    blocks = _Blocks(linear)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):
-        return FusedLoss.apply(blocks, *blocks.arguments)
+    computation = _Blocks(linear)
+    arguments = computation.arguments
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
+        return FusedLoss.apply(computation, *arguments)
     with torch.no_grad():
         return blocks.run(linear)[0]
 

@@ -40,7 +40,7 @@ class TorchBackend:
         return array
 
     def forward(self, problem: Problem):
-        return autograd.loss(problem)
+        return autograd.differentiable_loss(problem)
 
     def forward_and_lse(self, problem: Problem):
         """(the loss, each element's log-sum-exp), from one pass of the fused kernels when no

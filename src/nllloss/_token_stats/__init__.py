@@ -312,7 +312,7 @@ def _kernel_arguments(stats: Stats, bits):
         bits if bits is not None else (problem.input, _validate.dtype_name(problem.input.dtype))
     )
     table = cpu.decode_table(name)
-    x2 = cpu.native(x).reshape(layout.batch, layout.classes)
+    x2 = cpu.in_native_order(x).reshape(layout.batch, layout.classes)
     if table.size:
         x2 = x2.view(np.uint16)
     target = cpu.kernel_target(problem).reshape(-1)

@@ -85,8 +85,8 @@ def _blocks(linear: blocks.Linear, temperature: float, engine, upstream: Upstrea
         carry = (jnp.zeros_like(linear.weight), d_bias)
     parts, d_hidden = [], []
     if scanned:
-        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
-        carry, (result, block_d_hidden) = lax.scan(step, carry, blocks)
+        stacked = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (result, block_d_hidden) = lax.scan(step, carry, stacked)
         parts.append(TokenStats(*(jnp.reshape(a, (scanned, *a.shape[2:])) for a in result)))
         if block_d_hidden is not None:
             d_hidden.append(jnp.reshape(block_d_hidden, (scanned, -1)))

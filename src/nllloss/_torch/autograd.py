@@ -25,7 +25,7 @@ from .engines import (
 )
 
 
-def loss(problem: Problem):
+def differentiable_loss(problem: Problem):
     """The loss of a problem of torch tensors, differentiable: on the engine
     :func:`~nllloss._torch.engines.engine` chooses, through :class:`FusedLoss` in eager mode
     and the custom operators under ``torch.compile``."""
@@ -203,7 +203,7 @@ def _backward_backward(problem: Problem, grad_output, grad):
     if not problem.over_rows:
         # The gradient is linear in grad_output and independent of the input's values:
         # d/d(grad_output) is the loss of `grad` (as torch's NllLossBackwardBackward).
-        return loss(problem.replace(input=grad)), None
+        return differentiable_loss(problem.replace(input=grad)), None
     # With options the gradient depends on the input too: differentiate the generic path's
     # torch operations, which are its formulas step for step.
     with torch.enable_grad():

@@ -146,14 +146,14 @@ def _input_view(problem: Problem, a):
     """``a``, of the input's shape and dtype, as (B, C, S) (16-bit as uint16 bits); the
     compute dtype and the decode table."""
     layout = problem.layout
-    a3 = native(a).reshape(layout.batch, layout.classes, layout.spatial)
+    a3 = in_native_order(a).reshape(layout.batch, layout.classes, layout.spatial)
     table = decode_table(_validate.dtype_name(a.dtype))
     if table.size:
         return a3.view(np.uint16), np.dtype(np.float32), table
     return a3, a3.dtype, table
 
 
-def native(a):
+def in_native_order(a):
     """``a`` in native byte order (numba reads no other)."""
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
@@ -166,7 +166,7 @@ def kernel_target(problem: Problem):
     become an int64 value that is neither, so the kernels report them where they are.
     """
     layout, ignore_index = problem.layout, problem.ignore_index
-    t2 = native(problem.target).reshape(layout.batch, layout.spatial)
+    t2 = in_native_order(problem.target).reshape(layout.batch, layout.spatial)
     if t2.dtype != np.uint64:
         return t2
     if t2.size and t2.max() > np.iinfo(np.int64).max:

@@ -347,7 +347,7 @@ def _cap_and_slope_by_type(value, cap):
 
 
 @numba.njit(inline="always", error_model="numpy")
-def capped(value, cap):
+def soft_capped(value, cap):
     """The capped value ``cap * tanh(value / cap)`` in the value's precision; the value itself
     for ``cap = 0``, no cap."""
     return cap_and_slope(value, cap)[0] if cap > 0 else value
@@ -498,7 +498,7 @@ def _softmax_row(
         return
     if softcap > 0.0:
         # the cap keeps the order: the capped row's maximum is the capped maximum
-        top = capped(row_max(row, decode), softcap)
+        top = soft_capped(row_max(row, decode), softcap)
         log_norm = math.log(_capped_sum_of_exp(row, decode, top, softcap, values, slopes))
         _row_statistics(
             i, values, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss,
@@ -522,7 +522,7 @@ def _softmax_row(
 def _row_lse(row, decode, softcap, values):
     """The log-sum-exp of a (capped) row, for ``return_lse`` at an ignored element."""
     if softcap > 0.0:
-        top = capped(row_max(row, decode), softcap)
+        top = soft_capped(row_max(row, decode), softcap)
         no_slopes = values[:0]
         return np.float64(top) + math.log(
             _capped_sum_of_exp(row, decode, top, softcap, values, no_slopes)
@@ -657,14 +657,14 @@ def softmax_tiles(
                     value = decoded(xs[k], decode)
                     top[k] = value if value > top[k] else top[k]
             for k in range(width):
-                top[k] = capped(top[k], softcap)  # the cap keeps the order
+                top[k] = soft_capped(top[k], softcap)  # the cap keeps the order
             # sums over blocks of classes in the compute dtype, each block's added in float64
             for first in range(0, classes, CLASS_BLOCK):
                 partial[:] = 0.0
                 for j in range(first, min(first + CLASS_BLOCK, classes)):
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = capped(decoded(xs[k], decode), softcap)
+                        value = soft_capped(decoded(xs[k], decode), softcap)
                         partial[k] += exp(value - top[k])
                 for k in range(width):
                     total[k] += np.float64(partial[k])
@@ -677,7 +677,7 @@ def softmax_tiles(
                     w = weight[j]
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = capped(decoded(xs[k], decode), softcap)
+                        value = soft_capped(decoded(xs[k], decode), softcap)
                         partial[k] += w * (value - top[k])
                 for k in range(width):
                     weighted[k] += np.float64(partial[k])
@@ -691,7 +691,7 @@ def softmax_tiles(
                     ps = p3[b, j, cells]
                     for k in range(width):
                         wp = w * (p_scale * decoded(ps[k], decode) + p_share)
-                        value = capped(decoded(xs[k], decode), softcap)
+                        value = soft_capped(decoded(xs[k], decode), softcap)
                         partial[k] += wp * ((value - top[k]) - log_norms[k])
                         second[k] += wp
                 for k in range(width):

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from ._kernels import decoded, parallel_and_serial
-from ._softmax import cap_and_slope, capped, exp, in_compute_type, row_max
+from ._softmax import cap_and_slope, exp, in_compute_type, row_max, soft_capped
 
 # Values of a row per block: 4 KiB of float32, in L1 for the block's second loop; the
 # same as the loss kernels' sum blocks (``_softmax.SUM_BLOCK``).
@@ -46,7 +46,7 @@ _FAST = {"contract", "reassoc"}
 @numba.njit(inline="always", error_model="numpy")
 def _tempered(value, cap, temperature):
     """``z = cap(x) / T`` in the value's compute type."""
-    return capped(value, cap) / temperature
+    return soft_capped(value, cap) / temperature
 
 
 @numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
@@ -160,7 +160,7 @@ def stats_rows(
         out = grad2[i]
         for j in range(classes):
             x = decoded(row[j], decode)
-            value = capped(x, c)
+            value = soft_capped(x, c)
             d = value / t - top
             p = exp(d - row_log_norm)
             g = p * (common + slope_b * (d - row_shift))
