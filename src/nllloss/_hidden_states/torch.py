@@ -1,5 +1,5 @@
-"""torch tensors for the loss from hidden states (``nllloss._hidden_states``): the blocks' matrix products
-in torch, and the loss as a differentiable torch function.
+"""torch tensors for the loss from hidden states (``nllloss._hidden_states``): the blocks'
+matrix products in torch, and the loss as a differentiable torch function.
 
 The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` into
 preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
