@@ -110,11 +110,11 @@ def test_no_private_name_crosses_a_module(module):
     assert _private_crossings(module, TREES[module]) == []
 
 
-def _dependencies(module: str) -> set[str]:
+def _dependencies(module: str, tree: ast.Module) -> set[str]:
     """The modules of ours that ``module`` imports when it is loaded (``from package import
     name`` depends on the submodule when the name is one, else on the package)."""
     found = set()
-    for _, source, name in _imports(module, TREES[module], loaded_only=True):
+    for _, source, name in _imports(module, tree, loaded_only=True):
         if name is not None and _is_module(f"{source}.{name}"):
             found.add(f"{source}.{name}")
         else:
@@ -123,15 +123,15 @@ def _dependencies(module: str) -> set[str]:
     return {dependency for dependency in found if dependency in MODULES}
 
 
-def _cycle() -> list[str] | None:
-    graph = {module: _dependencies(module) for module in MODULES}
+def _cycle(trees: dict[str, ast.Module]) -> list[str] | None:
+    graph = {module: _dependencies(module, tree) for module, tree in trees.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
     def visit(module):
         state[module] = 1
         path.append(module)
-        for dependency in sorted(graph[module]):
+        for dependency in sorted(graph[module] & graph.keys()):
             if state.get(dependency) == 1:
                 return [*path[path.index(dependency) :], dependency]
             if dependency not in state and (cycle := visit(dependency)):
@@ -147,7 +147,7 @@ def _cycle() -> list[str] | None:
 
 
 def test_no_import_cycle():
-    cycle = _cycle()
+    cycle = _cycle(TREES)
     assert cycle is None, " -> ".join(cycle)
 
 
@@ -160,3 +160,10 @@ def test_the_rules_see_a_crossing_and_a_cycle():
     tree = ast.parse("from ._generic import _helper\nfrom . import _generic\n_generic._x\n")
     assert len(_private_crossings("nllloss._loss", tree)) == 2
     assert _private_crossings("nllloss._loss", ast.parse("from . import _generic\n")) == []
+    loaded = {
+        "nllloss._loss": ast.parse("from . import _generic\n"),
+        "nllloss._generic": ast.parse("def f():\n    from ._loss import nll_loss\n"),
+    }
+    assert _cycle(loaded) is None  # an import inside a function runs after both loaded
+    loaded["nllloss._generic"] = ast.parse("if True:\n    from ._loss import nll_loss\n")
+    assert _cycle(loaded) == ["nllloss._generic", "nllloss._loss", "nllloss._generic"]
