@@ -24,7 +24,7 @@ def build(
 
     ``reduction`` is already checked (its warnings point at the public caller);
     ``options`` maps option names to the values given (``_options.given``).
-    ``logits_shape`` is given by the loss from hidden states (``_linear``): the input is
+    ``logits_shape`` is given by the loss from hidden states (``_hidden_states``): the input is
     then the hidden states, which fix the library, device and dtype, and the problem is
     that of logits of this shape, which are never formed whole.
     """

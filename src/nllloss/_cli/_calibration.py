@@ -138,7 +138,7 @@ def numpy_figures(
 
 
 def compiled_kernel():
-    """The numba kernel module where the NumPy backend is the compiled one (``_cpu``),
+    """The numba kernel module where the NumPy backend is the compiled one (``_kernels.cpu``),
     else None: the figures are then :func:`numpy_figures`'."""
     from .._kernels import cpu
 

@@ -10,7 +10,7 @@ order. The exponentials are a float64 polynomial that vectorises (within 2 ulp o
 ``np.exp``; numba's ``math.exp`` calls libm once per element): the figures are within
 about 1e-15 of NumPy's, relative to the row's largest term.
 
-Imported only where the compiled NumPy backend loads (``_cpu.load``).
+Imported only where the compiled NumPy backend loads (``_kernels.cpu.load``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""JAX arrays for the loss from hidden states (``_linear``): ``jax.custom_vjp`` over the
+"""JAX arrays for the loss from hidden states (``_hidden_states``): ``jax.custom_vjp`` over the
 blocks, with ``lax.scan`` so that ``jit`` compiles one block, not one per block.
 
 The forward computes the blocks' losses only; the backward makes the blocks again with

@@ -1,4 +1,4 @@
-"""torch tensors for the per-token statistics (``_stats``): routes and autograd.
+"""torch tensors for the per-token statistics (``nllloss._token_stats``): routes and autograd.
 
 A call's engine (:func:`engine_for`): the numba row kernel on zero-copy NumPy views for
 (N, C) and unbatched CPU tensors (bfloat16 as its bits), the Triton kernels for CUDA

@@ -2,7 +2,7 @@
 
 One program per row of (N, C) logits (or the one row of a (C,) input), walking its
 classes ``BLOCK_C`` at a time with the accumulators of the numba kernel
-(``_cpu._stats``): the running maximum ``m`` of ``z = cap(x) / T`` and the first index of
+(``_kernels.cpu._stats``): the running maximum ``m`` of ``z = cap(x) / T`` and the first index of
 it, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)`` rescaled when ``m`` rises;
 ``lse = m + log s``, ``entropy = log s - u / s``, ``logprob = (z_t - m) - log s``. The
 row's ``(m, log s, u / s)`` are saved (float64, (N, 3)) for the gradient kernel, one more
@@ -142,7 +142,7 @@ BLOCK_C = 4096
 
 
 class TritonEngine:
-    """The engine of ``_stats`` on the Triton kernels (torch tensors of (N, C) or (C,))."""
+    """The engine of ``_token_stats`` on the Triton kernels (torch tensors of (N, C) or (C,))."""
 
     @staticmethod
     def supports(stats: Stats) -> bool:
