@@ -137,7 +137,7 @@ def stats_backward_kernel(
 
 # Classes per tile: 4096 float32 values a program holds at once (a row of 32000 in 8
 # tiles). Unmeasured on a GPU: no GPU run is recorded yet (the kernels are opt-in, as the
-# loss's, see ``_triton.__init__``).
+# loss's, see ``_kernels.triton``).
 BLOCK_C = 4096
 
 
@@ -179,7 +179,7 @@ class TritonEngine:
             raise problem.bad_target(first, int(target[first]))
 
     @staticmethod
-    def flags_and_values(stats: Stats):
+    def _options(stats: Stats):
         flags, (_, cap, cap_first, cap_second) = _launch.flags_and_values(stats.problem.options)
         return {"temperature": stats.temperature, "cap": cap, "cap_first": cap_first,
                 "cap_second": cap_second, "HAS_CAP": flags["SOFTCAP"]}  # fmt: skip
