@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_backends import BACKENDS, to_backend, to_numpy
 
 import nllloss
-from nllloss import _dispatch, _generic, _options
+from nllloss import _generic, _options, _routes
 from nllloss._options import Options, option
 
 SCALE = 1.5  # 1 + the canary's value
@@ -54,16 +54,17 @@ def canary(monkeypatch):
 def _with_canary(monkeypatch):
     # Modules loaded on first use read the declaration when they load (the operators'
     # schema): loaded first, they keep the real one.
-    import nllloss._linear_jax
-    import nllloss._linear_torch
-    import nllloss._torch_ops
+    import nllloss._hidden_states.jax
+    import nllloss._hidden_states.torch
+    import nllloss._routes.torch
+    import nllloss._torch.autograd  # noqa: F401
 
     monkeypatch.setattr(_options, "Options", Canary)
     given = _options.given
     monkeypatch.setattr(_options, "given", lambda arguments: {**given(arguments), "canary": 0.5})
     # The quick path's guard, written from the signature, tests every keyword of it: one
     # taking canary=0.5 fails it. Here canary is not in the signature: no shortcut.
-    for backend in (_dispatch.backend_for(np.zeros(1)), nllloss._torch_ops.BACKEND):
+    for backend in (_routes.backend_for(np.zeros(1)), nllloss._routes.torch.BACKEND):
         if backend.quick_forward is not None:
             monkeypatch.setattr(backend, "quick_forward", None)
     forward, backward = _generic.Backend.forward, _generic.Backend.backward
@@ -234,7 +235,7 @@ def test_triton_interpreted_leaves_it_to_another_engine(monkeypatch):
     """bfloat16 CPU tensors reach the Triton kernels under the interpreter switch: they
     do not declare the canary, so another engine computes it."""
     pytest.importorskip("triton")
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
 

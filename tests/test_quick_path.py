@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import nllloss
-from nllloss import _options, _torch_ops
+from nllloss import _options
+from nllloss._routes import torch as torch_route
 from nllloss._options import Options
 
 TAKEN = ("input", "target", "weight", "ignore_index", "reduction")
@@ -32,13 +33,13 @@ class _Off:
 def shortcut_calls(monkeypatch):
     """The torch route's shortcut, counting its calls (and answering them)."""
     calls = []
-    original = _torch_ops.BACKEND.quick_forward
+    original = torch_route.BACKEND.quick_forward
 
     def counted(*arguments):
         calls.append(arguments)
         return original(*arguments)
 
-    monkeypatch.setattr(_torch_ops.BACKEND, "quick_forward", counted)
+    monkeypatch.setattr(torch_route.BACKEND, "quick_forward", counted)
     return calls
 
 
