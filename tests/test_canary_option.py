@@ -57,7 +57,7 @@ def _with_canary(monkeypatch):
     import nllloss._hidden_states.jax
     import nllloss._hidden_states.torch
     import nllloss._routes.torch
-    import nllloss._torch.autograd  # noqa: F401
+    import nllloss._torch.autograd
 
     monkeypatch.setattr(_options, "Options", Canary)
     given = _options.given

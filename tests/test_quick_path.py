@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import nllloss
 from nllloss import _options
-from nllloss._routes import torch as torch_route
 from nllloss._options import Options
+from nllloss._routes import torch as torch_route
 
 TAKEN = ("input", "target", "weight", "ignore_index", "reduction")
 

@@ -150,7 +150,7 @@ def _infinite_mass_rows(
                 x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0
             ).to(tl.float32)
             if SOFTCAP:
-                xs = _cap_and_slope(xs, cap, cap_first, cap_second)[0]
+                xs = cap_and_slope(xs, cap, cap_first, cap_second)[0]
             ps = _target_tile(
                 t_ptr, w_ptr, t_base, c, in_c, tile_mask, t_stride_c, C, eps, HAS_WEIGHT,
                 SMOOTH,
