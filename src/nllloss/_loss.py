@@ -211,7 +211,9 @@ def nll_loss(
         :math:`x - \operatorname{logsumexp}_c x` (log-softmax over the class axis), computed
         without forming it, and equals ``torch.nn.functional.cross_entropy``.
     label_smoothing : float, default 0.0
-        :math:`\varepsilon \in [0, 1]`, as ``cross_entropy``'s: the loss becomes
+        :math:`\varepsilon \in [0, 1]`, as ``cross_entropy``'s (0, or at least
+        :math:`2^{-64}`: smaller ones are refused, since their :math:`\varepsilon / C`
+        does not survive float32 and a ``-inf`` logit would give NaN): the loss becomes
         :math:`(1 - \varepsilon)\,\ell + \frac{\varepsilon}{C} s` with
         :math:`s_n = -\sum_c w_c \log p_{n, c}` (0 where ignored), reduced like :math:`\ell`
         ('mean' divides both by the same total weight). With probability targets, as
@@ -227,7 +229,7 @@ def nll_loss(
         out-of-range target then gives NaN instead of an ``IndexError``. Other arrays are
         always checked.
     z_loss : float, default 0.0
-        From logits only: :math:`z \ge 0` adds :math:`z \, v_n \operatorname{lse}_n^2`
+        From logits only: :math:`z \ge 0` (at most the largest float32 number) adds :math:`z \, v_n \operatorname{lse}_n^2`
         to each element's loss (PaLM's auxiliary z-loss, which keeps the log-normaliser
         :math:`\operatorname{lse}_n = \log \sum_c e^{x_{n, c}}` near 0), reduced with the
         main loss ('mean' by the same denominator). The element's weight :math:`v_n` is
