@@ -229,7 +229,8 @@ def nll_loss(
         out-of-range target then gives NaN instead of an ``IndexError``. Other arrays are
         always checked.
     z_loss : float, default 0.0
-        From logits only: :math:`z \ge 0` (at most the largest float32 number) adds :math:`z \, v_n \operatorname{lse}_n^2`
+        From logits only: :math:`z \ge 0` (at most the largest float32 number) adds
+        :math:`z \, v_n \operatorname{lse}_n^2`
         to each element's loss (PaLM's auxiliary z-loss, which keeps the log-normaliser
         :math:`\operatorname{lse}_n = \log \sum_c e^{x_{n, c}}` near 0), reduced with the
         main loss ('mean' by the same denominator). The element's weight :math:`v_n` is
