@@ -67,6 +67,7 @@ class CalibrationOptions:
     bootstrap: int = 0  # resamples; 0: no intervals
     seed: int = 0
     beta: float = 1.0
+    window: Window | None = None  # where the pass also fits the temperature
 
 
 def counted(t: np.ndarray, ignore_index: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +101,19 @@ FIGURES = (
 
 
 def numpy_figures(
-    z: np.ndarray, y: np.ndarray, beta: float, from_logits: bool, with_model: bool = True
+    z: np.ndarray,
+    y: np.ndarray,
+    beta: float,
+    from_logits: bool,
+    with_model: bool = True,
+    orders: int = 0,
 ) -> np.ndarray:
     """The figures (``FIGURES``) of the elements ``z`` (float64 rows of scores), targets
     ``y``, in float64 NumPy: their definition. Without ``with_model``, the model's own
-    columns (confidence, Brier) are NaN."""
-    out = np.full((len(y), len(FIGURES)), np.nan)
+    columns (confidence, Brier) are NaN. With ``orders`` ``K + 1``, ``K + 1`` more columns:
+    the moments ``Σ_c w_c s_c^n / n!``, ``n = 0..K``, of ``s = z - max z`` under ``w =
+    exp(β s)``. A class of weight 0 (a ``-inf`` score) adds nothing to the sums at ``β``."""
+    out = np.full((len(y), len(FIGURES) + orders), np.nan)
     if not len(y):
         return out
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite scores
@@ -124,16 +132,19 @@ def numpy_figures(
             out[:, CONFIDENCE] = np.exp(top - lse)
             squares = np.square(exp_shifted).sum(axis=1) * np.exp(2 * (top - lse))  # Σ p_c²
             out[:, BRIER] = squares - 2 * np.exp(at_target - lse) + 1
+        shifted_target = shifted[rows, y]
         weights = np.exp(beta * shifted)
+        shifted = np.where(weights != 0, shifted, 0.0)  # (NaN != 0: NaN stays)
         total = weights.sum(axis=1)
         mean = (weights * shifted).sum(axis=1) / total
         deviation = shifted - mean[:, None]
-        shifted_target = shifted[rows, y]
         out[:, NLL] = np.log(total) - beta * shifted_target
         out[:, SLOPE] = mean - shifted_target
         out[:, CURVATURE] = (weights * deviation**2).sum(axis=1) / total
         out[:, THIRD] = (weights * deviation**3).sum(axis=1) / total
         out[:, CONFIDENCE_AT_BETA] = 1.0 / total
+        for n in range(orders):
+            out[:, len(FIGURES) + n] = (weights * shifted**n).sum(axis=1) / math.factorial(n)
     return out
 
 
@@ -163,10 +174,12 @@ def figures(
     from_logits: bool,
     softcap: float | None,
     with_model: bool = True,
+    orders: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(position, target, figures)`` of the counted elements (:func:`counted`) of the
-    predictions ``x`` ``(n, C, ...)`` and targets ``t``, ``PIECE_ELEMENTS`` at a time: by
-    the numba kernel (``_calibration_kernel``) where it loads, else :func:`numpy_figures`."""
+    predictions ``x`` ``(n, C, ...)`` and targets ``t``, ``PIECE_ELEMENTS`` at a time (with
+    ``orders`` moment columns): by the numba kernel (``_calibration_kernel``) where it
+    loads, else :func:`numpy_figures`."""
     x = np.asarray(x)
     classes = x.shape[1]
     position, y = counted(t, ignore_index, classes)
@@ -182,9 +195,9 @@ def figures(
         where, target = position[start : start + PIECE_ELEMENTS], y[start : start + PIECE_ELEMENTS]
         if kernel is None:
             z = scores(rows, where, softcap)
-            out = numpy_figures(z, target, beta, from_logits, with_model)
+            out = numpy_figures(z, target, beta, from_logits, with_model, orders)
         else:
-            out = np.full((len(target), len(FIGURES)), np.nan)
+            out = np.full((len(target), len(FIGURES) + orders), np.nan)
             kernel.element_figures.run(  # threads or one thread, whichever pays
                 len(target) * classes, None,
                 x3, where, target, float(softcap or 0.0), from_logits, beta, with_model, out,
@@ -318,6 +331,210 @@ def temperature_sums(
     return total
 
 
+# The temperature in the main pass (see the module docstring): Chebyshev nodes of the
+# window; 16 interpolate its sums to about 1e-15 of their size on the files of
+# benchmarks/cli_calibration.py and tests/test_cli_calibration.py (the last two of 16
+# coefficients are below 1e-16 of the largest), a fit that finds less falls back.
+CHEBYSHEV_NODES = 16
+CHEBYSHEV_TAIL = 1e-12  # the last two coefficients, relative to the largest, at most
+# The window's half-width: this many standard errors of the sample's β (the sample's
+# elements' spread of slopes over its curvature), within these bounds relative to β.
+WINDOW_SIGMAS = 6.0
+WINDOW_BOUNDS = (2e-3, 5e-2)
+# Moments up to the order K at which the Taylor polynomial of Σ_c exp(β s_c) in β is within
+# this relative error over the window, by the bound of the module docstring.
+TAYLOR_ERROR = 1e-13
+
+
+@dataclass(frozen=True)
+class Window:
+    """β0 ± ``cells`` cells of ``step`` (``TEMPERATURE_RTOL`` of β0), where the pass takes
+    ``orders`` moments (``K + 1``)."""
+
+    beta: float
+    step: float
+    cells: int
+    orders: int
+
+    @property
+    def half(self) -> float:
+        return self.cells * self.step
+
+    @classmethod
+    def around(cls, beta: float, relative_error: float, classes: int) -> Window:
+        """The window of ``WINDOW_SIGMAS`` standard errors around the sample's ``beta``."""
+        width = min(max(WINDOW_SIGMAS * relative_error, WINDOW_BOUNDS[0]), WINDOW_BOUNDS[1])
+        cells = math.ceil(width / TEMPERATURE_RTOL)
+        ratio = cells * TEMPERATURE_RTOL / (1 - cells * TEMPERATURE_RTOL)  # |h| / min β
+        orders = 2
+        while (classes - 1) * ratio**orders / math.sqrt(2 * math.pi * orders) > TAYLOR_ERROR:
+            orders += 1
+        return cls(beta, TEMPERATURE_RTOL * beta, cells, orders)
+
+    def nodes(self) -> np.ndarray:
+        """The Chebyshev points (first kind) of ``[-half, half]``, as steps ``h`` from β0."""
+        return self.half * np.polynomial.chebyshev.chebpts1(CHEBYSHEV_NODES)
+
+
+def _partition(moments: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P(h) = Σ_n M_n h^n`` and ``P'(h)`` for each element's moments (rows of
+    ``moments``), at ``h`` (``(elements, points)``)."""
+    order = moments.shape[1] - 1
+    value = np.broadcast_to(moments[:, order, None], h.shape)
+    slope = np.broadcast_to(order * moments[:, order, None], h.shape)
+    for n in range(order - 1, -1, -1):
+        value = value * h + moments[:, n, None]
+        if n:
+            slope = slope * h + n * moments[:, n, None]
+    return value, slope
+
+
+def _crossing(moments: np.ndarray, level: np.ndarray, half: float) -> np.ndarray:
+    """The ``h`` in ``[-half, half]`` where ``P(h) = level``, for elements whose ``P``
+    crosses it there: Newton's steps on ``log P``, convex and decreasing, to convergence."""
+    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(level), 2)))
+    logs = np.log(ends)
+    h = -half + 2 * half * (logs[:, 0] - np.log(level)) / (logs[:, 0] - logs[:, 1])
+    for _ in range(100):
+        value, slope = _partition(moments, h[:, None])
+        step = (np.log(value[:, 0]) - np.log(level)) * value[:, 0] / slope[:, 0]
+        after = np.clip(h - step, -half, half)
+        if np.all(np.abs(after - h) <= 4 * np.finfo(float).eps * half):
+            return after
+        h = after
+    return h
+
+
+def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``values`` summed per key (in their order: the same bits every run), keys
+    sorted."""
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else keys
+    return keys[starts], np.add.reduceat(values[order], starts, axis=0) if len(keys) else values
+
+
+@dataclass
+class WindowSums:
+    """Over the elements so far, for the window: at each node ``h_j``, Σ of the NLL's
+    slope; per confidence bin at β0 - half, the count, the right ones and the confidences at
+    each node; per (cell, edge) of the elements whose confidence crosses the edge inside
+    the cell (``key = cell * bins + edge``), their count, right ones and confidences at
+    each node."""
+
+    slope: np.ndarray
+    count: np.ndarray
+    correct: np.ndarray
+    confidence: np.ndarray  # (bins, nodes)
+    keys: np.ndarray
+    moved: np.ndarray  # (keys, 2 + nodes)
+
+    @classmethod
+    def of(cls, window: Window, figures: np.ndarray, bins: int) -> WindowSums:
+        """The sums of the elements of ``figures`` (with ``window.orders`` moments)."""
+        moments = figures[:, len(FIGURES) :]
+        nodes = window.nodes()
+        value, slope = _partition(moments, np.broadcast_to(nodes, (len(figures), len(nodes))))
+        # f_i'(h) = P'(h) / P(h) - s_y: the slope at β0 less its mean there, plus P'/P
+        mean = moments[:, 1] / moments[:, 0]
+        node_slopes = slope / value - mean[:, None] + figures[:, SLOPE, None]
+        confidence = 1.0 / value
+        half = window.half
+        ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(figures), 2)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            low, high = bin_of(1.0 / ends[:, 0], bins), bin_of(1.0 / ends[:, 1], bins)
+        finite = np.isfinite(ends).all(axis=1)
+        high = np.where(finite, high, low)
+        correct = figures[:, CORRECT]
+        keys, moved = [], []
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        for k in range(1, int((high - low).max(initial=0)) + 1):
+            crossing = np.flatnonzero(high - low >= k)
+            edge = low[crossing] + k
+            h = _crossing(moments[crossing], 1.0 / edges[edge], half)
+            cell = np.clip(np.floor(h / window.step) + window.cells, 0, 2 * window.cells - 1)
+            keys.append(cell.astype(np.int64) * bins + edge)
+            moved.append(
+                np.column_stack(
+                    [np.ones(len(crossing)), correct[crossing], confidence[crossing]]
+                )
+            )
+        keys, moved = _reduce(
+            np.concatenate([np.empty(0, np.int64), *keys]),
+            np.concatenate([np.empty((0, 2 + len(nodes))), *moved]),
+        )
+        return cls(
+            slope=node_slopes.sum(axis=0),
+            count=np.bincount(low, minlength=bins).astype(np.float64),
+            correct=np.bincount(low, correct, minlength=bins),
+            confidence=np.stack(
+                [np.bincount(low, column, minlength=bins) for column in confidence.T], axis=1
+            ).reshape(bins, len(nodes)),
+            keys=keys,
+            moved=moved,
+        )
+
+    def add(self, other: WindowSums) -> WindowSums:
+        self.slope = self.slope + other.slope
+        self.count = self.count + other.count
+        self.correct = self.correct + other.correct
+        self.confidence = self.confidence + other.confidence
+        self.keys, self.moved = _reduce(
+            np.concatenate([self.keys, other.keys]), np.concatenate([self.moved, other.moved])
+        )
+        return self
+
+    def solve(self, window: Window, at_beta: TemperatureSums) -> TemperatureSums | None:
+        """The sums at the reported temperature: β0 + h at the cell boundary nearest the
+        minimiser of the interpolated NLL, when the window holds it; None when it does not
+        (or the interpolation is not within ``CHEBYSHEV_TAIL``, or a sum is not finite)."""
+        chebyshev = np.polynomial.chebyshev
+        points = chebyshev.chebpts1(CHEBYSHEV_NODES)  # the nodes over half
+        slope = chebyshev.chebfit(points, self.slope, CHEBYSHEV_NODES - 1)
+        if not (np.all(np.isfinite(slope)) and at_beta.count and np.isfinite(at_beta.nll)):
+            return None
+        if np.max(np.abs(slope[-2:])) > CHEBYSHEV_TAIL * np.max(np.abs(slope)):
+            return None
+        low, high = -1.0, 1.0
+        if not chebyshev.chebval(low, slope) < 0 < chebyshev.chebval(high, slope):
+            return None  # the minimiser is outside the window (or the NLL is flat)
+        for _ in range(64):  # bisection on the increasing slope: to float64's precision
+            middle = 0.5 * (low + high)
+            low, high = (middle, high) if chebyshev.chebval(middle, slope) < 0 else (low, middle)
+        boundary = round(0.5 * (low + high) * window.cells)  # cells from β0
+        beta = window.beta + boundary * window.step
+        if not 1 / MAX_TEMPERATURE <= beta <= MAX_TEMPERATURE:
+            return None
+        at = boundary / window.cells  # the reported β, over half
+        integral = chebyshev.chebint(slope)
+        nll = at_beta.nll + window.half * (
+            chebyshev.chebval(at, integral) - chebyshev.chebval(0.0, integral)
+        )
+        # the bins at β: those at β0 - half, then the crossings of the cells below β
+        bins = len(self.count)
+        count, correct = self.count.copy(), self.correct.copy()
+        confidence = self.confidence.copy()
+        crossed = self.keys // bins < boundary + window.cells
+        edge, moved = self.keys[crossed] % bins, self.moved[crossed]
+        for into, sign in ((edge, 1.0), (edge - 1, -1.0)):
+            count += sign * np.bincount(into, moved[:, 0], minlength=bins)
+            correct += sign * np.bincount(into, moved[:, 1], minlength=bins)
+            for j in range(CHEBYSHEV_NODES):
+                confidence[:, j] += sign * np.bincount(into, moved[:, 2 + j], minlength=bins)
+        # the interpolant's value at `at`: its Lagrange weights at the nodes
+        lagrange = chebyshev.chebval(at, chebyshev.chebfit(points, np.eye(CHEBYSHEV_NODES), CHEBYSHEV_NODES - 1))
+        derivative = chebyshev.chebder(slope)
+        return TemperatureSums(
+            beta=beta,
+            count=at_beta.count,
+            nll=float(nll),
+            slope=float(chebyshev.chebval(at, slope)),
+            curvature=float(chebyshev.chebval(at, derivative) / window.half),
+            third=float(chebyshev.chebval(at, chebyshev.chebder(derivative)) / window.half**2),
+            bins=Bins(count, confidence @ lagrange, correct),
+        )
+
+
 @dataclass
 class CalibrationSums:
     """The additive sums of a block (or of every block so far)."""
@@ -331,6 +548,7 @@ class CalibrationSums:
     # per bootstrap resample: Σω, Σω·loss, Σω·denominator, Σω·correct, then per bin Σω,
     # Σω·confidence, Σω·correct
     resampled: np.ndarray | None = field(default=None, repr=False)
+    window: WindowSums | None = field(default=None, repr=False)  # with options.window
 
     def add(self, other: CalibrationSums) -> CalibrationSums:
         self.count += other.count
@@ -339,6 +557,8 @@ class CalibrationSums:
         self.brier += other.brier
         self.bins.add(other.bins)
         self.at_beta.add(other.at_beta)
+        if self.window is not None:
+            self.window.add(other.window)
         if self.resampled is not None:
             self.resampled = self.resampled + other.resampled
         return self
@@ -360,8 +580,15 @@ def calibration_sums(
     ``first_row``; ``losses`` and ``denominators`` (per target element, as the loss reduces
     them) are needed for the bootstrap only."""
     total = None
+    window = options.window
     pieces = figures(
-        x, t, options.beta, ignore_index=ignore_index, from_logits=from_logits, softcap=softcap
+        x,
+        t,
+        options.beta,
+        ignore_index=ignore_index,
+        from_logits=from_logits,
+        softcap=softcap,
+        orders=0 if window is None else window.orders,
     )
     for position, _, piece in pieces:
         confidence, correct = piece[:, CONFIDENCE], piece[:, CORRECT]
@@ -372,6 +599,7 @@ def calibration_sums(
             brier=float(piece[:, BRIER].sum()),
             bins=Bins.of(confidence, correct, options.bins),
             at_beta=TemperatureSums.of(piece, options.beta, options.bins),
+            window=None if window is None else WindowSums.of(window, piece, options.bins),
         )
         if options.bootstrap:
             elements_per_row = math.prod(t.shape[1:])
@@ -526,14 +754,15 @@ def report(
     return section
 
 
-def fit_on_sample(predictions, targets, ignore_index: int, softcap, bins: int) -> float:
+def fit_on_sample(
+    predictions, targets, ignore_index: int, softcap, bins: int
+) -> tuple[float, float] | None:
     """β fitted (to float64 precision, within the bounds) on the rows of :func:`sample_rows`,
-    read here; 1 where they hold no element."""
+    read here, and its standard error relative to β (0 where the sample is every row); None
+    where they hold no element."""
     row_values = math.prod(predictions.shape[1:])
-    runs = [
-        (predictions.rows(start, stop), targets.rows(start, stop))
-        for start, stop in sample_rows(predictions.shape[0], row_values)
-    ]
+    ranges = sample_rows(predictions.shape[0], row_values)
+    runs = [(predictions.rows(start, stop), targets.rows(start, stop)) for start, stop in ranges]
 
     def sums_at(beta: float) -> TemperatureSums:
         total = TemperatureSums(beta, 0, 0.0, 0.0, 0.0, 0.0, Bins.empty(bins))
@@ -545,5 +774,17 @@ def fit_on_sample(predictions, targets, ignore_index: int, softcap, bins: int) -
 
     start = sums_at(1.0)
     if not start.count:
-        return 1.0
-    return newton(start, sums_at, 1e-9, 100)[0].beta
+        return None
+    beta = newton(start, sums_at, 1e-9, 100)[0].beta
+    if ranges == [(0, predictions.shape[0])]:
+        return beta, 0.0
+    # the standard error of the root of the mean slope: the slopes' spread over the curvature
+    slopes, curvature = [], 0.0
+    options = dict(ignore_index=ignore_index, from_logits=True, softcap=softcap)
+    for x, t in runs:
+        for _, _, piece in figures(x, t, beta, **options, with_model=False):
+            slopes.append(piece[:, SLOPE])
+            curvature += piece[:, CURVATURE].sum()
+    slopes = np.concatenate(slopes)
+    spread = np.std(slopes) / math.sqrt(len(slopes))
+    return beta, float(spread / (curvature / len(slopes)) / beta)

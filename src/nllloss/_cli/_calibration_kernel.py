@@ -6,9 +6,11 @@ read of the element's ``C`` scores: a first loop over them for the maximum, the 
 rank and the NaN count, a second for the exponentials at ``T = 1`` and at ``β``, a third
 for the central moments at ``β``. Each element's figures are its own (no sum crosses
 elements), so they do not depend on the thread count; the caller reduces them in a fixed
-order. The exponentials are a float64 polynomial that vectorises (within 2 ulp of
-``np.exp``; numba's ``math.exp`` calls libm once per element): the figures are within
-about 1e-15 of NumPy's, relative to the row's largest term.
+order. The exponentials are ``_cpu._softmax.exp64``, a float64 polynomial that vectorises
+(within 2 ulp of ``np.exp``; numba's ``math.exp`` calls libm once per element): the figures
+are within about 1e-15 of NumPy's, relative to the row's largest term. With ``moments``
+columns, a fourth loop adds the scaled raw moments ``Σ_c w_c s_c^n / n!`` of the shifted
+scores ``s = z - max z`` under the weights ``w = exp(β s)``: ``K`` multiply-adds per score.
 
 Imported only where the compiled NumPy backend loads (``_cpu.load``).
 """
@@ -19,66 +21,16 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 
 from .._cpu._kernels import _parallel_and_serial
+from .._cpu._softmax import exp64
 
-# The columns of a row of figures (see ``_calibration.FIGURES``).
+# The columns of a row of figures (see ``_calibration.FIGURES``); the moments follow.
 (RANK, CORRECT, CONFIDENCE, BRIER, NLL, SLOPE, CURVATURE, THIRD, CONFIDENCE_AT_BETA) = range(9)
 COLUMNS = 9
 # Elements per parallel task: each task holds two row buffers of C float64 values; the
 # per-element work (C values) dwarfs a task's start at any C.
 TASK = 64
-
-
-@intrinsic
-def _float64_from_bits(typingctx, bits):
-    """The float64 whose bit pattern is the int64 ``bits`` (a no-op reinterpretation)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-_LOG2E = 1.4426950408889634
-# ln 2 split in two (fdlibm's): k * _LN2_HIGH is exact for |k| < 2**20
-_LN2_HIGH = 6.93147180369123816490e-01
-_LN2_LOW = 1.90821492927058770002e-10
-# 1/k! for the Taylor polynomial of e**r, |r| <= ln2 / 2: degree 13 leaves a truncation
-# of 0.35**14 / 14! < 5e-18, below half an ulp.
-_INVERSE_FACTORIALS = tuple(1.0 / math.factorial(k) for k in range(14))
-(_, _, _F2, _F3, _F4, _F5, _F6, _F7, _F8, _F9, _F10, _F11, _F12, _F13) = _INVERSE_FACTORIALS
-# Below this, exp is under float64's normal range: 0 (next to the row's maximum term, 1).
-_EXP_FLOOR = -708.0
-
-
-@numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
-def exp64(x):
-    """exp(x) for float64 x <= 0 (or -inf, NaN): 2**k * e**r, |r| <= ln2 / 2, e**r by its
-    Taylor polynomial; 0 below ``_EXP_FLOOR``, NaN for NaN."""
-    k = np.floor(x * _LOG2E + 0.5)
-    k = k if k > -1022.0 else -1022.0  # also maps NaN to a number
-    k = k if k < 1023.0 else 1023.0
-    r = (x - k * _LN2_HIGH) - k * _LN2_LOW
-    p = _F13
-    p = p * r + _F12
-    p = p * r + _F11
-    p = p * r + _F10
-    p = p * r + _F9
-    p = p * r + _F8
-    p = p * r + _F7
-    p = p * r + _F6
-    p = p * r + _F5
-    p = p * r + _F4
-    p = p * r + _F3
-    p = p * r + _F2
-    p = p * r + 1.0
-    p = p * r + 1.0
-    y = p * _float64_from_bits(np.int64(k + 1023.0) << 52)
-    return 0.0 if x < _EXP_FLOOR else y  # NaN is not below: it stays NaN
 
 
 @numba.njit(error_model="numpy", cache=True)
@@ -119,13 +71,16 @@ _FAST = {"contract", "reassoc"}
 @_parallel_and_serial(fastmath=_FAST)
 def element_figures(x3, position, target, softcap, from_logits, beta, with_model, out):
     """``out[i]``: the figures (columns above) of the element at flat position
-    ``position[i]`` (``b * S + s`` of ``x3``, ``(B, C, S)``), whose class is ``target[i]``.
+    ``position[i]`` (``b * S + s`` of ``x3``, ``(B, C, S)``), whose class is ``target[i]``;
+    where ``out`` has ``COLUMNS + K + 1`` columns, then the moments ``Σ_c w_c s_c^n / n!``
+    for ``n = 0..K`` (``s = z - max z``, ``w = exp(β s)``; a class of weight 0 adds 0).
 
     With ``with_model`` false, the columns of the model's own probabilities (confidence,
     Brier) are left as they are. ``softcap`` is 0 for no cap.
     """
     classes, spatial = x3.shape[1], x3.shape[2]
     count = position.shape[0]
+    orders = out.shape[1] - COLUMNS  # K + 1 moments, or none
     for task in numba.prange((count + TASK - 1) // TASK):
         z = np.empty(classes)
         weights = np.empty(classes)
@@ -159,8 +114,10 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             total_beta = 0.0  # Σ exp(β (z - top))
             moment = 0.0  # Σ exp(β (z - top)) (z - top)
             for c in range(classes):
-                shifted = z[c] - top
-                w = exp64(beta * shifted)
+                # z - top, and 0 for a class of weight 0 (a -inf score: 0 * -inf is NaN)
+                w = exp64(beta * (z[c] - top))
+                shifted = z[c] - top if w != 0 else 0.0
+                z[c] = shifted
                 weights[c] = w
                 total_beta += w
                 moment += w * shifted
@@ -168,10 +125,11 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             second = 0.0
             third = 0.0
             for c in range(classes):
-                deviation = (z[c] - top) - mean
+                deviation = z[c] - mean
                 term = weights[c] * deviation * deviation
                 second += term
                 third += term * deviation
+                weights[c] *= z[c]  # w s, for the moments below
             figures = out[i]
             figures[RANK] = rank
             figures[CORRECT] = correct
@@ -187,3 +145,15 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             figures[CURVATURE] = second / total_beta
             figures[THIRD] = third / total_beta
             figures[CONFIDENCE_AT_BETA] = 1.0 / total_beta
+            if orders:
+                figures[COLUMNS] = total_beta
+            if orders > 1:
+                figures[COLUMNS + 1] = moment
+            scale = 1.0
+            for n in range(2, orders):  # weights[c] becomes w_c s_c^n
+                raw = 0.0
+                for c in range(classes):
+                    weights[c] *= z[c]
+                    raw += weights[c]
+                scale *= n
+                figures[COLUMNS + n] = raw / scale

@@ -40,6 +40,7 @@ from ._calibration import (
     CalibrationOptions,
     CalibrationSums,
     TemperatureSums,
+    Window,
     calibration_sums,
     fit_on_sample,
     newton,
@@ -298,10 +299,13 @@ def evaluate(
     """
     calibration = options.calibration
     if calibration is not None:
-        beta = fit_on_sample(
+        sample = fit_on_sample(
             predictions, targets, options.ignore_index, options.softcap, calibration.bins
         )
-        options = replace(options, calibration=replace(calibration, beta=beta))
+        if sample is not None:
+            beta, error = sample
+            window = Window.around(beta, error, options.classes)
+            options = replace(options, calibration=replace(calibration, beta=beta, window=window))
     totals = stream(
         block_totals, predictions, targets, options, chunk_rows, client=client, on_block=on_block
     )
@@ -327,7 +331,9 @@ def evaluate(
         return stream(temperature_block, predictions, targets, at, chunk_rows, client=client)
 
     at_temperature = sums.at_beta
-    if at_temperature.count:
+    if sums.window is not None:  # in this pass's window: no other pass
+        at_temperature = sums.window.solve(options.calibration.window, sums.at_beta) or sums.at_beta
+    if at_temperature is sums.at_beta and at_temperature.count:
         at_temperature, fitted = newton(
             at_temperature, sums_at, TEMPERATURE_RTOL, MAX_TEMPERATURE_PASSES
         )
