@@ -98,6 +98,7 @@ FIGURES = (
 (RANK, CORRECT, CONFIDENCE, BRIER, NLL, SLOPE, CURVATURE, THIRD, CONFIDENCE_AT_BETA) = range(
     len(FIGURES)
 )
+SPREAD, MOMENTS = len(FIGURES), len(FIGURES) + 1  # with moments: their columns
 
 
 def numpy_figures(
@@ -110,10 +111,11 @@ def numpy_figures(
 ) -> np.ndarray:
     """The figures (``FIGURES``) of the elements ``z`` (float64 rows of scores), targets
     ``y``, in float64 NumPy: their definition. Without ``with_model``, the model's own
-    columns (confidence, Brier) are NaN. With ``orders`` ``K + 1``, ``K + 1`` more columns:
+    columns (confidence, Brier) are NaN. With ``orders`` ``K + 1``, ``K + 2`` more columns
+    (``MOMENTS`` on): the spread ``max |s_c|`` over the classes of weight ``w_c > 0``, then
     the moments ``Σ_c w_c s_c^n / n!``, ``n = 0..K``, of ``s = z - max z`` under ``w =
     exp(β s)``. A class of weight 0 (a ``-inf`` score) adds nothing to the sums at ``β``."""
-    out = np.full((len(y), len(FIGURES) + orders), np.nan)
+    out = np.full((len(y), len(FIGURES) + (orders and orders + 1)), np.nan)
     if not len(y):
         return out
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite scores
@@ -143,8 +145,10 @@ def numpy_figures(
         out[:, CURVATURE] = (weights * deviation**2).sum(axis=1) / total
         out[:, THIRD] = (weights * deviation**3).sum(axis=1) / total
         out[:, CONFIDENCE_AT_BETA] = 1.0 / total
+        if orders:
+            out[:, SPREAD] = np.max(-shifted, axis=1, initial=0.0)
         for n in range(orders):
-            out[:, len(FIGURES) + n] = (weights * shifted**n).sum(axis=1) / math.factorial(n)
+            out[:, MOMENTS + n] = (weights * shifted**n).sum(axis=1) / math.factorial(n)
     return out
 
 
@@ -197,7 +201,7 @@ def figures(
             z = scores(rows, where, softcap)
             out = numpy_figures(z, target, beta, from_logits, with_model, orders)
         else:
-            out = np.full((len(target), len(FIGURES) + orders), np.nan)
+            out = np.full((len(target), len(FIGURES) + (orders and orders + 1)), np.nan)
             kernel.element_figures.run(  # threads or one thread, whichever pays
                 len(target) * classes, None,
                 x3, where, target, float(softcap or 0.0), from_logits, beta, with_model, out,
@@ -341,9 +345,13 @@ CHEBYSHEV_TAIL = 1e-12  # the last two coefficients, relative to the largest, at
 # elements' spread of slopes over its curvature), within these bounds relative to β.
 WINDOW_SIGMAS = 6.0
 WINDOW_BOUNDS = (2e-3, 5e-2)
-# Moments up to the order K at which the Taylor polynomial of Σ_c exp(β s_c) in β is within
-# this relative error over the window, by the bound of the module docstring.
-TAYLOR_ERROR = 1e-13
+# The moments M_0..M_K: K is the least for which the a-priori Taylor bound of the module
+# docstring is within TAYLOR_ERROR over the window. The pass's fit stands where the
+# elements' own bounds move the mean NLL by at most TAYLOR_ERROR (and the confidences,
+# relative), and the root by at most TAYLOR_CELLS cells; else it falls back. On the file of
+# benchmarks/cli_calibration.py (±4.5%, K = 9) the bound is about 2e-12 per element.
+TAYLOR_ERROR = 1e-10
+TAYLOR_CELLS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -366,7 +374,7 @@ class Window:
         width = min(max(WINDOW_SIGMAS * relative_error, WINDOW_BOUNDS[0]), WINDOW_BOUNDS[1])
         cells = math.ceil(width / TEMPERATURE_RTOL)
         ratio = cells * TEMPERATURE_RTOL / (1 - cells * TEMPERATURE_RTOL)  # |h| / min β
-        orders = 2
+        orders = 2  # K + 1
         while (classes - 1) * ratio**orders / math.sqrt(2 * math.pi * orders) > TAYLOR_ERROR:
             orders += 1
         return cls(beta, TEMPERATURE_RTOL * beta, cells, orders)
@@ -389,10 +397,30 @@ def _partition(moments: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return value, slope
 
 
-def _crossing(moments: np.ndarray, level: np.ndarray, half: float) -> np.ndarray:
-    """The ``h`` in ``[-half, half]`` where ``P(h) = level``, for elements whose ``P``
-    crosses it there: Newton's steps on ``log P``, convex and decreasing, to convergence."""
-    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(level), 2)))
+def numpy_window_figures(
+    figures: np.ndarray, nodes: np.ndarray, half: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per element (a row of ``figures`` with moments), with ``P`` its moments' polynomial:
+    at each node ``h_j``, the NLL's slope ``P'(h_j) / P(h_j) - s_y`` (as its slope at β0
+    plus the change of ``P'/P``), the confidence ``1 / P(h_j)``; and the confidences at
+    ``-half`` and ``half``. In float64 NumPy: the definition of
+    ``_calibration_kernel.window_figures``."""
+    moments = figures[:, MOMENTS:]
+    value, slope = _partition(moments, np.broadcast_to(nodes, (len(figures), len(nodes))))
+    shift = figures[:, SLOPE] - moments[:, 1] / moments[:, 0]
+    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(figures), 2)))
+    return slope / value + shift[:, None], 1.0 / value, 1.0 / ends
+
+
+def numpy_crossings(
+    figures: np.ndarray, element: np.ndarray, level: np.ndarray, half: float
+) -> np.ndarray:
+    """The ``h`` in ``[-half, half]`` where ``P(h) = level`` for the elements ``element``
+    (rows of ``figures``), whose ``P`` crosses it there: Newton's steps on ``log P``
+    (convex and decreasing), from the chord's root. The definition of
+    ``_calibration_kernel.crossings``."""
+    moments = figures[element, MOMENTS:]
+    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(element), 2)))
     logs = np.log(ends)
     h = -half + 2 * half * (logs[:, 0] - np.log(level)) / (logs[:, 0] - logs[:, 1])
     for _ in range(100):
@@ -428,30 +456,52 @@ class WindowSums:
     confidence: np.ndarray  # (bins, nodes)
     keys: np.ndarray
     moved: np.ndarray  # (keys, 2 + nodes)
+    # Σ of the elements' Taylor bounds on |P - Z| (Z >= 1: relative too) and on the error
+    # of P'/P, over the window
+    taylor: float = 0.0
+    taylor_slope: float = 0.0
 
     @classmethod
     def of(cls, window: Window, figures: np.ndarray, bins: int) -> WindowSums:
         """The sums of the elements of ``figures`` (with ``window.orders`` moments)."""
-        moments = figures[:, len(FIGURES) :]
-        nodes = window.nodes()
-        value, slope = _partition(moments, np.broadcast_to(nodes, (len(figures), len(nodes))))
-        # f_i'(h) = P'(h) / P(h) - s_y: the slope at β0 less its mean there, plus P'/P
-        mean = moments[:, 1] / moments[:, 0]
-        node_slopes = slope / value - mean[:, None] + figures[:, SLOPE, None]
-        confidence = 1.0 / value
-        half = window.half
-        ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(figures), 2)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            low, high = bin_of(1.0 / ends[:, 0], bins), bin_of(1.0 / ends[:, 1], bins)
+        nodes, half = window.nodes(), window.half
+        kernel = compiled_kernel()
+        if kernel is None:
+            node_slopes, confidence, ends = numpy_window_figures(figures, nodes, half)
+        else:
+            node_slopes = np.empty((len(figures), len(nodes)))
+            confidence, ends = np.empty_like(node_slopes), np.empty((len(figures), 2))
+            kernel.window_figures.run(
+                figures.size, None,
+                figures, MOMENTS, nodes, half, node_slopes, confidence, ends,
+            )  # fmt: skip
         finite = np.isfinite(ends).all(axis=1)
+        with np.errstate(invalid="ignore"):
+            low, high = bin_of(ends[:, 0], bins), bin_of(ends[:, 1], bins)
         high = np.where(finite, high, low)
+        # e^{W S} W S / (K + 1) W^K |M_K|: the Lagrange remainders of Σ_c w_c e^{h s_c}
+        # (module docstring); P'/P is within ε ((K + 1) / W + S) / (1 - ε)
+        spread, order = figures[:, SPREAD], window.orders - 1
+        with np.errstate(invalid="ignore", over="ignore"):
+            bound = (
+                np.exp(half * spread) * (half * spread) / (order + 1)
+                * half**order * np.abs(figures[:, MOMENTS + order])
+            )  # fmt: skip
+            bound_slope = bound * ((order + 1) / half + spread) / (1 - bound)
         correct = figures[:, CORRECT]
         keys, moved = [], []
         edges = np.linspace(0.0, 1.0, bins + 1)
         for k in range(1, int((high - low).max(initial=0)) + 1):
             crossing = np.flatnonzero(high - low >= k)
             edge = low[crossing] + k
-            h = _crossing(moments[crossing], 1.0 / edges[edge], half)
+            if kernel is None:
+                h = numpy_crossings(figures, crossing, 1.0 / edges[edge], half)
+            else:
+                h = np.empty(len(crossing))
+                kernel.crossings.run(
+                    len(crossing) * 100, None,
+                    figures, MOMENTS, crossing, 1.0 / edges[edge], half, h,
+                )  # fmt: skip
             cell = np.clip(np.floor(h / window.step) + window.cells, 0, 2 * window.cells - 1)
             keys.append(cell.astype(np.int64) * bins + edge)
             moved.append(
@@ -472,6 +522,8 @@ class WindowSums:
             ).reshape(bins, len(nodes)),
             keys=keys,
             moved=moved,
+            taylor=float(bound.sum()),
+            taylor_slope=float(bound_slope.sum()),
         )
 
     def add(self, other: WindowSums) -> WindowSums:
@@ -482,6 +534,8 @@ class WindowSums:
         self.keys, self.moved = _reduce(
             np.concatenate([self.keys, other.keys]), np.concatenate([self.moved, other.moved])
         )
+        self.taylor += other.taylor
+        self.taylor_slope += other.taylor_slope
         return self
 
     def solve(self, window: Window, at_beta: TemperatureSums) -> TemperatureSums | None:
@@ -495,13 +549,20 @@ class WindowSums:
             return None
         if np.max(np.abs(slope[-2:])) > CHEBYSHEV_TAIL * np.max(np.abs(slope)):
             return None
+        if not self.taylor <= TAYLOR_ERROR * at_beta.count:
+            return None
         low, high = -1.0, 1.0
         if not chebyshev.chebval(low, slope) < 0 < chebyshev.chebval(high, slope):
             return None  # the minimiser is outside the window (or the NLL is flat)
         for _ in range(64):  # bisection on the increasing slope: to float64's precision
             middle = 0.5 * (low + high)
             low, high = (middle, high) if chebyshev.chebval(middle, slope) < 0 else (low, middle)
-        boundary = round(0.5 * (low + high) * window.cells)  # cells from β0
+        root = 0.5 * (low + high)
+        # the slope's error bound moves the root by at most that over the curvature
+        curvature = chebyshev.chebval(root, chebyshev.chebder(slope)) / window.half
+        if not self.taylor_slope <= TAYLOR_CELLS * window.step * curvature:
+            return None
+        boundary = round(root * window.cells)  # cells from β0
         beta = window.beta + boundary * window.step
         if not 1 / MAX_TEMPERATURE <= beta <= MAX_TEMPERATURE:
             return None

@@ -72,15 +72,16 @@ _FAST = {"contract", "reassoc"}
 def element_figures(x3, position, target, softcap, from_logits, beta, with_model, out):
     """``out[i]``: the figures (columns above) of the element at flat position
     ``position[i]`` (``b * S + s`` of ``x3``, ``(B, C, S)``), whose class is ``target[i]``;
-    where ``out`` has ``COLUMNS + K + 1`` columns, then the moments ``Σ_c w_c s_c^n / n!``
-    for ``n = 0..K`` (``s = z - max z``, ``w = exp(β s)``; a class of weight 0 adds 0).
+    where ``out`` has ``COLUMNS + K + 2`` columns, then the spread ``max |s_c|`` over the
+    classes of weight ``w_c > 0`` and the moments ``Σ_c w_c s_c^n / n!`` for ``n = 0..K``
+    (``s = z - max z``, ``w = exp(β s)``; a class of weight 0 adds 0).
 
     With ``with_model`` false, the columns of the model's own probabilities (confidence,
     Brier) are left as they are. ``softcap`` is 0 for no cap.
     """
     classes, spatial = x3.shape[1], x3.shape[2]
     count = position.shape[0]
-    orders = out.shape[1] - COLUMNS  # K + 1 moments, or none
+    orders = out.shape[1] - COLUMNS - 1  # K + 1 moments after the spread, or none
     for task in numba.prange((count + TASK - 1) // TASK):
         z = np.empty(classes)
         weights = np.empty(classes)
@@ -113,6 +114,7 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                     squares += e * e
             total_beta = 0.0  # Σ exp(β (z - top))
             moment = 0.0  # Σ exp(β (z - top)) (z - top)
+            spread = 0.0
             for c in range(classes):
                 # z - top, and 0 for a class of weight 0 (a -inf score: 0 * -inf is NaN)
                 w = exp64(beta * (z[c] - top))
@@ -121,6 +123,7 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                 weights[c] = w
                 total_beta += w
                 moment += w * shifted
+                spread = max(spread, -shifted)
             mean = moment / total_beta
             second = 0.0
             third = 0.0
@@ -145,10 +148,11 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             figures[CURVATURE] = second / total_beta
             figures[THIRD] = third / total_beta
             figures[CONFIDENCE_AT_BETA] = 1.0 / total_beta
-            if orders:
-                figures[COLUMNS] = total_beta
+            if orders > 0:
+                figures[COLUMNS] = spread if total_beta == total_beta else np.nan
+                figures[COLUMNS + 1] = total_beta
             if orders > 1:
-                figures[COLUMNS + 1] = moment
+                figures[COLUMNS + 2] = moment
             scale = 1.0
             for n in range(2, orders):  # weights[c] becomes w_c s_c^n
                 raw = 0.0
@@ -156,4 +160,61 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                     weights[c] *= z[c]
                     raw += weights[c]
                 scale *= n
-                figures[COLUMNS + n] = raw / scale
+                figures[COLUMNS + 1 + n] = raw / scale
+
+
+@numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
+def _partition(row, first, h):
+    """``P(h) = Σ_n M_n h^n`` and ``P'(h)``, the moments ``M`` from ``row[first]`` on."""
+    last = row.shape[0] - 1
+    value = row[last]
+    slope = (last - first) * row[last]
+    for column in range(last - 1, first - 1, -1):
+        value = value * h + row[column]
+        if column > first:
+            slope = slope * h + (column - first) * row[column]
+    return value, slope
+
+
+@_parallel_and_serial(fastmath=_FAST)
+def window_figures(figures, first, nodes, half, slopes, confidence, ends):
+    """Per element ``i`` (a row of ``figures``, its moments from column ``first``), with
+    ``P`` its moments' polynomial: at each node ``h_j``, ``slopes[i, j] = P'(h_j) / P(h_j)``
+    less ``P'(0) / P(0)`` plus the NLL's slope at β0 (``figures[i, SLOPE]``) and
+    ``confidence[i, j] = 1 / P(h_j)``; ``ends[i] = 1 / P(-half), 1 / P(half)``."""
+    count = figures.shape[0]
+    for task in numba.prange((count + TASK - 1) // TASK):
+        for i in range(task * TASK, min(count, (task + 1) * TASK)):
+            row = figures[i]
+            shift = row[SLOPE] - row[first + 1] / row[first]
+            for j in range(nodes.shape[0]):
+                value, slope = _partition(row, first, nodes[j])
+                slopes[i, j] = slope / value + shift
+                confidence[i, j] = 1.0 / value
+            ends[i, 0] = 1.0 / _partition(row, first, -half)[0]
+            ends[i, 1] = 1.0 / _partition(row, first, half)[0]
+
+
+@_parallel_and_serial(fastmath=_FAST)
+def crossings(figures, first, element, level, half, out):
+    """``out[i]``: the ``h`` in ``[-half, half]`` where ``P(h) = level[i]`` for the element
+    of row ``element[i]`` of ``figures`` (see :func:`window_figures`), whose ``P`` crosses
+    it there: Newton's steps on ``log P`` (convex, decreasing), from the chord's root."""
+    count = element.shape[0]
+    target = np.log(level)
+    tolerance = 4 * np.finfo(np.float64).eps * half
+    for task in numba.prange((count + TASK - 1) // TASK):
+        for i in range(task * TASK, min(count, (task + 1) * TASK)):
+            row = figures[element[i]]
+            left = math.log(_partition(row, first, -half)[0])
+            right = math.log(_partition(row, first, half)[0])
+            h = -half + 2 * half * (left - target[i]) / (left - right)
+            for _ in range(100):
+                value, slope = _partition(row, first, h)
+                after = h - (math.log(value) - target[i]) * value / slope
+                after = min(max(after, -half), half)
+                done = abs(after - h) <= tolerance
+                h = after
+                if done:
+                    break
+            out[i] = h
