@@ -433,6 +433,21 @@ def numpy_crossings(
     return h
 
 
+def taylor_bounds(figures: np.ndarray, half: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per element (a row of ``figures`` with moments ``M_0..M_K`` and spread ``S``), bounds
+    over ``|h| <= half`` on ``|P(h) - Z(h)|`` (``Z = Σ_c exp((β0 + h) s_c) >= 1``: on its
+    relative error too) and on ``|P'/P - Z'/Z|``: the Lagrange remainders of
+    ``Σ_c w_c e^{h s_c}``, ``ε = e^{W S} W S / (K + 1) · W^K |M_K|`` (``W = half``) and
+    ``ε ((K + 1) / W + S) / (1 - ε)``."""
+    spread, order = figures[:, SPREAD], figures.shape[1] - MOMENTS - 1
+    with np.errstate(invalid="ignore", over="ignore"):
+        bound = (
+            np.exp(half * spread) * (half * spread) / (order + 1)
+            * half**order * np.abs(figures[:, MOMENTS + order])
+        )  # fmt: skip
+        return bound, bound * ((order + 1) / half + spread) / (1 - bound)
+
+
 def _reduce(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``values`` summed per key (in their order: the same bits every run), keys
     sorted."""
@@ -479,15 +494,7 @@ class WindowSums:
         with np.errstate(invalid="ignore"):
             low, high = bin_of(ends[:, 0], bins), bin_of(ends[:, 1], bins)
         high = np.where(finite, high, low)
-        # e^{W S} W S / (K + 1) W^K |M_K|: the Lagrange remainders of Σ_c w_c e^{h s_c}
-        # (module docstring); P'/P is within ε ((K + 1) / W + S) / (1 - ε)
-        spread, order = figures[:, SPREAD], window.orders - 1
-        with np.errstate(invalid="ignore", over="ignore"):
-            bound = (
-                np.exp(half * spread) * (half * spread) / (order + 1)
-                * half**order * np.abs(figures[:, MOMENTS + order])
-            )  # fmt: skip
-            bound_slope = bound * ((order + 1) / half + spread) / (1 - bound)
+        bound, bound_slope = taylor_bounds(figures, half)
         correct = figures[:, CORRECT]
         keys, moved = [], []
         edges = np.linspace(0.0, 1.0, bins + 1)
@@ -505,9 +512,7 @@ class WindowSums:
             cell = np.clip(np.floor(h / window.step) + window.cells, 0, 2 * window.cells - 1)
             keys.append(cell.astype(np.int64) * bins + edge)
             moved.append(
-                np.column_stack(
-                    [np.ones(len(crossing)), correct[crossing], confidence[crossing]]
-                )
+                np.column_stack([np.ones(len(crossing)), correct[crossing], confidence[crossing]])
             )
         keys, moved = _reduce(
             np.concatenate([np.empty(0, np.int64), *keys]),
@@ -583,7 +588,8 @@ class WindowSums:
             for j in range(CHEBYSHEV_NODES):
                 confidence[:, j] += sign * np.bincount(into, moved[:, 2 + j], minlength=bins)
         # the interpolant's value at `at`: its Lagrange weights at the nodes
-        lagrange = chebyshev.chebval(at, chebyshev.chebfit(points, np.eye(CHEBYSHEV_NODES), CHEBYSHEV_NODES - 1))
+        identity = np.eye(CHEBYSHEV_NODES)
+        lagrange = chebyshev.chebval(at, chebyshev.chebfit(points, identity, CHEBYSHEV_NODES - 1))
         derivative = chebyshev.chebder(slope)
         return TemperatureSums(
             beta=beta,
