@@ -51,6 +51,15 @@ def _finite_max(z):
     return top
 
 
+@numba.njit(fastmath={"nnan", "nsz", "reassoc"}, error_model="numpy", cache=True)
+def _finite_min(z):
+    """The smallest of ``z``, which holds no NaN (the flags let the loop vectorise)."""
+    bottom = z[0]
+    for c in range(z.shape[0]):
+        bottom = min(bottom, z[c])
+    return bottom
+
+
 @numba.njit(error_model="numpy", cache=True)
 def _argmax_and_max(z):
     """np.argmax and np.max of ``z``: the first NaN and NaN if it holds one, else the first
@@ -62,6 +71,30 @@ def _argmax_and_max(z):
         if z[c] > z[first]:
             first = c
     return first, z[first]
+
+
+@numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
+def _raw_moments(weights, s, orders, out):
+    """``out[n] = Σ_c w_c s_c^n / n!`` for ``n = 2..orders - 1``, from ``weights`` holding
+    ``w_c s_c`` (overwritten): four orders per visit of the row, in registers (a visit per
+    order costs 3x as much: each loads and stores the row)."""
+    scale = 1.0
+    for n in range(2, orders, 4):
+        m0 = m1 = m2 = m3 = 0.0
+        for c in range(s.shape[0]):
+            t = weights[c] * s[c]
+            m0 += t
+            t *= s[c]
+            m1 += t
+            t *= s[c]
+            m2 += t
+            t *= s[c]
+            m3 += t
+            weights[c] = t
+        for j, moment in enumerate((m0, m1, m2, m3)):
+            if n + j < orders:
+                scale *= n + j
+                out[n + j] = moment / scale
 
 
 # Row sums may be reassociated: they vectorise, in a fixed order (the same bits every run).
@@ -114,7 +147,6 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                     squares += e * e
             total_beta = 0.0  # Σ exp(β (z - top))
             moment = 0.0  # Σ exp(β (z - top)) (z - top)
-            spread = 0.0
             for c in range(classes):
                 # z - top, and 0 for a class of weight 0 (a -inf score: 0 * -inf is NaN)
                 w = exp64(beta * (z[c] - top))
@@ -123,7 +155,6 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                 weights[c] = w
                 total_beta += w
                 moment += w * shifted
-                spread = max(spread, -shifted)
             mean = moment / total_beta
             second = 0.0
             third = 0.0
@@ -149,18 +180,12 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
             figures[THIRD] = third / total_beta
             figures[CONFIDENCE_AT_BETA] = 1.0 / total_beta
             if orders > 0:
+                spread = -_finite_min(z)  # (z: the shifted scores, 0 where w = 0)
                 figures[COLUMNS] = spread if total_beta == total_beta else np.nan
                 figures[COLUMNS + 1] = total_beta
             if orders > 1:
                 figures[COLUMNS + 2] = moment
-            scale = 1.0
-            for n in range(2, orders):  # weights[c] becomes w_c s_c^n
-                raw = 0.0
-                for c in range(classes):
-                    weights[c] *= z[c]
-                    raw += weights[c]
-                scale *= n
-                figures[COLUMNS + 1 + n] = raw / scale
+            _raw_moments(weights, z, orders, figures[COLUMNS + 1 :])
 
 
 @numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
