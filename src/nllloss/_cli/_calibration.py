@@ -53,6 +53,9 @@ MAX_TEMPERATURE = 1e4
 # 1% of the whole file's, which one or two passes over the file then refine.
 SAMPLE_VALUES = 1 << 23
 SAMPLE_RUNS = 64  # contiguous row ranges the sample is read in, evenly spaced
+# The sample's fit stops at this fraction of its standard error (see Window), or of the
+# widest window.
+SAMPLE_RTOL = 0.1
 # Values (resamples x elements) of the bootstrap weights drawn at once (32 MiB of float64).
 BOOTSTRAP_VALUES = 1 << 22
 INTERVAL = (2.5, 97.5)  # percentiles of the 95% bootstrap intervals
@@ -281,6 +284,7 @@ class TemperatureSums:
     curvature: float
     third: float
     bins: Bins
+    slope_squares: float = 0.0  # Σ of the elements' squared slopes
 
     @classmethod
     def of(cls, figures: np.ndarray, beta: float, bins: int) -> TemperatureSums:
@@ -294,6 +298,7 @@ class TemperatureSums:
             curvature=float(curvature),
             third=float(third),
             bins=Bins.of(figures[:, CONFIDENCE_AT_BETA], figures[:, CORRECT], bins),
+            slope_squares=float(np.square(figures[:, SLOPE]).sum()),
         )
 
     def add(self, other: TemperatureSums) -> TemperatureSums:
@@ -303,7 +308,17 @@ class TemperatureSums:
         self.curvature += other.curvature
         self.third += other.third
         self.bins.add(other.bins)
+        self.slope_squares += other.slope_squares
         return self
+
+    def relative_error(self) -> float:
+        """The standard error of the root of the mean slope, relative to ``beta``, were
+        these elements a sample: the slopes' spread over the curvature, over sqrt(n)."""
+        n = self.count
+        variance = max(self.slope_squares / n - (self.slope / n) ** 2, 0.0)
+        if not (self.curvature > 0 and math.isfinite(variance)):
+            return math.inf  # (a flat NLL, or scores that are not finite)
+        return math.sqrt(variance / n) / (self.curvature / n) / self.beta
 
     def step(self) -> float:
         """The step ``h`` to ``beta - h``: the root nearest 0 of the NLL's slope there to
@@ -824,9 +839,10 @@ def report(
 def fit_on_sample(
     predictions, targets, ignore_index: int, softcap, bins: int
 ) -> tuple[float, float] | None:
-    """β fitted (to float64 precision, within the bounds) on the rows of :func:`sample_rows`,
-    read here, and its standard error relative to β (0 where the sample is every row); None
-    where they hold no element."""
+    """β fitted on the rows of :func:`sample_rows`, read here, and its standard error
+    relative to β; None where they hold no element. Where the sample is every row, β is
+    fitted to float64 precision (within the bounds) and the error is 0; else to
+    ``SAMPLE_RTOL`` of the error."""
     row_values = math.prod(predictions.shape[1:])
     ranges = sample_rows(predictions.shape[0], row_values)
     runs = [(predictions.rows(start, stop), targets.rows(start, stop)) for start, stop in ranges]
@@ -842,16 +858,9 @@ def fit_on_sample(
     start = sums_at(1.0)
     if not start.count:
         return None
-    beta = newton(start, sums_at, 1e-9, 100)[0].beta
-    if ranges == [(0, predictions.shape[0])]:
-        return beta, 0.0
-    # the standard error of the root of the mean slope: the slopes' spread over the curvature
-    slopes, curvature = [], 0.0
-    options = dict(ignore_index=ignore_index, from_logits=True, softcap=softcap)
-    for x, t in runs:
-        for _, _, piece in figures(x, t, beta, **options, with_model=False):
-            slopes.append(piece[:, SLOPE])
-            curvature += piece[:, CURVATURE].sum()
-    slopes = np.concatenate(slopes)
-    spread = np.std(slopes) / math.sqrt(len(slopes))
-    return beta, float(spread / (curvature / len(slopes)) / beta)
+    if ranges == [(0, predictions.shape[0])]:  # every row: the minimiser itself
+        return newton(start, sums_at, 1e-9, 100)[0].beta, 0.0
+    # to a tenth of the sample's own standard error: the window spans six of them
+    rtol = min(SAMPLE_RTOL * start.relative_error(), SAMPLE_RTOL * WINDOW_BOUNDS[1])
+    at = newton(start, sums_at, rtol, 100)[0]
+    return at.beta, at.relative_error()
