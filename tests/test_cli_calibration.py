@@ -415,7 +415,7 @@ def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
     try:
         for function, threads in runs:
             numba.set_num_threads(threads)
-            out = np.zeros((len(position), 9))
+            out = np.zeros((len(position), 9 + 1 + 10))  # with 10 moments
             function(x3, position, t.astype(np.int64), 0.0, True, 0.8, True, out)
             results.append(out)
     finally:

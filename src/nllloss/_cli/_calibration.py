@@ -13,15 +13,44 @@ and its NLL at ``β`` with three derivatives) come from one numba kernel
 (``_calibration_kernel``) where the compiled NumPy backend loads, else from
 :func:`numpy_figures`, their float64 NumPy definition; the blocks' sums are taken over them.
 
-The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Σ_c exp(β z_ic) - β z_iy]``
-of ``softmax(z / T)``, ``β = 1 / T``. ``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[z] -
-z_y)``, ``f''(β) = mean_i Var_p(z) >= 0`` and ``f'''(β)`` the mean third central moment, under
-``p = softmax(β z)``. The fit steps to the root nearest ``β`` of the slope's second-order
-expansion ``f' + f'' h + f''' h² / 2`` (:meth:`TemperatureSums.step`: the error of a step
-cubes, where Newton's squares), first on a sample of rows held in memory
-(:func:`sample_rows`), then on the whole file, one streamed pass per step, until a step
-moves ``β`` by less than ``TEMPERATURE_RTOL / 2`` of itself; the loss and ECE at ``T`` are
-those of the last pass.
+The temperature ``T`` minimises the mean NLL ``f(β) = mean_i [log Z_i(β) - β s_iy]`` of
+``softmax(z / T)``, ``β = 1 / T``, ``Z_i(β) = Σ_c exp(β s_ic)``, ``s = z - max_c z`` (``<= 0``).
+``f`` is convex in ``β``: ``f'(β) = mean_i (E_p[s] - s_y)``, ``f''(β) = mean_i Var_p(s) >= 0``
+and ``f'''(β)`` the mean third central moment, under ``p = softmax(β z)``. It is fitted in the
+main pass, without reading the file again:
+
+1. A fit on a sample of rows held in memory (:func:`fit_on_sample`) gives ``β0`` and its
+   standard error ``σ`` (the sample slopes' spread over the curvature, over ``sqrt(n)``);
+   its steps go to the root nearest ``β`` of the slope's second-order expansion ``f' + f''
+   h + f''' h² / 2`` (:meth:`TemperatureSums.step`: the error of a step cubes).
+2. The window ``β0 ± W`` (:class:`Window`: ``W`` = 6 ``σ``, within 0.2% and 5% of ``β0``)
+   is cut in cells of ``Δ = TEMPERATURE_RTOL · β0``. The pass takes, per element, one
+   exponential per score at ``β0`` and the moments ``M_n = Σ_c w_c s_c^n / n!``, ``w_c =
+   exp(β0 s_c)``, ``n = 0..K``: ``P(h) = Σ_n M_n h^n`` is ``Z(β0 + h)`` to within the
+   Lagrange remainder ``ε = e^{W S} W S / (K + 1) · W^K |M_K|`` over ``|h| <= W``
+   (``S = max |s_c|`` over the classes of weight > 0; :func:`taylor_bounds`), and ``P'/P``
+   is ``Z'/Z`` to within ``ε ((K + 1) / W + S) / (1 - ε)``. ``K`` is the least for which
+   the a-priori bound ``(C - 1) ρ^{K+1} / sqrt(2π (K + 1))`` (``ρ = W / (β0 - W)``: the
+   largest of ``e^{-β u} (W u)^{K+1} / (K + 1)!`` over ``u >= 0``, by Stirling) is within
+   ``TAYLOR_ERROR``.
+3. From the moments (:class:`WindowSums`): the slope ``f'`` summed at 16 Chebyshev nodes of
+   the window; per confidence bin at ``β0 - W``, the count, the right ones and the
+   confidences ``1 / P`` at the nodes; and, for each element whose confidence (increasing
+   in ``β``) crosses a bin edge inside the window, where: the crossing's cell (Newton's
+   steps on ``log P``), with the element's count, rightness and confidences at the nodes.
+4. After the pass (:meth:`WindowSums.solve`): the minimiser is the root of the slope's
+   Chebyshev interpolant (the slope is analytic in ``β``; its last coefficients, checked,
+   are at float64 rounding); the reported ``β`` is the cell boundary nearest it, so ``T``
+   is within ``TEMPERATURE_RTOL / 2`` of the minimiser (plus the bound's shift of the root,
+   checked below ``TAYLOR_CELLS`` cells). There every figure is exact: the NLL is
+   ``f(β0)`` plus the integral of the interpolated slope, the bins are those at ``β0 - W``
+   moved by every crossing below the boundary, and their confidences interpolate their
+   node sums. The elements' bounds ``ε`` are summed and checked too (the mean NLL and the
+   confidences within ``TAYLOR_ERROR``).
+5. Where a check fails or the minimiser is outside the window, the fit goes on from ``β0``
+   with the steps of 1., one streamed pass over the file each, until a step moves ``β`` by
+   less than ``TEMPERATURE_RTOL / 2`` of itself; the loss and ECE at ``T`` are then those of
+   the last pass.
 
 Bootstrap resamples weight element ``i`` by ``ω_ri ~ Poisson(1)`` in resample ``r``
 (the Poisson bootstrap: Hanley & MacGibbon 2006, Chamandy et al. 2012), drawn by a
