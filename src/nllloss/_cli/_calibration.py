@@ -20,17 +20,17 @@ and ``f'''(β)`` the mean third central moment, under ``p = softmax(β z)``. It 
 main pass, without reading the file again:
 
 1. A fit on a sample of rows held in memory (:func:`fit_on_sample`) gives ``β0`` and its
-   standard error ``σ`` (the sample slopes' spread over the curvature, over ``sqrt(n)``);
+   standard error ``e`` (the sample slopes' spread over the curvature, over ``sqrt(n)``);
    its steps go to the root nearest ``β`` of the slope's second-order expansion ``f' + f''
    h + f''' h² / 2`` (:meth:`TemperatureSums.step`: the error of a step cubes).
-2. The window ``β0 ± W`` (:class:`Window`: ``W`` = 6 ``σ``, within 0.2% and 5% of ``β0``)
+2. The window ``β0 ± W`` (:class:`Window`: ``W`` = 6 ``e``, within 0.2% and 5% of ``β0``)
    is cut in cells of ``Δ = TEMPERATURE_RTOL · β0``. The pass takes, per element, one
    exponential per score at ``β0`` and the moments ``M_n = Σ_c w_c s_c^n / n!``, ``w_c =
    exp(β0 s_c)``, ``n = 0..K``: ``P(h) = Σ_n M_n h^n`` is ``Z(β0 + h)`` to within the
    Lagrange remainder ``ε = e^{W S} W S / (K + 1) · W^K |M_K|`` over ``|h| <= W``
    (``S = max |s_c|`` over the classes of weight > 0; :func:`taylor_bounds`), and ``P'/P``
    is ``Z'/Z`` to within ``ε ((K + 1) / W + S) / (1 - ε)``. ``K`` is the least for which
-   the a-priori bound ``(C - 1) ρ^{K+1} / sqrt(2π (K + 1))`` (``ρ = W / (β0 - W)``: the
+   the a-priori bound ``(C - 1) r^{K+1} / sqrt(2π (K + 1))`` (``r = W / (β0 - W)``: the
    largest of ``e^{-β u} (W u)^{K+1} / (K + 1)!`` over ``u >= 0``, by Stirling) is within
    ``TAYLOR_ERROR``.
 3. From the moments (:class:`WindowSums`): the slope ``f'`` summed at 16 Chebyshev nodes of

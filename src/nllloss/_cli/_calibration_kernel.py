@@ -8,9 +8,11 @@ for the central moments at ``β``. Each element's figures are its own (no sum cr
 elements), so they do not depend on the thread count; the caller reduces them in a fixed
 order. The exponentials are ``_cpu._softmax.exp64``, a float64 polynomial that vectorises
 (within 2 ulp of ``np.exp``; numba's ``math.exp`` calls libm once per element): the figures
-are within about 1e-15 of NumPy's, relative to the row's largest term. With ``moments``
-columns, a fourth loop adds the scaled raw moments ``Σ_c w_c s_c^n / n!`` of the shifted
-scores ``s = z - max z`` under the weights ``w = exp(β s)``: ``K`` multiply-adds per score.
+are within about 1e-15 of NumPy's, relative to the row's largest term. With moment
+columns, more loops add the scaled raw moments ``Σ_c w_c s_c^n / n!`` of the shifted scores
+``s = z - max z`` under the weights ``w = exp(β s)``: ``K`` multiply-adds per score.
+:func:`window_figures` and :func:`crossings` evaluate each element's polynomial of moments
+(``_calibration.WindowSums``).
 
 Imported only where the compiled NumPy backend loads (``_cpu.load``).
 """
@@ -76,8 +78,9 @@ def _argmax_and_max(z):
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
 def _raw_moments(weights, s, orders, out):
     """``out[n] = Σ_c w_c s_c^n / n!`` for ``n = 2..orders - 1``, from ``weights`` holding
-    ``w_c s_c`` (overwritten): four orders per visit of the row, in registers (a visit per
-    order costs 3x as much: each loads and stores the row)."""
+    ``w_c s_c`` (overwritten): four orders per visit of the row, in registers. (A visit per
+    order, loading and storing the row each time, cost 1.9x as much: 3.0 against 1.6 ns per
+    score for K = 9, one thread, 4096 x 1000 float32 logits, on a loaded 2-core machine.)"""
     scale = 1.0
     for n in range(2, orders, 4):
         m0 = m1 = m2 = m3 = 0.0
