@@ -426,7 +426,7 @@ def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
 
 @once
 def test_exp64_is_within_two_ulp_of_numpy():
-    from nllloss._cpu._softmax import exp64
+    from nllloss._kernels.cpu._softmax import exp64
 
     x = np.concatenate([-np.geomspace(1e-300, 745, 20001), [0.0, -0.0, -np.inf, np.nan]])
     actual = np.array([exp64(v) for v in x])
@@ -546,7 +546,9 @@ def test_taylor_bounds_hold_and_the_kernels_equal_their_definitions(scale, rng):
         moment = [(np.exp((beta + step) * s) * masked).sum(1) for step in h]
         slope = np.stack(moment, axis=1) / exact
     moments = out[:, _calibration.MOMENTS :]
-    value, derivative = _calibration._partition(moments, np.broadcast_to(h, (len(out), len(h))))
+    value, derivative = _calibration.moment_polynomial(
+        moments, np.broadcast_to(h, (len(out), len(h)))
+    )
     bound, bound_slope = _calibration.taylor_bounds(out, window.half)
     assert np.all(np.abs(value - exact) <= bound[:, None] + 1e-15 * exact)
     rounding = 1e-13 * (1 + np.abs(slope))
@@ -566,5 +568,5 @@ def test_taylor_bounds_hold_and_the_kernels_equal_their_definitions(scale, rng):
     _calibration_kernel.crossings(out, _calibration.MOMENTS, crossing, level, window.half, h_kernel)
     h_numpy = _calibration.numpy_crossings(out, crossing, level, window.half)
     np.testing.assert_allclose(h_kernel, h_numpy, rtol=0, atol=1e-12 * window.half)
-    value, _ = _calibration._partition(moments[crossing], h_kernel[:, None])
+    value, _ = _calibration.moment_polynomial(moments[crossing], h_kernel[:, None])
     np.testing.assert_allclose(value[:, 0], level, rtol=1e-12)

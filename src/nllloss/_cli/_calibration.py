@@ -185,11 +185,11 @@ def numpy_figures(
 
 
 def compiled_kernel():
-    """The numba kernel module where the NumPy backend is the compiled one (``_cpu``),
+    """The numba kernel module where the NumPy backend is the compiled one (``_kernels.cpu``),
     else None: the figures are then :func:`numpy_figures`'."""
-    from .. import _cpu
+    from .._kernels import cpu
 
-    if _cpu.load() is None or _cpu.backend() is not _cpu.load():
+    if cpu.load() is None or cpu.backend() is not cpu.load():
         return None
     from . import _calibration_kernel
 
@@ -428,7 +428,7 @@ class Window:
         return self.half * np.polynomial.chebyshev.chebpts1(CHEBYSHEV_NODES)
 
 
-def _partition(moments: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def moment_polynomial(moments: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``P(h) = Σ_n M_n h^n`` and ``P'(h)`` for each element's moments (rows of
     ``moments``), at ``h`` (``(elements, points)``)."""
     order = moments.shape[1] - 1
@@ -450,9 +450,9 @@ def numpy_window_figures(
     ``-half`` and ``half``. In float64 NumPy: the definition of
     ``_calibration_kernel.window_figures``."""
     moments = figures[:, MOMENTS:]
-    value, slope = _partition(moments, np.broadcast_to(nodes, (len(figures), len(nodes))))
+    value, slope = moment_polynomial(moments, np.broadcast_to(nodes, (len(figures), len(nodes))))
     shift = figures[:, SLOPE] - moments[:, 1] / moments[:, 0]
-    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(figures), 2)))
+    ends, _ = moment_polynomial(moments, np.broadcast_to([-half, half], (len(figures), 2)))
     return slope / value + shift[:, None], 1.0 / value, 1.0 / ends
 
 
@@ -464,11 +464,11 @@ def numpy_crossings(
     (convex and decreasing), from the chord's root. The definition of
     ``_calibration_kernel.crossings``."""
     moments = figures[element, MOMENTS:]
-    ends, _ = _partition(moments, np.broadcast_to([-half, half], (len(element), 2)))
+    ends, _ = moment_polynomial(moments, np.broadcast_to([-half, half], (len(element), 2)))
     logs = np.log(ends)
     h = -half + 2 * half * (logs[:, 0] - np.log(level)) / (logs[:, 0] - logs[:, 1])
     for _ in range(100):
-        value, slope = _partition(moments, h[:, None])
+        value, slope = moment_polynomial(moments, h[:, None])
         step = (np.log(value[:, 0]) - np.log(level)) * value[:, 0] / slope[:, 0]
         after = np.clip(h - step, -half, half)
         if np.all(np.abs(after - h) <= 4 * np.finfo(float).eps * half):

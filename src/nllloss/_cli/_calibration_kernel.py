@@ -6,7 +6,7 @@ read of the element's ``C`` scores: a first loop over them for the maximum, the 
 rank and the NaN count, a second for the exponentials at ``T = 1`` and at ``β``, a third
 for the central moments at ``β``. Each element's figures are its own (no sum crosses
 elements), so they do not depend on the thread count; the caller reduces them in a fixed
-order. The exponentials are ``_cpu._softmax.exp64``, a float64 polynomial that vectorises
+order. The exponentials are ``_kernels.cpu._softmax.exp64``, a float64 polynomial that vectorises
 (within 2 ulp of ``np.exp``; numba's ``math.exp`` calls libm once per element): the figures
 are within about 1e-15 of NumPy's, relative to the row's largest term. With moment
 columns, more loops add the scaled raw moments ``Σ_c w_c s_c^n / n!`` of the shifted scores
@@ -14,7 +14,7 @@ columns, more loops add the scaled raw moments ``Σ_c w_c s_c^n / n!`` of the sh
 :func:`window_figures` and :func:`crossings` evaluate each element's polynomial of moments
 (``_calibration.WindowSums``).
 
-Imported only where the compiled NumPy backend loads (``_cpu.load``).
+Imported only where the compiled NumPy backend loads (``_kernels.cpu.load``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import math
 import numba
 import numpy as np
 
-from .._cpu._kernels import _parallel_and_serial
-from .._cpu._softmax import exp64
+from .._kernels.cpu._kernels import parallel_and_serial
+from .._kernels.cpu._softmax import exp64
 
 # The columns of a row of figures (see ``_calibration.FIGURES``); the moments follow.
 (RANK, CORRECT, CONFIDENCE, BRIER, NLL, SLOPE, CURVATURE, THIRD, CONFIDENCE_AT_BETA) = range(9)
@@ -104,7 +104,7 @@ def _raw_moments(weights, s, orders, out):
 _FAST = {"contract", "reassoc"}
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def element_figures(x3, position, target, softcap, from_logits, beta, with_model, out):
     """``out[i]``: the figures (columns above) of the element at flat position
     ``position[i]`` (``b * S + s`` of ``x3``, ``(B, C, S)``), whose class is ``target[i]``;
@@ -204,7 +204,7 @@ def _partition(row, first, h):
     return value, slope
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def window_figures(figures, first, nodes, half, slopes, confidence, ends):
     """Per element ``i`` (a row of ``figures``, its moments from column ``first``), with
     ``P`` its moments' polynomial: at each node ``h_j``, ``slopes[i, j] = P'(h_j) / P(h_j)``
@@ -223,7 +223,7 @@ def window_figures(figures, first, nodes, half, slopes, confidence, ends):
             ends[i, 1] = 1.0 / _partition(row, first, half)[0]
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def crossings(figures, first, element, level, half, out):
     """``out[i]``: the ``h`` in ``[-half, half]`` where ``P(h) = level[i]`` for the element
     of row ``element[i]`` of ``figures`` (see :func:`window_figures`), whose ``P`` crosses
