@@ -78,14 +78,14 @@ def _argmax_and_max(z):
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
 def _raw_moments(weights, s, orders, out):
     """``out[n] = Σ_c w_c s_c^n / n!`` for ``n = 2..orders - 1``, from ``weights`` holding
-    ``w_c s_c`` (overwritten): four orders per visit of the row, in registers. (A visit per
-    order, loading and storing the row each time, cost 1.9x as much: 3.0 against 1.6 ns per
+    ``w_c`` (overwritten): eight orders per visit of the row, in registers. (A visit per
+    order, loading and storing the row each time, cost 3.4x as much: 3.0 against 0.9 ns per
     score for K = 9, one thread, 4096 x 1000 float32 logits, on a loaded 2-core machine.)"""
     scale = 1.0
-    for n in range(2, orders, 4):
-        m0 = m1 = m2 = m3 = 0.0
+    for n in range(2, orders, 8):
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = 0.0
         for c in range(s.shape[0]):
-            t = weights[c] * s[c]
+            t = weights[c] * s[c] if n > 2 else weights[c] * s[c] * s[c]
             m0 += t
             t *= s[c]
             m1 += t
@@ -93,8 +93,16 @@ def _raw_moments(weights, s, orders, out):
             m2 += t
             t *= s[c]
             m3 += t
+            t *= s[c]
+            m4 += t
+            t *= s[c]
+            m5 += t
+            t *= s[c]
+            m6 += t
+            t *= s[c]
+            m7 += t
             weights[c] = t
-        for j, moment in enumerate((m0, m1, m2, m3)):
+        for j, moment in enumerate((m0, m1, m2, m3, m4, m5, m6, m7)):
             if n + j < orders:
                 scale *= n + j
                 out[n + j] = moment / scale
@@ -166,7 +174,6 @@ def element_figures(x3, position, target, softcap, from_logits, beta, with_model
                 term = weights[c] * deviation * deviation
                 second += term
                 third += term * deviation
-                weights[c] *= z[c]  # w s, for the moments below
             figures = out[i]
             figures[RANK] = rank
             figures[CORRECT] = correct
