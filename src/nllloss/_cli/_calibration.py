@@ -196,8 +196,9 @@ def compiled_kernel():
     return _calibration_kernel
 
 
-# Elements whose figures are computed at once: their figures take 4.5 MiB, whatever the
-# block (a block of few classes holds millions of elements).
+# Elements whose figures are computed at once: their figures take 4.5 MiB (with the
+# window's moments up to 14 MiB, and 16 MiB of values at its nodes), whatever the block (a
+# block of few classes holds millions of elements).
 PIECE_ELEMENTS = 1 << 16
 
 
@@ -380,9 +381,9 @@ def temperature_sums(
 
 
 # The temperature in the main pass (see the module docstring): Chebyshev nodes of the
-# window; 16 interpolate its sums to about 1e-15 of their size on the files of
-# benchmarks/cli_calibration.py and tests/test_cli_calibration.py (the last two of 16
-# coefficients are below 1e-16 of the largest), a fit that finds less falls back.
+# window. On the file of benchmarks/cli_calibration.py the last two of 16 coefficients of
+# the slope's interpolant are within 1e-15 of the largest; a fit whose interpolant is
+# further from converged falls back.
 CHEBYSHEV_NODES = 16
 CHEBYSHEV_TAIL = 1e-12  # the last two coefficients, relative to the largest, at most
 # The window's half-width: this many standard errors of the sample's β (the sample's
@@ -393,7 +394,8 @@ WINDOW_BOUNDS = (2e-3, 5e-2)
 # docstring is within TAYLOR_ERROR over the window. The pass's fit stands where the
 # elements' own bounds move the mean NLL by at most TAYLOR_ERROR (and the confidences,
 # relative), and the root by at most TAYLOR_CELLS cells; else it falls back. On the file of
-# benchmarks/cli_calibration.py (±4.5%, K = 9) the bound is about 2e-12 per element.
+# benchmarks/cli_calibration.py (window ±4.5%) the elements' bound is 8e-11 each with
+# K = 8, 5e-14 with K = 10 (measured; the a-priori rule takes K = 9).
 TAYLOR_ERROR = 1e-10
 TAYLOR_CELLS = 1e-3
 
