@@ -592,7 +592,8 @@ class WindowSums:
     def solve(self, window: Window, at_beta: TemperatureSums) -> TemperatureSums | None:
         """The sums at the reported temperature: β0 + h at the cell boundary nearest the
         minimiser of the interpolated NLL, when the window holds it; None when it does not
-        (or the interpolation is not within ``CHEBYSHEV_TAIL``, or a sum is not finite)."""
+        (or an interpolant's tail is over ``CHEBYSHEV_TAIL``, a Taylor bound over its
+        tolerance, or a sum not finite)."""
         chebyshev = np.polynomial.chebyshev
         points = chebyshev.chebpts1(CHEBYSHEV_NODES)  # the nodes over half
         slope = chebyshev.chebfit(points, self.slope, CHEBYSHEV_NODES - 1)
@@ -633,6 +634,11 @@ class WindowSums:
             correct += sign * np.bincount(into, moved[:, 1], minlength=bins)
             for j in range(CHEBYSHEV_NODES):
                 confidence[:, j] += sign * np.bincount(into, moved[:, 2 + j], minlength=bins)
+        # each bin's confidences at the nodes, analytic in β as the slope is: their
+        # interpolants are held to the same tail
+        tails = chebyshev.chebfit(points, confidence.T, CHEBYSHEV_NODES - 1)
+        if not np.max(np.abs(tails[-2:])) <= CHEBYSHEV_TAIL * np.max(np.abs(tails)):
+            return None
         # the interpolant's value at `at`: its Lagrange weights at the nodes
         identity = np.eye(CHEBYSHEV_NODES)
         lagrange = chebyshev.chebval(at, chebyshev.chebfit(points, identity, CHEBYSHEV_NODES - 1))
