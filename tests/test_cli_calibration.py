@@ -401,7 +401,7 @@ def test_kernel_figures_equal_the_numpy_definition(shape, c, case, rng):
 def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
     import numba
 
-    from nllloss._cli import _calibration_kernel
+    from nllloss._cli import _calibration, _calibration_kernel
 
     x = _scores_with_edges(rng, (3000,), 50)
     t = rng.integers(0, 50, 3000)
@@ -412,16 +412,33 @@ def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
     runs = [(kernel.parallel, n) for n in (1, 2, numba.config.NUMBA_NUM_THREADS)]
     runs.append((kernel.serial, 1))
     before = numba.get_num_threads()
+    window = _calibration.Window.around(0.8, 0.01, 50)
+    nodes, first = window.nodes(), _calibration.MOMENTS
     try:
         for function, threads in runs:
             numba.set_num_threads(threads)
-            out = np.zeros((len(position), 9 + 1 + 10))  # with 10 moments
+            out = np.zeros((len(position), 9 + 1 + window.orders))
             function(x3, position, t.astype(np.int64), 0.0, True, 0.8, True, out)
-            results.append(out)
+            out = out[np.isfinite(out).all(axis=1)]
+            # the window's kernels, on as many threads
+            twin = "parallel" if function is kernel.parallel else "serial"
+            slopes, confidence = np.empty((len(out), len(nodes))), np.empty((len(out), len(nodes)))
+            ends = np.empty((len(out), 2))
+            getattr(_calibration_kernel.window_figures, twin)(
+                out, first, nodes, window.half, slopes, confidence, ends
+            )
+            crossing = np.flatnonzero(ends[:, 1] - ends[:, 0] > 1e-3)
+            h = np.empty(len(crossing))
+            level = 2 / (ends[crossing, 0] + ends[crossing, 1])
+            getattr(_calibration_kernel.crossings, twin)(
+                out, first, crossing, level, window.half, h
+            )
+            results.append((out, slopes, confidence, ends, h))
     finally:
         numba.set_num_threads(before)
-    for out in results[1:]:
-        assert_bitwise(out, results[0])
+    for arrays in results[1:]:
+        for actual, expected in zip(arrays, results[0], strict=True):
+            assert_bitwise(actual, expected)
 
 
 @once
