@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat
 import numpy as np
@@ -40,6 +40,9 @@ from . import _generic, _options, _validate
 from ._builder import build as build_problem
 from ._dispatch import as_array, backend_for, like_input
 from ._loss import Array, Reduction
+
+if TYPE_CHECKING:  # _stats imports this module
+    from ._stats import LossAndStats
 from ._problem import Problem, layout_of
 
 # Rows per block. Each block reads the weight twice and the weight's gradient once and
@@ -243,22 +246,25 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     with ``upstream`` the gradients asked for in ``wants`` (None for the others).
 
     ``out`` holds arrays (or None) to write the gradients into (NumPy only, checked).
+    With ``return_stats`` the loss is a ``LossAndStats``: each block's statistics come
+    from the pass that computes its loss (``_stats.block_loss_and_stats``).
     """
     algebra = _algebra(linear)
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, out)
+    solve = _block_solver(linear)
     losses = []
     for rows in linear.blocks():
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
         block = linear.block_problem(logits, linear.block_arrays(rows))
         if grads is None:
-            losses.append(linear.backend.forward(block))
+            losses.append(solve.forward(block))
             continue
         # The gradient over the logits where they live in the algebra's own buffer; arrays
         # of the functional algebra may be immutable (JAX)
         in_buffer = block.input if buffer is not None else None
-        loss, grad = linear.backend.forward_backward(
+        loss, grad = solve.forward_backward(
             block, linear.upstream_rows(upstream, rows), out=in_buffer
         )
         losses.append(loss)
@@ -269,9 +275,29 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     return (loss, *algebra.finish(linear, grads))
 
 
+def _block_solver(linear: Linear):
+    """What computes a block: the backend, or with ``return_stats`` the loss with the
+    statistics of its logits."""
+    if not linear.problem.return_stats:
+        return linear.backend
+    from . import _stats  # imports this module
+
+    return _stats.BlockSolver(linear.backend)
+
+
 def _combined(linear: Linear, losses: list, accumulation_dtype):
     """The blocks' losses as one: concatenated for 'none', else summed (in
-    ``accumulation_dtype``) and rounded once to the input's dtype."""
+    ``accumulation_dtype``) and rounded once to the input's dtype. With ``return_stats``
+    (``LossAndStats`` per block) the statistics too, concatenated."""
+    if linear.problem.return_stats:
+        from . import _stats
+
+        loss = _summed(linear, [part.loss for part in losses], accumulation_dtype)
+        return _stats.LossAndStats(loss, _stats.joined(linear, [part.stats for part in losses]))
+    return _summed(linear, losses, accumulation_dtype)
+
+
+def _summed(linear: Linear, losses: list, accumulation_dtype):
     xp, dtype = linear.xp, linear.input.dtype
     if linear.problem.elementwise:
         return xp.astype(xp.concat(losses, axis=0), dtype)
@@ -457,7 +483,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_rows: int | None = None,
-) -> Array:
+    return_stats: bool = False,
+) -> Array | LossAndStats:
     r"""The cross-entropy of a linear layer's logits, without forming the logits.
 
     Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, as
@@ -495,11 +522,25 @@ def linear_cross_entropy(
     chunk_rows : int, optional
         Rows of logits made at a time; default: 4% of the rows, within 128 and 256.
         Results agree to rounding whatever it is.
+    return_stats : bool, default False
+        Class indices only: also return the per-token statistics of the logits (those of
+        :func:`linear_token_stats` at temperature 1, with this call's ``softcap`` and
+        ``ignore_index``), as ``LossAndStats(loss, stats)``, e.g. to log entropy and token
+        accuracy (``stats.argmax == target``) beside the loss. Each block's statistics
+        come from the pass over the block that computes its loss and gradient (NumPy,
+        torch and the array-API libraries; without label smoothing and, where a gradient
+        is computed, without ``z_loss``; otherwise one more pass over each block). JAX:
+        the statistics are :func:`linear_token_stats`'s, computed apart. The statistics
+        carry no gradient (the loss does, as without them); for gradients through
+        ``logprob`` or ``entropy`` use :func:`linear_token_stats`.
 
     Returns
     -------
     array
         The loss, as :func:`nll_loss` returns it, in the input's library and dtype.
+    LossAndStats
+        With ``return_stats``: ``(loss, stats)``, ``stats`` a :class:`TokenStats` of the
+        target's shape in the input's dtype (``argmax`` int64).
 
     Raises
     ------
@@ -517,6 +558,11 @@ def linear_cross_entropy(
     array(0.39549476, dtype=float32)
     >>> linear_cross_entropy(h, W, np.array([0, 1]), reduction="none", chunk_rows=1)
     array([0.55144465, 0.23954484], dtype=float32)
+    >>> loss, stats = linear_cross_entropy(h, W, np.array([0, 1]), return_stats=True)
+    >>> loss
+    array(0.39549476, dtype=float32)
+    >>> stats.argmax, np.round(stats.entropy, 4)
+    (array([0, 1]), array([0.9753, 0.6656], dtype=float32))
     """
     options = _options.given(locals())
     reduction = _validate.check_reduction(reduction, stacklevel=2)

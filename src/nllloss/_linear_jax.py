@@ -25,8 +25,14 @@ def loss(linear: _linear.Linear):
 
     Every array the blocks read is an argument of the ``custom_vjp`` function, the target,
     class weight and denominator too (with no cotangent): a function under ``jax.grad``
-    of ``jax.jit`` may not close over the jit's traced arrays.
+    of ``jax.jit`` may not close over the jit's traced arrays. With ``return_stats``, the
+    statistics are computed apart (``_stats_jax.statistics``), without a gradient.
     """
+    if linear.problem.return_stats:
+        from . import _stats, _stats_jax
+
+        alone, statistics = _stats.apart(linear)
+        return _stats.LossAndStats(loss(alone), _stats_jax.statistics(statistics))
 
     @jax.custom_vjp
     def blocks(hidden, weight, bias, constants):

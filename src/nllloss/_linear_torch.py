@@ -18,6 +18,7 @@ the logits. Imported only when torch tensors arrive.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -77,25 +78,41 @@ class TorchAlgebra:
 ALGEBRA = TorchAlgebra()
 
 
-def loss(linear: _linear.Linear) -> torch.Tensor:
-    """The loss, differentiable with respect to the input, weight and bias."""
+def loss(linear: _linear.Linear):
+    """The loss, differentiable with respect to the input, weight and bias; with
+    ``return_stats`` a ``LossAndStats`` whose statistics carry no gradient."""
     if composed(linear.problem) or torch.compiler.is_compiling():
-        return _composed(linear)
+        return _composed(linear, linear.problem.return_stats)
     blocks = _Blocks(linear)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):
-        return FusedLoss.apply(blocks, *blocks.arguments)
+        result = FusedLoss.apply(blocks, *blocks.arguments)
+        if linear.problem.return_stats:  # the forward's statistics, kept by the blocks
+            from ._stats import LossAndStats
+
+            return LossAndStats(result, blocks.stats[0])
+        return result
     with torch.no_grad():
         return _linear.run(linear)[0]
 
 
-def _composed(linear: _linear.Linear) -> torch.Tensor:
+def _composed(linear: _linear.Linear, with_stats: bool = False):
     """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
-    in the compute dtype (autocast would make the product 16-bit), through the backend."""
-    problem = linear.problem
+    in the compute dtype (autocast would make the product 16-bit), through the backend;
+    ``with_stats``: with the statistics of the logits (without a gradient)."""
+    problem = linear.problem.replace(return_stats=False)
     with without_autocast(linear.hidden.device.type):
         logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
     logits = logits.reshape(problem.layout.input_shape)
-    return linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
+    result = linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
+    if not with_stats:
+        return result
+    from . import _stats
+
+    statistics = _stats.apart(linear)[1]
+    with torch.no_grad():
+        values = _stats.compute(_stats.Stats(statistics.problem.replace(input=logits.detach())),
+                                linear.backend)  # fmt: skip
+    return _stats.LossAndStats(result, _stats.joined(linear, [values]))
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,8 @@ class _Blocks:
     """The loss in blocks of rows (``_linear.run``), for ``FusedLoss`` (see the module)."""
 
     linear: _linear.Linear
+    # with return_stats: the statistics of the forward's blocks (not kept for the backward)
+    stats: list = dataclasses.field(default_factory=list, compare=False)
 
     @property
     def arguments(self) -> tuple:
@@ -112,10 +131,17 @@ class _Blocks:
     def forward(self, wants):
         linear = self.linear
         if linear.problem.elementwise:
-            return _linear.run(linear)[0], None
+            return self._loss(_linear.run(linear)[0]), None
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
         loss, *unit = _linear.run(linear, one, wants)
-        return loss, tuple(unit)
+        return self._loss(loss), tuple(unit)
+
+    def _loss(self, result):
+        """The loss of a run; with ``return_stats`` its statistics kept in ``stats``."""
+        if not self.linear.problem.return_stats:
+            return result
+        self.stats.append(result.stats)
+        return result.loss
 
     def gradients(self, grad, wants):
         return tuple(_linear.run(self.linear, grad, wants)[1:])

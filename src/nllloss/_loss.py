@@ -310,12 +310,7 @@ def nll_loss(
     array(2.5079718, dtype=float32)
     """
     arguments = locals()
-    if (
-        size_average is reduce is None
-        and return_lse is False
-        and return_stats is False
-        and _options.untouched(arguments)
-    ):
+    if size_average is reduce is None and return_lse is False and _options.untouched(arguments):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
         quick = quick_forward_for(input)
@@ -326,13 +321,17 @@ def nll_loss(
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
     options = _options.given(arguments)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
-    if _validate.check_return_stats(
-        return_stats, problem.from_logits, problem.probabilities, return_lse
-    ):
-        from . import _stats
+    return_lse = _validate.check_return_lse(return_lse, problem.from_logits)
+    if problem.return_stats:
+        if return_lse:
+            raise ValueError(
+                "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
+                "(stats.lse); pass one of them"
+            )
+        from . import _stats  # the statistics' engines, loaded on first use
 
-        return _stats.LossAndStats(backend.forward(problem), _stats.of_loss(backend, problem))
-    if _validate.check_return_lse(return_lse, problem.from_logits):
+        return _stats.loss_and_stats(backend, problem)
+    if return_lse:
         # the fused kernels give the log-sum-exp they compute (O(N) memory); other
         # backends compute it apart
         fused = getattr(backend, "forward_and_lse", None)

@@ -23,6 +23,7 @@ torch tensors go through ``_stats_torch`` (autograd, ``torch.compile``), JAX arr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -392,14 +393,162 @@ def compute_with_gradient(stats: Stats, backend, upstream: Upstream):
     return generic_engine(backend.xp).forward_backward(stats, upstream)
 
 
-def of_loss(backend, problem: Problem) -> TokenStats:
-    """The statistics of a loss's logits (``nll_loss(..., return_stats=True)``): at
-    temperature 1, with its ``softcap`` and ``ignore_index``."""
+def engine_of(stats: Stats, xp):
+    """The engine of a call (or of a block of ``linear_token_stats`` or of the loss from
+    hidden states) on arrays of the namespace ``xp``."""
+    x = stats.problem.input
+    if isinstance(x, np.ndarray):
+        return numpy_engine(stats)
+    if array_api_compat.is_torch_array(x):
+        from . import _stats_torch  # imports torch: the caller handed us torch tensors
+
+        return _stats_torch.engine_for(stats)
+    return generic_engine(xp)
+
+
+# --- The statistics beside the loss (return_stats) ------------------------------------------
+
+
+def loss_and_stats(backend, problem: Problem) -> LossAndStats:
+    """``nll_loss(..., return_stats=True)``: the loss of ``problem`` and the statistics of
+    its logits (temperature 1, its ``softcap`` and ``ignore_index``).
+
+    Where the loss is a function of the statistics (:func:`from_statistics`) it is
+    computed from them, so the logits are read once, by the statistics' engine, and the
+    loss is differentiable through them (torch autograd, JAX); otherwise the loss is the
+    backend's, and the statistics one more read.
+    """
+    problem, stats = _loss_statistics(problem)
+    if not (from_statistics(problem) and not problem.computes_in_float32):
+        # 16-bit logits: the statistics are rounded to their dtype, the loss must not be
+        # summed from rounded values
+        return LossAndStats(backend.forward(problem), compute(stats, backend))
+    result = compute(stats, backend)
+    return LossAndStats(loss_of(backend.xp, problem, result), result)
+
+
+def block_loss_and_stats(backend, problem: Problem, upstream=None, out=None):
+    """``(LossAndStats, gradient or None)`` of a block of rows of the loss from hidden
+    states (its logits in the compute dtype; ``upstream``: the loss's upstream gradient,
+    or None for no gradient; ``out``: where the engine may write the gradient).
+
+    One pass over the block where the loss is a function of the statistics and its
+    gradient that of the log-probability alone (no ``z_loss``, whose gradient reads the
+    log-sum-exp the pass computes): the statistics' gradient for the upstream gradient
+    ``-w[y_n] g_n / W`` of ``logprob_n``. Otherwise the backend's loss and gradient,
+    and the statistics by one more pass."""
+    problem, stats = _loss_statistics(problem)
+    xp, engine = backend.xp, engine_of(stats, backend.xp)
+    in_one_pass = from_statistics(problem) and not (upstream is not None and problem.z_loss)
+    if not in_one_pass:
+        result = engine.forward(stats)[0]  # first: the gradient may be written over the logits
+        if upstream is None:
+            return LossAndStats(backend.forward(problem), result), None
+        loss, grad = backend.forward_backward(problem, upstream, out=out)
+        return LossAndStats(loss, result), grad
+    if upstream is None:
+        result, grad = engine.forward(stats)[0], None
+    else:
+        valid, element_weight = _element_weights(xp, problem, _compute_dtype(xp, problem))
+        scale = xp.astype(upstream, element_weight.dtype)
+        if problem.reduction == "mean":
+            scale = scale / _mean_denominator(xp, problem, valid, element_weight)
+        logprob_upstream = xp.broadcast_to(-(element_weight * scale), tuple(valid.shape))
+        result, grad = engine.forward_backward(stats, Upstream(logprob=logprob_upstream), out=out)
+    return LossAndStats(loss_of(xp, problem, result), result), grad
+
+
+@dataclass(frozen=True)
+class BlockSolver:
+    """The loss from hidden states' blocks with ``return_stats``: a backend's
+    ``forward`` and ``forward_backward`` giving ``LossAndStats`` (see
+    :func:`block_loss_and_stats`)."""
+
+    backend: Any
+
+    def forward(self, problem: Problem) -> LossAndStats:
+        return block_loss_and_stats(self.backend, problem)[0]
+
+    def forward_backward(self, problem: Problem, upstream, out=None):
+        return block_loss_and_stats(self.backend, problem, upstream, out)
+
+
+def _loss_statistics(problem: Problem) -> tuple[Problem, Stats]:
+    """The loss's problem without ``return_stats`` (what the backends take) and the
+    statistics of its logits, after the checks of the statistics."""
+    _validate.check_stats_target(problem.probabilities)
     _validate.check_classes_for_stats(problem.layout.classes)
+    problem = problem.replace(return_stats=False)
     logits = logits_problem(
-        problem.input, problem.target, problem.layout, problem.ignore_index, problem.softcap
+        problem.input, problem.target, problem.layout, problem.ignore_index, problem.softcap,
+        problem.check_targets,
+    )  # fmt: skip
+    return problem, Stats(logits)
+
+
+def apart(linear: _linear.Linear) -> tuple[_linear.Linear, _linear.Linear]:
+    """A call of the loss from hidden states with ``return_stats``, as two: the loss
+    alone, and the statistics of its logits (for routes that compute them apart)."""
+    problem, stats = _loss_statistics(linear.problem)
+    return (
+        dataclasses.replace(linear, problem=problem),
+        dataclasses.replace(linear, problem=stats.problem, denominator=None),
     )
-    return compute(Stats(logits), backend)
+
+
+def from_statistics(problem: Problem) -> bool:
+    """Whether the loss of ``problem`` (from logits, class indices) is a function of the
+    statistics of its logits: without label smoothing, which reads every class's logit."""
+    return problem.label_smoothing == 0.0
+
+
+def loss_of(xp, problem: Problem, stats: TokenStats):
+    r"""The loss of ``problem`` from the statistics of its logits: per element
+    :math:`\ell_n = -v_n \operatorname{logprob}_n + z\, v_n \operatorname{lse}_n^2`
+    (:math:`v_n = w_{y_n}`, 0 where ignored; :math:`z` the ``z_loss``), reduced as
+    ``nll_loss`` reduces (its 'mean' denominator, ``Problem.denominator``), in the input's
+    dtype."""
+    dtype = _compute_dtype(xp, problem)
+    valid, element_weight = _element_weights(xp, problem, dtype)
+    zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(element_weight))
+    losses = -(element_weight * xp.reshape(xp.astype(stats.logprob, dtype), valid.shape))
+    if problem.z_loss:
+        lse = xp.reshape(xp.astype(stats.lse, dtype), valid.shape)
+        losses = losses + xp.where(valid, problem.z_loss * element_weight * lse * lse, zero)
+    if problem.reduction == "none":
+        return xp.astype(xp.reshape(losses, problem.loss_shape), problem.input.dtype)
+    total = xp.asarray(xp.sum(losses))  # (a 0-d array, not NumPy's scalar)
+    if problem.reduction == "mean":
+        total = total / _mean_denominator(xp, problem, valid, element_weight)
+    return xp.astype(xp.asarray(total), problem.input.dtype)
+
+
+def _compute_dtype(xp, problem: Problem):
+    return _generic._compute_dtype(xp, problem.input.dtype)
+
+
+def _element_weights(xp, problem: Problem, dtype):
+    """(valid, v): per target element (the target's shape, (1,) unbatched), whether it
+    counts, and its weight ``w[y]`` (1 without weight), 0 where ignored."""
+    layout = problem.layout
+    target = xp.reshape(problem.target, (1,) if layout.unbatched else layout.output_shape)
+    valid = _generic.compare(xp, target, "!=", problem.ignore_index)
+    if problem.weight is None:
+        return valid, xp.astype(valid, dtype)
+    index = xp.where(valid, xp.astype(target, _generic._index_dtype(xp)), 0)
+    picked = xp.reshape(xp.take(xp.astype(problem.weight, dtype), xp.reshape(index, (-1,))),
+                        tuple(valid.shape))  # fmt: skip
+    return valid, xp.where(valid, picked, xp.zeros((), dtype=dtype, device=array_api_compat.device(picked)))
+
+
+def _mean_denominator(xp, problem: Problem, valid, element_weight):
+    """The 'mean' denominator (``Problem.denominator``) as an array of ``element_weight``'s
+    dtype."""
+    denominator = problem.denominator(
+        lambda: xp.sum(xp.astype(valid, element_weight.dtype)), lambda: xp.sum(element_weight)
+    )
+    device = array_api_compat.device(element_weight)
+    return xp.astype(xp.reshape(xp.asarray(denominator, device=device), ()), element_weight.dtype)
 
 
 def _upstream(backend, stats: Stats, grads) -> Upstream:
@@ -601,10 +750,8 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
 
 
 def block_engine(linear: _linear.Linear, stats: Stats):
-    """The engine of a block of logits (NumPy arrays, or another library's)."""
-    if isinstance(linear.hidden, np.ndarray):
-        return numpy_engine(stats)
-    return generic_engine(linear.xp)
+    """The engine of a block of logits."""
+    return engine_of(stats, linear.xp)
 
 
 def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | None = None,
@@ -638,6 +785,11 @@ def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | 
 
 def _rows_of(linear: _linear.Linear, a, rows: slice):
     return a if linear.problem.layout.unbatched else a[rows, ...]
+
+
+def joined(linear: _linear.Linear, parts: list) -> TokenStats:
+    """The blocks' statistics (in the compute dtype) as one, in the input's dtype."""
+    return _in_input_dtype(linear, _joined(linear, parts))
 
 
 def _joined(linear: _linear.Linear, parts: list) -> TokenStats:

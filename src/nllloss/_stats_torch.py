@@ -265,11 +265,8 @@ def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats
 
 
 def _blocks(linear, temperature, upstream=None, wants=(True, True, True)):
-    """``_stats.run_blocks`` with each block's engine for torch tensors; the statistics in
-    the input's dtype."""
-    result, *grads = _stats.run_blocks(
-        linear, temperature, upstream, wants, lambda _, stats: engine_for(stats)
-    )
+    """``_stats.run_blocks``, the statistics in the input's dtype."""
+    result, *grads = _stats.run_blocks(linear, temperature, upstream, wants)
     return _stats._in_input_dtype(linear, result), *grads
 
 
