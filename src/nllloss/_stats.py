@@ -517,10 +517,11 @@ def loss_of(xp, problem: Problem, stats: TokenStats):
         losses = losses + xp.where(valid, problem.z_loss * element_weight * lse * lse, zero)
     if problem.reduction == "none":
         return xp.astype(xp.reshape(losses, problem.loss_shape), problem.input.dtype)
-    total = xp.asarray(xp.sum(losses))  # (a 0-d array, not NumPy's scalar)
+    # (through shape (1,...): a 0-d array, not NumPy's scalar)
+    total = xp.reshape(xp.sum(losses, keepdims=True), ())
     if problem.reduction == "mean":
         total = total / _mean_denominator(xp, problem, valid, element_weight)
-    return xp.astype(xp.asarray(total), problem.input.dtype)
+    return xp.astype(total, problem.input.dtype)
 
 
 def _compute_dtype(xp, problem: Problem):
@@ -547,8 +548,9 @@ def _mean_denominator(xp, problem: Problem, valid, element_weight):
     denominator = problem.denominator(
         lambda: xp.sum(xp.astype(valid, element_weight.dtype)), lambda: xp.sum(element_weight)
     )
-    device = array_api_compat.device(element_weight)
-    return xp.astype(xp.reshape(xp.asarray(denominator, device=device), ()), element_weight.dtype)
+    if isinstance(denominator, float):  # the count of probability targets
+        denominator = xp.asarray(denominator, device=array_api_compat.device(element_weight))
+    return xp.astype(xp.reshape(denominator, ()), element_weight.dtype)
 
 
 def _upstream(backend, stats: Stats, grads) -> Upstream:
