@@ -93,14 +93,17 @@ def logits_problem(input, target, layout, ignore_index, softcap, check_targets=T
     return Problem(input, target, None, ignore_index, "none", layout, options)
 
 
-def _stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None) -> Problem:
+def stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None,
+                  needs_classes=True) -> Problem:  # fmt: skip
     """The problem of a call's logits, after every check of ``nll_loss``'s (a target of
-    class indices only)."""
+    class indices only); ``needs_classes``: a class at least (a shard of the classes may
+    hold none: its group is checked)."""
     target = like_input(backend, target, input, "target")
     shape = tuple(input.shape) if logits_shape is None else logits_shape
     _validate.check_target(target, shape, probabilities=False)
     layout = layout_of(shape)
-    _validate.check_classes_for_stats(layout.classes)
+    if needs_classes:
+        _validate.check_classes_for_stats(layout.classes)
     ignore_index = _validate.check_ignore_index(ignore_index)
     softcap = _validate.check_softcap(softcap, True)
     return logits_problem(input, target, layout, ignore_index, softcap)
@@ -577,7 +580,7 @@ def _build(input, target, temperature, softcap, ignore_index):
     input = as_array(input, "input")
     backend = backend_for(input)
     _validate.check_input(input)
-    problem = _stats_problem(backend, input, target, ignore_index, softcap)
+    problem = stats_problem(backend, input, target, ignore_index, softcap)
     return backend, Stats(problem, _validate.check_temperature(temperature))
 
 
@@ -744,7 +747,7 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
     logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
     temperature = _validate.check_temperature(temperature)
-    problem = _stats_problem(backend, input, target, ignore_index, softcap, logits_shape)
+    problem = stats_problem(backend, input, target, ignore_index, softcap, logits_shape)
     _linear._check_targets(backend, problem)
     linear = _linear.assemble(backend, problem, input, linear_weight, linear_bias, chunk_rows,
                               None)  # fmt: skip

@@ -59,6 +59,7 @@ Function), ``_vocabulary_parallel`` (``linear_cross_entropy``). Imported on firs
 
 from ._class_parallel import nll_loss
 from ._data_parallel import total_weight
+from ._token_stats import linear_token_stats, token_stats
 from ._vocabulary_parallel import linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "nll_loss", "total_weight"]
+__all__ = ["linear_cross_entropy", "linear_token_stats", "nll_loss", "token_stats", "total_weight"]
