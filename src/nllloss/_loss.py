@@ -250,9 +250,12 @@ def nll_loss(
         From logits with class indices: also return the per-token statistics of
         :func:`token_stats` of the (capped) logits, ``ignore_index`` as the loss's, as
         ``LossAndStats(loss, stats)``: e.g. to log token accuracy (``stats.argmax ==
-        target``) and entropy beside the loss. Computed by one more read of the input
-        (the fused statistics kernel on NumPy and torch CPU), differentiable as
-        :func:`token_stats`.
+        target``) and entropy beside the loss. Without label smoothing the loss is
+        computed from the statistics (``-w[y] logprob + z_loss w[y] lse**2``, reduced),
+        so the input is read once, by the statistics' kernel (NumPy, torch CPU, Triton),
+        and the loss equals the one without ``return_stats`` to rounding; with label
+        smoothing, and for float16/bfloat16 input, the statistics are one more read.
+        Differentiable as :func:`token_stats`, the loss through them.
 
     Returns
     -------
