@@ -284,3 +284,39 @@ def test_return_stats_refusals(function):
         call(*arrays, np.array([0, 1]), return_stats="yes", **options)
     with pytest.raises(ValueError, match="return_stats=True acts on logits"):
         nllloss.nll_loss(np.zeros((2, 4)), np.array([0, 1]), return_stats=True)
+
+
+def test_linear_cross_entropy_with_stats_triton_interpreted(monkeypatch, rng):
+    """The Triton kernels (under the interpreter) compute each block's loss gradient and
+    statistics in their one pass, as the numba kernel does."""
+    monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from nllloss._triton import _stats as triton_stats
+
+    monkeypatch.setattr(triton_stats, "BLOCK_C", 16)  # rows span several tiles
+    monkeypatch.setattr(_stats, "numba_available", lambda: False)
+    calls = []
+    forward_backward = triton_stats.ENGINE.forward_backward
+
+    def counted(stats, upstream, out=None):
+        calls.append(stats.problem.layout.batch)
+        return forward_backward(stats, upstream, out=out)
+
+    monkeypatch.setattr(triton_stats.ENGINE, "forward_backward", counted)
+    h, w, b, t = _linear_case(rng, rows=12, features=6, classes=37, dtype=np.float32)
+    tensors = [torch.from_numpy(a).requires_grad_() for a in (h, w, b)]
+    result = nllloss.linear_cross_entropy(tensors[0], tensors[1], torch.from_numpy(t),
+                                          linear_bias=tensors[2], chunk_rows=8,
+                                          return_stats=True, softcap=4.0)  # fmt: skip
+    result.loss.backward()
+    assert calls == [8, 4]
+    exact = [torch.from_numpy(a.astype(np.float64)).requires_grad_() for a in (h, w, b)]
+    logits = exact[0] @ exact[1].T + exact[2]
+    expected = _oracle_loss(logits, torch.from_numpy(t), None, {"softcap": 4.0})
+    expected.backward()
+    np.testing.assert_allclose(result.loss.item(), expected.item(), rtol=1e-5)
+    for got, wanted in zip(tensors, exact, strict=True):
+        np.testing.assert_allclose(got.grad.numpy(), wanted.grad.numpy(), rtol=1e-4, atol=1e-6)
+    _check(result.stats, oracle(logits.detach(), torch.from_numpy(t), 1.0, 4.0),
+           np.dtype(np.float32), "torch")  # fmt: skip
