@@ -87,7 +87,8 @@ def test_nll_loss_with_stats_gradient_torch(dtype, options, one_pass, rng):
     w = None if weight is None else torch.from_numpy(weight).to(dtype)
     result = nllloss.nll_loss(xt, torch.from_numpy(t), w, from_logits=True, return_stats=True,
                               **options)  # fmt: skip
-    assert result.loss.dtype == dtype and result.stats.entropy.dtype == dtype
+    assert result.loss.dtype == dtype
+    assert result.stats.entropy.dtype == dtype
     upstream = torch.from_numpy(rng.standard_normal(result.loss.shape))
     (grad,) = torch.autograd.grad((result.loss.double() * upstream).sum(), xt, retain_graph=True)
     x64 = xt.detach().double().requires_grad_()
@@ -214,7 +215,7 @@ def test_linear_cross_entropy_with_stats_in_the_blocks_pass(monkeypatch, rng):
         return engine_of(stats, xp)
 
     monkeypatch.setattr(_stats, "engine_of", counted)
-    h, w, b, t = _linear_case(rng, rows=20)
+    h, w, _b, t = _linear_case(rng, rows=20)
     ht = torch.from_numpy(h).requires_grad_()
     result = nllloss.linear_cross_entropy(ht, torch.from_numpy(w), torch.from_numpy(t),
                                           weight=torch.rand(13, dtype=torch.float64),
@@ -222,7 +223,7 @@ def test_linear_cross_entropy_with_stats_in_the_blocks_pass(monkeypatch, rng):
     result.loss.backward()  # 'mean': the forward computed the gradients
     assert calls == [8, 8, 4]
     calls.clear()
-    loss, stats = nllloss.linear_cross_entropy(h, w, t, chunk_rows=8, return_stats=True)
+    _loss, stats = nllloss.linear_cross_entropy(h, w, t, chunk_rows=8, return_stats=True)
     assert calls == [8, 8, 4]
     np.testing.assert_array_equal(stats.argmax, (h @ w.T).argmax(1))
 
@@ -254,7 +255,7 @@ def test_linear_cross_entropy_with_stats_compiled():
     """Under torch.compile the loss is the composition; the statistics come with it."""
     torch._dynamo.reset()
     rng = np.random.default_rng(3)
-    h, w, b, t = _linear_case(rng, dtype=np.float32)
+    h, w, _b, t = _linear_case(rng, dtype=np.float32)
     args = [torch.from_numpy(a) for a in (h, w, t)]
 
     @torch.compile(fullgraph=False)

@@ -540,9 +540,10 @@ def _element_weights(xp, problem: Problem, dtype):
     if problem.weight is None:
         return valid, xp.astype(valid, dtype)
     index = xp.where(valid, xp.astype(target, _generic._index_dtype(xp)), 0)
-    picked = xp.reshape(xp.take(xp.astype(problem.weight, dtype), xp.reshape(index, (-1,))),
-                        tuple(valid.shape))  # fmt: skip
-    return valid, xp.where(valid, picked, xp.zeros((), dtype=dtype, device=array_api_compat.device(picked)))
+    weight = xp.astype(problem.weight, dtype)
+    picked = xp.reshape(xp.take(weight, xp.reshape(index, (-1,))), tuple(valid.shape))
+    zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(picked))
+    return valid, xp.where(valid, picked, zero)
 
 
 def _mean_denominator(xp, problem: Problem, valid, element_weight):

@@ -2,8 +2,8 @@ r"""The per-token statistics of logits whose classes are sharded over the ranks 
 :func:`token_stats` (the shard of the logits on each rank) and :func:`linear_token_stats`
 (the shard of the output layer's rows on each rank, from hidden states).
 
-Per call, after the agreement (as the class-parallel loss's), with :math:`z = \operatorname{cap}(x) / T`
-of this rank's classes, per target element::
+Per call, after the agreement (as the class-parallel loss's), with
+:math:`z = \operatorname{cap}(x) / T` of this rank's classes, per target element::
 
     1. all_reduce MAX  [ m_n = max_c z[n, c] (NaN left out) ;  1 if the row holds a NaN ]
     2. all_reduce SUM  [ S_n = sum_c exp(z - m_n) ;  U_n = sum_c exp(z - m_n) (z - m_n) ;
@@ -174,9 +174,7 @@ def _exchange(shard: _class_parallel.Shard, z: torch.Tensor, group):
     else:
         picked = torch.zeros_like(top)
     parts = [e.sum(1), weighted.sum(1), torch.where(owned, picked, 0)]
-    total, weighted_total, at_target = _agreement.all_reduce(
-        parts, dist.ReduceOp.SUM, group, error
-    )
+    total, weighted_total, at_target = _agreement.all_reduce(parts, dist.ReduceOp.SUM, group, error)
     # the first index of the maximum (of the first NaN in a row holding one), globally
     hit = torch.where(has_nan.unsqueeze(1) > 0, nan, masked == top.unsqueeze(1))
     classes = torch.arange(layout.classes, device=z.device, dtype=torch.float64).view(1, -1, 1)
@@ -233,7 +231,9 @@ class _ShardedStats(torch.autograd.Function):
     def forward(ctx, input_shard, shard, temperature, group):
         result, saved = _exchange(shard, _shifted(shard, input_shard, temperature), group)
         ctx.save_for_backward(input_shard, shard.problem.target, *saved)
-        ctx.shard = dataclasses.replace(shard, problem=_class_parallel._without_arrays(shard.problem))
+        ctx.shard = dataclasses.replace(
+            shard, problem=_class_parallel._without_arrays(shard.problem)
+        )
         ctx.temperature = temperature
         shape = shard.layout.output_shape
         result = TokenStats(*(a.reshape(shape) for a in _in_dtype(result, shard.dtype)))
@@ -382,7 +382,9 @@ def _linear_blocks(linear, shard, temperature, group):
                                         group)  # fmt: skip
         parts.append(result)
         saved.append(block_saved)
-    result = TokenStats(*(torch.cat([r.reshape(-1) for r in column]) for column in zip(*parts)))
+    result = TokenStats(
+        *(torch.cat([r.reshape(-1) for r in column]) for column in zip(*parts, strict=False))
+    )
     shape = linear.problem.layout.output_shape
     result = TokenStats(*(a.reshape(shape) for a in _in_dtype(result, linear.input.dtype)))
     return result, [torch.cat([s[i].reshape(-1) for s in saved]) for i in range(3)]
