@@ -229,12 +229,8 @@ def token_stats() -> str:
         )
     ]  # fmt: skip
     header = ["step", "nllloss statistics", "against", "time ratio (statistics / against)"]
-    before, after = data["load_average_before"][0], data["load_average_after"][0]
-    note = (
-        f"*Results: `benchmarks/results/token-stats-latest.json`, {data['cpus']} cores, load "
-        f"average {before:.1f} before and {after:.1f} after; that file records no date, "
-        "revision or versions.*"
-    )
+    before = data["load_average_before"][0]
+    note = _stamp(data, "token-stats-latest.json")[:-1] + f" Load average {before:.1f} before.*"
     return _table(header, rows) + "\n\n" + note
 
 

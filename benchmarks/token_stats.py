@@ -168,6 +168,10 @@ def main(argv=None) -> int:
     namespace: dict = {}
     exec(_SETUP, namespace)  # the same source as the memory subprocesses
     report = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    import torch
+
+    from nllloss._bench import environment
+
 
     small = namespace["logits_data"](64, 1000)
     for who in LOGITS:
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
     report["linear_extra_memory_bytes"] = memory
     report["logits_bytes"] = logits_bytes
     report["load_average_after"] = os.getloadavg()
+    report = {"environment": environment({"torch": torch}, None), **report}
     text = markdown(report)
     print(text)
     if args.out:
