@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import array_api_compat
 import numpy as np
@@ -466,6 +466,63 @@ class FunctionalAlgebra:
 
 
 # --- The public functions ----------------------------------------------------------------
+
+
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: Literal[False] = ...,
+) -> Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: Literal[True],
+) -> LossAndStats: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: bool = ...,
+) -> Array | LossAndStats: ...
 
 
 @_options.keywords

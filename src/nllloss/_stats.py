@@ -756,16 +756,11 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
     return linear, temperature
 
 
-def block_engine(linear: _linear.Linear, stats: Stats):
-    """The engine of a block of logits."""
-    return engine_of(stats, linear.xp)
-
-
 def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | None = None,
-               wants=(True, True, True), engine_for=block_engine, saved=None):  # fmt: skip
+               wants=(True, True, True), saved=None):  # fmt: skip
     """(TokenStats, d_input, d_linear_weight, d_linear_bias): the statistics of every block
     of rows and, with ``upstream``, the gradients asked for in ``wants`` (None for the
-    others). ``engine_for(linear, stats)`` picks each block's engine.
+    others); each block by its engine (:func:`engine_of`).
 
     ``saved``: a list. Without ``upstream`` each block's ``saved`` (its engine's, for the
     backward) is appended to it; with ``upstream``, those of a forward, so that each
@@ -780,7 +775,7 @@ def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | 
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
         block = Stats(linear.block_problem(logits, linear.block_arrays(rows)), temperature)
-        engine = engine_for(linear, block)
+        engine = engine_of(block, linear.xp)
         if grads is None:
             result, block_saved = engine.forward(block)
             parts.append(result)
