@@ -321,3 +321,25 @@ def test_linear_cross_entropy_with_stats_triton_interpreted(monkeypatch, rng):
         np.testing.assert_allclose(got.grad.numpy(), wanted.grad.numpy(), rtol=1e-4, atol=1e-6)
     _check(result.stats, oracle(logits.detach(), torch.from_numpy(t), 1.0, 4.0),
            np.dtype(np.float32), "torch")  # fmt: skip
+
+
+def test_nll_loss_with_stats_compiles_fullgraph(rng):
+    """The loss from the statistics' operator traces without a graph break, and
+    differentiates as in eager mode."""
+    torch._dynamo.reset()
+    x, t = make_case(rng, (6, 9), extreme=False)
+    weight = torch.from_numpy(rng.random(9) + 0.5).float()
+    xt = torch.from_numpy(x).float().requires_grad_()
+
+    def step(x, t, w):
+        return nllloss.nll_loss(x, t, w, from_logits=True, return_stats=True, z_loss=1e-3)
+
+    compiled = torch.compile(step, fullgraph=True)(xt, torch.from_numpy(t), weight)
+    (grad,) = torch.autograd.grad(compiled.loss, xt)
+    eager = step(xt, torch.from_numpy(t), weight)
+    (wanted,) = torch.autograd.grad(eager.loss, xt)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+    torch.testing.assert_close(grad, wanted)
+    for got, expected in zip(compiled.stats, eager.stats, strict=True):
+        torch.testing.assert_close(got, expected)
+    torch._dynamo.reset()
