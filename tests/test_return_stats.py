@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from test_token_stats import IGNORE, _check, jnp, make_case, oracle, to_library, to_numpy
 
 import nllloss
-from nllloss import LossAndStats, _generic, _stats
+from nllloss import LossAndStats, _generic
+from nllloss import _token_stats as _stats
 
 # (options, computed in one pass with a gradient): label smoothing reads every class's logit
 # and the z-loss's gradient the log-sum-exp of the same pass, so those take a second pass
@@ -111,7 +112,7 @@ def test_nll_loss_with_stats_gradient_torch(dtype, options, one_pass, rng):
 def test_nll_loss_with_stats_reads_the_logits_once(monkeypatch, rng):
     """Without label smoothing the loss comes from the statistics' pass: the loss engines
     are not called (a second read of the logits would be)."""
-    from nllloss import _cpu
+    from nllloss._kernels import cpu as _cpu
 
     def refused(*args, **kwargs):
         raise AssertionError("the loss engine read the logits again")
@@ -200,7 +201,7 @@ def test_linear_cross_entropy_with_stats_in_the_blocks_pass(monkeypatch, rng):
     """Each block's loss, gradient and statistics come from the statistics' one pass
     (without label smoothing and z-loss): the loss engines see no block, and the
     statistics' engine sees each block once."""
-    from nllloss import _cpu
+    from nllloss._kernels import cpu as _cpu
 
     def refused(*args, **kwargs):
         raise AssertionError("the loss engine read a block")
@@ -293,7 +294,7 @@ def test_linear_cross_entropy_with_stats_triton_interpreted(monkeypatch, rng):
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    from nllloss._triton import _stats as triton_stats
+    from nllloss._kernels.triton import _stats as triton_stats
 
     monkeypatch.setattr(triton_stats, "BLOCK_C", 16)  # rows span several tiles
     monkeypatch.setattr(_stats, "numba_available", lambda: False)

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from . import _generic, _options, _validate
 from ._builder import build
-from ._dispatch import as_array, backend_for, like_input, quick_forward_for
+from ._routes import as_array, backend_for, like_input, quick_forward_for
 
 if TYPE_CHECKING:  # _stats imports this module
-    from ._stats import LossAndStats
+    from ._token_stats import LossAndStats
 
 
 class _ArrayLike(Protocol):
@@ -331,9 +331,9 @@ def nll_loss(
                 "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
                 "(stats.lse); pass one of them"
             )
-        from . import _stats  # the statistics' engines, loaded on first use
+        from . import _token_stats  # the statistics' engines, loaded on first use
 
-        return _stats.loss_and_stats(backend, problem)
+        return _token_stats.loss_and_stats(backend, problem)
     if return_lse:
         # the fused kernels give the log-sum-exp they compute (O(N) memory); other
         # backends compute it apart

@@ -13,9 +13,10 @@ Per call, after the agreement (as the class-parallel loss's), with
     -> lse = m + log S,  entropy = log S - U / S,  logprob = (z_y - m) - log S,
        argmax = the smallest of the shards' first indices (the first index on ties)
 
-as the one-device kernel's online sums (``_cpu._stats``): the same formulas, the sums split
-by class. Every rank gets every statistic. The backward communicates nothing: from the
-saved ``(m, log S, U / S)`` of each element and the rank's own input,
+as the one-device kernel's online sums (``nllloss._kernels.cpu._stats``): the same
+formulas, the sums split by class. Every rank gets every statistic. The backward
+communicates nothing: from the saved ``(m, log S, U / S)`` of each element and the rank's
+own input,
 
     d/dz_c = a [c = y] - p_c (a - g + b (z_c - m - U / S)),  p_c = exp(z_c - m - log S),
 
@@ -34,9 +35,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import _linear, _stats, _validate
-from .._dispatch import backend_for
-from .._stats import TokenStats
+from .. import _token_stats, _validate
+from .._hidden_states import algebra_for, blocks
+from .._routes import backend_for
+from .._token_stats import TokenStats
 from . import _agreement, _class_parallel
 
 __all__ = ["linear_token_stats", "token_stats"]
@@ -128,8 +130,9 @@ def _local_shard(input, target, class_start, ignore_index, softcap, logits_shape
     backend = backend_for(input)
     if logits_shape is None:
         _validate.check_input(input)
-    problem = _stats.stats_problem(backend, input, target, ignore_index, softcap, logits_shape,
-                                   needs_classes=False)  # fmt: skip
+    problem = _token_stats.stats_problem(
+        backend, input, target, ignore_index, softcap, logits_shape, needs_classes=False
+    )
     return _class_parallel.Shard(problem, class_start)
 
 
@@ -145,7 +148,7 @@ def _shifted(shard: _class_parallel.Shard, x: torch.Tensor, temperature: float) 
     layout = shard.layout
     z = x.detach().reshape(layout.batch, layout.classes, layout.spatial).to(shard.compute_dtype)
     if shard.problem.softcap is not None:
-        z = _class_parallel._capped(z, shard.problem.softcap)
+        z = _class_parallel.capped_logits(z, shard.problem.softcap)
     return z / temperature if temperature != 1.0 else z
 
 
@@ -212,7 +215,7 @@ def _gradient(shard, z, saved, upstream, temperature, x=None) -> torch.Tensor:
         grad.scatter_add_(1, torch.where(owned, local, 0).unsqueeze(1),
                           torch.where(owned, a, 0).unsqueeze(1))  # fmt: skip
     if problem.softcap is not None:
-        capped = _class_parallel._capped(
+        capped = _class_parallel.capped_logits(
             x.detach().reshape(grad.shape).to(grad.dtype), problem.softcap
         )
         grad = grad * (1 - (capped / problem.softcap).square())
@@ -232,7 +235,7 @@ class _ShardedStats(torch.autograd.Function):
         result, saved = _exchange(shard, _shifted(shard, input_shard, temperature), group)
         ctx.save_for_backward(input_shard, shard.problem.target, *saved)
         ctx.shard = dataclasses.replace(
-            shard, problem=_class_parallel._without_arrays(shard.problem)
+            shard, problem=_class_parallel.without_arrays(shard.problem)
         )
         ctx.temperature = temperature
         shape = shard.layout.output_shape
@@ -347,9 +350,9 @@ def linear_token_stats(
     device = _agreement.device_of(input)
     shard = _agreed(shard, error, group, "linear_token_stats", device, extra)
     rows = int(input.shape[0]) if input.ndim == 2 else 1
-    linear = _linear.assemble(
+    linear = blocks.assemble(
         backend_for(input), shard.problem, input, linear_weight_shard, linear_bias_shard,
-        chunk_rows or _linear.chunk_rows_for(rows), None,
+        chunk_rows or blocks.chunk_rows_for(rows), None, algebra_for(input),
     )  # fmt: skip
     shard = dataclasses.replace(shard, problem=linear.problem)
     if requires_grad:

@@ -1,11 +1,11 @@
-"""torch tensors for the loss from hidden states (``_linear``): the blocks' matrix products
-in torch, and the loss as a differentiable torch function.
+"""torch tensors for the loss from hidden states (``nllloss._hidden_states``): the blocks'
+matrix products in torch, and the loss as a differentiable torch function.
 
-The blocks run as for NumPy (``_linear.run``), with ``torch.matmul``/``addmm_`` into
+The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` into
 preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
 (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
 
-Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
+Autograd: :class:`_Blocks` through ``nllloss._torch.autograd.FusedLoss``: for 'mean' and 'sum' the
 forward computes the gradients too, for an upstream gradient of 1, and the backward scales
 them (the three products and the one pass over the logits, once). For 'none' the upstream
 gradient differs per row: the backward recomputes the blocks with it. A second backward
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _linear
-from ._torch_ops import FusedLoss, composed, differentiated, without_autocast
+from .._torch.autograd import FusedLoss, differentiated
+from .._torch.engines import composed, without_autocast
+from . import blocks
 
 
 class TorchAlgebra:
@@ -78,24 +79,25 @@ class TorchAlgebra:
 ALGEBRA = TorchAlgebra()
 
 
-def loss(linear: _linear.Linear):
+def loss(linear: blocks.Linear):
     """The loss, differentiable with respect to the input, weight and bias; with
     ``return_stats`` a ``LossAndStats`` whose statistics carry no gradient."""
     if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear, linear.problem.return_stats)
-    blocks = _Blocks(linear)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):
-        result = FusedLoss.apply(blocks, *blocks.arguments)
-        if linear.problem.return_stats:  # the forward's statistics, kept by the blocks
-            from ._stats import LossAndStats
+    computation = _Blocks(linear)
+    arguments = computation.arguments
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
+        result = FusedLoss.apply(computation, *arguments)
+        if linear.problem.return_stats:  # the forward's statistics, kept by the computation
+            from .._token_stats import LossAndStats
 
-            return LossAndStats(result, blocks.stats[0])
+            return LossAndStats(result, computation.stats[0])
         return result
     with torch.no_grad():
-        return _linear.run(linear)[0]
+        return blocks.run(linear)[0]
 
 
-def _composed(linear: _linear.Linear, with_stats: bool = False):
+def _composed(linear: blocks.Linear, with_stats: bool = False):
     """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
     in the compute dtype (autocast would make the product 16-bit), through the backend;
     ``with_stats``: with the statistics of the logits (without a gradient)."""
@@ -106,20 +108,20 @@ def _composed(linear: _linear.Linear, with_stats: bool = False):
     result = linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
     if not with_stats:
         return result
-    from . import _stats
+    from .. import _token_stats
 
-    statistics = _stats.apart(linear)[1]
+    statistics = _token_stats.apart(linear)[1]
+    logits_stats = _token_stats.Stats(statistics.problem.replace(input=logits.detach()))
     with torch.no_grad():
-        values = _stats.compute(_stats.Stats(statistics.problem.replace(input=logits.detach())),
-                                linear.backend)  # fmt: skip
-    return _stats.LossAndStats(result, _stats.joined(linear, [values]))
+        values = _token_stats.compute(logits_stats, linear.backend)
+    return _token_stats.LossAndStats(result, _token_stats.joined(linear, [values]))
 
 
 @dataclass(frozen=True)
 class _Blocks:
-    """The loss in blocks of rows (``_linear.run``), for ``FusedLoss`` (see the module)."""
+    """The loss in blocks of rows (``blocks.run``), for ``FusedLoss`` (see the module)."""
 
-    linear: _linear.Linear
+    linear: blocks.Linear
     # with return_stats: the statistics of the forward's blocks (not kept for the backward)
     stats: list = dataclasses.field(default_factory=list, compare=False)
 
@@ -131,9 +133,9 @@ class _Blocks:
     def forward(self, wants):
         linear = self.linear
         if linear.problem.elementwise:
-            return self._loss(_linear.run(linear)[0]), None
+            return self._loss(blocks.run(linear)[0]), None
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
-        loss, *unit = _linear.run(linear, one, wants)
+        loss, *unit = blocks.run(linear, one, wants)
         return self._loss(loss), tuple(unit)
 
     def _loss(self, result):
@@ -144,7 +146,7 @@ class _Blocks:
         return result.loss
 
     def gradients(self, grad, wants):
-        return tuple(_linear.run(self.linear, grad, wants)[1:])
+        return tuple(blocks.run(self.linear, grad, wants)[1:])
 
     def differentiable_gradients(self, grad, wants):
         return differentiated(_composed(self.linear), self.arguments, grad, wants)
