@@ -106,7 +106,7 @@ class Options:
     softcap: float | None = option(
         None, lambda value, options, context: _validate.check_softcap(value, options["from_logits"])
     )
-    # The per-token statistics of the logits with the loss (``_stats.loss_and_stats``):
+    # The per-token statistics of the logits with the loss (``_token_stats.loss_and_stats``):
     # every route hands such a problem there, none of the loss engines computes it.
     return_stats: bool = option(
         False,

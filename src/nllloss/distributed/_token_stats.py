@@ -152,38 +152,52 @@ def _shifted(shard: _class_parallel.Shard, x: torch.Tensor, temperature: float) 
     return z / temperature if temperature != 1.0 else z
 
 
-def _exchange(shard: _class_parallel.Shard, z: torch.Tensor, group):
-    """Steps 1 and 2 of the module's docstring: ``(TokenStats, saved)`` in the compute
-    dtype, ``saved`` = (m, log S, U / S) per element, (B, S) each."""
+def _exchange(shard: _class_parallel.Shard, x: torch.Tensor, temperature: float, group):
+    """Steps 1 and 2 of the module's docstring for the logits ``x`` of the shard:
+    ``(TokenStats, saved)`` in the compute dtype, ``saved`` = (m, log S, U / S) per
+    element, (B, S) each. A rank that fails between the collectives sends zeros and a
+    flag, and every rank raises."""
     layout, problem = shard.layout, shard.problem
+    shape = (layout.batch, layout.spatial)
+    device = x.device
     error = None
-    nan = torch.isnan(z)
-    masked = torch.where(nan, -math.inf, z)
-    if layout.classes:
-        top = masked.amax(1)
-    else:
-        top = z.new_full((layout.batch, layout.spatial), -math.inf)
-    has_nan = nan.any(1).to(z.dtype)
-    top, has_nan = _agreement.all_reduce([top, has_nan], dist.ReduceOp.MAX, group, error)
-    d = z - top.unsqueeze(1)
-    e = d.exp()
-    weighted = torch.where(e > 0, e * d, 0)  # 0, not 0 * -inf
-    t = problem.target.reshape(layout.batch, layout.spatial).to(torch.int64)
-    valid = t != problem.ignore_index
-    local = t - shard.class_start
-    owned = valid & (local >= 0) & (local < layout.classes)
-    if layout.classes:
-        picked = d.gather(1, torch.where(owned, local, 0).unsqueeze(1)).squeeze(1)
-    else:
-        picked = torch.zeros_like(top)
-    parts = [e.sum(1), weighted.sum(1), torch.where(owned, picked, 0)]
+    try:
+        z = _shifted(shard, x, temperature)
+        nan = torch.isnan(z)
+        masked = torch.where(nan, -math.inf, z)
+        top = masked.amax(1) if layout.classes else z.new_full(shape, -math.inf)
+        parts = [top, nan.any(1).to(z.dtype)]
+    except Exception as exc:
+        error = exc
+        parts = [torch.zeros(shape, dtype=shard.compute_dtype, device=device)] * 2
+    top, has_nan = _agreement.all_reduce(parts, dist.ReduceOp.MAX, group, error)
+    try:
+        d = z - top.unsqueeze(1)
+        e = d.exp()
+        weighted = torch.where(e > 0, e * d, 0)  # 0, not 0 * -inf
+        t = problem.target.reshape(shape).to(torch.int64)
+        valid = t != problem.ignore_index
+        local = t - shard.class_start
+        owned = valid & (local >= 0) & (local < layout.classes)
+        if layout.classes:
+            picked = d.gather(1, torch.where(owned, local, 0).unsqueeze(1)).squeeze(1)
+        else:
+            picked = torch.zeros_like(top)
+        parts = [e.sum(1), weighted.sum(1), torch.where(owned, picked, 0)]
+    except Exception as exc:
+        error = exc
+        parts = [torch.zeros_like(top)] * 3
     total, weighted_total, at_target = _agreement.all_reduce(parts, dist.ReduceOp.SUM, group, error)
-    # the first index of the maximum (of the first NaN in a row holding one), globally
-    hit = torch.where(has_nan.unsqueeze(1) > 0, nan, masked == top.unsqueeze(1))
-    classes = torch.arange(layout.classes, device=z.device, dtype=torch.float64).view(1, -1, 1)
-    first = torch.where(hit, classes + shard.class_start, math.inf)
-    first = first.amin(1) if layout.classes else torch.full_like(top, math.inf, dtype=torch.float64)
-    (first,) = _agreement.all_reduce([-first], dist.ReduceOp.MAX, group, error)
+    try:  # the first index of the maximum (of the first NaN in a row holding one), globally
+        hit = torch.where(has_nan.unsqueeze(1) > 0, nan, masked == top.unsqueeze(1))
+        classes = torch.arange(layout.classes, device=device, dtype=torch.float64)
+        first = torch.where(hit, classes.view(1, -1, 1) + shard.class_start, math.inf)
+        first = first.amin(1) if layout.classes else torch.full(shape, math.inf, device=device)
+        parts = [-first.to(torch.float64)]
+    except Exception as exc:
+        error = exc
+        parts = [torch.zeros(shape, dtype=torch.float64, device=device)]
+    (first,) = _agreement.all_reduce(parts, dist.ReduceOp.MAX, group, error)
     log_norm = total.log()
     mean_shift = weighted_total / total
     logprob = torch.where(valid, at_target - log_norm, 0)
@@ -232,7 +246,7 @@ class _ShardedStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_shard, shard, temperature, group):
-        result, saved = _exchange(shard, _shifted(shard, input_shard, temperature), group)
+        result, saved = _exchange(shard, input_shard, temperature, group)
         ctx.save_for_backward(input_shard, shard.problem.target, *saved)
         ctx.shard = dataclasses.replace(
             shard, problem=_class_parallel.without_arrays(shard.problem)
@@ -381,12 +395,11 @@ def _linear_blocks(linear, shard, temperature, group):
     parts, saved = [], []
     for rows in linear.blocks():
         block = _block_shard(linear, shard, rows, _logits(linear, rows))
-        result, block_saved = _exchange(block, _shifted(block, block.problem.input, temperature),
-                                        group)  # fmt: skip
+        result, block_saved = _exchange(block, block.problem.input, temperature, group)
         parts.append(result)
         saved.append(block_saved)
     result = TokenStats(
-        *(torch.cat([r.reshape(-1) for r in column]) for column in zip(*parts, strict=False))
+        *(torch.cat([r.reshape(-1) for r in column]) for column in zip(*parts, strict=True))
     )
     shape = linear.problem.layout.output_shape
     result = TokenStats(*(a.reshape(shape) for a in _in_dtype(result, linear.input.dtype)))
