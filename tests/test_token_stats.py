@@ -410,34 +410,6 @@ def test_linear_gradients(chunk_rows, rng):
         np.testing.assert_allclose(np.asarray(grad), wanted, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_linear_backward_reuses_the_forwards_row_values(monkeypatch, dtype, rng):
-    """torch's backward writes each block's gradient from the forward's per-row values:
-    no statistics pass again (a second backward too, with ``retain_graph``)."""
-    from nllloss._token_stats import NumbaEngine
-
-    h, w, b, t = _linear_case(rng, 10, 4, 7)
-    upstream = _upstream(rng, t.shape)
-    expected = _linear_oracle_gradients(h, w, b, t, upstream, 0.8, 2.5)
-    tensors = [torch.from_numpy(a.copy()).to(dtype).requires_grad_() for a in (h, w, b)]
-    s = linear_token_stats(tensors[0], tensors[1], torch.from_numpy(t), linear_bias=tensors[2],
-                           temperature=0.8, softcap=2.5, chunk_rows=4)  # fmt: skip
-
-    def refused(*args, **kwargs):
-        raise AssertionError("the statistics were computed again")
-
-    monkeypatch.setattr(NumbaEngine, "forward_backward", refused)
-    monkeypatch.setattr(NumbaEngine, "forward", refused)
-    a, bb, g = (torch.from_numpy(u).to(dtype) for u in upstream)
-    objective = (s.logprob * a + s.entropy * bb + s.lse * g).sum()
-    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {
-        "rtol": 1e-4, "atol": 1e-5}  # fmt: skip
-    for _ in range(2):
-        grads = torch.autograd.grad(objective, tensors, retain_graph=True)
-        for grad, wanted in zip(grads, expected, strict=True):
-            np.testing.assert_allclose(grad.double().numpy(), wanted, **tolerance)
-
-
 def test_linear_gradcheck_and_double_backward(rng):
     h, w, b, t = _linear_case(rng, 5, 3, 6)
     tensors = tuple(torch.from_numpy(a).requires_grad_() for a in (h, w, b))

@@ -150,10 +150,9 @@ class GenericEngine:
         )
         return result, None
 
-    def backward(self, stats: Stats, saved, upstream: Upstream, out=None):
+    def backward(self, stats: Stats, saved, upstream: Upstream):
         """The gradient with respect to the input (``saved`` is not used: the rows are
-        computed again), in the input's dtype; ``out`` is not written (arrays may be
-        immutable)."""
+        computed again), in the input's dtype."""
         xp, problem = self.xp, stats.problem
         rows = _Rows.of(xp, stats)
         zero = xp.zeros((), dtype=rows.dtype, device=rows.device)
@@ -761,41 +760,29 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
 
 
 def run_blocks(linear: blocks.Linear, temperature: float, upstream: Upstream | None = None,
-               wants=(True, True, True), saved=None):  # fmt: skip
+               wants=(True, True, True)):  # fmt: skip
     """(TokenStats, d_input, d_linear_weight, d_linear_bias): the statistics of every block
     of rows and, with ``upstream``, the gradients asked for in ``wants`` (None for the
-    others); each block by its engine (:func:`engine_of`).
-
-    ``saved``: a list. Without ``upstream`` each block's ``saved`` (its engine's, for the
-    backward) is appended to it; with ``upstream``, those of a forward, so that each
-    block's pass writes the gradient only (the statistics are then not computed again:
-    the TokenStats is None).
-    """
+    others); each block by its engine (:func:`engine_of`)."""
     algebra = linear.algebra
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, (None,) * 3)
     parts = []
-    for index, rows in enumerate(linear.blocks()):
+    for rows in linear.blocks():
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
         block = Stats(linear.block_problem(logits, linear.block_arrays(rows)), temperature)
         engine = engine_of(block, linear.xp)
         if grads is None:
-            result, block_saved = engine.forward(block)
-            parts.append(result)
-            if saved is not None:
-                saved.append(block_saved)
+            parts.append(engine.forward(block)[0])
             continue
         block_upstream = Upstream(*(None if a is None else _rows_of(linear, a, rows)
                                     for a in upstream))  # fmt: skip
         # the kernels write the gradient over the block's logits
-        if saved is not None and saved[index] is not None:
-            grad = engine.backward(block, saved[index], block_upstream, out=logits)
-        else:
-            result, grad = engine.forward_backward(block, block_upstream, out=logits)
-            parts.append(result)
+        result, grad = engine.forward_backward(block, block_upstream, out=logits)
+        parts.append(result)
         grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
-    result = _joined(linear, parts) if parts else None
+    result = _joined(linear, parts)
     if grads is None:
         return result, None, None, None
     return (result, *algebra.finish(linear, grads))

@@ -81,20 +81,21 @@ class OnNumpy:
         return _as_tensors(result, stats.problem.input.dtype), torch.from_numpy(saved)
 
     @staticmethod
-    def backward(stats: Stats, saved, upstream: Upstream, out=None):
-        """``out``: as for :meth:`forward_backward`."""
+    def backward(stats: Stats, saved, upstream: Upstream):
         viewed, bits = OnNumpy._numpy(stats)
-        grad = NumbaEngine.backward(viewed, saved.numpy(), _numpy_upstream(upstream), bits,
-                                    out=_numpy_out(out, viewed))  # fmt: skip
-        return out if out is not None else _gradient_tensor(grad, stats.problem.input)
+        grad = NumbaEngine.backward(viewed, saved.numpy(), _numpy_upstream(upstream), bits)
+        return _gradient_tensor(grad, stats.problem.input)
 
     @staticmethod
     def forward_backward(stats: Stats, upstream: Upstream, out=None):
         """``out``: a tensor of the compute dtype to write the gradient into (the block's
         logits of ``linear_token_stats``)."""
         viewed, bits = OnNumpy._numpy(stats)
+        grad_out = (
+            None if out is None else out.detach().numpy().reshape(viewed.problem.layout.batch, -1)
+        )
         result, grad = NumbaEngine.forward_backward(
-            viewed, _numpy_upstream(upstream), bits, out=_numpy_out(out, viewed)
+            viewed, _numpy_upstream(upstream), bits, out=grad_out
         )
         if out is not None:
             return _as_tensors(result, stats.problem.input.dtype), out
@@ -104,11 +105,6 @@ class OnNumpy:
 
 
 ON_NUMPY = OnNumpy()
-
-
-def _numpy_out(out, viewed: Stats):
-    """The (N, C) NumPy view of a tensor to write the gradient into, or None."""
-    return None if out is None else out.detach().numpy().reshape(viewed.problem.layout.batch, -1)
 
 
 def _numpy_target(target: torch.Tensor) -> np.ndarray:
@@ -271,11 +267,10 @@ def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
         return _blocks(linear, temperature)[0]
 
 
-def _blocks(linear, temperature, upstream=None, wants=(True, True, True), saved=None):
-    """``_token_stats.run_blocks``, the statistics in the input's dtype (None when ``saved``
-    held a forward's: the backward computes none)."""
-    result, *grads = _token_stats.run_blocks(linear, temperature, upstream, wants, saved=saved)
-    return None if result is None else _token_stats.in_input_dtype(linear, result), *grads
+def _blocks(linear, temperature, upstream=None, wants=(True, True, True)):
+    """``_token_stats.run_blocks``, the statistics in the input's dtype."""
+    result, *grads = _token_stats.run_blocks(linear, temperature, upstream, wants)
+    return _token_stats.in_input_dtype(linear, result), *grads
 
 
 def linear_token_stats_and_grad(linear, temperature, upstream: Upstream, wants):
@@ -293,14 +288,11 @@ def _composed(linear: blocks.Linear, temperature: float) -> TokenStats:
 
 class _LinearStats(torch.autograd.Function):
     """The statistics of the blocks; the backward makes the blocks again with the
-    upstream gradients, and each block's pass writes its gradient from the rows'
-    ``(m, log s, u / s)`` kept by the forward (``ctx.blocks_saved``: (rows, 3) float64
-    per block), without computing the statistics again."""
+    upstream gradients."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, linear, temperature):
-        ctx.blocks_saved = []
-        result = _blocks(linear, temperature, saved=ctx.blocks_saved)[0]
+        result = _blocks(linear, temperature)[0]
         ctx.save_for_backward(input, linear_weight, linear_bias, linear.problem.target)
         ctx.linear = _without_tensors(linear)
         ctx.temperature = temperature
@@ -328,7 +320,7 @@ class _LinearStats(torch.autograd.Function):
             )
             grads = list(grads) + [None] * (3 - len(grads))
             return (*grads, None, None)
-        _, *grads = _blocks(linear, ctx.temperature, upstream, wants, ctx.blocks_saved)
+        _, *grads = _blocks(linear, ctx.temperature, upstream, wants)
         return (*grads, None, None)
 
 

@@ -203,8 +203,7 @@ class TritonEngine:
         return result, saved
 
     @staticmethod
-    def backward(stats: Stats, saved, upstream: Upstream, out=None):
-        """The gradient; copied into ``out`` when given (and ``out`` returned)."""
+    def backward(stats: Stats, saved, upstream: Upstream):
         x2, target, rows, classes = TritonEngine._geometry(stats)
         columns = [
             torch.zeros(rows, dtype=torch.float32, device=x2.device) if a is None
@@ -218,14 +217,16 @@ class TritonEngine:
                 stats.problem.ignore_index, BLOCK_C=min(BLOCK_C, triton.next_power_of_2(classes)),
                 **TritonEngine._options(stats),
             )  # fmt: skip
-        if out is not None:
-            return out.copy_(grad.reshape(out.shape))
         return grad.reshape(stats.problem.input.shape)
 
     @staticmethod
     def forward_backward(stats: Stats, upstream: Upstream, out=None):
         result, saved = TritonEngine.forward(stats)
-        return result, TritonEngine.backward(stats, saved, upstream, out)
+        grad = TritonEngine.backward(stats, saved, upstream)
+        if out is not None:
+            out.copy_(grad.reshape(out.shape))
+            return result, out
+        return result, grad
 
 
 def _guard(x: torch.Tensor):
