@@ -81,6 +81,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         start, stop = shards[rank]
         xr = x.narrow(0 if x.dim() == 1 else 1, start, stop - start).clone().requires_grad_()
         stats = nllloss.distributed.token_stats(xr, t, class_start=start, **options)
+        assert isinstance(stats, nllloss.TokenStats)
         torch.autograd.backward(list(stats[:3]), upstream)
         results[name] = [a.detach() for a in (*stats, xr.grad)]
     for name, (rows, chunk_rows, options) in LINEAR_CASES.items():

@@ -70,6 +70,8 @@ def test_nll_loss_with_stats_equals_torch(library, options, one_pass, rng):
     result = nllloss.nll_loss(to_library(library, x), to_library(library, t), from_logits=True,
                               return_stats=True, **options)  # fmt: skip
     assert isinstance(result, LossAndStats)
+    if library == "numpy":
+        assert isinstance(result.loss, np.ndarray)  # 0-d for 'mean' and 'sum', as nll_loss's
     x64, t64 = torch.from_numpy(x), torch.from_numpy(t)
     expected = _oracle_loss(x64, t64, weight, options)
     np.testing.assert_allclose(to_numpy(result.loss), expected.numpy(), rtol=1e-12, atol=1e-12)
@@ -149,6 +151,8 @@ def test_linear_cross_entropy_with_stats_equals_torch(library, options, one_pass
     result = nllloss.linear_cross_entropy(*arrays, linear_bias=to_library(library, b),
                                           chunk_rows=8, return_stats=True, **options)  # fmt: skip
     assert isinstance(result, LossAndStats)
+    if library == "numpy":
+        assert isinstance(result.loss, np.ndarray)
     logits = torch.from_numpy(h @ w.T + b)
     t64 = torch.from_numpy(t)
     expected = _oracle_loss(logits, t64, weight, options)

@@ -518,17 +518,18 @@ def loss_of(xp, problem: Problem, stats: TokenStats):
     dtype = _compute_dtype(xp, problem)
     valid, element_weight = _element_weights(xp, problem, dtype)
     zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(element_weight))
-    losses = -(element_weight * xp.reshape(xp.astype(stats.logprob, dtype), valid.shape))
+    # 0 - v logprob: +0, not -0, where ignored
+    losses = zero - element_weight * xp.reshape(xp.astype(stats.logprob, dtype), valid.shape)
     if problem.z_loss:
         lse = xp.reshape(xp.astype(stats.lse, dtype), valid.shape)
         losses = losses + xp.where(valid, problem.z_loss * element_weight * lse * lse, zero)
     if problem.reduction == "none":
         return xp.astype(xp.reshape(losses, problem.loss_shape), problem.input.dtype)
-    # (through shape (1,...): a 0-d array, not NumPy's scalar)
-    total = xp.reshape(xp.sum(losses, keepdims=True), ())
+    # kept as (1, ...) until the end: NumPy's 0-d sums and arithmetic give scalars
+    total = xp.sum(losses, keepdims=True)
     if problem.reduction == "mean":
         total = total / _mean_denominator(xp, problem, valid, element_weight)
-    return xp.astype(total, problem.input.dtype)
+    return xp.astype(xp.reshape(total, ()), problem.input.dtype)
 
 
 def _compute_dtype(xp, problem: Problem):

@@ -120,7 +120,7 @@ def token_stats(
         error = exc
     extra = (("temperature", temperature),)
     shard = _agreed(shard, error, group, "token_stats", _agreement.device_of(input_shard), extra)
-    return _ShardedStats.apply(shard.problem.input, shard, temperature, group)
+    return TokenStats(*_ShardedStats.apply(shard.problem.input, shard, temperature, group))
 
 
 def _local_shard(input, target, class_start, ignore_index, softcap, logits_shape=None):
