@@ -129,6 +129,12 @@ class Options:
     softcap: float | None = option(
         None, lambda value, options, context: _validate.check_softcap(value, options["from_logits"])
     )
+    # The per-token statistics of the logits with the loss (``_token_stats.loss_and_stats``):
+    # every route hands such a problem there, none of the loss engines computes it.
+    return_stats: bool = option(
+        False,
+        lambda value, options, context: _validate.check_return_stats(value, options["from_logits"]),
+    )
 
     def __post_init__(self):
         # Computed once per value: ``plain``, every engine's ``supports`` and the routes
