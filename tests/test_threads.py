@@ -409,3 +409,53 @@ def _openmp_vendor(env) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     return done.stdout
+
+
+# The same bits on threads and on one thread ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"softcap": 30.0},
+        {"softcap": 1e39},  # float32 input: the cap in float64
+        {"softcap": 0.5, "label_smoothing": 0.1, "z_loss": 1e-3},
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()) or "plain",
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(20_000, 10), (2, 5, 40_000)], ids=["rows", "tiles"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+def test_from_logits_kernels_give_the_same_bits_on_threads_and_one_thread(
+    monkeypatch, options, dtype, shape, probabilities
+):
+    import nllloss
+    from nllloss._cpu import _threads
+
+    rng = np.random.default_rng(3)
+    x = (4 * rng.standard_normal(shape)).astype(dtype)
+    if probabilities:
+        t = rng.random(shape).astype(dtype)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
+        t.reshape(-1)[::13] = -100
+
+    def results():
+        return [
+            nllloss.nll_loss_and_grad(x, t, from_logits=True, reduction=reduction, **options)
+            for reduction in ("mean", "none")
+        ]
+
+    monkeypatch.setattr(_threads, "_requested", _threads._requested)  # restored after
+    monkeypatch.setattr(_threads._Pace, "use_threads", lambda self: True)
+    before = _threads.runs["parallel"]
+    on_threads = results()
+    assert _threads.runs["parallel"] > before  # the threads' kernel ran
+    nllloss.set_num_threads(1)
+    on_one_thread = results()
+    for (loss, grad), (loss_1, grad_1) in zip(on_threads, on_one_thread):
+        assert loss.tobytes() == loss_1.tobytes()
+        assert grad.tobytes() == grad_1.tobytes()
