@@ -92,17 +92,23 @@ def layer_cases(shape, loss, settings, torch, nllloss_torch):
         layer = torch.nn.Conv2d(CHANNELS, classes, 1)
         target = torch.randint(0, classes, (shape[0], *shape[2:]), generator=generator)
     if loss == "cross_entropy":
-        criteria = {"torch": torch.nn.CrossEntropyLoss(), "nllloss": nllloss_torch.CrossEntropyLoss()}
-        prepare = lambda logits: logits  # noqa: E731
+        criteria = {
+            "torch": torch.nn.CrossEntropyLoss(),
+            "nllloss": nllloss_torch.CrossEntropyLoss(),
+        }
     else:
         criteria = {"torch": torch.nn.NLLLoss(), "nllloss": nllloss_torch.NLLLoss()}
-        prepare = lambda logits: torch.log_softmax(logits, dim=1)  # noqa: E731
+
+    def forward_loss(model, criterion):
+        logits = model(features)
+        return criterion(logits if loss == "cross_entropy" else logits.log_softmax(1), target)
+
     competitors = [
         Competitor(
             who,
             _stepper(
                 copy.deepcopy(layer),
-                lambda model, criterion=criterion: criterion(prepare(model(features)), target),
+                lambda model, criterion=criterion: forward_loss(model, criterion),
                 torch,
             ),
         )

@@ -456,6 +456,6 @@ def test_from_logits_kernels_give_the_same_bits_on_threads_and_one_thread(
     assert _threads.runs["parallel"] > before  # the threads' kernel ran
     nllloss.set_num_threads(1)
     on_one_thread = results()
-    for (loss, grad), (loss_1, grad_1) in zip(on_threads, on_one_thread):
+    for (loss, grad), (loss_1, grad_1) in zip(on_threads, on_one_thread, strict=True):
         assert loss.tobytes() == loss_1.tobytes()
         assert grad.tobytes() == grad_1.tobytes()
