@@ -463,6 +463,9 @@ def softmax_rows(
             )  # fmt: skip
 
 
+# inlined into softmax_rows (numba's IR): a call per row, passing some twenty arrays, cost
+# more than a row of 10 classes' work (one thread, 64 x 10 logits, fastest of 2000 calls
+# on a loaded 2-core machine: 29.5 us called, 19.3 us inlined; 512 x 10: 221 and 139 us)
 @numba.njit(fastmath=_FAST, error_model="numpy", inline="always")
 def _softmax_row(
     i, row, t1, p2, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
