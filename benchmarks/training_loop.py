@@ -54,13 +54,15 @@ LOSSES = ("cross_entropy", "nll")
 
 
 def _settings(quick: bool):
-    """Rounds of one step per competitor: at least 20 and 1 s each (quick: 8, 0.2 s)."""
+    """Rounds of one step per competitor: at least 30 and 2 s each (quick: 15, 0.5 s). On a
+    shared machine a step now and then waits 100 ms or more for a core, whatever its size:
+    fewer steps leave the median to chance."""
     from nllloss._bench import Settings
 
     # sample_time far below a step: one step per run, so the percentiles are per step
     if quick:
-        return Settings(warmup=2, min_runs=8, min_time=0.2, max_runs=100, sample_time=1e-9)
-    return Settings(warmup=3, min_runs=20, min_time=1.0, max_runs=400, sample_time=1e-9)
+        return Settings(warmup=2, min_runs=15, min_time=0.5, max_runs=200, sample_time=1e-9)
+    return Settings(warmup=3, min_runs=30, min_time=2.0, max_runs=400, sample_time=1e-9)
 
 
 def _stepper(model, forward_loss, torch):
