@@ -125,8 +125,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     import torch
-
-    from nllloss._bench import BusyMachine, environment, write_results
+    from harness import BusyMachine, environment, write_results
 
     busy = BusyMachine(args.busy)
     report = {

@@ -29,7 +29,7 @@ Cases:
   with 2,048 tokens.
 
 The two competitors of a case (copies of the same weights) race in interleaved rounds of
-one step each, in an order shuffled every round (``nllloss._bench.race``), so that the
+one step each, in an order shuffled every round (``harness.race``), so that the
 load of a shared machine falls on both alike: p10, median and p90 per step, and the ratio
 of medians (torch's over nllloss's: 1 or more, nllloss's step as fast or faster). The
 losses of the first step are compared. ``--busy`` starts one competing process that keeps
@@ -44,6 +44,8 @@ import json
 import sys
 from pathlib import Path
 
+from harness import BusyMachine, Competitor, Settings, environment, race, write_results
+
 SHAPES = ((64, 10), (4096, 1000), (8192, 32000), (1048576, 10), (8, 21, 256, 256))
 QUICK_SKIPPED = ((8192, 32000),)
 # (vocabulary, tokens) of the tiny Llama
@@ -57,7 +59,6 @@ def _settings(quick: bool):
     """Rounds of one step per competitor: at least 30 and 2 s each (quick: 15, 0.5 s). On a
     shared machine a step now and then waits 100 ms or more for a core, whatever its size:
     fewer steps leave the median to chance."""
-    from nllloss._bench import Settings
 
     # sample_time far below a step: one step per run, so the percentiles are per step
     if quick:
@@ -81,8 +82,6 @@ def _stepper(model, forward_loss, torch):
 
 def layer_cases(shape, loss, settings, torch, nllloss_torch):
     """{'torch' | 'nllloss': Timing} and the first steps' losses at one shape."""
-    from nllloss._bench import Competitor, race
-
     generator = torch.Generator().manual_seed(0)
     classes = shape[1]
     if len(shape) == 2:
@@ -124,7 +123,6 @@ def transformer_cases(vocab, tokens, settings, torch):
     import transformers
 
     import nllloss.transformers
-    from nllloss._bench import Competitor, race
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -163,8 +161,7 @@ def main(argv=None):
     import torch  # first, as in a training script
 
     import nllloss.torch
-    from nllloss._bench import BusyMachine, environment, write_results
-    from nllloss._cpu import _threads
+    from nllloss._kernels.cpu import _threads
 
     settings = _settings(args.quick)
     busy = BusyMachine(args.busy)
@@ -248,7 +245,7 @@ def markdown(report):
     lines += [
         "",
         f"nllloss's kernel calls: {runs.get('parallel')} on threads, {runs.get('serial')} on "
-        "one thread (each kernel picks the faster lately, `nllloss._cpu._threads`).",
+        "one thread (each kernel picks the faster lately, `nllloss._kernels.cpu._threads`).",
     ]
     return "\n".join(lines) + "\n"
 
