@@ -29,6 +29,7 @@ counts; other block sizes agree to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -249,20 +250,22 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     grads = None if upstream is None else algebra.gradients(linear, wants, out)
     losses = []
     for rows in linear.blocks():
-        hidden = linear.hidden[rows, ...]
-        logits = algebra.logits(linear, hidden, buffer)
-        block = linear.block_problem(logits, linear.block_arrays(rows))
-        if grads is None:
-            losses.append(linear.backend.forward(block))
-            continue
-        # The gradient over the logits where they live in the algebra's own buffer; arrays
-        # of the functional algebra may be immutable (JAX)
-        in_buffer = block.input if buffer is not None else None
-        loss, grad = linear.backend.forward_backward(
-            block, linear.upstream_rows(upstream, rows), out=in_buffer
-        )
-        losses.append(loss)
-        grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
+        with algebra.threads(linear, rows, grads is not None):
+            hidden = linear.hidden[rows, ...]
+            logits = algebra.logits(linear, hidden, buffer)
+            block = linear.block_problem(logits, linear.block_arrays(rows))
+            if grads is None:
+                losses.append(linear.backend.forward(block))
+                continue
+            # The gradient over the logits where they live in the algebra's own buffer;
+            # arrays of the functional algebra may be immutable (JAX)
+            in_buffer = block.input if buffer is not None else None
+            loss, grad = linear.backend.forward_backward(
+                block, linear.upstream_rows(upstream, rows), out=in_buffer
+            )
+            losses.append(loss)
+            grad = linear.xp.reshape(grad, logits.shape)
+            grads = algebra.add(linear, grads, rows, grad, hidden)
     loss = _combined(linear, losses, algebra.accumulation_dtype(linear))
     if grads is None:
         return loss, None, None, None
@@ -306,6 +309,11 @@ class NumpyAlgebra:
     @staticmethod
     def accumulation_dtype(linear: Linear):
         return np.float64
+
+    @staticmethod
+    def threads(linear: Linear, rows: slice, gradients: bool):
+        """The threads a block runs on: OpenBLAS's own (NumPy has no way to set them)."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def buffer(linear: Linear):
@@ -388,6 +396,11 @@ class FunctionalAlgebra:
     @staticmethod
     def accumulation_dtype(linear: Linear):
         return linear.hidden.dtype
+
+    @staticmethod
+    def threads(linear: Linear, rows: slice, gradients: bool):
+        """The threads a block runs on: the library's own."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def buffer(linear: Linear):
