@@ -2,8 +2,10 @@
 in torch, and the loss as a differentiable torch function.
 
 The blocks run as for NumPy (``_linear.run``), with ``torch.matmul``/``addmm_`` into
-preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
-(NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
+preallocated tensors, each block on torch's threads or on one thread, whichever has lately
+been faster (``TorchAlgebra.threads``); each block's loss and gradient take the torch route
+of ``nll_loss`` (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic
+path on CUDA).
 
 Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
 forward computes the gradients too, for an upstream gradient of 1, and the backward scales
