@@ -316,7 +316,7 @@ class NumpyAlgebra:
 
     @staticmethod
     def threads(linear: Linear, rows: slice, gradients: bool):
-        """The threads a block runs on: OpenBLAS's own (NumPy has no way to set them)."""
+        """The threads a block runs on: the BLAS's own (NumPy has no way to set them)."""
         return contextlib.nullcontext()
 
     @staticmethod
