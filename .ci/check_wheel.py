@@ -1,4 +1,5 @@
-"""CI: the built wheel and sdist carry LICENSE (and the wheel py.typed), and the installed
+"""CI: the built wheel and sdist carry LICENSE (and the wheel py.typed), the wheel no
+benchmark harness (``benchmarks/`` stays in the repository), and the installed
 ``nllloss --version`` prints the version written in ``src/nllloss/__init__.py``.
 
 Usage: ``python .ci/check_wheel.py DIST_DIR`` after ``pip wheel``/``build`` wrote there and
@@ -28,6 +29,9 @@ def main(dist: Path) -> int:
         problems.append(f"{wheel.name} holds no LICENSE")
     if "nllloss/py.typed" not in names:
         problems.append(f"{wheel.name} holds no nllloss/py.typed")
+    benchmark = [name for name in names if "bench" in name or "harness" in name]
+    if benchmark:
+        problems.append(f"{wheel.name} holds the benchmark: {', '.join(benchmark)}")
     for sdist in dist.glob(f"nllloss-{version}.tar.gz"):
         if f"nllloss-{version}/LICENSE" not in tarfile.open(sdist).getnames():
             problems.append(f"{sdist.name} holds no LICENSE")
@@ -39,7 +43,10 @@ def main(dist: Path) -> int:
     for problem in problems:
         print(f"check_wheel: {problem}", file=sys.stderr)
     if not problems:
-        print(f"check_wheel: {wheel.name} holds LICENSE and py.typed; --version says {version}")
+        print(
+            f"check_wheel: {wheel.name} holds LICENSE and py.typed, no benchmark; "
+            f"--version says {version}"
+        )
     return 1 if problems else 0
 
 

@@ -9,7 +9,7 @@ forward, and forward + ``loss.backward()`` (a fresh leaf each call). JAX: ``jax.
 ``nllloss.nll_loss`` against ``jax.jit`` of the hand-written equivalent (the default
 ``ignore_index=-100`` masked, the mean over the rest), forward and ``value_and_grad``.
 float32, 'mean', log-probability input with 10% of the targets ignored. Each pair races in
-interleaved rounds (``nllloss._bench.race``); ratios are between medians of one race.
+interleaved rounds (``harness.race``); ratios are between medians of one race.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from nllloss._bench import FULL, QUICK, Competitor, environment, race
+from harness import FULL, QUICK, Competitor, environment, race
 
 SHAPES = ((64, 10), (4096, 1000), (8192, 32000), (8, 21, 256, 256))
 

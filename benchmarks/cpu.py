@@ -2,14 +2,14 @@
 
 Usage: ``python benchmarks/cpu.py [--quick] [--shapes 4096x1000 ...] [--dtype float32 ...]``;
 ``--help`` lists the options, ``benchmarks/README.md`` explains the output. The harness itself
-is ``nllloss._bench`` (also reachable as ``python -m nllloss bench``).
+is ``benchmarks/harness.py``.
 """
 
 from __future__ import annotations
 
 import sys
 
-from nllloss._bench import main
+from harness import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 import torch.nn.functional as F
+from harness import CpuMeter, _cpu_model, _git_revision, _load_average
 
 import nllloss
 import nllloss.distributed
-from nllloss._bench import CpuMeter, _cpu_model, _git_revision, _load_average
 
 VARIANTS = {
     "logits": {"from_logits": True},

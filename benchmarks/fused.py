@@ -13,7 +13,7 @@ probabilities (torch: ``cross_entropy`` with probability targets); ``z_loss`` an
 each option and without, raced together (interleaved rounds), forward and forward+backward
 with ``out=``.
 
-Time: for each shape, the competitors race in interleaved rounds (``nllloss._bench.race``),
+Time: for each shape, the competitors race in interleaved rounds (``harness.race``),
 medians of one race, ratios against torch from the same race. Forward is the mean loss;
 forward+backward is the loss and the gradient of the input (torch: autograd through
 ``cross_entropy``; nllloss: ``nll_loss_and_grad`` on NumPy, once with a fresh gradient and
@@ -40,8 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from nllloss._bench import FULL, QUICK, BusyMachine, Competitor, environment, race, write_results
+from harness import FULL, QUICK, BusyMachine, Competitor, environment, race, write_results
 
 SHAPES = ((8192, 32000), (8, 21, 256, 256), (4096, 1000))
 # name: the options of nll_loss besides from_logits=True ("probabilities": the target form)

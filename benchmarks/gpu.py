@@ -158,10 +158,10 @@ def run(out: Path, cases, *, reps, compile_, liger, smoke, budget=None) -> list[
     each one; returns the rows."""
     import torch
 
-    from nllloss import _triton
+    from nllloss._kernels import triton as triton_kernels
 
     started = time.perf_counter()
-    launch = _triton._load()
+    launch = triton_kernels.load()
     device = "cpu" if smoke else "cuda"
     if launch is None or not (smoke or torch.cuda.is_available()):
         raise SystemExit("needs a CUDA GPU and triton")

@@ -450,9 +450,9 @@ def child_env(data, save, smoke, budget):
         return found if where is None else f"{found} from {where}"
 
     import nllloss
-    from nllloss import _triton
+    from nllloss._kernels import triton as triton_kernels
 
-    launch = _triton._load()
+    launch = triton_kernels.load()
     cuda = torch.cuda.is_available()
     extra = {
         "nllloss": f"{nllloss.__version__} from {Path(nllloss.__file__).parent}",
@@ -495,9 +495,9 @@ def child_determinism(data, save, smoke, budget):
     import torch
     import torch.nn.functional as F
 
-    from nllloss import _triton
+    from nllloss._kernels import triton as triton_kernels
 
-    launch = gpu.Unpacked(_triton._load())
+    launch = gpu.Unpacked(triton_kernels.load())
     device = "cpu" if smoke else "cuda"
     cases = [
         ("2-D from logits, weight, smoothing 0.1, mean", (16384, 32000), torch.bfloat16,
@@ -592,10 +592,10 @@ def child_sweep(data, save, smoke, budget):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu
 
-    from nllloss import _triton
-    from nllloss._triton import _launch
+    from nllloss._kernels import triton as triton_kernels
+    from nllloss._kernels.triton import _launch
 
-    launch = gpu.Unpacked(_triton._load())
+    launch = gpu.Unpacked(triton_kernels.load())
     device = "cpu" if smoke else "cuda"
     bench = gpu.Bench(torch, launch, 1 if smoke else 10, False, False, device)
     two_d, kdim = ((16384, 32000), torch.bfloat16), ((16, 21, 512, 512), torch.float32)

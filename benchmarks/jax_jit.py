@@ -9,7 +9,7 @@ Each case is ``jax.jit(jax.value_and_grad(loss))`` of the mean cross-entropy of 
 logits ``(N, C)`` against integer labels (no label ignored, so that both compute the same
 number): ``nllloss.nll_loss(z, t, from_logits=True)`` against
 ``optax.softmax_cross_entropy_with_integer_labels(z, t).mean()``, and the forward alone
-(``jax.jit(loss)``). The two race in interleaved rounds (``nllloss._bench.race``): the
+(``jax.jit(loss)``). The two race in interleaved rounds (``harness.race``): the
 table gives p10, median and p90 per call in ms, and the ratio of medians of one race
 (ours / optax: at most 1, ours as fast or faster). The machine may be shared: compare
 within one run only.
@@ -29,7 +29,7 @@ SHAPES = ((1024, 1000), (8192, 32000))
 
 def races(shape, settings, jax, optax, nllloss):
     """{'forward' | 'forward+backward': {name: Timing}} at one shape."""
-    from nllloss._bench import Competitor, race
+    from harness import Competitor, race
 
     jnp = jax.numpy
     rng = np.random.default_rng(0)
@@ -68,9 +68,9 @@ def main(argv=None):
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     import jax
     import optax
+    from harness import FULL, QUICK, BusyMachine, environment, write_results
 
     import nllloss
-    from nllloss._bench import FULL, QUICK, BusyMachine, environment, write_results
 
     busy = BusyMachine(args.busy)
     report = {"environment": None, "busy": args.busy, "load": busy.describe(), "cases": []}

@@ -24,7 +24,7 @@ torch, one thread each, ``time.process_time``, so that other jobs on a shared ma
 not count): per block size, the block's logits product, its loss pass (the fused kernel,
 in place), and the two gradient products as the blocks make them, each summed over the
 blocks (fastest of 3); beside the three full-size products of the same shape. The
-measurement behind ``_linear.MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``.
+measurement behind ``nllloss._hidden_states.blocks.MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``.
 The machine may be shared: compare within one run only.
 """
 
@@ -111,7 +111,7 @@ print(statistics.median(times), peak)
 _PROFILE = r"""
 import os, sys, time
 import numpy as np, torch, nllloss
-from nllloss import _linear
+from nllloss import _hidden_states
 torch.set_num_threads(1)
 nllloss.set_num_threads(1)
 library, (N, D, V), rows_list = {library!r}, {shape!r}, {rows!r}
@@ -138,8 +138,8 @@ full = [
 print("full", *full)
 upstream = np.float32(1.0) if library == "numpy" else torch.ones(())
 for rows in rows_list:
-    linear = _linear.build(h, w, t, None, None, "mean", -100, {{}}, rows)
-    algebra = _linear._algebra(linear)
+    linear = _hidden_states.build(h, w, t, None, None, "mean", -100, {{}}, rows)
+    algebra = linear.algebra
     buffer = algebra.buffer(linear)
     parts = [0.0, 0.0, 0.0]
     for block in linear.blocks():
@@ -240,8 +240,7 @@ def main(argv=None):
         print(profile(args.shapes))
         return 0
     import torch
-
-    from nllloss._bench import BusyMachine, environment, write_results
+    from harness import BusyMachine, environment, write_results
 
     busy = BusyMachine(args.busy)
     report = {

@@ -66,7 +66,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cpu() -> str:
-    """``nll_loss`` on NumPy against ``F.nll_loss`` (``nllloss bench``), float32 'mean'."""
+    """``nll_loss`` on NumPy against ``F.nll_loss`` (``benchmarks/cpu.py``), float32 'mean'."""
     data = _load("cpu-latest.json")
     rows = []
     for case in data["cases"]:

@@ -156,8 +156,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
     import transformers
-
-    from nllloss._bench import environment
+    from harness import environment
 
     report = {
         "tokens": args.tokens,

@@ -131,13 +131,14 @@ def assert_bitwise(actual, expected) -> None:
 @pytest.fixture(params=["compiled", "generic"], autouse=True)
 def numpy_engine(request, monkeypatch):
     """Every test runs on both NumPy backends: the numba kernels and the generic path."""
-    from nllloss import _cpu, _dispatch, _generic
+    from nllloss import _generic, _routes
+    from nllloss._kernels import cpu
 
     if request.param == "compiled":
-        assert not isinstance(_cpu.backend(), _generic.Backend), "the numba kernels did not load"
+        assert not isinstance(cpu.backend(), _generic.Backend), "the numba kernels did not load"
     else:
-        monkeypatch.setattr(_cpu, "backend", _cpu._generic_numpy)
-        monkeypatch.setattr(_dispatch, "_BACKENDS", {})
+        monkeypatch.setattr(cpu, "backend", cpu.generic_numpy)
+        monkeypatch.setattr(_routes, "_BACKENDS", {})
     return request.param
 
 

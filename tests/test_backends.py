@@ -341,9 +341,9 @@ class TestTorchIntegration:
 
     @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
     def test_operator_path_is_bitwise_torch(self, reduction, rng, monkeypatch):
-        from nllloss import _torch_ops
+        from nllloss._torch import engines
 
-        monkeypatch.setattr(_torch_ops, "TORCH_KERNEL_MAX", 0)  # force the custom operator
+        monkeypatch.setattr(engines, "TORCH_KERNEL_MAX", 0)  # force the custom operator
         x, t, w = self.problem(rng)
         ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
         loss = nllloss.nll_loss(ours, t, weight=w, reduction=reduction)
@@ -358,12 +358,12 @@ class TestTorchIntegration:
     def test_compiles_without_graph_breaks(self, path, rng, monkeypatch):
         import torch._dynamo as dynamo
 
-        from nllloss import _torch_ops
+        from nllloss._torch import engines
 
         x, t, w = self.problem(rng)
         expected = F.nll_loss(x, t, weight=w).numpy()
         if path == "operator":  # a training call (needing a gradient) on a "large" input
-            monkeypatch.setattr(_torch_ops, "TORCH_KERNEL_MAX", 0)
+            monkeypatch.setattr(engines, "TORCH_KERNEL_MAX", 0)
             x.requires_grad_()
         dynamo.reset()
         explanation = dynamo.explain(lambda a: nllloss.nll_loss(a, t, weight=w))(x)
@@ -376,9 +376,9 @@ class TestTorchIntegration:
 
     @pytest.mark.parametrize("reduction", ["none", "sum"])
     def test_double_backward_matches_torch(self, reduction, rng, monkeypatch):
-        from nllloss import _torch_ops
+        from nllloss._torch import engines
 
-        monkeypatch.setattr(_torch_ops, "TORCH_KERNEL_MAX", 0)
+        monkeypatch.setattr(engines, "TORCH_KERNEL_MAX", 0)
         x, t, w = self.problem(rng, rows=40)
         results = []
         for loss_fn in (nllloss.nll_loss, F.nll_loss):

@@ -54,9 +54,9 @@ def canary(monkeypatch):
 def _with_canary(monkeypatch):
     # Modules loaded on first use read the declaration when they load (the operators'
     # schema): loaded first, they keep the real one.
-    import nllloss._linear_jax
-    import nllloss._linear_torch
-    import nllloss._torch_ops  # noqa: F401
+    import nllloss._hidden_states.jax
+    import nllloss._hidden_states.torch
+    import nllloss._torch.autograd  # noqa: F401
 
     monkeypatch.setattr(_options, "Options", Canary)
     given = _options.given
@@ -231,7 +231,7 @@ def test_triton_interpreted_leaves_it_to_another_engine(monkeypatch):
     """bfloat16 CPU tensors reach the Triton kernels under the interpreter switch: they
     do not declare the canary, so another engine computes it."""
     pytest.importorskip("triton")
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
 

@@ -322,13 +322,13 @@ def test_bitwise_beyond_the_first_cascade_levels(dtype, rng):
 )  # fmt: skip
 @pytest.mark.parametrize("spatial", [(), (64,)], ids=["2d", "3d"])
 def test_gradients_past_the_zeroed_allocation_size(dtype, reduction, spatial, rng):
-    """From ``_cpu.ZEROED_GRADIENT_MIN_BYTES`` on a new gradient starts as zeros and only
+    """From ``cpu.ZEROED_GRADIENT_MIN_BYTES`` on a new gradient starts as zeros and only
     the targets are written: the same values as torch's, ignored and weighted elements
     included (float16 covers the 16-bit bit patterns)."""
-    from nllloss import _cpu
+    from nllloss._kernels import cpu
 
     classes = 8
-    elements = _cpu.ZEROED_GRADIENT_MIN_BYTES // np.dtype(dtype).itemsize
+    elements = cpu.ZEROED_GRADIENT_MIN_BYTES // np.dtype(dtype).itemsize
     problem = make_problem(
         rng,
         kind="2d" if not spatial else "3d",
@@ -341,5 +341,5 @@ def test_gradients_past_the_zeroed_allocation_size(dtype, reduction, spatial, rn
         ignored_fraction=0.3,
         reduction=reduction,
     )
-    assert problem.input.nbytes >= _cpu.ZEROED_GRADIENT_MIN_BYTES
+    assert problem.input.nbytes >= cpu.ZEROED_GRADIENT_MIN_BYTES
     check_against_torch(problem, rng)

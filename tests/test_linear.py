@@ -258,8 +258,8 @@ def test_thread_counts_give_the_same_bits():
 def test_torch_blocks_on_one_thread_give_the_same_bits_and_restore_the_count(monkeypatch):
     """Blocks that run on one thread (``TorchAlgebra.threads``) compute what threads do, and
     torch's thread count is restored after each, also when the block raises."""
-    from nllloss import _linear_torch
-    from nllloss._cpu._threads import Pace
+    from nllloss._hidden_states import torch as _linear_torch
+    from nllloss._kernels.cpu._threads import Pace
 
     h, w, b, t = map(torch.from_numpy, _case(300, 32, 500, bias=True))
     seen = []
@@ -302,7 +302,7 @@ def test_torch_blocks_learn_one_thread_where_it_is_faster(monkeypatch):
     twice as long on threads run on one thread next, then threads are tried again."""
     import types
 
-    from nllloss import _linear_torch
+    from nllloss._hidden_states import torch as _linear_torch
 
     h, w, _, t = _case(64, 16, 300)
     h, w, t = map(torch.from_numpy, (h, w, t))

@@ -3,9 +3,9 @@
 Each layer runs in its own subprocess (numba picks its layer once per process): the parent
 of the probes first runs parallel kernels (the pool starts), then computes the same losses
 and gradients in a forked child, a fork ``multiprocessing.Pool``, torch ``DataLoader``
-workers and 8 concurrent threads. Without ``_cpu._threads``, GNU OpenMP kills the forked
-child (and hangs the pool), and ``workqueue`` aborts the process under the threads. Every
-result must equal torch's, computed here in the test process.
+workers and 8 concurrent threads. Without ``nllloss._kernels.cpu._threads``, GNU OpenMP
+kills the forked child (and hangs the pool), and ``workqueue`` aborts the process under the
+threads. Every result must equal torch's, computed here in the test process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 240  # seconds for one layer's probes; a hang fails instead
 
-# Large enough for the parallel kernels (_cpu._threads.PARALLEL_MIN elements and beyond).
+# Large enough for the parallel kernels (``_kernels.cpu._threads.PARALLEL_MIN`` elements and
+# beyond).
 N, C = 70_000, 4
 
 PROBES = textwrap.dedent(
@@ -196,7 +197,7 @@ PROCESS_WIDE = textwrap.dedent(
     import numba
     import numpy as np
     import nllloss
-    from nllloss._cpu import _threads
+    from nllloss._kernels.cpu import _threads
 
     # What a parallel kernel's region would use: numba's count in the calling thread.
     probe = _threads.Guarded(numba.get_num_threads, lambda: "serial")
@@ -274,7 +275,7 @@ def test_set_num_threads_without_numba_checks_and_records():
 
 
 def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
-    from nllloss._cpu._threads import Pace
+    from nllloss._kernels.cpu._threads import Pace
 
     pace = Pace()
     assert pace.use_threads()  # nothing timed: the threads first
@@ -289,7 +290,7 @@ def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
 def test_pace_retries_losing_threads_ever_less_often():
     """While one thread wins, the threads are tried after 1, 4, 16, ... calls, at most
     PROBE_MAX; a try that wins brings them back at once."""
-    from nllloss._cpu._threads import PROBE_MAX, Pace
+    from nllloss._kernels.cpu._threads import PROBE_MAX, Pace
 
     pace = Pace()
     pace.record(True, 5.0)
@@ -313,7 +314,7 @@ def test_pace_retries_losing_threads_ever_less_often():
 def test_pace_ignores_one_slow_call():
     """The median of the last three timings decides: one slow call (a page fault, a
     preemption) does not hand the kernel to one thread."""
-    from nllloss._cpu._threads import Pace
+    from nllloss._kernels.cpu._threads import Pace
 
     pace = Pace()
     pace.record(True, 1.0)
@@ -328,7 +329,7 @@ RUN_CHOICES = textwrap.dedent(
     """
     import numpy as np
     import nllloss
-    from nllloss._cpu import _threads
+    from nllloss._kernels.cpu import _threads
 
     x = np.log(np.full((70_000, 4), 0.25, np.float32))
     t = np.arange(70_000) % 4

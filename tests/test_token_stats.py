@@ -286,14 +286,15 @@ def test_torch_compile_fullgraph(rng):
 
 
 def test_kernels_agree_with_the_generic_path_and_threads(rng):
-    from nllloss import _cpu, _stats
+    from nllloss import _token_stats as _stats
+    from nllloss._kernels import cpu as _cpu
 
     x, t = make_case(rng, (300, 700))
     x = x.astype(np.float32)
     build = _stats._build(x, t, 0.9, 3.0, IGNORE)[1]
     upstream = _stats.Upstream(*_upstream(rng, t.shape))
     kernel_stats, kernel_grad = _stats.NumbaEngine.forward_backward(build, upstream)
-    generic = _stats.generic_engine(_cpu._generic_numpy().xp)
+    generic = _stats.generic_engine(_cpu.generic_numpy().xp)
     generic_stats, generic_grad = generic.forward_backward(build, upstream)
     for a, b in zip(kernel_stats, generic_stats, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
@@ -477,7 +478,7 @@ def triton_stats(monkeypatch):
     """The Triton engine, with tiles of 16 classes so that rows span several tiles."""
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from nllloss._triton import _stats as triton_stats
+    from nllloss._kernels.triton import _stats as triton_stats
 
     monkeypatch.setattr(triton_stats, "BLOCK_C", 16)
     return triton_stats
@@ -486,7 +487,8 @@ def triton_stats(monkeypatch):
 @pytest.mark.parametrize(("temperature", "softcap"), OPTIONS)
 @pytest.mark.parametrize("shape", [(6, 37), (37,)])
 def test_triton_values_and_gradient(triton_stats, shape, temperature, softcap, rng):
-    from nllloss import _stats, _stats_torch
+    from nllloss import _token_stats as _stats
+    from nllloss._token_stats import torch as _stats_torch
 
     x, t = make_case(rng, shape)
     x = x.astype(np.float32)
@@ -506,7 +508,7 @@ def test_triton_values_and_gradient(triton_stats, shape, temperature, softcap, r
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_sixteen_bit_and_bad_target(triton_stats, dtype, rng):
-    from nllloss import _stats
+    from nllloss import _token_stats as _stats
 
     x, t = make_case(rng, (5, 20), extreme=False)
     xt = torch.from_numpy(x).to(dtype)

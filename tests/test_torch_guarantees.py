@@ -44,9 +44,9 @@ def numpy_engine():
 @pytest.fixture
 def ours_only(monkeypatch):
     """Small float32/float64 CPU calls go to our engines, not to torch's own kernel."""
-    from nllloss import _torch_ops
+    from nllloss._torch import engines
 
-    monkeypatch.setattr(_torch_ops, "TORCH_KERNEL_MAX", 0)
+    monkeypatch.setattr(engines, "TORCH_KERNEL_MAX", 0)
 
 
 def reference(
@@ -312,14 +312,16 @@ NLL_OPTIONS = {
 def test_nll_loss_gradgradcheck(option, reduction, engine, monkeypatch, rng):
     """Every torch route of a CPU tensor: torch's kernel for small plain calls, else
     NumPy's kernels or the generic path; weights on."""
-    from nllloss import _cpu, _dispatch, _torch_ops
+    from nllloss import _routes
+    from nllloss._kernels import cpu
+    from nllloss._torch import engines
 
     options = dict(NLL_OPTIONS[option])
     if engine != "torch kernel":
-        monkeypatch.setattr(_torch_ops, "TORCH_KERNEL_MAX", 0)
+        monkeypatch.setattr(engines, "TORCH_KERNEL_MAX", 0)
     if engine == "generic":
-        monkeypatch.setattr(_cpu, "backend", _cpu._generic_numpy)
-        monkeypatch.setattr(_dispatch, "_BACKENDS", {})
+        monkeypatch.setattr(cpu, "backend", cpu.generic_numpy)
+        monkeypatch.setattr(_routes, "_BACKENDS", {})
     x, t, p, w = logits_case(rng)
     t = p if options.pop("probabilities", False) else ignoring(t, options)
     x.requires_grad_()

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import nllloss
-from nllloss import _triton, _validate
+from nllloss import _validate
 from nllloss._builder import build
+from nllloss._kernels import triton as triton_kernels
 from nllloss._options import Options, declaration, option
 
 CUDA = torch.cuda.is_available()
@@ -35,7 +36,7 @@ if not CUDA:
     # conftest sets it before anything imports triton, which reads it then (this line
     # serves runs without conftest)
     os.environ["TRITON_INTERPRET"] = "1"
-launch = _triton._load()
+launch = triton_kernels.load()
 # The environment switch that lets the torch operators pick the kernels for DEVICE tensors
 OPT_IN = ("NLLLOSS_TRITON", "1") if CUDA else ("NLLLOSS_TRITON_INTERPRET", "1")
 
@@ -80,12 +81,12 @@ def test_kernels_are_served(monkeypatch):
     monkeypatch.setenv(*OPT_IN)
     x = torch.zeros(2, 3, device=DEVICE)
     t = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is launch
     if CUDA:  # asked for by name: what the kernels do not compute is refused
         with pytest.raises(ValueError, match=r"which do not compute input dtype torch\.float64"):
-            _triton.launcher_for(_fake_problem(x.double(), t))
+            triton_kernels.launcher_for(_fake_problem(x.double(), t))
     else:  # the interpreter switch: another engine computes it
-        assert _triton.launcher_for(_fake_problem(x.double(), t)) is None
+        assert triton_kernels.launcher_for(_fake_problem(x.double(), t)) is None
 
 
 def _input(layout: str, dtype, from_logits: bool, generator):
@@ -194,7 +195,7 @@ def test_matches_torch(layout, dtype, from_logits, label_smoothing, weighted, re
 def test_many_class_and_position_blocks(monkeypatch):
     """Tiles smaller than the rows: the class loop, the online log-sum-exp across blocks,
     masked tails, and many partial sums added by the final reduction."""
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
         monkeypatch.setattr(_launch, name, 64)
@@ -511,42 +512,43 @@ def test_cuda_tensors_take_the_kernels_only_when_opted_in(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("NLLLOSS_TRITON", raising=False)
     # flipped (with this line) in the change that commits a passing GPU check
-    assert _triton._DEFAULT is False
-    assert not _triton.enabled()
-    assert _triton.launcher_for(_fake_problem(x, t)) is None
+    assert triton_kernels._DEFAULT is False
+    assert not triton_kernels.enabled()
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "")
-    assert _triton.launcher_for(_fake_problem(x, t)) is None
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
-    assert _triton.launcher_for(_fake_problem(x, t)) is None
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is None
     monkeypatch.setenv("NLLLOSS_TRITON", "1")
-    assert _triton.enabled()
-    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    assert triton_kernels.enabled()
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is launch
     # asked for by name, the kernels refuse what they do not compute rather than hand it on
     with pytest.raises(ValueError, match=r"NLLLOSS_TRITON=1 asks for the Triton kernels, which do not compute input dtype torch.float64"):  # noqa: E501
-        _triton.launcher_for(_fake_problem(_cuda_looking(torch.float64), t))
+        triton_kernels.launcher_for(_fake_problem(_cuda_looking(torch.float64), t))
     # the interpreter switch is the tests' way in: it enables the kernels too
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
     monkeypatch.setenv("NLLLOSS_TRITON_INTERPRET", "1")
-    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is launch
     # when the default flips, unset means yes and 0 still opts out
-    monkeypatch.setattr(_triton, "_DEFAULT", True)
+    monkeypatch.setattr(triton_kernels, "_DEFAULT", True)
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET")
     monkeypatch.delenv("NLLLOSS_TRITON")
-    assert _triton.launcher_for(_fake_problem(x, t)) is launch
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is launch
     monkeypatch.setenv("NLLLOSS_TRITON", "0")
-    assert _triton.launcher_for(_fake_problem(x, t)) is None
+    assert triton_kernels.launcher_for(_fake_problem(x, t)) is None
 
 
 def test_a_misspelt_switch_is_refused(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("NLLLOSS_TRITON", "yes")
+    target = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(ValueError, match="NLLLOSS_TRITON must be '0', '1' or unset, got 'yes'"):
-        _triton.launcher_for(_fake_problem(_cuda_looking(), torch.zeros(2, dtype=torch.int64)))
+        triton_kernels.launcher_for(_fake_problem(_cuda_looking(), target))
 
 
 @pytest.mark.skipif(not CUDA, reason="the default route of real CUDA tensors")
 def test_cuda_tensors_do_not_reach_the_kernels_by_default(monkeypatch):
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     monkeypatch.delenv("NLLLOSS_TRITON", raising=False)
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
@@ -618,7 +620,7 @@ def test_a_training_step_reads_the_logits_once_and_syncs_at_most_once(
 ):
     """forward + backward(saved): one pass over x each, nothing recomputed; the fused
     entry: one pass in all. One host sync with the target check, none without."""
-    from nllloss._triton import _kernels, _launch
+    from nllloss._kernels.triton import _kernels, _launch
 
     log, syncs = [], []
     monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))
@@ -659,7 +661,7 @@ def test_an_autograd_training_step_reads_the_input_once_and_syncs_at_most_once(
     """The same through nllloss.nll_loss and autograd (bfloat16 CPU tensors stand in for
     CUDA ones without a GPU): the backward neither reads x again nor checks the targets
     again, whatever the upstream gradient."""
-    from nllloss._triton import _kernels, _launch
+    from nllloss._kernels.triton import _kernels, _launch
 
     monkeypatch.setenv(*OPT_IN)
     log, syncs = [], []
@@ -721,14 +723,17 @@ def test_cpu_tensors_are_not_served_without_the_interpreter_switch(monkeypatch):
     monkeypatch.delenv("NLLLOSS_TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("NLLLOSS_TRITON", "1")  # CUDA tensors only
     x = torch.zeros(2, 3)
-    assert _triton.launcher_for(_fake_problem(x, torch.zeros(2, dtype=torch.int64))) is None
+    assert triton_kernels.launcher_for(_fake_problem(x, torch.zeros(2, dtype=torch.int64))) is None
 
 
 def test_importing_nllloss_imports_no_triton():
     import subprocess
     import sys
 
-    code = "import sys, nllloss, nllloss._triton; assert 'triton' not in sys.modules, 'triton'"
+    code = (
+        "import sys, nllloss, nllloss._kernels.triton; "
+        "assert 'triton' not in sys.modules, 'triton'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -752,7 +757,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nllloss._triton import _kernels as K
+from nllloss._kernels.triton import _kernels as K
 
 
 def build(kernel, types, constants):
@@ -811,7 +816,7 @@ def test_torch_operators_route_to_the_kernels(options, monkeypatch):
     opted in (without a GPU, bfloat16 CPU tensors under the interpreter stand in for CUDA
     tensors): from logits, one fused pass writes the loss and the gradient; on
     log-probabilities the forward reads x[t] and the backward writes the gradient."""
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     monkeypatch.setenv(*OPT_IN)
     calls = []
@@ -999,7 +1004,7 @@ def test_options_match_torch(case, shape, dtype, reduction, request):
 
 def _spy_on_launches(monkeypatch):
     """The names of the launcher's entry points as the torch route calls them."""
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     calls = []
     for name in ("forward", "backward", "forward_backward"):
@@ -1024,10 +1029,10 @@ def test_options_through_autograd_run_the_kernels(case, shape, dtype, reduction,
     pass of the kernels computes the loss and the gradient (without a GPU, CPU tensors under
     the interpreter stand in for CUDA ones; float16/float32 CPU tensors, which the NumPy
     engine takes by default, are sent to the kernels too)."""
-    from nllloss import _torch_ops
+    from nllloss._torch import engines
 
     monkeypatch.setenv(*OPT_IN)
-    monkeypatch.setattr(_torch_ops, "_EXACT_ON_NUMPY", ())
+    monkeypatch.setattr(engines, "EXACT_ON_NUMPY", ())
     calls = _spy_on_launches(monkeypatch)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{case}{shape}{dtype}".encode()))
     x, target, weight, options = _option_input(shape, OPTION_CASES[case], dtype, generator)
@@ -1050,7 +1055,7 @@ def test_options_through_autograd_run_the_kernels(case, shape, dtype, reduction,
 def test_options_over_many_class_and_position_blocks(case, monkeypatch):
     """Tiles smaller than the rows: the running maximum that probability targets are
     re-centred on moves across class blocks, and the cap and z-loss apply per block."""
-    from nllloss._triton import _launch
+    from nllloss._kernels.triton import _launch
 
     for name in ("_TILE", "_TILE_INTERPRETED", "_GATHER_ROWS"):
         monkeypatch.setattr(_launch, name, 64)
@@ -1095,7 +1100,7 @@ def test_options_over_many_class_and_position_blocks(case, monkeypatch):
 def test_probability_targets_read_the_logits_once_and_never_sync(reduction, monkeypatch):
     """Probability targets have nothing to check: a training step (forward + backward with
     saved, or the fused entry) reads x once per pass and never reads a value back."""
-    from nllloss._triton import _kernels, _launch
+    from nllloss._kernels.triton import _kernels, _launch
 
     log, syncs = [], []
     monkeypatch.setattr(_launch, "_kernels", _CountingKernels(_kernels, log))

@@ -5,10 +5,10 @@
 array(1.)
 """
 
-from ._cpu._threads import set_num_threads
-from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
+from ._hidden_states import linear_cross_entropy, linear_cross_entropy_and_grad
+from ._kernels.cpu._threads import set_num_threads
 from ._loss import NLLLoss, nll_loss, nll_loss_and_grad, nll_loss_backward, total_weight
-from ._stats import (
+from ._token_stats import (
     LossAndStats,
     TokenStats,
     linear_token_stats,

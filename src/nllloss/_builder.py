@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import _options, _validate
-from ._dispatch import as_array, backend_for, like_input
 from ._problem import Problem, layout_of, resolved_reduction
+from ._routes import as_array, backend_for, like_input
 
 
 def build(
@@ -24,7 +24,7 @@ def build(
 
     ``reduction`` is already checked (its warnings point at the public caller);
     ``options`` maps option names to the values given (``_options.given``).
-    ``logits_shape`` is given by the loss from hidden states (``_linear``): the input is
+    ``logits_shape`` is given by the loss from hidden states (``_hidden_states``): the input is
     then the hidden states, which fix the library, device and dtype, and the problem is
     that of logits of this shape, which are never formed whole.
     """

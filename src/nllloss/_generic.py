@@ -46,7 +46,7 @@ class _Targets:
     bad: Any  # (M,) bool where a target is out of range (values not inspectable), or None
 
 
-def _index_dtype(xp):
+def index_dtype(xp):
     """The namespace's indexing dtype: int64 usually, int32 for JAX without x64."""
     try:
         return xp.__array_namespace_info__().default_dtypes()["indexing"]
@@ -54,7 +54,7 @@ def _index_dtype(xp):
         return xp.int64
 
 
-def _compute_dtype(xp, dtype):
+def compute_dtype(xp, dtype):
     return xp.float32 if computes_in_float32(dtype) else dtype
 
 
@@ -130,9 +130,9 @@ def _select(backend: Backend, problem: Problem) -> _Targets:
     if bad is not None:
         valid = valid & ~bad
         bad = xp.reshape(bad, (-1,))
-    index = xp.expand_dims(xp.where(valid, xp.astype(target, _index_dtype(xp)), 0), axis=1)
+    index = xp.expand_dims(xp.where(valid, xp.astype(target, index_dtype(xp)), 0), axis=1)
     valid = xp.reshape(valid, (-1,))
-    dtype = _compute_dtype(xp, x.dtype)
+    dtype = compute_dtype(xp, x.dtype)
     weight = None
     if problem.weight is not None:
         if layout.classes == 0:
@@ -207,14 +207,14 @@ def _pick(xp, x, targets: _Targets, layout: Layout, minus=()):
     zero = xp.zeros((), dtype=targets.dtype, device=targets.device)
     if layout.classes == 0 or layout.size == 0:
         return xp.zeros((layout.size,), dtype=targets.dtype, device=targets.device), None
-    raw = _take_classes(xp, _batched(xp, x, layout), targets.index)
+    raw = take_classes(xp, _batched(xp, x, layout), targets.index)
     for term in minus:
         raw = raw - term
     raw = xp.astype(xp.reshape(raw, (-1,)), targets.dtype)
     return xp.where(targets.valid, raw, zero), raw
 
 
-def _take_classes(xp, x, index):
+def take_classes(xp, x, index):
     """``take_along_axis(x, index, axis=1)``, also for namespaces without it (Dask)."""
     if hasattr(xp, "take_along_axis"):
         return xp.take_along_axis(x, index, axis=1)
@@ -311,7 +311,7 @@ def _cap_argument(xp, x, softcap: float):
     return y, (mantissa, first, second, scaled)
 
 
-def _logits(xp, problem: Problem, dtype):
+def compute_logits(xp, problem: Problem, dtype):
     """The batched input in the compute dtype; with ``softcap`` c, ``c * tanh(x / c)``:
     ``x`` itself where ``|x / c| < sqrt(eps)`` (there ``tanh y = y`` to the dtype's
     precision, and ``x / c`` may underflow when c is large), for every c > 0 (see
@@ -353,7 +353,7 @@ def _normalised(xp, x, constant=None):
     return shifted, xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True)), top
 
 
-def _cap_gradient(xp, grad, problem: Problem, dtype):
+def cap_gradient(xp, grad, problem: Problem, dtype):
     """The gradient with respect to the capped logits taken back through the cap:
     ``d(c tanh(x / c))/dx = 1 - tanh(x / c)**2``."""
     if problem.softcap is None:
@@ -407,7 +407,7 @@ class Backend:
 
     @staticmethod
     def autocast(array):
-        """The array itself: no mixed-precision context applies (torch's: ``_torch_ops``)."""
+        """The array itself: no mixed-precision context applies (torch's: ``_routes.torch``)."""
         return array
 
     def __post_init__(self):
@@ -430,7 +430,7 @@ class Backend:
             # The target's log-probability as (x[t] - max) - log_norm: the bits of gathering
             # the log-softmax, without forming it for every class (nor, differentiated, its
             # gradient's sum over the classes); formed only for label smoothing
-            logits = _logits(xp, problem, g.dtype)
+            logits = compute_logits(xp, problem, g.dtype)
             shifted, log_norm, top = _normalised(xp, logits, self.constant)
             lse = top + log_norm
             picked, unmasked = _pick(xp, logits, g, layout, (top, log_norm))
@@ -559,7 +559,7 @@ class Backend:
                 smooth_grad = smooth_grad * _class_weights(xp, problem.weight, g.dtype, layout)
             grad = grad + smooth_grad
         if problem.from_logits and layout.classes:
-            log_probs, lse = _log_softmax(xp, _logits(xp, problem, g.dtype), layout.classes)
+            log_probs, lse = _log_softmax(xp, compute_logits(xp, problem, g.dtype), layout.classes)
             probabilities = xp.exp(log_probs)
             grad = grad - probabilities * xp.sum(grad, axis=1, keepdims=True)
             if problem.z_loss:  # d(z lse**2)/dx_c = 2 z lse softmax_c, per element's weight
@@ -568,7 +568,7 @@ class Backend:
                 element = xp.reshape(element * element_weight, index_shape)
                 z_scale = _scalar(xp, 2.0 * problem.z_loss, g) * lse
                 grad = grad + (z_scale * element) * probabilities
-            grad = _cap_gradient(xp, grad, problem, g.dtype)
+            grad = cap_gradient(xp, grad, problem, g.dtype)
             # nothing from an ignored element, not even its row's NaN or inf
             grad = xp.where(xp.reshape(g.valid, index_shape), grad, zero)
         return _finish(xp, xp.astype(grad, x.dtype), x, out)
@@ -594,16 +594,16 @@ class Backend:
         flat = xp.reshape(target, (-1,))
         if weight is None:
             valid = compare(xp, flat, "!=", ignore_index)
-            count = xp.sum(xp.astype(valid, _index_dtype(xp)))
+            count = xp.sum(xp.astype(valid, index_dtype(xp)))
             return np.asarray(count) if isinstance(count, np.generic) else count
         layout = Layout(shape, shape, 1, classes, size)
         valid, bad = checked_valid(xp, target, layout, ignore_index)
         valid = xp.reshape(valid, (-1,))
-        dtype = _compute_dtype(xp, weight.dtype)
+        dtype = compute_dtype(xp, weight.dtype)
         device = array_api_compat.device(target)
         if classes == 0 or size == 0:
             return xp.zeros((), dtype=dtype, device=device)
-        index = xp.where(valid, xp.astype(flat, _index_dtype(xp)), 0)
+        index = xp.where(valid, xp.astype(flat, index_dtype(xp)), 0)
         zero = xp.zeros((), dtype=dtype, device=device)
         picked = xp.where(valid, xp.take(xp.astype(weight, dtype), index, axis=0), zero)
         total = self.sums(valid, picked)[0]
@@ -623,7 +623,8 @@ def log_normalizer(xp, problem: Problem):
     if layout.classes == 0 or layout.size == 0:  # (a maximum of nothing is an error)
         device = array_api_compat.device(x)
         return xp.full(layout.output_shape, -float("inf"), dtype=x.dtype, device=device)
-    _, lse = _log_softmax(xp, _logits(xp, problem, _compute_dtype(xp, x.dtype)), layout.classes)
+    logits = compute_logits(xp, problem, compute_dtype(xp, x.dtype))
+    _, lse = _log_softmax(xp, logits, layout.classes)
     return xp.astype(xp.reshape(lse, layout.output_shape), x.dtype)
 
 
@@ -643,7 +644,7 @@ def _probability_rows(xp, problem: Problem, dtype):
     layout = problem.layout
     device = array_api_compat.device(problem.input)
     if problem.from_logits:
-        log_probs, lse = _log_softmax(xp, _logits(xp, problem, dtype), layout.classes)
+        log_probs, lse = _log_softmax(xp, compute_logits(xp, problem, dtype), layout.classes)
     else:
         log_probs, lse = xp.astype(_batched(xp, problem.input, layout), dtype), None
     p = xp.astype(_batched(xp, problem.target, layout), dtype)
@@ -671,7 +672,7 @@ def _probability_denominator(xp, problem: Problem, dtype):
 def _probability_forward(backend: Backend, problem: Problem):
     """``l_n = -sum_c w_c p_{n,c} log q_{n,c}`` (+ ``z lse_n**2``), reduced; see ``forward``."""
     xp, layout, x = backend.xp, problem.layout, problem.input
-    dtype = _compute_dtype(xp, x.dtype)
+    dtype = compute_dtype(xp, x.dtype)
     device = array_api_compat.device(x)
     log_probs, weighted, lse = _probability_rows(xp, problem, dtype)
     losses = xp.reshape(-xp.sum(log_probs * weighted, axis=1), (-1,))
@@ -697,7 +698,7 @@ def _probability_backward(backend: Backend, problem: Problem, grad_output, out=N
     """The gradient of ``_probability_forward``: ``-u w_c p_c`` for log-probabilities; from
     logits ``u (q_c sum_k w_k p_k - w_c p_c + 2 z lse q_c)``, through the cap when given."""
     xp, layout, x = backend.xp, problem.layout, problem.input
-    dtype = _compute_dtype(xp, x.dtype)
+    dtype = compute_dtype(xp, x.dtype)
     log_probs, weighted, lse = _probability_rows(xp, problem, dtype)
     batched_shape = tuple(log_probs.shape)
     index_shape = (batched_shape[0], 1, *batched_shape[2:])
@@ -717,7 +718,7 @@ def _probability_backward(backend: Backend, problem: Problem, grad_output, out=N
         z_scale = xp.asarray(2.0 * problem.z_loss, dtype=dtype, device=array_api_compat.device(x))
         coefficient = coefficient + z_scale * lse
     grad = upstream * (q * coefficient - weighted)
-    grad = _cap_gradient(xp, grad, problem, dtype)
+    grad = cap_gradient(xp, grad, problem, dtype)
     return _finish(xp, xp.astype(grad, x.dtype), x, out)
 
 
@@ -725,7 +726,7 @@ def _total_weight(backend: Backend, g: _Targets):
     """The 'mean' denominator: the sum of w[t], or the count, over non-ignored elements."""
     xp = backend.xp
     if g.weight is None:
-        return xp.astype(xp.sum(xp.astype(g.valid, _index_dtype(xp))), g.dtype)
+        return xp.astype(xp.sum(xp.astype(g.valid, index_dtype(xp))), g.dtype)
     return backend.sums(g.valid, g.weight)[0]
 
 

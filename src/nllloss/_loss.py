@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from . import _generic, _options, _validate
 from ._builder import build
-from ._dispatch import as_array, backend_for, like_input, quick_forward_for
+from ._routes import as_array, backend_for, like_input, quick_forward_for
 
 if TYPE_CHECKING:  # _stats imports this module
-    from ._stats import LossAndStats
+    from ._token_stats import LossAndStats
 
 
 class _ArrayLike(Protocol):
@@ -329,9 +329,11 @@ def nll_loss(
     if _validate.check_return_stats(
         return_stats, problem.from_logits, problem.probabilities, return_lse
     ):
-        from . import _stats
+        from . import _token_stats
 
-        return _stats.LossAndStats(backend.forward(problem), _stats.of_loss(backend, problem))
+        return _token_stats.LossAndStats(
+            backend.forward(problem), _token_stats.of_loss(backend, problem)
+        )
     if _validate.check_return_lse(return_lse, problem.from_logits):
         # the fused kernels give the log-sum-exp they compute (O(N) memory); other
         # backends compute it apart

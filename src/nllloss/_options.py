@@ -16,7 +16,7 @@ field's metadata, see :func:`option`). Everything else follows from the declarat
 
 Adding an option: a field here (default, check, and ``array``/``per_element`` when it is
 an array), its formula in ``_generic`` (the specification), and the keyword in the public
-signatures (``_api``, ``_linear``) with its documentation.
+signatures (``_loss``, ``_hidden_states``) with its documentation.
 """
 
 from __future__ import annotations

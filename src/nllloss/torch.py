@@ -14,7 +14,7 @@ except ModuleNotFoundError as error:
     raise ImportError("nllloss.torch needs PyTorch (pip install torch)") from None
 
 from . import _options, _validate
-from ._linear import linear_cross_entropy
+from ._hidden_states import linear_cross_entropy
 from ._loss import nll_loss
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]

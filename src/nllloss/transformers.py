@@ -40,7 +40,7 @@ except ModuleNotFoundError as error:
         "nllloss.transformers needs torch and transformers (pip install 'nllloss[transformers]')"
     ) from None
 
-from ._linear import linear_cross_entropy
+from ._hidden_states import linear_cross_entropy
 from ._loss import nll_loss
 
 __all__ = ["apply", "causal_lm_loss", "num_items_in_batch"]
@@ -491,7 +491,7 @@ def _trl_output(pending: _Pending, output):
 def _entropy_and_top1(hidden, weight, bias, target, mask, softcap):
     """Each row's entropy ``lse - sum p z`` and ``argmax z == target`` (zero where the target
     is ignored), a block of rows at a time, without gradient: TRL's training metrics."""
-    from ._linear import chunk_rows_for
+    from ._hidden_states.blocks import chunk_rows_for
 
     rows = int(hidden.shape[0])
     step = chunk_rows_for(rows)

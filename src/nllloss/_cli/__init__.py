@@ -1,8 +1,9 @@
-"""The ``nllloss`` command line: ``eval``, ``info``, ``bench``, ``examples``.
+"""The ``nllloss`` command line: ``eval``, ``info``, ``examples``.
 
 ``main(argv)`` returns the exit code: 0, 1 for bad input (one line on stderr, never a
-traceback), 2 for a usage error. Heavy or optional modules (Dask, Zarr, matplotlib, the
-benchmark's competitors) are imported only by the command and option that need them.
+traceback), 2 for a usage error. Heavy or optional modules (Dask, Zarr, matplotlib) are
+imported only by the command and option that need them. The CPU benchmark is not part of
+the package: ``python benchmarks/cpu.py`` in a checkout (``nllloss bench`` says so).
 """
 
 from __future__ import annotations
@@ -222,11 +223,6 @@ def _parser() -> _Parser:
     )
     info.set_defaults(run=_run_info)
 
-    commands.add_parser(
-        "bench",
-        help="CPU benchmark against torch (bench --help for its options)",
-        add_help=False,
-    )
     examples = commands.add_parser(
         "examples",
         help="the worked examples of torch's, Paddle's and OneFlow's docs, with nllloss's values",
@@ -291,10 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     (``ulimit -f``) is an error of the write that meets it.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark parses its own options
-        from .._bench import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # a command of earlier versions: say where it went
+        print(
+            "nllloss: error: the benchmark is not installed with the package; run "
+            "'python benchmarks/cpu.py' in a checkout of the repository",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args = _parse(argv)
     except _Exit as exit:
@@ -426,7 +425,7 @@ def _check_weight(weight, classes: int, label: str) -> None:
         raise UserError(f"{label}: {error}") from None
 
 
-def _check_inputs(predictions: Source, targets: Source) -> Layout:
+def check_inputs(predictions: Source, targets: Source) -> Layout:
     """The core's checks, on shapes and dtypes only: nothing is read yet."""
     if len(predictions.shape) < 2:
         raise UserError(
@@ -605,7 +604,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     limit = args.max_inflate
     predictions = open_array(args.predictions, "predictions", max_inflate=limit)
     targets = open_array(args.targets, "targets", text_dtype=np.int64, max_inflate=limit)
-    layout = _check_inputs(predictions, targets)
+    layout = check_inputs(predictions, targets)
     probabilities = _validate.is_float_dtype(targets.dtype)
     if probabilities and (args.per_class or args.plot is not None or args.calibration):
         _usage_error(

@@ -138,11 +138,11 @@ def numpy_figures(
 
 
 def compiled_kernel():
-    """The numba kernel module where the NumPy backend is the compiled one (``_cpu``),
+    """The numba kernel module where the NumPy backend is the compiled one (``_kernels.cpu``),
     else None: the figures are then :func:`numpy_figures`'."""
-    from .. import _cpu
+    from .._kernels import cpu
 
-    if _cpu.load() is None or _cpu.backend() is not _cpu.load():
+    if cpu.load() is None or cpu.backend() is not cpu.load():
         return None
     from . import _calibration_kernel
 

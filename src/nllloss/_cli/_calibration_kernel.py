@@ -10,7 +10,7 @@ order. The exponentials are a float64 polynomial that vectorises (within 2 ulp o
 ``np.exp``; numba's ``math.exp`` calls libm once per element): the figures are within
 about 1e-15 of NumPy's, relative to the row's largest term.
 
-Imported only where the compiled NumPy backend loads (``_cpu.load``).
+Imported only where the compiled NumPy backend loads (``_kernels.cpu.load``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-from .._cpu._kernels import _parallel_and_serial
+from .._kernels.cpu._kernels import parallel_and_serial
 
 # The columns of a row of figures (see ``_calibration.FIGURES``).
 (RANK, CORRECT, CONFIDENCE, BRIER, NLL, SLOPE, CURVATURE, THIRD, CONFIDENCE_AT_BETA) = range(9)
@@ -116,7 +116,7 @@ def _argmax_and_max(z):
 _FAST = {"contract", "reassoc"}
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def element_figures(x3, position, target, softcap, from_logits, beta, with_model, out):
     """``out[i]``: the figures (columns above) of the element at flat position
     ``position[i]`` (``b * S + s`` of ``x3``, ``(B, C, S)``), whose class is ``target[i]``.

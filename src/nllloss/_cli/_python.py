@@ -84,9 +84,9 @@ def evaluate(
         )
     x = _source(predictions, "predictions", None)
     t = _source(targets, "targets", np.int64)
-    from . import _check_inputs
+    from . import check_inputs
 
-    layout = _check_inputs(x, t)
+    layout = check_inputs(x, t)
     probabilities = _validate.is_float_dtype(t.dtype)
     if probabilities and (per_class or calibration):
         raise ValueError("per_class and calibration need targets of class indices")

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from .. import _generic, _options, _validate
 from .._builder import build
-from .._dispatch import like_input
 from .._problem import Layout, Problem
+from .._routes import like_input
 from . import _agreement
 
 __all__ = ["nll_loss"]

@@ -11,11 +11,13 @@ import array_api_compat.torch
 import torch
 import torch.distributed as dist
 
-from .. import _linear, _linear_torch, _options, _validate
+from .. import _options, _validate
 from .._builder import build
-from .._dispatch import backend_for
+from .._hidden_states import blocks
+from .._hidden_states import torch as hidden_states_torch
 from .._problem import Problem
-from .._torch_ops import is_unit_upstream
+from .._routes import backend_for
+from .._torch.autograd import is_unit_upstream
 from . import _agreement, _class_parallel
 
 __all__ = ["linear_cross_entropy"]
@@ -124,17 +126,17 @@ def linear_cross_entropy(
     problem = shard.problem
     rows = int(input.shape[0]) if input.ndim == 2 else 1
     if chunk_rows is None:  # the same blocks on every rank: the rule reads the rows only
-        chunk_rows = _linear.chunk_rows_for(rows)
-    linear = _linear.assemble(
+        chunk_rows = blocks.chunk_rows_for(rows)
+    linear = blocks.assemble(
         _ShardBackend(shard, group), problem, input, linear_weight_shard, linear_bias_shard,
-        chunk_rows, _linear._denominator(backend_for(input), shard.whole), _ShardAlgebra(group),
+        chunk_rows, blocks.denominator_of(backend_for(input), shard.whole), _ShardAlgebra(group),
     )  # fmt: skip
     if requires_grad:
         return _VocabularyParallelLoss.apply(
             input, linear_weight_shard, linear_bias_shard, linear, group
         )
     with torch.no_grad():
-        return _linear.run(linear)[0]
+        return blocks.run(linear)[0]
 
 
 # linear_cross_entropy is two frames above the checks: warnings point at its caller.
@@ -183,9 +185,9 @@ class _VocabularyParallelLoss(torch.autograd.Function):
         ctx.unit = None
         ctx.save_for_backward(input, linear_weight, linear_bias)
         if linear.problem.elementwise:
-            return _linear.run(linear)[0]
+            return blocks.run(linear)[0]
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
-        loss, *ctx.unit = _linear.run(linear, one, ctx.wants)
+        loss, *ctx.unit = blocks.run(linear, one, ctx.wants)
         return loss
 
     @staticmethod
@@ -211,7 +213,7 @@ class _VocabularyParallelLoss(torch.autograd.Function):
             "the backward of linear_cross_entropy", ctx.group, grad.device, error, (),
             (("the upstream gradient", grad),),
         )  # fmt: skip
-        _, *grads = _linear.run(ctx.linear, grad, ctx.wants)
+        _, *grads = blocks.run(ctx.linear, grad, ctx.wants)
         return (*grads, None, None)
 
 
@@ -237,7 +239,7 @@ class _ShardBackend:
         return loss.detach(), grad
 
 
-class _ShardAlgebra(_linear_torch.TorchAlgebra):
+class _ShardAlgebra(hidden_states_torch.TorchAlgebra):
     """torch's products, and the input's gradient summed over the shards' ranks."""
 
     def __init__(self, group: Any) -> None:

@@ -44,7 +44,7 @@ def enabled() -> bool:
     return value == "1"
 
 
-def _load():
+def load():
     """The launch module, or None when Triton does not import."""
     global _launcher
     if _launcher is _UNSET:
@@ -77,7 +77,7 @@ def launcher_for(problem: Any):
     device = problem.input.device.type
     if not ((device == "cuda" and enabled()) or (device == "cpu" and interpreted())):
         return None
-    launcher = _load()
+    launcher = load()
     required = device == "cuda" and named()
     if launcher is None:
         if required:

@@ -18,7 +18,7 @@ restricted to its rows, with every option of ``nll_loss`` (weights, ``ignore_ind
 label smoothing, probability targets, ``z_loss``, ``softcap``): for ``'mean'`` the blocks
 are divided by the denominator of the whole batch (``total_weight`` of the whole target,
 computed first), so that their losses and gradients add up to the whole's. The row kernels
-are the existing ones (``_cpu._softmax``, the torch route, the generic path); this module
+are the existing ones (``nllloss._kernels.cpu``, the torch route, the generic path); this module
 only cuts rows and multiplies matrices.
 
 float16 and bfloat16 compute in float32 (the hidden states and weights are cast once; the
@@ -37,11 +37,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import _generic, _options, _validate
-from ._builder import build as build_problem
-from ._dispatch import as_array, backend_for, like_input
-from ._loss import Array, Reduction
-from ._problem import Problem, layout_of
+from .. import _generic
+from .._problem import Problem, layout_of
 
 # Rows per block. Each block streams the whole weight twice (for its logits and its input's
 # gradient) and the weight's gradient in and out once, whatever its rows, while its own work
@@ -97,7 +94,7 @@ class Linear:
     linear_bias: Any | None
     chunk_rows: int
     denominator: Any | None
-    algebra: Any = None  # the matrix products; None: those of the input's library
+    algebra: Any  # the matrix products (``nllloss._hidden_states.algebra_for``)
 
     @property
     def xp(self):
@@ -152,34 +149,8 @@ class Linear:
         return upstream[rows, ...] if self.problem.elementwise else upstream
 
 
-def build(
-    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options: dict,
-    chunk_rows,
-) -> Linear:  # fmt: skip
-    """Validate every argument once (``_validate``, and ``_builder.build`` for the loss's
-    own, with ``options`` from logits); the :class:`Linear` of the call."""
-    input = as_array(input, "input")
-    backend = backend_for(input)
-    # Under autocast the loss computes in float32 (see nll_loss): its matrix products too.
-    input = backend.autocast(input)
-    linear_weight = backend.autocast(like_input(backend, linear_weight, input, "linear_weight"))
-    if linear_bias is not None:
-        linear_bias = backend.autocast(like_input(backend, linear_bias, input, "linear_bias"))
-    logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
-    chunk_rows = _validate.check_chunk_rows(chunk_rows)
-    _, problem = build_problem(
-        input, target, weight, -100 if ignore_index is None else ignore_index, reduction,
-        {**options, "from_logits": True}, logits_shape=logits_shape,
-    )  # fmt: skip
-    _check_targets(backend, problem)
-    return assemble(
-        backend, problem, input, linear_weight, linear_bias, chunk_rows,
-        _denominator(backend, problem),
-    )  # fmt: skip
-
-
 def assemble(
-    backend, problem, input, linear_weight, linear_bias, chunk_rows, denominator, algebra=None
+    backend, problem, input, linear_weight, linear_bias, chunk_rows, denominator, algebra
 ) -> Linear:
     """The :class:`Linear` of validated arguments: the hidden states and weights as 2-D
     arrays in the compute dtype (float32 for 16-bit ones, with the problem's weight and
@@ -213,7 +184,7 @@ def assemble(
     )
 
 
-def _check_targets(backend, problem: Problem) -> None:
+def check_targets(backend, problem: Problem) -> None:
     """The IndexError of the first bad target, at its place in the whole target (a block
     would name its place in the block). Hidden values (traced, lazy) are left to the
     blocks, where a bad target gives NaN as in ``nll_loss``."""
@@ -224,7 +195,7 @@ def _check_targets(backend, problem: Problem) -> None:
     _generic.checked_valid(xp, target, layout, problem.ignore_index)
 
 
-def _denominator(backend, problem: Problem):
+def denominator_of(backend, problem: Problem):
     """What every block's 'mean' divides by: the whole batch's (``Problem.denominator``),
     as an array; None for 'sum' and 'none'."""
     if problem.reduction != "mean":
@@ -249,7 +220,7 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
 
     ``out`` holds arrays (or None) to write the gradients into (NumPy only, checked).
     """
-    algebra = _algebra(linear)
+    algebra = linear.algebra
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, out)
     losses = []
@@ -286,19 +257,6 @@ def _combined(linear: Linear, losses: list, accumulation_dtype):
         return xp.astype(losses[0], dtype)
     stacked = xp.stack([xp.astype(loss, accumulation_dtype) for loss in losses])
     return xp.astype(xp.sum(stacked), dtype)
-
-
-def _algebra(linear: Linear):
-    """The matrix products of the blocks: the call's own, or the input's library's."""
-    if linear.algebra is not None:
-        return linear.algebra
-    if isinstance(linear.hidden, np.ndarray):
-        return NUMPY_ALGEBRA
-    if array_api_compat.is_torch_array(linear.hidden):
-        from . import _linear_torch  # imports torch: the caller handed us torch tensors
-
-        return _linear_torch.ALGEBRA
-    return FunctionalAlgebra()
 
 
 class NumpyAlgebra:
@@ -454,209 +412,3 @@ class FunctionalAlgebra:
             shaped(d_weight, linear.linear_weight),
             shaped(d_bias, linear.linear_bias),
         )
-
-
-# --- The public functions ----------------------------------------------------------------
-
-
-@_options.keywords
-def linear_cross_entropy(
-    input: Array,
-    linear_weight: Any,
-    target: Any,
-    *,
-    linear_bias: Any = None,
-    weight: Any = None,
-    reduction: Reduction = "mean",
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-    total_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    chunk_rows: int | None = None,
-) -> Array:
-    r"""The cross-entropy of a linear layer's logits, without forming the logits.
-
-    Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, as
-    torch 2.13's ``torch.nn.functional.linear_cross_entropy``: with logits
-
-    .. math:: z_{n, c} = \sum_k x_{n, k} W_{c, k} + b_c ,
-
-    the loss of :func:`nll_loss` with ``from_logits=True``,
-    :math:`\ell_n = -w_{y_n} \big(z_{n, y_n} - \log \sum_c e^{z_{n, c}}\big)`, reduced by
-    ``reduction`` (``'mean'`` divides by :math:`\sum_{n: y_n \ne ii} w_{y_n}`). The logits
-    are made ``chunk_rows`` rows at a time and each block goes through the fused loss of
-    its rows: the memory beyond the arguments and results is one block of logits, never
-    N x C. Differentiable with respect to ``input``, ``linear_weight`` and
-    ``linear_bias`` (torch autograd; ``jax.grad`` under ``jit`` through a
-    ``jax.custom_vjp`` that recomputes the blocks).
-
-    Parameters
-    ----------
-    input : array
-        Hidden states, ``(in_features,)`` or ``(N, in_features)``; float16, bfloat16,
-        float32 or float64 (16-bit ones compute in float32, rounded once).
-    linear_weight : array
-        ``(C, in_features)``, or ``(C, d1, ..., dK, in_features)`` for a K-dimensional
-        loss (logits ``(N, C, d1, ..., dK)``; needs batched input). The input's dtype.
-    target : array
-        Class indices of the logits' shape without the class axis (``()``, ``(N,)``,
-        ``(N, d1, ..., dK)``), or class probabilities of the logits' shape; as in
-        :func:`nll_loss`.
-    linear_bias : array, optional
-        ``(C, d1, ..., dK)``: added to the logits.
-    weight, reduction, label_smoothing, total_weight, z_loss, softcap
-        As in :func:`nll_loss` (``z_loss`` and ``softcap`` act on the logits).
-    ignore_index : int or None, default -100
-        As in :func:`nll_loss`; None means -100, as in torch's ``linear_cross_entropy``.
-    chunk_rows : int, optional
-        Rows of logits made at a time; default: 4% of the rows, within 128 and 256.
-        Results agree to rounding whatever it is.
-
-    Returns
-    -------
-    array
-        The loss, as :func:`nll_loss` returns it, in the input's library and dtype.
-
-    Raises
-    ------
-    ValueError, TypeError, IndexError
-        As :func:`nll_loss`, and for shapes or dtypes of ``input``, ``linear_weight`` and
-        ``linear_bias`` that do not fit (the argument is named).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nllloss import linear_cross_entropy
-    >>> h = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
-    >>> W = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
-    >>> linear_cross_entropy(h, W, np.array([0, 1]))  # cross_entropy(h @ W.T, t)
-    array(0.39549476, dtype=float32)
-    >>> linear_cross_entropy(h, W, np.array([0, 1]), reduction="none", chunk_rows=1)
-    array([0.55144465, 0.23954484], dtype=float32)
-    """
-    options = _options.given(locals())
-    reduction = _validate.check_reduction(reduction, stacklevel=2)
-    linear = build(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options,
-        chunk_rows,
-    )  # fmt: skip
-    if array_api_compat.is_torch_array(linear.input):
-        from . import _linear_torch  # imports torch: the caller handed us torch tensors
-
-        return _linear_torch.loss(linear)
-    if array_api_compat.is_jax_array(linear.input):
-        from . import _linear_jax  # imports jax: the caller handed us JAX arrays
-
-        return _linear_jax.loss(linear)
-    return run(linear)[0]
-
-
-@_options.keywords
-def linear_cross_entropy_and_grad(
-    input: Array,
-    linear_weight: Any,
-    target: Any,
-    *,
-    linear_bias: Any = None,
-    weight: Any = None,
-    reduction: Reduction = "mean",
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-    total_weight: Any = None,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    chunk_rows: int | None = None,
-    grad_output: Any = 1.0,
-    out: tuple | None = None,
-) -> tuple[Array, Array, Array, Array | None]:
-    r"""The loss of :func:`linear_cross_entropy` and its gradients, from one pass.
-
-    With :math:`G = \partial L / \partial z` the gradient of the loss with respect to
-    the logits (that of :func:`nll_loss_backward` with ``from_logits=True``, for the
-    upstream gradient ``grad_output``), the gradients are
-
-    .. math:: \frac{\partial L}{\partial x} = G W, \quad
-              \frac{\partial L}{\partial W} = G^\top x, \quad
-              \frac{\partial L}{\partial b} = \textstyle\sum_n G_n,
-
-    computed block by block of rows with the logits: three matrix products and one pass
-    over each block, nothing of size N x C.
-
-    Parameters
-    ----------
-    input, linear_weight, target, linear_bias, weight, reduction, ignore_index
-        As in :func:`linear_cross_entropy`.
-    label_smoothing, total_weight, z_loss, softcap, chunk_rows
-        As in :func:`linear_cross_entropy`.
-    grad_output : array or float, default 1.0
-        The upstream gradient of the loss (a scalar, or the loss's shape for ``'none'``).
-    out : tuple of three arrays or None, optional
-        NumPy only: ``(d_input, d_linear_weight, d_linear_bias)``, each None or a
-        writeable C-contiguous array of its argument's shape and dtype, to write the
-        gradient into (``d_input`` may be ``input`` itself, read before it is written;
-        any other overlap between them or with an argument is a ``ValueError``).
-
-    Returns
-    -------
-    (loss, d_input, d_linear_weight, d_linear_bias)
-        In the input's library and dtype, the gradients of their arguments' shapes;
-        ``d_linear_bias`` is None without a bias.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nllloss import linear_cross_entropy_and_grad
-    >>> h = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
-    >>> W = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
-    >>> loss, d_h, d_W, d_b = linear_cross_entropy_and_grad(h, W, np.array([0, 1]))
-    >>> d_h.shape, d_W.shape, d_b
-    ((2, 2), (3, 2), None)
-    >>> np.round(d_W, 4)
-    array([[-0.2119,  0.1065],
-           [ 0.106 , -0.213 ],
-           [ 0.106 ,  0.1065]], dtype=float32)
-    """
-    options = _options.given(locals())
-    reduction = _validate.check_reduction(reduction, stacklevel=2)
-    linear = build(
-        input, linear_weight, target, linear_bias, weight, reduction, ignore_index, options,
-        chunk_rows,
-    )  # fmt: skip
-    xp, problem = linear.xp, linear.problem
-    upstream = like_input(linear.backend, grad_output, linear.input, "grad_output")
-    _validate.check_grad_output_dtype(upstream.dtype)
-    _validate.check_grad_output_shape(upstream.shape, problem.loss_shape)
-    upstream = xp.broadcast_to(upstream, problem.loss_shape) if problem.elementwise else upstream
-    if out is not None:
-        outs = _validate.check_linear_out(
-            out, (linear.input, linear.linear_weight, linear.linear_bias)
-        )
-        reads = [
-            ("input", input), ("linear_weight", linear_weight), ("target", target),
-            ("linear_bias", linear_bias), ("weight", weight), ("total_weight", total_weight),
-            ("grad_output", grad_output),  # as given
-            ("input", linear.input), ("linear_weight", linear.linear_weight),
-            ("linear_bias", linear.linear_bias), ("target", problem.target),
-            ("weight", problem.weight), ("total_weight", problem.total_weight),
-            ("grad_output", upstream),  # as used
-        ]  # fmt: skip
-        # d_input may be the input itself: each block of rows is read before its gradient
-        # is written; the weights are read until the last block
-        _validate.check_out_buffers(outs, reads, in_place={("out's d_input", "input")})
-    else:
-        out = (None, None, None)
-    wants = (True, True, linear.bias is not None)
-    if array_api_compat.is_torch_array(linear.input):
-        import torch  # already imported: the caller handed us torch tensors
-
-        with torch.no_grad():
-            loss, *grads = run(linear, upstream, wants, out)
-    else:
-        loss, *grads = run(linear, upstream, wants, out)
-    for i, (grad, given) in enumerate(zip(grads, out, strict=True)):
-        if given is not None:
-            if not np.may_share_memory(grad, given):  # computed elsewhere (16-bit)
-                given[...] = grad
-            grads[i] = given
-    return (loss, *grads)

@@ -1,6 +1,6 @@
 """CPU benchmark harness: nllloss against torch, jax, plain NumPy and a memory floor.
 
-Run it as ``python -m nllloss bench [options]`` or ``python benchmarks/cpu.py [options]``;
+Run it as ``python benchmarks/cpu.py [options]``;
 ``benchmarks/README.md`` explains the columns. Everything is timed in one process: for each
 case (shape, dtype, reduction) the competitors of one race run in interleaved rounds (each
 round runs every competitor once, in a shuffled order), so that noise on the machine falls on
@@ -350,7 +350,7 @@ def _grad_output(t: np.ndarray, dtype: np.dtype, reduction: str) -> Any:
 
 def _one_thread(call: Callable[[], Any]) -> Callable[[], Any]:
     """``call`` with nllloss's kernels on one thread (the process's count restored after)."""
-    from nllloss._cpu import _threads
+    from nllloss._kernels.cpu import _threads
 
     def run():
         saved = _threads._requested
@@ -528,7 +528,7 @@ TAIL_COMPETITORS = ("nllloss", ONE_THREAD, "torch")
 
 def _kernel_runs() -> dict[str, int]:
     """Kernel calls so far by the twin that ran ({} without the compiled kernels)."""
-    threads = sys.modules.get("nllloss._cpu._threads")
+    threads = sys.modules.get("nllloss._kernels.cpu._threads")
     return dict(threads.runs) if threads is not None else {}
 
 
@@ -1072,7 +1072,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m nllloss bench",
+        prog="python benchmarks/cpu.py",
         allow_abbrev=False,
         description="Time nllloss against torch (and jax, plain NumPy, a memory floor) on CPU.",
     )

@@ -61,7 +61,7 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from .. import _validate
+from ... import _validate
 
 _busy = threading.Lock()  # held while this process runs a parallel kernel
 _serial_only = False  # set in a child forked after the pool started

@@ -12,13 +12,14 @@ which calls it ``supports``:
 * :class:`GenericEngine`, the array-API composition: the specification in code, for
   every library, differentiable by each library's autodiff, with its gradient also
   written out (``backward``) for the blocks of ``linear_token_stats``;
-* :class:`NumbaEngine`, the fused row kernel of ``_cpu._stats`` for (N, C) and unbatched
-  NumPy arrays and torch CPU tensors (one read of each row for the statistics, one more
-  read and a write for the gradient);
-* the Triton kernels (``_triton._stats``) for CUDA tensors, when they are enabled.
+* :class:`NumbaEngine`, the fused row kernel of ``nllloss._kernels.cpu._stats`` for
+  (N, C) and unbatched NumPy arrays and torch CPU tensors (one read of each row for the
+  statistics, one more read and a write for the gradient);
+* the Triton kernels (``nllloss._kernels.triton._stats``) for CUDA tensors, when they are
+  enabled.
 
-torch tensors go through ``_stats_torch`` (autograd, ``torch.compile``), JAX arrays of
-``linear_token_stats`` through ``_stats_jax`` (``jax.custom_vjp``).
+torch tensors go through ``nllloss._token_stats.torch`` (autograd, ``torch.compile``), JAX arrays of
+``linear_token_stats`` through ``nllloss._token_stats.jax`` (``jax.custom_vjp``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-from . import _cpu, _generic, _linear, _validate
-from ._dispatch import as_array, backend_for, like_input
-from ._options import Options
-from ._problem import Problem, layout_of
+from .. import _generic, _validate
+from .._hidden_states import algebra_for, blocks
+from .._kernels import cpu
+from .._options import Options
+from .._problem import Problem, layout_of
+from .._routes import as_array, backend_for, like_input
 
 
 class TokenStats(NamedTuple):
@@ -130,7 +133,7 @@ class GenericEngine:
         safe_log_p = xp.where(rows.p == zero, zero, rows.log_p)  # 0 log 0 = 0, NaN stays
         entropy = -xp.sum(rows.p * safe_log_p, axis=1)
         lse = xp.squeeze(rows.top + rows.log_norm, axis=1)
-        argmax = xp.astype(xp.argmax(rows.z, axis=1), _generic._index_dtype(xp))
+        argmax = xp.astype(xp.argmax(rows.z, axis=1), _generic.index_dtype(xp))
 
         def shaped(a, dtype):
             return xp.astype(xp.reshape(a, layout.output_shape), dtype)
@@ -172,7 +175,7 @@ class GenericEngine:
             (1, problem.layout.classes) + (1,) * (len(index_shape) - 2),
         )
         grad = grad + xp.where(classes == xp.astype(rows.index, classes.dtype), a, zero)
-        grad = _generic._cap_gradient(xp, grad, problem, rows.dtype)
+        grad = _generic.cap_gradient(xp, grad, problem, rows.dtype)
         if stats.temperature != 1.0:
             grad = grad / xp.asarray(stats.temperature, dtype=rows.dtype, device=rows.device)
         return xp.astype(xp.reshape(grad, tuple(problem.input.shape)), problem.input.dtype)
@@ -204,9 +207,9 @@ class _Rows:
     def of(xp, stats: Stats) -> _Rows:
         problem = stats.problem
         layout = problem.layout
-        dtype = _generic._compute_dtype(xp, problem.input.dtype)
+        dtype = _generic.compute_dtype(xp, problem.input.dtype)
         device = array_api_compat.device(problem.input)
-        z = _generic._logits(xp, problem, dtype)
+        z = _generic.compute_logits(xp, problem, dtype)
         if stats.temperature != 1.0:
             z = z / xp.asarray(stats.temperature, dtype=dtype, device=device)
         top = xp.max(z, axis=1, keepdims=True)
@@ -220,21 +223,22 @@ class _Rows:
             valid, bad = _generic.compare(xp, target, "!=", problem.ignore_index), None
         if bad is not None:
             valid = valid & ~bad
-        index = xp.where(valid, xp.astype(target, _generic._index_dtype(xp)), 0)
+        index = xp.where(valid, xp.astype(target, _generic.index_dtype(xp)), 0)
         index = xp.expand_dims(index, axis=1)
         return _Rows(z, top, log_norm, log_p, xp.exp(log_p), index, valid, bad, dtype, device)
 
 
 def _take(xp, values, index):
     """``values[n, index[n], ...]`` without the class axis."""
-    return xp.squeeze(_generic._take_classes(xp, values, index), axis=1)
+    return xp.squeeze(_generic.take_classes(xp, values, index), axis=1)
 
 
 # --- The numba engine -----------------------------------------------------------------------
 
 
 class NumbaEngine:
-    """The fused row kernel (``_cpu._stats``) on NumPy arrays of (N, C) or (C,) logits.
+    """The fused row kernel (``nllloss._kernels.cpu._stats``) on NumPy arrays of (N, C) or
+    (C,) logits.
 
     ``saved`` is the rows' ``(m, log s, u / s)``, (N, 3) float64. Arrays arrive as NumPy
     arrays, or as the bits of 16-bit values (see :func:`numpy_rows`).
@@ -307,11 +311,11 @@ def _kernel_arguments(stats: Stats, bits):
     x, name = (
         bits if bits is not None else (problem.input, _validate.dtype_name(problem.input.dtype))
     )
-    table = _cpu._decode_table(name)
-    x2 = _cpu._native(x).reshape(layout.batch, layout.classes)
+    table = cpu.decode_table(name)
+    x2 = cpu.in_native_order(x).reshape(layout.batch, layout.classes)
     if table.size:
         x2 = x2.view(np.uint16)
-    target = _cpu._kernel_target(problem).reshape(-1)
+    target = cpu.kernel_target(problem).reshape(-1)
     valid = target != problem.ignore_index
     bad = valid & ((target < 0) | (target >= layout.classes))
     if bad.any():
@@ -335,11 +339,11 @@ def _upstream_rows(upstream: Upstream, rows: int):
 
 
 def _run(stats: Stats, x2, table, target, reuse, saved, upstream, *outputs):
-    from ._cpu import _softmax
-    from ._cpu import _stats as kernels  # compiles on first use (cached on disk)
+    from .._kernels.cpu import _softmax
+    from .._kernels.cpu import _stats as kernels  # compiles on first use (cached on disk)
 
     problem = stats.problem
-    kernel = _cpu._sized(kernels.stats_rows, x2.size)
+    kernel = cpu.sized(kernels.stats_rows, x2.size)
     compute_dtype = np.float64 if x2.dtype == np.float64 else np.float32
     softcap = _softmax.kernel_softcap(problem.softcap, compute_dtype)
     kernel(x2, target, problem.ignore_index, table, softcap,
@@ -351,7 +355,7 @@ def _run(stats: Stats, x2, table, target, reuse, saved, upstream, *outputs):
 
 def numba_available() -> bool:
     """The numba kernels load (not disabled, nor replaced by the generic path)."""
-    return not isinstance(_cpu.backend(), _generic.Backend)
+    return not isinstance(cpu.backend(), _generic.Backend)
 
 
 @functools.cache
@@ -363,7 +367,7 @@ def numpy_engine(stats: Stats):
     """The engine for a call on NumPy arrays."""
     if numba_available() and NumbaEngine.supports(stats):
         return NumbaEngine
-    return generic_engine(_cpu._generic_numpy().xp)
+    return generic_engine(cpu.generic_numpy().xp)
 
 
 def compute(stats: Stats, backend) -> TokenStats:
@@ -372,9 +376,9 @@ def compute(stats: Stats, backend) -> TokenStats:
     if isinstance(x, np.ndarray):
         return numpy_engine(stats).forward(stats)[0]
     if array_api_compat.is_torch_array(x):
-        from . import _stats_torch  # imports torch: the caller handed us torch tensors
+        from . import torch as torch_route  # imports torch: the caller handed us torch tensors
 
-        return _stats_torch.token_stats(stats)
+        return torch_route.token_stats(stats)
     return generic_engine(backend.xp).forward(stats)[0]
 
 
@@ -386,9 +390,9 @@ def compute_with_gradient(stats: Stats, backend, upstream: Upstream):
         result, grad = engine.forward_backward(stats, upstream)
         return result, np.asarray(grad).reshape(x.shape).astype(x.dtype, copy=False)
     if array_api_compat.is_torch_array(x):
-        from . import _stats_torch
+        from . import torch as torch_route
 
-        return _stats_torch.token_stats_with_gradient(stats, upstream)
+        return torch_route.token_stats_with_gradient(stats, upstream)
     return generic_engine(backend.xp).forward_backward(stats, upstream)
 
 
@@ -583,7 +587,7 @@ def token_stats_and_grad(
 
 def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap,
                  ignore_index, chunk_rows):  # fmt: skip
-    """Validate a call of ``linear_token_stats``: its :class:`~nllloss._linear.Linear`
+    """Validate a call of ``linear_token_stats``: its :class:`~nllloss._hidden_states.blocks.Linear`
     (whose problem is that of the logits) and temperature."""
     input = as_array(input, "input")
     backend = backend_for(input)
@@ -594,25 +598,25 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
     temperature = _validate.check_temperature(temperature)
     problem = _stats_problem(backend, input, target, ignore_index, softcap, logits_shape)
-    _linear._check_targets(backend, problem)
-    linear = _linear.assemble(backend, problem, input, linear_weight, linear_bias, chunk_rows,
-                              None)  # fmt: skip
+    blocks.check_targets(backend, problem)
+    linear = blocks.assemble(backend, problem, input, linear_weight, linear_bias, chunk_rows,
+                              None, algebra_for(input))  # fmt: skip
     return linear, temperature
 
 
-def block_engine(linear: _linear.Linear, stats: Stats):
+def block_engine(linear: blocks.Linear, stats: Stats):
     """The engine of a block of logits (NumPy arrays, or another library's)."""
     if isinstance(linear.hidden, np.ndarray):
         return numpy_engine(stats)
     return generic_engine(linear.xp)
 
 
-def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | None = None,
+def run_blocks(linear: blocks.Linear, temperature: float, upstream: Upstream | None = None,
                wants=(True, True, True), engine_for=block_engine):  # fmt: skip
     """(TokenStats, d_input, d_linear_weight, d_linear_bias): the statistics of every block
     of rows and, with ``upstream``, the gradients asked for in ``wants`` (None for the
     others). ``engine_for(linear, stats)`` picks each block's engine."""
-    algebra = _linear._algebra(linear)
+    algebra = linear.algebra
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, (None,) * 3)
     parts = []
@@ -636,11 +640,11 @@ def run_blocks(linear: _linear.Linear, temperature: float, upstream: Upstream | 
     return (result, *algebra.finish(linear, grads))
 
 
-def _rows_of(linear: _linear.Linear, a, rows: slice):
+def _rows_of(linear: blocks.Linear, a, rows: slice):
     return a if linear.problem.layout.unbatched else a[rows, ...]
 
 
-def _joined(linear: _linear.Linear, parts: list) -> TokenStats:
+def _joined(linear: blocks.Linear, parts: list) -> TokenStats:
     """The blocks' statistics, concatenated along the rows."""
     if len(parts) == 1:
         return parts[0]
@@ -710,17 +714,17 @@ def linear_token_stats(
     linear, temperature = linear_stats(input, linear_weight, target, linear_bias, temperature,
                                        softcap, ignore_index, chunk_rows)  # fmt: skip
     if array_api_compat.is_torch_array(linear.input):
-        from . import _stats_torch  # imports torch: the caller handed us torch tensors
+        from . import torch as torch_route  # imports torch: the caller handed us torch tensors
 
-        return _stats_torch.linear_token_stats(linear, temperature)
+        return torch_route.linear_token_stats(linear, temperature)
     if array_api_compat.is_jax_array(linear.input):
-        from . import _stats_jax  # imports jax: the caller handed us JAX arrays
+        from . import jax as jax_route  # imports jax: the caller handed us JAX arrays
 
-        return _stats_jax.linear_token_stats(linear, temperature)
-    return _in_input_dtype(linear, run_blocks(linear, temperature)[0])
+        return jax_route.linear_token_stats(linear, temperature)
+    return in_input_dtype(linear, run_blocks(linear, temperature)[0])
 
 
-def _in_input_dtype(linear: _linear.Linear, result: TokenStats) -> TokenStats:
+def in_input_dtype(linear: blocks.Linear, result: TokenStats) -> TokenStats:
     """16-bit hidden states: the statistics (computed in float32) in their dtype."""
     xp, dtype = linear.xp, linear.input.dtype
     return result._replace(**{name: xp.astype(getattr(result, name), dtype)
@@ -777,8 +781,8 @@ def linear_token_stats_and_grad(
     upstream = _upstream(backend, stats, (grad_logprob, grad_entropy, grad_lse))
     wants = (True, True, linear.bias is not None)
     if array_api_compat.is_torch_array(linear.input):
-        from . import _stats_torch
+        from . import torch as torch_route
 
-        return _stats_torch.linear_token_stats_and_grad(linear, temperature, upstream, wants)
+        return torch_route.linear_token_stats_and_grad(linear, temperature, upstream, wants)
     result, *grads = run_blocks(linear, temperature, upstream, wants)
-    return (_in_input_dtype(linear, result), *grads)
+    return (in_input_dtype(linear, result), *grads)

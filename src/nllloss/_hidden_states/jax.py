@@ -1,4 +1,4 @@
-"""JAX arrays for the loss from hidden states (``_linear``): ``jax.custom_vjp`` over the
+"""JAX arrays for the loss from hidden states (``_hidden_states``): ``jax.custom_vjp`` over the
 blocks, with ``lax.scan`` so that ``jit`` compiles one block, not one per block.
 
 The forward computes the blocks' losses only; the backward makes the blocks again with
@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _linear
+from . import blocks
 
 
-def loss(linear: _linear.Linear):
+def loss(linear: blocks.Linear):
     """The loss, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and bias.
 
     Every array the blocks read is an argument of the ``custom_vjp`` function, the target,
@@ -29,22 +29,23 @@ def loss(linear: _linear.Linear):
     """
 
     @jax.custom_vjp
-    def blocks(hidden, weight, bias, constants):
+    def blocks_loss(hidden, weight, bias, constants):
         return _blocks(_rebuilt(linear, hidden, weight, bias, constants))[0]
 
     def forward(hidden, weight, bias, constants):
-        return blocks(hidden, weight, bias, constants), (hidden, weight, bias, constants)
+        return blocks_loss(hidden, weight, bias, constants), (hidden, weight, bias, constants)
 
     def backward(saved, upstream):
         return (*_blocks(_rebuilt(linear, *saved), upstream)[1:], None)
 
-    blocks.defvjp(forward, backward)
+    blocks_loss.defvjp(forward, backward)
     problem = linear.problem
     constants = (problem.target, problem.weight, linear.denominator)
-    return blocks(linear.hidden, linear.weight, linear.bias, constants).astype(linear.input.dtype)
+    result = blocks_loss(linear.hidden, linear.weight, linear.bias, constants)
+    return result.astype(linear.input.dtype)
 
 
-def _rebuilt(linear: _linear.Linear, hidden, weight, bias, constants) -> _linear.Linear:
+def _rebuilt(linear: blocks.Linear, hidden, weight, bias, constants) -> blocks.Linear:
     """``linear`` with the arrays the ``custom_vjp`` function was given."""
     target, class_weight, denominator = constants
     problem = linear.problem.replace(target=target, weight=class_weight)
@@ -53,7 +54,7 @@ def _rebuilt(linear: _linear.Linear, hidden, weight, bias, constants) -> _linear
     )
 
 
-def _blocks(linear: _linear.Linear, upstream=None):
+def _blocks(linear: blocks.Linear, upstream=None):
     """(loss, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
     size, rows, problem = linear.chunk_rows, linear.rows, linear.problem
@@ -92,8 +93,8 @@ def _blocks(linear: _linear.Linear, upstream=None):
         carry = (jnp.zeros_like(linear.weight), d_bias)
     losses, d_hidden = [], []
     if scanned:
-        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
-        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, blocks)
+        stacked = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (block_losses, block_d_hidden) = lax.scan(step, carry, stacked)
         if problem.elementwise:
             losses.append(jnp.reshape(block_losses, (scanned, *block_losses.shape[2:])))
         else:

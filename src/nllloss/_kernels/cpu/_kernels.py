@@ -32,7 +32,7 @@ LEVELS = 8
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 
-def _parallel_and_serial(function=None, **options):
+def parallel_and_serial(function=None, **options):
     """The kernel with prange over threads, and its serial twin (same source) as ``.serial``.
 
     Called through ``run(work, ...)``, the kernel runs the twin that has lately been faster
@@ -42,7 +42,7 @@ def _parallel_and_serial(function=None, **options):
     ``fastmath``.
     """
     if function is None:
-        return lambda function: _parallel_and_serial(function, **options)
+        return lambda function: parallel_and_serial(function, **options)
     settings = {"cache": True, "nogil": True, "error_model": "numpy", **options}
     parallel = numba.njit(parallel=True, **settings)(function)
     # numba's disk cache tells kernels apart by qualified name and line, not by `parallel`:
@@ -58,11 +58,11 @@ def _parallel_and_serial(function=None, **options):
     return Guarded(parallel, numba.njit(**settings)(twin))
 
 
-def _decode(element, table):
+def decoded(element, table):
     """The float value of an input element: itself, or the table entry for its 16-bit pattern."""
 
 
-@overload(_decode, inline="always")
+@overload(decoded, inline="always")
 def _decode_by_type(element, table):
     # Chosen when the kernel compiles, from the element's type: no per-element test.
     if isinstance(element, types.Integer):
@@ -70,7 +70,7 @@ def _decode_by_type(element, table):
     return lambda element, table: element
 
 
-@_parallel_and_serial
+@parallel_and_serial
 def elementwise_losses(x3, t2, ignore_index, weight, decode, losses):
     """Per element: ``-(x[t] * w[t])`` (``-x[t]`` unweighted), +0.0 where ignored.
 
@@ -166,7 +166,7 @@ def fused_reduce(x3, t2, ignore_index, weight, decode, mean):
             if target != ignore_index:
                 if target < 0 or target >= classes:
                     return dtype_zero, m
-                value = _decode(x3[b, target, s], decode)
+                value = decoded(x3[b, target, s], decode)
                 count += 1
                 if weighted:
                     w = weight[target]
@@ -198,14 +198,14 @@ def _element(x3, t2, ignore_index, weight, decode, b, s):
         return zero, zero, 0
     if target < 0 or target >= x3.shape[1]:
         return zero, zero, -1
-    value = _decode(x3[b, target, s], decode)
+    value = decoded(x3[b, target, s], decode)
     if weight.shape[0] > 0:
         w = weight[target]
         return -(value * w), w, 1
     return -value, zero, 1
 
 
-@_parallel_and_serial
+@parallel_and_serial
 def block_sums(x3, t2, ignore_index, weight, decode, step, sums):
     """Parallel first pass of the cascade: the sum of each block of ``step`` elements.
 
@@ -316,7 +316,7 @@ def cascade_sum(values, valid):
     return _total(levels)
 
 
-@_parallel_and_serial
+@parallel_and_serial
 def count_counted(t2, ignore_index, classes):
     """(number of non-ignored elements, first out-of-range flat index or -1)."""
     batch, spatial = t2.shape
@@ -343,7 +343,7 @@ def count_counted(t2, ignore_index, classes):
     return counts.sum(), _first(first_bad, size)
 
 
-@_parallel_and_serial
+@parallel_and_serial
 def write_gradient(t2, ignore_index, class_values, upstream, grad3, zeroed):
     """Write every element of ``grad3`` (B, C, S) once: the gradient, zero off the targets.
 

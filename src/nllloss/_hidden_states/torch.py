@@ -1,13 +1,13 @@
-"""torch tensors for the loss from hidden states (``_linear``): the blocks' matrix products
-in torch, and the loss as a differentiable torch function.
+"""torch tensors for the loss from hidden states (``nllloss._hidden_states``): the blocks'
+matrix products in torch, and the loss as a differentiable torch function.
 
-The blocks run as for NumPy (``_linear.run``), with ``torch.matmul``/``addmm_`` into
+The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` into
 preallocated tensors, each block on torch's threads or on one thread, whichever has lately
 been faster (``TorchAlgebra.threads``); each block's loss and gradient take the torch route
 of ``nll_loss`` (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic
 path on CUDA).
 
-Autograd: :class:`_Blocks` through ``_torch_ops.FusedLoss``: for 'mean' and 'sum' the
+Autograd: :class:`_Blocks` through ``nllloss._torch.autograd.FusedLoss``: for 'mean' and 'sum' the
 forward computes the gradients too, for an upstream gradient of 1, and the backward scales
 them (the three products and the one pass over the logits, once). For 'none' the upstream
 gradient differs per row: the backward recomputes the blocks with it. A second backward
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _linear
-from ._cpu._threads import Pace
-from ._torch_ops import FusedLoss, composed, differentiated, without_autocast
+from .._kernels.cpu._threads import Pace
+from .._torch.autograd import FusedLoss, differentiated
+from .._torch.engines import composed, without_autocast
+from . import blocks
 
 # Threads or one thread, per size class of a block's work and whether it computes gradients
 _paces: dict[tuple[int, bool], Pace] = {}
@@ -45,7 +46,7 @@ class TorchAlgebra:
     @contextlib.contextmanager
     def threads(linear, rows: slice, gradients: bool):
         """Run a block on torch's threads or on one thread, whichever has lately been
-        faster for blocks of its size (``_cpu._threads.Pace``, as the kernels choose).
+        faster for blocks of its size (``_kernels.cpu._threads.Pace``, as the kernels choose).
 
         Each of a block's products is a parallel region of torch's OpenMP runtime, whose
         idle workers spin (GNU OpenMP in torch's CPU wheels, 300,000 spins) and are then
@@ -120,18 +121,19 @@ class TorchAlgebra:
 ALGEBRA = TorchAlgebra()
 
 
-def loss(linear: _linear.Linear) -> torch.Tensor:
+def loss(linear: blocks.Linear) -> torch.Tensor:
     """The loss, differentiable with respect to the input, weight and bias."""
     if composed(linear.problem) or torch.compiler.is_compiling():
         return _composed(linear)
-    blocks = _Blocks(linear)
-    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in blocks.arguments):
-        return FusedLoss.apply(blocks, *blocks.arguments)
+    computation = _Blocks(linear)
+    arguments = computation.arguments
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
+        return FusedLoss.apply(computation, *arguments)
     with torch.no_grad():
-        return _linear.run(linear)[0]
+        return blocks.run(linear)[0]
 
 
-def _composed(linear: _linear.Linear) -> torch.Tensor:
+def _composed(linear: blocks.Linear) -> torch.Tensor:
     """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
     in the compute dtype (autocast would make the product 16-bit), through the backend."""
     problem = linear.problem
@@ -143,9 +145,9 @@ def _composed(linear: _linear.Linear) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Blocks:
-    """The loss in blocks of rows (``_linear.run``), for ``FusedLoss`` (see the module)."""
+    """The loss in blocks of rows (``blocks.run``), for ``FusedLoss`` (see the module)."""
 
-    linear: _linear.Linear
+    linear: blocks.Linear
 
     @property
     def arguments(self) -> tuple:
@@ -155,13 +157,13 @@ class _Blocks:
     def forward(self, wants):
         linear = self.linear
         if linear.problem.elementwise:
-            return _linear.run(linear)[0], None
+            return blocks.run(linear)[0], None
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
-        loss, *unit = _linear.run(linear, one, wants)
+        loss, *unit = blocks.run(linear, one, wants)
         return loss, tuple(unit)
 
     def gradients(self, grad, wants):
-        return tuple(_linear.run(self.linear, grad, wants)[1:])
+        return tuple(blocks.run(self.linear, grad, wants)[1:])
 
     def differentiable_gradients(self, grad, wants):
         return differentiated(_composed(self.linear), self.arguments, grad, wants)

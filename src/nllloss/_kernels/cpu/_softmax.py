@@ -38,7 +38,7 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from ._kernels import _decode, _parallel_and_serial
+from ._kernels import decoded, parallel_and_serial
 
 # Elements of a K-dim input's spatial axis handled together: the class loop runs over a
 # tile of contiguous values, which vectorises; its per-element sums stay in L1.
@@ -89,22 +89,22 @@ def _exp32(x):
     return np.float32(0.0) if x < _EXP_FLOOR else y  # NaN is not below: it stays NaN
 
 
-def _exp(x):
+def exp(x):
     """exp in the value's own precision."""
 
 
-@overload(_exp)
+@overload(exp)
 def _exp_by_type(x):
     if x == types.float32:
         return lambda x: _exp32(x)
     return lambda x: math.exp(x)
 
 
-def _in_compute_type(value, array):
+def in_compute_type(value, array):
     """``value`` as the array's values are computed: float32 for 16-bit bit patterns."""
 
 
-@overload(_in_compute_type, inline="always")
+@overload(in_compute_type, inline="always")
 def _in_compute_type_by_type(value, array):
     if isinstance(array.dtype, types.Integer) or array.dtype == types.float32:
         return lambda value, array: np.float32(value)
@@ -128,18 +128,18 @@ SUM_BLOCK = 1024
 
 
 @numba.njit(error_model="numpy", cache=True)
-def _row_max(row, decode):
+def row_max(row, decode):
     """The row's largest value, over eight independent running maxima (one would be a chain
     of dependent comparisons, 4x slower). NaN values are skipped here; they make the
     row's sum of exponentials NaN."""
     n = row.shape[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _decode(row[0], decode)
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = decoded(row[0], decode)
     j = 0
     while j + 8 <= n:
-        v0, v1 = _decode(row[j], decode), _decode(row[j + 1], decode)
-        v2, v3 = _decode(row[j + 2], decode), _decode(row[j + 3], decode)
-        v4, v5 = _decode(row[j + 4], decode), _decode(row[j + 5], decode)
-        v6, v7 = _decode(row[j + 6], decode), _decode(row[j + 7], decode)
+        v0, v1 = decoded(row[j], decode), decoded(row[j + 1], decode)
+        v2, v3 = decoded(row[j + 2], decode), decoded(row[j + 3], decode)
+        v4, v5 = decoded(row[j + 4], decode), decoded(row[j + 5], decode)
+        v6, v7 = decoded(row[j + 6], decode), decoded(row[j + 7], decode)
         m0 = v0 if v0 > m0 else m0
         m1 = v1 if v1 > m1 else m1
         m2 = v2 if v2 > m2 else m2
@@ -150,7 +150,7 @@ def _row_max(row, decode):
         m7 = v7 if v7 > m7 else m7
         j += 8
     while j < n:
-        value = _decode(row[j], decode)
+        value = decoded(row[j], decode)
         m0 = value if value > m0 else m0
         j += 1
     m0 = m1 if m1 > m0 else m0
@@ -329,13 +329,13 @@ def _cap_and_slope_float64(value, cap):
     return capped, 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
-def _cap_and_slope(value, cap):
+def cap_and_slope(value, cap):
     """(``cap * tanh(value / cap)``, ``1 - tanh(value / cap)**2``) in the value's own
     precision (Gemma 2's logit soft-capping and its derivative), computed in the cap's:
     ``cap`` > 0 is a float32 only for float32 values, where ``kernel_softcap`` chose it."""
 
 
-@overload(_cap_and_slope, inline="always")
+@overload(cap_and_slope, inline="always")
 def _cap_and_slope_by_type(value, cap):
     if value == types.float32 and cap == types.float32:
         # its body, inlined by numba: LLVM would leave a call (too large to inline), and the
@@ -347,10 +347,10 @@ def _cap_and_slope_by_type(value, cap):
 
 
 @numba.njit(inline="always", error_model="numpy")
-def _capped(value, cap):
+def soft_capped(value, cap):
     """The capped value ``cap * tanh(value / cap)`` in the value's precision; the value itself
     for ``cap = 0``, no cap."""
-    return _cap_and_slope(value, cap)[0] if cap > 0 else value
+    return cap_and_slope(value, cap)[0] if cap > 0 else value
 
 
 @numba.njit(fastmath={"contract", "reassoc"}, error_model="numpy", cache=True)
@@ -359,9 +359,9 @@ def _sum_of_exp(row, decode, top):
     total = 0.0
     for start in range(0, row.shape[0], SUM_BLOCK):
         part = row[start : start + SUM_BLOCK]
-        block = _in_compute_type(0.0, row)
+        block = in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            block += _exp(_decode(part[j], decode) - top)
+            block += exp(decoded(part[j], decode) - top)
         total += np.float64(block)
     return total
 
@@ -377,19 +377,19 @@ def _capped_sum_of_exp(row, decode, top, cap, capped, slopes):
         # less well, 2.2x slower)
         part = row[start : start + SUM_BLOCK]
         part_capped = capped[start : start + SUM_BLOCK]
-        block = _in_compute_type(0.0, capped)
+        block = in_compute_type(0.0, capped)
         if slopes.shape[0] > 0:  # (two loops: a test inside would keep them from vectorising)
             part_slopes = slopes[start : start + SUM_BLOCK]
             for j in range(part.shape[0]):
-                value, slope = _cap_and_slope(_decode(part[j], decode), cap)
+                value, slope = cap_and_slope(decoded(part[j], decode), cap)
                 part_capped[j] = value
                 part_slopes[j] = slope
-                block += _exp(value - top)
+                block += exp(value - top)
         else:
             for j in range(part.shape[0]):
-                value = _cap_and_slope(_decode(part[j], decode), cap)[0]
+                value = cap_and_slope(decoded(part[j], decode), cap)[0]
                 part_capped[j] = value
-                block += _exp(value - top)
+                block += exp(value - top)
         total += np.float64(block)
     return total
 
@@ -401,9 +401,9 @@ def _weighted_sum(row, decode, weight, shift):
     for start in range(0, row.shape[0], SUM_BLOCK):
         part = row[start : start + SUM_BLOCK]
         part_weight = weight[start : start + SUM_BLOCK]
-        block = _in_compute_type(0.0, row)
+        block = in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            block += part_weight[j] * (_decode(part[j], decode) - shift)
+            block += part_weight[j] * (decoded(part[j], decode) - shift)
         total += np.float64(block)
     return total
 
@@ -422,11 +422,11 @@ def _probability_sums(row, p, decode, weight, scale, share, shift, log_norm):
         part = row[start : start + SUM_BLOCK]
         part_p = p[start : start + SUM_BLOCK]
         part_weight = weight[start : start + SUM_BLOCK]
-        block_dot = _in_compute_type(0.0, row)
-        block_mass = _in_compute_type(0.0, row)
+        block_dot = in_compute_type(0.0, row)
+        block_mass = in_compute_type(0.0, row)
         for j in range(part.shape[0]):
-            wp = part_weight[j] * (scale * _decode(part_p[j], decode) + share)
-            block_dot += wp * ((_decode(part[j], decode) - shift) - log_norm)
+            wp = part_weight[j] * (scale * decoded(part_p[j], decode) + share)
+            block_dot += wp * ((decoded(part[j], decode) - shift) - log_norm)
             block_mass += wp
         dot += np.float64(block_dot)
         mass += np.float64(block_mass)
@@ -437,7 +437,7 @@ def _probability_sums(row, p, decode, weight, scale, share, shift, log_norm):
 _FAST = {"contract", "reassoc"}
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def softmax_rows(
     x2, t1, p2, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
     softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad2,
@@ -498,7 +498,7 @@ def _softmax_row(
         return
     if softcap > 0.0:
         # the cap keeps the order: the capped row's maximum is the capped maximum
-        top = _capped(_row_max(row, decode), softcap)
+        top = soft_capped(row_max(row, decode), softcap)
         log_norm = math.log(_capped_sum_of_exp(row, decode, top, softcap, values, slopes))
         _row_statistics(
             i, values, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss,
@@ -506,10 +506,10 @@ def _softmax_row(
             True,
         )  # fmt: skip
         return
-    top = _in_compute_type(0.0, row)
+    top = in_compute_type(0.0, row)
     log_norm = 0.0
     if from_logits:
-        top = _row_max(row, decode)
+        top = row_max(row, decode)
         log_norm = math.log(_sum_of_exp(row, decode, top))
     _row_statistics(
         i, row, t1, p2, weight, weight_sum, decode, top, log_norm, smoothing, z_loss,
@@ -522,12 +522,12 @@ def _softmax_row(
 def _row_lse(row, decode, softcap, values):
     """The log-sum-exp of a (capped) row, for ``return_lse`` at an ignored element."""
     if softcap > 0.0:
-        top = _capped(_row_max(row, decode), softcap)
+        top = soft_capped(row_max(row, decode), softcap)
         no_slopes = values[:0]
         return np.float64(top) + math.log(
             _capped_sum_of_exp(row, decode, top, softcap, values, no_slopes)
         )
-    top = _row_max(row, decode)
+    top = row_max(row, decode)
     return np.float64(top) + math.log(_sum_of_exp(row, decode, top))
 
 
@@ -549,19 +549,19 @@ def _row_statistics(
         lse_out[i] = lse
     # (x - top) - log_norm, as torch's log_softmax: top + log_norm rounded to float32
     # would be off by its ulp (0.001 at 1e4)
-    row_log_norm = _in_compute_type(log_norm, row)
+    row_log_norm = in_compute_type(log_norm, row)
     target = 0
     if probabilities:
         dot, mass = _probability_sums(
-            row, p2[i], decode, weight, _in_compute_type(target_scale, row),
-            _in_compute_type(smooth_scale, row), top, row_log_norm,
+            row, p2[i], decode, weight, in_compute_type(target_scale, row),
+            in_compute_type(smooth_scale, row), top, row_log_norm,
         )  # fmt: skip
         nll[i] = -dot
         element_weight = 1.0
     else:
         target = t1[i]
         mass = np.float64(weight[target])
-        nll[i] = -(mass * (np.float64(_decode(row[target], decode)) - lse))
+        nll[i] = -(mass * (np.float64(decoded(row[target], decode)) - lse))
         element_weight = mass
     if smoothing:
         smooth[i] = -(_weighted_sum(row, decode, weight, top) - log_norm * weight_sum)
@@ -573,10 +573,10 @@ def _row_statistics(
         return
     s = upstream[0] if upstream.shape[0] == 1 else upstream[i]
     keep = s if probabilities else s * target_scale  # times w_t at the target, or w_c p'_c
-    per_weight = _in_compute_type(s * smooth_scale, grad2)
-    per_probability = _in_compute_type(keep, grad2)
-    p_scale = _in_compute_type(target_scale, grad2)
-    p_share = _in_compute_type(smooth_scale, grad2)
+    per_weight = in_compute_type(s * smooth_scale, grad2)
+    per_probability = in_compute_type(keep, grad2)
+    p_scale = in_compute_type(target_scale, grad2)
+    p_share = in_compute_type(smooth_scale, grad2)
     out = grad2[i]
     # 1-D rows: the class loops vectorise
     p_row = p2[i] if probabilities else np.empty(0, dtype=p2.dtype)
@@ -586,32 +586,32 @@ def _row_statistics(
             a += s * smooth_scale * weight_sum  # must not reach the gradient)
         if with_z:  # d(z v lse**2)/dx_c = 2 z v lse q_c
             a += 2.0 * z_loss * element_weight * lse * s
-        a = _in_compute_type(a, grad2)
+        a = in_compute_type(a, grad2)
         for j in range(classes):
-            g = a * _exp((_decode(row[j], decode) - top) - row_log_norm)
+            g = a * exp((decoded(row[j], decode) - top) - row_log_norm)
             if smoothing:  # (a NaN weight must not reach the gradient without it)
                 g -= per_weight * weight[j]
             if probabilities:
-                g -= per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share))
+                g -= per_probability * (weight[j] * (p_scale * decoded(p_row[j], decode) + p_share))
             if through_cap:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2
                 g *= slopes[j]
             out[j] = g
     elif probabilities:
         for j in range(classes):
             out[j] = -(
-                per_probability * (weight[j] * (p_scale * _decode(p_row[j], decode) + p_share))
+                per_probability * (weight[j] * (p_scale * decoded(p_row[j], decode) + p_share))
             )
     else:
         for j in range(classes):
             out[j] = -(per_weight * weight[j])
     if not probabilities:
-        at_target = _in_compute_type(keep * mass, grad2)
+        at_target = in_compute_type(keep * mass, grad2)
         if through_cap:
             at_target *= slopes[target]
         out[target] -= at_target
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def softmax_tiles(
     x3, t2, p3, ignore_index, weight, weight_sum, decode, from_logits, smoothing, z_loss,
     softcap, upstream, target_scale, smooth_scale, nll, smooth, z_terms, lse_out, grad3,
@@ -627,8 +627,8 @@ def softmax_tiles(
     with_z = z_loss > 0.0
     with_lse = lse_out.shape[0] > 0
     capped = softcap > 0.0
-    p_scale = _in_compute_type(target_scale, x3)
-    p_share = _in_compute_type(smooth_scale, x3)
+    p_scale = in_compute_type(target_scale, x3)
+    p_share = in_compute_type(smooth_scale, x3)
     tiles = (spatial + TILE - 1) // TILE
     for job in numba.prange(batch * tiles):
         b = job // tiles
@@ -650,22 +650,22 @@ def softmax_tiles(
         masses = np.zeros(width, dtype=np.float64)
         if from_logits and classes > 0:
             for k in range(width):
-                top[k] = _decode(x3[b, 0, start + k], decode)
+                top[k] = decoded(x3[b, 0, start + k], decode)
             for j in range(classes):
                 xs = x3[b, j, cells]
                 for k in range(width):
-                    value = _decode(xs[k], decode)
+                    value = decoded(xs[k], decode)
                     top[k] = value if value > top[k] else top[k]
             for k in range(width):
-                top[k] = _capped(top[k], softcap)  # the cap keeps the order
+                top[k] = soft_capped(top[k], softcap)  # the cap keeps the order
             # sums over blocks of classes in the compute dtype, each block's added in float64
             for first in range(0, classes, CLASS_BLOCK):
                 partial[:] = 0.0
                 for j in range(first, min(first + CLASS_BLOCK, classes)):
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = _capped(_decode(xs[k], decode), softcap)
-                        partial[k] += _exp(value - top[k])
+                        value = soft_capped(decoded(xs[k], decode), softcap)
+                        partial[k] += exp(value - top[k])
                 for k in range(width):
                     total[k] += np.float64(partial[k])
             for k in range(width):
@@ -677,7 +677,7 @@ def softmax_tiles(
                     w = weight[j]
                     xs = x3[b, j, cells]
                     for k in range(width):
-                        value = _capped(_decode(xs[k], decode), softcap)
+                        value = soft_capped(decoded(xs[k], decode), softcap)
                         partial[k] += w * (value - top[k])
                 for k in range(width):
                     weighted[k] += np.float64(partial[k])
@@ -690,8 +690,8 @@ def softmax_tiles(
                     xs = x3[b, j, cells]
                     ps = p3[b, j, cells]
                     for k in range(width):
-                        wp = w * (p_scale * _decode(ps[k], decode) + p_share)
-                        value = _capped(_decode(xs[k], decode), softcap)
+                        wp = w * (p_scale * decoded(ps[k], decode) + p_share)
+                        value = soft_capped(decoded(xs[k], decode), softcap)
                         partial[k] += wp * ((value - top[k]) - log_norms[k])
                         second[k] += wp
                 for k in range(width):
@@ -725,9 +725,9 @@ def softmax_tiles(
                 keep = s = upstream[0] if one_upstream else upstream[m]
             else:
                 mass = np.float64(weight[target])
-                value = _decode(x3[b, target, start + k], decode)
+                value = decoded(x3[b, target, start + k], decode)
                 if capped:  # read now: the gradient may overwrite x
-                    value, slope = _cap_and_slope(value, softcap)
+                    value, slope = cap_and_slope(value, softcap)
                 nll[m] = -(mass * (np.float64(value) - lse))
                 element_weight = mass
                 s = upstream[0] if one_upstream else upstream[m]
@@ -758,26 +758,26 @@ def softmax_tiles(
                 if not from_logits:  # (as softmax_rows: -0.0 where the product is 0)
                     if probabilities:
                         out[k] = -(
-                            per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share))
+                            per_probability[k] * (w * (p_scale * decoded(ps[k], decode) + p_share))
                         )
                     else:
                         out[k] = -(per_weight[k] * w)
                     continue
-                value = _decode(xs[k], decode)
-                slope = _in_compute_type(1.0, grad3)
+                value = decoded(xs[k], decode)
+                slope = in_compute_type(1.0, grad3)
                 if capped:
-                    value, slope = _cap_and_slope(value, softcap)
-                g = a[k] * _exp((value - top[k]) - log_norms[k])
+                    value, slope = cap_and_slope(value, softcap)
+                g = a[k] * exp((value - top[k]) - log_norms[k])
                 if smoothing:
                     g -= per_weight[k] * w
                 if probabilities:
-                    g -= per_probability[k] * (w * (p_scale * _decode(ps[k], decode) + p_share))
+                    g -= per_probability[k] * (w * (p_scale * decoded(ps[k], decode) + p_share))
                 out[k] = g * slope if capped else g
         if not probabilities:
             for k in range(width):
                 target = t2[b, start + k]
                 if target != ignore_index:
-                    grad3[b, target, start + k] -= _in_compute_type(at_target[k], grad3)
+                    grad3[b, target, start + k] -= in_compute_type(at_target[k], grad3)
         if any_ignored:  # nothing from an ignored element, not even its NaN or inf
             for k in range(width):
                 if t2[b, start + k] == ignore_index:

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import triton
 
-from .. import _generic
-from .._options import Options
-from .._problem import Problem
+from ... import _generic
+from ..._options import Options
+from ..._problem import Problem
 from . import _kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -190,7 +190,7 @@ def _targets(t: torch.Tensor, geometry: _Geometry) -> tuple[torch.Tensor, tuple[
 _FLOAT32 = torch.finfo(torch.float32)
 
 
-def _options(options: Options) -> tuple[dict, tuple[float, ...]]:
+def flags_and_values(options: Options) -> tuple[dict, tuple[float, ...]]:
     """The constexpr flags and runtime values of z_loss and softcap: z, and the cap as the
     float32 numbers (m, s1, s2) of ``_generic.softcap_parts``."""
     z_loss, softcap = options.z_loss, options.softcap
@@ -274,7 +274,7 @@ def _forward(problem: Problem, *, load_x: bool, grad_out=None, denominator=None)
     part_sums = torch.empty((2, parts), dtype=f32, device=device)
     part_bad = torch.empty(parts, dtype=torch.int64, device=device)
     targets, target_strides = _targets(t, geometry)
-    flags, values = _options(options)
+    flags, values = flags_and_values(options)
     with _device_guard(x):
         _kernels.forward_kernel[(parts,)](
             geometry.x, targets, _weight(problem), loss, lse, mass, part_sums[0], part_sums[1],
@@ -353,7 +353,7 @@ def backward(problem: Problem, grad_output: torch.Tensor, saved: Saved | None = 
     mass = saved.mass if from_logits and probabilities else lse
     denominator = saved.denominator if reduction == "mean" else g
     targets, target_strides = _targets(problem.target, geometry)
-    flags, values = _options(options)
+    flags, values = flags_and_values(options)
     with _device_guard(x):
         _kernels.backward_kernel[(geometry.batch * blocks,)](
             geometry.x, targets, _weight(problem), g, denominator, lse, mass, grad,

@@ -1,4 +1,4 @@
-"""torch tensors for the per-token statistics (``_stats``): routes and autograd.
+"""torch tensors for the per-token statistics (``nllloss._token_stats``): routes and autograd.
 
 A call's engine (:func:`engine_for`): the numba row kernel on zero-copy NumPy views for
 (N, C) and unbatched CPU tensors (bfloat16 as its bits), the Triton kernels for CUDA
@@ -18,11 +18,14 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import _linear, _stats, _triton
-from ._problem import layout_of
-from ._stats import NumbaEngine, Stats, TokenStats, Upstream
+from .. import _token_stats
+from .._hidden_states import blocks
+from .._hidden_states import torch as hidden_states_torch
+from .._kernels import triton
+from .._problem import layout_of
+from .._token_stats import NumbaEngine, Stats, TokenStats, Upstream
 
-GENERIC = _stats.generic_engine(torch_namespace)
+GENERIC = _token_stats.generic_engine(torch_namespace)
 _ON_NUMPY = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -32,7 +35,7 @@ def engine_for(stats: Stats):
     if (
         x.device.type == "cpu"
         and x.dtype in _ON_NUMPY
-        and _stats.numba_available()
+        and _token_stats.numba_available()
         and NumbaEngine.supports(stats)
     ):
         return ON_NUMPY
@@ -45,13 +48,11 @@ def _triton_engine(stats: Stats):
     enabled, CPU tensors under the interpreter switch) and it supports the call."""
     x = stats.problem.input
     device = x.device.type
-    if not (
-        (device == "cuda" and _triton.enabled()) or (device == "cpu" and _triton.interpreted())
-    ):
+    if not ((device == "cuda" and triton.enabled()) or (device == "cpu" and triton.interpreted())):
         return None
-    if _triton._load() is None:  # no Triton
+    if triton.load() is None:  # no Triton
         return None
-    from ._triton import _stats as triton_stats
+    from .._kernels.triton import _stats as triton_stats
 
     return triton_stats.ENGINE if triton_stats.ENGINE.supports(stats) else None
 
@@ -160,7 +161,9 @@ def token_stats_with_gradient(stats: Stats, upstream: Upstream):
 def _stats_of(input, target, ignore_index, temperature, softcap, check_targets=True) -> Stats:
     """A call from an operator's arguments (validated when the operator was called)."""
     layout = layout_of(tuple(input.shape))
-    problem = _stats.logits_problem(input, target, layout, ignore_index, softcap, check_targets)
+    problem = _token_stats.logits_problem(
+        input, target, layout, ignore_index, softcap, check_targets
+    )
     return Stats(problem, temperature)
 
 
@@ -252,7 +255,7 @@ def _composed_gradient(compose, inputs, upstream: Upstream):
 # --- From hidden states -----------------------------------------------------------------------
 
 
-def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats:
+def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
     """The statistics of the linear layer's logits, differentiable with respect to the
     input, weight and bias."""
     arguments = (linear.input, linear.linear_weight, linear.linear_bias)
@@ -265,12 +268,12 @@ def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats
 
 
 def _blocks(linear, temperature, upstream=None, wants=(True, True, True)):
-    """``_stats.run_blocks`` with each block's engine for torch tensors; the statistics in
+    """``_token_stats.run_blocks`` with each block's engine for torch tensors; the statistics in
     the input's dtype."""
-    result, *grads = _stats.run_blocks(
+    result, *grads = _token_stats.run_blocks(
         linear, temperature, upstream, wants, lambda _, stats: engine_for(stats)
     )
-    return _stats._in_input_dtype(linear, result), *grads
+    return _token_stats.in_input_dtype(linear, result), *grads
 
 
 def linear_token_stats_and_grad(linear, temperature, upstream: Upstream, wants):
@@ -278,12 +281,12 @@ def linear_token_stats_and_grad(linear, temperature, upstream: Upstream, wants):
         return _blocks(linear, temperature, upstream, wants)
 
 
-def _composed(linear: _linear.Linear, temperature: float) -> TokenStats:
+def _composed(linear: blocks.Linear, temperature: float) -> TokenStats:
     """``token_stats(linear(input, W, b))`` in plain torch operations (forms the logits)."""
     logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
     problem = linear.problem
     stats = Stats(problem.replace(input=logits.reshape(problem.layout.input_shape)), temperature)
-    return _stats._in_input_dtype(linear, GENERIC.forward(stats)[0])
+    return _token_stats.in_input_dtype(linear, GENERIC.forward(stats)[0])
 
 
 class _LinearStats(torch.autograd.Function):
@@ -305,9 +308,10 @@ class _LinearStats(torch.autograd.Function):
         input, linear_weight, linear_bias, target = ctx.saved_tensors
         template = ctx.linear
         problem = template.problem.replace(input=input, target=target)
-        backend = _stats.backend_for(input)
-        linear = _linear.assemble(backend, problem, input, linear_weight, linear_bias,
-                                  template.chunk_rows, None)  # fmt: skip
+        backend = _token_stats.backend_for(input)
+        linear = blocks.assemble(backend, problem, input, linear_weight, linear_bias,
+                                 template.chunk_rows, None,
+                                 hidden_states_torch.ALGEBRA)  # fmt: skip
         upstream = Upstream(grad_logprob, grad_entropy, grad_lse)
         if all(a is None for a in upstream):
             return None, None, None, None, None
@@ -323,7 +327,7 @@ class _LinearStats(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _without_tensors(linear: _linear.Linear) -> _linear.Linear:
+def _without_tensors(linear: blocks.Linear) -> blocks.Linear:
     """The call's settings without its tensors (kept by ``save_for_backward``)."""
     import dataclasses
 

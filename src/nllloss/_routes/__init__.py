@@ -9,9 +9,10 @@ and ``autocast(array)``: the array that the loss computes with under the library
 mixed-precision context (torch's ``autocast``: float32), the array itself elsewhere.
 The routes, in order:
 
-* NumPy arrays: the compiled kernels (``_cpu``), or the generic path on NumPy when numba
-  does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
-* torch tensors: ``_torch_ops``, whose own route picks torch's kernel, NumPy views, the
+* NumPy arrays: the compiled kernels (``nllloss._kernels.cpu``), or the generic path on
+  NumPy when numba does not load (``NLLLOSS_DISABLE_NUMBA=1`` too);
+* torch tensors: ``nllloss._routes.torch``, whose engine choice
+  (``nllloss._torch.engines``) picks torch's kernel, NumPy views, the
   Triton kernels or the generic path per call;
 * Dask arrays: the generic path, except for inputs without an element (see
   ``_DaskBackend``);
@@ -29,7 +30,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from . import _cpu, _generic, _validate
+from .. import _generic, _validate
+from .._kernels import cpu
 
 _BACKENDS: dict[type, Any] = {}
 
@@ -52,11 +54,11 @@ def quick_forward_for(obj: Any):
 
 def _route(array_type: type, array: Any):
     if issubclass(array_type, np.ndarray):
-        return _cpu.backend()
+        return cpu.backend()
     if array_api_compat.is_torch_array(array):
-        from . import _torch_ops  # imports torch: the caller handed us a torch tensor
+        from . import torch as torch_route  # imports torch: the caller handed us a torch tensor
 
-        return _torch_ops.BACKEND
+        return torch_route.BACKEND
     try:
         xp = array_api_compat.array_namespace(array)
     except TypeError:
@@ -87,18 +89,18 @@ class _DaskBackend:
     def forward(self, problem):
         if not _empty(problem.input):
             return self.generic.forward(problem)
-        return _as_dask(_cpu.backend().forward(_computed(problem)))
+        return _as_dask(cpu.backend().forward(_computed(problem)))
 
     def backward(self, problem, grad_output, out=None):
         if not _empty(problem.input):
             return self.generic.backward(problem, grad_output, out)
-        grad = _cpu.backend().backward(_computed(problem), np.asarray(grad_output))
+        grad = cpu.backend().backward(_computed(problem), np.asarray(grad_output))
         return _as_dask(grad)
 
     def forward_backward(self, problem, grad_output, out=None):
         if not _empty(problem.input):
             return self.generic.forward_backward(problem, grad_output, out)
-        loss, grad = _cpu.backend().forward_backward(_computed(problem), np.asarray(grad_output))
+        loss, grad = cpu.backend().forward_backward(_computed(problem), np.asarray(grad_output))
         return _as_dask(loss), _as_dask(grad)
 
     def total_weight(self, target, weight, ignore_index: int):

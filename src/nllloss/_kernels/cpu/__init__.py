@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .. import _generic, _validate
-from .._problem import Problem
-from .._reduction import level_power
+from ... import _generic, _validate
+from ..._problem import Problem
+from ..._reduction import level_power
 
 # The options these kernels compute (see ``Options``): a problem using any other takes the
 # generic path.
@@ -42,15 +42,15 @@ class NumpyBackend:
 
     def __init__(self, kernels, softmax):
         self.kernels, self.softmax = kernels, softmax
-        self.xp = _generic_numpy().xp
-        self.total_weight = _generic_numpy().total_weight
-        self.autocast = _generic_numpy().autocast
+        self.xp = generic_numpy().xp
+        self.total_weight = generic_numpy().total_weight
+        self.autocast = generic_numpy().autocast
         self.quick_forward = quick_forward
 
     @staticmethod
     def engine(problem: Problem):
         """These kernels if they compute the problem, else the generic path on NumPy."""
-        return _COMPILED if supports(problem) else _generic_numpy()
+        return _COMPILED if supports(problem) else generic_numpy()
 
     def forward(self, problem: Problem):
         return self.engine(problem).forward(problem)
@@ -96,11 +96,11 @@ def load() -> NumpyBackend | None:
 
 def backend():
     """The NumPy route: these kernels when numba loads, else the generic path on NumPy."""
-    return load() or _generic_numpy()
+    return load() or generic_numpy()
 
 
 @functools.cache
-def _generic_numpy() -> _generic.Backend:
+def generic_numpy() -> _generic.Backend:
     """The generic backend for NumPy, with torch's summation order (``_reduction``)."""
     import array_api_compat.numpy
 
@@ -108,7 +108,7 @@ def _generic_numpy() -> _generic.Backend:
 
 
 def _cascade_sums(valid, *values):
-    from .._reduction import cascade_plan
+    from ..._reduction import cascade_plan
 
     plan = cascade_plan(valid)
     return tuple(plan.sum(v) for v in values)
@@ -122,7 +122,7 @@ def _numpy_scatter(shape, dtype, index, values):
 
 
 @functools.cache
-def _decode_table(dtype_name: str) -> np.ndarray:
+def decode_table(dtype_name: str) -> np.ndarray:
     """float32 value of every 16-bit pattern of ``dtype_name``; empty for 32/64-bit dtypes."""
     if dtype_name == "float16":
         return (
@@ -139,26 +139,26 @@ def _decode_table(dtype_name: str) -> np.ndarray:
 def _views(problem: Problem):
     """x as (B, C, S) (16-bit as uint16 bits), t as (B, S), the compute dtype and decode table."""
     x3, dtype, table = _input_view(problem, problem.input)
-    return x3, _kernel_target(problem), dtype, table
+    return x3, kernel_target(problem), dtype, table
 
 
 def _input_view(problem: Problem, a):
     """``a``, of the input's shape and dtype, as (B, C, S) (16-bit as uint16 bits); the
     compute dtype and the decode table."""
     layout = problem.layout
-    a3 = _native(a).reshape(layout.batch, layout.classes, layout.spatial)
-    table = _decode_table(_validate.dtype_name(a.dtype))
+    a3 = in_native_order(a).reshape(layout.batch, layout.classes, layout.spatial)
+    table = decode_table(_validate.dtype_name(a.dtype))
     if table.size:
         return a3.view(np.uint16), np.dtype(np.float32), table
     return a3, a3.dtype, table
 
 
-def _native(a):
+def in_native_order(a):
     """``a`` in native byte order (numba reads no other)."""
     return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
-def _kernel_target(problem: Problem):
+def kernel_target(problem: Problem):
     """The target as (B, S) for the kernels; uint64 as int64 (numba's arithmetic of uint64
     with int64 is float64, which indexes nothing).
 
@@ -166,7 +166,7 @@ def _kernel_target(problem: Problem):
     become an int64 value that is neither, so the kernels report them where they are.
     """
     layout, ignore_index = problem.layout, problem.ignore_index
-    t2 = _native(problem.target).reshape(layout.batch, layout.spatial)
+    t2 = in_native_order(problem.target).reshape(layout.batch, layout.spatial)
     if t2.dtype != np.uint64:
         return t2
     if t2.size and t2.max() > np.iinfo(np.int64).max:
@@ -201,7 +201,7 @@ def _no_weight(dtype):
     return empty
 
 
-def _sized(kernel, work: int, variant=None):
+def sized(kernel, work: int, variant=None):
     """The kernel for ``work`` elements: each call runs the twin (threads or one thread)
     that has been faster lately for work of this size and ``variant`` (what else changes
     the cost per element; ``_threads.Guarded.run``)."""
@@ -220,7 +220,7 @@ def forward(problem: Problem):
     size = layout.size
     if problem.elementwise:
         losses = np.empty(size, dtype=dtype)
-        first_bad = _sized(kernels.elementwise_losses, size)(
+        first_bad = sized(kernels.elementwise_losses, size)(
             x3, t2, problem.ignore_index, weight, table, losses
         )
         _raise_if_bad(first_bad, problem)
@@ -238,7 +238,7 @@ def forward(problem: Problem):
     else:
         step = 1 << level_power(size)
         sums = np.empty(((size - 1 + step - 1) // step, 2), dtype=dtype)
-        count, first_bad = _sized(kernels.block_sums, size)(
+        count, first_bad = sized(kernels.block_sums, size)(
             x3, t2, problem.ignore_index, weight, table, step, sums
         )
         _raise_if_bad(first_bad, problem)
@@ -314,9 +314,9 @@ def backward(problem: Problem, grad_output, out=None):
     sixteen_bit = problem.computes_in_float32
     native = x.dtype.newbyteorder("=")
     dtype = np.dtype(np.float32) if sixteen_bit else native
-    t2 = _kernel_target(problem)
+    t2 = kernel_target(problem)
     weight = _weight(problem.weight, dtype)
-    count, first_bad = _sized(kernels.count_counted, layout.size)(t2, ignore_index, layout.classes)
+    count, first_bad = sized(kernels.count_counted, layout.size)(t2, ignore_index, layout.classes)
     _raise_if_bad(first_bad, problem)
 
     upstream = np.asarray(grad_output).astype(dtype)
@@ -335,11 +335,11 @@ def backward(problem: Problem, grad_output, out=None):
             values = negated[np.where(t2 != ignore_index, t2, 0).reshape(-1) if weight.size else 0]
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN, as torch's
                 values = (values * upstream).astype(native)
-            _sized(kernels.write_gradient, grad.size, zeroed)(
+            sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, bits(no_values), bits(values), bits(grad), zeroed
             )
         else:
-            _sized(kernels.write_gradient, grad.size, zeroed)(
+            sized(kernels.write_gradient, grad.size, zeroed)(
                 t2, ignore_index, negated, upstream, grad, zeroed
             )
         return _result(grad, x, out)
@@ -358,7 +358,7 @@ def backward(problem: Problem, grad_output, out=None):
     step = -upstream
     with np.errstate(invalid="ignore", over="ignore"):
         class_values = (weight * step if weight.size else np.full(1, step)).astype(native)
-    _sized(kernels.write_gradient, grad.size, zeroed)(
+    sized(kernels.write_gradient, grad.size, zeroed)(
         t2, ignore_index, bits(class_values), bits(no_values), bits(grad), zeroed
     )
     return _result(grad, x, out)
@@ -426,7 +426,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want
         else:
             total = np.float64(problem.probability_count)
     else:
-        t2 = _kernel_target(problem)
+        t2 = kernel_target(problem)
         p3 = np.empty((0, 0, 0), dtype=x3.dtype)
         total = _checked_total(problem, t2, weight if weighted else _no_weight(dtype))
     smoothing = problem.label_smoothing
@@ -470,7 +470,7 @@ def _softmax_forward_backward(problem: Problem, grad_output=None, out=None, want
         """The kernel on a block of rows (elements ``block`` of the batch axis)."""
         cells = slice(block.start * spatial, block.stop * spatial)
         work = (block.stop - block.start) * layout.classes * spatial
-        _sized(kernel, work, grad_rows.size > 0)(
+        sized(kernel, work, grad_rows.size > 0)(
             inputs[block], targets[block], probabilities[block], ignore_index,
             weight, weight_sum, table, problem.from_logits, separate_smoothing, problem.z_loss,
             softcap, upstream if upstream.size == 1 else upstream[cells],

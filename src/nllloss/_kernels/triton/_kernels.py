@@ -24,7 +24,7 @@ weight (1 without one), ``eps`` the label smoothing and ``W = sum_c w_c``, per p
   index ``s * (A * q_c - (1 - eps) * w_t * [c == t] - (eps / C) * w_c)`` with
   ``A = (1 - eps) * w_t + (eps / C) * W + 2 z lse w_t``; probabilities
   ``s * ((P + 2 z lse) * q_c - w_c p'_c)``; then times ``1 - tanh(x / c)**2`` with a cap
-  (``_cap_and_slope``).
+  (``cap_and_slope``).
   For log-probabilities the same without the ``q_c`` terms.
 
 Sums never use atomics: each program writes its partial sums, and ``finish`` adds them in
@@ -38,7 +38,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _rounded(value, ptr):
+def rounded(value, ptr):
     """float32 ``value`` in the element type of ``ptr``, rounded to nearest even.
 
     bfloat16 is rounded on the bits: Triton's interpreter truncates in its own conversion,
@@ -47,13 +47,13 @@ def _rounded(value, ptr):
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(value == value, rounded, float("nan"))
+        bfloat16 = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value == value, bfloat16, float("nan"))
     return value.to(ptr.dtype.element_ty)
 
 
 @triton.jit
-def _cap_and_slope(v, cap, first, second):
+def cap_and_slope(v, cap, first, second):
     """(``c * tanh(v / c)``, its derivative ``1 - tanh(v / c)**2``) in float32, for every
     cap c = ``cap / (first * second)`` (``_generic.softcap_parts``: float32 holds neither
     1e39 nor 1e-50). With ``y = v / c`` and ``e = exp(-2|y|)``: ``tanh |y|`` is a series
@@ -175,7 +175,7 @@ def forward_kernel(
     if LOAD_X and not PROBS:
         x_t = tl.load(x_ptr + base + t * stride_c, mask=ok, other=0.0).to(tl.float32)
         if SOFTCAP:
-            x_t = _cap_and_slope(x_t, cap, cap_first, cap_second)[0]
+            x_t = cap_and_slope(x_t, cap, cap_first, cap_second)[0]
     if FULL_ROW:
         run_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -187,7 +187,7 @@ def forward_kernel(
                 x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0
             ).to(tl.float32)
             if SOFTCAP:
-                xs = _cap_and_slope(xs, cap, cap_first, cap_second)[0]
+                xs = cap_and_slope(xs, cap, cap_first, cap_second)[0]
             if PROBS:
                 ps = _target_tile(
                     t_ptr, w_ptr, t_base, c, in_c, tile_mask, t_stride_c, C, eps,
@@ -242,7 +242,7 @@ def forward_kernel(
     loss = tl.where(ok, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
     if WRITE_LOSS:
-        tl.store(loss_ptr + m, _rounded(loss, loss_ptr), mask=in_m)
+        tl.store(loss_ptr + m, rounded(loss, loss_ptr), mask=in_m)
     tl.store(part_loss_ptr + pid, tl.sum(tl.where(in_m, loss, 0.0), axis=0))
     tl.store(part_weight_ptr + pid, tl.sum(w_t, axis=0))
     tl.store(part_bad_ptr + pid, tl.min(tl.where(bad, m, M), axis=0))
@@ -290,7 +290,7 @@ def finish_kernel(
     if REDUCE:
         if MEAN:
             total_loss = total_loss / denominator
-        tl.store(out_ptr, _rounded(total_loss.to(tl.float32), out_ptr))
+        tl.store(out_ptr, rounded(total_loss.to(tl.float32), out_ptr))
     tl.store(denominator_ptr, denominator.to(tl.float32))
     tl.store(bad_ptr, tl.min(bad, axis=0))
 
@@ -332,7 +332,7 @@ def _row_gradient(
             xs = tl.load(x_ptr + base[:, None] + c[None, :] * stride_c, mask=tile_mask, other=0.0)
             xs = xs.to(tl.float32)
             if SOFTCAP:
-                xs, slope = _cap_and_slope(xs, cap, cap_first, cap_second)
+                xs, slope = cap_and_slope(xs, cap, cap_first, cap_second)
             p = tl.exp(xs - lse[:, None])
             grad += softmax_scale[:, None] * p
         if SMOOTH and not PROBS:
@@ -345,7 +345,7 @@ def _row_gradient(
             grad = grad * slope
         tl.store(
             grad_ptr + grad_base[:, None] + c[None, :] * grad_stride_c,
-            _rounded(grad, grad_ptr),
+            rounded(grad, grad_ptr),
             mask=tile_mask,
         )
 

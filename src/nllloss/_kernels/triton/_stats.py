@@ -2,7 +2,7 @@
 
 One program per row of (N, C) logits (or the one row of a (C,) input), walking its
 classes ``BLOCK_C`` at a time with the accumulators of the numba kernel
-(``_cpu._stats``): the running maximum ``m`` of ``z = cap(x) / T`` and the first index of
+(``_kernels.cpu._stats``): the running maximum ``m`` of ``z = cap(x) / T`` and the first index of
 it, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)`` rescaled when ``m`` rises;
 ``lse = m + log s``, ``entropy = log s - u / s``, ``logprob = (z_t - m) - log s``. The
 row's ``(m, log s, u / s)`` are saved (float64, (N, 3)) for the gradient kernel, one more
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._stats import Stats, TokenStats, Upstream
+from ..._token_stats import Stats, TokenStats, Upstream
 from . import _launch
-from ._kernels import _cap_and_slope, _rounded
+from ._kernels import cap_and_slope, rounded
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -33,7 +33,7 @@ def _tempered(x_ptr, offsets, mask, temperature, cap, cap_first, cap_second, HAS
     v = tl.load(x_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
     slope = tl.full(v.shape, 1.0, tl.float32)
     if HAS_CAP:
-        capped, slope = _cap_and_slope(v, cap, cap_first, cap_second)
+        capped, slope = cap_and_slope(v, cap, cap_first, cap_second)
         v = tl.where(mask, capped, float("-inf"))
     return v / temperature, slope
 
@@ -132,17 +132,17 @@ def stats_backward_kernel(
             grad = grad * slope
         grad = grad / temperature
         out = grad_ptr + row * C + cols
-        tl.store(out, _rounded(grad, grad_ptr), mask=mask)
+        tl.store(out, rounded(grad, grad_ptr), mask=mask)
 
 
 # Classes per tile: 4096 float32 values a program holds at once (a row of 32000 in 8
 # tiles). Unmeasured on a GPU: no GPU run is recorded yet (the kernels are opt-in, as the
-# loss's, see ``_triton.__init__``).
+# loss's, see ``_kernels.triton``).
 BLOCK_C = 4096
 
 
 class TritonEngine:
-    """The engine of ``_stats`` on the Triton kernels (torch tensors of (N, C) or (C,))."""
+    """The engine of ``_token_stats`` on the Triton kernels (torch tensors of (N, C) or (C,))."""
 
     @staticmethod
     def supports(stats: Stats) -> bool:
@@ -180,7 +180,7 @@ class TritonEngine:
 
     @staticmethod
     def _options(stats: Stats):
-        flags, (_, cap, cap_first, cap_second) = _launch._options(stats.problem.options)
+        flags, (_, cap, cap_first, cap_second) = _launch.flags_and_values(stats.problem.options)
         return {"temperature": stats.temperature, "cap": cap, "cap_first": cap_first,
                 "cap_second": cap_second, "HAS_CAP": flags["SOFTCAP"]}  # fmt: skip
 

@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _linear, _stats
-from ._stats import Stats, TokenStats, Upstream
+from .. import _token_stats
+from .._hidden_states import blocks
+from .._token_stats import Stats, TokenStats, Upstream
 
 
-def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats:
+def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
     """The statistics, differentiable (``jax.grad``, ``jax.vjp``) in the input, weight and
     bias through ``logprob``, ``entropy`` and ``lse``."""
-    engine = _stats.generic_engine(linear.xp)
+    engine = _token_stats.generic_engine(linear.xp)
 
     def again(hidden, weight, bias):
         return dataclasses.replace(linear, hidden=hidden, weight=weight, bias=bias)
@@ -45,7 +46,7 @@ def linear_token_stats(linear: _linear.Linear, temperature: float) -> TokenStats
     return TokenStats(logprob.astype(dtype), entropy.astype(dtype), lse.astype(dtype), argmax)
 
 
-def _blocks(linear: _linear.Linear, temperature: float, engine, upstream: Upstream | None = None):
+def _blocks(linear: blocks.Linear, temperature: float, engine, upstream: Upstream | None = None):
     """(TokenStats, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""
     size, rows = linear.chunk_rows, linear.rows
@@ -84,8 +85,8 @@ def _blocks(linear: _linear.Linear, temperature: float, engine, upstream: Upstre
         carry = (jnp.zeros_like(linear.weight), d_bias)
     parts, d_hidden = [], []
     if scanned:
-        blocks = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
-        carry, (result, block_d_hidden) = lax.scan(step, carry, blocks)
+        stacked = jax.tree.map(lambda a: jnp.reshape(a, (-1, size, *a.shape[1:])), cut(0, scanned))
+        carry, (result, block_d_hidden) = lax.scan(step, carry, stacked)
         parts.append(TokenStats(*(jnp.reshape(a, (scanned, *a.shape[2:])) for a in result)))
         if block_d_hidden is not None:
             d_hidden.append(jnp.reshape(block_d_hidden, (scanned, -1)))

@@ -33,8 +33,8 @@ import math
 import numba
 import numpy as np
 
-from ._kernels import _decode, _parallel_and_serial
-from ._softmax import _cap_and_slope, _capped, _exp, _in_compute_type, _row_max
+from ._kernels import decoded, parallel_and_serial
+from ._softmax import cap_and_slope, exp, in_compute_type, row_max, soft_capped
 
 # Values of a row per block: 4 KiB of float32, in L1 for the block's second loop; the
 # same as the loss kernels' sum blocks (``_softmax.SUM_BLOCK``).
@@ -46,34 +46,34 @@ _FAST = {"contract", "reassoc"}
 @numba.njit(inline="always", error_model="numpy")
 def _tempered(value, cap, temperature):
     """``z = cap(x) / T`` in the value's compute type."""
-    return _capped(value, cap) / temperature
+    return soft_capped(value, cap) / temperature
 
 
 @numba.njit(fastmath=_FAST, error_model="numpy", cache=True)
 def _row_statistics(row, decode, cap, temperature):
     """(m, log s, u / s, argmax) of one row (see the module)."""
     n = row.shape[0]
-    top = _in_compute_type(-np.inf, row)
-    zero = _in_compute_type(0.0, row)
+    top = in_compute_type(-np.inf, row)
+    zero = in_compute_type(0.0, row)
     total = 0.0
     weighted = 0.0
     arg = 0
     for start in range(0, n, BLOCK):
         part = row[start : start + BLOCK]
-        best = _tempered(_row_max(part, decode), cap, temperature)
+        best = _tempered(row_max(part, decode), cap, temperature)
         if best > top:
             # a new maximum: the first index where z equals it (a minimum over the block,
             # which vectorises; z, not x: the cap and the division may tie distinct x)
             size = part.shape[0]
             where = size
             for j in range(size):
-                hit = _tempered(_decode(part[j], decode), cap, temperature) == best
+                hit = _tempered(decoded(part[j], decode), cap, temperature) == best
                 where = min(where, j if hit else size)
             if where == size:  # (not met again: a scan that keeps the first largest z)
                 where = 0
-                best = _tempered(_decode(part[0], decode), cap, temperature)
+                best = _tempered(decoded(part[0], decode), cap, temperature)
                 for j in range(1, size):
-                    z = _tempered(_decode(part[j], decode), cap, temperature)
+                    z = _tempered(decoded(part[j], decode), cap, temperature)
                     if z > best:
                         best = z
                         where = j
@@ -87,8 +87,8 @@ def _row_statistics(row, decode, cap, temperature):
         block_total = zero
         block_weighted = zero
         for j in range(part.shape[0]):
-            d = _tempered(_decode(part[j], decode), cap, temperature) - top
-            e = _exp(d)
+            d = _tempered(decoded(part[j], decode), cap, temperature) - top
+            e = exp(d)
             block_total += e
             block_weighted += e * (d if e > zero else zero)  # 0, not 0 * -inf
         total += np.float64(block_total)
@@ -96,14 +96,14 @@ def _row_statistics(row, decode, cap, temperature):
     log_norm = math.log(total)
     if log_norm != log_norm:  # a NaN in the row: the argmax is the first NaN, as torch's
         for j in range(n):
-            z = _tempered(_decode(row[j], decode), cap, temperature)
+            z = _tempered(decoded(row[j], decode), cap, temperature)
             if z != z:
                 arg = j
                 break
     return top, log_norm, weighted / total, arg
 
 
-@_parallel_and_serial(fastmath=_FAST)
+@parallel_and_serial(fastmath=_FAST)
 def stats_rows(
     x2, t1, ignore_index, decode, cap, temperature, reuse, saved, upstream,
     logprob, entropy, lse, argmax, grad2,
@@ -120,14 +120,14 @@ def stats_rows(
     """
     rows, classes = x2.shape
     want_grad = grad2.shape[0] == rows
-    c = _in_compute_type(cap, x2)
-    t = _in_compute_type(temperature, x2)
+    c = in_compute_type(cap, x2)
+    t = in_compute_type(temperature, x2)
     for i in numba.prange(rows):
         row = x2[i]
         target = t1[i]
         ignored = target == ignore_index
         if reuse:
-            top = _in_compute_type(saved[i, 0], x2)
+            top = in_compute_type(saved[i, 0], x2)
             log_norm = saved[i, 1]
             shift = saved[i, 2]
         else:
@@ -141,32 +141,32 @@ def stats_rows(
             if ignored:
                 logprob[i] = 0.0
             else:
-                at = _tempered(_decode(row[target], decode), c, t)
+                at = _tempered(decoded(row[target], decode), c, t)
                 logprob[i] = (np.float64(at) - np.float64(top)) - log_norm
         if not want_grad:
             continue
         a = upstream[i, 0] if not ignored else 0.0
-        common = _in_compute_type(a - upstream[i, 2], grad2)
-        slope_b = _in_compute_type(upstream[i, 1], grad2)
-        row_log_norm = _in_compute_type(log_norm, grad2)
-        row_shift = _in_compute_type(shift, grad2)
-        inverse = _in_compute_type(1.0 / temperature, grad2)
-        zero = _in_compute_type(0.0, grad2)
+        common = in_compute_type(a - upstream[i, 2], grad2)
+        slope_b = in_compute_type(upstream[i, 1], grad2)
+        row_log_norm = in_compute_type(log_norm, grad2)
+        row_shift = in_compute_type(shift, grad2)
+        inverse = in_compute_type(1.0 / temperature, grad2)
+        zero = in_compute_type(0.0, grad2)
         at_target = zero
         if not ignored:  # read now: the gradient may be written over the logits
-            at_target = _in_compute_type(a / temperature, grad2)
+            at_target = in_compute_type(a / temperature, grad2)
             if c > 0:
-                at_target *= _cap_and_slope(_decode(row[target], decode), c)[1]
+                at_target *= cap_and_slope(decoded(row[target], decode), c)[1]
         out = grad2[i]
         for j in range(classes):
-            x = _decode(row[j], decode)
-            value = _capped(x, c)
+            x = decoded(row[j], decode)
+            value = soft_capped(x, c)
             d = value / t - top
-            p = _exp(d - row_log_norm)
+            p = exp(d - row_log_norm)
             g = p * (common + slope_b * (d - row_shift))
             g = zero if p == zero else g
             if c > 0:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)**2, without cancellation
-                g *= _cap_and_slope(x, c)[1]
+                g *= cap_and_slope(x, c)[1]
             out[j] = -(g * inverse)
         if not ignored:
             out[target] += at_target
