@@ -109,7 +109,7 @@ print(statistics.median(times), peak)
 
 
 _PROFILE = r"""
-import os, sys, time
+import time
 import numpy as np, torch, nllloss
 from nllloss import _hidden_states
 torch.set_num_threads(1)
