@@ -47,8 +47,9 @@ from .._problem import Problem, layout_of
 # 2 shared cores do not count), float32, NumPy at (2048, 512, 32000): the three products
 # of 64-row blocks took 21% more than the full-size ones, of 128 rows 12%, of 256 rows 6%
 # (the weight's gradient most: its product has only the block's rows to sum over). At
-# hidden size 64 (the Hugging Face benchmark's model) the rows made no difference from 64
-# up, in torch or NumPy. Hence at least MIN_CHUNK_ROWS...
+# hidden size 64 (the Hugging Face benchmark's model) torch's blocks cost the same from 64
+# rows up, NumPy's gradient products 26% more than at full size with 128 rows, 7% with
+# 256 (benchmarks/linear.py --profile). Hence at least MIN_CHUNK_ROWS...
 MIN_CHUNK_ROWS = 128
 # ...and at most MAX_CHUNK_ROWS (512 rows cost 6.5% more than the full-size products, as 256
 # did, at twice the memory)...
