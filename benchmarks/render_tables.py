@@ -228,13 +228,21 @@ def token_stats() -> str:
             ("torch", "torch", "linear_cross_entropy"),
         )
     ]  # fmt: skip
+    beside = "loss+stats torch"  # the loss with return_stats (runs since it was added)
+    rows += [
+        [f"{where}, torch, the loss with `return_stats=True`",
+         f"{median(case, beside)}" + (f", {of_logits(beside)}" if memory else ""),
+         f"`{name}` {median(case, 'loss torch')}",
+         f"{case[beside]['median_s'] / case['loss torch']['median_s']:.2f}x"]
+        for where, case, name, memory in (
+            (f"from logits {shape(logits['shape'])}", logits, "nll_loss", False),
+            (f"hidden states {shape(linear['shape'])}", linear, "linear_cross_entropy", True),
+        )
+        if beside in case
+    ]  # fmt: skip
     header = ["step", "nllloss statistics", "against", "time ratio (statistics / against)"]
-    before, after = data["load_average_before"][0], data["load_average_after"][0]
-    note = (
-        f"*Results: `benchmarks/results/token-stats-latest.json`, {data['cpus']} cores, load "
-        f"average {before:.1f} before and {after:.1f} after; that file records no date, "
-        "revision or versions.*"
-    )
+    before = data["load_average_before"][0]
+    note = _stamp(data, "token-stats-latest.json")[:-1] + f" Load average {before:.1f} before.*"
     return _table(header, rows) + "\n\n" + note
 
 

@@ -9,10 +9,12 @@ Every step is a forward and a backward in float32 (5% of the targets ignored): f
 statistics, the gradient of ``sum(logprob) + sum(entropy)``; for the loss, of its 'mean'.
 From logits (``NxC``): ``stats numpy`` is ``token_stats_and_grad``, ``loss numpy``
 ``nll_loss_and_grad(from_logits=True)``; ``stats torch`` is ``token_stats`` with autograd,
-``loss torch`` ``nll_loss(from_logits=True)`` with autograd, and ``composed torch`` the
-statistics from ``log_softmax``, ``gather``, ``softmax`` and ``sum`` with autograd. From
-hidden states (``NxDxV``): ``linear_token_stats`` against ``linear_cross_entropy``, NumPy
-(the ``_and_grad`` functions) and torch (autograd).
+``loss torch`` ``nll_loss(from_logits=True)`` with autograd, ``loss+stats torch`` the same
+with ``return_stats=True`` (the loss's gradient), and ``composed torch`` the statistics
+from ``log_softmax``, ``gather``, ``softmax`` and ``sum`` with autograd. From hidden states
+(``NxDxV``): ``linear_token_stats`` against ``linear_cross_entropy``, NumPy (the
+``_and_grad`` functions) and torch (autograd), and ``linear_cross_entropy(...,
+return_stats=True)`` on torch.
 
 The competitors of one table run in interleaved rounds (a shuffled order each round), each
 round one step each; the report gives the median and the 90th percentile of the rounds and
@@ -75,6 +77,8 @@ def logits_step(who, x, t):
     if who == "stats torch":
         s = nllloss.token_stats(xt, tt)
         (s.logprob.sum() + s.entropy.sum()).backward()
+    elif who == "loss+stats torch":
+        nllloss.nll_loss(xt, tt, from_logits=True, return_stats=True).loss.backward()
     elif who == "loss torch":
         nllloss.nll_loss(xt, tt, from_logits=True).backward()
     else:
@@ -92,6 +96,8 @@ def linear_step(who, h, w, t):
     if who == "stats torch":
         s = nllloss.linear_token_stats(ht, wt, tt)
         (s.logprob.sum() + s.entropy.sum()).backward()
+    elif who == "loss+stats torch":
+        nllloss.linear_cross_entropy(ht, wt, tt, return_stats=True).loss.backward()
     else:
         nllloss.linear_cross_entropy(ht, wt, tt).backward()
     return ht.grad, wt.grad
@@ -119,8 +125,9 @@ print(peak - before - sum(g.nbytes for g in grads))
 """
 )
 
-LOGITS = ("stats numpy", "loss numpy", "stats torch", "loss torch", "composed torch")
-LINEAR = ("stats numpy", "loss numpy", "stats torch", "loss torch")
+LOGITS = ("stats numpy", "loss numpy", "stats torch", "loss torch", "composed torch",
+          "loss+stats torch")  # fmt: skip
+LINEAR = ("stats numpy", "loss numpy", "stats torch", "loss torch", "loss+stats torch")
 
 
 def _race(step, competitors, rounds, seed=0):
@@ -168,6 +175,9 @@ def main(argv=None) -> int:
     namespace: dict = {}
     exec(_SETUP, namespace)  # the same source as the memory subprocesses
     report = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    import torch
+    from nllloss._bench import environment
+
 
     small = namespace["logits_data"](64, 1000)
     for who in LOGITS:
@@ -184,6 +194,7 @@ def main(argv=None) -> int:
     report["linear_extra_memory_bytes"] = memory
     report["logits_bytes"] = logits_bytes
     report["load_average_after"] = os.getloadavg()
+    report = {"environment": environment({"torch": torch}, None), **report}
     text = markdown(report)
     print(text)
     if args.out:

@@ -69,9 +69,11 @@ def fitted_temperature(z, y) -> float:
     """The minimiser of the mean NLL of softmax(z / T), by bisection on the derivative in
     beta = 1/T (float64)."""
 
+    masked = np.where(np.isinf(z), 0.0, z)  # a -inf score has p = 0: it adds 0
+
     def slope(beta):
         p = softmax(z * beta)
-        return np.mean((p * z).sum(1) - z[np.arange(len(y)), y])
+        return np.mean((p * masked).sum(1) - z[np.arange(len(y)), y])
 
     low, high = 1e-3, 1e3
     for _ in range(200):
@@ -330,18 +332,18 @@ def test_documented_calibration_report_is_what_the_command_prints():
 # (``numpy_figures``), on scores that try its edges.
 
 
-def _kernel_and_numpy(x, t, beta, softcap=None, from_logits=True, with_model=True):
+def _kernel_and_numpy(x, t, beta, softcap=None, from_logits=True, with_model=True, orders=0):
     from nllloss._cli import _calibration, _calibration_kernel
 
     position, y = _calibration.counted(t, IGNORE, x.shape[1])
     x3 = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1)
-    out = np.full((len(y), len(_calibration.FIGURES)), np.nan)
+    out = np.full((len(y), len(_calibration.FIGURES) + (orders and orders + 1)), np.nan)
     _calibration_kernel.element_figures(
         x3, position, y, float(softcap or 0.0), from_logits, beta, with_model, out
     )
     rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
     z = _calibration.scores(rows, position, softcap)
-    return out, _calibration.numpy_figures(z, y, beta, from_logits, with_model)
+    return out, _calibration.numpy_figures(z, y, beta, from_logits, with_model, orders)
 
 
 def _assert_figures_close(actual, expected, rel=1e-9):
@@ -399,7 +401,7 @@ def test_kernel_figures_equal_the_numpy_definition(shape, c, case, rng):
 def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
     import numba
 
-    from nllloss._cli import _calibration_kernel
+    from nllloss._cli import _calibration, _calibration_kernel
 
     x = _scores_with_edges(rng, (3000,), 50)
     t = rng.integers(0, 50, 3000)
@@ -410,21 +412,38 @@ def test_kernel_figures_do_not_depend_on_the_thread_count(rng):
     runs = [(kernel.parallel, n) for n in (1, 2, numba.config.NUMBA_NUM_THREADS)]
     runs.append((kernel.serial, 1))
     before = numba.get_num_threads()
+    window = _calibration.Window.around(0.8, 0.01, 50)
+    nodes, first = window.nodes(), _calibration.MOMENTS
     try:
         for function, threads in runs:
             numba.set_num_threads(threads)
-            out = np.zeros((len(position), 9))
+            out = np.zeros((len(position), 9 + 1 + window.orders))
             function(x3, position, t.astype(np.int64), 0.0, True, 0.8, True, out)
-            results.append(out)
+            out = out[np.isfinite(out).all(axis=1)]
+            # the window's kernels, on as many threads
+            twin = "parallel" if function is kernel.parallel else "serial"
+            slopes, confidence = np.empty((len(out), len(nodes))), np.empty((len(out), len(nodes)))
+            ends = np.empty((len(out), 2))
+            getattr(_calibration_kernel.window_figures, twin)(
+                out, first, nodes, window.half, slopes, confidence, ends
+            )
+            crossing = np.flatnonzero(ends[:, 1] - ends[:, 0] > 1e-3)
+            h = np.empty(len(crossing))
+            level = 2 / (ends[crossing, 0] + ends[crossing, 1])
+            getattr(_calibration_kernel.crossings, twin)(
+                out, first, crossing, level, window.half, h
+            )
+            results.append((out, slopes, confidence, ends, h))
     finally:
         numba.set_num_threads(before)
-    for out in results[1:]:
-        assert_bitwise(out, results[0])
+    for arrays in results[1:]:
+        for actual, expected in zip(arrays, results[0], strict=True):
+            assert_bitwise(actual, expected)
 
 
 @once
 def test_exp64_is_within_two_ulp_of_numpy():
-    from nllloss._cli._calibration_kernel import exp64
+    from nllloss._kernels.cpu._softmax import exp64
 
     x = np.concatenate([-np.geomspace(1e-300, 745, 20001), [0.0, -0.0, -np.inf, np.nan]])
     actual = np.array([exp64(v) for v in x])
@@ -433,3 +452,138 @@ def test_exp64_is_within_two_ulp_of_numpy():
     np.testing.assert_allclose(actual[normal], expected[normal], rtol=4.5e-16, atol=0)
     assert np.all(actual[~normal & ~np.isnan(x)] <= 1e-307)
     assert np.isnan(actual[-1])
+
+
+# The temperature inside the main pass: a file larger than the sample the fit starts on.
+
+
+def _passes(monkeypatch) -> list[str]:
+    """The passes over the file that ``nllloss eval`` makes from now on, by name."""
+    from nllloss._cli import _evaluate
+
+    passes, stream = [], _evaluate.stream
+
+    def counted(compute, *args, **kwargs):
+        passes.append(compute.__name__)
+        return stream(compute, *args, **kwargs)
+
+    monkeypatch.setattr(_evaluate, "stream", counted)
+    return passes
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> dict:
+    """3000 x 40 logits of a model 2x overconfident (each target drawn from softmax(x / 2)),
+    with masked (-inf) classes and ignored targets."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path_factory.mktemp("one_pass")
+    n, c = 3000, 40
+    x = (3 * rng.standard_normal((n, c))).astype(np.float32)
+    x[::17, 5] = -np.inf
+    t = np.argmax(x / 2 + rng.gumbel(size=x.shape), axis=1)
+    t[::11] = IGNORE
+    np.save(folder / "x.npy", x)
+    np.save(folder / "t.npy", t)
+    keep = t != IGNORE
+    return {"folder": folder, "z": x[keep].astype(np.float64), "y": t[keep]}
+
+
+def _at_temperature(z, y, temperature, bins=15):
+    """Mean NLL and ECE of softmax(z / T), float64 NumPy."""
+    p = softmax(z, temperature)
+    nll = -np.mean(np.log(p[np.arange(len(y)), y]))
+    confidence, correct = p.max(1), p.argmax(1) == y
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs((correct - confidence)[index == b].sum()) for b in range(bins)]
+    return nll, sum(gaps) / len(y)
+
+
+@pytest.mark.parametrize("chunk_rows", [256, 3000])
+def test_temperature_is_fitted_in_the_main_pass(large, chunk_rows, monkeypatch, capsys):
+    from nllloss._cli import _calibration
+
+    monkeypatch.setattr(_calibration, "SAMPLE_VALUES", 40 * 1000)  # 1000 of 3000 rows
+    passes = _passes(monkeypatch)
+    argv = ["eval", large["folder"] / "x.npy", large["folder"] / "t.npy", "--from-logits"]
+    section = report([*argv, "--calibration", "--chunk-rows", chunk_rows], capsys)["calibration"]
+    assert passes == ["block_totals"]
+    z, y = large["z"], large["y"]
+    temperature = section["temperature"]
+    # the cell boundary nearest the minimiser: within half a cell (TEMPERATURE_RTOL / 2)
+    assert temperature == pytest.approx(fitted_temperature(z, y), rel=0.5e-4 * 1.01)
+    nll, expected_ece = _at_temperature(z, y, temperature)
+    assert section["loss_at_temperature"] == pytest.approx(nll, rel=1e-12)
+    assert section["ece_at_temperature"] == pytest.approx(expected_ece, rel=1e-9)
+    by_torchmetrics = ece(softmax(z, temperature), y, 15)
+    assert section["ece_at_temperature"] == pytest.approx(by_torchmetrics, rel=1e-5)
+
+
+@once
+def test_a_minimiser_outside_the_window_takes_more_passes(large, monkeypatch, capsys):
+    from nllloss._cli import _calibration
+
+    monkeypatch.setattr(_calibration, "SAMPLE_VALUES", 40 * 20)  # a poor start: 20 rows
+    monkeypatch.setattr(_calibration, "WINDOW_BOUNDS", (2e-4, 2e-4))  # and a narrow window
+    passes = _passes(monkeypatch)
+    argv = ["eval", large["folder"] / "x.npy", large["folder"] / "t.npy", "--from-logits"]
+    section = report([*argv, "--calibration"], capsys)["calibration"]
+    assert passes[0] == "block_totals"
+    assert len(passes) > 1
+    z, y = large["z"], large["y"]
+    temperature = section["temperature"]
+    assert temperature == pytest.approx(fitted_temperature(z, y), rel=1e-4)
+    nll, expected_ece = _at_temperature(z, y, temperature)
+    assert section["loss_at_temperature"] == pytest.approx(nll, rel=1e-12)
+    assert section["ece_at_temperature"] == pytest.approx(expected_ece, rel=1e-9)
+
+
+@once
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_taylor_bounds_hold_and_the_kernels_equal_their_definitions(scale, rng):
+    """P(h) from the moments against Σ_c exp((β0 + h) s_c) at the window's nodes and ends,
+    within each element's bound; the window's kernels against their NumPy definitions."""
+    from nllloss._cli import _calibration, _calibration_kernel
+
+    c, beta = 300, 0.6
+    x = _scores_with_edges(rng, (40,), c) * np.float32(scale / 4)
+    x[6] = x[7]  # (the -1e30 row scaled: every class but one is far)
+    t = rng.integers(0, c, 40)
+    window = _calibration.Window.around(beta, 0.01, c)
+    out, expected = _kernel_and_numpy(x, t, beta, with_model=False, orders=window.orders)
+    _assert_figures_close(out[:, 4:], expected[:, 4:])
+    finite = np.isfinite(out).all(axis=1)
+    out = out[finite]
+    position, _ = _calibration.counted(t, IGNORE, c)
+    z = np.moveaxis(x, 1, -1).reshape(-1, c)[position[finite]].astype(np.float64)
+    s = z - z.max(1, keepdims=True)
+    h = np.r_[window.nodes(), -window.half, window.half]
+    with np.errstate(invalid="ignore"):
+        exact = np.stack([np.exp((beta + step) * s).sum(1) for step in h], axis=1)
+        masked = np.where(np.isinf(s), 0, s)  # a -inf score has weight 0: it adds 0
+        moment = [(np.exp((beta + step) * s) * masked).sum(1) for step in h]
+        slope = np.stack(moment, axis=1) / exact
+    moments = out[:, _calibration.MOMENTS :]
+    value, derivative = _calibration.moment_polynomial(
+        moments, np.broadcast_to(h, (len(out), len(h)))
+    )
+    bound, bound_slope = _calibration.taylor_bounds(out, window.half)
+    assert np.all(np.abs(value - exact) <= bound[:, None] + 1e-15 * exact)
+    rounding = 1e-13 * (1 + np.abs(slope))
+    assert np.all(np.abs(derivative / value - slope) <= bound_slope[:, None] + rounding)
+    # the window's kernels
+    nodes = window.nodes()
+    slopes, confidence = np.empty((len(out), len(nodes))), np.empty((len(out), len(nodes)))
+    ends = np.empty((len(out), 2))
+    first = _calibration.MOMENTS
+    _calibration_kernel.window_figures(out, first, nodes, window.half, slopes, confidence, ends)
+    definition = _calibration.numpy_window_figures(out, nodes, window.half)
+    for actual, wanted in zip((slopes, confidence, ends), definition, strict=True):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-12)
+    crossing = np.flatnonzero(ends[:, 1] - ends[:, 0] > 1e-3)
+    level = 2 / (ends[crossing, 0] + ends[crossing, 1])  # 1 / (a confidence inside)
+    h_kernel = np.empty(len(crossing))
+    _calibration_kernel.crossings(out, _calibration.MOMENTS, crossing, level, window.half, h_kernel)
+    h_numpy = _calibration.numpy_crossings(out, crossing, level, window.half)
+    np.testing.assert_allclose(h_kernel, h_numpy, rtol=0, atol=1e-12 * window.half)
+    value, _ = _calibration.moment_polynomial(moments[crossing], h_kernel[:, None])
+    np.testing.assert_allclose(value[:, 0], level, rtol=1e-12)

@@ -38,6 +38,10 @@ REVEALS = [
     ("nllloss.total_weight(t)", "t"),
     ("nllloss.NLLLoss(from_logits=True)(x, t)", "x"),
     ("nllloss.linear_cross_entropy(x, w, t)", "x"),
+    (
+        "nllloss.linear_cross_entropy(x, w, t, return_stats=True)",
+        "nllloss.LossAndStats(x, nllloss.token_stats(x, t))",
+    ),
     ("nllloss.linear_cross_entropy_and_grad(x, w, t)", "(x, x, x, x if flag else None)"),
     ("nllloss.torch.CrossEntropyLoss().forward(x, t)", "x"),
     ("nllloss.nll_loss(n, nt)", "n"),

@@ -250,9 +250,12 @@ def nll_loss(
         From logits with class indices: also return the per-token statistics of
         :func:`token_stats` of the (capped) logits, ``ignore_index`` as the loss's, as
         ``LossAndStats(loss, stats)``: e.g. to log token accuracy (``stats.argmax ==
-        target``) and entropy beside the loss. Computed by one more read of the input
-        (the fused statistics kernel on NumPy and torch CPU), differentiable as
-        :func:`token_stats`.
+        target``) and entropy beside the loss. Without label smoothing the loss is
+        computed from the statistics (``-w[y] logprob + z_loss w[y] lse**2``, reduced),
+        so the input is read once, by the statistics' kernel (NumPy, torch CPU, Triton),
+        and the loss equals the one without ``return_stats`` to rounding; with label
+        smoothing, and for float16/bfloat16 input, the statistics are one more read.
+        Differentiable as :func:`token_stats`, the loss through them.
 
     Returns
     -------
@@ -310,12 +313,7 @@ def nll_loss(
     array(2.5079718, dtype=float32)
     """
     arguments = locals()
-    if (
-        size_average is reduce is None
-        and return_lse is False
-        and return_stats is False
-        and _options.untouched(arguments)
-    ):
+    if size_average is reduce is None and return_lse is False and _options.untouched(arguments):
         # The commonest call, on a backend with a shortcut for it: the result, or None to
         # take the full path (which then raises nllloss's errors).
         quick = quick_forward_for(input)
@@ -326,15 +324,17 @@ def nll_loss(
     reduction = _validate.resolve_reduction(size_average, reduce, reduction, stacklevel=_CALLER)
     options = _options.given(arguments)
     backend, problem = build(input, target, weight, ignore_index, reduction, options)
-    if _validate.check_return_stats(
-        return_stats, problem.from_logits, problem.probabilities, return_lse
-    ):
-        from . import _token_stats
+    return_lse = _validate.check_return_lse(return_lse, problem.from_logits)
+    if problem.return_stats:
+        if return_lse:
+            raise ValueError(
+                "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
+                "(stats.lse); pass one of them"
+            )
+        from . import _token_stats  # the statistics' engines, loaded on first use
 
-        return _token_stats.LossAndStats(
-            backend.forward(problem), _token_stats.of_loss(backend, problem)
-        )
-    if _validate.check_return_lse(return_lse, problem.from_logits):
+        return _token_stats.loss_and_stats(backend, problem)
+    if return_lse:
         # the fused kernels give the log-sum-exp they compute (O(N) memory); other
         # backends compute it apart
         fused = getattr(backend, "forward_and_lse", None)

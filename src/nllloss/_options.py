@@ -106,6 +106,12 @@ class Options:
     softcap: float | None = option(
         None, lambda value, options, context: _validate.check_softcap(value, options["from_logits"])
     )
+    # The per-token statistics of the logits with the loss (``_token_stats.loss_and_stats``):
+    # every route hands such a problem there, none of the loss engines computes it.
+    return_stats: bool = option(
+        False,
+        lambda value, options, context: _validate.check_return_stats(value, options["from_logits"]),
+    )
 
     def in_use(self) -> frozenset[str]:
         """The names of the options not at their defaults (an array option: given)."""

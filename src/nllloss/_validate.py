@@ -346,25 +346,22 @@ def check_return_lse(return_lse: Any, from_logits: bool) -> bool:
     return value
 
 
-def check_return_stats(
-    return_stats: Any, from_logits: bool, probabilities: bool, return_lse: bool
-) -> bool:
-    """Whether to return the per-token statistics with the loss: from logits, with class
-    indices, and not together with ``return_lse`` (the statistics hold the lse)."""
+def check_return_stats(return_stats: Any, from_logits: bool) -> bool:
+    """Whether to return the per-token statistics with the loss (from logits only; the
+    target's form is checked where the statistics are computed, ``check_stats_target``)."""
     value = check_flag(return_stats, "return_stats")
     if value:
         _needs_logits("return_stats=True", from_logits)
-        if probabilities:
-            raise ValueError(
-                "return_stats=True needs class indices as the target (the log-probability of "
-                "the target), got class probabilities"
-            )
-        if return_lse:
-            raise ValueError(
-                "return_lse=True and return_stats=True: the statistics hold the log-sum-exp "
-                "(stats.lse); pass one of them"
-            )
     return value
+
+
+def check_stats_target(probabilities: bool) -> None:
+    """The statistics read the log-probability of a class index."""
+    if probabilities:
+        raise ValueError(
+            "return_stats=True needs class indices as the target (the log-probability of "
+            "the target), got class probabilities"
+        )
 
 
 def check_total_weight(total_weight: Any, reduction: str) -> None:

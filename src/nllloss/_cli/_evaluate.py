@@ -40,6 +40,7 @@ from ._calibration import (
     CalibrationOptions,
     CalibrationSums,
     TemperatureSums,
+    Window,
     calibration_sums,
     fit_on_sample,
     newton,
@@ -293,15 +294,19 @@ def evaluate(
     on_block: Callable[[Totals, int, int], None] | None = None,
 ) -> Result:
     """The report's numbers: one pass of :func:`block_totals` over the file; with
-    ``options.calibration``, first the temperature's fit on a sample of rows (at whose β the
-    pass takes the temperature sums), then Newton's steps, one pass each, until it is fitted.
+    ``options.calibration``, first the temperature's fit on a sample of rows, around whose β
+    the pass also fits the temperature (``_calibration``'s docstring); where that fit does not
+    stand, second-order steps from the sample's β, one more pass each, until it is fitted.
     """
     calibration = options.calibration
     if calibration is not None:
-        beta = fit_on_sample(
+        sample = fit_on_sample(
             predictions, targets, options.ignore_index, options.softcap, calibration.bins
         )
-        options = replace(options, calibration=replace(calibration, beta=beta))
+        if sample is not None:
+            beta, error = sample
+            window = Window.around(beta, error, options.classes)
+            options = replace(options, calibration=replace(calibration, beta=beta, window=window))
     totals = stream(
         block_totals, predictions, targets, options, chunk_rows, client=client, on_block=on_block
     )
@@ -326,8 +331,11 @@ def evaluate(
         at = replace(options, calibration=replace(options.calibration, beta=beta))
         return stream(temperature_block, predictions, targets, at, chunk_rows, client=client)
 
-    at_temperature = sums.at_beta
-    if at_temperature.count:
+    solved = None
+    if sums.window is not None:  # the fit inside the main pass
+        solved = sums.window.solve(options.calibration.window, sums.at_beta)
+    at_temperature = solved or sums.at_beta
+    if solved is None and at_temperature.count:
         at_temperature, fitted = newton(
             at_temperature, sums_at, TEMPERATURE_RTOL, MAX_TEMPERATURE_PASSES
         )

@@ -6,7 +6,7 @@ the array API's there, torch's in ``.torch``; JAX's differentiation in ``.jax``)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import array_api_compat
 import numpy as np
@@ -16,6 +16,9 @@ from .._builder import build as build_problem
 from .._loss import Array, Reduction
 from .._routes import as_array, backend_for, like_input
 from . import blocks
+
+if TYPE_CHECKING:  # _token_stats imports this package
+    from .._token_stats import LossAndStats
 
 
 def build(
@@ -59,6 +62,63 @@ def algebra_for(input):
 # --- The public functions ----------------------------------------------------------------
 
 
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: Literal[False] = ...,
+) -> Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: Literal[True],
+) -> LossAndStats: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: Array,
+    linear_weight: Any,
+    target: Any,
+    *,
+    linear_bias: Any = ...,
+    weight: Any = ...,
+    reduction: Reduction = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    total_weight: Any = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_stats: bool = ...,
+) -> Array | LossAndStats: ...
+
+
 @_options.keywords
 def linear_cross_entropy(
     input: Array,
@@ -74,7 +134,8 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_rows: int | None = None,
-) -> Array:
+    return_stats: bool = False,
+) -> Array | LossAndStats:
     r"""The cross-entropy of a linear layer's logits, without forming the logits.
 
     Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, as
@@ -112,11 +173,25 @@ def linear_cross_entropy(
     chunk_rows : int, optional
         Rows of logits made at a time; default: 4% of the rows, within 128 and 256.
         Results agree to rounding whatever it is.
+    return_stats : bool, default False
+        Class indices only: also return the per-token statistics of the logits (those of
+        :func:`linear_token_stats` at temperature 1, with this call's ``softcap`` and
+        ``ignore_index``), as ``LossAndStats(loss, stats)``, e.g. to log entropy and token
+        accuracy (``stats.argmax == target``) beside the loss. Each block's statistics
+        come from the pass over the block that computes its loss and gradient (NumPy,
+        torch and the array-API libraries; without label smoothing and, where a gradient
+        is computed, without ``z_loss``; otherwise one more pass over each block). JAX:
+        the statistics are :func:`linear_token_stats`'s, computed apart. The statistics
+        carry no gradient (the loss does, as without them); for gradients through
+        ``logprob`` or ``entropy`` use :func:`linear_token_stats`.
 
     Returns
     -------
     array
         The loss, as :func:`nll_loss` returns it, in the input's library and dtype.
+    LossAndStats
+        With ``return_stats``: ``(loss, stats)``, ``stats`` a :class:`TokenStats` of the
+        target's shape in the input's dtype (``argmax`` int64).
 
     Raises
     ------
@@ -134,6 +209,11 @@ def linear_cross_entropy(
     array(0.39549476, dtype=float32)
     >>> linear_cross_entropy(h, W, np.array([0, 1]), reduction="none", chunk_rows=1)
     array([0.55144465, 0.23954484], dtype=float32)
+    >>> loss, stats = linear_cross_entropy(h, W, np.array([0, 1]), return_stats=True)
+    >>> loss
+    array(0.39549476, dtype=float32)
+    >>> stats.argmax, np.round(stats.entropy, 4)
+    (array([0, 1]), array([0.9753, 0.6656], dtype=float32))
     """
     options = _options.given(locals())
     reduction = _validate.check_reduction(reduction, stacklevel=2)

@@ -220,10 +220,13 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     with ``upstream`` the gradients asked for in ``wants`` (None for the others).
 
     ``out`` holds arrays (or None) to write the gradients into (NumPy only, checked).
+    With ``return_stats`` the loss is a ``LossAndStats``: each block's statistics come
+    from the pass that computes its loss (``_token_stats.block_loss_and_stats``).
     """
     algebra = linear.algebra
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, out)
+    solve = _block_solver(linear)
     losses = []
     for rows in linear.blocks():
         with algebra.threads(linear, rows, grads is not None):
@@ -231,12 +234,12 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
             logits = algebra.logits(linear, hidden, buffer)
             block = linear.block_problem(logits, linear.block_arrays(rows))
             if grads is None:
-                losses.append(linear.backend.forward(block))
+                losses.append(solve.forward(block))
                 continue
             # The gradient over the logits where they live in the algebra's own buffer;
             # arrays of the functional algebra may be immutable (JAX)
             in_buffer = block.input if buffer is not None else None
-            loss, grad = linear.backend.forward_backward(
+            loss, grad = solve.forward_backward(
                 block, linear.upstream_rows(upstream, rows), out=in_buffer
             )
             losses.append(loss)
@@ -248,9 +251,30 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     return (loss, *algebra.finish(linear, grads))
 
 
+def _block_solver(linear: Linear):
+    """What computes a block: the backend, or with ``return_stats`` the loss with the
+    statistics of its logits."""
+    if not linear.problem.return_stats:
+        return linear.backend
+    from .. import _token_stats  # imports this module
+
+    return _token_stats.BlockSolver(linear.backend)
+
+
 def _combined(linear: Linear, losses: list, accumulation_dtype):
     """The blocks' losses as one: concatenated for 'none', else summed (in
-    ``accumulation_dtype``) and rounded once to the input's dtype."""
+    ``accumulation_dtype``) and rounded once to the input's dtype. With ``return_stats``
+    (``LossAndStats`` per block) the statistics too, concatenated."""
+    if linear.problem.return_stats:
+        from .. import _token_stats
+
+        loss = _summed(linear, [part.loss for part in losses], accumulation_dtype)
+        stats = _token_stats.joined(linear, [part.stats for part in losses])
+        return _token_stats.LossAndStats(loss, stats)
+    return _summed(linear, losses, accumulation_dtype)
+
+
+def _summed(linear: Linear, losses: list, accumulation_dtype):
     xp, dtype = linear.xp, linear.input.dtype
     if linear.problem.elementwise:
         return xp.astype(xp.concat(losses, axis=0), dtype)

@@ -25,8 +25,15 @@ def loss(linear: blocks.Linear):
 
     Every array the blocks read is an argument of the ``custom_vjp`` function, the target,
     class weight and denominator too (with no cotangent): a function under ``jax.grad``
-    of ``jax.jit`` may not close over the jit's traced arrays.
+    of ``jax.jit`` may not close over the jit's traced arrays. With ``return_stats``, the
+    statistics are computed apart (``nllloss._token_stats.jax.statistics``), without a gradient.
     """
+    if linear.problem.return_stats:
+        from .. import _token_stats
+        from .._token_stats import jax as stats_route
+
+        alone, statistics = _token_stats.apart(linear)
+        return _token_stats.LossAndStats(loss(alone), stats_route.statistics(statistics))
 
     @jax.custom_vjp
     def blocks_loss(hidden, weight, bias, constants):

@@ -21,6 +21,7 @@ the logits. Imported only when torch tensors arrive.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -121,26 +122,42 @@ class TorchAlgebra:
 ALGEBRA = TorchAlgebra()
 
 
-def loss(linear: blocks.Linear) -> torch.Tensor:
-    """The loss, differentiable with respect to the input, weight and bias."""
+def loss(linear: blocks.Linear):
+    """The loss, differentiable with respect to the input, weight and bias; with
+    ``return_stats`` a ``LossAndStats`` whose statistics carry no gradient."""
     if composed(linear.problem) or torch.compiler.is_compiling():
-        return _composed(linear)
+        return _composed(linear, linear.problem.return_stats)
     computation = _Blocks(linear)
     arguments = computation.arguments
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arguments):
-        return FusedLoss.apply(computation, *arguments)
+        result = FusedLoss.apply(computation, *arguments)
+        if linear.problem.return_stats:  # the forward's statistics, kept by the computation
+            from .._token_stats import LossAndStats
+
+            return LossAndStats(result, computation.stats[0])
+        return result
     with torch.no_grad():
         return blocks.run(linear)[0]
 
 
-def _composed(linear: blocks.Linear) -> torch.Tensor:
+def _composed(linear: blocks.Linear, with_stats: bool = False):
     """The loss of the whole logits ``linear(input, W, b)``, formed by plain torch operations
-    in the compute dtype (autocast would make the product 16-bit), through the backend."""
-    problem = linear.problem
+    in the compute dtype (autocast would make the product 16-bit), through the backend;
+    ``with_stats``: with the statistics of the logits (without a gradient)."""
+    problem = linear.problem.replace(return_stats=False)
     with without_autocast(linear.hidden.device.type):
         logits = torch.nn.functional.linear(linear.hidden, linear.weight, linear.bias)
     logits = logits.reshape(problem.layout.input_shape)
-    return linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
+    result = linear.backend.forward(problem.replace(input=logits)).to(linear.input.dtype)
+    if not with_stats:
+        return result
+    from .. import _token_stats
+
+    statistics = _token_stats.apart(linear)[1]
+    logits_stats = _token_stats.Stats(statistics.problem.replace(input=logits.detach()))
+    with torch.no_grad():
+        values = _token_stats.compute(logits_stats, linear.backend)
+    return _token_stats.LossAndStats(result, _token_stats.joined(linear, [values]))
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,8 @@ class _Blocks:
     """The loss in blocks of rows (``blocks.run``), for ``FusedLoss`` (see the module)."""
 
     linear: blocks.Linear
+    # with return_stats: the statistics of the forward's blocks (not kept for the backward)
+    stats: list = dataclasses.field(default_factory=list, compare=False)
 
     @property
     def arguments(self) -> tuple:
@@ -157,10 +176,17 @@ class _Blocks:
     def forward(self, wants):
         linear = self.linear
         if linear.problem.elementwise:
-            return blocks.run(linear)[0], None
+            return self._loss(blocks.run(linear)[0]), None
         one = torch.ones((), dtype=linear.hidden.dtype, device=linear.hidden.device)
         loss, *unit = blocks.run(linear, one, wants)
-        return loss, tuple(unit)
+        return self._loss(loss), tuple(unit)
+
+    def _loss(self, result):
+        """The loss of a run; with ``return_stats`` its statistics kept in ``stats``."""
+        if not self.linear.problem.return_stats:
+            return result
+        self.stats.append(result.stats)
+        return result.loss
 
     def gradients(self, grad, wants):
         return tuple(blocks.run(self.linear, grad, wants)[1:])

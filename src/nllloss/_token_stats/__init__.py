@@ -24,6 +24,7 @@ torch tensors go through ``nllloss._token_stats.torch`` (autograd, ``torch.compi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -95,14 +96,17 @@ def logits_problem(input, target, layout, ignore_index, softcap, check_targets=T
     return Problem(input, target, None, ignore_index, "none", layout, options)
 
 
-def _stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None) -> Problem:
+def stats_problem(backend, input, target, ignore_index, softcap, logits_shape=None,
+                  needs_classes=True) -> Problem:  # fmt: skip
     """The problem of a call's logits, after every check of ``nll_loss``'s (a target of
-    class indices only)."""
+    class indices only); ``needs_classes``: a class at least (a shard of the classes may
+    hold none: its group is checked)."""
     target = like_input(backend, target, input, "target")
     shape = tuple(input.shape) if logits_shape is None else logits_shape
     _validate.check_target(target, shape, probabilities=False)
     layout = layout_of(shape)
-    _validate.check_classes_for_stats(layout.classes)
+    if needs_classes:
+        _validate.check_classes_for_stats(layout.classes)
     ignore_index = _validate.check_ignore_index(ignore_index)
     softcap = _validate.check_softcap(softcap, True)
     return logits_problem(input, target, layout, ignore_index, softcap)
@@ -396,14 +400,166 @@ def compute_with_gradient(stats: Stats, backend, upstream: Upstream):
     return generic_engine(backend.xp).forward_backward(stats, upstream)
 
 
-def of_loss(backend, problem: Problem) -> TokenStats:
-    """The statistics of a loss's logits (``nll_loss(..., return_stats=True)``): at
-    temperature 1, with its ``softcap`` and ``ignore_index``."""
+def engine_of(stats: Stats, xp):
+    """The engine of a call (or of a block of ``linear_token_stats`` or of the loss from
+    hidden states) on arrays of the namespace ``xp``."""
+    x = stats.problem.input
+    if isinstance(x, np.ndarray):
+        return numpy_engine(stats)
+    if array_api_compat.is_torch_array(x):
+        from . import torch as torch_route  # imports torch: the caller handed us torch tensors
+
+        return torch_route.engine_for(stats)
+    return generic_engine(xp)
+
+
+# --- The statistics beside the loss (return_stats) ------------------------------------------
+
+
+def loss_and_stats(backend, problem: Problem) -> LossAndStats:
+    """``nll_loss(..., return_stats=True)``: the loss of ``problem`` and the statistics of
+    its logits (temperature 1, its ``softcap`` and ``ignore_index``).
+
+    Where the loss is a function of the statistics (:func:`from_statistics`) it is
+    computed from them, so the logits are read once, by the statistics' engine, and the
+    loss is differentiable through them (torch autograd, JAX); otherwise the loss is the
+    backend's, and the statistics one more read.
+    """
+    problem, stats = _loss_statistics(problem)
+    if not (from_statistics(problem) and not problem.computes_in_float32):
+        # 16-bit logits: the statistics are rounded to their dtype, the loss must not be
+        # summed from rounded values
+        return LossAndStats(backend.forward(problem), compute(stats, backend))
+    result = compute(stats, backend)
+    return LossAndStats(loss_of(backend.xp, problem, result), result)
+
+
+def block_loss_and_stats(backend, problem: Problem, upstream=None, out=None):
+    """``(LossAndStats, gradient or None)`` of a block of rows of the loss from hidden
+    states (its logits in the compute dtype; ``upstream``: the loss's upstream gradient,
+    or None for no gradient; ``out``: where the engine may write the gradient).
+
+    One pass over the block where the loss is a function of the statistics and its
+    gradient that of the log-probability alone (no ``z_loss``, whose gradient reads the
+    log-sum-exp the pass computes): the statistics' gradient for the upstream gradient
+    ``-w[y_n] g_n / W`` of ``logprob_n``. Otherwise the backend's loss and gradient,
+    and the statistics by one more pass."""
+    problem, stats = _loss_statistics(problem)
+    xp, engine = backend.xp, engine_of(stats, backend.xp)
+    in_one_pass = from_statistics(problem) and not (upstream is not None and problem.z_loss)
+    if not in_one_pass:
+        result = engine.forward(stats)[0]  # first: the gradient may be written over the logits
+        if upstream is None:
+            return LossAndStats(backend.forward(problem), result), None
+        loss, grad = backend.forward_backward(problem, upstream, out=out)
+        return LossAndStats(loss, result), grad
+    if upstream is None:
+        result, grad = engine.forward(stats)[0], None
+    else:
+        valid, element_weight = _element_weights(xp, problem, _compute_dtype(xp, problem))
+        scale = xp.astype(upstream, element_weight.dtype)
+        if problem.reduction == "mean":
+            scale = scale / _mean_denominator(xp, problem, valid, element_weight)
+        logprob_upstream = xp.broadcast_to(-(element_weight * scale), tuple(valid.shape))
+        result, grad = engine.forward_backward(stats, Upstream(logprob=logprob_upstream), out=out)
+    return LossAndStats(loss_of(xp, problem, result), result), grad
+
+
+@dataclass(frozen=True)
+class BlockSolver:
+    """The loss from hidden states' blocks with ``return_stats``: a backend's
+    ``forward`` and ``forward_backward`` giving ``LossAndStats`` (see
+    :func:`block_loss_and_stats`)."""
+
+    backend: Any
+
+    def forward(self, problem: Problem) -> LossAndStats:
+        return block_loss_and_stats(self.backend, problem)[0]
+
+    def forward_backward(self, problem: Problem, upstream, out=None):
+        return block_loss_and_stats(self.backend, problem, upstream, out)
+
+
+def _loss_statistics(problem: Problem) -> tuple[Problem, Stats]:
+    """The loss's problem without ``return_stats`` (what the backends take) and the
+    statistics of its logits, after the checks of the statistics."""
+    _validate.check_stats_target(problem.probabilities)
     _validate.check_classes_for_stats(problem.layout.classes)
+    problem = problem.replace(return_stats=False)
     logits = logits_problem(
-        problem.input, problem.target, problem.layout, problem.ignore_index, problem.softcap
+        problem.input, problem.target, problem.layout, problem.ignore_index, problem.softcap,
+        problem.check_targets,
+    )  # fmt: skip
+    return problem, Stats(logits)
+
+
+def apart(linear: blocks.Linear) -> tuple[blocks.Linear, blocks.Linear]:
+    """A call of the loss from hidden states with ``return_stats``, as two: the loss
+    alone, and the statistics of its logits (for routes that compute them apart)."""
+    problem, stats = _loss_statistics(linear.problem)
+    return (
+        dataclasses.replace(linear, problem=problem),
+        dataclasses.replace(linear, problem=stats.problem, denominator=None),
     )
-    return compute(Stats(logits), backend)
+
+
+def from_statistics(problem: Problem) -> bool:
+    """Whether the loss of ``problem`` (from logits, class indices) is a function of the
+    statistics of its logits: without label smoothing, which reads every class's logit."""
+    return problem.label_smoothing == 0.0
+
+
+def loss_of(xp, problem: Problem, stats: TokenStats):
+    r"""The loss of ``problem`` from the statistics of its logits: per element
+    :math:`\ell_n = -v_n \operatorname{logprob}_n + z\, v_n \operatorname{lse}_n^2`
+    (:math:`v_n = w_{y_n}`, 0 where ignored; :math:`z` the ``z_loss``), reduced as
+    ``nll_loss`` reduces (its 'mean' denominator, ``Problem.denominator``), in the input's
+    dtype."""
+    dtype = _compute_dtype(xp, problem)
+    valid, element_weight = _element_weights(xp, problem, dtype)
+    zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(element_weight))
+    # 0 - v logprob: +0, not -0, where ignored
+    losses = zero - element_weight * xp.reshape(xp.astype(stats.logprob, dtype), valid.shape)
+    if problem.z_loss:
+        lse = xp.reshape(xp.astype(stats.lse, dtype), valid.shape)
+        losses = losses + xp.where(valid, problem.z_loss * element_weight * lse * lse, zero)
+    if problem.reduction == "none":
+        return xp.astype(xp.reshape(losses, problem.loss_shape), problem.input.dtype)
+    # kept as (1, ...) until the end: NumPy's 0-d sums and arithmetic give scalars
+    total = xp.sum(losses, keepdims=True)
+    if problem.reduction == "mean":
+        total = total / _mean_denominator(xp, problem, valid, element_weight)
+    return xp.astype(xp.reshape(total, ()), problem.input.dtype)
+
+
+def _compute_dtype(xp, problem: Problem):
+    return _generic.compute_dtype(xp, problem.input.dtype)
+
+
+def _element_weights(xp, problem: Problem, dtype):
+    """(valid, v): per target element (the target's shape, (1,) unbatched), whether it
+    counts, and its weight ``w[y]`` (1 without weight), 0 where ignored."""
+    layout = problem.layout
+    target = xp.reshape(problem.target, (1,) if layout.unbatched else layout.output_shape)
+    valid = _generic.compare(xp, target, "!=", problem.ignore_index)
+    if problem.weight is None:
+        return valid, xp.astype(valid, dtype)
+    index = xp.where(valid, xp.astype(target, _generic.index_dtype(xp)), 0)
+    weight = xp.astype(problem.weight, dtype)
+    picked = xp.reshape(xp.take(weight, xp.reshape(index, (-1,))), tuple(valid.shape))
+    zero = xp.zeros((), dtype=dtype, device=array_api_compat.device(picked))
+    return valid, xp.where(valid, picked, zero)
+
+
+def _mean_denominator(xp, problem: Problem, valid, element_weight):
+    """The 'mean' denominator (``Problem.denominator``) as an array of ``element_weight``'s
+    dtype."""
+    denominator = problem.denominator(
+        lambda: xp.sum(xp.astype(valid, element_weight.dtype)), lambda: xp.sum(element_weight)
+    )
+    if isinstance(denominator, float):  # the count of probability targets
+        denominator = xp.asarray(denominator, device=array_api_compat.device(element_weight))
+    return xp.astype(xp.reshape(denominator, ()), element_weight.dtype)
 
 
 def _upstream(backend, stats: Stats, grads) -> Upstream:
@@ -430,7 +586,7 @@ def _build(input, target, temperature, softcap, ignore_index):
     input = as_array(input, "input")
     backend = backend_for(input)
     _validate.check_input(input)
-    problem = _stats_problem(backend, input, target, ignore_index, softcap)
+    problem = stats_problem(backend, input, target, ignore_index, softcap)
     return backend, Stats(problem, _validate.check_temperature(temperature))
 
 
@@ -597,25 +753,18 @@ def linear_stats(input, linear_weight, target, linear_bias, temperature, softcap
     logits_shape = _validate.check_linear(input, linear_weight, linear_bias)
     chunk_rows = _validate.check_chunk_rows(chunk_rows)
     temperature = _validate.check_temperature(temperature)
-    problem = _stats_problem(backend, input, target, ignore_index, softcap, logits_shape)
+    problem = stats_problem(backend, input, target, ignore_index, softcap, logits_shape)
     blocks.check_targets(backend, problem)
     linear = blocks.assemble(backend, problem, input, linear_weight, linear_bias, chunk_rows,
                               None, algebra_for(input))  # fmt: skip
     return linear, temperature
 
 
-def block_engine(linear: blocks.Linear, stats: Stats):
-    """The engine of a block of logits (NumPy arrays, or another library's)."""
-    if isinstance(linear.hidden, np.ndarray):
-        return numpy_engine(stats)
-    return generic_engine(linear.xp)
-
-
 def run_blocks(linear: blocks.Linear, temperature: float, upstream: Upstream | None = None,
-               wants=(True, True, True), engine_for=block_engine):  # fmt: skip
+               wants=(True, True, True)):  # fmt: skip
     """(TokenStats, d_input, d_linear_weight, d_linear_bias): the statistics of every block
     of rows and, with ``upstream``, the gradients asked for in ``wants`` (None for the
-    others). ``engine_for(linear, stats)`` picks each block's engine."""
+    others); each block by its engine (:func:`engine_of`)."""
     algebra = linear.algebra
     buffer = algebra.buffer(linear)
     grads = None if upstream is None else algebra.gradients(linear, wants, (None,) * 3)
@@ -624,7 +773,7 @@ def run_blocks(linear: blocks.Linear, temperature: float, upstream: Upstream | N
         hidden = linear.hidden[rows, ...]
         logits = algebra.logits(linear, hidden, buffer)
         block = Stats(linear.block_problem(logits, linear.block_arrays(rows)), temperature)
-        engine = engine_for(linear, block)
+        engine = engine_of(block, linear.xp)
         if grads is None:
             parts.append(engine.forward(block)[0])
             continue
@@ -642,6 +791,11 @@ def run_blocks(linear: blocks.Linear, temperature: float, upstream: Upstream | N
 
 def _rows_of(linear: blocks.Linear, a, rows: slice):
     return a if linear.problem.layout.unbatched else a[rows, ...]
+
+
+def joined(linear: blocks.Linear, parts: list) -> TokenStats:
+    """The blocks' statistics (in the compute dtype) as one, in the input's dtype."""
+    return in_input_dtype(linear, _joined(linear, parts))
 
 
 def _joined(linear: blocks.Linear, parts: list) -> TokenStats:

@@ -46,6 +46,15 @@ def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
     return TokenStats(logprob.astype(dtype), entropy.astype(dtype), lse.astype(dtype), argmax)
 
 
+def statistics(linear: blocks.Linear) -> TokenStats:
+    """The statistics at temperature 1 without a gradient (``linear_cross_entropy``'s
+    ``return_stats``), in the input's dtype."""
+    result = _blocks(linear, 1.0, _token_stats.generic_engine(linear.xp))[0]
+    dtype = linear.input.dtype
+    values = (lax.stop_gradient(a).astype(dtype) for a in result[:3])
+    return TokenStats(*values, result.argmax)
+
+
 def _blocks(linear: blocks.Linear, temperature: float, engine, upstream: Upstream | None = None):
     """(TokenStats, d_hidden, d_weight, d_bias) in the compute dtype (the gradients None
     without ``upstream``): the full blocks under ``lax.scan``, then the last, shorter one."""

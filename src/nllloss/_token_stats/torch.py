@@ -268,11 +268,8 @@ def linear_token_stats(linear: blocks.Linear, temperature: float) -> TokenStats:
 
 
 def _blocks(linear, temperature, upstream=None, wants=(True, True, True)):
-    """``_token_stats.run_blocks`` with each block's engine for torch tensors; the statistics in
-    the input's dtype."""
-    result, *grads = _token_stats.run_blocks(
-        linear, temperature, upstream, wants, lambda _, stats: engine_for(stats)
-    )
+    """``_token_stats.run_blocks``, the statistics in the input's dtype."""
+    result, *grads = _token_stats.run_blocks(linear, temperature, upstream, wants)
     return _token_stats.in_input_dtype(linear, result), *grads
 
 

@@ -51,14 +51,22 @@ collective of data carries a flag too, for a failure between two collectives.
 the class-parallel loss (after one agreement for the whole call); the input's gradient, a
 sum over the shards, is all-reduced.
 
+``token_stats`` and ``linear_token_stats`` give the per-token statistics of sharded logits
+(log-probability of the target, entropy, log-sum-exp, argmax) on every rank: after the same
+agreement, an all-reduce MAX of each row's maximum, one SUM of its sum of exponentials,
+softmax-weighted sum and target logit, and one MAX of the negated first index of the
+maximum (the first index on ties across shards); see ``_token_stats``.
+
 The modules: ``_agreement`` (the agreement and the flagged collectives),
 ``_data_parallel`` (``total_weight``), ``_class_parallel`` (``nll_loss`` and its autograd
-Function), ``_vocabulary_parallel`` (``linear_cross_entropy``). Imported on first use of
+Function), ``_vocabulary_parallel`` (``linear_cross_entropy``), ``_token_stats``
+(``token_stats``, ``linear_token_stats``). Imported on first use of
 ``nllloss.distributed``; it imports torch.
 """
 
 from ._class_parallel import nll_loss
 from ._data_parallel import total_weight
+from ._token_stats import linear_token_stats, token_stats
 from ._vocabulary_parallel import linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "nll_loss", "total_weight"]
+__all__ = ["linear_cross_entropy", "linear_token_stats", "nll_loss", "token_stats", "total_weight"]

@@ -37,6 +37,9 @@ FUNCTIONS = (
     "nll_loss",
     "linear_cross_entropy",
     "the backward of linear_cross_entropy",
+    "token_stats",
+    "linear_token_stats",
+    "the backward of linear_token_stats",
 )
 VALUES = 3  # int64 values of a function's own per rank (class_start, C_r, ...)
 ARGUMENTS = 24  # digests per row: room for the most arguments a function agrees on (15)

@@ -378,7 +378,7 @@ def _exchange(shard: Shard, targets: _Targets | None, error, group) -> _Stats:
             x = problem.input.detach().reshape(layout.batch, layout.classes, layout.spatial)
             x = x.to(shard.compute_dtype)
             if problem.softcap is not None:
-                x = _capped(x, problem.softcap)
+                x = capped_logits(x, problem.softcap)
             if problem.from_logits:
                 shift = x.amax(1) if layout.classes else torch.full_like(zeros, -torch.inf)
         except Exception as exc:
@@ -413,7 +413,7 @@ def _exchange(shard: Shard, targets: _Targets | None, error, group) -> _Stats:
     return _Stats(target_log_prob, smooth, x, sums[0], mass, lse)
 
 
-def _capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+def capped_logits(x: torch.Tensor, softcap: float) -> torch.Tensor:
     """``softcap * tanh(x / softcap)``, elementwise: each rank caps its own classes."""
     return torch.tanh(x / softcap).mul_(softcap)
 
@@ -484,7 +484,7 @@ class _ClassParallelLoss(torch.autograd.Function):
         loss = loss.reshape(problem.loss_shape)
         capped_input = input_shard if problem.softcap is not None else None
         _save(ctx, (stats, targets), capped_input, denominator)
-        ctx.shard = dataclasses.replace(shard, problem=_without_arrays(problem))
+        ctx.shard = dataclasses.replace(shard, problem=without_arrays(problem))
         return loss.to(shard.dtype)
 
     @staticmethod
@@ -535,7 +535,8 @@ class _ClassParallelLoss(torch.autograd.Function):
             at_target = torch.where(targets.owned, -(targets.weight * nll_scale), 0)
             grad_input.scatter_add_(1, targets.index, at_target.unsqueeze(1))
         if problem.softcap is not None:  # through the cap: 1 - tanh(x / c)**2
-            capped = _capped(input_shard.reshape(shape3).to(shard.compute_dtype), problem.softcap)
+            x = input_shard.reshape(shape3).to(shard.compute_dtype)
+            capped = capped_logits(x, problem.softcap)
             grad_input.mul_(1 - (capped / problem.softcap).square())
         if problem.from_logits:
             # Ignored elements have no mass, but a row of NaN would still give 0 * NaN:
@@ -571,7 +572,7 @@ def _saved(ctx) -> tuple[list, ...]:
     return (records, *saved)
 
 
-def _without_arrays(problem: Problem) -> Problem:
+def without_arrays(problem: Problem) -> Problem:
     """``problem`` with its arrays as empty tensors of their dtypes (on the meta device): what
     the backward reads of it are its options and dtypes, and it keeps nothing alive."""
 

@@ -181,7 +181,7 @@ _EXP64_FLOOR = -708.0
 
 
 @numba.njit(fastmath={"contract"}, error_model="numpy", cache=True)
-def _exp64(x):
+def exp64(x):
     """exp(x) for float64 x <= 0 (or -inf, NaN), in a form that vectorises: 2**k * e**r,
     |r| <= ln2 / 2, with e**r by its Taylor polynomial of degree 13 (truncation below
     0.05 ulp)."""
@@ -304,7 +304,7 @@ def _cap_and_slope_in_float64(value, cap):
     # inverse is inf) every float32 value but 0 still meets |y| > 1e263, and 0 gives 0
     y = np.float64(value) * min(1.0 / cap, _FLOAT64_LARGEST)
     a = abs(y)
-    e = _exp64(-2.0 * a)
+    e = exp64(-2.0 * a)
     reciprocal = 1.0 / (1.0 + e)  # (one division for both)
     far = (1.0 - e) * reciprocal
     s = a * a
