@@ -275,9 +275,9 @@ def test_set_num_threads_without_numba_checks_and_records():
 
 
 def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
-    from nllloss._kernels.cpu._threads import _Pace
+    from nllloss._kernels.cpu._threads import Pace
 
-    pace = _Pace()
+    pace = Pace()
     assert pace.use_threads()  # nothing timed: the threads first
     pace.record(True, 1.0)
     assert not pace.use_threads()  # then one thread, once
@@ -290,9 +290,9 @@ def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
 def test_pace_retries_losing_threads_ever_less_often():
     """While one thread wins, the threads are tried after 1, 4, 16, ... calls, at most
     PROBE_MAX; a try that wins brings them back at once."""
-    from nllloss._kernels.cpu._threads import PROBE_MAX, _Pace
+    from nllloss._kernels.cpu._threads import PROBE_MAX, Pace
 
-    pace = _Pace()
+    pace = Pace()
     pace.record(True, 5.0)
     pace.record(False, 1.0)
     waits = []
@@ -314,9 +314,9 @@ def test_pace_retries_losing_threads_ever_less_often():
 def test_pace_ignores_one_slow_call():
     """The median of the last three timings decides: one slow call (a page fault, a
     preemption) does not hand the kernel to one thread."""
-    from nllloss._kernels.cpu._threads import _Pace
+    from nllloss._kernels.cpu._threads import Pace
 
-    pace = _Pace()
+    pace = Pace()
     pace.record(True, 1.0)
     pace.record(False, 2.0)
     for seconds in (1.0, 1.0, 50.0):
