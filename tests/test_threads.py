@@ -451,7 +451,7 @@ def test_from_logits_kernels_give_the_same_bits_on_threads_and_one_thread(
         ]
 
     monkeypatch.setattr(_threads, "_requested", _threads._requested)  # restored after
-    monkeypatch.setattr(_threads._Pace, "use_threads", lambda self: True)
+    monkeypatch.setattr(_threads.Pace, "use_threads", lambda self: True)
     before = _threads.runs["parallel"]
     on_threads = results()
     assert _threads.runs["parallel"] > before  # the threads' kernel ran
