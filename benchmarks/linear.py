@@ -17,8 +17,14 @@ is ``F.linear_cross_entropy`` (``options=None``), ``torch chunked`` the same wit
 ``linear_cross_entropy_and_grad``, ``nllloss torch`` ``linear_cross_entropy`` with
 autograd; ``GEMMs`` are the three matrix products alone (``h @ W.T``, ``L @ W``,
 ``L.T @ h``) in torch and in NumPy, the floor of any method that does them. ``--sweep``
-adds nllloss at several ``chunk_rows``: the measurement behind ``_linear.MIN_CHUNK_ROWS``
-and ``MAX_CHUNK_ROWS``.
+adds nllloss at several ``chunk_rows``.
+
+``--profile`` instead prints where one thread's CPU time goes in the blocks (NumPy and
+torch, one thread each, ``time.process_time``, so that other jobs on a shared machine do
+not count): per block size, the block's logits product, its loss pass (the fused kernel,
+in place), and the two gradient products as the blocks make them, each summed over the
+blocks (fastest of 3); beside the three full-size products of the same shape. The
+measurement behind ``nllloss._hidden_states.blocks.MIN_CHUNK_ROWS`` and ``MAX_CHUNK_ROWS``.
 The machine may be shared: compare within one run only.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +108,108 @@ print(statistics.median(times), peak)
 """
 
 
+_PROFILE = r"""
+import time
+import numpy as np, torch, nllloss
+from nllloss import _hidden_states
+torch.set_num_threads(1)
+nllloss.set_num_threads(1)
+library, (N, D, V), rows_list = {library!r}, {shape!r}, {rows!r}
+rng = np.random.default_rng(0)
+h = rng.standard_normal((N, D), dtype=np.float32)
+w = (rng.standard_normal((V, D), dtype=np.float32) / np.float32(np.sqrt(D)))
+t = rng.integers(0, V, N)
+g = rng.standard_normal((N, V), dtype=np.float32) * np.float32(1e-3)  # a stand-in gradient
+if library == "torch":
+    h, w, t, g = map(torch.from_numpy, (h, w, t, g))
+
+def cpu(f):
+    f()
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        f()
+        best = min(best, time.process_time() - start)
+    return best
+
+full = [
+    cpu(lambda: h @ w.T), cpu(lambda: g.T @ h), cpu(lambda: g @ w),
+]
+print("full", *full)
+upstream = np.float32(1.0) if library == "numpy" else torch.ones(())
+for rows in rows_list:
+    linear = _hidden_states.build(h, w, t, None, None, "mean", -100, {{}}, rows)
+    algebra = linear.algebra
+    buffer = algebra.buffer(linear)
+    parts = [0.0, 0.0, 0.0]
+    for block in linear.blocks():
+        hidden = linear.hidden[block]
+        grads = algebra.gradients(linear, (True, True, False), (None,) * 3)
+        parts[0] += cpu(lambda: algebra.logits(linear, hidden, buffer))
+        logits = algebra.logits(linear, hidden, buffer)
+        problem = linear.block_problem(logits, linear.block_arrays(block))
+        saved = logits.copy() if library == "numpy" else logits.clone()
+
+        def loss_pass():
+            logits[...] = saved  # the pass writes its gradient over the logits
+            linear.backend.forward_backward(problem, upstream, out=logits)
+
+        parts[1] += cpu(loss_pass) - cpu(lambda: logits.__setitem__(Ellipsis, saved))
+        parts[2] += cpu(lambda: algebra.add(linear, grads, block, logits, hidden))
+    print(rows, *parts)
+"""
+
+
+def run_profile(library, shape, rows):
+    """One thread's CPU seconds: the three full-size products, and per block size of
+    ``rows`` the blocks' (logits product, loss pass, two gradient products)."""
+    code = _PROFILE.format(library=library, shape=shape, rows=rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        timeout=3600, env=env,
+    )  # fmt: skip
+    if done.returncode:
+        print(library, shape, "failed:", done.stderr[-800:], file=sys.stderr)
+        return None
+    lines = [line.split() for line in done.stdout.splitlines()]
+    full = [float(x) for x in lines[0][1:]]
+    return full, {int(line[0]): [float(x) for x in line[1:]] for line in lines[1:]}
+
+
+def profile(shapes) -> str:
+    """The ``--profile`` report (see the module)."""
+    out = [
+        "# Where one thread's CPU time goes in the blocks (s, float32; sums over the blocks)",
+        "",
+    ]
+    for text in shapes:
+        shape = tuple(int(d) for d in text.split("x"))
+        rows = [*SWEEP_ROWS, shape[0]]
+        for library in ("numpy", "torch"):
+            measured = run_profile(library, shape, rows)
+            if measured is None:
+                continue
+            full, blocks = measured
+            products = sum(full)
+            out += [
+                f"## {library}, N x D x V = {text}: the three full-size products "
+                f"{products:.3f} s ({' + '.join(f'{x:.3f}' for x in full)})",
+                "",
+                "| rows per block | logits product | loss pass | gradient products "
+                "| products / full-size | all / full-size products |",
+                "|---|---|---|---|---|---|",
+            ]
+            for size, (logits, loss_pass, gradients) in blocks.items():
+                out.append(
+                    f"| {size} | {logits:.3f} | {loss_pass:.3f} | {gradients:.3f} "
+                    f"| {(logits + gradients) / products:.2f}x "
+                    f"| {(logits + loss_pass + gradients) / products:.2f}x |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
 def run_case(who, shape, chunk_rows=None):
     """(median seconds, peak bytes beyond inputs and gradients) of one competitor, or
     (None, None) when its subprocess fails (out of memory, say)."""
@@ -121,9 +230,15 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="nllloss at several chunk_rows")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument(
+        "--profile", action="store_true", help="one thread's CPU time in the blocks, by part"
+    )
+    parser.add_argument(
         "--busy", action="store_true", help="one competing process keeps a core busy meanwhile"
     )
     args = parser.parse_args(argv)
+    if args.profile:
+        print(profile(args.shapes))
+        return 0
     import torch
     from harness import BusyMachine, environment, write_results
 

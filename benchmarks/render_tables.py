@@ -193,6 +193,46 @@ def transformers() -> str:
     return _table(header, rows) + "\n\n" + _stamp(data, "transformers-step-latest.json")
 
 
+def training_loop() -> str:
+    """A torch training step with nllloss's loss against torch's, quiet (and busy when that
+    run is committed too)."""
+    quiet = _load("training-loop-latest.json")
+    busy_file = RESULTS / "training-loop-busy-latest.json"
+    busy = json.loads(busy_file.read_text()) if busy_file.exists() else None
+
+    def name(case: dict) -> str:
+        if case["model"] == "llama":
+            return f"tiny Llama, V = {case['vocab']:,}, {case['tokens']:,} tokens"
+        return f"{_shape(case['shape'])}, `{case['loss']}`"
+
+    def step(t: dict) -> str:
+        return f"{_time(t['median_ms'])} ({_time(t['p90_ms'])})"
+
+    def ratio(case: dict) -> str:
+        steps = case["steps"]
+        return _ratio(steps["torch"]["median_ms"], steps["nllloss"]["median_ms"])
+
+    busy_cases = {name(c): c for c in busy["cases"]} if busy else {}
+    rows = []
+    for case in quiet["cases"]:
+        row = [
+            name(case),
+            step(case["steps"]["torch"]),
+            step(case["steps"]["nllloss"]),
+            ratio(case),
+        ]
+        if busy:
+            found = busy_cases.get(name(case))
+            row.append(ratio(found) if found else "-")
+        rows.append(row)
+    header = ["case", "torch: median step (p90)", "nllloss: median step (p90)", "speed-up"]
+    notes = _stamp(quiet, "training-loop-latest.json")
+    if busy:
+        header.append("speed-up, one busy core")
+        notes += "\n\n" + _stamp(busy, "training-loop-busy-latest.json")
+    return _table(header, rows) + "\n\n" + notes
+
+
 def token_stats() -> str:
     """Per-token statistics against the loss: forward + backward, float32."""
     data = _load("token-stats-latest.json")
@@ -293,6 +333,7 @@ def summary() -> str:
 TABLES = {
     "cpu": cpu, "backends": backends, "fused": fused, "linear": linear,
     "transformers": transformers, "token-stats": token_stats, "summary": summary,
+    "training-loop": training_loop,
 }  # fmt: skip
 
 

@@ -176,9 +176,7 @@ def main(argv=None) -> int:
     exec(_SETUP, namespace)  # the same source as the memory subprocesses
     report = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
     import torch
-
-    from nllloss._bench import environment
-
+    from harness import environment
 
     small = namespace["logits_data"](64, 1000)
     for who in LOGITS:

@@ -255,6 +255,85 @@ def test_thread_counts_give_the_same_bits():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
+def test_torch_blocks_on_one_thread_give_the_same_bits_and_restore_the_count(monkeypatch):
+    """Blocks that run on one thread (``TorchAlgebra.threads``) compute what threads do, and
+    torch's thread count is restored after each, also when the block raises."""
+    from nllloss._hidden_states import torch as _linear_torch
+    from nllloss._kernels.cpu._threads import Pace
+
+    h, w, b, t = map(torch.from_numpy, _case(300, 32, 500, bias=True))
+    seen = []
+    logits = _linear_torch.TorchAlgebra.logits
+
+    def recording(linear, hidden, buffer):
+        seen.append(torch.get_num_threads())
+        return logits(linear, hidden, buffer)
+
+    monkeypatch.setattr(_linear_torch.TorchAlgebra, "logits", staticmethod(recording))
+    monkeypatch.setattr(_linear_torch, "_paces", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(Pace, "use_threads", lambda self: True)
+        on_threads = linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=64)
+        choices = iter([True, False] * 5)
+        monkeypatch.setattr(Pace, "use_threads", lambda self: next(choices))
+        mixed = linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=64)
+        assert seen == [2] * 5 + [2, 1, 2, 1, 2]
+        assert torch.get_num_threads() == 2
+        for a, e in zip(mixed, on_threads, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        monkeypatch.setattr(Pace, "use_threads", lambda self: False)
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("in the block")
+
+        from nllloss._routes import backend_for
+
+        monkeypatch.setattr(type(backend_for(h)), "forward_backward", failing)
+        with pytest.raises(RuntimeError, match="in the block"):
+            linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=64)
+        assert seen[-1] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torch_blocks_learn_one_thread_where_it_is_faster(monkeypatch):
+    """A block's time is recorded for the way it ran, per unit of work: blocks that took
+    twice as long on threads run on one thread next, then threads are tried again."""
+    import types
+
+    from nllloss._hidden_states import torch as _linear_torch
+
+    h, w, _, t = _case(64, 16, 300)
+    h, w, t = map(torch.from_numpy, (h, w, t))
+    clock = iter([0.0, 2.0, 0.0, 1.0] * 2)  # (start, stop): threads 2 s, one thread 1 s
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(_linear_torch, "time", fake_time)
+    monkeypatch.setattr(_linear_torch, "_paces", {})
+    seen = []
+    logits = _linear_torch.TorchAlgebra.logits
+
+    def recording(linear, hidden, buffer):
+        seen.append(torch.get_num_threads())
+        return logits(linear, hidden, buffer)
+
+    monkeypatch.setattr(_linear_torch.TorchAlgebra, "logits", staticmethod(recording))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(4):
+            linear_cross_entropy_and_grad(h, w, t, chunk_rows=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2, 1, 2, 1]
+    (pace,) = _linear_torch._paces.values()
+    work = 64 * 300 * 16
+    assert pace.parallel == [2.0 / work]
+    assert pace.serial == [1.0 / work] * 2
+
+
 def test_out_buffers():
     h, w, b, t = _case(11, 5, 9, bias=True)
     expected = linear_cross_entropy_and_grad(h, w, t, linear_bias=b, chunk_rows=4)

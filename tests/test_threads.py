@@ -275,9 +275,9 @@ def test_set_num_threads_without_numba_checks_and_records():
 
 
 def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
-    from nllloss._kernels.cpu._threads import _Pace
+    from nllloss._kernels.cpu._threads import Pace
 
-    pace = _Pace()
+    pace = Pace()
     assert pace.use_threads()  # nothing timed: the threads first
     pace.record(True, 1.0)
     assert not pace.use_threads()  # then one thread, once
@@ -290,9 +290,9 @@ def test_pace_tries_threads_then_one_thread_then_keeps_the_faster():
 def test_pace_retries_losing_threads_ever_less_often():
     """While one thread wins, the threads are tried after 1, 4, 16, ... calls, at most
     PROBE_MAX; a try that wins brings them back at once."""
-    from nllloss._kernels.cpu._threads import PROBE_MAX, _Pace
+    from nllloss._kernels.cpu._threads import PROBE_MAX, Pace
 
-    pace = _Pace()
+    pace = Pace()
     pace.record(True, 5.0)
     pace.record(False, 1.0)
     waits = []
@@ -314,9 +314,9 @@ def test_pace_retries_losing_threads_ever_less_often():
 def test_pace_ignores_one_slow_call():
     """The median of the last three timings decides: one slow call (a page fault, a
     preemption) does not hand the kernel to one thread."""
-    from nllloss._kernels.cpu._threads import _Pace
+    from nllloss._kernels.cpu._threads import Pace
 
-    pace = _Pace()
+    pace = Pace()
     pace.record(True, 1.0)
     pace.record(False, 2.0)
     for seconds in (1.0, 1.0, 50.0):
@@ -410,3 +410,53 @@ def _openmp_vendor(env) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     return done.stdout
+
+
+# The same bits on threads and on one thread ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"softcap": 30.0},
+        {"softcap": 1e39},  # float32 input: the cap in float64
+        {"softcap": 0.5, "label_smoothing": 0.1, "z_loss": 1e-3},
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()) or "plain",
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(20_000, 10), (2, 5, 40_000)], ids=["rows", "tiles"])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+def test_from_logits_kernels_give_the_same_bits_on_threads_and_one_thread(
+    monkeypatch, options, dtype, shape, probabilities
+):
+    import nllloss
+    from nllloss._kernels.cpu import _threads
+
+    rng = np.random.default_rng(3)
+    x = (4 * rng.standard_normal(shape)).astype(dtype)
+    if probabilities:
+        t = rng.random(shape).astype(dtype)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, shape[1], (shape[0], *shape[2:]))
+        t.reshape(-1)[::13] = -100
+
+    def results():
+        return [
+            nllloss.nll_loss_and_grad(x, t, from_logits=True, reduction=reduction, **options)
+            for reduction in ("mean", "none")
+        ]
+
+    monkeypatch.setattr(_threads, "_requested", _threads._requested)  # restored after
+    monkeypatch.setattr(_threads.Pace, "use_threads", lambda self: True)
+    before = _threads.runs["parallel"]
+    on_threads = results()
+    assert _threads.runs["parallel"] > before  # the threads' kernel ran
+    nllloss.set_num_threads(1)
+    on_one_thread = results()
+    for (loss, grad), (loss_1, grad_1) in zip(on_threads, on_one_thread, strict=True):
+        assert loss.tobytes() == loss_1.tobytes()
+        assert grad.tobytes() == grad_1.tobytes()

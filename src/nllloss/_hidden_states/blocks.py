@@ -29,6 +29,7 @@ counts; other block sizes agree to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -39,21 +40,26 @@ import numpy as np
 from .. import _generic
 from .._problem import Problem, layout_of
 
-# Rows per block. Each block reads the weight twice and the weight's gradient once and
-# writes it once (the three products), whatever its rows: below some rows that traffic,
-# and the matrix library's packing of the weight per product, outweigh the block's own
-# work, whatever the hidden size (both grow with it). Measured on 2 shared cores, float32:
-# the Hugging Face step at hidden size 64, 2048 tokens, V = 128256 took 1.3x the unpatched
-# model's with 64-row blocks, matched it with 128 and was faster with 256; NumPy at
-# (2048, 512, 32000) took 1.79x its three full-size products with 64 rows, 1.24x with 128,
-# 0.98x with 256 (benchmarks/linear.py --sweep). Hence at least MIN_CHUNK_ROWS...
+# Rows per block. Each block streams the whole weight twice (for its logits and its input's
+# gradient) and the weight's gradient in and out once, whatever its rows, while its own work
+# grows with its rows; both grow with V x D, so their ratio depends on the rows alone: the
+# floor is in rows, not bytes. Measured as one thread's CPU time (so that other jobs on the
+# 2 shared cores do not count), float32, NumPy at (2048, 512, 32000): the three products
+# of 64-row blocks took 21% more than the full-size ones, of 128 rows 12%, of 256 rows 6%
+# (the weight's gradient most: its product has only the block's rows to sum over). At
+# hidden size 64 (the Hugging Face benchmark's model) torch's blocks cost the same from 64
+# rows up, NumPy's gradient products 26% more than at full size with 128 rows, 7% with
+# 256 (benchmarks/linear.py --profile). Hence at least MIN_CHUNK_ROWS...
 MIN_CHUNK_ROWS = 128
-# ...and at most MAX_CHUNK_ROWS (512 rows were no faster than 256 in the same sweeps, at
-# twice the memory)...
+# ...and at most MAX_CHUNK_ROWS (512 rows cost 6.5% more than the full-size products, as 256
+# did, at twice the memory)...
 MAX_CHUNK_ROWS = 256
 # ...and between them, as many rows as keep the block of logits (the memory beyond the
 # arguments and results) within this share of the whole logits: 5% with the rest of the
-# call's scratch.
+# call's scratch. Below MIN_CHUNK_ROWS / LOGITS_SHARE rows the floor wins: the Hugging Face
+# step at 2048 tokens, V = 32000, needed 7.7% of the logits beyond the model body's step
+# with 128 rows (the block and the weight's gradient), 13% with 192
+# (benchmarks/transformers_step.py's memory measurement).
 LOGITS_SHARE = 0.04
 
 
@@ -223,20 +229,22 @@ def run(linear: Linear, upstream=None, wants=(True, True, True), out=(None, None
     solve = _block_solver(linear)
     losses = []
     for rows in linear.blocks():
-        hidden = linear.hidden[rows, ...]
-        logits = algebra.logits(linear, hidden, buffer)
-        block = linear.block_problem(logits, linear.block_arrays(rows))
-        if grads is None:
-            losses.append(solve.forward(block))
-            continue
-        # The gradient over the logits where they live in the algebra's own buffer; arrays
-        # of the functional algebra may be immutable (JAX)
-        in_buffer = block.input if buffer is not None else None
-        loss, grad = solve.forward_backward(
-            block, linear.upstream_rows(upstream, rows), out=in_buffer
-        )
-        losses.append(loss)
-        grads = algebra.add(linear, grads, rows, linear.xp.reshape(grad, logits.shape), hidden)
+        with algebra.threads(linear, rows, grads is not None):
+            hidden = linear.hidden[rows, ...]
+            logits = algebra.logits(linear, hidden, buffer)
+            block = linear.block_problem(logits, linear.block_arrays(rows))
+            if grads is None:
+                losses.append(solve.forward(block))
+                continue
+            # The gradient over the logits where they live in the algebra's own buffer;
+            # arrays of the functional algebra may be immutable (JAX)
+            in_buffer = block.input if buffer is not None else None
+            loss, grad = solve.forward_backward(
+                block, linear.upstream_rows(upstream, rows), out=in_buffer
+            )
+            losses.append(loss)
+            grad = linear.xp.reshape(grad, logits.shape)
+            grads = algebra.add(linear, grads, rows, grad, hidden)
     loss = _combined(linear, losses, algebra.accumulation_dtype(linear))
     if grads is None:
         return loss, None, None, None
@@ -288,6 +296,11 @@ class NumpyAlgebra:
     @staticmethod
     def accumulation_dtype(linear: Linear):
         return np.float64
+
+    @staticmethod
+    def threads(linear: Linear, rows: slice, gradients: bool):
+        """The threads a block runs on: the BLAS's own (NumPy has no way to set them)."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def buffer(linear: Linear):
@@ -370,6 +383,11 @@ class FunctionalAlgebra:
     @staticmethod
     def accumulation_dtype(linear: Linear):
         return linear.hidden.dtype
+
+    @staticmethod
+    def threads(linear: Linear, rows: slice, gradients: bool):
+        """The threads a block runs on: the library's own."""
+        return contextlib.nullcontext()
 
     @staticmethod
     def buffer(linear: Linear):

@@ -2,8 +2,10 @@
 matrix products in torch, and the loss as a differentiable torch function.
 
 The blocks run as for NumPy (``blocks.run``), with ``torch.matmul``/``addmm_`` into
-preallocated tensors; each block's loss and gradient take the torch route of ``nll_loss``
-(NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic path on CUDA).
+preallocated tensors, each block on torch's threads or on one thread, whichever has lately
+been faster (``TorchAlgebra.threads``); each block's loss and gradient take the torch route
+of ``nll_loss`` (NumPy's kernels on zero-copy views for CPU tensors, the Triton or generic
+path on CUDA).
 
 Autograd: :class:`_Blocks` through ``nllloss._torch.autograd.FusedLoss``: for 'mean' and 'sum' the
 forward computes the gradients too, for an upstream gradient of 1, and the backward scales
@@ -18,14 +20,20 @@ the logits. Imported only when torch tensors arrive.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
 
+from .._kernels.cpu._threads import Pace
 from .._torch.autograd import FusedLoss, differentiated
 from .._torch.engines import composed, without_autocast
 from . import blocks
+
+# Threads or one thread, per size class of a block's work and whether it computes gradients
+_paces: dict[tuple[int, bool], Pace] = {}
 
 
 class TorchAlgebra:
@@ -34,6 +42,41 @@ class TorchAlgebra:
     @staticmethod
     def accumulation_dtype(linear):
         return torch.float64
+
+    @staticmethod
+    @contextlib.contextmanager
+    def threads(linear, rows: slice, gradients: bool):
+        """Run a block on torch's threads or on one thread, whichever has lately been
+        faster for blocks of its size (``_kernels.cpu._threads.Pace``, as the kernels choose).
+
+        Each of a block's products is a parallel region of torch's OpenMP runtime, whose
+        idle workers spin (GNU OpenMP in torch's CPU wheels, 300,000 spins) and are then
+        the last to get a core back when the block's loss pass (numba's threads) or another
+        process wants the cores. Measured on 2 cores shared with other jobs (load average
+        7-8), at 2048 x 64 x 32000, float32: a training step's blocks took 23-33 ms of CPU
+        time more per block on torch's 2 threads than on one (0.90-1.03 s against 0.54 s
+        at 128 rows, 1.5 s against 0.55 s at 64) and 2.0-3.1 s of wall time against
+        1.65-1.7 s; with ``OMP_WAIT_POLICY=PASSIVE`` for the whole process the 2 threads
+        took 1.14 s, as one. The products give the same bits on any thread count, so the
+        choice changes the time only. While one thread runs a block, torch's thread count
+        is 1 for the whole process (``torch.set_num_threads``), and restored after it.
+        """
+        threads = torch.get_num_threads()
+        if threads == 1 or linear.hidden.device.type != "cpu":
+            yield
+            return
+        work = (rows.stop - rows.start) * linear.outputs * int(linear.hidden.shape[-1])
+        pace = _paces.setdefault((work.bit_length(), gradients), Pace())
+        parallel = pace.use_threads()
+        if not parallel:
+            torch.set_num_threads(1)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if not parallel:
+                torch.set_num_threads(threads)
+        pace.record(parallel, (time.perf_counter() - start) / max(work, 1))
 
     @staticmethod
     def buffer(linear):

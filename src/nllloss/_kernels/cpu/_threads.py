@@ -143,9 +143,10 @@ def _start_pool() -> None:
         del os.environ["OMP_WAIT_POLICY"]
 
 
-class _Pace:
-    """The recent timings (seconds per element) of a kernel's two twins in one size class,
-    and when to try the losing threads again."""
+class Pace:
+    """The recent timings (seconds per element) of work run on threads and on one thread in
+    one size class (a kernel's two twins, a block of the loss from hidden states), and when
+    to try the losing threads again."""
 
     __slots__ = ("interval", "parallel", "serial", "wait")
 
@@ -199,7 +200,7 @@ class Guarded:
         self.__name__ = getattr(parallel, "__name__", "kernel")
         self.__doc__ = getattr(parallel, "__doc__", None)
         self._numba = numba
-        self._paces: dict[tuple[int, Hashable], _Pace] = {}
+        self._paces: dict[tuple[int, Hashable], Pace] = {}
         self._one_thread = numba.config.NUMBA_NUM_THREADS == 1
 
     def run(self, work: int, variant: Hashable, *args: Any):
@@ -213,7 +214,7 @@ class Guarded:
         key = (work.bit_length(), variant)
         pace = self._paces.get(key)
         if pace is None:
-            pace = self._paces[key] = _Pace()
+            pace = self._paces[key] = Pace()
         threads = pace.use_threads()
         compiled = self._compiled()
         start = time.perf_counter()
