@@ -36,7 +36,7 @@ from .. import _generic, _validate
 from .._hidden_states import algebra_for, blocks
 from .._kernels import cpu
 from .._options import Options
-from .._problem import Problem, layout_of
+from .._problem import Problem, layout_of, out_of_range
 from .._routes import as_array, backend_for, like_input
 
 
@@ -320,8 +320,7 @@ def _kernel_arguments(stats: Stats, bits):
     if table.size:
         x2 = x2.view(np.uint16)
     target = cpu.kernel_target(problem).reshape(-1)
-    valid = target != problem.ignore_index
-    bad = valid & ((target < 0) | (target >= layout.classes))
+    bad = out_of_range(target, layout.classes, problem.ignore_index)
     if bad.any():
         first = int(np.argmax(bad))
         raise problem.bad_target(first, int(np.asarray(problem.target).reshape(-1)[first]))

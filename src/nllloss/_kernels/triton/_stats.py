@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._problem import out_of_range
 from ..._token_stats import Stats, TokenStats, Upstream
 from . import _launch
 from ._kernels import cap_and_slope, rounded
@@ -172,8 +173,7 @@ class TritonEngine:
         problem = stats.problem
         if not problem.check_targets:
             return
-        valid = target != problem.ignore_index
-        bad = valid & ((target < 0) | (target >= classes))
+        bad = out_of_range(target, classes, problem.ignore_index)
         if bool(bad.any()):
             first = int(torch.argmax(bad.to(torch.int8)))
             raise problem.bad_target(first, int(target[first]))
