@@ -199,9 +199,13 @@ def test_nll_loss_refuses_a_tensor_changed_in_place(route, changed, ours_only, r
     options = dict(NLL_ROUTES[route])
     probabilities = options.pop("probabilities", False)
 
-    def tensors():
-        x, t, p, w = logits_case(rng)
-        return {"input": x.requires_grad_(), "target": p if probabilities else t, "weight": w}
+    x, t, p, w = logits_case(rng)
+    case = {"input": x, "target": p if probabilities else t, "weight": w}
+
+    def tensors():  # the same values for both, in tensors of their own
+        copies = {name: value.clone() for name, value in case.items()}
+        copies["input"].requires_grad_()
+        return copies
 
     def ours(input, target, weight):
         return nll_loss(input, target, weight, reduction="none", **options)
