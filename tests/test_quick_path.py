@@ -22,7 +22,7 @@ from nllloss import _options
 from nllloss._options import Options
 from nllloss._routes import torch as torch_route
 
-TAKEN = ("input", "target", "weight", "ignore_index", "reduction")
+TAKEN = ("input", "target", "weight", "ignore_index", "reduction", "from_logits")
 
 
 class _Off:
