@@ -577,3 +577,12 @@ def test_memory_is_one_block_of_logits():
     results = h.nbytes + w.nbytes + b.nbytes
     logits = 2048 * 4000 * 4  # 33 MB; a block of 32 rows is 0.5 MB
     assert peak - results < logits / 8, (peak - results, logits)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_numpy_loss_of_several_blocks_is_a_0d_array(reduction):
+    """The reduced loss is a 0-d NumPy array whether one block or several computed it."""
+    h, w, _, t = _case(100, 8, 30)
+    for chunk_rows in (None, 16):
+        loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows)
+        assert type(loss) is np.ndarray and loss.shape == () and loss.dtype == h.dtype

@@ -188,8 +188,18 @@ def _keep_options(module: torch.nn.Module, given: dict) -> None:
 
 
 def _kept_options(module: torch.nn.Module) -> dict:
-    """The options a module passes to each call, by name."""
-    return {name: getattr(module, name) for name in module._option_names}
+    """The options a module passes to each call, by name: those not at their defaults (a
+    default of the default's type is the default; left out, the call can take the quick
+    path, whose guard compares identities)."""
+    kept = {}
+    for name in module._option_names:
+        value, default = getattr(module, name), getattr(_DEFAULTS, name)
+        if not (type(value) is type(default) and value == default):
+            kept[name] = value
+    return kept
+
+
+_DEFAULTS = _options.Options()
 
 
 def _options_repr(module: torch.nn.Module) -> str:

@@ -281,7 +281,8 @@ def _summed(linear: Linear, losses: list, accumulation_dtype):
     if len(losses) == 1:
         return xp.astype(losses[0], dtype)
     stacked = xp.stack([xp.astype(loss, accumulation_dtype) for loss in losses])
-    return xp.astype(xp.sum(stacked), dtype)
+    # kept as an array: NumPy's full sum gives a scalar, the loss is a 0-d array as from one block
+    return xp.astype(xp.reshape(xp.sum(stacked, keepdims=True), ()), dtype)
 
 
 class NumpyAlgebra:
