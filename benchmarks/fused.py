@@ -20,9 +20,7 @@ forward+backward is the loss and the gradient of the input (torch: autograd thro
 once with ``out=`` the logits themselves, and autograd on torch tensors).
 
 Memory: each competitor runs once more in a fresh subprocess, after its inputs exist and
-warm-up calls (a small one, then one of the measured shape on a copy of the inputs) have
-imported, compiled and loaded what the call needs, which the first call of a process pays
-once (numba's import and its kernels' loading: over 100 MB); the peak resident memory beyond that
+a small warm-up call has compiled what it needs; the peak resident memory beyond that
 point (``VmHWM`` after resetting it, minus ``VmRSS`` before the call) is what the call
 itself needed (the gradient included), reported in units of the input's size. Per input
 dtype (``--memory-dtypes``: float16, bfloat16, float32), the same for nllloss on NumPy with
@@ -205,7 +203,6 @@ def run(x, t):
             loss.backward()
 
 run(small_x, small_t)  # imports and compiles outside the measurement
-run(x.copy(), t)  # the measured shape's kernels (threads or not) loaded outside it too
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) starts again from the current resident size
 before = status("VmRSS")

@@ -89,6 +89,39 @@ def cpu() -> str:
     return _table(header, rows) + "\n\n" + _stamp(data, "cpu-latest.json")
 
 
+def steadiness() -> str:
+    """Forward + backward as the load changes (``benchmarks/cpu.py`` and its ``--busy``
+    run): the quiet medians, 60 consecutive calls (p90 over the median, calls over 3x the
+    median) and the medians and p90 with one competing busy process; float32 'mean'."""
+    quiet, busy = _load("cpu-latest.json"), _load("cpu-busy-latest.json")
+    busy_cases = {(tuple(c["shape"]), c["dtype"], c["reduction"]): c for c in busy["cases"]}
+    rows = []
+    for case in quiet["cases"]:
+        key = (tuple(case["shape"]), case["dtype"], case["reduction"])
+        if key[1:] != ("float32", "mean") or key not in busy_cases:
+            continue
+        fb = case["timings"]["forward_backward"]
+        tail = case["tail"]
+        loaded = busy_cases[key]["timings"]["forward_backward"]
+        rows.append([
+            _shape(case["shape"]),
+            f"{_time(fb['nllloss']['median_ms'])} / {_time(fb['torch']['median_ms'])}",
+            f"{tail['nllloss']['p90_over_median']:.2f} / {tail['torch']['p90_over_median']:.2f}",
+            f"{tail['nllloss']['over_3x_median']} / {tail['torch']['over_3x_median']}",
+            f"{_time(loaded['nllloss']['median_ms'])} / {_time(loaded['torch']['median_ms'])}",
+            f"{_time(loaded['nllloss']['p90_ms'])} / {_time(loaded['torch']['p90_ms'])}",
+        ])  # fmt: skip
+    header = [
+        "shape", "quiet median: nllloss / torch", "60 calls, p90 / median: nllloss / torch",
+        "60 calls, over 3x the median: nllloss / torch", "one busy core, median: nllloss / torch",
+        "one busy core, p90: nllloss / torch",
+    ]  # fmt: skip
+    return (
+        _table(header, rows) + "\n\n" + _stamp(quiet, "cpu-latest.json") + "\n"
+        + _stamp(busy, "cpu-busy-latest.json")
+    )  # fmt: skip
+
+
 def backends() -> str:
     """``nll_loss`` on torch tensors (autograd) and under ``jax.jit``."""
     data = _load("backends-latest.json")
@@ -333,7 +366,7 @@ def summary() -> str:
 TABLES = {
     "cpu": cpu, "backends": backends, "fused": fused, "linear": linear,
     "transformers": transformers, "token-stats": token_stats, "summary": summary,
-    "training-loop": training_loop,
+    "training-loop": training_loop, "steadiness": steadiness,
 }  # fmt: skip
 
 

@@ -585,4 +585,6 @@ def test_numpy_loss_of_several_blocks_is_a_0d_array(reduction):
     h, w, _, t = _case(100, 8, 30)
     for chunk_rows in (None, 16):
         loss = linear_cross_entropy(h, w, t, reduction=reduction, chunk_rows=chunk_rows)
-        assert type(loss) is np.ndarray and loss.shape == () and loss.dtype == h.dtype
+        assert type(loss) is np.ndarray
+        assert loss.shape == ()
+        assert loss.dtype == h.dtype
