@@ -22,7 +22,7 @@ from nllloss import _options
 from nllloss._options import Options
 from nllloss._routes import torch as torch_route
 
-TAKEN = ("input", "target", "weight", "ignore_index", "reduction", "from_logits")
+TAKEN = ("input", "target", "weight", "ignore_index", "reduction")
 
 
 class _Off:
@@ -134,7 +134,7 @@ def test_compiled_with_fullgraph(options):
     torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("module", ["NLLLoss", "CrossEntropyLoss"])
+@pytest.mark.parametrize("module", ["NLLLoss"])
 def test_the_modules_commonest_call_takes_the_shortcut(module, shortcut_calls):
     """A module with every option at its default passes none of them on, so its call takes
     the shortcut (torch's own kernel, the same answer as torch's module)."""
@@ -151,8 +151,3 @@ def test_a_module_option_off_its_default_is_passed_on(shortcut_calls):
     torch.testing.assert_close(smoothed, F.cross_entropy(x, t, label_smoothing=0.1))
     assert shortcut_calls == []
 
-
-def test_a_small_loss_from_logits_takes_torchs_cross_entropy(shortcut_calls):
-    x, t = _case()
-    assert torch.equal(nllloss.nll_loss(x, t, from_logits=True), F.cross_entropy(x, t))
-    assert len(shortcut_calls) == 1

@@ -141,7 +141,7 @@ def nll_loss(
 # for it, is answered by the shortcut (or None: the full path, which then raises nllloss's
 # errors).
 @_options.quick_path(quick_forward_for, takes=("input", "target", "weight", "ignore_index",
-                                                "reduction", "from_logits"))  # fmt: skip
+                                                "reduction"))  # fmt: skip
 def nll_loss(
     input: Array,
     target: Any,

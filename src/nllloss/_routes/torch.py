@@ -18,7 +18,6 @@ from .._torch import autograd, engines
 
 _REDUCTION_ENUMS = {"none": 0, "mean": 1, "sum": 2}  # torch's Reduction enum
 _nll_loss_nd = torch._C._nn.nll_loss_nd  # F.nll_loss's kernel, without its Python checks
-_cross_entropy = torch._C._nn.cross_entropy_loss  # F.cross_entropy's, the same way
 
 
 class TorchBackend:
@@ -96,11 +95,8 @@ class TorchBackend:
         return engines.GENERIC.total_weight(target, weight, ignore_index)
 
     @staticmethod
-    def quick_forward(input, target, weight, ignore_index, reduction, from_logits):
-        """The commonest call straight to torch's kernel: ``nll_loss``, whose bits our engine
-        reproduces, or for a small loss from logits (below
-        ``engines.TORCH_CROSS_ENTROPY_MAX`` elements, where the full path would choose it
-        too) torch's ``cross_entropy``, the oracle itself.
+    def quick_forward(input, target, weight, ignore_index, reduction):
+        """The commonest call straight to torch's kernel, whose bits our engine reproduces.
 
         Float32/float64 CPU input (below ``TORCH_KERNEL_MAX`` elements when a gradient will
         be needed), an int ``ignore_index``, a reduction by its name, no weight that needs a
@@ -128,15 +124,9 @@ class TorchBackend:
                 and torch.is_grad_enabled()
             )
             or (weight is not None and (type(weight) is not torch.Tensor or weight.requires_grad))
-            or (
-                from_logits is not False
-                and (from_logits is not True or input.numel() >= engines.TORCH_CROSS_ENTROPY_MAX)
-            )
         ):
             return None
         try:
-            if from_logits:
-                return _cross_entropy(input, target, weight, enum, ignore_index, 0.0)
             return _nll_loss_nd(input, target, weight, enum, ignore_index)
         except (RuntimeError, ValueError, IndexError, TypeError):
             return None

@@ -9,8 +9,7 @@ problem of torch tensors, the first of these that supports it:
    by ``vmap`` cannot be inspected, so an out-of-range value there gives NaN, as under
    ``jax.jit``), or for probability targets that require grad;
 2. ``'torch'``: torch's own ``nll_loss`` for a plain small float32/float64 CPU problem
-   (same bits, less dispatch; its autograd is torch's), and its ``cross_entropy`` for a
-   small loss from logits that torch defines (the oracle's own numbers);
+   (same bits, less dispatch; its autograd is torch's);
 3. ``'numpy'``: the NumPy route on zero-copy views of float16/float32/float64 CPU tensors
    (the bits of torch's CPU kernels, float16 accumulated in float32), when its kernels
    ``supports`` the problem;
@@ -97,48 +96,20 @@ TORCH_KERNEL_MAX = 1 << 22
 # 2**63 on would wrap (to ignore_index, say).
 TORCH_TARGETS = (torch.int64,)
 _WIDENED_TARGETS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
-_READ_TARGETS = TORCH_TARGETS + _WIDENED_TARGETS
 TORCH_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-# Below this many input elements, torch's own cross_entropy computes a loss from logits
-# that it defines (class indices or probabilities, a class weight, label smoothing): there
-# our dispatch costs more than torch's whole call. Measured (forward + backward through
-# autograd, float32, CPU, 2 cores, quiet, best of 3 medians; ours through the fused kernel /
-# ours through torch's cross_entropy / torch): (64, 10) 0.145 / 0.044 / 0.025 ms,
-# (512, 1000) 0.31 / 0.29 / 0.24, (1024, 1000) 0.47 / 0.44 / 0.40, (2048, 1000)
-# 0.79 / 1.19 / 1.08, (4096, 1000) 1.85 / 2.98 / 2.76.
-TORCH_CROSS_ENTROPY_MAX = 1 << 20
-# The options torch's cross_entropy takes, besides the target, weight and ignore_index
-_CROSS_ENTROPY_OPTIONS = frozenset({"from_logits", "label_smoothing"})
-
-
 def _torch_kernel_supports(problem: Problem) -> bool:
-    """torch's own kernel computes the problem, float32/float64 on the CPU, with a target
-    dtype it reads or that widens exactly: nll_loss for the plain problem below
-    ``TORCH_KERNEL_MAX`` elements, cross_entropy for a loss from logits it defines below
-    ``TORCH_CROSS_ENTROPY_MAX``."""
+    """torch's own nll_loss computes the problem: plain, float32/float64 on the CPU, small
+    (``TORCH_KERNEL_MAX``), a target dtype it reads or that widens exactly."""
     x = problem.input
-    if x.device.type != "cpu" or x.dtype not in TORCH_KERNEL_DTYPES:
-        return False
-    if problem.plain:
-        return x.numel() < TORCH_KERNEL_MAX and problem.target.dtype in _READ_TARGETS
-    return _cross_entropy_of_torch(problem) and x.numel() < TORCH_CROSS_ENTROPY_MAX
-
-
-def _cross_entropy_of_torch(problem: Problem) -> bool:
-    """The problem is torch's cross_entropy: from logits, at most label smoothing (a float)
-    beside, class indices it reads or probabilities of the input's dtype."""
-    options = problem.options
-    in_use = options.in_use()
-    if "from_logits" not in in_use or not in_use <= _CROSS_ENTROPY_OPTIONS:
-        return False
-    if type(options.label_smoothing) is not float:
-        return False
-    target = problem.target
-    if problem.probabilities:
-        return target.dtype == problem.input.dtype
-    return target.dtype in _READ_TARGETS
+    return (
+        problem.plain
+        and x.device.type == "cpu"
+        and x.dtype in TORCH_KERNEL_DTYPES
+        and x.numel() < TORCH_KERNEL_MAX
+        and problem.target.dtype in TORCH_TARGETS + _WIDENED_TARGETS
+    )
 
 
 def _numpy_views_support(problem: Problem) -> bool:
@@ -249,19 +220,12 @@ def shaped_upstream(problem: Problem, grad_output: torch.Tensor) -> torch.Tensor
 
 
 def torch_nll_loss(problem: Problem):
-    """torch's own nll_loss, or cross_entropy for a loss from logits, with our argument
-    forms: any integer target of up to 32 bits, the weight in x's dtype; a bad target is
-    reported by our engine's IndexError."""
+    """torch's own nll_loss, with our argument forms: any integer target of up to 32 bits,
+    the weight in x's dtype; a bad target is reported by our engine's IndexError."""
     x, t = problem.input, problem.target
-    if not problem.probabilities and t.dtype not in TORCH_TARGETS:
+    if t.dtype not in TORCH_TARGETS:
         t = t.long()
-    options = problem.options
     try:
-        if options.from_logits:
-            return torch.nn.functional.cross_entropy(
-                x, t, weight=problem.weight, ignore_index=problem.ignore_index,
-                reduction=problem.reduction, label_smoothing=options.label_smoothing,
-            )  # fmt: skip
         return torch.nn.functional.nll_loss(
             x, t, weight=problem.weight, ignore_index=problem.ignore_index,
             reduction=problem.reduction,

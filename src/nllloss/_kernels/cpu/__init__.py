@@ -259,15 +259,14 @@ _QUICK_REDUCTIONS = {"mean": True, "sum": False}
 _INT64 = np.dtype(np.int64)
 
 
-def quick_forward(input, target, weight, ignore_index, reduction, from_logits):
+def quick_forward(input, target, weight, ignore_index, reduction):
     """The commonest call, ``'mean'`` or ``'sum'`` of a small (N, C) float32/float64 input
-    of log-probabilities with an int64 target, straight to the kernel ``forward`` would
-    run: the same result, without building a Problem. None for anything else, or a bad
-    target: the full path then validates and raises."""
+    with an int64 target, straight to the kernel ``forward`` would run: the same result,
+    without building a Problem. None for anything else, or a bad target: the full path then
+    validates and raises."""
     mean = _QUICK_REDUCTIONS.get(reduction) if type(reduction) is str else None
     if (
         mean is None
-        or from_logits is not False
         or type(input) is not np.ndarray
         or type(target) is not np.ndarray
         or input.dtype not in _QUICK_DTYPES
